@@ -1,0 +1,13 @@
+//! Fault injection and benchmarks against real Custody processes.
+//!
+//! - [`proxy`]: a userspace TCP fault proxy (no `tc netem` here);
+//! - [`partition`]: routes a cluster's Raft traffic through proxies so tests
+//!   can cut chosen links;
+//! - [`history`]: concurrent writers with unique values and a checker that
+//!   every acknowledged write is present exactly once.
+
+#![forbid(unsafe_code)]
+
+pub mod history;
+pub mod partition;
+pub mod proxy;

@@ -1,0 +1,365 @@
+//! A coordinator API client that fails over across endpoints.
+//!
+//! Endpoints come from `CUSTODY_COORDINATOR` (comma-separated URLs) and the
+//! cluster CA from `CUSTODY_CA`. Calls that fail with a retryable error move on
+//! to the next endpoint; membership calls follow the leader redirect.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Status};
+
+use custody_proto::v1 as api;
+use custody_proto::v1::cluster_client::ClusterClient;
+use custody_proto::v1::kv_client::KvClient;
+
+/// Metadata key on redirects (see the coordinator's `api` module).
+const LEADER_API_METADATA: &str = "x-custody-leader-api";
+
+/// Client errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("CUSTODY_COORDINATOR is not set: give the coordinator API URLs, comma-separated")]
+    NoEndpoints,
+    #[error("CUSTODY_CA is not set: give the path of the cluster CA certificate")]
+    NoCa,
+    #[error("read CA {path}: {source}")]
+    ReadCa {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("bad coordinator URL {url:?}: {detail}")]
+    BadUrl { url: String, detail: String },
+    #[error("{0}")]
+    Status(String),
+    #[error("no coordinator answered within {0:?}; last error: {1}")]
+    Exhausted(Duration, String),
+}
+
+impl ClientError {
+    fn from_status(s: &Status) -> Self {
+        ClientError::Status(format!("{:?}: {}", s.code(), s.message()))
+    }
+}
+
+/// How to reach the cluster.
+#[derive(Clone)]
+pub struct ClientConfig {
+    pub endpoints: Vec<String>,
+    pub ca_pem: Vec<u8>,
+    /// Give up on a call after this long across all endpoints.
+    pub deadline: Duration,
+}
+
+impl ClientConfig {
+    pub fn from_env() -> Result<Self, ClientError> {
+        let eps = std::env::var("CUSTODY_COORDINATOR").map_err(|_| ClientError::NoEndpoints)?;
+        let ca = std::env::var("CUSTODY_CA").map_err(|_| ClientError::NoCa)?;
+        Self::new(&eps, PathBuf::from(ca))
+    }
+
+    pub fn new(endpoints: &str, ca: PathBuf) -> Result<Self, ClientError> {
+        let endpoints: Vec<String> = endpoints
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(normalize_url)
+            .collect();
+        if endpoints.is_empty() {
+            return Err(ClientError::NoEndpoints);
+        }
+        let ca_pem =
+            std::fs::read(&ca).map_err(|source| ClientError::ReadCa { path: ca, source })?;
+        Ok(Self {
+            endpoints,
+            ca_pem,
+            deadline: Duration::from_secs(30),
+        })
+    }
+}
+
+fn normalize_url(s: &str) -> String {
+    if s.contains("://") {
+        s.to_owned()
+    } else {
+        format!("https://{s}")
+    }
+}
+
+/// True for errors after which another endpoint (or a retry) may succeed.
+pub fn retryable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::Aborted
+    )
+}
+
+/// The API client.
+pub struct Client {
+    cfg: ClientConfig,
+    channels: Vec<Channel>,
+    current: AtomicUsize,
+}
+
+impl Client {
+    pub fn new(cfg: ClientConfig) -> Result<Self, ClientError> {
+        let channels = cfg
+            .endpoints
+            .iter()
+            .map(|u| channel(u, &cfg.ca_pem))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            cfg,
+            channels,
+            current: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn from_env() -> Result<Self, ClientError> {
+        Self::new(ClientConfig::from_env()?)
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.cfg.endpoints
+    }
+
+    /// Runs `f` against endpoints until it succeeds, fails with a non-retryable
+    /// error, or the deadline passes. Follows leader redirects.
+    pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let start = Instant::now();
+        let mut last = String::new();
+        let mut backoff = Duration::from_millis(20);
+        let mut attempt = 0usize;
+        while start.elapsed() < self.cfg.deadline {
+            let i = self.current.load(Ordering::Relaxed) % self.channels.len();
+            match f(self.channels[i].clone()).await {
+                Ok(v) => return Ok(v),
+                Err(s) if s.code() == Code::FailedPrecondition => {
+                    let leader = s
+                        .metadata()
+                        .get(LEADER_API_METADATA)
+                        .and_then(|v| v.to_str().ok())
+                        .map(normalize_url);
+                    let Some(leader) = leader else {
+                        return Err(ClientError::from_status(&s));
+                    };
+                    if let Some(j) = self.cfg.endpoints.iter().position(|e| *e == leader) {
+                        self.current.store(j, Ordering::Relaxed);
+                        last = s.message().to_owned();
+                    } else {
+                        let ch = channel(&leader, &self.cfg.ca_pem)?;
+                        return f(ch).await.map_err(|s| ClientError::from_status(&s));
+                    }
+                }
+                Err(s) if retryable(&s) => {
+                    last = format!("{}: {:?}: {}", self.cfg.endpoints[i], s.code(), s.message());
+                    self.current.store(i + 1, Ordering::Relaxed);
+                    attempt += 1;
+                    // Pause after each full round over the endpoints.
+                    if attempt.is_multiple_of(self.channels.len()) {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(500));
+                    }
+                }
+                Err(s) => return Err(ClientError::from_status(&s)),
+            }
+        }
+        Err(ClientError::Exhausted(self.cfg.deadline, last))
+    }
+
+    /// Puts a value. Retries reuse one idempotency key, so the write applies once.
+    pub async fn put(&self, key: &str, value: Vec<u8>) -> Result<api::PutResponse, ClientError> {
+        let idem = new_idempotency_key();
+        self.call(|ch| {
+            let req = api::PutRequest {
+                key: key.to_owned(),
+                value: value.clone(),
+                idempotency_key: idem.clone(),
+            };
+            async move { Ok(KvClient::new(ch).put(req).await?.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<api::PutResponse, ClientError> {
+        let idem = new_idempotency_key();
+        self.call(|ch| {
+            let req = api::DeleteRequest {
+                key: key.to_owned(),
+                idempotency_key: idem.clone(),
+            };
+            async move { Ok(KvClient::new(ch).delete(req).await?.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn get(&self, key: &str, stale: bool) -> Result<api::GetResponse, ClientError> {
+        self.call(|ch| {
+            let req = api::GetRequest {
+                key: key.to_owned(),
+                stale,
+            };
+            async move { Ok(KvClient::new(ch).get(req).await?.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn list(
+        &self,
+        prefix: &str,
+        start_after: &str,
+        limit: u32,
+    ) -> Result<api::ListResponse, ClientError> {
+        self.call(|ch| {
+            let req = api::ListRequest {
+                prefix: prefix.to_owned(),
+                limit,
+                start_after: start_after.to_owned(),
+                stale: false,
+            };
+            async move { Ok(KvClient::new(ch).list(req).await?.into_inner()) }
+        })
+        .await
+    }
+
+    /// Every key under `prefix`, paging through the API.
+    pub async fn list_all(&self, prefix: &str) -> Result<Vec<api::KeyValue>, ClientError> {
+        let mut out: Vec<api::KeyValue> = Vec::new();
+        loop {
+            let after = out.last().map(|kv| kv.key.clone()).unwrap_or_default();
+            let page = self.list(prefix, &after, 10_000).await?;
+            let n = page.items.len();
+            out.extend(page.items);
+            if n < 10_000 {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Status as answered by the first reachable node.
+    pub async fn node_status(&self) -> Result<api::ClusterStatus, ClientError> {
+        self.call(|ch| async move {
+            Ok(ClusterClient::new(ch)
+                .status(api::StatusRequest {})
+                .await?
+                .into_inner())
+        })
+        .await
+    }
+
+    /// Status from one specific API address.
+    pub async fn status_at(&self, api_addr: &str) -> Result<api::ClusterStatus, ClientError> {
+        let ch = channel(&normalize_url(api_addr), &self.cfg.ca_pem)?;
+        let r = tokio::time::timeout(
+            Duration::from_secs(3),
+            ClusterClient::new(ch).status(api::StatusRequest {}),
+        )
+        .await
+        .map_err(|_| ClientError::Status(format!("{api_addr}: timed out")))?;
+        r.map(|r| r.into_inner())
+            .map_err(|s| ClientError::from_status(&s))
+    }
+
+    /// Cluster status from the leader when one is reachable, else from any node.
+    pub async fn cluster_status(&self) -> Result<api::ClusterStatus, ClientError> {
+        let st = self.node_status().await?;
+        if st.role == "leader" || st.leader_id == 0 {
+            return Ok(st);
+        }
+        let leader_api = st
+            .members
+            .iter()
+            .find(|m| m.id == st.leader_id)
+            .map(|m| m.api_addr.clone());
+        match leader_api {
+            Some(a) => match self.status_at(&a).await {
+                Ok(l) if l.role == "leader" => Ok(l),
+                _ => Ok(st),
+            },
+            None => Ok(st),
+        }
+    }
+
+    pub async fn add_member(
+        &self,
+        member: api::NewMember,
+        as_learner: bool,
+    ) -> Result<api::MembershipResponse, ClientError> {
+        self.call(|ch| {
+            let req = api::AddMemberRequest {
+                member: Some(member.clone()),
+                as_learner,
+            };
+            async move { Ok(ClusterClient::new(ch).add_member(req).await?.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn remove_member(&self, id: u64) -> Result<api::MembershipResponse, ClientError> {
+        self.call(|ch| async move {
+            Ok(ClusterClient::new(ch)
+                .remove_member(api::RemoveMemberRequest { id })
+                .await?
+                .into_inner())
+        })
+        .await
+    }
+
+    pub async fn replace_member(
+        &self,
+        remove_id: u64,
+        add: api::NewMember,
+    ) -> Result<api::MembershipResponse, ClientError> {
+        self.call(|ch| {
+            let req = api::ReplaceMemberRequest {
+                remove_id,
+                add: Some(add.clone()),
+            };
+            async move {
+                Ok(ClusterClient::new(ch)
+                    .replace_member(req)
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+}
+
+/// A fresh random idempotency key.
+pub fn new_idempotency_key() -> String {
+    use rand::Rng as _;
+    let mut rng = rand::rng();
+    format!("{:016x}{:016x}", rng.random::<u64>(), rng.random::<u64>())
+}
+
+fn channel(url: &str, ca_pem: &[u8]) -> Result<Channel, ClientError> {
+    let bad = |detail: String| ClientError::BadUrl {
+        url: url.to_owned(),
+        detail,
+    };
+    let ep = Endpoint::from_shared(url.to_owned()).map_err(|e| bad(e.to_string()))?;
+    let ep = if url.starts_with("https://") {
+        ep.tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem)))
+            .map_err(|e| bad(e.to_string()))?
+    } else {
+        return Err(bad("only https:// URLs are supported".into()));
+    };
+    Ok(ep
+        .connect_timeout(Duration::from_millis(1000))
+        .timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .connect_lazy())
+}

@@ -1,0 +1,150 @@
+//! `custody cluster ...`
+
+use anyhow::Context as _;
+use clap::Subcommand;
+use serde::Serialize;
+
+use custody_cli::client::Client;
+use custody_proto::v1 as api;
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Show the leader, term, indexes and every member's replication progress.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a node (start it first with `join = true`).
+    Add {
+        #[command(flatten)]
+        member: MemberArgs,
+        /// Add as a non-voting learner.
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a node.
+    Remove {
+        #[arg(long)]
+        id: u64,
+    },
+    /// Replace a node by a new one (new id) in one joint-consensus change.
+    Replace {
+        /// The node to remove.
+        #[arg(long)]
+        remove: u64,
+        #[command(flatten)]
+        member: MemberArgs,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct MemberArgs {
+    #[arg(long)]
+    id: u64,
+    #[arg(long)]
+    region: String,
+    /// The new node's Raft address (HOST:PORT).
+    #[arg(long)]
+    raft: String,
+    /// The new node's API address (HOST:PORT).
+    #[arg(long)]
+    api: String,
+}
+
+impl MemberArgs {
+    fn into_api(self) -> api::NewMember {
+        api::NewMember {
+            id: self.id,
+            region: self.region,
+            raft_addr: self.raft,
+            api_addr: self.api,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct StatusJson {
+    leader: Option<u64>,
+    term: u64,
+    commit_index: u64,
+    applied_index: u64,
+    answered_by: u64,
+    members: Vec<MemberJson>,
+}
+
+#[derive(Serialize)]
+struct MemberJson {
+    id: u64,
+    region: String,
+    api: String,
+    state: String,
+    match_index: u64,
+}
+
+fn status_json(st: &api::ClusterStatus) -> StatusJson {
+    StatusJson {
+        leader: (st.leader_id != 0).then_some(st.leader_id),
+        term: st.term,
+        commit_index: st.commit_index,
+        applied_index: st.applied_index,
+        answered_by: st.node_id,
+        members: st
+            .members
+            .iter()
+            .map(|m| MemberJson {
+                id: m.id,
+                region: m.region.clone(),
+                api: m.api_addr.clone(),
+                state: m.state.clone(),
+                match_index: m.match_index,
+            })
+            .collect(),
+    }
+}
+
+fn print_membership(r: &api::MembershipResponse) {
+    println!(
+        "voters: {:?}  learners: {:?}  (applied at index {})",
+        r.voters, r.learners, r.index
+    );
+}
+
+pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
+    let client = Client::from_env()?;
+    match cmd {
+        ClusterCmd::Status { json } => {
+            let st = client.cluster_status().await.context("cluster status")?;
+            let j = status_json(&st);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&j)?);
+            } else {
+                match j.leader {
+                    Some(l) => println!("leader: node {l}"),
+                    None => println!("leader: none known (answered by node {})", j.answered_by),
+                }
+                println!(
+                    "term: {}  commit: {}  applied: {}",
+                    j.term, j.commit_index, j.applied_index
+                );
+                println!(
+                    "{:<6} {:<8} {:<24} {:<12} {:>10}",
+                    "ID", "REGION", "API", "STATE", "MATCH"
+                );
+                for m in &j.members {
+                    println!(
+                        "{:<6} {:<8} {:<24} {:<12} {:>10}",
+                        m.id, m.region, m.api, m.state, m.match_index
+                    );
+                }
+            }
+        }
+        ClusterCmd::Add { member, learner } => {
+            print_membership(&client.add_member(member.into_api(), learner).await?)
+        }
+        ClusterCmd::Remove { id } => print_membership(&client.remove_member(id).await?),
+        ClusterCmd::Replace { remove, member } => {
+            print_membership(&client.replace_member(remove, member.into_api()).await?)
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! `custody dev up|down`: a local multi-node system for trying Custody.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Subcommand;
+use serde::{Deserialize, Serialize};
+
+use custody_cli::dev::{signal, Binaries, GenOptions, LocalCluster};
+
+#[derive(Subcommand)]
+pub enum DevCmd {
+    /// Start a local cluster (and, as they exist, an edge and demo identities).
+    Up {
+        #[arg(long, default_value = ".custody-dev")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        #[arg(long, value_delimiter = ',', default_value = "eu,us,ap")]
+        regions: Vec<String>,
+        /// Return once everything is ready, leaving it running.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Stop what `dev up --detach` started.
+    Down {
+        #[arg(long, default_value = ".custody-dev")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct DevJson {
+    pub coordinators: Vec<DevCoordinator>,
+    pub edges: Vec<DevEdge>,
+    pub identities: serde_json::Map<String, serde_json::Value>,
+    pub env: DevEnv,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct DevCoordinator {
+    pub id: u64,
+    pub pid: u32,
+    pub region: String,
+    pub api: String,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct DevEdge {
+    pub name: String,
+    pub pid: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+#[allow(non_snake_case)]
+pub struct DevEnv {
+    pub CUSTODY_COORDINATOR: String,
+    pub CUSTODY_CA: String,
+}
+
+pub async fn run(cmd: DevCmd) -> anyhow::Result<()> {
+    match cmd {
+        DevCmd::Up {
+            dir,
+            nodes,
+            regions,
+            detach,
+        } => up(&dir, nodes, &regions, detach).await,
+        DevCmd::Down { dir } => down(&dir),
+    }
+}
+
+async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow::Result<()> {
+    let bins = Binaries::locate()?;
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("resolve {}", dir.display()))?;
+    if dir.join("dev.json").exists() {
+        down(&dir).context("stop the previous dev system")?;
+    }
+    let mut cluster = if dir.join("node-1.toml").exists() {
+        eprintln!("reusing the cluster in {}", dir.display());
+        LocalCluster::open(bins, &dir)?
+    } else {
+        let opts = GenOptions {
+            nodes,
+            regions: regions.to_vec(),
+            ..GenOptions::default()
+        };
+        LocalCluster::generate(bins, &dir, &opts)?
+    };
+    cluster.start_all()?;
+    let leader = cluster
+        .wait_for_leader(&[], Duration::from_secs(30))
+        .await
+        .with_context(|| format!("cluster did not come up; see {}/node-*.log", dir.display()))?;
+    let dev = DevJson {
+        coordinators: cluster
+            .nodes
+            .values()
+            .map(|n| DevCoordinator {
+                id: n.id,
+                pid: n.pid().unwrap_or(0),
+                region: n.region.clone(),
+                api: n.api_url(),
+            })
+            .collect(),
+        edges: Vec::new(),
+        identities: serde_json::Map::new(),
+        env: DevEnv {
+            CUSTODY_COORDINATOR: cluster.api_urls(&[]),
+            CUSTODY_CA: cluster.ca_path().display().to_string(),
+        },
+    };
+    let path = dir.join("dev.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&dev)?)
+        .with_context(|| format!("write {}", path.display()))?;
+    println!(
+        "Custody dev system is up: {} coordinators, leader node {leader}.",
+        dev.coordinators.len()
+    );
+    println!(
+        "Logs: {}/node-*.log   State: {}",
+        dir.display(),
+        path.display()
+    );
+    println!();
+    println!("Try:");
+    println!(
+        "  export CUSTODY_COORDINATOR={}",
+        dev.env.CUSTODY_COORDINATOR
+    );
+    println!("  export CUSTODY_CA={}", dev.env.CUSTODY_CA);
+    println!("  custody cluster status");
+    println!("  custody kv put hello world && custody kv get hello");
+    if detach {
+        println!("Stop it with: custody dev down --dir {}", dir.display());
+        cluster.detach();
+        return Ok(());
+    }
+    println!("Press Ctrl-C to stop.");
+    tokio::signal::ctrl_c().await.context("wait for Ctrl-C")?;
+    let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+    for id in ids {
+        cluster.stop(id)?;
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+}
+
+fn down(dir: &Path) -> anyhow::Result<()> {
+    let path = dir.join("dev.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("read {} (is a dev system running there?)", path.display()))?;
+    let dev: DevJson =
+        serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+    let pids: Vec<u32> = dev
+        .coordinators
+        .iter()
+        .map(|c| c.pid)
+        .chain(dev.edges.iter().map(|e| e.pid))
+        .filter(|p| *p != 0)
+        .collect();
+    for p in &pids {
+        if alive(*p) {
+            signal(*p, "TERM");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && pids.iter().any(|p| alive(*p)) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for p in &pids {
+        if alive(*p) {
+            signal(*p, "KILL");
+        }
+    }
+    std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+    println!("stopped {} processes", pids.len());
+    Ok(())
+}

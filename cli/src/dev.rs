@@ -1,0 +1,385 @@
+//! Local clusters of real coordinator processes: used by `custody dev up`,
+//! the chaos harness and the end-to-end tests.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use serde::Deserialize;
+
+use crate::client::{Client, ClientConfig};
+
+/// Where the Custody binaries are.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub coordinator: PathBuf,
+    pub custody: PathBuf,
+}
+
+impl Binaries {
+    /// `CUSTODY_BIN_DIR`, else the directory of the running executable (or its
+    /// parent, for test binaries under `deps/`).
+    pub fn locate() -> anyhow::Result<Self> {
+        let mut dirs = Vec::new();
+        if let Ok(d) = std::env::var("CUSTODY_BIN_DIR") {
+            dirs.push(PathBuf::from(d));
+        }
+        if let Ok(exe) = std::env::current_exe() {
+            if let Some(d) = exe.parent() {
+                dirs.push(d.to_owned());
+                if let Some(p) = d.parent() {
+                    dirs.push(p.to_owned());
+                }
+            }
+        }
+        for d in &dirs {
+            let coordinator = d.join("custody-coordinator");
+            let custody = d.join("custody");
+            if coordinator.is_file() && custody.is_file() {
+                return Ok(Self {
+                    coordinator,
+                    custody,
+                });
+            }
+        }
+        bail!(
+            "custody-coordinator and custody binaries not found in {dirs:?}; build them with \
+             `cargo build --bins` or set CUSTODY_BIN_DIR"
+        )
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct NodeToml {
+    id: u64,
+    region: String,
+    data_dir: PathBuf,
+    listen: ListenToml,
+}
+
+#[derive(Debug, Deserialize)]
+struct ListenToml {
+    raft: String,
+    api: String,
+}
+
+/// What `gen-config` should write.
+#[derive(Debug, Clone)]
+pub struct GenOptions {
+    pub nodes: u64,
+    pub regions: Vec<String>,
+    /// Listen hosts, round-robin over nodes.
+    pub hosts: Vec<String>,
+    pub compact_threshold: Option<u64>,
+}
+
+impl Default for GenOptions {
+    fn default() -> Self {
+        Self {
+            nodes: 3,
+            regions: vec!["eu".into(), "us".into(), "ap".into()],
+            hosts: vec!["127.0.0.1".into()],
+            compact_threshold: None,
+        }
+    }
+}
+
+/// One node of a local cluster.
+#[derive(Debug)]
+pub struct NodeProc {
+    pub id: u64,
+    pub region: String,
+    pub config: PathBuf,
+    pub data_dir: PathBuf,
+    pub raft_addr: String,
+    pub api_addr: String,
+    child: Option<Child>,
+}
+
+impl NodeProc {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn api_url(&self) -> String {
+        format!("https://{}", self.api_addr)
+    }
+}
+
+/// A set of coordinator processes sharing a config directory.
+pub struct LocalCluster {
+    pub dir: PathBuf,
+    pub bins: Binaries,
+    pub nodes: BTreeMap<u64, NodeProc>,
+    /// Kill the processes when dropped (tests); off for `dev up --detach`.
+    pub kill_on_drop: bool,
+}
+
+impl LocalCluster {
+    /// Writes configs for a new cluster into `dir` and loads them.
+    pub fn generate(bins: Binaries, dir: &Path, opts: &GenOptions) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(&bins.coordinator);
+        cmd.arg("gen-config")
+            .arg("--nodes")
+            .arg(opts.nodes.to_string())
+            .arg("--regions")
+            .arg(opts.regions.join(","))
+            .arg("--hosts")
+            .arg(opts.hosts.join(","))
+            .arg("--dir")
+            .arg(dir);
+        run_gen_config(cmd, opts.compact_threshold)?;
+        Self::open(bins, dir)
+    }
+
+    /// Loads the node configs already in `dir`.
+    pub fn open(bins: Binaries, dir: &Path) -> anyhow::Result<Self> {
+        let mut nodes = BTreeMap::new();
+        for entry in std::fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))? {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if !(name.starts_with("node-") && name.ends_with(".toml")) {
+                continue;
+            }
+            let n = load_node(&path)?;
+            nodes.insert(n.id, n);
+        }
+        if nodes.is_empty() {
+            bail!("no node-*.toml configs in {}", dir.display());
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+            bins,
+            nodes,
+            kill_on_drop: true,
+        })
+    }
+
+    /// Writes a config for a node that will join, and registers it (not started).
+    pub fn add_joiner(
+        &mut self,
+        id: u64,
+        region: &str,
+        host: &str,
+        compact_threshold: Option<u64>,
+    ) -> anyhow::Result<&NodeProc> {
+        let mut cmd = Command::new(&self.bins.coordinator);
+        cmd.arg("gen-config")
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--join-id")
+            .arg(id.to_string())
+            .arg("--regions")
+            .arg(region)
+            .arg("--hosts")
+            .arg(host);
+        run_gen_config(cmd, compact_threshold)?;
+        let n = load_node(&self.dir.join(format!("node-{id}.toml")))?;
+        self.nodes.insert(id, n);
+        Ok(&self.nodes[&id])
+    }
+
+    pub fn node(&self, id: u64) -> anyhow::Result<&NodeProc> {
+        self.nodes
+            .get(&id)
+            .with_context(|| format!("no node {id} in {}", self.dir.display()))
+    }
+
+    pub fn log_path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("node-{id}.log"))
+    }
+
+    /// Starts node `id`; its output is appended to `node-<id>.log`.
+    pub fn start(&mut self, id: u64) -> anyhow::Result<()> {
+        let log = self.log_path(id);
+        let coordinator = self.bins.coordinator.clone();
+        let n = self
+            .nodes
+            .get_mut(&id)
+            .with_context(|| format!("no node {id}"))?;
+        if let Some(c) = &mut n.child {
+            if c.try_wait()?.is_none() {
+                bail!("node {id} is already running");
+            }
+        }
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("open {}", log.display()))?;
+        let child = Command::new(coordinator)
+            .arg("run")
+            .arg("--config")
+            .arg(&n.config)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("start node {id}"))?;
+        n.child = Some(child);
+        Ok(())
+    }
+
+    pub fn start_all(&mut self) -> anyhow::Result<()> {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.start(id)?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self, id: u64) -> anyhow::Result<()> {
+        if let Some(mut c) = self.nodes.get_mut(&id).and_then(|n| n.child.take()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then wait up to 10 s, then SIGKILL.
+    pub fn stop(&mut self, id: u64) -> anyhow::Result<()> {
+        if let Some(mut c) = self.nodes.get_mut(&id).and_then(|n| n.child.take()) {
+            signal(c.id(), "TERM");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if c.try_wait()?.is_some() {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        Ok(())
+    }
+
+    /// Whether node `id`'s process is alive.
+    pub fn is_running(&mut self, id: u64) -> bool {
+        match self.nodes.get_mut(&id).and_then(|n| n.child.as_mut()) {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Deletes node `id`'s data dir (it must be stopped).
+    pub fn wipe(&mut self, id: u64) -> anyhow::Result<()> {
+        let d = self.node(id)?.data_dir.clone();
+        if d.exists() {
+            std::fs::remove_dir_all(&d).with_context(|| format!("remove {}", d.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Comma-separated API URLs of the given nodes (all when empty).
+    pub fn api_urls(&self, ids: &[u64]) -> String {
+        self.nodes
+            .values()
+            .filter(|n| ids.is_empty() || ids.contains(&n.id))
+            .map(NodeProc::api_url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// A client for the given nodes (all when empty).
+    pub fn client(&self, ids: &[u64]) -> anyhow::Result<Client> {
+        Ok(Client::new(ClientConfig::new(
+            &self.api_urls(ids),
+            self.ca_path(),
+        )?)?)
+    }
+
+    /// A client with its own per-call deadline.
+    pub fn client_with_deadline(&self, ids: &[u64], deadline: Duration) -> anyhow::Result<Client> {
+        let mut cfg = ClientConfig::new(&self.api_urls(ids), self.ca_path())?;
+        cfg.deadline = deadline;
+        Ok(Client::new(cfg)?)
+    }
+
+    /// Waits until a node among `ids` (all when empty) reports a leader that
+    /// leads, and returns its id.
+    pub async fn wait_for_leader(&self, ids: &[u64], timeout: Duration) -> anyhow::Result<u64> {
+        let client = self.client_with_deadline(ids, Duration::from_secs(2))?;
+        let deadline = Instant::now() + timeout;
+        let mut last = String::from("no answer yet");
+        while Instant::now() < deadline {
+            match client.cluster_status().await {
+                Ok(st) if st.role == "leader" => return Ok(st.node_id),
+                Ok(st) => last = format!("node {} sees leader {}", st.node_id, st.leader_id),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("no leader within {timeout:?}: {last}")
+    }
+
+    /// Forgets the child processes so they outlive this value.
+    pub fn detach(&mut self) {
+        self.kill_on_drop = false;
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        if !self.kill_on_drop {
+            return;
+        }
+        for n in self.nodes.values_mut() {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+fn run_gen_config(mut cmd: Command, compact_threshold: Option<u64>) -> anyhow::Result<()> {
+    if let Some(c) = compact_threshold {
+        cmd.arg("--compact-threshold").arg(c.to_string());
+    }
+    let out = cmd.output().context("run custody-coordinator gen-config")?;
+    if !out.status.success() {
+        bail!(
+            "gen-config failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn load_node(path: &Path) -> anyhow::Result<NodeProc> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let t: NodeToml = toml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let data_dir = if t.data_dir.is_absolute() {
+        t.data_dir
+    } else {
+        base.join(t.data_dir)
+    };
+    Ok(NodeProc {
+        id: t.id,
+        region: t.region,
+        config: path.to_owned(),
+        data_dir,
+        raft_addr: t.listen.raft,
+        api_addr: t.listen.api,
+        child: None,
+    })
+}
+
+/// Sends a signal by name (TERM, STOP, CONT, KILL) to a process.
+pub fn signal(pid: u32, name: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}

@@ -1,0 +1,59 @@
+//! `custody`: the Custody command-line client.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "custody",
+    version,
+    about = "Custody: audited access for humans and AI agents"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Inspect and change the coordinator cluster.
+    #[command(subcommand)]
+    Cluster(commands::cluster::ClusterCmd),
+    /// Read and write the generic replicated key-value namespace.
+    #[command(subcommand)]
+    Kv(commands::kv::KvCmd),
+    /// Run a local development system.
+    #[command(subcommand)]
+    Dev(commands::dev::DevCmd),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CUSTODY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: start runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Cluster(c) => commands::cluster::run(c).await,
+            Cmd::Kv(c) => commands::kv::run(c).await,
+            Cmd::Dev(c) => commands::dev::run(c).await,
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,248 @@
+//! Node configuration: a raw TOML shape validated into [`Config`].
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::Member;
+use crate::tls::TlsPaths;
+
+/// Why a config file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parse config {path}: {detail}")]
+    Parse { path: PathBuf, detail: String },
+    #[error("invalid config {path}: {detail}")]
+    Invalid { path: PathBuf, detail: String },
+}
+
+/// The file format (`node-<id>.toml`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub id: u64,
+    pub region: String,
+    pub data_dir: PathBuf,
+    pub listen: RawListen,
+    pub tls: RawTls,
+    #[serde(default)]
+    pub peers: Vec<RawPeer>,
+    /// Start with no state and wait to be added by a membership change.
+    #[serde(default)]
+    pub join: bool,
+    #[serde(default)]
+    pub raft: RawRaft,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawListen {
+    pub raft: String,
+    pub api: String,
+    pub tunnel: String,
+    /// Raft address other nodes dial, when it differs from `raft` (NAT, proxies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_raft: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawPeer {
+    pub id: u64,
+    pub region: String,
+    pub raft: String,
+    pub api: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawRaft {
+    pub compact_threshold: Option<u64>,
+    pub tick_ms: Option<u64>,
+}
+
+/// A validated node configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub id: u64,
+    pub region: String,
+    pub data_dir: PathBuf,
+    pub raft_addr: SocketAddr,
+    /// Source IP for outgoing Raft connections: the Raft listen IP unless unspecified.
+    pub raft_source_ip: Option<std::net::IpAddr>,
+    pub api_addr: SocketAddr,
+    pub tunnel_addr: SocketAddr,
+    pub tls: TlsPaths,
+    /// Every initial member, this node included.
+    pub members: Vec<Member>,
+    pub join: bool,
+    pub compact_threshold: u64,
+    pub tick: Duration,
+}
+
+const DEFAULT_COMPACT_THRESHOLD: u64 = 10_000;
+const DEFAULT_TICK_MS: u64 = 100;
+
+impl Config {
+    /// Reads and validates a config file. Relative paths are resolved against
+    /// the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::validate(raw, base).map_err(|detail| ConfigError::Invalid {
+            path: path.to_owned(),
+            detail,
+        })
+    }
+
+    pub fn validate(raw: RawConfig, base: &Path) -> Result<Self, String> {
+        if raw.id == 0 {
+            return Err("id must be a positive integer".into());
+        }
+        if raw.region.trim().is_empty() {
+            return Err("region must not be empty".into());
+        }
+        let addr = |what: &str, s: &str| -> Result<SocketAddr, String> {
+            s.parse()
+                .map_err(|e| format!("{what} address {s:?} is not HOST:PORT with an IP host: {e}"))
+        };
+        let raft_addr = addr("listen.raft", &raw.listen.raft)?;
+        let api_addr = addr("listen.api", &raw.listen.api)?;
+        let tunnel_addr = addr("listen.tunnel", &raw.listen.tunnel)?;
+        let advertise_raft = match &raw.listen.advertise_raft {
+            Some(a) => addr("listen.advertise_raft", a)?,
+            None => raft_addr,
+        };
+        let mut ids = BTreeSet::from([raw.id]);
+        let mut members = vec![Member {
+            id: raw.id,
+            region: raw.region.clone(),
+            raft_addr: advertise_raft.to_string(),
+            api_addr: api_addr.to_string(),
+        }];
+        for p in &raw.peers {
+            if p.id == 0 {
+                return Err("peer ids must be positive integers".into());
+            }
+            if !ids.insert(p.id) {
+                return Err(format!("node id {} appears twice", p.id));
+            }
+            addr(&format!("peer {} raft", p.id), &p.raft)?;
+            addr(&format!("peer {} api", p.id), &p.api)?;
+            members.push(Member {
+                id: p.id,
+                region: p.region.clone(),
+                raft_addr: p.raft.clone(),
+                api_addr: p.api.clone(),
+            });
+        }
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                base.join(p)
+            }
+        };
+        let tick_ms = raw.raft.tick_ms.unwrap_or(DEFAULT_TICK_MS);
+        if !(10..=1000).contains(&tick_ms) {
+            return Err(format!("raft.tick_ms {tick_ms} is outside 10..=1000"));
+        }
+        let compact_threshold = raw
+            .raft
+            .compact_threshold
+            .unwrap_or(DEFAULT_COMPACT_THRESHOLD);
+        if compact_threshold < 4 {
+            return Err("raft.compact_threshold must be at least 4".into());
+        }
+        Ok(Config {
+            id: raw.id,
+            region: raw.region,
+            data_dir: resolve(&raw.data_dir),
+            raft_addr,
+            raft_source_ip: (!raft_addr.ip().is_unspecified()).then(|| raft_addr.ip()),
+            api_addr,
+            tunnel_addr,
+            tls: TlsPaths {
+                ca: resolve(&raw.tls.ca),
+                cert: resolve(&raw.tls.cert),
+                key: resolve(&raw.tls.key),
+            },
+            members,
+            join: raw.join,
+            compact_threshold,
+            tick: Duration::from_millis(tick_ms),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+id = 1
+region = "eu"
+data_dir = "node-1"
+[listen]
+raft = "127.0.0.1:7001"
+api = "127.0.0.1:7002"
+tunnel = "127.0.0.1:7003"
+[tls]
+ca = "ca.pem"
+cert = "node-1.pem"
+key = "node-1-key.pem"
+[[peers]]
+id = 2
+region = "us"
+raft = "127.0.0.1:7011"
+api = "127.0.0.1:7012"
+"#;
+
+    fn parse(s: &str) -> Result<Config, String> {
+        let raw: RawConfig = toml::from_str(s).map_err(|e| e.to_string())?;
+        Config::validate(raw, Path::new("/etc/custody"))
+    }
+
+    #[test]
+    fn good_config_resolves_paths() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.data_dir, Path::new("/etc/custody/node-1"));
+        assert_eq!(c.members.len(), 2);
+        assert_eq!(c.tick, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn bad_configs_are_refused_clearly() {
+        let e = parse(&GOOD.replace("id = 2", "id = 1")).unwrap_err();
+        assert!(e.contains("appears twice"), "{e}");
+        let e = parse(&GOOD.replace("127.0.0.1:7001", "nowhere")).unwrap_err();
+        assert!(e.contains("listen.raft"), "{e}");
+        let e = parse(&GOOD.replace("region = \"eu\"", "region = \"eu\"\nbogus = 1")).unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+        let e = parse("id = ").unwrap_err();
+        assert!(!e.is_empty());
+    }
+}

@@ -1,0 +1,9 @@
+//! Consensus: the raft-rs driver, its transport, and log bridging.
+
+mod logger;
+pub mod node;
+pub mod transport;
+
+pub use node::{
+    spawn_ticker, start, Input, NodeConfig, NodeError, NodeHandle, NodeStatus, Transport,
+};

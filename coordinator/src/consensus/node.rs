@@ -1,0 +1,800 @@
+//! The Raft driver: one loop owns the `RawNode` and the storage writes.
+//!
+//! The loop runs on its own OS thread because it blocks on fsync. Everything
+//! reaches it through one bounded channel of [`Input`]s; callers hold a cheap
+//! [`NodeHandle`]. Per Ready it: sends leader messages, installs a snapshot,
+//! appends entries and hard state in one synced batch, applies committed
+//! entries, and only then sends the persisted messages.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType};
+use raft::{RawNode, SnapshotStatus, StateRole};
+use tokio::sync::{mpsc, oneshot};
+
+use custody_proto::cluster::v1 as pb;
+
+use crate::state::{self, ApplyOutcome, Command, Member, Proposal, StateTxn};
+use crate::storage::{Engine, RaftStore, SnapshotImage, StorageError};
+
+use super::logger::raft_logger;
+
+/// Tunables of the Raft loop. Defaults: 100 ms heartbeat, 1 s election timeout.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: u64,
+    pub tick: Duration,
+    pub heartbeat_ticks: usize,
+    pub election_ticks: usize,
+    /// Compact the log once this many applied entries sit before the applied index.
+    pub compact_threshold: u64,
+    /// How long a proposal or read may wait before the caller gets an error.
+    pub request_timeout: Duration,
+}
+
+impl NodeConfig {
+    pub fn new(id: u64) -> Self {
+        Self {
+            id,
+            tick: Duration::from_millis(100),
+            heartbeat_ticks: 1,
+            election_ticks: 10,
+            compact_threshold: 10_000,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Errors a caller of the node can see.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("no leader is known right now; retry")]
+    NoLeader,
+    #[error(
+        "leadership changed before the request committed; retry (idempotency keys make this safe)"
+    )]
+    LeaderChanged,
+    #[error("request timed out waiting for the cluster")]
+    Timeout,
+    #[error("the node is shutting down")]
+    Stopped,
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("membership change rejected: {0}")]
+    Membership(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Sends Raft messages to peers. Implemented over gRPC in production and over
+/// channels in the in-memory harness.
+pub trait Transport: Send + 'static {
+    fn send(&mut self, msgs: Vec<Message>);
+    /// Called at start and whenever membership changes.
+    fn set_members(&mut self, members: &[Member]);
+}
+
+/// What the loop can be asked to do.
+pub enum Input {
+    Tick,
+    Step(Box<Message>),
+    Propose {
+        command: Command,
+        idempotency_key: Option<String>,
+        reply: oneshot::Sender<Result<ApplyOutcome, NodeError>>,
+    },
+    ConfChange {
+        change: ConfChangeV2,
+        members: Vec<Member>,
+        reply: oneshot::Sender<Result<ConfState, NodeError>>,
+    },
+    ReadIndex {
+        reply: oneshot::Sender<Result<u64, NodeError>>,
+    },
+    Unreachable(u64),
+    SnapshotStatus(u64, SnapshotStatus),
+    Status {
+        reply: oneshot::Sender<NodeStatus>,
+    },
+    /// Asks the leader to hand leadership to another voter.
+    TransferLeader(u64),
+    /// Stops the loop after the current batch.
+    Shutdown,
+}
+
+/// Replication progress of one peer, as the leader sees it.
+#[derive(Debug, Clone)]
+pub struct PeerProgress {
+    pub id: u64,
+    pub match_index: u64,
+    pub recent_active: bool,
+}
+
+/// A point-in-time view of the node.
+#[derive(Debug, Clone)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub leader_id: u64,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub first_index: u64,
+    pub role: StateRole,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    pub members: Vec<Member>,
+    /// Filled only on the leader.
+    pub progress: Vec<PeerProgress>,
+}
+
+/// A cloneable handle to a running node.
+pub struct NodeHandle<E: Engine> {
+    id: u64,
+    tx: mpsc::Sender<Input>,
+    store: RaftStore<E>,
+    timeout: Duration,
+}
+
+impl<E: Engine> Clone for NodeHandle<E> {
+    fn clone(&self) -> Self {
+        Self {
+            id: self.id,
+            tx: self.tx.clone(),
+            store: self.store.clone(),
+            timeout: self.timeout,
+        }
+    }
+}
+
+impl<E: Engine> NodeHandle<E> {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn store(&self) -> &RaftStore<E> {
+        &self.store
+    }
+
+    /// The sender the transport uses to deliver messages.
+    pub fn input(&self) -> mpsc::Sender<Input> {
+        self.tx.clone()
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, NodeError>>) -> Input,
+    ) -> Result<T, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(NodeError::Stopped),
+            Err(_) => Err(NodeError::Timeout),
+        }
+    }
+
+    /// Proposes a command and waits until this node has applied it.
+    pub async fn propose(
+        &self,
+        command: Command,
+        idempotency_key: Option<String>,
+    ) -> Result<ApplyOutcome, NodeError> {
+        self.call(|reply| Input::Propose {
+            command,
+            idempotency_key,
+            reply,
+        })
+        .await
+    }
+
+    /// Waits until local state is at least as new as the leader's commit index at
+    /// the time of the call (ReadIndex), so a following local read is linearizable.
+    pub async fn read_index(&self) -> Result<u64, NodeError> {
+        self.call(|reply| Input::ReadIndex { reply }).await
+    }
+
+    /// Proposes a membership change and waits until it is applied and the
+    /// cluster has left any joint configuration.
+    pub async fn change_membership(
+        &self,
+        change: ConfChangeV2,
+        members: Vec<Member>,
+    ) -> Result<ConfState, NodeError> {
+        self.call(|reply| Input::ConfChange {
+            change,
+            members,
+            reply,
+        })
+        .await
+    }
+
+    /// Asks this node, if it leads, to hand leadership to `to`. Returns at once.
+    pub async fn transfer_leader(&self, to: u64) -> Result<(), NodeError> {
+        self.tx
+            .send(Input::TransferLeader(to))
+            .await
+            .map_err(|_| NodeError::Stopped)
+    }
+
+    /// Asks the loop to stop; returns at once.
+    pub async fn shutdown(&self) {
+        let _ = self.tx.send(Input::Shutdown).await;
+    }
+
+    pub async fn status(&self) -> Result<NodeStatus, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Status { reply })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+}
+
+/// The loop's state.
+struct Driver<E: Engine, T: Transport> {
+    cfg: NodeConfig,
+    raw: RawNode<RaftStore<E>>,
+    store: RaftStore<E>,
+    transport: T,
+    rx: mpsc::Receiver<Input>,
+    next_request: u64,
+    pending: HashMap<u64, oneshot::Sender<Result<ApplyOutcome, NodeError>>>,
+    pending_conf: HashMap<u64, oneshot::Sender<Result<ConfState, NodeError>>>,
+    /// Conf changes applied in a joint state, waiting for the group to leave it.
+    awaiting_leave_joint: Vec<oneshot::Sender<Result<ConfState, NodeError>>>,
+    read_waiters: HashMap<u64, oneshot::Sender<Result<u64, NodeError>>>,
+    /// Reads whose index is known, waiting for apply to reach it.
+    ready_reads: Vec<(u64, oneshot::Sender<Result<u64, NodeError>>)>,
+    members: BTreeMap<u64, Member>,
+    leader: u64,
+}
+
+/// Builds the node and starts its loop on a new thread. `bootstrap` lists the
+/// initial members when this node may start a new cluster; a node with no
+/// state and no bootstrap list waits to be added and receive a snapshot.
+///
+/// `seed` gives peer addresses to use until the node knows the members from
+/// its state (a joining node must answer the leader before its snapshot).
+/// `make_transport` receives the node's input channel.
+pub fn start<E: Engine, T: Transport>(
+    cfg: NodeConfig,
+    store: RaftStore<E>,
+    bootstrap: Option<Vec<Member>>,
+    seed: Vec<Member>,
+    make_transport: impl FnOnce(mpsc::Sender<Input>) -> T,
+) -> Result<(NodeHandle<E>, std::thread::JoinHandle<()>), NodeError> {
+    if !store.is_initialized() {
+        if let Some(members) = bootstrap {
+            let voters: Vec<u64> = members.iter().map(|m| m.id).collect();
+            store.bootstrap(&voters, state::bootstrap_ops(&members))?;
+            tracing::info!(node = cfg.id, ?voters, "bootstrapped a new cluster");
+        } else {
+            tracing::info!(
+                node = cfg.id,
+                "no state yet: waiting to be added to a cluster"
+            );
+        }
+    }
+    let raft_cfg = raft::Config {
+        id: cfg.id,
+        election_tick: cfg.election_ticks,
+        heartbeat_tick: cfg.heartbeat_ticks,
+        applied: store.applied_index(),
+        check_quorum: true,
+        pre_vote: true,
+        max_size_per_msg: 1 << 20,
+        max_inflight_msgs: 256,
+        ..Default::default()
+    };
+    raft_cfg
+        .validate()
+        .map_err(|e| NodeError::Invalid(e.to_string()))?;
+    let raw = RawNode::new(&raft_cfg, store.clone(), &raft_logger(cfg.id))
+        .map_err(|e| NodeError::Invalid(e.to_string()))?;
+    let members: BTreeMap<u64, Member> = state::load_members(&store)?
+        .into_iter()
+        .map(|m| (m.id, m))
+        .collect();
+    let (tx, rx) = mpsc::channel(16 * 1024);
+    let mut transport = make_transport(tx.clone());
+    if members.is_empty() {
+        transport.set_members(&seed);
+    } else {
+        transport.set_members(&members.values().cloned().collect::<Vec<_>>());
+    }
+    let handle = NodeHandle {
+        id: cfg.id,
+        tx: tx.clone(),
+        store: store.clone(),
+        timeout: cfg.request_timeout,
+    };
+    let mut driver = Driver {
+        next_request: rand::random::<u64>() >> 1,
+        cfg,
+        raw,
+        store,
+        transport,
+        rx,
+        pending: HashMap::new(),
+        pending_conf: HashMap::new(),
+        awaiting_leave_joint: Vec::new(),
+        read_waiters: HashMap::new(),
+        ready_reads: Vec::new(),
+        members,
+        leader: 0,
+    };
+    let id = driver.cfg.id;
+    let thread = std::thread::Builder::new()
+        .name(format!("raft-{id}"))
+        .spawn(move || driver.run())
+        .map_err(|e| NodeError::Invalid(format!("spawn raft thread: {e}")))?;
+    Ok((handle, thread))
+}
+
+/// Spawns the ticker that drives Raft's logical clock. Runs until the node stops.
+pub fn spawn_ticker(tx: mpsc::Sender<Input>, every: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut iv = tokio::time::interval(every);
+        iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            iv.tick().await;
+            match tx.try_send(Input::Tick) {
+                Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+    })
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl<E: Engine, T: Transport> Driver<E, T> {
+    fn run(&mut self) {
+        let id = self.cfg.id;
+        while let Some(first) = self.rx.blocking_recv() {
+            let started = Instant::now();
+            let mut stop = self.handle(first);
+            // Batch whatever else is queued into the same Ready (one fsync).
+            while !stop && started.elapsed() < Duration::from_millis(5) {
+                match self.rx.try_recv() {
+                    Ok(i) => stop = self.handle(i),
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = self.on_ready() {
+                // A storage failure leaves the node unable to make safe progress:
+                // stop instead of acknowledging anything more.
+                tracing::error!(node = id, error = %e, "raft loop stopped: storage failure");
+                return;
+            }
+            if stop {
+                break;
+            }
+        }
+        tracing::info!(node = id, "raft loop stopped");
+    }
+
+    /// Handles one input; returns true when the loop must stop.
+    fn handle(&mut self, input: Input) -> bool {
+        match input {
+            Input::Shutdown => return true,
+            Input::Tick => {
+                self.raw.tick();
+                self.gc_waiters();
+            }
+            Input::Step(mut m) => {
+                self.guard_lost_log(&mut m);
+                if let Err(e) = self.raw.step(*m) {
+                    tracing::debug!(node = self.cfg.id, error = %e, "dropped raft message");
+                }
+            }
+            Input::Propose {
+                command,
+                idempotency_key,
+                reply,
+            } => {
+                if self.raw.raft.leader_id == 0 {
+                    let _ = reply.send(Err(NodeError::NoLeader));
+                    return false;
+                }
+                self.next_request += 1;
+                let p = Proposal {
+                    origin_node: self.cfg.id,
+                    request_id: self.next_request,
+                    idempotency_key,
+                    proposed_at_ms: now_ms(),
+                    command,
+                };
+                match self.raw.propose(vec![], p.encode()) {
+                    Ok(()) => {
+                        self.pending.insert(p.request_id, reply);
+                    }
+                    Err(raft::Error::ProposalDropped) => {
+                        let _ = reply.send(Err(NodeError::NoLeader));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NodeError::Invalid(e.to_string())));
+                    }
+                }
+            }
+            Input::ConfChange {
+                change,
+                members,
+                reply,
+            } => {
+                if self.raw.raft.state != StateRole::Leader {
+                    let _ = reply.send(Err(NodeError::Membership(format!(
+                        "this node is not the leader (leader: {})",
+                        self.raw.raft.leader_id
+                    ))));
+                    return false;
+                }
+                if self.raw.raft.has_pending_conf() {
+                    let _ = reply.send(Err(NodeError::Membership(
+                        "another membership change is still in progress".into(),
+                    )));
+                    return false;
+                }
+                self.next_request += 1;
+                let ctx = pb::ConfChangeContext {
+                    origin_node: self.cfg.id,
+                    request_id: self.next_request,
+                    members: members.iter().map(pb::Member::from).collect(),
+                };
+                match self.raw.propose_conf_change(ctx.encode_to_vec(), change) {
+                    Ok(()) => {
+                        self.pending_conf.insert(self.next_request, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NodeError::Membership(e.to_string())));
+                    }
+                }
+            }
+            Input::ReadIndex { reply } => {
+                if self.raw.raft.leader_id == 0 {
+                    let _ = reply.send(Err(NodeError::NoLeader));
+                    return false;
+                }
+                self.next_request += 1;
+                let ctx = self.next_request.to_be_bytes().to_vec();
+                self.read_waiters.insert(self.next_request, reply);
+                self.raw.read_index(ctx);
+            }
+            Input::Unreachable(id) => self.raw.report_unreachable(id),
+            Input::TransferLeader(to) => {
+                if self.raw.raft.state == StateRole::Leader {
+                    tracing::info!(node = self.cfg.id, to, "transferring leadership");
+                    self.raw.transfer_leader(to);
+                }
+            }
+            Input::SnapshotStatus(id, st) => self.raw.report_snapshot(id, st),
+            Input::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+        }
+        false
+    }
+
+    /// Copes with a peer whose data dir was wiped and that restarted under its
+    /// old id: its log is shorter than the leader believes.
+    ///
+    /// - As follower: a heartbeat may carry a commit index past our (new, short)
+    ///   log; raft-rs would abort. The commit index is only a hint, so clamp it.
+    /// - As leader: an append rejection whose hint is below the peer's recorded
+    ///   match index means the peer lost entries. Reset its progress so it is
+    ///   probed from scratch and sent a snapshot. Lowering a match index can only
+    ///   delay commits, never undo one.
+    fn guard_lost_log(&mut self, m: &mut Message) {
+        match m.get_msg_type() {
+            MessageType::MsgHeartbeat => {
+                let last = self.raw.raft.raft_log.last_index();
+                if m.commit > last {
+                    m.commit = last;
+                }
+            }
+            MessageType::MsgAppendResponse
+                if m.reject && self.raw.raft.state == StateRole::Leader =>
+            {
+                let node = self.cfg.id;
+                if let Some(pr) = self.raw.raft.mut_prs().get_mut(m.from) {
+                    if m.reject_hint < pr.matched {
+                        tracing::warn!(
+                            node,
+                            peer = m.from,
+                            had = pr.matched,
+                            now = m.reject_hint,
+                            "peer lost log entries (wiped data dir?); resending from a snapshot"
+                        );
+                        pr.matched = 0;
+                        pr.become_probe();
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn status(&self) -> NodeStatus {
+        let r = &self.raw.raft;
+        let cs = self.store.conf_state();
+        let progress = if r.state == StateRole::Leader {
+            r.prs()
+                .iter()
+                .map(|(id, p)| PeerProgress {
+                    id: *id,
+                    match_index: p.matched,
+                    recent_active: p.recent_active || *id == self.cfg.id,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        NodeStatus {
+            id: self.cfg.id,
+            leader_id: r.leader_id,
+            term: r.term,
+            commit: r.raft_log.committed,
+            applied: self.store.applied_index(),
+            first_index: self.store.first_log_index(),
+            role: r.state,
+            voters: cs.voters.clone(),
+            learners: cs.learners.clone(),
+            members: self.members.values().cloned().collect(),
+            progress,
+        }
+    }
+
+    /// Drops waiters whose callers gave up.
+    fn gc_waiters(&mut self) {
+        self.pending.retain(|_, r| !r.is_closed());
+        self.pending_conf.retain(|_, r| !r.is_closed());
+        self.read_waiters.retain(|_, r| !r.is_closed());
+        self.ready_reads.retain(|(_, r)| !r.is_closed());
+    }
+
+    fn on_leader_change(&mut self, new_leader: u64) {
+        tracing::info!(
+            node = self.cfg.id,
+            leader = new_leader,
+            term = self.raw.raft.term,
+            "leader changed"
+        );
+        // Proposals in flight under the old leader may never commit; tell callers
+        // to retry now rather than time out. Retries carry the same idempotency key.
+        for (_, r) in self.pending.drain() {
+            let _ = r.send(Err(NodeError::LeaderChanged));
+        }
+        for (_, r) in self.read_waiters.drain() {
+            let _ = r.send(Err(NodeError::LeaderChanged));
+        }
+        for (_, r) in self.pending_conf.drain() {
+            let _ = r.send(Err(NodeError::LeaderChanged));
+        }
+    }
+
+    fn on_ready(&mut self) -> Result<(), NodeError> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut rd = self.raw.ready();
+        if let Some(ss) = rd.ss() {
+            if ss.leader_id != self.leader {
+                self.leader = ss.leader_id;
+                self.on_leader_change(ss.leader_id);
+            }
+        }
+        // Messages from a leader may go out before its own append is durable.
+        self.transport.send(rd.take_messages());
+
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            let image = SnapshotImage::decode(&snap.data)?;
+            self.store.install_snapshot(snap.get_metadata(), image)?;
+            self.reload_members()?;
+            tracing::info!(
+                node = self.cfg.id,
+                index = snap.get_metadata().index,
+                "installed snapshot"
+            );
+        }
+
+        self.store.append(rd.entries(), rd.hs())?;
+
+        for rs in rd.take_read_states() {
+            let Ok(ctx) = <[u8; 8]>::try_from(&rs.request_ctx[..]) else {
+                continue;
+            };
+            if let Some(w) = self.read_waiters.remove(&u64::from_be_bytes(ctx)) {
+                self.ready_reads.push((rs.index, w));
+            }
+        }
+
+        let committed = rd.take_committed_entries();
+        self.apply(committed)?;
+        // Only now, after the synced write, may votes and append acks go out.
+        self.transport.send(rd.take_persisted_messages());
+
+        let mut light = self.raw.advance(rd);
+        self.transport.send(light.take_messages());
+        let committed = light.take_committed_entries();
+        let commit = light.commit_index();
+        if committed.is_empty() {
+            if let Some(c) = commit {
+                // Keep the stored commit index fresh; not required for safety.
+                let applied = self.store.applied_index();
+                self.store.apply(vec![], applied, c, None)?;
+            }
+        } else {
+            self.apply(committed)?;
+        }
+        self.raw.advance_apply();
+        self.resolve_reads();
+        self.maybe_compact()?;
+        Ok(())
+    }
+
+    fn reload_members(&mut self) -> Result<(), NodeError> {
+        self.members = state::load_members(&self.store)?
+            .into_iter()
+            .map(|m| (m.id, m))
+            .collect();
+        self.transport
+            .set_members(&self.members.values().cloned().collect::<Vec<_>>());
+        Ok(())
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), NodeError> {
+        let Some(last) = entries.last() else {
+            return Ok(());
+        };
+        let last_index = last.index;
+        let mut txn = StateTxn::new(&self.store);
+        let mut replies = Vec::new();
+        let mut conf_state = None;
+        let mut members_changed = false;
+        for e in entries {
+            if e.data.is_empty() && e.get_entry_type() == EntryType::EntryNormal {
+                continue; // the empty entry a new leader appends
+            }
+            match e.get_entry_type() {
+                EntryType::EntryNormal => match Proposal::decode(&e.data) {
+                    Ok(p) => {
+                        let outcome = txn.apply(e.index, &p)?;
+                        if p.origin_node == self.cfg.id {
+                            if let Some(r) = self.pending.remove(&p.request_id) {
+                                replies.push((r, outcome));
+                            }
+                        }
+                    }
+                    Err(err) => {
+                        // Every node skips the same bad entry, so state stays identical.
+                        tracing::error!(node = self.cfg.id, index = e.index, error = %err, "skipping undecodable entry");
+                    }
+                },
+                EntryType::EntryConfChange => {
+                    tracing::error!(
+                        node = self.cfg.id,
+                        index = e.index,
+                        "skipping legacy conf change entry"
+                    );
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let cs = self.apply_conf_change(&e, &mut txn)?;
+                    members_changed = true;
+                    conf_state = Some(cs);
+                }
+            }
+        }
+        let commit = self.raw.raft.raft_log.committed.max(last_index);
+        self.store
+            .apply(txn.into_ops(), last_index, commit, conf_state.as_ref())?;
+        for (r, o) in replies {
+            let _ = r.send(Ok(o));
+        }
+        if members_changed {
+            self.reload_members()?;
+        }
+        Ok(())
+    }
+
+    fn apply_conf_change(
+        &mut self,
+        e: &Entry,
+        txn: &mut StateTxn<E>,
+    ) -> Result<ConfState, NodeError> {
+        // Custody only proposes ConfChangeV2; a legacy entry cannot appear.
+        let cc = ConfChangeV2::parse_from_bytes(&e.data)
+            .map_err(|err| NodeError::Invalid(format!("conf change at {}: {err}", e.index)))?;
+        let ctx = pb::ConfChangeContext::decode(&e.context[..]).unwrap_or_default();
+        let cs = match self.raw.apply_conf_change(&cc) {
+            Ok(cs) => cs,
+            Err(err) => {
+                // Rejected identically on every node; the state is unchanged.
+                tracing::warn!(node = self.cfg.id, index = e.index, error = %err, "conf change rejected");
+                if ctx.origin_node == self.cfg.id {
+                    if let Some(r) = self.pending_conf.remove(&ctx.request_id) {
+                        let _ = r.send(Err(NodeError::Membership(err.to_string())));
+                    }
+                }
+                return Ok(self.raw.raft.prs().conf().to_conf_state());
+            }
+        };
+        for m in &ctx.members {
+            txn.put_member(&Member::from(m.clone()));
+        }
+        for ch in cc.get_changes() {
+            if ch.get_change_type() == raft::eraftpb::ConfChangeType::RemoveNode {
+                txn.remove_member(ch.node_id);
+                if ch.node_id == self.cfg.id {
+                    tracing::warn!(node = self.cfg.id, "this node was removed from the cluster");
+                }
+            }
+        }
+        tracing::info!(node = self.cfg.id, index = e.index, voters = ?cs.voters, outgoing = ?cs.voters_outgoing, learners = ?cs.learners, "applied membership change");
+        if ctx.origin_node == self.cfg.id {
+            if let Some(r) = self.pending_conf.remove(&ctx.request_id) {
+                self.awaiting_leave_joint.push(r);
+            }
+        }
+        if cs.voters_outgoing.is_empty() {
+            for r in self.awaiting_leave_joint.drain(..) {
+                let _ = r.send(Ok(cs.clone()));
+            }
+        }
+        Ok(cs)
+    }
+
+    fn resolve_reads(&mut self) {
+        let applied = self.store.applied_index();
+        let mut i = 0;
+        while i < self.ready_reads.len() {
+            if self.ready_reads[i].0 <= applied {
+                let (idx, r) = self.ready_reads.swap_remove(i);
+                let _ = r.send(Ok(idx));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), NodeError> {
+        let applied = self.store.applied_index();
+        let first = self.store.first_log_index();
+        if applied >= first && applied - first + 1 >= self.cfg.compact_threshold {
+            // Keep a short tail so briefly lagging followers catch up from the log.
+            let keep = self.cfg.compact_threshold / 2;
+            let to = applied.saturating_sub(keep);
+            if to >= first {
+                self.store.compact(to)?;
+                tracing::debug!(node = self.cfg.id, to, "compacted raft log");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Encodes a Raft message for the wire (rust-protobuf, as raft-rs defines it).
+pub fn encode_message(m: &Message) -> Vec<u8> {
+    m.write_to_bytes().unwrap_or_default()
+}
+
+/// Decodes a Raft message from the wire.
+pub fn decode_message(b: &[u8]) -> Result<Message, String> {
+    Message::parse_from_bytes(b).map_err(|e| e.to_string())
+}
+
+pub fn is_snapshot(m: &Message) -> bool {
+    m.get_msg_type() == MessageType::MsgSnapshot
+}

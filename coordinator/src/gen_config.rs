@@ -1,0 +1,230 @@
+//! `gen-config`: writes a working local cluster configuration.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+
+use crate::config::{RawConfig, RawListen, RawPeer, RawRaft, RawTls};
+use crate::pki::ClusterCa;
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenConfig {
+    pub dir: PathBuf,
+    pub nodes: u64,
+    pub regions: Vec<String>,
+    /// Listen hosts, assigned to nodes round-robin (node 1 gets the first).
+    pub hosts: Vec<String>,
+    pub compact_threshold: Option<u64>,
+}
+
+/// A port the OS considers free right now on `host`.
+fn free_port(host: &str) -> anyhow::Result<u16> {
+    let l = TcpListener::bind((host, 0)).with_context(|| format!("find a free port on {host}"))?;
+    Ok(l.local_addr()?.port())
+}
+
+pub(crate) fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("write {}", path.display()))?;
+    f.write_all(contents.as_bytes())
+        .with_context(|| format!("write {}", path.display()))
+}
+
+fn write_public(path: &Path, contents: &str) -> anyhow::Result<()> {
+    std::fs::write(path, contents).with_context(|| format!("write {}", path.display()))
+}
+
+/// One node's addresses, chosen up front so every config can list its peers.
+struct Slot {
+    id: u64,
+    region: String,
+    raft: String,
+    api: String,
+    tunnel: String,
+}
+
+fn slot(id: u64, region: &str, host: &str) -> anyhow::Result<Slot> {
+    let addr = |p: u16| {
+        if host.contains(':') {
+            format!("[{host}]:{p}")
+        } else {
+            format!("{host}:{p}")
+        }
+    };
+    Ok(Slot {
+        id,
+        region: region.to_owned(),
+        raft: addr(free_port(host)?),
+        api: addr(free_port(host)?),
+        tunnel: addr(free_port(host)?),
+    })
+}
+
+fn node_config(s: &Slot, peers: &[&Slot], join: bool, compact: Option<u64>) -> RawConfig {
+    RawConfig {
+        id: s.id,
+        region: s.region.clone(),
+        data_dir: PathBuf::from(format!("node-{}", s.id)),
+        listen: RawListen {
+            raft: s.raft.clone(),
+            api: s.api.clone(),
+            tunnel: s.tunnel.clone(),
+            advertise_raft: None,
+        },
+        tls: RawTls {
+            ca: "ca.pem".into(),
+            cert: format!("node-{}.pem", s.id).into(),
+            key: format!("node-{}-key.pem", s.id).into(),
+        },
+        peers: peers
+            .iter()
+            .map(|p| RawPeer {
+                id: p.id,
+                region: p.region.clone(),
+                raft: p.raft.clone(),
+                api: p.api.clone(),
+            })
+            .collect(),
+        join,
+        raft: RawRaft {
+            compact_threshold: compact,
+            tick_ms: None,
+        },
+    }
+}
+
+fn write_node(dir: &Path, ca: &ClusterCa, host: &str, cfg: &RawConfig) -> anyhow::Result<PathBuf> {
+    let cert = ca
+        .issue_node(cfg.id, &[host.to_owned(), "localhost".to_owned()])
+        .context("issue node certificate")?;
+    write_public(&dir.join(&cfg.tls.cert), &cert.cert_pem)?;
+    write_private(&dir.join(&cfg.tls.key), &cert.key_pem)?;
+    let path = dir.join(format!("node-{}.toml", cfg.id));
+    let text = toml::to_string_pretty(cfg).context("serialize config")?;
+    write_public(&path, &text)?;
+    Ok(path)
+}
+
+/// Writes `ca.pem`, `ca-key.pem`, and for each node `node-<id>.toml` with its
+/// certificate and key. Returns the config paths.
+pub fn generate(g: &GenConfig) -> anyhow::Result<Vec<PathBuf>> {
+    if g.nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    if g.regions.is_empty() || g.regions.iter().any(|r| r.trim().is_empty()) {
+        bail!("--regions must list non-empty region names");
+    }
+    if g.hosts.is_empty() {
+        bail!("--hosts must list at least one address");
+    }
+    std::fs::create_dir_all(&g.dir).with_context(|| format!("create {}", g.dir.display()))?;
+    if g.dir.join("ca.pem").exists() {
+        bail!(
+            "{} already holds a cluster (ca.pem exists); use another directory",
+            g.dir.display()
+        );
+    }
+    let ca = ClusterCa::generate("local").context("generate cluster CA")?;
+    write_public(&g.dir.join("ca.pem"), &ca.cert_pem)?;
+    write_private(&g.dir.join("ca-key.pem"), &ca.key_pem())?;
+    let pick = |v: &[String], id: u64| v[((id - 1) as usize) % v.len()].clone();
+    let slots = (1..=g.nodes)
+        .map(|id| slot(id, &pick(&g.regions, id), &pick(&g.hosts, id)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut paths = Vec::new();
+    for s in &slots {
+        let peers: Vec<&Slot> = slots.iter().filter(|p| p.id != s.id).collect();
+        let cfg = node_config(s, &peers, false, g.compact_threshold);
+        paths.push(write_node(&g.dir, &ca, &pick(&g.hosts, s.id), &cfg)?);
+    }
+    Ok(paths)
+}
+
+/// Writes the config of one more node that will join the cluster in `dir`
+/// (signed by the CA there). Its peers are the nodes with configs in `dir`.
+pub fn generate_joiner(
+    dir: &Path,
+    id: u64,
+    region: &str,
+    host: &str,
+    compact_threshold: Option<u64>,
+) -> anyhow::Result<PathBuf> {
+    if id == 0 {
+        bail!("--id must be positive");
+    }
+    if dir.join(format!("node-{id}.toml")).exists() {
+        bail!("node-{id}.toml already exists in {}", dir.display());
+    }
+    let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).context("read ca.pem")?;
+    let key_pem = std::fs::read_to_string(dir.join("ca-key.pem")).context("read ca-key.pem")?;
+    let ca = ClusterCa::from_pem(&ca_pem, &key_pem).context("load cluster CA")?;
+    let mut peers = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))? {
+        let p = entry?.path();
+        let is_node = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("node-") && n.ends_with(".toml"));
+        if is_node {
+            let raw: RawConfig = toml::from_str(&std::fs::read_to_string(&p)?)
+                .with_context(|| format!("parse {}", p.display()))?;
+            peers.push(Slot {
+                id: raw.id,
+                region: raw.region,
+                raft: raw.listen.raft,
+                api: raw.listen.api,
+                tunnel: raw.listen.tunnel,
+            });
+        }
+    }
+    peers.sort_by_key(|p| p.id);
+    let s = slot(id, region, host)?;
+    let cfg = node_config(
+        &s,
+        &peers.iter().collect::<Vec<_>>(),
+        true,
+        compact_threshold,
+    );
+    write_node(dir, &ca, host, &cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn generated_configs_validate() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = GenConfig {
+            dir: dir.path().to_owned(),
+            nodes: 3,
+            regions: vec!["eu".into(), "us".into(), "ap".into()],
+            hosts: vec!["127.0.0.1".into()],
+            compact_threshold: None,
+        };
+        let paths = generate(&g).unwrap();
+        assert_eq!(paths.len(), 3);
+        let cfgs: Vec<Config> = paths.iter().map(|p| Config::load(p).unwrap()).collect();
+        assert_eq!(cfgs[2].region, "ap");
+        assert_eq!(cfgs[0].members.len(), 3);
+        let mode = std::fs::metadata(dir.path().join("ca-key.pem")).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(mode.permissions().mode() & 0o777, 0o600);
+        // A second run refuses to overwrite the cluster.
+        assert!(generate(&g).is_err());
+        let j = generate_joiner(dir.path(), 4, "eu", "127.0.0.1", None).unwrap();
+        let c = Config::load(&j).unwrap();
+        assert!(c.join);
+        assert_eq!(c.members.len(), 4);
+    }
+}

@@ -1,0 +1,20 @@
+//! The Custody coordinator: a Raft-replicated control plane.
+//!
+//! A node owns a RocksDB database ([`storage`]), drives raft-rs from one loop
+//! ([`consensus`]), applies typed commands to its state machine ([`state`]),
+//! and serves the client/admin API ([`api`]). [`server::run`] wires them.
+//!
+//! What it leaves out so far: OIDC authentication and policy (the API is
+//! protected only by TLS), edge tunnels and session evidence.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod config;
+pub mod consensus;
+pub mod gen_config;
+pub mod pki;
+pub mod server;
+pub mod state;
+pub mod storage;
+pub mod tls;

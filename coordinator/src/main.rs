@@ -1,0 +1,125 @@
+//! `custody-coordinator`: runs a coordinator node or writes local configs.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use custody_coordinator::config::Config;
+use custody_coordinator::gen_config::{self, GenConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "custody-coordinator",
+    version,
+    about = "Custody coordinator node"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node from a TOML config.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// Log as JSON lines.
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Write configs, a cluster CA and node certificates for a local cluster.
+    GenConfig {
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        #[arg(long, value_delimiter = ',', default_value = "eu,us,ap")]
+        regions: Vec<String>,
+        #[arg(long)]
+        dir: PathBuf,
+        /// Addresses the nodes listen on, assigned round-robin (node 1 gets the
+        /// first). With --join-id, the first is used.
+        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
+        hosts: Vec<String>,
+        /// Compact the Raft log every this many entries.
+        #[arg(long)]
+        compact_threshold: Option<u64>,
+        /// Instead of a new cluster: write the config of node ID that will join
+        /// the cluster already in --dir.
+        #[arg(long, value_name = "ID")]
+        join_id: Option<u64>,
+    },
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CUSTODY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run { config, log_json } => {
+            init_tracing(log_json);
+            let cfg = Config::load(&config)?;
+            let rt = tokio::runtime::Runtime::new().context("start tokio runtime")?;
+            rt.block_on(custody_coordinator::server::run(cfg, shutdown_signal()))
+        }
+        Cmd::GenConfig {
+            nodes,
+            regions,
+            dir,
+            hosts,
+            compact_threshold,
+            join_id,
+        } => {
+            if let Some(id) = join_id {
+                let region = regions.first().map(String::as_str).unwrap_or("eu");
+                let host = hosts.first().map(String::as_str).unwrap_or("127.0.0.1");
+                let p = gen_config::generate_joiner(&dir, id, region, host, compact_threshold)?;
+                println!("{}", p.display());
+            } else {
+                let paths = gen_config::generate(&GenConfig {
+                    dir,
+                    nodes,
+                    regions,
+                    hosts,
+                    compact_threshold,
+                })?;
+                for p in paths {
+                    println!("{}", p.display());
+                }
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! Wires a node together: storage, the Raft loop, the transport and the API.
+
+use std::future::Future;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tonic::transport::Server;
+
+use custody_proto::cluster::v1::raft_transport_server::RaftTransportServer;
+use custody_proto::v1::cluster_server::ClusterServer;
+use custody_proto::v1::kv_server::KvServer;
+
+use crate::api::ApiService;
+use crate::config::Config;
+use crate::consensus::transport::{GrpcTransport, RaftService, MAX_FRAME_BYTES};
+use crate::consensus::{self, NodeConfig};
+use crate::storage::{RaftStore, RocksEngine};
+use crate::tls::{install_crypto_provider, tls_incoming, TlsMaterial};
+
+const API_MAX_MESSAGE: usize = 16 << 20;
+
+/// Runs a node until `shutdown` resolves or a listener fails.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    install_crypto_provider();
+    let tls = TlsMaterial::load(&cfg.tls).context("load TLS material")?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("create data dir {}", cfg.data_dir.display()))?;
+    let raft_listener = TcpListener::bind(cfg.raft_addr)
+        .await
+        .with_context(|| format!("bind raft address {}", cfg.raft_addr))?;
+    let api_listener = TcpListener::bind(cfg.api_addr)
+        .await
+        .with_context(|| format!("bind API address {}", cfg.api_addr))?;
+
+    let engine = RocksEngine::open(&cfg.data_dir.join("db"))
+        .with_context(|| format!("open database in {}", cfg.data_dir.display()))?;
+    let store = RaftStore::open(engine).context("load raft state")?;
+    let mut node_cfg = NodeConfig::new(cfg.id);
+    node_cfg.tick = cfg.tick;
+    node_cfg.compact_threshold = cfg.compact_threshold;
+    let bootstrap = (!cfg.join).then(|| cfg.members.clone());
+    let client_tls = tls.client_config();
+    let (id, source_ip) = (cfg.id, cfg.raft_source_ip);
+    let (node, raft_thread) =
+        consensus::start(node_cfg, store, bootstrap, cfg.members.clone(), |input| {
+            GrpcTransport::new(id, client_tls, source_ip, input)
+        })
+        .context("start raft node")?;
+    let ticker = consensus::spawn_ticker(node.input(), cfg.tick);
+
+    let raft_svc = RaftTransportServer::new(RaftService::new(cfg.id, node.input()))
+        .max_decoding_message_size(MAX_FRAME_BYTES)
+        .max_encoding_message_size(MAX_FRAME_BYTES);
+    let raft_incoming = tls_incoming(
+        raft_listener,
+        tls.server_config(true).context("raft TLS config")?,
+        "raft",
+    );
+    let api = ApiService::new(node.clone());
+    let kv_svc =
+        KvServer::new(ApiService::new(node.clone())).max_decoding_message_size(API_MAX_MESSAGE);
+    let cluster_svc = ClusterServer::new(api);
+    let api_incoming = tls_incoming(
+        api_listener,
+        tls.server_config(false).context("API TLS config")?,
+        "api",
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let raft_server = Server::builder()
+        .add_service(raft_svc)
+        .serve_with_incoming_shutdown(raft_incoming, stopped(stop_rx.clone()));
+    let api_server = Server::builder()
+        .add_service(kv_svc)
+        .add_service(cluster_svc)
+        .serve_with_incoming_shutdown(api_incoming, stopped(stop_rx.clone()));
+    tracing::info!(
+        node = cfg.id,
+        region = %cfg.region,
+        raft = %cfg.raft_addr,
+        api = %cfg.api_addr,
+        "coordinator node running"
+    );
+    let raft_task = tokio::spawn(raft_server);
+    let api_task = tokio::spawn(api_server);
+    tokio::pin!(shutdown);
+    let result = tokio::select! {
+        _ = &mut shutdown => Ok(()),
+        r = raft_task => r.context("raft server task").and_then(|r| r.context("raft server")),
+        r = api_task => r.context("API server task").and_then(|r| r.context("API server")),
+    };
+    tracing::info!(node = cfg.id, "shutting down");
+    let _ = stop_tx.send(true);
+    ticker.abort();
+    node.shutdown().await;
+    let _ = tokio::task::spawn_blocking(move || raft_thread.join()).await;
+    result
+}

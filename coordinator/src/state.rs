@@ -1,0 +1,463 @@
+//! The replicated state machine: typed commands and their deterministic apply.
+//!
+//! Every node applies the same committed entries in the same order and must
+//! reach the same state, so nothing here reads clocks, randomness or anything
+//! but the entry and the state itself.
+//!
+//! State keys are namespaced:
+//! - `kv/<key>`: the generic KV namespace ([`KvRecord`]);
+//! - `sys/member/<id>`: cluster members and their region labels;
+//! - `sys/idem/<key>`: outcomes of proposals that carried an idempotency key.
+
+use std::collections::BTreeMap;
+
+use prost::Message as _;
+
+use custody_proto::cluster::v1 as pb;
+
+use crate::storage::{Cf, Engine, Op, RaftStore, StorageError};
+
+pub const MAX_KEY_LEN: usize = 1024;
+pub const MAX_VALUE_LEN: usize = 4 << 20;
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
+
+const KV_PREFIX: &str = "kv/";
+const MEMBER_PREFIX: &str = "sys/member/";
+const IDEM_PREFIX: &str = "sys/idem/";
+
+/// Why a command or proposal was rejected before it reached the log.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CommandError {
+    #[error("key must not be empty")]
+    EmptyKey,
+    #[error("key is {0} bytes; the limit is {MAX_KEY_LEN}")]
+    KeyTooLong(usize),
+    #[error("value is {0} bytes; the limit is {MAX_VALUE_LEN}")]
+    ValueTooLong(usize),
+    #[error("idempotency key is {0} bytes; the limit is {MAX_IDEMPOTENCY_KEY_LEN}")]
+    IdempotencyKeyTooLong(usize),
+    #[error("proposal has no command")]
+    MissingCommand,
+    #[error("undecodable proposal: {0}")]
+    Decode(String),
+}
+
+/// A validated state-machine command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Put { key: String, value: Vec<u8> },
+    Delete { key: String },
+}
+
+fn check_key(key: &str) -> Result<(), CommandError> {
+    if key.is_empty() {
+        return Err(CommandError::EmptyKey);
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(CommandError::KeyTooLong(key.len()));
+    }
+    Ok(())
+}
+
+impl Command {
+    pub fn put(key: impl Into<String>, value: impl Into<Vec<u8>>) -> Result<Self, CommandError> {
+        let (key, value) = (key.into(), value.into());
+        check_key(&key)?;
+        if value.len() > MAX_VALUE_LEN {
+            return Err(CommandError::ValueTooLong(value.len()));
+        }
+        Ok(Command::Put { key, value })
+    }
+
+    pub fn delete(key: impl Into<String>) -> Result<Self, CommandError> {
+        let key = key.into();
+        check_key(&key)?;
+        Ok(Command::Delete { key })
+    }
+
+    fn to_pb(&self) -> pb::Command {
+        let kind = match self {
+            Command::Put { key, value } => pb::command::Kind::Put(pb::KvPut {
+                key: key.clone(),
+                value: value.clone().into(),
+            }),
+            Command::Delete { key } => pb::command::Kind::Delete(pb::KvDelete { key: key.clone() }),
+        };
+        pb::Command { kind: Some(kind) }
+    }
+}
+
+impl TryFrom<pb::Command> for Command {
+    type Error = CommandError;
+
+    fn try_from(c: pb::Command) -> Result<Self, Self::Error> {
+        match c.kind.ok_or(CommandError::MissingCommand)? {
+            pb::command::Kind::Put(p) => Command::put(p.key, p.value.to_vec()),
+            pb::command::Kind::Delete(d) => Command::delete(d.key),
+        }
+    }
+}
+
+/// A command with the metadata the log needs: who proposed it, and its
+/// idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proposal {
+    pub origin_node: u64,
+    pub request_id: u64,
+    pub idempotency_key: Option<String>,
+    pub proposed_at_ms: u64,
+    pub command: Command,
+}
+
+impl Proposal {
+    pub fn encode(&self) -> Vec<u8> {
+        pb::Proposal {
+            origin_node: self.origin_node,
+            request_id: self.request_id,
+            idempotency_key: self.idempotency_key.clone().unwrap_or_default(),
+            proposed_at_ms: self.proposed_at_ms,
+            command: Some(self.command.to_pb()),
+        }
+        .encode_to_vec()
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, CommandError> {
+        let p = pb::Proposal::decode(b).map_err(|e| CommandError::Decode(e.to_string()))?;
+        if p.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+            return Err(CommandError::IdempotencyKeyTooLong(p.idempotency_key.len()));
+        }
+        Ok(Proposal {
+            origin_node: p.origin_node,
+            request_id: p.request_id,
+            idempotency_key: (!p.idempotency_key.is_empty()).then_some(p.idempotency_key),
+            proposed_at_ms: p.proposed_at_ms,
+            command: p.command.ok_or(CommandError::MissingCommand)?.try_into()?,
+        })
+    }
+}
+
+/// What applying a command produced. Deterministic: the same on every node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ApplyOutcome {
+    /// Index of the entry that applied the command (the first one, for retries).
+    pub index: u64,
+    /// For deletes: the key existed. For puts: the key was overwritten.
+    pub existed: bool,
+    /// Set when the command was a retry of an already-applied idempotency key.
+    pub deduplicated: bool,
+}
+
+/// A cluster member as kept in replicated state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub id: u64,
+    pub region: String,
+    pub raft_addr: String,
+    pub api_addr: String,
+}
+
+impl From<pb::Member> for Member {
+    fn from(m: pb::Member) -> Self {
+        Member {
+            id: m.id,
+            region: m.region,
+            raft_addr: m.raft_addr,
+            api_addr: m.api_addr,
+        }
+    }
+}
+
+impl From<&Member> for pb::Member {
+    fn from(m: &Member) -> Self {
+        pb::Member {
+            id: m.id,
+            region: m.region.clone(),
+            raft_addr: m.raft_addr.clone(),
+            api_addr: m.api_addr.clone(),
+        }
+    }
+}
+
+/// A KV value with its history counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvRecord {
+    pub value: Vec<u8>,
+    pub create_index: u64,
+    pub mod_index: u64,
+    pub version: u64,
+}
+
+impl KvRecord {
+    fn decode(b: &[u8]) -> Result<Self, StorageError> {
+        let r = pb::KvRecord::decode(b).map_err(|e| StorageError::Corrupt {
+            what: "kv record",
+            detail: e.to_string(),
+        })?;
+        Ok(KvRecord {
+            value: r.value.to_vec(),
+            create_index: r.create_index,
+            mod_index: r.mod_index,
+            version: r.version,
+        })
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        pb::KvRecord {
+            value: self.value.clone().into(),
+            create_index: self.create_index,
+            mod_index: self.mod_index,
+            version: self.version,
+        }
+        .encode_to_vec()
+    }
+}
+
+pub fn kv_key(key: &str) -> Vec<u8> {
+    format!("{KV_PREFIX}{key}").into_bytes()
+}
+
+pub fn member_key(id: u64) -> Vec<u8> {
+    format!("{MEMBER_PREFIX}{id:020}").into_bytes()
+}
+
+fn idem_key(key: &str) -> Vec<u8> {
+    format!("{IDEM_PREFIX}{key}").into_bytes()
+}
+
+/// Writes to the state made while applying a batch of entries. Later entries in
+/// the batch read earlier entries' writes through it.
+pub struct StateTxn<E: Engine> {
+    store: RaftStore<E>,
+    overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl<E: Engine> StateTxn<E> {
+    pub fn new(store: &RaftStore<E>) -> Self {
+        Self {
+            store: store.clone(),
+            overlay: BTreeMap::new(),
+        }
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        match self.overlay.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => self.store.state_get(key),
+        }
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.overlay.insert(key, Some(value));
+    }
+
+    fn delete(&mut self, key: Vec<u8>) {
+        self.overlay.insert(key, None);
+    }
+
+    pub fn into_ops(self) -> Vec<Op> {
+        self.overlay
+            .into_iter()
+            .map(|(k, v)| match v {
+                Some(v) => Op::Put(Cf::State, k, v),
+                None => Op::Delete(Cf::State, k),
+            })
+            .collect()
+    }
+
+    /// Applies one proposal at `index`.
+    pub fn apply(&mut self, index: u64, p: &Proposal) -> Result<ApplyOutcome, StorageError> {
+        if let Some(k) = &p.idempotency_key {
+            if let Some(b) = self.get(&idem_key(k))? {
+                let o = pb::ApplyOutcome::decode(&b[..]).map_err(|e| StorageError::Corrupt {
+                    what: "idempotency record",
+                    detail: e.to_string(),
+                })?;
+                return Ok(ApplyOutcome {
+                    index: o.index,
+                    existed: o.existed,
+                    deduplicated: true,
+                });
+            }
+        }
+        let outcome = match &p.command {
+            Command::Put { key, value } => {
+                let k = kv_key(key);
+                let prev = self.get(&k)?.map(|b| KvRecord::decode(&b)).transpose()?;
+                let rec = KvRecord {
+                    value: value.clone(),
+                    create_index: prev.as_ref().map_or(index, |r| r.create_index),
+                    mod_index: index,
+                    version: prev.as_ref().map_or(1, |r| r.version + 1),
+                };
+                self.put(k, rec.encode());
+                ApplyOutcome {
+                    index,
+                    existed: prev.is_some(),
+                    deduplicated: false,
+                }
+            }
+            Command::Delete { key } => {
+                let k = kv_key(key);
+                let existed = self.get(&k)?.is_some();
+                self.delete(k);
+                ApplyOutcome {
+                    index,
+                    existed,
+                    deduplicated: false,
+                }
+            }
+        };
+        if let Some(k) = &p.idempotency_key {
+            let rec = pb::ApplyOutcome {
+                index: outcome.index,
+                existed: outcome.existed,
+            };
+            self.put(idem_key(k), rec.encode_to_vec());
+        }
+        Ok(outcome)
+    }
+
+    pub fn put_member(&mut self, m: &Member) {
+        self.put(member_key(m.id), pb::Member::from(m).encode_to_vec());
+    }
+
+    pub fn remove_member(&mut self, id: u64) {
+        self.delete(member_key(id));
+    }
+}
+
+/// Initial state written by every node of a new cluster.
+pub fn bootstrap_ops(members: &[Member]) -> Vec<Op> {
+    members
+        .iter()
+        .map(|m| {
+            Op::Put(
+                Cf::State,
+                member_key(m.id),
+                pb::Member::from(m).encode_to_vec(),
+            )
+        })
+        .collect()
+}
+
+/// Cluster members recorded in state.
+pub fn load_members<E: Engine>(store: &RaftStore<E>) -> Result<Vec<Member>, StorageError> {
+    store
+        .state_scan(MEMBER_PREFIX.as_bytes(), None, usize::MAX)?
+        .into_iter()
+        .map(|(_, v)| {
+            pb::Member::decode(&v[..])
+                .map(Member::from)
+                .map_err(|e| StorageError::Corrupt {
+                    what: "member record",
+                    detail: e.to_string(),
+                })
+        })
+        .collect()
+}
+
+pub fn kv_get<E: Engine>(
+    store: &RaftStore<E>,
+    key: &str,
+) -> Result<Option<KvRecord>, StorageError> {
+    store
+        .state_get(&kv_key(key))?
+        .map(|b| KvRecord::decode(&b))
+        .transpose()
+}
+
+/// KV pairs under `prefix`, after `start_after`, at most `limit`.
+pub fn kv_list<E: Engine>(
+    store: &RaftStore<E>,
+    prefix: &str,
+    start_after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<(String, KvRecord)>, StorageError> {
+    let full_prefix = kv_key(prefix);
+    let after = start_after.map(kv_key);
+    store
+        .state_scan(&full_prefix, after.as_deref(), limit)?
+        .into_iter()
+        .map(|(k, v)| {
+            let key = String::from_utf8_lossy(&k[KV_PREFIX.len()..]).into_owned();
+            Ok((key, KvRecord::decode(&v)?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemEngine;
+
+    fn proposal(cmd: Command, key: Option<&str>) -> Proposal {
+        Proposal {
+            origin_node: 1,
+            request_id: 7,
+            idempotency_key: key.map(str::to_owned),
+            proposed_at_ms: 0,
+            command: cmd,
+        }
+    }
+
+    #[test]
+    fn proposal_round_trips_and_validates() {
+        let p = proposal(Command::put("a", b"v".to_vec()).unwrap(), Some("k1"));
+        assert_eq!(Proposal::decode(&p.encode()).unwrap(), p);
+        assert!(Proposal::decode(b"\xff\xff\xff").is_err());
+        assert_eq!(Command::put("", vec![]), Err(CommandError::EmptyKey));
+        assert!(matches!(
+            Command::put("k", vec![0; MAX_VALUE_LEN + 1]),
+            Err(CommandError::ValueTooLong(_))
+        ));
+    }
+
+    #[test]
+    fn idempotent_retry_applies_once() {
+        let store = RaftStore::open(MemEngine::new()).unwrap();
+        let mut txn = StateTxn::new(&store);
+        let p = proposal(Command::put("a", b"1".to_vec()).unwrap(), Some("req-1"));
+        let first = txn.apply(5, &p).unwrap();
+        let again = txn.apply(6, &p).unwrap();
+        assert_eq!(first.index, 5);
+        assert!(again.deduplicated);
+        assert_eq!(again.index, 5);
+        store.apply(txn.into_ops(), 6, 6, None).unwrap();
+        let rec = kv_get(&store, "a").unwrap().unwrap();
+        assert_eq!(rec.version, 1);
+
+        // A retry in a later batch is still deduplicated.
+        let mut txn = StateTxn::new(&store);
+        assert!(txn.apply(9, &p).unwrap().deduplicated);
+    }
+
+    #[test]
+    fn versions_count_writes_and_delete_resets() {
+        let store = RaftStore::open(MemEngine::new()).unwrap();
+        let mut txn = StateTxn::new(&store);
+        txn.apply(
+            2,
+            &proposal(Command::put("a", b"1".to_vec()).unwrap(), None),
+        )
+        .unwrap();
+        let o = txn
+            .apply(
+                3,
+                &proposal(Command::put("a", b"2".to_vec()).unwrap(), None),
+            )
+            .unwrap();
+        assert!(o.existed);
+        store.apply(txn.into_ops(), 3, 3, None).unwrap();
+        let rec = kv_get(&store, "a").unwrap().unwrap();
+        assert_eq!((rec.version, rec.create_index, rec.mod_index), (2, 2, 3));
+
+        let mut txn = StateTxn::new(&store);
+        let d = txn
+            .apply(4, &proposal(Command::delete("a").unwrap(), None))
+            .unwrap();
+        assert!(d.existed);
+        store.apply(txn.into_ops(), 4, 4, None).unwrap();
+        assert!(kv_get(&store, "a").unwrap().is_none());
+        assert_eq!(kv_list(&store, "", None, 10).unwrap().len(), 0);
+    }
+}

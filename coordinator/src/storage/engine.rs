@@ -1,0 +1,161 @@
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::RwLock;
+
+use super::StorageError;
+
+/// A column family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Cf {
+    Log,
+    Meta,
+    State,
+}
+
+impl Cf {
+    pub const ALL: [Cf; 3] = [Cf::Log, Cf::Meta, Cf::State];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Log => "raft_log",
+            Cf::Meta => "raft_meta",
+            Cf::State => "state",
+        }
+    }
+}
+
+/// Key/value pairs in key order.
+pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// One write in an atomic batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Put(Cf, Vec<u8>, Vec<u8>),
+    Delete(Cf, Vec<u8>),
+    /// Deletes keys in `[from, to)`.
+    DeleteRange(Cf, Vec<u8>, Vec<u8>),
+}
+
+/// An ordered key-value engine with column families and atomic batches.
+///
+/// Implementations must apply a batch atomically, and when `sync` is set must not
+/// return before the batch is durable.
+pub trait Engine: Send + Sync + 'static {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
+    fn write(&self, ops: Vec<Op>, sync: bool) -> Result<(), StorageError>;
+    /// Up to `limit` pairs with keys in `[from, to)` (`to = None`: unbounded), in key order.
+    fn scan(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Pairs, StorageError>;
+    /// The last key in `[from, to)`, if any.
+    fn last_key(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
+}
+
+type MemCf = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// In-memory engine for unit tests. Not durable.
+#[derive(Default)]
+pub struct MemEngine {
+    cfs: RwLock<BTreeMap<Cf, MemCf>>,
+}
+
+impl MemEngine {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+fn poisoned() -> StorageError {
+    StorageError::Engine("memory engine lock poisoned".into())
+}
+
+impl Engine for MemEngine {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        let cfs = self.cfs.read().map_err(|_| poisoned())?;
+        Ok(cfs.get(&cf).and_then(|m| m.get(key).cloned()))
+    }
+
+    fn write(&self, ops: Vec<Op>, _sync: bool) -> Result<(), StorageError> {
+        let mut cfs = self.cfs.write().map_err(|_| poisoned())?;
+        for op in ops {
+            match op {
+                Op::Put(cf, k, v) => {
+                    cfs.entry(cf).or_default().insert(k, v);
+                }
+                Op::Delete(cf, k) => {
+                    cfs.entry(cf).or_default().remove(&k);
+                }
+                Op::DeleteRange(cf, from, to) => {
+                    let m = cfs.entry(cf).or_default();
+                    let doomed: Vec<Vec<u8>> = m
+                        .range::<[u8], _>((Bound::Included(&from[..]), Bound::Excluded(&to[..])))
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for k in doomed {
+                        m.remove(&k);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn scan(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Pairs, StorageError> {
+        let cfs = self.cfs.read().map_err(|_| poisoned())?;
+        let Some(m) = cfs.get(&cf) else {
+            return Ok(Vec::new());
+        };
+        let upper = match to {
+            Some(t) => Bound::Excluded(t),
+            None => Bound::Unbounded,
+        };
+        Ok(m.range::<[u8], _>((Bound::Included(from), upper))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn last_key(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        let cfs = self.cfs.read().map_err(|_| poisoned())?;
+        Ok(cfs.get(&cf).and_then(|m| {
+            m.range::<[u8], _>((Bound::Included(from), Bound::Excluded(to)))
+                .next_back()
+                .map(|(k, _)| k.clone())
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delete_range_is_half_open() {
+        let e = MemEngine::new();
+        let ops = (0u8..5)
+            .map(|i| Op::Put(Cf::Log, vec![i], vec![i]))
+            .collect();
+        e.write(ops, true).unwrap();
+        e.write(vec![Op::DeleteRange(Cf::Log, vec![1], vec![3])], true)
+            .unwrap();
+        let keys: Vec<u8> = e
+            .scan(Cf::Log, &[], None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k[0])
+            .collect();
+        assert_eq!(keys, vec![0, 3, 4]);
+        assert_eq!(e.last_key(Cf::Log, &[0], &[4]).unwrap(), Some(vec![3]));
+        assert_eq!(e.get(Cf::Meta, b"x").unwrap(), None);
+    }
+}

@@ -1,0 +1,689 @@
+use std::sync::{Arc, RwLock};
+
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, Storage};
+
+use custody_proto::cluster::v1 as pb;
+
+use super::{Cf, Engine, Op, Pairs, StorageError};
+
+const KEY_HARD_STATE: &[u8] = b"hard_state";
+const KEY_CONF_STATE: &[u8] = b"conf_state";
+const KEY_APPLIED: &[u8] = b"applied";
+const KEY_TRUNCATED: &[u8] = b"truncated";
+
+/// Index and term of the bootstrap point of a new cluster. Nodes that join later
+/// start empty at index 0, so the leader must send them a snapshot: entries up to
+/// this index do not exist in any log.
+pub const BOOTSTRAP_INDEX: u64 = 1;
+const BOOTSTRAP_TERM: u64 = 1;
+
+fn log_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn decode_u64(what: &'static str, b: &[u8]) -> Result<u64, StorageError> {
+    let arr: [u8; 8] = b.try_into().map_err(|_| StorageError::Corrupt {
+        what,
+        detail: format!("expected 8 bytes, found {}", b.len()),
+    })?;
+    Ok(u64::from_be_bytes(arr))
+}
+
+fn corrupt(what: &'static str) -> impl Fn(protobuf::ProtobufError) -> StorageError {
+    move |e| StorageError::Corrupt {
+        what,
+        detail: e.to_string(),
+    }
+}
+
+/// Cached copy of the small metadata kept in [`Cf::Meta`].
+#[derive(Debug, Clone, Default)]
+struct Meta {
+    hard_state: HardState,
+    conf_state: ConfState,
+    applied: u64,
+    truncated_index: u64,
+    truncated_term: u64,
+    last_index: u64,
+}
+
+/// A snapshot image ready to be installed: the raft metadata and every
+/// state-machine key/value pair at that index.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotImage {
+    pub pairs: Pairs,
+}
+
+impl SnapshotImage {
+    pub fn encode(&self) -> Vec<u8> {
+        pb::SnapshotData {
+            pairs: self
+                .pairs
+                .iter()
+                .map(|(k, v)| pb::SnapshotPair {
+                    key: k.clone().into(),
+                    value: v.clone().into(),
+                })
+                .collect(),
+        }
+        .encode_to_vec()
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, StorageError> {
+        let data = pb::SnapshotData::decode(b).map_err(|e| StorageError::Corrupt {
+            what: "snapshot data",
+            detail: e.to_string(),
+        })?;
+        Ok(Self {
+            pairs: data
+                .pairs
+                .into_iter()
+                .map(|p| (p.key.to_vec(), p.value.to_vec()))
+                .collect(),
+        })
+    }
+}
+
+/// Raft log, raft metadata and state-machine data over an [`Engine`].
+///
+/// Implements raft-rs' [`Storage`]. All writes come from the node's Raft loop;
+/// reads of the state machine may come from any thread.
+pub struct RaftStore<E: Engine> {
+    engine: Arc<E>,
+    meta: Arc<RwLock<Meta>>,
+}
+
+impl<E: Engine> Clone for RaftStore<E> {
+    fn clone(&self) -> Self {
+        Self {
+            engine: self.engine.clone(),
+            meta: self.meta.clone(),
+        }
+    }
+}
+
+impl<E: Engine> RaftStore<E> {
+    /// Loads metadata from the engine.
+    pub fn open(engine: E) -> Result<Self, StorageError> {
+        let engine = Arc::new(engine);
+        let mut meta = Meta::default();
+        if let Some(b) = engine.get(Cf::Meta, KEY_HARD_STATE)? {
+            meta.hard_state = HardState::parse_from_bytes(&b).map_err(corrupt("hard state"))?;
+        }
+        if let Some(b) = engine.get(Cf::Meta, KEY_CONF_STATE)? {
+            meta.conf_state = ConfState::parse_from_bytes(&b).map_err(corrupt("conf state"))?;
+        }
+        if let Some(b) = engine.get(Cf::Meta, KEY_APPLIED)? {
+            meta.applied = decode_u64("applied index", &b)?;
+        }
+        if let Some(b) = engine.get(Cf::Meta, KEY_TRUNCATED)? {
+            if b.len() != 16 {
+                return Err(StorageError::Corrupt {
+                    what: "truncation point",
+                    detail: format!("expected 16 bytes, found {}", b.len()),
+                });
+            }
+            meta.truncated_index = decode_u64("truncation point", &b[..8])?;
+            meta.truncated_term = decode_u64("truncation point", &b[8..])?;
+        }
+        meta.last_index = match engine.last_key(Cf::Log, &log_key(0), &log_key(u64::MAX))? {
+            Some(k) => decode_u64("log key", &k)?,
+            None => meta.truncated_index,
+        }
+        .max(meta.truncated_index);
+        if meta.applied > meta.hard_state.commit && meta.hard_state.term > 0 {
+            return Err(StorageError::Corrupt {
+                what: "raft meta",
+                detail: format!(
+                    "applied index {} is past commit index {}",
+                    meta.applied, meta.hard_state.commit
+                ),
+            });
+        }
+        Ok(Self {
+            engine,
+            meta: Arc::new(RwLock::new(meta)),
+        })
+    }
+
+    fn meta(&self) -> std::sync::RwLockReadGuard<'_, Meta> {
+        // The lock only guards plain data; a panic while holding it leaves
+        // consistent values behind, so poisoning is ignored.
+        self.meta.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn meta_mut(&self) -> std::sync::RwLockWriteGuard<'_, Meta> {
+        self.meta.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True once the node has a configuration: bootstrapped, or received a snapshot.
+    pub fn is_initialized(&self) -> bool {
+        let m = self.meta();
+        m.hard_state.term > 0 || !m.conf_state.voters.is_empty()
+    }
+
+    /// Starts a brand-new cluster on this node: every initial node calls this with the
+    /// same voters and the same initial state, so all start identical at
+    /// [`BOOTSTRAP_INDEX`].
+    pub fn bootstrap(&self, voters: &[u64], state: Vec<Op>) -> Result<(), StorageError> {
+        let cs = ConfState {
+            voters: voters.to_vec(),
+            ..Default::default()
+        };
+        let hs = HardState {
+            term: BOOTSTRAP_TERM,
+            commit: BOOTSTRAP_INDEX,
+            ..Default::default()
+        };
+        let mut ops = state;
+        ops.push(Op::Put(Cf::Meta, KEY_HARD_STATE.to_vec(), encode_pb(&hs)));
+        ops.push(Op::Put(Cf::Meta, KEY_CONF_STATE.to_vec(), encode_pb(&cs)));
+        ops.push(Op::Put(
+            Cf::Meta,
+            KEY_APPLIED.to_vec(),
+            BOOTSTRAP_INDEX.to_be_bytes().to_vec(),
+        ));
+        ops.push(Op::Put(
+            Cf::Meta,
+            KEY_TRUNCATED.to_vec(),
+            truncated_bytes(BOOTSTRAP_INDEX, BOOTSTRAP_TERM),
+        ));
+        self.engine.write(ops, true)?;
+        let mut m = self.meta_mut();
+        m.hard_state = hs;
+        m.conf_state = cs;
+        m.applied = BOOTSTRAP_INDEX;
+        m.truncated_index = BOOTSTRAP_INDEX;
+        m.truncated_term = BOOTSTRAP_TERM;
+        m.last_index = BOOTSTRAP_INDEX;
+        Ok(())
+    }
+
+    /// Appends entries (replacing any conflicting tail) and the hard state in one
+    /// synced batch.
+    pub fn append(&self, entries: &[Entry], hs: Option<&HardState>) -> Result<(), StorageError> {
+        if entries.is_empty() && hs.is_none() {
+            return Ok(());
+        }
+        let mut ops = Vec::with_capacity(entries.len() + 2);
+        let mut new_last = None;
+        if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
+            let m = self.meta();
+            if first.index <= m.truncated_index {
+                return Err(StorageError::Corrupt {
+                    what: "raft append",
+                    detail: format!(
+                        "entry {} is at or before the truncation point {}",
+                        first.index, m.truncated_index
+                    ),
+                });
+            }
+            if first.index > m.last_index + 1 {
+                return Err(StorageError::Corrupt {
+                    what: "raft append",
+                    detail: format!(
+                        "gap: last index {}, appending {}",
+                        m.last_index, first.index
+                    ),
+                });
+            }
+            drop(m);
+            for e in entries {
+                ops.push(Op::Put(Cf::Log, log_key(e.index).to_vec(), encode_pb(e)));
+            }
+            // Drop an old, conflicting tail beyond the new entries.
+            ops.push(Op::DeleteRange(
+                Cf::Log,
+                log_key(last.index + 1).to_vec(),
+                log_key(u64::MAX).to_vec(),
+            ));
+            new_last = Some(last.index);
+        }
+        if let Some(hs) = hs {
+            ops.push(Op::Put(Cf::Meta, KEY_HARD_STATE.to_vec(), encode_pb(hs)));
+        }
+        self.engine.write(ops, true)?;
+        let mut m = self.meta_mut();
+        if let Some(l) = new_last {
+            m.last_index = l;
+        }
+        if let Some(hs) = hs {
+            m.hard_state = hs.clone();
+        }
+        Ok(())
+    }
+
+    /// Applies state-machine writes and records the applied index (and, with them,
+    /// a commit index at least as large and any new conf state) atomically.
+    pub fn apply(
+        &self,
+        mut state: Vec<Op>,
+        applied: u64,
+        commit: u64,
+        conf_state: Option<&ConfState>,
+    ) -> Result<(), StorageError> {
+        let mut hs = self.meta().hard_state.clone();
+        let commit_changed = commit > hs.commit;
+        if commit_changed {
+            hs.commit = commit;
+            state.push(Op::Put(Cf::Meta, KEY_HARD_STATE.to_vec(), encode_pb(&hs)));
+        }
+        state.push(Op::Put(
+            Cf::Meta,
+            KEY_APPLIED.to_vec(),
+            applied.to_be_bytes().to_vec(),
+        ));
+        if let Some(cs) = conf_state {
+            state.push(Op::Put(Cf::Meta, KEY_CONF_STATE.to_vec(), encode_pb(cs)));
+        }
+        // Applied state can be replayed from the synced log, so this batch need not sync.
+        self.engine.write(state, false)?;
+        let mut m = self.meta_mut();
+        m.applied = applied;
+        if commit_changed {
+            m.hard_state = hs;
+        }
+        if let Some(cs) = conf_state {
+            m.conf_state = cs.clone();
+        }
+        Ok(())
+    }
+
+    /// Replaces the whole state with a snapshot image, truncating the log, in one
+    /// synced batch together with the hard state and conf state.
+    pub fn install_snapshot(
+        &self,
+        meta: &SnapshotMetadata,
+        image: SnapshotImage,
+    ) -> Result<(), StorageError> {
+        let mut hs = self.meta().hard_state.clone();
+        hs.term = hs.term.max(meta.term);
+        hs.commit = meta.index;
+        let mut ops = Vec::with_capacity(image.pairs.len() + 6);
+        ops.push(Op::DeleteRange(Cf::State, Vec::new(), state_upper_bound()));
+        ops.push(Op::DeleteRange(
+            Cf::Log,
+            log_key(0).to_vec(),
+            log_key(u64::MAX).to_vec(),
+        ));
+        for (k, v) in image.pairs {
+            ops.push(Op::Put(Cf::State, k, v));
+        }
+        let cs = meta.get_conf_state().clone();
+        ops.push(Op::Put(Cf::Meta, KEY_HARD_STATE.to_vec(), encode_pb(&hs)));
+        ops.push(Op::Put(Cf::Meta, KEY_CONF_STATE.to_vec(), encode_pb(&cs)));
+        ops.push(Op::Put(
+            Cf::Meta,
+            KEY_APPLIED.to_vec(),
+            meta.index.to_be_bytes().to_vec(),
+        ));
+        ops.push(Op::Put(
+            Cf::Meta,
+            KEY_TRUNCATED.to_vec(),
+            truncated_bytes(meta.index, meta.term),
+        ));
+        self.engine.write(ops, true)?;
+        let mut m = self.meta_mut();
+        m.hard_state = hs;
+        m.conf_state = cs;
+        m.applied = meta.index;
+        m.truncated_index = meta.index;
+        m.truncated_term = meta.term;
+        m.last_index = meta.index;
+        Ok(())
+    }
+
+    /// Discards log entries up to and including `index`, which must be applied.
+    pub fn compact(&self, index: u64) -> Result<(), StorageError> {
+        let (first, applied) = {
+            let m = self.meta();
+            (m.truncated_index + 1, m.applied)
+        };
+        if index < first || index > applied {
+            return Ok(());
+        }
+        let term = self
+            .term(index)
+            .map_err(|e| StorageError::Engine(e.to_string()))?;
+        let ops = vec![
+            Op::Put(
+                Cf::Meta,
+                KEY_TRUNCATED.to_vec(),
+                truncated_bytes(index, term),
+            ),
+            Op::DeleteRange(Cf::Log, log_key(0).to_vec(), log_key(index + 1).to_vec()),
+        ];
+        self.engine.write(ops, false)?;
+        let mut m = self.meta_mut();
+        m.truncated_index = index;
+        m.truncated_term = term;
+        Ok(())
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.meta().applied
+    }
+
+    pub fn hard_state(&self) -> HardState {
+        self.meta().hard_state.clone()
+    }
+
+    pub fn conf_state(&self) -> ConfState {
+        self.meta().conf_state.clone()
+    }
+
+    /// First index still in the log (everything before it is in the snapshot).
+    pub fn first_log_index(&self) -> u64 {
+        self.meta().truncated_index + 1
+    }
+
+    pub fn state_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.engine.get(Cf::State, key)
+    }
+
+    /// State pairs whose key starts with `prefix`, after `start_after` if given.
+    pub fn state_scan(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Pairs, StorageError> {
+        let from = match start_after {
+            Some(s) if s >= prefix => {
+                let mut f = s.to_vec();
+                f.push(0);
+                f
+            }
+            _ => prefix.to_vec(),
+        };
+        let to = prefix_end(prefix);
+        self.engine.scan(Cf::State, &from, to.as_deref(), limit)
+    }
+
+    /// Every state pair: the payload of a snapshot.
+    pub fn state_image(&self) -> Result<SnapshotImage, StorageError> {
+        Ok(SnapshotImage {
+            pairs: self.engine.scan(Cf::State, &[], None, usize::MAX)?,
+        })
+    }
+}
+
+/// Smallest key greater than every key starting with `prefix` (None: unbounded).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// An upper bound above every state key. State keys are UTF-8 or start with a
+/// namespace byte below 0xff, so 0xff repeated bounds them all.
+fn state_upper_bound() -> Vec<u8> {
+    vec![0xff; 16]
+}
+
+fn truncated_bytes(index: u64, term: u64) -> Vec<u8> {
+    let mut b = index.to_be_bytes().to_vec();
+    b.extend_from_slice(&term.to_be_bytes());
+    b
+}
+
+fn encode_pb<M: protobuf::Message>(m: &M) -> Vec<u8> {
+    // Encoding an in-memory message into a Vec cannot fail.
+    m.write_to_bytes().unwrap_or_default()
+}
+
+impl<E: Engine> Storage for RaftStore<E> {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let m = self.meta();
+        Ok(RaftState::new(m.hard_state.clone(), m.conf_state.clone()))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let max_size = max_size.into();
+        {
+            let m = self.meta();
+            if low <= m.truncated_index {
+                return Err(raft::Error::Store(raft::StorageError::Compacted));
+            }
+            if high > m.last_index + 1 {
+                return Err(raft::Error::Store(raft::StorageError::Unavailable));
+            }
+        }
+        if low >= high {
+            return Ok(Vec::new());
+        }
+        let pairs = self
+            .engine
+            .scan(
+                Cf::Log,
+                &log_key(low),
+                Some(&log_key(high)),
+                (high - low) as usize,
+            )
+            .map_err(raft::Error::from)?;
+        let mut out = Vec::with_capacity(pairs.len());
+        let mut size = 0u64;
+        for (i, (k, v)) in pairs.into_iter().enumerate() {
+            let idx = decode_u64("log key", &k)?;
+            if idx != low + i as u64 {
+                return Err(StorageError::Corrupt {
+                    what: "raft log",
+                    detail: format!("missing entry {}", low + i as u64),
+                }
+                .into());
+            }
+            let e = Entry::parse_from_bytes(&v).map_err(corrupt("raft log entry"))?;
+            size += e.compute_size() as u64;
+            if let Some(max) = max_size {
+                if !out.is_empty() && size > max {
+                    break;
+                }
+            }
+            out.push(e);
+        }
+        if out.is_empty() {
+            return Err(StorageError::Corrupt {
+                what: "raft log",
+                detail: format!("missing entry {low}"),
+            }
+            .into());
+        }
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        {
+            let m = self.meta();
+            if idx == m.truncated_index {
+                return Ok(m.truncated_term);
+            }
+            if idx < m.truncated_index {
+                return Err(raft::Error::Store(raft::StorageError::Compacted));
+            }
+            if idx > m.last_index {
+                return Err(raft::Error::Store(raft::StorageError::Unavailable));
+            }
+        }
+        let b = self
+            .engine
+            .get(Cf::Log, &log_key(idx))
+            .map_err(raft::Error::from)?
+            .ok_or_else(|| StorageError::Corrupt {
+                what: "raft log",
+                detail: format!("missing entry {idx}"),
+            })?;
+        let e = Entry::parse_from_bytes(&b).map_err(corrupt("raft log entry"))?;
+        Ok(e.term)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.meta().truncated_index + 1)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.meta().last_index)
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // Called from the Raft loop, which is the only writer: the state read here
+        // is exactly the state at `applied`.
+        let (applied, cs) = {
+            let m = self.meta();
+            (m.applied, m.conf_state.clone())
+        };
+        if applied < request_index {
+            return Err(raft::Error::Store(
+                raft::StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        let term = self.term(applied)?;
+        let image = self.state_image()?;
+        let mut snap = Snapshot {
+            data: image.encode().into(),
+            ..Default::default()
+        };
+        let meta = snap.mut_metadata();
+        meta.index = applied;
+        meta.term = term;
+        meta.set_conf_state(cs);
+        Ok(snap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemEngine;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            data: format!("e{index}").into_bytes().into(),
+            ..Default::default()
+        }
+    }
+
+    fn store() -> RaftStore<MemEngine> {
+        let s = RaftStore::open(MemEngine::new()).unwrap();
+        s.bootstrap(&[1, 2, 3], vec![]).unwrap();
+        s
+    }
+
+    #[test]
+    fn bootstrap_sets_initial_state() {
+        let s = store();
+        let st = s.initial_state().unwrap();
+        assert_eq!(st.conf_state.voters, vec![1, 2, 3]);
+        assert_eq!(st.hard_state.commit, 1);
+        assert_eq!(s.first_index().unwrap(), 2);
+        assert_eq!(s.last_index().unwrap(), 1);
+        assert_eq!(s.term(1).unwrap(), 1);
+        assert!(matches!(
+            s.term(0),
+            Err(raft::Error::Store(raft::StorageError::Compacted))
+        ));
+    }
+
+    #[test]
+    fn append_replaces_conflicting_tail() {
+        let s = store();
+        s.append(&[entry(2, 1), entry(3, 1), entry(4, 1)], None)
+            .unwrap();
+        s.append(&[entry(3, 2)], None).unwrap();
+        assert_eq!(s.last_index().unwrap(), 3);
+        assert_eq!(s.term(3).unwrap(), 2);
+        let ents = s
+            .entries(2, 4, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(ents.len(), 2);
+        // The old entry 4 is gone, also after reopening.
+        assert!(s.term(4).is_err());
+    }
+
+    #[test]
+    fn append_rejects_gaps() {
+        let s = store();
+        assert!(s.append(&[entry(5, 1)], None).is_err());
+    }
+
+    #[test]
+    fn entries_respect_max_size_but_return_one() {
+        let s = store();
+        s.append(&[entry(2, 1), entry(3, 1), entry(4, 1)], None)
+            .unwrap();
+        let one = s.entries(2, 5, 1, GetEntriesContext::empty(false)).unwrap();
+        assert_eq!(one.len(), 1);
+    }
+
+    #[test]
+    fn compact_then_snapshot_round_trip() {
+        let s = store();
+        s.append(&[entry(2, 1), entry(3, 2)], None).unwrap();
+        s.apply(
+            vec![Op::Put(Cf::State, b"kv/a".to_vec(), b"1".to_vec())],
+            3,
+            3,
+            None,
+        )
+        .unwrap();
+        s.compact(3).unwrap();
+        assert_eq!(s.first_index().unwrap(), 4);
+        assert_eq!(s.term(3).unwrap(), 2);
+        let snap = s.snapshot(3, 2).unwrap();
+        assert_eq!(snap.get_metadata().index, 3);
+        assert_eq!(snap.get_metadata().term, 2);
+
+        // Install it on a fresh, empty node.
+        let t = RaftStore::open(MemEngine::new()).unwrap();
+        assert!(!t.is_initialized());
+        let image = SnapshotImage::decode(&snap.data).unwrap();
+        t.install_snapshot(snap.get_metadata(), image).unwrap();
+        assert!(t.is_initialized());
+        assert_eq!(t.state_get(b"kv/a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(t.applied_index(), 3);
+        assert_eq!(t.hard_state().commit, 3);
+        assert_eq!(t.conf_state().voters, vec![1, 2, 3]);
+        assert_eq!(t.first_index().unwrap(), 4);
+    }
+
+    #[test]
+    fn apply_never_leaves_applied_past_commit() {
+        let s = store();
+        s.append(&[entry(2, 1)], None).unwrap();
+        s.apply(vec![], 2, 2, None).unwrap();
+        assert!(s.hard_state().commit >= s.applied_index());
+    }
+
+    #[test]
+    fn scan_prefix_and_start_after() {
+        let s = store();
+        let ops = ["kv/a", "kv/b", "kv/c", "kw/x"]
+            .iter()
+            .map(|k| Op::Put(Cf::State, k.as_bytes().to_vec(), vec![]))
+            .collect();
+        s.apply(ops, 1, 1, None).unwrap();
+        let got: Vec<_> = s
+            .state_scan(b"kv/", Some(b"kv/a"), 10)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| String::from_utf8(k).unwrap())
+            .collect();
+        assert_eq!(got, vec!["kv/b", "kv/c"]);
+        assert_eq!(prefix_end(&[0x61, 0xff]), Some(vec![0x62]));
+    }
+}

@@ -1,0 +1,213 @@
+//! TLS for the coordinator's listeners and its node-to-node client.
+//!
+//! One crypto provider (ring) everywhere. Listeners accept connections with
+//! our own acceptor so that every failed handshake (garbage bytes, a peer with
+//! no or a foreign certificate) is logged with the peer address, and never
+//! reaches gRPC.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::pki::parse_node_dns_name;
+
+/// Errors loading TLS material.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {detail}")]
+    Pem { path: PathBuf, detail: String },
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(String),
+}
+
+/// Installs ring as the process-wide rustls provider. Call first thing in every
+/// binary and test; repeated calls are harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Paths of the PEM files a node uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsPaths {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Loaded PEM material.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    pub ca_pem: Vec<u8>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    ca: Vec<CertificateDer<'static>>,
+    chain: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+}
+
+impl std::fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field("certs", &self.chain.len())
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.to_owned(),
+            detail: "no certificate found".into(),
+        });
+    }
+    Ok(certs)
+}
+
+impl TlsMaterial {
+    pub fn load(paths: &TlsPaths) -> Result<Self, TlsError> {
+        let ca_pem = read(&paths.ca)?;
+        let cert_pem = read(&paths.cert)?;
+        let key_pem = read(&paths.key)?;
+        let ca = certs(&paths.ca, &ca_pem)?;
+        let chain = certs(&paths.cert, &cert_pem)?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
+            path: paths.key.clone(),
+            detail: e.to_string(),
+        })?;
+        Ok(Self {
+            ca_pem,
+            cert_pem,
+            key_pem,
+            ca,
+            chain,
+            key: Arc::new(key),
+        })
+    }
+
+    fn roots(&self) -> Result<RootCertStore, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for c in &self.ca {
+            roots.add(c.clone())?;
+        }
+        Ok(roots)
+    }
+
+    /// Server config; with `require_client_cert`, peers must present a
+    /// certificate issued by the cluster CA.
+    pub fn server_config(&self, require_client_cert: bool) -> Result<ServerConfig, TlsError> {
+        let builder = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?;
+        let builder = if require_client_cert {
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider())
+                    .build()
+                    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut cfg = builder.with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(cfg)
+    }
+
+    /// tonic client config for node-to-node calls: trust the cluster CA and
+    /// present this node's certificate.
+    pub fn client_config(&self) -> tonic::transport::ClientTlsConfig {
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
+            .identity(tonic::transport::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem,
+            ))
+    }
+}
+
+/// The node id named in a peer certificate, if it is a node certificate.
+pub fn node_id_from_cert(der: &[u8]) -> Option<u64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::DNSName(d) => parse_node_dns_name(d),
+        _ => None,
+    })
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently; yields
+/// only established TLS streams. Failures are logged with `what` and the peer.
+pub fn tls_incoming(
+    listener: TcpListener,
+    config: ServerConfig,
+    what: &'static str,
+) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer): (TcpStream, SocketAddr) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(listener = what, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let conn_tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = conn_tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(listener = what, %peer, error = %e, "rejected connection: TLS handshake failed");
+                    }
+                    Err(_) => {
+                        tracing::warn!(listener = what, %peer, "rejected connection: TLS handshake timed out");
+                    }
+                }
+            });
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}

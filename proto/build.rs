@@ -1,0 +1,13 @@
+//! Compiles the protobuf surfaces with protox (pure Rust), so no `protoc` is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["custody/v1/api.proto", "custody/cluster/v1/cluster.proto"];
+    for f in &files {
+        println!("cargo:rerun-if-changed=proto/{f}");
+    }
+    let fds = protox::compile(files, ["proto"])?;
+    tonic_prost_build::configure()
+        .bytes(".custody.cluster.v1")
+        .compile_fds(fds)?;
+    Ok(())
+}

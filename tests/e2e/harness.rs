@@ -1,0 +1,82 @@
+//! Shared helpers: temporary clusters that print their logs when a test fails.
+
+use std::ops::{Deref, DerefMut};
+use std::time::Duration;
+
+use custody_cli::dev::{Binaries, GenOptions, LocalCluster};
+
+/// A cluster in a temporary directory. On panic, prints the tail of each log.
+pub struct TestCluster {
+    // Field order matters: the cluster (processes) drops before the directory.
+    pub cluster: LocalCluster,
+    pub _tmp: tempfile::TempDir,
+}
+
+impl Deref for TestCluster {
+    type Target = LocalCluster;
+    fn deref(&self) -> &LocalCluster {
+        &self.cluster
+    }
+}
+
+impl DerefMut for TestCluster {
+    fn deref_mut(&mut self) -> &mut LocalCluster {
+        &mut self.cluster
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for id in self.cluster.nodes.keys() {
+            let log = std::fs::read_to_string(self.cluster.log_path(*id)).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("----- node {id} log (last {} lines) -----", tail.len());
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+pub fn init() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Generates a cluster (not started).
+pub fn cluster(opts: GenOptions) -> TestCluster {
+    init();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bins = Binaries::locate().expect("locate binaries");
+    let cluster = LocalCluster::generate(bins, dir.path(), &opts).expect("generate cluster");
+    TestCluster { cluster, _tmp: dir }
+}
+
+/// Generates and starts a 3-node cluster, and waits for a leader.
+pub async fn started(opts: GenOptions) -> (TestCluster, u64) {
+    let mut c = cluster(opts);
+    c.start_all().expect("start nodes");
+    let leader = c
+        .wait_for_leader(&[], Duration::from_secs(30))
+        .await
+        .expect("leader elected");
+    (c, leader)
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out after {timeout:?} waiting for: {what}");
+}

@@ -1,0 +1,7 @@
+//! End-to-end tests: real coordinator processes on loopback.
+//!
+//! One test binary (RocksDB links once); one module per area.
+
+mod bad_input;
+mod cluster;
+mod harness;
