@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod history;
 pub mod partition;
 pub mod proxy;

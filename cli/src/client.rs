@@ -359,6 +359,8 @@ fn channel(url: &str, ca_pem: &[u8]) -> Result<Channel, ClientError> {
         .connect_timeout(Duration::from_millis(1000))
         .timeout(Duration::from_secs(10))
         .tcp_nodelay(true)
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(16 << 20))
         .http2_keep_alive_interval(Duration::from_secs(1))
         .keep_alive_timeout(Duration::from_secs(2))
         .connect_lazy())

@@ -12,7 +12,7 @@ use custody_proto::v1::kv_server::KvServer;
 
 use crate::api::ApiService;
 use crate::config::Config;
-use crate::consensus::transport::{GrpcTransport, RaftService, MAX_FRAME_BYTES};
+use crate::consensus::transport::{GrpcTransport, RaftService, MAX_FRAME_BYTES, WINDOW_BYTES};
 use crate::consensus::{self, NodeConfig};
 use crate::storage::{RaftStore, RocksEngine};
 use crate::tls::{install_crypto_provider, tls_incoming, TlsMaterial};
@@ -71,9 +71,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         let _ = rx.wait_for(|s| *s).await;
     };
     let raft_server = Server::builder()
+        .initial_stream_window_size(WINDOW_BYTES)
+        .initial_connection_window_size(2 * WINDOW_BYTES)
         .add_service(raft_svc)
         .serve_with_incoming_shutdown(raft_incoming, stopped(stop_rx.clone()));
     let api_server = Server::builder()
+        .initial_stream_window_size(WINDOW_BYTES)
+        .initial_connection_window_size(2 * WINDOW_BYTES)
         .add_service(kv_svc)
         .add_service(cluster_svc)
         .serve_with_incoming_shutdown(api_incoming, stopped(stop_rx.clone()));

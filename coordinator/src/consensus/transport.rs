@@ -34,6 +34,9 @@ use super::node::{decode_message, encode_message, is_snapshot, Input, Transport}
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
 const BATCH_BYTES: usize = 8 << 20;
 const SNAPSHOT_CHUNK: usize = 1 << 20;
+/// HTTP/2 flow-control window: large enough that 64 KiB entries stream
+/// without waiting for window updates.
+pub const WINDOW_BYTES: u32 = 16 << 20;
 
 struct Peer {
     addr: String,
@@ -142,6 +145,8 @@ async fn connect(
         .local_address(source_ip)
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
+        .initial_stream_window_size(Some(WINDOW_BYTES))
+        .initial_connection_window_size(Some(2 * WINDOW_BYTES))
         .http2_keep_alive_interval(Duration::from_millis(500))
         .keep_alive_timeout(Duration::from_secs(2))
         .keep_alive_while_idle(true)

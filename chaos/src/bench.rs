@@ -1,0 +1,286 @@
+//! `bench raft`: commit throughput and latency of a local 3-node Custody
+//! cluster (fsync on) against a 3-node etcd on the same machine, same client
+//! load; plus Custody's leader-failover time.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use hdrhistogram::Histogram;
+use tokio::task::JoinSet;
+
+use custody_cli::dev::{Binaries, GenOptions, LocalCluster};
+
+/// One measured cell.
+#[derive(Debug, Clone, Copy)]
+pub struct Cell {
+    pub ops_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+const SIZES: [usize; 2] = [1024, 64 * 1024];
+const CONCURRENCY: [usize; 2] = [1, 64];
+
+/// Runs `concurrency` loops of `op` for `dur`; each op gets a unique key.
+async fn drive<F, Fut>(dur: Duration, concurrency: usize, op: F) -> anyhow::Result<Cell>
+where
+    F: Fn(String) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let op = Arc::new(op);
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for w in 0..concurrency {
+        let op = op.clone();
+        set.spawn(async move {
+            let mut h = Histogram::<u64>::new(3)?;
+            let mut i = 0u64;
+            while start.elapsed() < dur {
+                i += 1;
+                let t = Instant::now();
+                op(format!("bench/{w}/{i}")).await?;
+                h.record(t.elapsed().as_micros() as u64)?;
+            }
+            anyhow::Ok(h)
+        });
+    }
+    let mut all = Histogram::<u64>::new(3)?;
+    while let Some(r) = set.join_next().await {
+        all.add(r??)?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(Cell {
+        ops_per_sec: all.len() as f64 / secs,
+        p50_ms: all.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_ms: all.value_at_quantile(0.99) as f64 / 1000.0,
+    })
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Three etcd processes on loopback, killed on drop.
+struct Etcd {
+    children: Vec<Child>,
+    clients: Vec<String>,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start_etcd(dir: &Path) -> anyhow::Result<Etcd> {
+    which("etcd")?;
+    let peers: Vec<u16> = (0..3).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
+    let clients: Vec<u16> = (0..3).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
+    let cluster = (0..3)
+        .map(|i| format!("n{i}=http://127.0.0.1:{}", peers[i]))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut children = Vec::new();
+    for i in 0..3 {
+        let log = std::fs::File::create(dir.join(format!("etcd-{i}.log")))?;
+        children.push(
+            Command::new("etcd")
+                .arg("--name")
+                .arg(format!("n{i}"))
+                .arg("--data-dir")
+                .arg(dir.join(format!("etcd-{i}")))
+                .arg("--listen-peer-urls")
+                .arg(format!("http://127.0.0.1:{}", peers[i]))
+                .arg("--initial-advertise-peer-urls")
+                .arg(format!("http://127.0.0.1:{}", peers[i]))
+                .arg("--listen-client-urls")
+                .arg(format!("http://127.0.0.1:{}", clients[i]))
+                .arg("--advertise-client-urls")
+                .arg(format!("http://127.0.0.1:{}", clients[i]))
+                .arg("--initial-cluster")
+                .arg(&cluster)
+                .arg("--initial-cluster-state")
+                .arg("new")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context("start etcd")?,
+        );
+    }
+    Ok(Etcd {
+        children,
+        clients: clients
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect(),
+    })
+}
+
+fn which(bin: &str) -> anyhow::Result<()> {
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {bin}"))
+        .stdout(Stdio::null())
+        .status()?
+        .success();
+    if !ok {
+        bail!("{bin} not found; run scripts/setup (Debian package etcd-server)");
+    }
+    Ok(())
+}
+
+/// The etcd member that leads, as a client URL.
+async fn etcd_leader(urls: &[String]) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        for u in urls {
+            if let Ok(mut c) = etcd_client::Client::connect([u.as_str()], None).await {
+                if let Ok(st) = c.status().await {
+                    if st.header().map(|h| h.member_id()) == Some(st.leader()) {
+                        return Ok(u.clone());
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("etcd elected no leader")
+}
+
+fn print_row(system: &str, size: usize, conc: usize, c: &Cell) {
+    println!(
+        "{system:<8} {:>6} {:>5} {:>12.0} {:>10.2} {:>10.2}",
+        format!("{}K", size / 1024),
+        conc,
+        c.ops_per_sec,
+        c.p50_ms,
+        c.p99_ms
+    );
+}
+
+pub async fn raft(dur: Duration, failovers: usize, with_etcd: bool) -> anyhow::Result<()> {
+    let bins = Binaries::locate()?;
+    let tmp = tempfile::tempdir()?;
+    let mut cluster =
+        LocalCluster::generate(bins, &tmp.path().join("custody"), &GenOptions::default())?;
+    cluster.start_all()?;
+    let leader = cluster
+        .wait_for_leader(&[], Duration::from_secs(30))
+        .await?;
+    let client = Arc::new(cluster.client(&[leader])?);
+
+    println!(
+        "3-node clusters on loopback, fsync on, {}s per cell",
+        dur.as_secs()
+    );
+    println!(
+        "{:<8} {:>6} {:>5} {:>12} {:>10} {:>10}",
+        "system", "value", "conc", "commits/s", "p50 ms", "p99 ms"
+    );
+    let mut custody = Vec::new();
+    for size in SIZES {
+        for conc in CONCURRENCY {
+            let value = vec![b'c'; size];
+            let c = client.clone();
+            let cell = drive(dur, conc, move |k| {
+                let (c, v) = (c.clone(), value.clone());
+                async move {
+                    c.put(&k, v).await?;
+                    Ok(())
+                }
+            })
+            .await?;
+            print_row("custody", size, conc, &cell);
+            custody.push(((size, conc), cell));
+        }
+    }
+
+    let mut etcd_cells = Vec::new();
+    if with_etcd {
+        let etcd = start_etcd(tmp.path())?;
+        let leader_url = etcd_leader(&etcd.clients).await?;
+        let ec = etcd_client::Client::connect([leader_url.as_str()], None).await?;
+        for size in SIZES {
+            for conc in CONCURRENCY {
+                let value = vec![b'e'; size];
+                let kv = ec.kv_client();
+                let cell = drive(dur, conc, move |k| {
+                    let (mut kv, v) = (kv.clone(), value.clone());
+                    async move {
+                        kv.put(k, v, None).await?;
+                        Ok(())
+                    }
+                })
+                .await?;
+                print_row("etcd", size, conc, &cell);
+                etcd_cells.push(((size, conc), cell));
+            }
+        }
+        drop(etcd);
+        println!();
+        println!(
+            "{:<14} {:>5} {:>18} {:>18}",
+            "value", "conc", "throughput c/e", "p99 latency c/e"
+        );
+        for ((k, c), (_, e)) in custody.iter().zip(&etcd_cells) {
+            println!(
+                "{:<14} {:>5} {:>18.2} {:>18.2}",
+                format!("{}K", k.0 / 1024),
+                k.1,
+                c.ops_per_sec / e.ops_per_sec,
+                c.p99_ms / e.p99_ms
+            );
+        }
+    }
+
+    if failovers > 0 {
+        println!();
+        let mut times = Vec::new();
+        for trial in 0..failovers {
+            let leader = cluster
+                .wait_for_leader(&[], Duration::from_secs(30))
+                .await?;
+            let survivors: Vec<u64> = cluster
+                .nodes
+                .keys()
+                .copied()
+                .filter(|i| *i != leader)
+                .collect();
+            let writer = cluster.client_with_deadline(&survivors, Duration::from_secs(30))?;
+            // Make sure the survivors' connections are warm.
+            writer.put("failover/warm", b"x".to_vec()).await?;
+            cluster.kill(leader)?;
+            let t = Instant::now();
+            writer
+                .put(&format!("failover/{trial}"), b"x".to_vec())
+                .await?;
+            let took = t.elapsed();
+            times.push(took);
+            println!(
+                "failover trial {trial}: {:.0} ms",
+                took.as_secs_f64() * 1000.0
+            );
+            cluster.start(leader)?;
+            cluster
+                .wait_for_leader(&[], Duration::from_secs(30))
+                .await?;
+            // Let the restarted node catch up before the next kill.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        times.sort();
+        let median = times[times.len() / 2];
+        println!(
+            "leader failover (SIGKILL to next acknowledged write), median of {}: {:.0} ms",
+            times.len(),
+            median.as_secs_f64() * 1000.0
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,56 @@
+//! `custody-chaos`: benchmarks (and, later, chaos scenarios) against real processes.
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "custody-chaos",
+    about = "Custody benchmarks and fault injection"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a benchmark.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Raft commit throughput/latency and leader failover, against etcd.
+    Raft {
+        /// Seconds per measured cell.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Leader-failover trials.
+        #[arg(long, default_value_t = 10)]
+        failovers: usize,
+        /// Skip the etcd baseline.
+        #[arg(long)]
+        no_etcd: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CUSTODY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Bench(BenchCmd::Raft {
+            seconds,
+            failovers,
+            no_etcd,
+        }) => custody_chaos::bench::raft(Duration::from_secs(seconds), failovers, !no_etcd).await,
+    }
+}

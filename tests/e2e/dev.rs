@@ -1,0 +1,89 @@
+//! `custody dev up --detach` / `custody dev down`, as a user runs them.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use custody_cli::dev::Binaries;
+
+fn custody(bins: &Binaries, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(&bins.custody);
+    c.args(args)
+        .env_remove("CUSTODY_COORDINATOR")
+        .env_remove("CUSTODY_CA");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run custody")
+}
+
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+#[test]
+fn dev_up_detach_writes_dev_json_and_dev_down_stops_everything() {
+    crate::harness::init();
+    let bins = Binaries::locate().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let d = dir.to_str().unwrap();
+    let out = custody(&bins, &["dev", "up", "--dir", d, "--detach"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("custody cluster status"));
+
+    let dev: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("dev.json")).unwrap()).unwrap();
+    let coords = dev["coordinators"].as_array().unwrap();
+    assert_eq!(coords.len(), 3);
+    let mut pids = Vec::new();
+    for c in coords {
+        let pid = c["pid"].as_u64().unwrap();
+        assert!(alive(pid), "coordinator {c} not running");
+        assert!(c["api"].as_str().unwrap().starts_with("https://"));
+        assert!(c["id"].as_u64().is_some() && c["region"].as_str().is_some());
+        pids.push(pid);
+    }
+    assert!(dev["edges"].is_array());
+    let coord = dev["env"]["CUSTODY_COORDINATOR"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ca = dev["env"]["CUSTODY_CA"].as_str().unwrap().to_owned();
+    assert!(Path::new(&ca).is_file());
+    let env = [
+        ("CUSTODY_COORDINATOR", coord.as_str()),
+        ("CUSTODY_CA", ca.as_str()),
+    ];
+
+    let out = custody(&bins, &["kv", "put", "greeting", "hello"], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = custody(&bins, &["kv", "get", "greeting"], &env);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello");
+    let out = custody(&bins, &["kv", "get", "missing"], &env);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+    let out = custody(&bins, &["cluster", "status"], &env);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("leader: node"));
+
+    let out = custody(&bins, &["dev", "down", "--dir", d], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for p in pids {
+        assert!(!alive(p), "pid {p} survived dev down");
+    }
+    // Without the env, the CLI says what is missing.
+    let out = custody(&bins, &["cluster", "status"], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CUSTODY_COORDINATOR"));
+}
