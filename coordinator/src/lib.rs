@@ -10,10 +10,12 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod consensus;
 pub mod gen_config;
 pub mod pki;
+pub mod policy;
 pub mod server;
 pub mod state;
 pub mod storage;

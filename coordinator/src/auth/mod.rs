@@ -1,0 +1,7 @@
+//! Authentication: verified identities from OIDC bearer tokens.
+
+mod identity;
+mod verifier;
+
+pub use identity::{ClientKind, Identity};
+pub use verifier::{AuthError, HttpJwks, IssuerConfig, JwksSource, Verifier};

@@ -1,0 +1,242 @@
+//! The policy file format (YAML or TOML) and its validation.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::ClientKind;
+
+/// Why a policy document was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    #[error("policy is not valid {format}: {detail}")]
+    Syntax {
+        format: &'static str,
+        detail: String,
+    },
+    #[error("policy rule {rule:?}: {detail}")]
+    Rule { rule: String, detail: String },
+    #[error("policy guardrail {guardrail:?}: {detail}")]
+    Guardrail { guardrail: String, detail: String },
+    #[error("policy: {0}")]
+    Invalid(String),
+}
+
+/// The input format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DocumentFormat {
+    Yaml,
+    Toml,
+}
+
+/// A policy document as written by people (`custody policy apply FILE`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDocument {
+    /// Who holds the API's own roles.
+    #[serde(default)]
+    pub roles: RolesDoc,
+    #[serde(default)]
+    pub rules: Vec<RuleDoc>,
+    #[serde(default)]
+    pub guardrails: Vec<GuardrailDoc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RolesDoc {
+    /// Manage policy and membership, enroll and revoke edges.
+    #[serde(default)]
+    pub admin: SubjectsDoc,
+    /// Read and export evidence.
+    #[serde(default)]
+    pub auditor: SubjectsDoc,
+    /// Review approval requests.
+    #[serde(default)]
+    pub approver: SubjectsDoc,
+}
+
+/// Identities named by group or by subject.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SubjectsDoc {
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub subjects: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleDoc {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Who; empty lists match anyone.
+    #[serde(default)]
+    pub identity: IdentityMatchDoc,
+    /// Which resources; empty lists match any.
+    #[serde(default)]
+    pub resource: ResourceMatchDoc,
+    /// Actions (`connect`, `exec`, protocol verbs), or `*`.
+    pub actions: Vec<String>,
+    pub decision: EffectDoc,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalDoc>,
+    /// Masking profiles applied to output (enforced by the protocol gateways).
+    #[serde(default)]
+    pub mask: Vec<String>,
+    /// Guardrails (by name) checked against commands this rule covers.
+    #[serde(default)]
+    pub guardrails: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityMatchDoc {
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub subjects: Vec<String>,
+    #[serde(default)]
+    pub client_kinds: Vec<ClientKind>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceMatchDoc {
+    /// Names; `*` matches any run of characters (`pg-*`).
+    #[serde(default)]
+    pub names: Vec<String>,
+    #[serde(default)]
+    pub kinds: Vec<String>,
+    /// Every label listed must be present with this value.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EffectDoc {
+    Allow,
+    Deny,
+    RequireApproval,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalDoc {
+    /// Groups whose members may approve.
+    pub groups: Vec<String>,
+    #[serde(default = "one")]
+    pub count: u32,
+    /// Reviewers must give a reason.
+    #[serde(default)]
+    pub require_reason: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardrailDoc {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// A regular expression matched against the command line.
+    pub pattern: String,
+    /// `deny` or `require_approval`.
+    pub decision: EffectDoc,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalDoc>,
+}
+
+/// Parses a document and checks it; the result is safe to compile.
+pub fn parse_document(text: &str, format: DocumentFormat) -> Result<PolicyDocument, PolicyError> {
+    let doc: PolicyDocument = match format {
+        DocumentFormat::Yaml => serde_norway::from_str(text).map_err(|e| PolicyError::Syntax {
+            format: "YAML",
+            detail: e.to_string(),
+        })?,
+        DocumentFormat::Toml => toml::from_str(text).map_err(|e| PolicyError::Syntax {
+            format: "TOML",
+            detail: e.to_string(),
+        })?,
+    };
+    validate(&doc)?;
+    Ok(doc)
+}
+
+fn check_approval(a: &ApprovalDoc) -> Result<(), String> {
+    if a.groups.is_empty() {
+        return Err("approval needs at least one approver group".into());
+    }
+    if a.count == 0 || a.count > 10 {
+        return Err(format!("approval count {} is outside 1..=10", a.count));
+    }
+    Ok(())
+}
+
+/// Structural checks beyond the syntax.
+pub(crate) fn validate(doc: &PolicyDocument) -> Result<(), PolicyError> {
+    let mut guardrails = BTreeSet::new();
+    for g in &doc.guardrails {
+        let err = |detail: String| PolicyError::Guardrail {
+            guardrail: g.name.clone(),
+            detail,
+        };
+        if g.name.trim().is_empty() {
+            return Err(PolicyError::Invalid("a guardrail has an empty name".into()));
+        }
+        if !guardrails.insert(g.name.as_str()) {
+            return Err(err("defined twice".into()));
+        }
+        regex::Regex::new(&g.pattern).map_err(|e| err(format!("bad pattern: {e}")))?;
+        match (g.decision, &g.approval) {
+            (EffectDoc::Allow, _) => {
+                return Err(err("decision must be deny or require_approval".into()))
+            }
+            (EffectDoc::RequireApproval, None) => {
+                return Err(err("require_approval needs an approval block".into()))
+            }
+            (_, Some(a)) => check_approval(a).map_err(err)?,
+            _ => {}
+        }
+    }
+    let mut names = BTreeSet::new();
+    for r in &doc.rules {
+        let err = |detail: String| PolicyError::Rule {
+            rule: r.name.clone(),
+            detail,
+        };
+        if r.name.trim().is_empty() {
+            return Err(PolicyError::Invalid("a rule has an empty name".into()));
+        }
+        if !names.insert(r.name.as_str()) {
+            return Err(err("defined twice".into()));
+        }
+        if r.actions.is_empty() {
+            return Err(err("actions must not be empty (use \"*\" for any)".into()));
+        }
+        match (r.decision, &r.approval) {
+            (EffectDoc::RequireApproval, None) => {
+                return Err(err("require_approval needs an approval block".into()))
+            }
+            (EffectDoc::RequireApproval, Some(a)) => check_approval(a).map_err(err)?,
+            (_, Some(_)) => {
+                return Err(err(
+                    "approval is only meaningful with require_approval".into()
+                ))
+            }
+            _ => {}
+        }
+        for g in &r.guardrails {
+            if !guardrails.contains(g.as_str()) {
+                return Err(err(format!("unknown guardrail {g:?}")));
+            }
+        }
+    }
+    Ok(())
+}

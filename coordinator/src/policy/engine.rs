@@ -1,0 +1,539 @@
+//! Evaluation of a validated policy.
+
+use std::collections::BTreeMap;
+
+use regex::Regex;
+
+use crate::auth::Identity;
+
+use super::document::{
+    validate, ApprovalDoc, EffectDoc, GuardrailDoc, PolicyDocument, PolicyError, RuleDoc,
+    SubjectsDoc,
+};
+
+/// The outcome of a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    Allow,
+    Deny,
+    RequireApproval,
+}
+
+impl Effect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Effect::Allow => "allow",
+            Effect::Deny => "deny",
+            Effect::RequireApproval => "require_approval",
+        }
+    }
+}
+
+impl From<EffectDoc> for Effect {
+    fn from(e: EffectDoc) -> Self {
+        match e {
+            EffectDoc::Allow => Effect::Allow,
+            EffectDoc::Deny => Effect::Deny,
+            EffectDoc::RequireApproval => Effect::RequireApproval,
+        }
+    }
+}
+
+/// The API's own roles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    Auditor,
+    Approver,
+}
+
+/// What a resource looks like to policy.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResourceInfo {
+    pub name: String,
+    pub kind: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A question for the engine.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    pub identity: &'a Identity,
+    pub resource: &'a ResourceInfo,
+    pub action: &'a str,
+    /// The command line or statement, for guardrails.
+    pub command: Option<&'a str>,
+}
+
+/// The answer, with the rule that decided and a human explanation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub effect: Effect,
+    /// `None` for the default deny; `guardrail:NAME` for guardrails.
+    pub rule: Option<String>,
+    pub reason: String,
+    pub approval: Option<ApprovalDoc>,
+    pub mask: Vec<String>,
+    /// One line per rule: whether it took part and why (for `policy test`).
+    pub trace: Vec<String>,
+}
+
+struct Guardrail {
+    doc: GuardrailDoc,
+    re: Regex,
+}
+
+/// A compiled policy.
+pub struct Policy {
+    doc: PolicyDocument,
+    guardrails: BTreeMap<String, Guardrail>,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("rules", &self.doc.rules.len())
+            .field("guardrails", &self.guardrails.len())
+            .finish()
+    }
+}
+
+/// `*` matches any run of characters; everything else literally.
+fn wildcard(pattern: &str, s: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == s,
+        Some((head, tail)) => {
+            let Some(rest) = s.strip_prefix(head) else {
+                return false;
+            };
+            if tail.is_empty() {
+                return true;
+            }
+            (0..=rest.len())
+                .filter(|i| rest.is_char_boundary(*i))
+                .any(|i| wildcard(tail, &rest[i..]))
+        }
+    }
+}
+
+fn subjects_match(s: &SubjectsDoc, id: &Identity) -> bool {
+    s.subjects.contains(&id.subject) || s.groups.iter().any(|g| id.groups.contains(g))
+}
+
+/// Why a rule does not apply, or None when it does.
+fn mismatch(r: &RuleDoc, req: &Request<'_>) -> Option<String> {
+    let id = &r.identity;
+    let who = req.identity;
+    if !id.groups.is_empty() && !id.groups.iter().any(|g| who.groups.contains(g)) {
+        return Some(format!("identity is in none of the groups {:?}", id.groups));
+    }
+    if !id.subjects.is_empty() && !id.subjects.contains(&who.subject) {
+        return Some(format!("subject is not one of {:?}", id.subjects));
+    }
+    if !id.client_kinds.is_empty() && !id.client_kinds.contains(&who.client_kind) {
+        return Some(format!(
+            "client kind {} is not one of {:?}",
+            who.client_kind.as_str(),
+            id.client_kinds
+        ));
+    }
+    let res = &r.resource;
+    if !res.names.is_empty() && !res.names.iter().any(|n| wildcard(n, &req.resource.name)) {
+        return Some(format!(
+            "resource {} matches none of {:?}",
+            req.resource.name, res.names
+        ));
+    }
+    if !res.kinds.is_empty() && !res.kinds.contains(&req.resource.kind) {
+        return Some(format!(
+            "resource kind {} is not one of {:?}",
+            req.resource.kind, res.kinds
+        ));
+    }
+    for (k, v) in &res.labels {
+        if req.resource.labels.get(k) != Some(v) {
+            return Some(format!("resource lacks label {k}={v}"));
+        }
+    }
+    if !r.actions.iter().any(|a| a == "*" || a == req.action) {
+        return Some(format!(
+            "action {} is not one of {:?}",
+            req.action, r.actions
+        ));
+    }
+    None
+}
+
+impl Policy {
+    /// Compiles a document (validating it again: stored documents are checked too).
+    pub fn compile(doc: PolicyDocument) -> Result<Self, PolicyError> {
+        validate(&doc)?;
+        let mut guardrails = BTreeMap::new();
+        for g in &doc.guardrails {
+            let re = Regex::new(&g.pattern).map_err(|e| PolicyError::Guardrail {
+                guardrail: g.name.clone(),
+                detail: e.to_string(),
+            })?;
+            guardrails.insert(g.name.clone(), Guardrail { doc: g.clone(), re });
+        }
+        Ok(Self { doc, guardrails })
+    }
+
+    /// The empty policy: everything denied, no roles.
+    pub fn empty() -> Self {
+        Self {
+            doc: PolicyDocument::default(),
+            guardrails: BTreeMap::new(),
+        }
+    }
+
+    pub fn document(&self) -> &PolicyDocument {
+        &self.doc
+    }
+
+    /// Whether `id` holds `role` under this policy.
+    pub fn has_role(&self, id: &Identity, role: Role) -> bool {
+        let r = &self.doc.roles;
+        let s = match role {
+            Role::Admin => &r.admin,
+            Role::Auditor => &r.auditor,
+            Role::Approver => &r.approver,
+        };
+        subjects_match(s, id)
+    }
+
+    pub fn evaluate(&self, req: &Request<'_>) -> Decision {
+        let mut trace = Vec::new();
+        let mut taking_part = Vec::new();
+        for r in &self.doc.rules {
+            match mismatch(r, req) {
+                Some(why) => trace.push(format!("rule {:?}: skipped: {why}", r.name)),
+                None => {
+                    trace.push(format!(
+                        "rule {:?}: matches ({})",
+                        r.name,
+                        Effect::from(r.decision).as_str()
+                    ));
+                    taking_part.push(r);
+                }
+            }
+        }
+        let decide =
+            |effect: Effect, rule: Option<String>, reason: String, approval, mask, trace| {
+                Decision {
+                    effect,
+                    rule,
+                    reason,
+                    approval,
+                    mask,
+                    trace,
+                }
+            };
+        if let Some(r) = taking_part.iter().find(|r| r.decision == EffectDoc::Deny) {
+            let reason = format!("denied by policy rule {:?}", r.name);
+            return decide(
+                Effect::Deny,
+                Some(r.name.clone()),
+                reason,
+                None,
+                vec![],
+                trace,
+            );
+        }
+        if taking_part.is_empty() {
+            let reason = format!(
+                "denied by default: no policy rule grants {} on {} to {}",
+                req.action,
+                req.resource.name,
+                req.identity.label()
+            );
+            return decide(Effect::Deny, None, reason, None, vec![], trace);
+        }
+        let mut mask: Vec<String> = taking_part.iter().flat_map(|r| r.mask.clone()).collect();
+        mask.sort();
+        mask.dedup();
+        if let Some(cmd) = req.command {
+            for r in &taking_part {
+                for gname in &r.guardrails {
+                    let Some(g) = self.guardrails.get(gname) else {
+                        continue;
+                    };
+                    if g.re.is_match(cmd) {
+                        trace.push(format!(
+                            "guardrail {gname:?}: command matches {:?}",
+                            g.doc.pattern
+                        ));
+                        let effect = Effect::from(g.doc.decision);
+                        let reason = match effect {
+                            Effect::Deny => {
+                                format!("denied by guardrail {gname:?} (rule {:?})", r.name)
+                            }
+                            _ => {
+                                format!("guardrail {gname:?} requires approval (rule {:?})", r.name)
+                            }
+                        };
+                        return decide(
+                            effect,
+                            Some(format!("guardrail:{gname}")),
+                            reason,
+                            g.doc.approval.clone(),
+                            mask,
+                            trace,
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(r) = taking_part
+            .iter()
+            .find(|r| r.decision == EffectDoc::RequireApproval)
+        {
+            let reason = format!("policy rule {:?} requires approval", r.name);
+            return decide(
+                Effect::RequireApproval,
+                Some(r.name.clone()),
+                reason,
+                r.approval.clone(),
+                mask,
+                trace,
+            );
+        }
+        let r = taking_part[0];
+        let reason = format!("allowed by policy rule {:?}", r.name);
+        decide(
+            Effect::Allow,
+            Some(r.name.clone()),
+            reason,
+            None,
+            mask,
+            trace,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::ClientKind;
+    use crate::policy::{parse_document, DocumentFormat};
+
+    const POLICY: &str = r#"
+roles:
+  admin: { groups: [admins] }
+  auditor: { groups: [auditors] }
+  approver: { groups: [approvers] }
+guardrails:
+  - name: destructive-shell
+    pattern: '(^|\s)rm\s+-rf\b'
+    decision: deny
+  - name: prod-writes
+    pattern: '(?i)\b(delete|update|drop|truncate)\b'
+    decision: require_approval
+    approval: { groups: [approvers], count: 2 }
+rules:
+  - name: engineers-dev
+    identity: { groups: [engineers] }
+    resource: { labels: { env: dev } }
+    actions: ["*"]
+    decision: allow
+    guardrails: [destructive-shell]
+  - name: engineers-prod-db
+    identity: { groups: [engineers] }
+    resource: { names: ["pg-*"], labels: { env: prod } }
+    actions: [connect, exec]
+    decision: allow
+    mask: [pii]
+    guardrails: [prod-writes]
+  - name: agents-read-only
+    identity: { client_kinds: [machine], groups: [ai-agents] }
+    resource: { kinds: [postgres] }
+    actions: [connect]
+    decision: require_approval
+    approval: { groups: [approvers] }
+  - name: no-contractors
+    identity: { groups: [contractors] }
+    actions: ["*"]
+    decision: deny
+"#;
+
+    fn policy() -> Policy {
+        Policy::compile(parse_document(POLICY, DocumentFormat::Yaml).unwrap()).unwrap()
+    }
+
+    fn res(name: &str, kind: &str, env: &str) -> ResourceInfo {
+        ResourceInfo {
+            name: name.into(),
+            kind: kind.into(),
+            labels: [("env".to_string(), env.to_string())].into(),
+        }
+    }
+
+    fn eval(
+        p: &Policy,
+        id: &Identity,
+        r: &ResourceInfo,
+        action: &str,
+        cmd: Option<&str>,
+    ) -> Decision {
+        p.evaluate(&Request {
+            identity: id,
+            resource: r,
+            action,
+            command: cmd,
+        })
+    }
+
+    #[test]
+    fn allow_by_group_and_label() {
+        let d = eval(
+            &policy(),
+            &Identity::for_test("alice", &["engineers"]),
+            &res("shell", "shell", "dev"),
+            "exec",
+            Some("ls"),
+        );
+        assert_eq!(d.effect, Effect::Allow);
+        assert_eq!(d.rule.as_deref(), Some("engineers-dev"));
+    }
+
+    #[test]
+    fn default_deny_explains() {
+        let d = eval(
+            &policy(),
+            &Identity::for_test("bob", &["approvers"]),
+            &res("shell", "shell", "dev"),
+            "exec",
+            None,
+        );
+        assert_eq!(d.effect, Effect::Deny);
+        assert_eq!(d.rule, None);
+        assert!(d.reason.contains("denied by default"), "{}", d.reason);
+        assert!(
+            d.trace.iter().any(|l| l.contains("none of the groups")),
+            "{:?}",
+            d.trace
+        );
+    }
+
+    #[test]
+    fn deny_overrides_allow() {
+        let id = Identity::for_test("carol", &["engineers", "contractors"]);
+        let d = eval(&policy(), &id, &res("shell", "shell", "dev"), "exec", None);
+        assert_eq!(d.effect, Effect::Deny);
+        assert_eq!(d.reason, "denied by policy rule \"no-contractors\"");
+    }
+
+    #[test]
+    fn label_and_name_matching() {
+        let alice = Identity::for_test("alice", &["engineers"]);
+        // Prod label but the name does not match pg-*.
+        let d = eval(
+            &policy(),
+            &alice,
+            &res("shell-prod", "shell", "prod"),
+            "exec",
+            None,
+        );
+        assert_eq!(d.effect, Effect::Deny);
+        let d = eval(
+            &policy(),
+            &alice,
+            &res("pg-prod", "postgres", "prod"),
+            "exec",
+            Some("SELECT 1"),
+        );
+        assert_eq!(d.effect, Effect::Allow);
+        assert_eq!(d.mask, vec!["pii".to_string()]);
+    }
+
+    #[test]
+    fn guardrails_deny_or_require_approval() {
+        let alice = Identity::for_test("alice", &["engineers"]);
+        let d = eval(
+            &policy(),
+            &alice,
+            &res("shell", "shell", "dev"),
+            "exec",
+            Some("sudo rm -rf /"),
+        );
+        assert_eq!(d.effect, Effect::Deny);
+        assert_eq!(d.rule.as_deref(), Some("guardrail:destructive-shell"));
+        let d = eval(
+            &policy(),
+            &alice,
+            &res("pg-prod", "postgres", "prod"),
+            "exec",
+            Some("DELETE FROM users"),
+        );
+        assert_eq!(d.effect, Effect::RequireApproval);
+        assert_eq!(d.approval.unwrap().count, 2);
+    }
+
+    #[test]
+    fn client_kind_matching() {
+        let mut agent = Identity::for_test("agent", &["ai-agents"]);
+        agent.client_kind = ClientKind::Machine;
+        let d = eval(
+            &policy(),
+            &agent,
+            &res("pg-prod", "postgres", "prod"),
+            "connect",
+            None,
+        );
+        assert_eq!(d.effect, Effect::RequireApproval);
+        let human = Identity::for_test("h", &["ai-agents"]);
+        let d = eval(
+            &policy(),
+            &human,
+            &res("pg-prod", "postgres", "prod"),
+            "connect",
+            None,
+        );
+        assert_eq!(d.effect, Effect::Deny);
+    }
+
+    #[test]
+    fn roles() {
+        let p = policy();
+        assert!(p.has_role(&Identity::for_test("x", &["admins"]), Role::Admin));
+        assert!(!p.has_role(&Identity::for_test("x", &["engineers"]), Role::Admin));
+        assert!(p.has_role(&Identity::for_test("x", &["auditors"]), Role::Auditor));
+        assert!(!Policy::empty().has_role(&Identity::for_test("x", &["admins"]), Role::Admin));
+    }
+
+    #[test]
+    fn wildcards() {
+        assert!(wildcard("pg-*", "pg-prod"));
+        assert!(wildcard("*", ""));
+        assert!(wildcard("a*c*e", "abcde"));
+        assert!(!wildcard("pg-*", "mysql"));
+        assert!(!wildcard("exact", "exactly"));
+    }
+
+    #[test]
+    fn bad_documents_are_refused_clearly() {
+        let cases = [
+            ("rules: [{name: r, actions: [], decision: allow}]", "actions must not be empty"),
+            ("rules: [{name: r, actions: [x], decision: require_approval}]", "needs an approval block"),
+            ("rules: [{name: r, actions: [x], decision: allow, guardrails: [nope]}]", "unknown guardrail"),
+            ("guardrails: [{name: g, pattern: '(', decision: deny}]", "bad pattern"),
+            ("rules: [{name: r, actions: [x], decision: maybe}]", "not valid YAML"),
+            ("bogus: 1", "not valid YAML"),
+            ("rules: [{name: r, actions: [x], decision: allow}, {name: r, actions: [x], decision: deny}]", "defined twice"),
+        ];
+        for (text, expect) in cases {
+            let e = parse_document(text, DocumentFormat::Yaml)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(expect), "{text}: {e}");
+        }
+        let toml = "[[rules]]\nname = \"r\"\nactions = [\"exec\"]\ndecision = \"allow\"\n";
+        assert_eq!(
+            parse_document(toml, DocumentFormat::Toml)
+                .unwrap()
+                .rules
+                .len(),
+            1
+        );
+    }
+}
