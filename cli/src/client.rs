@@ -12,8 +12,10 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
 use custody_proto::v1 as api;
+use custody_proto::v1::auth_client::AuthClient;
 use custody_proto::v1::cluster_client::ClusterClient;
 use custody_proto::v1::kv_client::KvClient;
+use custody_proto::v1::policy_client::PolicyClient;
 
 /// Metadata key on redirects (see the coordinator's `api` module).
 const LEADER_API_METADATA: &str = "x-custody-leader-api";
@@ -51,13 +53,28 @@ pub struct ClientConfig {
     pub ca_pem: Vec<u8>,
     /// Give up on a call after this long across all endpoints.
     pub deadline: Duration,
+    /// Bearer access token sent with every call.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("endpoints", &self.endpoints)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl ClientConfig {
     pub fn from_env() -> Result<Self, ClientError> {
         let eps = std::env::var("CUSTODY_COORDINATOR").map_err(|_| ClientError::NoEndpoints)?;
         let ca = std::env::var("CUSTODY_CA").map_err(|_| ClientError::NoCa)?;
-        Self::new(&eps, PathBuf::from(ca))
+        let mut cfg = Self::new(&eps, PathBuf::from(ca))?;
+        cfg.token = std::env::var("CUSTODY_TOKEN")
+            .ok()
+            .filter(|t| !t.trim().is_empty());
+        Ok(cfg)
     }
 
     pub fn new(endpoints: &str, ca: PathBuf) -> Result<Self, ClientError> {
@@ -76,6 +93,7 @@ impl ClientConfig {
             endpoints,
             ca_pem,
             deadline: Duration::from_secs(30),
+            token: None,
         })
     }
 }
@@ -98,6 +116,17 @@ pub fn retryable(s: &Status) -> bool {
             | Code::Cancelled
             | Code::Aborted
     )
+}
+
+/// A request carrying the bearer token, if any.
+fn authed<T>(token: &Option<String>, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(t) = token {
+        if let Ok(v) = format!("Bearer {t}").parse() {
+            r.metadata_mut().insert("authorization", v);
+        }
+    }
+    r
 }
 
 /// The API client.
@@ -181,12 +210,13 @@ impl Client {
     pub async fn put(&self, key: &str, value: Vec<u8>) -> Result<api::PutResponse, ClientError> {
         let idem = new_idempotency_key();
         self.call(|ch| {
+            let tok = self.cfg.token.clone();
             let req = api::PutRequest {
                 key: key.to_owned(),
                 value: value.clone(),
                 idempotency_key: idem.clone(),
             };
-            async move { Ok(KvClient::new(ch).put(req).await?.into_inner()) }
+            async move { Ok(KvClient::new(ch).put(authed(&tok, req)).await?.into_inner()) }
         })
         .await
     }
@@ -194,22 +224,29 @@ impl Client {
     pub async fn delete(&self, key: &str) -> Result<api::PutResponse, ClientError> {
         let idem = new_idempotency_key();
         self.call(|ch| {
+            let tok = self.cfg.token.clone();
             let req = api::DeleteRequest {
                 key: key.to_owned(),
                 idempotency_key: idem.clone(),
             };
-            async move { Ok(KvClient::new(ch).delete(req).await?.into_inner()) }
+            async move {
+                Ok(KvClient::new(ch)
+                    .delete(authed(&tok, req))
+                    .await?
+                    .into_inner())
+            }
         })
         .await
     }
 
     pub async fn get(&self, key: &str, stale: bool) -> Result<api::GetResponse, ClientError> {
         self.call(|ch| {
+            let tok = self.cfg.token.clone();
             let req = api::GetRequest {
                 key: key.to_owned(),
                 stale,
             };
-            async move { Ok(KvClient::new(ch).get(req).await?.into_inner()) }
+            async move { Ok(KvClient::new(ch).get(authed(&tok, req)).await?.into_inner()) }
         })
         .await
     }
@@ -221,13 +258,19 @@ impl Client {
         limit: u32,
     ) -> Result<api::ListResponse, ClientError> {
         self.call(|ch| {
+            let tok = self.cfg.token.clone();
             let req = api::ListRequest {
                 prefix: prefix.to_owned(),
                 limit,
                 start_after: start_after.to_owned(),
                 stale: false,
             };
-            async move { Ok(KvClient::new(ch).list(req).await?.into_inner()) }
+            async move {
+                Ok(KvClient::new(ch)
+                    .list(authed(&tok, req))
+                    .await?
+                    .into_inner())
+            }
         })
         .await
     }
@@ -248,11 +291,14 @@ impl Client {
 
     /// Status as answered by the first reachable node.
     pub async fn node_status(&self) -> Result<api::ClusterStatus, ClientError> {
-        self.call(|ch| async move {
-            Ok(ClusterClient::new(ch)
-                .status(api::StatusRequest {})
-                .await?
-                .into_inner())
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            async move {
+                Ok(ClusterClient::new(ch)
+                    .status(authed(&tok, api::StatusRequest {}))
+                    .await?
+                    .into_inner())
+            }
         })
         .await
     }
@@ -262,7 +308,7 @@ impl Client {
         let ch = channel(&normalize_url(api_addr), &self.cfg.ca_pem)?;
         let r = tokio::time::timeout(
             Duration::from_secs(3),
-            ClusterClient::new(ch).status(api::StatusRequest {}),
+            ClusterClient::new(ch).status(authed(&self.cfg.token, api::StatusRequest {})),
         )
         .await
         .map_err(|_| ClientError::Status(format!("{api_addr}: timed out")))?;
@@ -296,21 +342,30 @@ impl Client {
         as_learner: bool,
     ) -> Result<api::MembershipResponse, ClientError> {
         self.call(|ch| {
+            let tok = self.cfg.token.clone();
             let req = api::AddMemberRequest {
                 member: Some(member.clone()),
                 as_learner,
             };
-            async move { Ok(ClusterClient::new(ch).add_member(req).await?.into_inner()) }
+            async move {
+                Ok(ClusterClient::new(ch)
+                    .add_member(authed(&tok, req))
+                    .await?
+                    .into_inner())
+            }
         })
         .await
     }
 
     pub async fn remove_member(&self, id: u64) -> Result<api::MembershipResponse, ClientError> {
-        self.call(|ch| async move {
-            Ok(ClusterClient::new(ch)
-                .remove_member(api::RemoveMemberRequest { id })
-                .await?
-                .into_inner())
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            async move {
+                Ok(ClusterClient::new(ch)
+                    .remove_member(authed(&tok, api::RemoveMemberRequest { id }))
+                    .await?
+                    .into_inner())
+            }
         })
         .await
     }
@@ -321,13 +376,80 @@ impl Client {
         add: api::NewMember,
     ) -> Result<api::MembershipResponse, ClientError> {
         self.call(|ch| {
+            let tok = self.cfg.token.clone();
             let req = api::ReplaceMemberRequest {
                 remove_id,
                 add: Some(add.clone()),
             };
             async move {
                 Ok(ClusterClient::new(ch)
-                    .replace_member(req)
+                    .replace_member(authed(&tok, req))
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+}
+
+impl Client {
+    pub async fn whoami(&self) -> Result<api::WhoAmIResponse, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            async move {
+                Ok(AuthClient::new(ch)
+                    .who_am_i(authed(&tok, api::WhoAmIRequest {}))
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    pub async fn policy_apply(
+        &self,
+        text: &str,
+        format: &str,
+    ) -> Result<api::ApplyPolicyResponse, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            let req = api::ApplyPolicyRequest {
+                text: text.to_owned(),
+                format: format.to_owned(),
+            };
+            async move {
+                Ok(PolicyClient::new(ch)
+                    .apply(authed(&tok, req))
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    pub async fn policy_show(&self) -> Result<api::ShowPolicyResponse, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            async move {
+                Ok(PolicyClient::new(ch)
+                    .show(authed(&tok, api::ShowPolicyRequest {}))
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    pub async fn policy_test(
+        &self,
+        req: api::TestPolicyRequest,
+    ) -> Result<api::TestPolicyResponse, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            let req = req.clone();
+            async move {
+                Ok(PolicyClient::new(ch)
+                    .test(authed(&tok, req))
                     .await?
                     .into_inner())
             }

@@ -58,6 +58,56 @@ struct NodeToml {
     region: String,
     data_dir: PathBuf,
     listen: ListenToml,
+    auth: Option<AuthToml>,
+}
+
+#[derive(Debug, Deserialize)]
+struct AuthToml {
+    dev_issuer: Option<DevIssuerToml>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DevIssuerToml {
+    listen: String,
+}
+
+/// The demo accounts `gen-config` writes (`dev-accounts.toml`).
+#[derive(Deserialize)]
+struct AccountsToml {
+    #[serde(default)]
+    users: Vec<UserToml>,
+    #[serde(default)]
+    clients: Vec<ClientToml>,
+}
+
+#[derive(Deserialize)]
+struct UserToml {
+    username: String,
+    password: String,
+    groups: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct ClientToml {
+    client_id: String,
+    secret: String,
+    groups: Vec<String>,
+}
+
+/// A token minted by the dev issuer.
+#[derive(Clone)]
+pub struct DevToken {
+    pub token: String,
+    pub groups: Vec<String>,
+}
+
+impl std::fmt::Debug for DevToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevToken")
+            .field("token", &"<redacted>")
+            .field("groups", &self.groups)
+            .finish()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,6 +146,8 @@ pub struct NodeProc {
     pub data_dir: PathBuf,
     pub raft_addr: String,
     pub api_addr: String,
+    /// Where this node serves the dev issuer, if it does.
+    pub dev_issuer: Option<String>,
     child: Option<Child>,
 }
 
@@ -116,6 +168,8 @@ pub struct LocalCluster {
     pub nodes: BTreeMap<u64, NodeProc>,
     /// Kill the processes when dropped (tests); off for `dev up --detach`.
     pub kill_on_drop: bool,
+    /// Token used by [`LocalCluster::client`]; the dev admin's by default.
+    token: std::sync::Mutex<Option<String>>,
 }
 
 impl LocalCluster {
@@ -155,6 +209,7 @@ impl LocalCluster {
             bins,
             nodes,
             kill_on_drop: true,
+            token: std::sync::Mutex::new(None),
         })
     }
 
@@ -288,26 +343,119 @@ impl LocalCluster {
         self.dir.join("ca.pem")
     }
 
-    /// A client for the given nodes (all when empty).
+    /// The token clients of this cluster use (the dev admin's once minted).
+    pub fn token(&self) -> Option<String> {
+        self.current_token()
+    }
+
+    fn current_token(&self) -> Option<String> {
+        self.token.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sets the token clients use from now on.
+    pub fn set_token(&self, token: Option<String>) {
+        *self.token.lock().unwrap_or_else(|p| p.into_inner()) = token;
+    }
+
+    /// A client for the given nodes (all when empty), with the current token.
     pub fn client(&self, ids: &[u64]) -> anyhow::Result<Client> {
-        Ok(Client::new(ClientConfig::new(
-            &self.api_urls(ids),
-            self.ca_path(),
-        )?)?)
+        self.client_with_deadline(ids, Duration::from_secs(30))
     }
 
     /// A client with its own per-call deadline.
     pub fn client_with_deadline(&self, ids: &[u64], deadline: Duration) -> anyhow::Result<Client> {
+        self.client_as(ids, deadline, self.current_token())
+    }
+
+    /// A client with an explicit token.
+    pub fn client_as(
+        &self,
+        ids: &[u64],
+        deadline: Duration,
+        token: Option<String>,
+    ) -> anyhow::Result<Client> {
         let mut cfg = ClientConfig::new(&self.api_urls(ids), self.ca_path())?;
         cfg.deadline = deadline;
+        cfg.token = token;
         Ok(Client::new(cfg)?)
+    }
+
+    /// Mints a token for a demo account (`admin`, `alice`, `bob`, `audrey`: password
+    /// grant; `agent`: client credentials) from any running node's dev issuer.
+    pub async fn mint_token(&self, account: &str) -> anyhow::Result<DevToken> {
+        let path = self.dir.join("dev-accounts.toml");
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        let accounts: AccountsToml =
+            toml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        let (form, groups): (Vec<(&str, String)>, Vec<String>) =
+            if let Some(u) = accounts.users.iter().find(|u| u.username == account) {
+                (
+                    vec![
+                        ("grant_type", "password".into()),
+                        ("username", u.username.clone()),
+                        ("password", u.password.clone()),
+                        ("client_id", "custody-cli".into()),
+                    ],
+                    u.groups.clone(),
+                )
+            } else if let Some(c) = accounts.clients.iter().find(|c| c.client_id == account) {
+                (
+                    vec![
+                        ("grant_type", "client_credentials".into()),
+                        ("client_id", c.client_id.clone()),
+                        ("client_secret", c.secret.clone()),
+                    ],
+                    c.groups.clone(),
+                )
+            } else {
+                bail!("no demo account {account:?} in {}", path.display());
+            };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        let mut last = String::from("no node serves the dev issuer");
+        for n in self.nodes.values() {
+            let Some(issuer) = &n.dev_issuer else {
+                continue;
+            };
+            match http
+                .post(format!("http://{issuer}/token"))
+                .form(&form)
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => {
+                    let v: serde_json::Value = r.json().await?;
+                    let token = v["access_token"]
+                        .as_str()
+                        .context("token response without access_token")?
+                        .to_owned();
+                    return Ok(DevToken { token, groups });
+                }
+                Ok(r) => last = format!("{issuer}: HTTP {}", r.status()),
+                Err(e) => last = format!("{issuer}: {e}"),
+            }
+        }
+        bail!("could not mint a token for {account}: {last}")
     }
 
     /// Waits until a node among `ids` (all when empty) reports a leader that
     /// leads, and returns its id.
+    ///
+    /// Without a token set, first mints the dev admin's.
     pub async fn wait_for_leader(&self, ids: &[u64], timeout: Duration) -> anyhow::Result<u64> {
-        let client = self.client_with_deadline(ids, Duration::from_secs(2))?;
         let deadline = Instant::now() + timeout;
+        while self.current_token().is_none() {
+            match self.mint_token("admin").await {
+                Ok(t) => self.set_token(Some(t.token)),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e.context("mint the admin token"))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let client = self.client_with_deadline(ids, Duration::from_secs(2))?;
         let mut last = String::from("no answer yet");
         while Instant::now() < deadline {
             match client.cluster_status().await {
@@ -370,6 +518,7 @@ fn load_node(path: &Path) -> anyhow::Result<NodeProc> {
         data_dir,
         raft_addr: t.listen.raft,
         api_addr: t.listen.api,
+        dev_issuer: t.auth.and_then(|a| a.dev_issuer).map(|d| d.listen),
         child: None,
     })
 }

@@ -23,6 +23,14 @@ enum Cmd {
     /// Read and write the generic replicated key-value namespace.
     #[command(subcommand)]
     Kv(commands::kv::KvCmd),
+    /// Show the identity the coordinator verified from your token.
+    Whoami {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage the access policy.
+    #[command(subcommand)]
+    Policy(commands::policy::PolicyCmd),
     /// Run a local development system.
     #[command(subcommand)]
     Dev(commands::dev::DevCmd),
@@ -50,6 +58,8 @@ fn main() {
             Cmd::Cluster(c) => commands::cluster::run(c).await,
             Cmd::Kv(c) => commands::kv::run(c).await,
             Cmd::Dev(c) => commands::dev::run(c).await,
+            Cmd::Whoami { json } => commands::whoami::run(json).await,
+            Cmd::Policy(c) => commands::policy::run(c).await,
         }
     });
     if let Err(e) = result {

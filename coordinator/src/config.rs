@@ -40,6 +40,51 @@ pub struct RawConfig {
     pub join: bool,
     #[serde(default)]
     pub raft: RawRaft,
+    pub auth: RawAuth,
+}
+
+/// `[auth]`: who may call the API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    /// Groups whose members are admins even before any policy exists.
+    #[serde(default)]
+    pub admin_groups: Vec<String>,
+    #[serde(default)]
+    pub issuers: Vec<RawIssuer>,
+    /// The built-in development issuer (never for production).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev_issuer: Option<RawDevIssuer>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawIssuer {
+    pub issuer: String,
+    pub audience: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups_claim: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub required_typ: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_min_refresh_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leeway_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawDevIssuer {
+    /// Loopback address to serve discovery, JWKS and tokens on.
+    pub listen: String,
+    pub issuer: String,
+    pub audience: String,
+    /// PKCS#8 PEM EC P-256 signing key, shared by every node.
+    pub key: PathBuf,
+    /// TOML file with `[[users]]` and `[[clients]]`.
+    pub accounts: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -94,6 +139,19 @@ pub struct Config {
     pub join: bool,
     pub compact_threshold: u64,
     pub tick: Duration,
+    pub admin_groups: Vec<String>,
+    pub issuers: Vec<crate::auth::IssuerConfig>,
+    pub dev_issuer: Option<DevIssuerConfig>,
+}
+
+/// The validated `[auth.dev_issuer]`.
+#[derive(Debug, Clone)]
+pub struct DevIssuerConfig {
+    pub listen: SocketAddr,
+    pub issuer: String,
+    pub audience: String,
+    pub key: PathBuf,
+    pub accounts: PathBuf,
 }
 
 const DEFAULT_COMPACT_THRESHOLD: u64 = 10_000;
@@ -177,7 +235,51 @@ impl Config {
         if compact_threshold < 4 {
             return Err("raft.compact_threshold must be at least 4".into());
         }
+        let mut issuers = Vec::new();
+        for i in &raw.auth.issuers {
+            if i.issuer.trim().is_empty() || i.audience.trim().is_empty() {
+                return Err("auth.issuers entries need issuer and audience".into());
+            }
+            let mut c = crate::auth::IssuerConfig::new(&i.issuer, &i.audience);
+            c.discovery_url = i.discovery_url.clone();
+            if let Some(g) = &i.groups_claim {
+                c.groups_claim = g.clone();
+            }
+            c.required_typ = i.required_typ.clone();
+            if let Some(s) = i.jwks_min_refresh_secs {
+                c.jwks_min_refresh = Duration::from_secs(s);
+            }
+            if let Some(s) = i.leeway_secs {
+                if s > 300 {
+                    return Err(format!("auth leeway {s}s is above 300s"));
+                }
+                c.leeway = Duration::from_secs(s);
+            }
+            issuers.push(c);
+        }
+        if issuers.is_empty() {
+            return Err("auth.issuers is empty: configure at least one OIDC issuer".into());
+        }
+        let dev_issuer = match &raw.auth.dev_issuer {
+            None => None,
+            Some(d) => {
+                let listen = addr("auth.dev_issuer.listen", &d.listen)?;
+                if !listen.ip().is_loopback() {
+                    return Err("auth.dev_issuer.listen must be a loopback address".into());
+                }
+                Some(DevIssuerConfig {
+                    listen,
+                    issuer: d.issuer.clone(),
+                    audience: d.audience.clone(),
+                    key: resolve(&d.key),
+                    accounts: resolve(&d.accounts),
+                })
+            }
+        };
         Ok(Config {
+            admin_groups: raw.auth.admin_groups.clone(),
+            issuers,
+            dev_issuer,
             id: raw.id,
             region: raw.region,
             data_dir: resolve(&raw.data_dir),
@@ -219,6 +321,11 @@ id = 2
 region = "us"
 raft = "127.0.0.1:7011"
 api = "127.0.0.1:7012"
+[auth]
+admin_groups = ["admins"]
+[[auth.issuers]]
+issuer = "https://idp.example"
+audience = "urn:custody"
 "#;
 
     fn parse(s: &str) -> Result<Config, String> {
@@ -244,5 +351,7 @@ api = "127.0.0.1:7012"
         assert!(e.contains("bogus"), "{e}");
         let e = parse("id = ").unwrap_err();
         assert!(!e.is_empty());
+        let e = parse(&GOOD.replace("[[auth.issuers]]", "[auth.unused]")).unwrap_err();
+        assert!(e.contains("unused") || e.contains("issuers"), "{e}");
     }
 }

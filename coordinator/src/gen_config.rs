@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 
-use crate::config::{RawConfig, RawListen, RawPeer, RawRaft, RawTls};
+use crate::auth::dev_issuer::{Accounts, DevClient, DevUser};
+use crate::config::{
+    RawAuth, RawConfig, RawDevIssuer, RawIssuer, RawListen, RawPeer, RawRaft, RawTls,
+};
 use crate::pki::ClusterCa;
 
 /// What to generate.
@@ -17,6 +20,8 @@ pub struct GenConfig {
     /// Listen hosts, assigned to nodes round-robin (node 1 gets the first).
     pub hosts: Vec<String>,
     pub compact_threshold: Option<u64>,
+    /// Real OIDC issuers trusted besides the dev issuer.
+    pub issuers: Vec<RawIssuer>,
 }
 
 /// A port the OS considers free right now on `host`.
@@ -50,6 +55,7 @@ struct Slot {
     raft: String,
     api: String,
     tunnel: String,
+    dev_issuer: String,
 }
 
 fn slot(id: u64, region: &str, host: &str) -> anyhow::Result<Slot> {
@@ -66,11 +72,83 @@ fn slot(id: u64, region: &str, host: &str) -> anyhow::Result<Slot> {
         raft: addr(free_port(host)?),
         api: addr(free_port(host)?),
         tunnel: addr(free_port(host)?),
+        dev_issuer: addr(free_port(host)?),
     })
 }
 
-fn node_config(s: &Slot, peers: &[&Slot], join: bool, compact: Option<u64>) -> RawConfig {
+/// Issuer name of the built-in development issuer.
+pub const DEV_ISSUER: &str = "https://dev-issuer.custody.local";
+/// Audience of tokens for the Custody API.
+pub const DEV_AUDIENCE: &str = "urn:custody";
+/// Group whose members are admins from the start.
+pub const ADMIN_GROUP: &str = "custody-admins";
+
+/// `[auth]` for a node: the dev issuer, served on this node, plus any real issuers.
+fn auth_section(s: &Slot, extra: &[RawIssuer]) -> RawAuth {
+    let mut issuers = vec![RawIssuer {
+        issuer: DEV_ISSUER.into(),
+        audience: DEV_AUDIENCE.into(),
+        discovery_url: Some(format!(
+            "http://{}/.well-known/openid-configuration",
+            s.dev_issuer
+        )),
+        groups_claim: None,
+        required_typ: Some("at+jwt".into()),
+        jwks_min_refresh_secs: None,
+        leeway_secs: None,
+    }];
+    issuers.extend(extra.iter().cloned());
+    RawAuth {
+        admin_groups: vec![ADMIN_GROUP.into()],
+        issuers,
+        dev_issuer: Some(RawDevIssuer {
+            listen: s.dev_issuer.clone(),
+            issuer: DEV_ISSUER.into(),
+            audience: DEV_AUDIENCE.into(),
+            key: "dev-issuer-key.pem".into(),
+            accounts: "dev-accounts.toml".into(),
+        }),
+    }
+}
+
+fn secret() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Demo identities: admin, alice (engineers), bob (approvers), audrey
+/// (auditors), and the machine client `agent` (ai-agents).
+fn demo_accounts() -> Accounts {
+    let user = |name: &str, groups: &[&str]| DevUser {
+        username: name.into(),
+        password: secret(),
+        email: format!("{name}@dev.custody.local"),
+        name: name.into(),
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+    };
+    Accounts {
+        users: vec![
+            user("admin", &[ADMIN_GROUP]),
+            user("alice", &["engineers"]),
+            user("bob", &["approvers"]),
+            user("audrey", &["auditors"]),
+        ],
+        clients: vec![DevClient {
+            client_id: "agent".into(),
+            secret: secret(),
+            groups: vec!["ai-agents".into()],
+        }],
+    }
+}
+
+fn node_config(
+    s: &Slot,
+    peers: &[&Slot],
+    join: bool,
+    compact: Option<u64>,
+    extra: &[RawIssuer],
+) -> RawConfig {
     RawConfig {
+        auth: auth_section(s, extra),
         id: s.id,
         region: s.region.clone(),
         data_dir: PathBuf::from(format!("node-{}", s.id)),
@@ -136,6 +214,12 @@ pub fn generate(g: &GenConfig) -> anyhow::Result<Vec<PathBuf>> {
     let ca = ClusterCa::generate("local").context("generate cluster CA")?;
     write_public(&g.dir.join("ca.pem"), &ca.cert_pem)?;
     write_private(&g.dir.join("ca-key.pem"), &ca.key_pem())?;
+    let dev_key = rcgen::KeyPair::generate().context("generate dev issuer key")?;
+    write_private(&g.dir.join("dev-issuer-key.pem"), &dev_key.serialize_pem())?;
+    write_private(
+        &g.dir.join("dev-accounts.toml"),
+        &toml::to_string_pretty(&demo_accounts()).context("serialize accounts")?,
+    )?;
     let pick = |v: &[String], id: u64| v[((id - 1) as usize) % v.len()].clone();
     let slots = (1..=g.nodes)
         .map(|id| slot(id, &pick(&g.regions, id), &pick(&g.hosts, id)))
@@ -143,7 +227,7 @@ pub fn generate(g: &GenConfig) -> anyhow::Result<Vec<PathBuf>> {
     let mut paths = Vec::new();
     for s in &slots {
         let peers: Vec<&Slot> = slots.iter().filter(|p| p.id != s.id).collect();
-        let cfg = node_config(s, &peers, false, g.compact_threshold);
+        let cfg = node_config(s, &peers, false, g.compact_threshold, &g.issuers);
         paths.push(write_node(&g.dir, &ca, &pick(&g.hosts, s.id), &cfg)?);
     }
     Ok(paths)
@@ -168,6 +252,7 @@ pub fn generate_joiner(
     let key_pem = std::fs::read_to_string(dir.join("ca-key.pem")).context("read ca-key.pem")?;
     let ca = ClusterCa::from_pem(&ca_pem, &key_pem).context("load cluster CA")?;
     let mut peers = Vec::new();
+    let mut extra: Vec<RawIssuer> = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))? {
         let p = entry?.path();
         let is_node = p
@@ -177,12 +262,20 @@ pub fn generate_joiner(
         if is_node {
             let raw: RawConfig = toml::from_str(&std::fs::read_to_string(&p)?)
                 .with_context(|| format!("parse {}", p.display()))?;
+            extra = raw
+                .auth
+                .issuers
+                .iter()
+                .filter(|i| i.issuer != DEV_ISSUER)
+                .cloned()
+                .collect();
             peers.push(Slot {
                 id: raw.id,
                 region: raw.region,
                 raft: raw.listen.raft,
                 api: raw.listen.api,
                 tunnel: raw.listen.tunnel,
+                dev_issuer: String::new(),
             });
         }
     }
@@ -193,6 +286,7 @@ pub fn generate_joiner(
         &peers.iter().collect::<Vec<_>>(),
         true,
         compact_threshold,
+        &extra,
     );
     write_node(dir, &ca, host, &cfg)
 }
@@ -211,6 +305,7 @@ mod tests {
             regions: vec!["eu".into(), "us".into(), "ap".into()],
             hosts: vec!["127.0.0.1".into()],
             compact_threshold: None,
+            issuers: vec![],
         };
         let paths = generate(&g).unwrap();
         assert_eq!(paths.len(), 3);

@@ -44,6 +44,12 @@ enum Cmd {
         /// Compact the Raft log every this many entries.
         #[arg(long)]
         compact_threshold: Option<u64>,
+        /// Also trust this OIDC issuer (with --audience).
+        #[arg(long, requires = "audience")]
+        issuer: Option<String>,
+        /// Audience required in tokens of --issuer.
+        #[arg(long)]
+        audience: Option<String>,
         /// Instead of a new cluster: write the config of node ID that will join
         /// the cluster already in --dir.
         #[arg(long, value_name = "ID")]
@@ -101,6 +107,8 @@ fn main() -> anyhow::Result<()> {
             hosts,
             compact_threshold,
             join_id,
+            issuer,
+            audience,
         } => {
             if let Some(id) = join_id {
                 let region = regions.first().map(String::as_str).unwrap_or("eu");
@@ -114,6 +122,18 @@ fn main() -> anyhow::Result<()> {
                     regions,
                     hosts,
                     compact_threshold,
+                    issuers: issuer
+                        .into_iter()
+                        .map(|i| custody_coordinator::config::RawIssuer {
+                            issuer: i,
+                            audience: audience.clone().unwrap_or_default(),
+                            discovery_url: None,
+                            groups_claim: None,
+                            required_typ: None,
+                            jwks_min_refresh_secs: None,
+                            leeway_secs: None,
+                        })
+                        .collect(),
                 })?;
                 for p in paths {
                     println!("{}", p.display());

@@ -7,10 +7,13 @@ use tokio::net::TcpListener;
 use tonic::transport::Server;
 
 use custody_proto::cluster::v1::raft_transport_server::RaftTransportServer;
+use custody_proto::v1::auth_server::AuthServer;
 use custody_proto::v1::cluster_server::ClusterServer;
 use custody_proto::v1::kv_server::KvServer;
+use custody_proto::v1::policy_server::PolicyServer;
 
-use crate::api::ApiService;
+use crate::api::{ApiService, Guard, PolicyService};
+use crate::auth::{HttpJwks, Verifier};
 use crate::config::Config;
 use crate::consensus::transport::{GrpcTransport, RaftService, MAX_FRAME_BYTES, WINDOW_BYTES};
 use crate::consensus::{self, NodeConfig};
@@ -31,6 +34,27 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let api_listener = TcpListener::bind(cfg.api_addr)
         .await
         .with_context(|| format!("bind API address {}", cfg.api_addr))?;
+
+    let dev_issuer = match &cfg.dev_issuer {
+        Some(d) => {
+            let router = crate::auth::dev_issuer::router(d).context("set up the dev issuer")?;
+            let l = TcpListener::bind(d.listen)
+                .await
+                .with_context(|| format!("bind dev issuer address {}", d.listen))?;
+            tracing::warn!(listen = %d.listen, "development issuer enabled: never use it in production");
+            Some(tokio::spawn(async move {
+                if let Err(e) = axum::serve(l, router).await {
+                    tracing::error!(error = %e, "dev issuer stopped");
+                }
+            }))
+        }
+        None => None,
+    };
+    let jwks = HttpJwks::new().map_err(|e| anyhow::anyhow!("HTTP client for JWKS: {e}"))?;
+    let guard = std::sync::Arc::new(Guard::new(
+        Verifier::new(cfg.issuers.clone(), std::sync::Arc::new(jwks)),
+        cfg.admin_groups.clone(),
+    ));
 
     let engine = RocksEngine::open(&cfg.data_dir.join("db"))
         .with_context(|| format!("open database in {}", cfg.data_dir.display()))?;
@@ -56,10 +80,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         tls.server_config(true).context("raft TLS config")?,
         "raft",
     );
-    let api = ApiService::new(node.clone());
-    let kv_svc =
-        KvServer::new(ApiService::new(node.clone())).max_decoding_message_size(API_MAX_MESSAGE);
-    let cluster_svc = ClusterServer::new(api);
+    let kv_svc = KvServer::new(ApiService::new(node.clone(), guard.clone()))
+        .max_decoding_message_size(API_MAX_MESSAGE);
+    let cluster_svc = ClusterServer::new(ApiService::new(node.clone(), guard.clone()));
+    let auth_svc = AuthServer::new(PolicyService::new(node.clone(), guard.clone()));
+    let policy_svc = PolicyServer::new(PolicyService::new(node.clone(), guard.clone()))
+        .max_decoding_message_size(API_MAX_MESSAGE);
     let api_incoming = tls_incoming(
         api_listener,
         tls.server_config(false).context("API TLS config")?,
@@ -80,6 +106,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .initial_connection_window_size(2 * WINDOW_BYTES)
         .add_service(kv_svc)
         .add_service(cluster_svc)
+        .add_service(auth_svc)
+        .add_service(policy_svc)
         .serve_with_incoming_shutdown(api_incoming, stopped(stop_rx.clone()));
     tracing::info!(
         node = cfg.id,
@@ -99,6 +127,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     tracing::info!(node = cfg.id, "shutting down");
     let _ = stop_tx.send(true);
     ticker.abort();
+    if let Some(d) = dev_issuer {
+        d.abort();
+    }
     node.shutdown().await;
     let _ = tokio::task::spawn_blocking(move || raft_thread.join()).await;
     result

@@ -15,6 +15,8 @@ use prost::Message as _;
 
 use custody_proto::cluster::v1 as pb;
 
+use crate::auth::Identity;
+use crate::policy::PolicyDocument;
 use crate::storage::{Cf, Engine, Op, RaftStore, StorageError};
 
 pub const MAX_KEY_LEN: usize = 1024;
@@ -24,6 +26,9 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
 const KV_PREFIX: &str = "kv/";
 const MEMBER_PREFIX: &str = "sys/member/";
 const IDEM_PREFIX: &str = "sys/idem/";
+const POLICY_CURRENT: &str = "sys/policy/current";
+const POLICY_HISTORY_PREFIX: &str = "sys/policy/history/";
+const IDENTITY_PREFIX: &str = "sys/identity/";
 
 /// Why a command or proposal was rejected before it reached the log.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -45,8 +50,22 @@ pub enum CommandError {
 /// A validated state-machine command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    Put { key: String, value: Vec<u8> },
-    Delete { key: String },
+    Put {
+        key: String,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: String,
+    },
+    /// A validated policy document (JSON) and its author.
+    SetPolicy {
+        document_json: Vec<u8>,
+        author: String,
+    },
+    /// A verified identity (JSON).
+    RecordIdentity {
+        identity_json: Vec<u8>,
+    },
 }
 
 fn check_key(key: &str) -> Result<(), CommandError> {
@@ -82,6 +101,18 @@ impl Command {
                 value: value.clone().into(),
             }),
             Command::Delete { key } => pb::command::Kind::Delete(pb::KvDelete { key: key.clone() }),
+            Command::SetPolicy {
+                document_json,
+                author,
+            } => pb::command::Kind::SetPolicy(pb::SetPolicy {
+                document_json: document_json.clone().into(),
+                author: author.clone(),
+            }),
+            Command::RecordIdentity { identity_json } => {
+                pb::command::Kind::RecordIdentity(pb::RecordIdentity {
+                    identity_json: identity_json.clone().into(),
+                })
+            }
         };
         pb::Command { kind: Some(kind) }
     }
@@ -94,6 +125,13 @@ impl TryFrom<pb::Command> for Command {
         match c.kind.ok_or(CommandError::MissingCommand)? {
             pb::command::Kind::Put(p) => Command::put(p.key, p.value.to_vec()),
             pb::command::Kind::Delete(d) => Command::delete(d.key),
+            pb::command::Kind::SetPolicy(p) => Ok(Command::SetPolicy {
+                document_json: p.document_json.to_vec(),
+                author: p.author,
+            }),
+            pb::command::Kind::RecordIdentity(r) => Ok(Command::RecordIdentity {
+                identity_json: r.identity_json.to_vec(),
+            }),
         }
     }
 }
@@ -306,6 +344,62 @@ impl<E: Engine> StateTxn<E> {
                     deduplicated: false,
                 }
             }
+            Command::SetPolicy {
+                document_json,
+                author,
+            } => {
+                let doc: Result<PolicyDocument, _> = serde_json::from_slice(document_json);
+                let valid = doc.map(|d| crate::policy::Policy::compile(d.clone()).map(|_| d));
+                match valid {
+                    Ok(Ok(document)) => {
+                        let version = self
+                            .get(POLICY_CURRENT.as_bytes())?
+                            .and_then(|b| serde_json::from_slice::<PolicyRecord>(&b).ok())
+                            .map_or(1, |r| r.version + 1);
+                        let rec = PolicyRecord {
+                            version,
+                            author: author.clone(),
+                            applied_at_ms: p.proposed_at_ms,
+                            index,
+                            document,
+                        };
+                        let bytes = serde_json::to_vec(&rec).unwrap_or_default();
+                        self.put(
+                            format!("{POLICY_HISTORY_PREFIX}{version:020}").into_bytes(),
+                            bytes.clone(),
+                        );
+                        self.put(POLICY_CURRENT.as_bytes().to_vec(), bytes);
+                        ApplyOutcome {
+                            index,
+                            existed: version > 1,
+                            deduplicated: false,
+                        }
+                    }
+                    // Proposers validate first; an invalid document is skipped the
+                    // same way on every node.
+                    _ => {
+                        tracing::error!(index, "skipping invalid policy document");
+                        ApplyOutcome {
+                            index,
+                            existed: false,
+                            deduplicated: false,
+                        }
+                    }
+                }
+            }
+            Command::RecordIdentity { identity_json } => {
+                match serde_json::from_slice::<Identity>(identity_json) {
+                    Ok(id) => {
+                        self.put(identity_key(&id.issuer, &id.subject), identity_json.clone())
+                    }
+                    Err(_) => tracing::error!(index, "skipping undecodable identity record"),
+                }
+                ApplyOutcome {
+                    index,
+                    existed: false,
+                    deduplicated: false,
+                }
+            }
         };
         if let Some(k) = &p.idempotency_key {
             let rec = pb::ApplyOutcome {
@@ -324,6 +418,48 @@ impl<E: Engine> StateTxn<E> {
     pub fn remove_member(&mut self, id: u64) {
         self.delete(member_key(id));
     }
+}
+
+/// A stored policy version.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PolicyRecord {
+    pub version: u64,
+    pub author: String,
+    pub applied_at_ms: u64,
+    pub index: u64,
+    pub document: PolicyDocument,
+}
+
+fn identity_key(issuer: &str, subject: &str) -> Vec<u8> {
+    format!("{IDENTITY_PREFIX}{issuer}|{subject}").into_bytes()
+}
+
+/// The current policy record, if any policy was applied.
+pub fn policy_get<E: Engine>(store: &RaftStore<E>) -> Result<Option<PolicyRecord>, StorageError> {
+    store
+        .state_get(POLICY_CURRENT.as_bytes())?
+        .map(|b| {
+            serde_json::from_slice(&b).map_err(|e| StorageError::Corrupt {
+                what: "policy record",
+                detail: e.to_string(),
+            })
+        })
+        .transpose()
+}
+
+/// Recorded identities whose subject, email or name equals `who`.
+pub fn identities_named<E: Engine>(
+    store: &RaftStore<E>,
+    who: &str,
+) -> Result<Vec<Identity>, StorageError> {
+    Ok(store
+        .state_scan(IDENTITY_PREFIX.as_bytes(), None, usize::MAX)?
+        .into_iter()
+        .filter_map(|(_, v)| serde_json::from_slice::<Identity>(&v).ok())
+        .filter(|i| {
+            i.subject == who || i.email.as_deref() == Some(who) || i.name.as_deref() == Some(who)
+        })
+        .collect())
 }
 
 /// Initial state written by every node of a new cluster.

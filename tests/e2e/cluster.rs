@@ -109,6 +109,7 @@ async fn elects_a_leader_and_serves_linearizable_reads_on_every_node() {
         .args(["cluster", "status", "--json"])
         .env("CUSTODY_COORDINATOR", c.api_urls(&[follower]))
         .env("CUSTODY_CA", c.ca_path())
+        .env("CUSTODY_TOKEN", c.token().unwrap())
         .output()
         .unwrap();
     assert!(

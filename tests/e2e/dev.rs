@@ -54,10 +54,53 @@ fn dev_up_detach_writes_dev_json_and_dev_down_stops_everything() {
         .to_owned();
     let ca = dev["env"]["CUSTODY_CA"].as_str().unwrap().to_owned();
     assert!(Path::new(&ca).is_file());
+    assert_eq!(
+        dev["env"]["CUSTODY_TOKEN"],
+        dev["identities"]["alice"]["token"]
+    );
+    for who in ["admin", "alice", "bob", "agent"] {
+        assert!(
+            dev["identities"][who]["token"]
+                .as_str()
+                .is_some_and(|t| t.len() > 20),
+            "{who}"
+        );
+        assert!(dev["identities"][who]["groups"].is_array(), "{who}");
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(dir.join("dev.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "dev.json holds tokens and must be private");
+    let alice_token = dev["env"]["CUSTODY_TOKEN"].as_str().unwrap().to_owned();
+    let admin_token = dev["identities"]["admin"]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let alice = [
+        ("CUSTODY_COORDINATOR", coord.as_str()),
+        ("CUSTODY_CA", ca.as_str()),
+        ("CUSTODY_TOKEN", alice_token.as_str()),
+    ];
     let env = [
         ("CUSTODY_COORDINATOR", coord.as_str()),
         ("CUSTODY_CA", ca.as_str()),
+        ("CUSTODY_TOKEN", admin_token.as_str()),
     ];
+    let out = custody(&bins, &["whoami", "--json"], &alice);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let me: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(me["subject"], "alice");
+    assert_eq!(me["groups"], serde_json::json!(["engineers"]));
+    // Alice is no admin: the KV namespace is closed to her.
+    let out = custody(&bins, &["kv", "put", "greeting", "hello"], &alice);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("requires role admin"));
 
     let out = custody(&bins, &["kv", "put", "greeting", "hello"], &env);
     assert!(

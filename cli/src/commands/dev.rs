@@ -57,6 +57,7 @@ pub struct DevEdge {
 pub struct DevEnv {
     pub CUSTODY_COORDINATOR: String,
     pub CUSTODY_CA: String,
+    pub CUSTODY_TOKEN: String,
 }
 
 pub async fn run(cmd: DevCmd) -> anyhow::Result<()> {
@@ -96,6 +97,21 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
         .wait_for_leader(&[], Duration::from_secs(30))
         .await
         .with_context(|| format!("cluster did not come up; see {}/node-*.log", dir.display()))?;
+    let mut identities = serde_json::Map::new();
+    for who in ["admin", "alice", "bob", "agent", "audrey"] {
+        let t = cluster
+            .mint_token(who)
+            .await
+            .with_context(|| format!("mint a token for {who}"))?;
+        identities.insert(
+            who.into(),
+            serde_json::json!({"token": t.token, "groups": t.groups}),
+        );
+    }
+    let alice = identities["alice"]["token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     let dev = DevJson {
         coordinators: cluster
             .nodes
@@ -108,15 +124,16 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
             })
             .collect(),
         edges: Vec::new(),
-        identities: serde_json::Map::new(),
+        identities,
         env: DevEnv {
             CUSTODY_COORDINATOR: cluster.api_urls(&[]),
             CUSTODY_CA: cluster.ca_path().display().to_string(),
+            CUSTODY_TOKEN: alice,
         },
     };
     let path = dir.join("dev.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&dev)?)
-        .with_context(|| format!("write {}", path.display()))?;
+    // dev.json holds tokens: owner-only.
+    write_private(&path, &serde_json::to_string_pretty(&dev)?)?;
     println!(
         "Custody dev system is up: {} coordinators, leader node {leader}.",
         dev.coordinators.len()
@@ -133,8 +150,10 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
         dev.env.CUSTODY_COORDINATOR
     );
     println!("  export CUSTODY_CA={}", dev.env.CUSTODY_CA);
+    println!("  export CUSTODY_TOKEN=$(jq -r .identities.alice.token {})   # or admin, bob, agent, audrey", path.display());
+    println!("  custody whoami");
     println!("  custody cluster status");
-    println!("  custody kv put hello world && custody kv get hello");
+    println!("  custody policy show");
     if detach {
         println!("Stop it with: custody dev down --dir {}", dir.display());
         cluster.detach();
@@ -148,6 +167,20 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
     }
     let _ = std::fs::remove_file(&path);
     Ok(())
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("write {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("write {}", path.display()))
 }
 
 fn alive(pid: u32) -> bool {

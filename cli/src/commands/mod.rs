@@ -1,3 +1,5 @@
 pub mod cluster;
 pub mod dev;
 pub mod kv;
+pub mod policy;
+pub mod whoami;

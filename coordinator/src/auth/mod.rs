@@ -1,5 +1,6 @@
 //! Authentication: verified identities from OIDC bearer tokens.
 
+pub mod dev_issuer;
 mod identity;
 mod verifier;
 

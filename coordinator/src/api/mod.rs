@@ -14,7 +14,16 @@ use custody_proto::v1 as api;
 use custody_proto::v1::cluster_server::Cluster;
 use custody_proto::v1::kv_server::Kv;
 
+mod guard;
+mod policy;
+
+pub use guard::Guard;
+pub use policy::PolicyService;
+
+use std::sync::Arc;
+
 use crate::consensus::{NodeError, NodeHandle, NodeStatus};
+use crate::policy::Role;
 use crate::state::{self, Command, CommandError, Member};
 use crate::storage::{Engine, StorageError};
 
@@ -25,7 +34,7 @@ const DEFAULT_LIST_LIMIT: u32 = 1000;
 const MAX_LIST_LIMIT: u32 = 10_000;
 
 /// Maps internal errors to gRPC statuses, in one place.
-fn status_from(e: NodeError) -> Status {
+pub(crate) fn status_from(e: NodeError) -> Status {
     match e {
         NodeError::NoLeader
         | NodeError::LeaderChanged
@@ -55,11 +64,28 @@ fn idem(key: String) -> Result<Option<String>, Status> {
 /// The API service for one node.
 pub struct ApiService<E: Engine> {
     node: NodeHandle<E>,
+    guard: Arc<Guard>,
 }
 
 impl<E: Engine> ApiService<E> {
-    pub fn new(node: NodeHandle<E>) -> Self {
-        Self { node }
+    pub fn new(node: NodeHandle<E>, guard: Arc<Guard>) -> Self {
+        Self { node, guard }
+    }
+
+    /// Authenticates the caller and requires the admin role (fresh policy).
+    async fn admin<T>(&self, req: &Request<T>, method: &str, action: &str) -> Result<(), Status> {
+        let id = self.guard.authenticate(&self.node, req, method).await?;
+        self.guard
+            .require(&self.node, &id, &[Role::Admin], action)
+            .await
+    }
+
+    /// As `admin`, against the locally applied policy: for the KV namespace,
+    /// an operator tool on the hot path of benchmarks.
+    async fn kv_admin<T>(&self, req: &Request<T>, method: &str) -> Result<(), Status> {
+        let id = self.guard.authenticate(&self.node, req, method).await?;
+        self.guard
+            .require_local(&self.node, &id, &[Role::Admin], "use the KV namespace")
     }
 
     /// Fails with a redirect unless this node leads.
@@ -266,8 +292,11 @@ pub fn cluster_status(st: &NodeStatus) -> api::ClusterStatus {
 impl<E: Engine> Cluster for ApiService<E> {
     async fn status(
         &self,
-        _req: Request<api::StatusRequest>,
+        req: Request<api::StatusRequest>,
     ) -> Result<Response<api::ClusterStatus>, Status> {
+        self.guard
+            .authenticate(&self.node, &req, "cluster.status")
+            .await?;
         let st = self.node.status().await.map_err(status_from)?;
         Ok(Response::new(cluster_status(&st)))
     }
@@ -276,6 +305,8 @@ impl<E: Engine> Cluster for ApiService<E> {
         &self,
         req: Request<api::AddMemberRequest>,
     ) -> Result<Response<api::MembershipResponse>, Status> {
+        self.admin(&req, "cluster.add_member", "change membership")
+            .await?;
         let req = req.into_inner();
         let m = new_member(req.member)?;
         let ty = if req.as_learner {
@@ -290,6 +321,8 @@ impl<E: Engine> Cluster for ApiService<E> {
         &self,
         req: Request<api::RemoveMemberRequest>,
     ) -> Result<Response<api::MembershipResponse>, Status> {
+        self.admin(&req, "cluster.remove_member", "change membership")
+            .await?;
         let id = req.into_inner().id;
         self.membership(vec![(ConfChangeType::RemoveNode, id)], vec![])
             .await
@@ -299,6 +332,8 @@ impl<E: Engine> Cluster for ApiService<E> {
         &self,
         req: Request<api::ReplaceMemberRequest>,
     ) -> Result<Response<api::MembershipResponse>, Status> {
+        self.admin(&req, "cluster.replace_member", "change membership")
+            .await?;
         let req = req.into_inner();
         let m = new_member(req.add)?;
         if m.id == req.remove_id {
@@ -323,6 +358,7 @@ impl<E: Engine> Kv for ApiService<E> {
         &self,
         req: Request<api::PutRequest>,
     ) -> Result<Response<api::PutResponse>, Status> {
+        self.kv_admin(&req, "kv.put").await?;
         let req = req.into_inner();
         let cmd = Command::put(req.key, req.value).map_err(invalid)?;
         self.write(cmd, req.idempotency_key).await
@@ -332,6 +368,7 @@ impl<E: Engine> Kv for ApiService<E> {
         &self,
         req: Request<api::DeleteRequest>,
     ) -> Result<Response<api::PutResponse>, Status> {
+        self.kv_admin(&req, "kv.delete").await?;
         let req = req.into_inner();
         let cmd = Command::delete(req.key).map_err(invalid)?;
         self.write(cmd, req.idempotency_key).await
@@ -341,6 +378,7 @@ impl<E: Engine> Kv for ApiService<E> {
         &self,
         req: Request<api::GetRequest>,
     ) -> Result<Response<api::GetResponse>, Status> {
+        self.kv_admin(&req, "kv.get").await?;
         let req = req.into_inner();
         if req.key.is_empty() {
             return Err(invalid(CommandError::EmptyKey));
@@ -371,6 +409,7 @@ impl<E: Engine> Kv for ApiService<E> {
         &self,
         req: Request<api::ListRequest>,
     ) -> Result<Response<api::ListResponse>, Status> {
+        self.kv_admin(&req, "kv.list").await?;
         let req = req.into_inner();
         let limit = match req.limit {
             0 => DEFAULT_LIST_LIMIT,

@@ -1,0 +1,210 @@
+//! Authentication and authorization for API calls.
+//!
+//! Every call carries `authorization: Bearer <access token>`. The token is
+//! verified (see [`crate::auth::Verifier`]); failures are audit events on the
+//! `audit` target and `UNAUTHENTICATED` errors. Roles come from the bootstrap
+//! admin groups in the node config and from the replicated policy, read after a
+//! ReadIndex so a policy change applies on every node at once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tonic::{Request, Status};
+
+use crate::auth::{Identity, Verifier};
+use crate::consensus::NodeHandle;
+use crate::policy::{Policy, Role};
+use crate::state::{self, Command};
+use crate::storage::Engine;
+
+/// Identities recorded by this node: (issuer, subject) → groups.
+type Seen = HashMap<(String, String), Vec<String>>;
+
+/// Shared by the API services of one node.
+pub struct Guard {
+    verifier: Verifier,
+    admin_groups: Vec<String>,
+    policy: Mutex<(u64, Arc<Policy>)>,
+    /// Identities this node has recorded in replicated state (issuer, subject) → groups.
+    recorded: Arc<Mutex<Seen>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn role_name(r: Role) -> &'static str {
+    match r {
+        Role::Admin => "admin",
+        Role::Auditor => "auditor",
+        Role::Approver => "approver",
+    }
+}
+
+impl Guard {
+    pub fn new(verifier: Verifier, admin_groups: Vec<String>) -> Self {
+        Self {
+            verifier,
+            admin_groups,
+            policy: Mutex::new((0, Arc::new(Policy::empty()))),
+            recorded: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Verifies the caller's token.
+    pub async fn authenticate<E: Engine, T>(
+        &self,
+        node: &NodeHandle<E>,
+        req: &Request<T>,
+        method: &str,
+    ) -> Result<Identity, Status> {
+        let peer = req.remote_addr();
+        let token = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim);
+        let result = match token {
+            None | Some("") => Err(crate::auth::AuthError::Missing),
+            Some(t) => self.verifier.verify(t).await,
+        };
+        match result {
+            Ok(id) => {
+                self.record(node, &id);
+                Ok(id)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    target: "audit",
+                    event = "auth_rejected",
+                    reason = e.code(),
+                    detail = %e,
+                    method,
+                    peer = ?peer,
+                    "rejected API call"
+                );
+                Err(Status::unauthenticated(e.to_string()))
+            }
+        }
+    }
+
+    /// Records a newly seen identity (or changed groups) in replicated state.
+    fn record<E: Engine>(&self, node: &NodeHandle<E>, id: &Identity) {
+        let key = (id.issuer.clone(), id.subject.clone());
+        {
+            let mut seen = lock(&self.recorded);
+            if seen.get(&key) == Some(&id.groups) {
+                return;
+            }
+            seen.insert(key.clone(), id.groups.clone());
+        }
+        let node = node.clone();
+        let recorded = self.recorded.clone();
+        let Ok(json) = serde_json::to_vec(id) else {
+            return;
+        };
+        tokio::spawn(async move {
+            let cmd = Command::RecordIdentity {
+                identity_json: json,
+            };
+            if node.propose(cmd, None).await.is_err() {
+                // Try again on the identity's next call.
+                lock(&recorded).remove(&key);
+            }
+        });
+    }
+
+    /// The current policy, after a ReadIndex (fresh on every node).
+    pub async fn policy<E: Engine>(&self, node: &NodeHandle<E>) -> Result<Arc<Policy>, Status> {
+        node.read_index()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        self.local_policy(node)
+    }
+
+    /// The policy as this node has applied it (no ReadIndex round).
+    pub fn local_policy<E: Engine>(&self, node: &NodeHandle<E>) -> Result<Arc<Policy>, Status> {
+        let rec = state::policy_get(node.store()).map_err(|e| Status::internal(e.to_string()))?;
+        let version = rec.as_ref().map_or(0, |r| r.version);
+        {
+            let cached = lock(&self.policy);
+            if cached.0 == version {
+                return Ok(cached.1.clone());
+            }
+        }
+        let policy = match rec {
+            None => Policy::empty(),
+            Some(r) => Policy::compile(r.document)
+                .map_err(|e| Status::internal(format!("stored policy: {e}")))?,
+        };
+        let policy = Arc::new(policy);
+        *lock(&self.policy) = (version, policy.clone());
+        Ok(policy)
+    }
+
+    pub fn roles(&self, policy: &Policy, id: &Identity) -> Vec<Role> {
+        [Role::Admin, Role::Auditor, Role::Approver]
+            .into_iter()
+            .filter(|r| {
+                policy.has_role(id, *r)
+                    || (*r == Role::Admin
+                        && id.groups.iter().any(|g| self.admin_groups.contains(g)))
+            })
+            .collect()
+    }
+
+    /// Fails with `PERMISSION_DENIED` (and an audit event) unless `id` holds one of `roles`.
+    pub async fn require<E: Engine>(
+        &self,
+        node: &NodeHandle<E>,
+        id: &Identity,
+        roles: &[Role],
+        action: &str,
+    ) -> Result<(), Status> {
+        let policy = self.policy(node).await?;
+        self.check(&policy, id, roles, action)
+    }
+
+    /// As [`Guard::require`], against the locally applied policy.
+    pub fn require_local<E: Engine>(
+        &self,
+        node: &NodeHandle<E>,
+        id: &Identity,
+        roles: &[Role],
+        action: &str,
+    ) -> Result<(), Status> {
+        let policy = self.local_policy(node)?;
+        self.check(&policy, id, roles, action)
+    }
+
+    fn check(
+        &self,
+        policy: &Policy,
+        id: &Identity,
+        roles: &[Role],
+        action: &str,
+    ) -> Result<(), Status> {
+        let held = self.roles(policy, id);
+        if roles.iter().any(|r| held.contains(r)) {
+            return Ok(());
+        }
+        let need: Vec<&str> = roles.iter().map(|r| role_name(*r)).collect();
+        tracing::warn!(
+            target: "audit",
+            event = "authz_denied",
+            issuer = %id.issuer,
+            subject = %id.subject,
+            action,
+            "caller lacks the role for this action"
+        );
+        Err(Status::permission_denied(format!(
+            "{} may not {action}: requires role {}",
+            id.label(),
+            need.join(" or ")
+        )))
+    }
+}
