@@ -124,6 +124,8 @@ pub struct GenOptions {
     /// Listen hosts, round-robin over nodes.
     pub hosts: Vec<String>,
     pub compact_threshold: Option<u64>,
+    /// An external OIDC issuer and audience to trust besides the dev issuer.
+    pub issuer: Option<(String, String)>,
 }
 
 impl Default for GenOptions {
@@ -133,6 +135,7 @@ impl Default for GenOptions {
             regions: vec!["eu".into(), "us".into(), "ap".into()],
             hosts: vec!["127.0.0.1".into()],
             compact_threshold: None,
+            issuer: None,
         }
     }
 }
@@ -185,6 +188,12 @@ impl LocalCluster {
             .arg(opts.hosts.join(","))
             .arg("--dir")
             .arg(dir);
+        if let Some((issuer, audience)) = &opts.issuer {
+            cmd.arg("--issuer")
+                .arg(issuer)
+                .arg("--audience")
+                .arg(audience);
+        }
         run_gen_config(cmd, opts.compact_threshold)?;
         Self::open(bins, dir)
     }

@@ -502,6 +502,21 @@ rules:
     }
 
     #[test]
+    fn the_shipped_example_policy_is_valid() {
+        let text = include_str!("../../../examples/policy.yaml");
+        let p = Policy::compile(parse_document(text, DocumentFormat::Yaml).unwrap()).unwrap();
+        let alice = Identity::for_test("alice", &["engineers"]);
+        let d = eval(
+            &p,
+            &alice,
+            &res("box", "shell", "dev"),
+            "exec",
+            Some("rm -rf /"),
+        );
+        assert_eq!(d.rule.as_deref(), Some("guardrail:destructive-shell"));
+    }
+
+    #[test]
     fn wildcards() {
         assert!(wildcard("pg-*", "pg-prod"));
         assert!(wildcard("*", ""));

@@ -1,0 +1,162 @@
+//! Against a real OpenID provider: the npm package `oidc-provider`, started here
+//! from `tests/oidc` (installed with `npm ci` by `scripts/test`).
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use custody_cli::dev::GenOptions;
+
+use crate::harness;
+
+const AGENT_SECRET: &str = "agent-ci-secret-for-tests";
+
+/// The provider process; killed on drop.
+pub struct Oidc {
+    child: Child,
+    pub issuer: String,
+}
+
+impl Drop for Oidc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Oidc {
+    pub async fn start() -> Oidc {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("oidc");
+        assert!(
+            dir.join("node_modules/oidc-provider").is_dir(),
+            "oidc-provider is not installed: run `npm ci --prefix tests/oidc` (scripts/test does)"
+        );
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("node")
+            .arg(dir.join("server.mjs"))
+            .args(["--port", &port.to_string(), "--agent-secret", AGENT_SECRET])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start node (Node.js 20+ is required for the OIDC tests)");
+        let o = Oidc {
+            child,
+            issuer: format!("http://127.0.0.1:{port}"),
+        };
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let url = format!("{}/.well-known/openid-configuration", o.issuer);
+            if let Ok(r) = http.get(&url).send().await {
+                if r.status().is_success() {
+                    return o;
+                }
+            }
+            assert!(Instant::now() < deadline, "oidc-provider did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A client-credentials access token for the machine client `agent-ci`.
+    pub async fn client_credentials(&self) -> String {
+        let r = reqwest::Client::new()
+            .post(format!("{}/token", self.issuer))
+            .basic_auth("agent-ci", Some(AGENT_SECRET))
+            .form(&[("grant_type", "client_credentials")])
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_success(),
+            "token request failed: {}",
+            r.status()
+        );
+        let v: serde_json::Value = r.json().await.unwrap();
+        v["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// Replaces the provider's signing key (the old one is dropped).
+    pub async fn rotate(&self) -> String {
+        let v: serde_json::Value = reqwest::Client::new()
+            .post(format!("{}/__test/rotate", self.issuer))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["kid"].as_str().unwrap().to_owned()
+    }
+}
+
+fn kid(token: &str) -> String {
+    jsonwebtoken::decode_header(token).unwrap().kid.unwrap()
+}
+
+/// Lets the coordinators refresh this issuer's JWKS every second.
+fn fast_jwks_refresh(c: &harness::TestCluster, issuer: &str) {
+    for n in c.nodes.values() {
+        let text = std::fs::read_to_string(&n.config).unwrap();
+        let mut t: toml::Table = toml::from_str(&text).unwrap();
+        let issuers = t["auth"]["issuers"].as_array_mut().unwrap();
+        for i in issuers.iter_mut() {
+            let i = i.as_table_mut().unwrap();
+            if i["issuer"].as_str() == Some(issuer) {
+                i.insert("jwks_min_refresh_secs".into(), 1.into());
+            }
+        }
+        std::fs::write(&n.config, toml::to_string(&t).unwrap()).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machine_tokens_from_a_real_provider_are_accepted_and_key_rotation_is_picked_up() {
+    let oidc = Oidc::start().await;
+    let opts = GenOptions {
+        issuer: Some((oidc.issuer.clone(), "urn:custody".into())),
+        ..GenOptions::default()
+    };
+    let mut c = harness::cluster(opts);
+    fast_jwks_refresh(&c, &oidc.issuer);
+    c.start_all().unwrap();
+    c.wait_for_leader(&[], Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    let token = oidc.client_credentials().await;
+    let client = c
+        .client_as(&[], Duration::from_secs(10), Some(token.clone()))
+        .unwrap();
+    let me = client.whoami().await.unwrap();
+    assert_eq!(me.issuer, oidc.issuer);
+    assert_eq!(me.subject, "agent-ci");
+    assert_eq!(me.client_kind, "machine");
+    assert_eq!(me.groups, vec!["ai-agents"]);
+
+    // Rotate at the provider: new tokens carry a new kid, which the coordinators
+    // fetch on first sight, without a restart.
+    let old_kid = kid(&token);
+    let new_kid = oidc.rotate().await;
+    assert_ne!(old_kid, new_kid);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let fresh = oidc.client_credentials().await;
+    assert_eq!(kid(&fresh), new_kid);
+    for id in c.nodes.keys() {
+        let me = c
+            .client_as(&[*id], Duration::from_secs(10), Some(fresh.clone()))
+            .unwrap()
+            .whoami()
+            .await
+            .unwrap_or_else(|e| panic!("node {id} rejected the rotated key: {e}"));
+        assert_eq!(me.subject, "agent-ci");
+    }
+    // The dropped key no longer verifies.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let e = client.whoami().await.unwrap_err().to_string();
+    assert!(e.contains("unknown to the issuer"), "{e}");
+}
