@@ -175,6 +175,21 @@ struct IssuerState {
 pub struct Verifier {
     issuers: HashMap<String, Arc<IssuerState>>,
     source: Arc<dyn JwksSource>,
+    /// Recently verified tokens → (identity, `exp`, when verified). Cleared
+    /// whenever an issuer's key set changes, so a dropped key takes its tokens
+    /// with it.
+    verified: std::sync::Mutex<HashMap<String, (Identity, u64, Instant)>>,
+}
+
+/// How long a verified token is trusted without checking it again (bounded by `exp`).
+const VERIFIED_TTL: Duration = Duration::from_secs(60);
+const VERIFIED_MAX: usize = 10_000;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[derive(Deserialize)]
@@ -254,7 +269,15 @@ impl Verifier {
                 })
                 .collect(),
             source,
+            verified: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    fn forget_verified(&self) {
+        self.verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     pub fn issuers(&self) -> impl Iterator<Item = &IssuerConfig> {
@@ -283,6 +306,9 @@ impl Verifier {
             match self.source.fetch(&st.cfg).await {
                 Ok(set) => {
                     tracing::info!(issuer = %st.cfg.issuer, keys = set.keys.len(), "fetched JWKS");
+                    if cache.set.as_ref() != Some(&set) {
+                        self.forget_verified();
+                    }
                     cache.set = Some(set);
                 }
                 Err(detail) => {
@@ -305,6 +331,24 @@ impl Verifier {
 
     /// Verifies `token` and returns the identity it proves.
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        {
+            let cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((id, exp, at)) = cache.get(token) {
+                if unix_now() < *exp && at.elapsed() < VERIFIED_TTL {
+                    return Ok(id.clone());
+                }
+            }
+        }
+        let (id, exp) = self.verify_uncached(token).await?;
+        let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= VERIFIED_MAX {
+            cache.clear();
+        }
+        cache.insert(token.to_owned(), (id.clone(), exp, Instant::now()));
+        Ok(id)
+    }
+
+    async fn verify_uncached(&self, token: &str) -> Result<(Identity, u64), AuthError> {
         let parts: Vec<&str> = token.split('.').collect();
         if parts.len() != 3 {
             return Err(AuthError::Malformed("not a JWS compact token".into()));
@@ -391,7 +435,8 @@ impl Verifier {
         let mut groups = claim_strings(c.get(&cfg.groups_claim));
         groups.sort();
         groups.dedup();
-        Ok(Identity {
+        let exp = c.get("exp").and_then(|v| v.as_u64()).unwrap_or(0);
+        let id = Identity {
             issuer: cfg.issuer.clone(),
             subject,
             email: s("email"),
@@ -399,7 +444,8 @@ impl Verifier {
             groups,
             client_kind,
             client_id,
-        })
+        };
+        Ok((id, exp))
     }
 }
 

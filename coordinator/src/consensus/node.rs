@@ -610,7 +610,8 @@ impl<E: Engine, T: Transport> Driver<E, T> {
             );
         }
 
-        self.store.append(rd.entries(), rd.hs())?;
+        let sync = rd.must_sync();
+        self.store.append(rd.entries(), rd.hs(), sync)?;
 
         for rs in rd.take_read_states() {
             let Ok(ctx) = <[u8; 8]>::try_from(&rs.request_ctx[..]) else {

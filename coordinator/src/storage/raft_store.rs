@@ -203,8 +203,15 @@ impl<E: Engine> RaftStore<E> {
     }
 
     /// Appends entries (replacing any conflicting tail) and the hard state in one
-    /// synced batch.
-    pub fn append(&self, entries: &[Entry], hs: Option<&HardState>) -> Result<(), StorageError> {
+    /// batch, synced when `sync` is set. Raft requires a sync whenever entries,
+    /// term or vote change; a change of the commit index alone need not be
+    /// synced (raft-rs `Ready::must_sync`).
+    pub fn append(
+        &self,
+        entries: &[Entry],
+        hs: Option<&HardState>,
+        sync: bool,
+    ) -> Result<(), StorageError> {
         if entries.is_empty() && hs.is_none() {
             return Ok(());
         }
@@ -245,7 +252,7 @@ impl<E: Engine> RaftStore<E> {
         if let Some(hs) = hs {
             ops.push(Op::Put(Cf::Meta, KEY_HARD_STATE.to_vec(), encode_pb(hs)));
         }
-        self.engine.write(ops, true)?;
+        self.engine.write(ops, sync || !entries.is_empty())?;
         let mut m = self.meta_mut();
         if let Some(l) = new_last {
             m.last_index = l;
@@ -602,9 +609,9 @@ mod tests {
     #[test]
     fn append_replaces_conflicting_tail() {
         let s = store();
-        s.append(&[entry(2, 1), entry(3, 1), entry(4, 1)], None)
+        s.append(&[entry(2, 1), entry(3, 1), entry(4, 1)], None, true)
             .unwrap();
-        s.append(&[entry(3, 2)], None).unwrap();
+        s.append(&[entry(3, 2)], None, true).unwrap();
         assert_eq!(s.last_index().unwrap(), 3);
         assert_eq!(s.term(3).unwrap(), 2);
         let ents = s
@@ -618,13 +625,13 @@ mod tests {
     #[test]
     fn append_rejects_gaps() {
         let s = store();
-        assert!(s.append(&[entry(5, 1)], None).is_err());
+        assert!(s.append(&[entry(5, 1)], None, true).is_err());
     }
 
     #[test]
     fn entries_respect_max_size_but_return_one() {
         let s = store();
-        s.append(&[entry(2, 1), entry(3, 1), entry(4, 1)], None)
+        s.append(&[entry(2, 1), entry(3, 1), entry(4, 1)], None, true)
             .unwrap();
         let one = s.entries(2, 5, 1, GetEntriesContext::empty(false)).unwrap();
         assert_eq!(one.len(), 1);
@@ -633,7 +640,7 @@ mod tests {
     #[test]
     fn compact_then_snapshot_round_trip() {
         let s = store();
-        s.append(&[entry(2, 1), entry(3, 2)], None).unwrap();
+        s.append(&[entry(2, 1), entry(3, 2)], None, true).unwrap();
         s.apply(
             vec![Op::Put(Cf::State, b"kv/a".to_vec(), b"1".to_vec())],
             3,
@@ -664,7 +671,7 @@ mod tests {
     #[test]
     fn apply_never_leaves_applied_past_commit() {
         let s = store();
-        s.append(&[entry(2, 1)], None).unwrap();
+        s.append(&[entry(2, 1)], None, true).unwrap();
         s.apply(vec![], 2, 2, None).unwrap();
         assert!(s.hard_state().commit >= s.applied_index());
     }
