@@ -12,6 +12,7 @@ use anyhow::{bail, Context as _};
 use hdrhistogram::Histogram;
 use tokio::task::JoinSet;
 
+use custody_cli::client::Client;
 use custody_cli::dev::{Binaries, GenOptions, LocalCluster};
 
 /// One measured cell.
@@ -281,6 +282,50 @@ pub async fn raft(dur: Duration, failovers: usize, with_etcd: bool) -> anyhow::R
             times.len(),
             median.as_secs_f64() * 1000.0
         );
+    }
+    Ok(())
+}
+
+/// Latency of sequential API calls against an existing cluster (from
+/// `CUSTODY_COORDINATOR`, `CUSTODY_CA`, `CUSTODY_TOKEN`), run either on the
+/// runtime's main task or on a spawned task: a diagnostic for client-side
+/// scheduling costs.
+pub async fn rpc_probe(calls: usize) -> anyhow::Result<()> {
+    let client = Arc::new(Client::from_env()?);
+    for spawned in [false, true] {
+        let c = client.clone();
+        let run = async move {
+            let mut out = Vec::new();
+            for what in ["status", "put 1K", "put 64K"] {
+                let mut lat = Vec::with_capacity(calls);
+                for i in 0..calls {
+                    let t = Instant::now();
+                    match what {
+                        "status" => drop(c.node_status().await?),
+                        "put 1K" => drop(c.put(&format!("probe/a/{i}"), vec![1u8; 1024]).await?),
+                        _ => drop(c.put(&format!("probe/b/{i}"), vec![1u8; 65536]).await?),
+                    }
+                    lat.push(t.elapsed().as_micros() as u64);
+                }
+                lat.sort_unstable();
+                out.push((what, lat[lat.len() / 2], lat[lat.len() * 9 / 10]));
+            }
+            anyhow::Ok(out)
+        };
+        let rows = if spawned {
+            tokio::spawn(run).await??
+        } else {
+            run.await?
+        };
+        for (what, p50, p90) in rows {
+            println!(
+                "{:<8} {:<8} p50 {:>6} us  p90 {:>6} us",
+                if spawned { "spawned" } else { "main" },
+                what,
+                p50,
+                p90
+            );
+        }
     }
     Ok(())
 }

@@ -35,6 +35,12 @@ enum BenchCmd {
         #[arg(long)]
         no_etcd: bool,
     },
+    /// Sequential API call latency against a running cluster (from the
+    /// CUSTODY_* environment), on the main task and on a spawned task.
+    Rpc {
+        #[arg(long, default_value_t = 200)]
+        calls: usize,
+    },
 }
 
 #[tokio::main]
@@ -52,5 +58,6 @@ async fn main() -> anyhow::Result<()> {
             failovers,
             no_etcd,
         }) => custody_chaos::bench::raft(Duration::from_secs(seconds), failovers, !no_etcd).await,
+        Cmd::Bench(BenchCmd::Rpc { calls }) => custody_chaos::bench::rpc_probe(calls.max(10)).await,
     }
 }
