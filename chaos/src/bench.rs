@@ -287,43 +287,29 @@ pub async fn raft(dur: Duration, failovers: usize, with_etcd: bool) -> anyhow::R
 }
 
 /// Latency of sequential API calls against an existing cluster (from
-/// `CUSTODY_COORDINATOR`, `CUSTODY_CA`, `CUSTODY_TOKEN`), run either on the
-/// runtime's main task or on a spawned task: a diagnostic for client-side
-/// scheduling costs.
-pub async fn rpc_probe(calls: usize) -> anyhow::Result<()> {
-    let client = Arc::new(Client::from_env()?);
-    for spawned in [false, true] {
-        let c = client.clone();
-        let run = async move {
-            let mut out = Vec::new();
-            for what in ["status", "put 1K", "put 64K"] {
-                let mut lat = Vec::with_capacity(calls);
-                for i in 0..calls {
-                    let t = Instant::now();
-                    match what {
-                        "status" => drop(c.node_status().await?),
-                        "put 1K" => drop(c.put(&format!("probe/a/{i}"), vec![1u8; 1024]).await?),
-                        _ => drop(c.put(&format!("probe/b/{i}"), vec![1u8; 65536]).await?),
-                    }
-                    lat.push(t.elapsed().as_micros() as u64);
+/// `CUSTODY_COORDINATOR`, `CUSTODY_CA`, `CUSTODY_TOKEN`), in consecutive rounds,
+/// to show how latency evolves as the cluster takes writes.
+pub async fn rpc_probe(calls: usize, rounds: usize) -> anyhow::Result<()> {
+    let c = Client::from_env()?;
+    let mut n = 0u64;
+    for round in 1..=rounds {
+        for what in ["status", "put 1K", "put 64K"] {
+            let mut lat = Vec::with_capacity(calls);
+            for _ in 0..calls {
+                n += 1;
+                let t = Instant::now();
+                match what {
+                    "status" => drop(c.node_status().await?),
+                    "put 1K" => drop(c.put(&format!("probe/{n}"), vec![1u8; 1024]).await?),
+                    _ => drop(c.put(&format!("probe/{n}"), vec![1u8; 65536]).await?),
                 }
-                lat.sort_unstable();
-                out.push((what, lat[lat.len() / 2], lat[lat.len() * 9 / 10]));
+                lat.push(t.elapsed().as_micros() as u64);
             }
-            anyhow::Ok(out)
-        };
-        let rows = if spawned {
-            tokio::spawn(run).await??
-        } else {
-            run.await?
-        };
-        for (what, p50, p90) in rows {
+            lat.sort_unstable();
             println!(
-                "{:<8} {:<8} p50 {:>6} us  p90 {:>6} us",
-                if spawned { "spawned" } else { "main" },
-                what,
-                p50,
-                p90
+                "round {round} {what:<8} p50 {:>6} us  p90 {:>6} us",
+                lat[lat.len() / 2],
+                lat[lat.len() * 9 / 10]
             );
         }
     }

@@ -36,10 +36,12 @@ enum BenchCmd {
         no_etcd: bool,
     },
     /// Sequential API call latency against a running cluster (from the
-    /// CUSTODY_* environment), on the main task and on a spawned task.
+    /// CUSTODY_* environment), in consecutive rounds.
     Rpc {
         #[arg(long, default_value_t = 200)]
         calls: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
 }
 
@@ -58,6 +60,8 @@ async fn main() -> anyhow::Result<()> {
             failovers,
             no_etcd,
         }) => custody_chaos::bench::raft(Duration::from_secs(seconds), failovers, !no_etcd).await,
-        Cmd::Bench(BenchCmd::Rpc { calls }) => custody_chaos::bench::rpc_probe(calls.max(10)).await,
+        Cmd::Bench(BenchCmd::Rpc { calls, rounds }) => {
+            custody_chaos::bench::rpc_probe(calls.max(10), rounds.max(1)).await
+        }
     }
 }

@@ -237,16 +237,20 @@ impl<E: Engine> RaftStore<E> {
                     ),
                 });
             }
+            let old_last = m.last_index;
             drop(m);
             for e in entries {
                 ops.push(Op::Put(Cf::Log, log_key(e.index).to_vec(), encode_pb(e)));
             }
-            // Drop an old, conflicting tail beyond the new entries.
-            ops.push(Op::DeleteRange(
-                Cf::Log,
-                log_key(last.index + 1).to_vec(),
-                log_key(u64::MAX).to_vec(),
-            ));
+            // Drop an old, conflicting tail beyond the new entries. Only when
+            // there is one: every range tombstone slows later reads of the CF.
+            if old_last > last.index {
+                ops.push(Op::DeleteRange(
+                    Cf::Log,
+                    log_key(last.index + 1).to_vec(),
+                    log_key(old_last + 1).to_vec(),
+                ));
+            }
             new_last = Some(last.index);
         }
         if let Some(hs) = hs {
