@@ -65,10 +65,29 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Three etcd processes on loopback, killed on drop.
+/// Three etcd processes on loopback, killed on drop. Like Custody they use TLS
+/// on every link (client and peer), so the comparison carries the same costs.
 struct Etcd {
     children: Vec<Child>,
     clients: Vec<String>,
+    ca_pem: String,
+}
+
+/// A CA and one certificate for 127.0.0.1 (etcd's client and peer ports).
+fn etcd_certs(dir: &Path) -> anyhow::Result<String> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate()?;
+    let params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
+    let cert = params.signed_by(&key, &issuer)?;
+    std::fs::write(dir.join("etcd-ca.pem"), ca.pem())?;
+    std::fs::write(dir.join("etcd.pem"), cert.pem())?;
+    std::fs::write(dir.join("etcd-key.pem"), key.serialize_pem())?;
+    Ok(ca.pem())
 }
 
 impl Drop for Etcd {
@@ -84,8 +103,14 @@ fn start_etcd(dir: &Path) -> anyhow::Result<Etcd> {
     which("etcd")?;
     let peers: Vec<u16> = (0..3).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
     let clients: Vec<u16> = (0..3).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
+    let ca_pem = etcd_certs(dir)?;
+    let (cert, key, ca) = (
+        dir.join("etcd.pem"),
+        dir.join("etcd-key.pem"),
+        dir.join("etcd-ca.pem"),
+    );
     let cluster = (0..3)
-        .map(|i| format!("n{i}=http://127.0.0.1:{}", peers[i]))
+        .map(|i| format!("n{i}=https://127.0.0.1:{}", peers[i]))
         .collect::<Vec<_>>()
         .join(",");
     let mut children = Vec::new();
@@ -98,13 +123,24 @@ fn start_etcd(dir: &Path) -> anyhow::Result<Etcd> {
                 .arg("--data-dir")
                 .arg(dir.join(format!("etcd-{i}")))
                 .arg("--listen-peer-urls")
-                .arg(format!("http://127.0.0.1:{}", peers[i]))
+                .arg(format!("https://127.0.0.1:{}", peers[i]))
                 .arg("--initial-advertise-peer-urls")
-                .arg(format!("http://127.0.0.1:{}", peers[i]))
+                .arg(format!("https://127.0.0.1:{}", peers[i]))
                 .arg("--listen-client-urls")
-                .arg(format!("http://127.0.0.1:{}", clients[i]))
+                .arg(format!("https://127.0.0.1:{}", clients[i]))
                 .arg("--advertise-client-urls")
-                .arg(format!("http://127.0.0.1:{}", clients[i]))
+                .arg(format!("https://127.0.0.1:{}", clients[i]))
+                .arg("--cert-file")
+                .arg(&cert)
+                .arg("--key-file")
+                .arg(&key)
+                .arg("--peer-cert-file")
+                .arg(&cert)
+                .arg("--peer-key-file")
+                .arg(&key)
+                .arg("--peer-trusted-ca-file")
+                .arg(&ca)
+                .arg("--peer-client-cert-auth")
                 .arg("--initial-cluster")
                 .arg(&cluster)
                 .arg("--initial-cluster-state")
@@ -119,8 +155,9 @@ fn start_etcd(dir: &Path) -> anyhow::Result<Etcd> {
         children,
         clients: clients
             .iter()
-            .map(|p| format!("http://127.0.0.1:{p}"))
+            .map(|p| format!("https://127.0.0.1:{p}"))
             .collect(),
+        ca_pem,
     })
 }
 
@@ -137,12 +174,20 @@ fn which(bin: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn etcd_options(ca_pem: &str) -> etcd_client::ConnectOptions {
+    etcd_client::ConnectOptions::new().with_tls(
+        etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(ca_pem)),
+    )
+}
+
 /// The etcd member that leads, as a client URL.
-async fn etcd_leader(urls: &[String]) -> anyhow::Result<String> {
+async fn etcd_leader(urls: &[String], ca_pem: &str) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         for u in urls {
-            if let Ok(mut c) = etcd_client::Client::connect([u.as_str()], None).await {
+            if let Ok(mut c) =
+                etcd_client::Client::connect([u.as_str()], Some(etcd_options(ca_pem))).await
+            {
                 if let Ok(st) = c.status().await {
                     if st.header().map(|h| h.member_id()) == Some(st.leader()) {
                         return Ok(u.clone());
@@ -178,7 +223,7 @@ pub async fn raft(dur: Duration, failovers: usize, with_etcd: bool) -> anyhow::R
     let client = Arc::new(cluster.client(&[leader])?);
 
     println!(
-        "3-node clusters on loopback, fsync on, {}s per cell",
+        "3-node clusters on loopback, fsync on, TLS on every link, {}s per cell",
         dur.as_secs()
     );
     println!(
@@ -206,8 +251,10 @@ pub async fn raft(dur: Duration, failovers: usize, with_etcd: bool) -> anyhow::R
     let mut etcd_cells = Vec::new();
     if with_etcd {
         let etcd = start_etcd(tmp.path())?;
-        let leader_url = etcd_leader(&etcd.clients).await?;
-        let ec = etcd_client::Client::connect([leader_url.as_str()], None).await?;
+        let leader_url = etcd_leader(&etcd.clients, &etcd.ca_pem).await?;
+        let ec =
+            etcd_client::Client::connect([leader_url.as_str()], Some(etcd_options(&etcd.ca_pem)))
+                .await?;
         for size in SIZES {
             for conc in CONCURRENCY {
                 let value = vec![b'e'; size];
