@@ -27,6 +27,9 @@ const KV_PREFIX: &str = "kv/";
 const MEMBER_PREFIX: &str = "sys/member/";
 const IDEM_PREFIX: &str = "sys/idem/";
 const POLICY_CURRENT: &str = "sys/policy/current";
+/// The current policy version alone (8 bytes), so readers can check for a
+/// change without decoding the document.
+const POLICY_VERSION: &str = "sys/policy/version";
 const POLICY_HISTORY_PREFIX: &str = "sys/policy/history/";
 const IDENTITY_PREFIX: &str = "sys/identity/";
 
@@ -369,6 +372,10 @@ impl<E: Engine> StateTxn<E> {
                             bytes.clone(),
                         );
                         self.put(POLICY_CURRENT.as_bytes().to_vec(), bytes);
+                        self.put(
+                            POLICY_VERSION.as_bytes().to_vec(),
+                            version.to_be_bytes().to_vec(),
+                        );
                         ApplyOutcome {
                             index,
                             existed: version > 1,
@@ -432,6 +439,19 @@ pub struct PolicyRecord {
 
 fn identity_key(issuer: &str, subject: &str) -> Vec<u8> {
     format!("{IDENTITY_PREFIX}{issuer}|{subject}").into_bytes()
+}
+
+/// The current policy version; 0 when no policy was applied.
+pub fn policy_version<E: Engine>(store: &RaftStore<E>) -> Result<u64, StorageError> {
+    match store.state_get(POLICY_VERSION.as_bytes())? {
+        None => Ok(0),
+        Some(b) => <[u8; 8]>::try_from(&b[..])
+            .map(u64::from_be_bytes)
+            .map_err(|_| StorageError::Corrupt {
+                what: "policy version",
+                detail: format!("expected 8 bytes, found {}", b.len()),
+            }),
+    }
 }
 
 /// The current policy record, if any policy was applied.

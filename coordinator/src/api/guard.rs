@@ -128,14 +128,17 @@ impl Guard {
 
     /// The policy as this node has applied it (no ReadIndex round).
     pub fn local_policy<E: Engine>(&self, node: &NodeHandle<E>) -> Result<Arc<Policy>, Status> {
-        let rec = state::policy_get(node.store()).map_err(|e| Status::internal(e.to_string()))?;
-        let version = rec.as_ref().map_or(0, |r| r.version);
+        let internal = |e: crate::storage::StorageError| Status::internal(e.to_string());
+        let version = state::policy_version(node.store()).map_err(internal)?;
         {
             let cached = lock(&self.policy);
             if cached.0 == version {
                 return Ok(cached.1.clone());
             }
         }
+        // Decode the document only when the version moved.
+        let rec = state::policy_get(node.store()).map_err(internal)?;
+        let version = rec.as_ref().map_or(0, |r| r.version);
         let policy = match rec {
             None => Policy::empty(),
             Some(r) => Policy::compile(r.document)
