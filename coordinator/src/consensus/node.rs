@@ -3,8 +3,9 @@
 //! The loop runs on its own OS thread because it blocks on fsync. Everything
 //! reaches it through one bounded channel of [`Input`]s; callers hold a cheap
 //! [`NodeHandle`]. Per Ready it: sends leader messages, installs a snapshot,
-//! appends entries and hard state in one synced batch, applies committed
-//! entries, and only then sends the persisted messages.
+//! appends entries and hard state in one batch (synced when raft-rs says it
+//! must be), then sends the persisted messages (votes, append acks), then
+//! applies committed entries.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -612,6 +613,9 @@ impl<E: Engine, T: Transport> Driver<E, T> {
 
         let sync = rd.must_sync();
         self.store.append(rd.entries(), rd.hs(), sync)?;
+        // The append is durable: votes and append acks may go out now, before
+        // applying (which would only delay the leader's commit).
+        self.transport.send(rd.take_persisted_messages());
 
         for rs in rd.take_read_states() {
             let Ok(ctx) = <[u8; 8]>::try_from(&rs.request_ctx[..]) else {
@@ -624,8 +628,6 @@ impl<E: Engine, T: Transport> Driver<E, T> {
 
         let committed = rd.take_committed_entries();
         self.apply(committed)?;
-        // Only now, after the synced write, may votes and append acks go out.
-        self.transport.send(rd.take_persisted_messages());
 
         let mut light = self.raw.advance(rd);
         self.transport.send(light.take_messages());
