@@ -26,6 +26,12 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
 const KV_PREFIX: &str = "kv/";
 const MEMBER_PREFIX: &str = "sys/member/";
 const IDEM_PREFIX: &str = "sys/idem/";
+/// `sys/idemt/<proposed_at_ms:020>/<key>`: idempotency records by age, for pruning.
+const IDEM_TIME_PREFIX: &str = "sys/idemt/";
+/// How long a retry with the same idempotency key is recognised.
+pub const IDEMPOTENCY_WINDOW_MS: u64 = 24 * 3600 * 1000;
+/// At most this many expired records are pruned per applied proposal.
+const IDEM_PRUNE_BATCH: usize = 64;
 const POLICY_CURRENT: &str = "sys/policy/current";
 /// The current policy version alone (8 bytes), so readers can check for a
 /// change without decoding the document.
@@ -265,6 +271,10 @@ fn idem_key(key: &str) -> Vec<u8> {
     format!("{IDEM_PREFIX}{key}").into_bytes()
 }
 
+fn idem_time_key(at_ms: u64, key: &str) -> Vec<u8> {
+    format!("{IDEM_TIME_PREFIX}{at_ms:020}/{key}").into_bytes()
+}
+
 /// Writes to the state made while applying a batch of entries. Later entries in
 /// the batch read earlier entries' writes through it.
 pub struct StateTxn<E: Engine> {
@@ -414,8 +424,29 @@ impl<E: Engine> StateTxn<E> {
                 existed: outcome.existed,
             };
             self.put(idem_key(k), rec.encode_to_vec());
+            self.put(idem_time_key(p.proposed_at_ms, k), k.as_bytes().to_vec());
         }
+        self.prune_idempotency(p.proposed_at_ms)?;
         Ok(outcome)
+    }
+
+    /// Forgets idempotency records older than the window, measured against the
+    /// proposal's own timestamp (so every node prunes the same records).
+    fn prune_idempotency(&mut self, now_ms: u64) -> Result<(), StorageError> {
+        let Some(cutoff) = now_ms.checked_sub(IDEMPOTENCY_WINDOW_MS) else {
+            return Ok(());
+        };
+        let end = format!("{IDEM_TIME_PREFIX}{cutoff:020}");
+        let expired = self.store.state_scan_range(
+            IDEM_TIME_PREFIX.as_bytes(),
+            end.as_bytes(),
+            IDEM_PRUNE_BATCH,
+        )?;
+        for (tkey, key) in expired {
+            self.delete(tkey);
+            self.delete(idem_key(&String::from_utf8_lossy(&key)));
+        }
+        Ok(())
     }
 
     pub fn put_member(&mut self, m: &Member) {
@@ -585,6 +616,38 @@ mod tests {
         // A retry in a later batch is still deduplicated.
         let mut txn = StateTxn::new(&store);
         assert!(txn.apply(9, &p).unwrap().deduplicated);
+    }
+
+    #[test]
+    fn idempotency_records_expire_after_the_window() {
+        let store = RaftStore::open(MemEngine::new()).unwrap();
+        let at = |ms: u64, key: &str, idem: &str| Proposal {
+            proposed_at_ms: ms,
+            ..proposal(Command::put(key, b"v".to_vec()).unwrap(), Some(idem))
+        };
+        let mut txn = StateTxn::new(&store);
+        txn.apply(2, &at(1_000, "a", "old")).unwrap();
+        store.apply(txn.into_ops(), 2, 2, None).unwrap();
+        // Within the window the retry is recognised.
+        let mut txn = StateTxn::new(&store);
+        assert!(
+            txn.apply(3, &at(1_000 + IDEMPOTENCY_WINDOW_MS - 1, "b", "old"))
+                .unwrap()
+                .deduplicated
+        );
+        // A later proposal prunes it; the same key then applies as new.
+        let mut txn = StateTxn::new(&store);
+        txn.apply(4, &at(2_000 + IDEMPOTENCY_WINDOW_MS, "c", "new"))
+            .unwrap();
+        store.apply(txn.into_ops(), 4, 4, None).unwrap();
+        assert!(store.state_get(&idem_key("old")).unwrap().is_none());
+        assert!(store.state_get(&idem_key("new")).unwrap().is_some());
+        let mut txn = StateTxn::new(&store);
+        assert!(
+            !txn.apply(5, &at(3_000 + IDEMPOTENCY_WINDOW_MS, "a", "old"))
+                .unwrap()
+                .deduplicated
+        );
     }
 
     #[test]

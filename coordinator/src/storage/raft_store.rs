@@ -414,6 +414,16 @@ impl<E: Engine> RaftStore<E> {
         self.engine.scan(Cf::State, &from, to.as_deref(), limit)
     }
 
+    /// State pairs with keys in `[from, to)`, at most `limit`.
+    pub fn state_scan_range(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Pairs, StorageError> {
+        self.engine.scan(Cf::State, from, Some(to), limit)
+    }
+
     /// Every state pair: the payload of a snapshot.
     pub fn state_image(&self) -> Result<SnapshotImage, StorageError> {
         Ok(SnapshotImage {
