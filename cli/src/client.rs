@@ -36,6 +36,8 @@ pub enum ClientError {
     BadUrl { url: String, detail: String },
     #[error("{0}")]
     Status(String),
+    #[error(transparent)]
+    Login(#[from] crate::login::LoginError),
     #[error("no coordinator answered within {0:?}; last error: {1}")]
     Exhausted(Duration, String),
 }
@@ -71,9 +73,13 @@ impl ClientConfig {
         let eps = std::env::var("CUSTODY_COORDINATOR").map_err(|_| ClientError::NoEndpoints)?;
         let ca = std::env::var("CUSTODY_CA").map_err(|_| ClientError::NoCa)?;
         let mut cfg = Self::new(&eps, PathBuf::from(ca))?;
-        cfg.token = std::env::var("CUSTODY_TOKEN")
-            .ok()
-            .filter(|t| !t.trim().is_empty());
+        // CUSTODY_TOKEN, else the token file `custody login` wrote.
+        cfg.token = match crate::login::current_token() {
+            Ok(t) => Some(t),
+            // Calls then fail with the server's clear "no bearer token".
+            Err(crate::login::LoginError::NoToken) => None,
+            Err(e) => return Err(ClientError::Login(e)),
+        };
         Ok(cfg)
     }
 

@@ -7,3 +7,4 @@
 
 pub mod client;
 pub mod dev;
+pub mod login;

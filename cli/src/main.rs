@@ -23,6 +23,10 @@ enum Cmd {
     /// Read and write the generic replicated key-value namespace.
     #[command(subcommand)]
     Kv(commands::kv::KvCmd),
+    /// Get a token from an OpenID provider and keep it in the token file.
+    Login(commands::login::LoginArgs),
+    /// Forget the stored token.
+    Logout,
     /// Show the identity the coordinator verified from your token.
     Whoami {
         #[arg(long)]
@@ -59,6 +63,8 @@ fn main() {
             Cmd::Kv(c) => commands::kv::run(c).await,
             Cmd::Dev(c) => commands::dev::run(c).await,
             Cmd::Whoami { json } => commands::whoami::run(json).await,
+            Cmd::Login(a) => commands::login::run(a).await,
+            Cmd::Logout => commands::login::logout(),
             Cmd::Policy(c) => commands::policy::run(c).await,
         }
     });

@@ -138,6 +138,59 @@ async fn machine_tokens_from_a_real_provider_are_accepted_and_key_rotation_is_pi
     assert_eq!(me.client_kind, "machine");
     assert_eq!(me.groups, vec!["ai-agents"]);
 
+    // `custody login --client-credentials` stores a 0600 token file that later
+    // commands use.
+    let tmp = tempfile::tempdir().unwrap();
+    let token_file = tmp.path().join("custody").join("token.json");
+    let cli = |args: &[&str]| {
+        std::process::Command::new(&c.bins.custody)
+            .args(args)
+            .env_remove("CUSTODY_TOKEN")
+            .env("CUSTODY_TOKEN_FILE", &token_file)
+            .env("CUSTODY_COORDINATOR", c.api_urls(&[]))
+            .env("CUSTODY_CA", c.ca_path())
+            .env("CUSTODY_CLIENT_SECRET", AGENT_SECRET)
+            .output()
+            .unwrap()
+    };
+    let out = cli(&[
+        "login",
+        "--client-credentials",
+        "--issuer",
+        &oidc.issuer,
+        "--client-id",
+        "agent-ci",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let out = cli(&["whoami", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let me: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(me["subject"], "agent-ci");
+    assert_eq!(me["client_kind"], "machine");
+    let out = cli(&[
+        "login",
+        "--client-credentials",
+        "--issuer",
+        &oidc.issuer,
+        "--client-id",
+        "nobody",
+    ]);
+    assert!(!out.status.success(), "an unknown client logged in");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("token request failed"));
+    assert!(cli(&["logout"]).status.success());
+    assert!(!token_file.exists());
+
     // Rotate at the provider: new tokens carry a new kid, which the coordinators
     // fetch on first sight, without a restart.
     let old_kid = kid(&token);

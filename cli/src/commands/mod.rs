@@ -1,5 +1,6 @@
 pub mod cluster;
 pub mod dev;
 pub mod kv;
+pub mod login;
 pub mod policy;
 pub mod whoami;
