@@ -112,31 +112,35 @@ pub async fn client_credentials(
     })
 }
 
-/// Writes the token file with mode 0600 (its directory 0700).
-pub fn save(t: &StoredToken) -> Result<PathBuf, LoginError> {
+/// Writes `bytes` to `path` with mode 0600, creating missing parent
+/// directories with mode 0700. For files that hold tokens or secrets.
+pub fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(bytes)
+}
+
+/// Writes the token file (mode 0600, its directory 0700).
+pub fn save(t: &StoredToken) -> Result<PathBuf, LoginError> {
     let path = token_path();
     let err = |detail: String| LoginError::File {
         path: path.clone(),
         detail,
     };
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| err(e.to_string()))?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| err(e.to_string()))?;
     let text = serde_json::to_vec_pretty(t).map_err(|e| err(e.to_string()))?;
-    f.write_all(&text).map_err(|e| err(e.to_string()))?;
+    write_private(&path, &text).map_err(|e| err(e.to_string()))?;
     Ok(path)
 }
 

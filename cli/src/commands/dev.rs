@@ -133,7 +133,8 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
     };
     let path = dir.join("dev.json");
     // dev.json holds tokens: owner-only.
-    write_private(&path, &serde_json::to_string_pretty(&dev)?)?;
+    custody_cli::login::write_private(&path, serde_json::to_string_pretty(&dev)?.as_bytes())
+        .with_context(|| format!("write {}", path.display()))?;
     println!(
         "Custody dev system is up: {} coordinators, leader node {leader}.",
         dev.coordinators.len()
@@ -167,20 +168,6 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
     }
     let _ = std::fs::remove_file(&path);
     Ok(())
-}
-
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("write {}", path.display()))?;
-    f.write_all(text.as_bytes())
-        .with_context(|| format!("write {}", path.display()))
 }
 
 fn alive(pid: u32) -> bool {
