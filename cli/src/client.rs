@@ -14,8 +14,11 @@ use tonic::{Code, Status};
 use custody_proto::v1 as api;
 use custody_proto::v1::auth_client::AuthClient;
 use custody_proto::v1::cluster_client::ClusterClient;
+use custody_proto::v1::edges_client::EdgesClient;
 use custody_proto::v1::kv_client::KvClient;
 use custody_proto::v1::policy_client::PolicyClient;
+use custody_proto::v1::resources_client::ResourcesClient;
+use custody_proto::v1::sessions_client::SessionsClient;
 
 /// Metadata key on redirects (see the coordinator's `api` module).
 const LEADER_API_METADATA: &str = "x-custody-leader-api";
@@ -458,6 +461,115 @@ impl Client {
                     .test(authed(&tok, req))
                     .await?
                     .into_inner())
+            }
+        })
+        .await
+    }
+}
+
+impl Client {
+    pub async fn create_enroll_token(
+        &self,
+        name: &str,
+        region: &str,
+        ttl: Duration,
+    ) -> Result<api::CreateEnrollTokenResponse, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            let req = api::CreateEnrollTokenRequest {
+                name: name.to_owned(),
+                region: region.to_owned(),
+                ttl_secs: ttl.as_secs(),
+            };
+            async move {
+                Ok(EdgesClient::new(ch)
+                    .create_enroll_token(authed(&tok, req))
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    pub async fn revoke_edge(&self, name: &str) -> Result<api::RevokeEdgeResponse, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            let req = api::RevokeEdgeRequest {
+                name: name.to_owned(),
+            };
+            async move {
+                Ok(EdgesClient::new(ch)
+                    .revoke(authed(&tok, req))
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    pub async fn list_edges(&self) -> Result<Vec<api::EdgeInfo>, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            async move {
+                Ok(EdgesClient::new(ch)
+                    .list(authed(&tok, api::ListEdgesRequest {}))
+                    .await?
+                    .into_inner()
+                    .edges)
+            }
+        })
+        .await
+    }
+
+    pub async fn list_resources(&self) -> Result<Vec<api::ResourceInfo>, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            async move {
+                Ok(ResourcesClient::new(ch)
+                    .list(authed(&tok, api::ListResourcesRequest {}))
+                    .await?
+                    .into_inner()
+                    .resources)
+            }
+        })
+        .await
+    }
+
+    /// Opens an exec session. Send stdin on the returned sender (the start
+    /// message is already queued); read output from the stream.
+    pub async fn exec_open(
+        &self,
+        resource: &str,
+        argv: &[String],
+    ) -> Result<
+        (
+            tokio::sync::mpsc::Sender<api::ExecInput>,
+            tonic::Streaming<api::ExecOutput>,
+        ),
+        ClientError,
+    > {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            let start = api::ExecInput {
+                kind: Some(api::exec_input::Kind::Start(api::ExecStart {
+                    resource: resource.to_owned(),
+                    argv: argv.to_vec(),
+                })),
+            };
+            async move {
+                let (tx, rx) = tokio::sync::mpsc::channel(16);
+                tx.send(start)
+                    .await
+                    .map_err(|_| Status::internal("input channel closed"))?;
+                let out = SessionsClient::new(ch)
+                    .max_decoding_message_size(4 << 20)
+                    .exec(authed(
+                        &tok,
+                        tokio_stream::wrappers::ReceiverStream::new(rx),
+                    ))
+                    .await?
+                    .into_inner();
+                Ok((tx, out))
             }
         })
         .await

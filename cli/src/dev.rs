@@ -17,6 +17,8 @@ use crate::client::{Client, ClientConfig};
 pub struct Binaries {
     pub coordinator: PathBuf,
     pub custody: PathBuf,
+    /// `custody-edge`, when built.
+    pub edge: Option<PathBuf>,
 }
 
 impl Binaries {
@@ -39,9 +41,11 @@ impl Binaries {
             let coordinator = d.join("custody-coordinator");
             let custody = d.join("custody");
             if coordinator.is_file() && custody.is_file() {
+                let edge = Some(d.join("custody-edge")).filter(|p| p.is_file());
                 return Ok(Self {
                     coordinator,
                     custody,
+                    edge,
                 });
             }
         }
@@ -114,6 +118,7 @@ impl std::fmt::Debug for DevToken {
 struct ListenToml {
     raft: String,
     api: String,
+    tunnel: String,
 }
 
 /// What `gen-config` should write.
@@ -149,6 +154,7 @@ pub struct NodeProc {
     pub data_dir: PathBuf,
     pub raft_addr: String,
     pub api_addr: String,
+    pub tunnel_addr: String,
     /// Where this node serves the dev issuer, if it does.
     pub dev_issuer: Option<String>,
     child: Option<Child>,
@@ -169,6 +175,7 @@ pub struct LocalCluster {
     pub dir: PathBuf,
     pub bins: Binaries,
     pub nodes: BTreeMap<u64, NodeProc>,
+    pub edges: BTreeMap<String, EdgeProc>,
     /// Kill the processes when dropped (tests); off for `dev up --detach`.
     pub kill_on_drop: bool,
     /// Token used by [`LocalCluster::client`]; the dev admin's by default.
@@ -217,6 +224,7 @@ impl LocalCluster {
             dir: dir.to_owned(),
             bins,
             nodes,
+            edges: BTreeMap::new(),
             kill_on_drop: true,
             token: std::sync::Mutex::new(None),
         })
@@ -488,12 +496,187 @@ impl Drop for LocalCluster {
         if !self.kill_on_drop {
             return;
         }
+        for e in self.edges.values_mut() {
+            if let Some(mut c) = e.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
         for n in self.nodes.values_mut() {
             if let Some(mut c) = n.child.take() {
                 let _ = c.kill();
                 let _ = c.wait();
             }
         }
+    }
+}
+
+/// One edge agent of a local system.
+#[derive(Debug)]
+pub struct EdgeProc {
+    pub name: String,
+    pub config: PathBuf,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl EdgeProc {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+/// What an edge of a local system serves.
+#[derive(Debug, Clone)]
+pub struct EdgeSpec {
+    pub name: String,
+    /// Nodes whose tunnel addresses go into the config (all when empty); the
+    /// edge learns the others from them.
+    pub seeds: Vec<u64>,
+    /// `[[resources]]` tables, as TOML.
+    pub resources_toml: String,
+    /// Dial only the seeds instead of every member.
+    pub seeds_only: bool,
+}
+
+impl EdgeSpec {
+    /// An edge serving one shell resource named `resource` in a work dir
+    /// under the cluster dir.
+    pub fn shell(name: &str, resource: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            seeds: vec![],
+            seeds_only: false,
+            resources_toml: format!(
+                "[[resources]]\nname = \"{resource}\"\nkind = \"shell\"\nlabels = {{ env = \"dev\" }}\n"
+            ),
+        }
+    }
+}
+
+impl LocalCluster {
+    /// Writes `edge-<name>.toml` and registers the edge (not started).
+    pub fn add_edge(&mut self, spec: &EdgeSpec) -> anyhow::Result<&EdgeProc> {
+        let seeds: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| spec.seeds.is_empty() || spec.seeds.contains(&n.id))
+            .map(|n| format!("\"{}\"", n.tunnel_addr))
+            .collect();
+        let config = self.dir.join(format!("edge-{}.toml", spec.name));
+        let data_dir = self.dir.join(format!("edge-{}", spec.name));
+        let text = format!(
+            "# custody-edge config written by the local cluster harness\n\
+             data_dir = \"edge-{name}\"\nca = \"ca.pem\"\ncoordinators = [{seeds}]\n\
+             follow_membership = {follow}\n\n{res}",
+            name = spec.name,
+            follow = !spec.seeds_only,
+            seeds = seeds.join(", "),
+            res = spec.resources_toml
+        );
+        std::fs::write(&config, text).with_context(|| format!("write {}", config.display()))?;
+        let log = self.dir.join(format!("edge-{}.log", spec.name));
+        self.edges.insert(
+            spec.name.clone(),
+            EdgeProc {
+                name: spec.name.clone(),
+                config,
+                data_dir,
+                log,
+                child: None,
+            },
+        );
+        Ok(&self.edges[&spec.name])
+    }
+
+    /// Starts edge `name`, with an enrollment token when it has none yet.
+    pub fn start_edge(&mut self, name: &str, enroll_token: Option<&str>) -> anyhow::Result<()> {
+        let bin = self
+            .bins
+            .edge
+            .clone()
+            .context("custody-edge is not built (cargo build --bins)")?;
+        let e = self
+            .edges
+            .get_mut(name)
+            .with_context(|| format!("no edge {name}"))?;
+        if let Some(c) = &mut e.child {
+            if c.try_wait()?.is_none() {
+                bail!("edge {name} is already running");
+            }
+        }
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&e.log)
+            .with_context(|| format!("open {}", e.log.display()))?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&e.config)
+            .env_remove("CUSTODY_ENROLL_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        if let Some(t) = enroll_token {
+            cmd.env("CUSTODY_ENROLL_TOKEN", t);
+        }
+        e.child = Some(cmd.spawn().with_context(|| format!("start edge {name}"))?);
+        Ok(())
+    }
+
+    /// Creates an enrollment token with the current (admin) token and starts
+    /// the edge with it.
+    pub async fn enroll_edge(&mut self, name: &str) -> anyhow::Result<()> {
+        let token = self
+            .client(&[])?
+            .create_enroll_token(name, "", Duration::from_secs(600))
+            .await?
+            .token;
+        self.start_edge(name, Some(&token))
+    }
+
+    /// SIGKILL edge `name`, then reap.
+    pub fn kill_edge(&mut self, name: &str) {
+        if let Some(mut c) = self.edges.get_mut(name).and_then(|e| e.child.take()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The edge's exit status, if it has exited.
+    pub fn edge_exit(&mut self, name: &str) -> Option<std::process::ExitStatus> {
+        let c = self.edges.get_mut(name)?.child.as_mut()?;
+        c.try_wait().ok().flatten()
+    }
+
+    /// Waits until `resource` is live (connected to at least `min_nodes` nodes).
+    pub async fn wait_for_resource(
+        &self,
+        resource: &str,
+        min_nodes: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let client = self.client_with_deadline(&[], Duration::from_secs(3))?;
+        let mut last = String::from("not registered yet");
+        while Instant::now() < deadline {
+            match client.list_resources().await {
+                Ok(list) => {
+                    if let Some(r) = list.iter().find(|r| r.name == resource) {
+                        let best = r.edges.iter().map(|e| e.connected_nodes.len()).max();
+                        if best.unwrap_or(0) >= min_nodes {
+                            return Ok(());
+                        }
+                        last = format!("connected to {} node(s)", best.unwrap_or(0));
+                    }
+                }
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("resource {resource} not live on {min_nodes} node(s) within {timeout:?}: {last}")
     }
 }
 
@@ -527,6 +710,7 @@ fn load_node(path: &Path) -> anyhow::Result<NodeProc> {
         data_dir,
         raft_addr: t.listen.raft,
         api_addr: t.listen.api,
+        tunnel_addr: t.listen.tunnel,
         dev_issuer: t.auth.and_then(|a| a.dev_issuer).map(|d| d.listen),
         child: None,
     })

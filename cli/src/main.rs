@@ -35,6 +35,19 @@ enum Cmd {
     /// Manage the access policy.
     #[command(subcommand)]
     Policy(commands::policy::PolicyCmd),
+    /// Create edge enrollment tokens.
+    #[command(subcommand, name = "edge-token")]
+    EdgeToken(commands::edge::EdgeTokenCmd),
+    /// List and revoke edges.
+    #[command(subcommand)]
+    Edge(commands::edge::EdgeCmd),
+    /// List resources, their edges and liveness.
+    Resources {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command on a resource; exits with the remote exit code.
+    Exec(commands::exec::ExecArgs),
     /// Run a local development system.
     #[command(subcommand)]
     Dev(commands::dev::DevCmd),
@@ -57,8 +70,16 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if let Cmd::Exec(a) = cli.cmd {
+        let code = rt.block_on(commands::exec::run(a));
+        std::process::exit(code);
+    }
     let result = rt.block_on(async move {
         match cli.cmd {
+            Cmd::Exec(_) => unreachable!("handled above"),
+            Cmd::EdgeToken(c) => commands::edge::token(c).await,
+            Cmd::Edge(c) => commands::edge::run(c).await,
+            Cmd::Resources { json } => commands::edge::resources(json).await,
             Cmd::Cluster(c) => commands::cluster::run(c).await,
             Cmd::Kv(c) => commands::kv::run(c).await,
             Cmd::Dev(c) => commands::dev::run(c).await,

@@ -41,6 +41,17 @@ pub struct RawConfig {
     #[serde(default)]
     pub raft: RawRaft,
     pub auth: RawAuth,
+    #[serde(default)]
+    pub edges: RawEdges,
+}
+
+/// `[edges]`: enrollment and edge certificates.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawEdges {
+    /// Lifetime of edge certificates; edges renew at two thirds of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_ttl_secs: Option<u64>,
 }
 
 /// `[auth]`: who may call the API.
@@ -104,6 +115,10 @@ pub struct RawTls {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The CA private key, needed to sign edge certificates at enrollment.
+    /// Nodes without it refuse enrollments and renewals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -113,6 +128,9 @@ pub struct RawPeer {
     pub region: String,
     pub raft: String,
     pub api: String,
+    /// The peer's tunnel address, announced to edges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -142,6 +160,8 @@ pub struct Config {
     pub admin_groups: Vec<String>,
     pub issuers: Vec<crate::auth::IssuerConfig>,
     pub dev_issuer: Option<DevIssuerConfig>,
+    pub ca_key: Option<PathBuf>,
+    pub edge_cert_ttl: Duration,
 }
 
 /// The validated `[auth.dev_issuer]`.
@@ -156,6 +176,7 @@ pub struct DevIssuerConfig {
 
 const DEFAULT_COMPACT_THRESHOLD: u64 = 10_000;
 const DEFAULT_TICK_MS: u64 = 100;
+const DEFAULT_EDGE_CERT_TTL_SECS: u64 = 24 * 3600;
 
 impl Config {
     /// Reads and validates a config file. Relative paths are resolved against
@@ -200,6 +221,7 @@ impl Config {
             region: raw.region.clone(),
             raft_addr: advertise_raft.to_string(),
             api_addr: api_addr.to_string(),
+            tunnel_addr: tunnel_addr.to_string(),
         }];
         for p in &raw.peers {
             if p.id == 0 {
@@ -210,11 +232,15 @@ impl Config {
             }
             addr(&format!("peer {} raft", p.id), &p.raft)?;
             addr(&format!("peer {} api", p.id), &p.api)?;
+            if let Some(t) = &p.tunnel {
+                addr(&format!("peer {} tunnel", p.id), t)?;
+            }
             members.push(Member {
                 id: p.id,
                 region: p.region.clone(),
                 raft_addr: p.raft.clone(),
                 api_addr: p.api.clone(),
+                tunnel_addr: p.tunnel.clone().unwrap_or_default(),
             });
         }
         let resolve = |p: &Path| {
@@ -276,7 +302,19 @@ impl Config {
                 })
             }
         };
+        let cert_ttl = raw
+            .edges
+            .cert_ttl_secs
+            .unwrap_or(DEFAULT_EDGE_CERT_TTL_SECS);
+        if !(5..=366 * 86400).contains(&cert_ttl) {
+            return Err(format!(
+                "edges.cert_ttl_secs {cert_ttl} is outside 5..={}",
+                366 * 86400
+            ));
+        }
         Ok(Config {
+            ca_key: raw.tls.ca_key.as_deref().map(resolve),
+            edge_cert_ttl: Duration::from_secs(cert_ttl),
             admin_groups: raw.auth.admin_groups.clone(),
             issuers,
             dev_issuer,

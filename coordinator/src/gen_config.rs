@@ -162,6 +162,7 @@ fn node_config(
             ca: "ca.pem".into(),
             cert: format!("node-{}.pem", s.id).into(),
             key: format!("node-{}-key.pem", s.id).into(),
+            ca_key: Some("ca-key.pem".into()),
         },
         peers: peers
             .iter()
@@ -170,9 +171,11 @@ fn node_config(
                 region: p.region.clone(),
                 raft: p.raft.clone(),
                 api: p.api.clone(),
+                tunnel: Some(p.tunnel.clone()),
             })
             .collect(),
         join,
+        edges: Default::default(),
         raft: RawRaft {
             compact_threshold: compact,
             tick_ms: None,

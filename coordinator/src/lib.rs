@@ -2,10 +2,12 @@
 //!
 //! A node owns a RocksDB database ([`storage`]), drives raft-rs from one loop
 //! ([`consensus`]), applies typed commands to its state machine ([`state`]),
-//! and serves the client/admin API ([`api`]). [`server::run`] wires them.
+//! verifies callers ([`auth`]) against policy ([`policy`]), accepts edge
+//! tunnels and routes sessions to them ([`tunnel`]), and serves the
+//! client/admin API ([`api`]). [`server::run`] wires them.
 //!
-//! What it leaves out so far: OIDC authentication and policy (the API is
-//! protected only by TLS), edge tunnels and session evidence.
+//! What it leaves out so far: session evidence (recorded as audit log events
+//! only) and approvals.
 
 #![forbid(unsafe_code)]
 
@@ -20,3 +22,4 @@ pub mod server;
 pub mod state;
 pub mod storage;
 pub mod tls;
+pub mod tunnel;

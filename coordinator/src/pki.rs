@@ -48,6 +48,19 @@ pub fn parse_node_dns_name(name: &str) -> Option<u64> {
         .ok()
 }
 
+/// The DNS SAN that names edge `id` in its client certificate.
+pub fn edge_dns_name(id: u64) -> String {
+    format!("edge-{id}.edge.custody")
+}
+
+/// Parses an edge id out of a SAN produced by [`edge_dns_name`].
+pub fn parse_edge_dns_name(name: &str) -> Option<u64> {
+    name.strip_prefix("edge-")?
+        .strip_suffix(".edge.custody")?
+        .parse()
+        .ok()
+}
+
 /// A certificate authority able to sign node certificates.
 pub struct ClusterCa {
     issuer: Issuer<'static, KeyPair>,
@@ -137,15 +150,88 @@ impl ClusterCa {
     }
 }
 
+impl ClusterCa {
+    /// Signs an edge's certificate request. Only the request's public key is
+    /// used: the name, SAN, usage and validity are set here. The certificate
+    /// is for client auth only, so an edge can never pose as a node.
+    pub fn sign_edge(
+        &self,
+        csr_pem: &str,
+        edge_id: u64,
+        edge_name: &str,
+        ttl: std::time::Duration,
+    ) -> Result<String, PkiError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = vec![SanType::DnsName(
+            edge_dns_name(edge_id)
+                .try_into()
+                .map_err(|_| PkiError::BadName(edge_dns_name(edge_id)))?,
+        )];
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Custody");
+        dn.push(DnType::CommonName, format!("custody edge {edge_name}"));
+        params.distinguished_name = dn;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + time::Duration::seconds(ttl.as_secs() as i64);
+        let mut serial = [0u8; 16];
+        rand::Rng::fill(&mut rand::rng(), &mut serial[..]);
+        serial[0] &= 0x7f;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        let signed = rcgen::CertificateSigningRequestParams {
+            params,
+            public_key: csr.public_key,
+        }
+        .signed_by(&self.issuer)?;
+        Ok(signed.pem())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls_pki_types::pem::PemObject as _;
 
     #[test]
     fn node_names_round_trip() {
         assert_eq!(parse_node_dns_name(&node_dns_name(42)), Some(42));
         assert_eq!(parse_node_dns_name("node-x.cluster.custody"), None);
         assert_eq!(parse_node_dns_name("edge-1.cluster.custody"), None);
+    }
+
+    #[test]
+    fn signs_edge_requests_with_its_own_names() {
+        let ca = ClusterCa::generate("t").unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut req = CertificateParams::new(vec!["node-1.cluster.custody".to_string()]).unwrap();
+        req.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let csr = req.serialize_request(&key).unwrap().pem().unwrap();
+        let pem = ca
+            .sign_edge(&csr, 9, "e1", std::time::Duration::from_secs(60))
+            .unwrap();
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let names: Vec<String> = cert
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(names, vec!["DNSName(edge-9.edge.custody)"]);
+        assert!(!cert.is_ca());
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && !eku.server_auth);
+        assert!(ca
+            .sign_edge("garbage", 1, "e", std::time::Duration::from_secs(60))
+            .is_err());
+        assert_eq!(parse_edge_dns_name(&edge_dns_name(77)), Some(77));
+        assert_eq!(parse_edge_dns_name(&node_dns_name(77)), None);
     }
 
     #[test]

@@ -6,19 +6,26 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 
+use custody_proto::cluster::v1::peer_server::PeerServer;
 use custody_proto::cluster::v1::raft_transport_server::RaftTransportServer;
 use custody_proto::v1::auth_server::AuthServer;
 use custody_proto::v1::cluster_server::ClusterServer;
+use custody_proto::v1::edges_server::EdgesServer;
 use custody_proto::v1::kv_server::KvServer;
 use custody_proto::v1::policy_server::PolicyServer;
+use custody_proto::v1::resources_server::ResourcesServer;
+use custody_proto::v1::sessions_server::SessionsServer;
 
-use crate::api::{ApiService, Guard, PolicyService};
+use crate::api::{
+    ApiService, EdgesService, Guard, PolicyService, ResourcesService, SessionsService,
+};
 use crate::auth::{HttpJwks, Verifier};
 use crate::config::Config;
 use crate::consensus::transport::{GrpcTransport, RaftService, MAX_FRAME_BYTES, WINDOW_BYTES};
 use crate::consensus::{self, NodeConfig};
 use crate::storage::{RaftStore, RocksEngine};
 use crate::tls::{install_crypto_provider, tls_incoming, TlsMaterial};
+use crate::tunnel::{EdgeRegistry, PeerClients, PeerService, Tunnels};
 
 const API_MAX_MESSAGE: usize = 16 << 20;
 
@@ -72,6 +79,42 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .context("start raft node")?;
     let ticker = consensus::spawn_ticker(node.input(), cfg.tick);
 
+    let ca = match &cfg.ca_key {
+        Some(path) => {
+            let key = std::fs::read_to_string(path)
+                .with_context(|| format!("read CA key {}", path.display()))?;
+            let cert = String::from_utf8_lossy(&tls.ca_pem).into_owned();
+            Some(crate::pki::ClusterCa::from_pem(&cert, &key).context("load the cluster CA")?)
+        }
+        None => {
+            tracing::warn!(
+                "no tls.ca_key: this node cannot enroll edges or renew their certificates"
+            );
+            None
+        }
+    };
+    let registry = std::sync::Arc::new(EdgeRegistry::new());
+    let tunnels = std::sync::Arc::new(Tunnels {
+        node: node.clone(),
+        registry: registry.clone(),
+        peers: PeerClients::new(tls.client_config()),
+        ca,
+        cert_ttl: cfg.edge_cert_ttl,
+        region: cfg.region.clone(),
+    });
+    let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(
+        tls.tunnel_server_config().context("tunnel TLS config")?,
+    )
+    .context("tunnel QUIC config")?;
+    let mut quic_cfg = quinn::ServerConfig::with_crypto(std::sync::Arc::new(quic_tls));
+    quic_cfg.transport_config(std::sync::Arc::new(
+        crate::tunnel::server::transport_config(),
+    ));
+    let endpoint = quinn::Endpoint::server(quic_cfg, cfg.tunnel_addr)
+        .with_context(|| format!("bind tunnel address {} (UDP)", cfg.tunnel_addr))?;
+    let tunnel_task = tokio::spawn(tunnels.clone().serve(endpoint.clone()));
+    let revocations = tokio::spawn(tunnels.clone().watch_revocations());
+
     let raft_svc = RaftTransportServer::new(RaftService::new(cfg.id, node.input()))
         .max_decoding_message_size(MAX_FRAME_BYTES)
         .max_encoding_message_size(MAX_FRAME_BYTES);
@@ -100,6 +143,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .initial_stream_window_size(WINDOW_BYTES)
         .initial_connection_window_size(2 * WINDOW_BYTES)
         .add_service(raft_svc)
+        .add_service(PeerServer::new(PeerService::new(registry.clone())))
         .serve_with_incoming_shutdown(raft_incoming, stopped(stop_rx.clone()));
     let api_server = Server::builder()
         .initial_stream_window_size(WINDOW_BYTES)
@@ -108,12 +152,25 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .add_service(cluster_svc)
         .add_service(auth_svc)
         .add_service(policy_svc)
+        .add_service(EdgesServer::new(EdgesService::new(
+            tunnels.clone(),
+            guard.clone(),
+        )))
+        .add_service(ResourcesServer::new(ResourcesService::new(
+            tunnels.clone(),
+            guard.clone(),
+        )))
+        .add_service(SessionsServer::new(SessionsService::new(
+            tunnels.clone(),
+            guard.clone(),
+        )))
         .serve_with_incoming_shutdown(api_incoming, stopped(stop_rx.clone()));
     tracing::info!(
         node = cfg.id,
         region = %cfg.region,
         raft = %cfg.raft_addr,
         api = %cfg.api_addr,
+        tunnel = %cfg.tunnel_addr,
         "coordinator node running"
     );
     let raft_task = tokio::spawn(raft_server);
@@ -126,6 +183,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     };
     tracing::info!(node = cfg.id, "shutting down");
     let _ = stop_tx.send(true);
+    registry.close_all(
+        crate::tunnel::registry::close_code::SHUTDOWN,
+        "coordinator shutting down",
+    );
+    endpoint.close(0u32.into(), b"shutting down");
+    tunnel_task.abort();
+    revocations.abort();
     ticker.abort();
     if let Some(d) = dev_issuer {
         d.abort();

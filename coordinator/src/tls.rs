@@ -38,6 +38,9 @@ pub enum TlsError {
     Verifier(String),
 }
 
+/// ALPN protocol of edge tunnels.
+pub const TUNNEL_ALPN: &[u8] = b"custody-tunnel/1";
+
 /// Installs ring as the process-wide rustls provider. Call first thing in every
 /// binary and test; repeated calls are harmless.
 pub fn install_crypto_provider() {
@@ -147,6 +150,24 @@ impl TlsMaterial {
         Ok(cfg)
     }
 
+    /// rustls config for the tunnel listener: TLS 1.3 only (QUIC requires it),
+    /// ALPN [`TUNNEL_ALPN`]. A client certificate from the cluster CA is
+    /// optional at the handshake so that new edges can enroll; every other use
+    /// of the connection requires an edge certificate.
+    pub fn tunnel_server_config(&self) -> Result<ServerConfig, TlsError> {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let mut cfg = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        cfg.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];
+        Ok(cfg)
+    }
+
     /// tonic client config for node-to-node calls: trust the cluster CA and
     /// present this node's certificate.
     pub fn client_config(&self) -> tonic::transport::ClientTlsConfig {
@@ -165,6 +186,16 @@ pub fn node_id_from_cert(der: &[u8]) -> Option<u64> {
     let san = cert.subject_alternative_name().ok()??;
     san.value.general_names.iter().find_map(|n| match n {
         x509_parser::extensions::GeneralName::DNSName(d) => parse_node_dns_name(d),
+        _ => None,
+    })
+}
+
+/// The edge id named in a peer certificate, if it is an edge certificate.
+pub fn edge_id_from_cert(der: &[u8]) -> Option<u64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::DNSName(d) => crate::pki::parse_edge_dns_name(d),
         _ => None,
     })
 }

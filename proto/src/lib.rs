@@ -1,11 +1,15 @@
-//! Wire types for Custody: the client/admin gRPC API (`custody.v1`) and the
-//! cluster-internal surface (`custody.cluster.v1`: Raft transport and the
-//! replicated command log).
+//! Wire types for Custody: the client/admin gRPC API (`custody.v1`), the
+//! cluster-internal surface (`custody.cluster.v1`: Raft transport, node-to-node
+//! session relay and the replicated command log) and the edge tunnel protocol
+//! (`custody.tunnel.v1`) with its framing.
 //!
-//! Generated code only. Receivers convert these types into validated domain
-//! types; nothing outside the receiving module should depend on them.
+//! Generated code and the frame codec only. Receivers convert these types into
+//! validated domain types; nothing outside the receiving module should depend
+//! on them.
 
 #![forbid(unsafe_code)]
+
+pub mod frame;
 
 /// Client and admin API.
 pub mod v1 {
@@ -16,5 +20,12 @@ pub mod v1 {
 pub mod cluster {
     pub mod v1 {
         tonic::include_proto!("custody.cluster.v1");
+    }
+}
+
+/// Edge ↔ coordinator tunnel protocol.
+pub mod tunnel {
+    pub mod v1 {
+        tonic::include_proto!("custody.tunnel.v1");
     }
 }

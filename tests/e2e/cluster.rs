@@ -281,6 +281,7 @@ fn new_member(c: &TestCluster, id: u64) -> api::NewMember {
         region: n.region.clone(),
         raft_addr: n.raft_addr.clone(),
         api_addr: n.api_addr.clone(),
+        tunnel_addr: n.tunnel_addr.clone(),
     }
 }
 

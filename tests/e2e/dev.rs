@@ -47,7 +47,12 @@ fn dev_up_detach_writes_dev_json_and_dev_down_stops_everything() {
         assert!(c["id"].as_u64().is_some() && c["region"].as_str().is_some());
         pids.push(pid);
     }
-    assert!(dev["edges"].is_array());
+    let edges = dev["edges"].as_array().unwrap();
+    assert_eq!(edges.len(), 1, "{dev}");
+    assert_eq!(edges[0]["name"], "dev-edge");
+    let edge_pid = edges[0]["pid"].as_u64().unwrap();
+    assert!(alive(edge_pid), "edge not running");
+    pids.push(edge_pid);
     let coord = dev["env"]["CUSTODY_COORDINATOR"]
         .as_str()
         .unwrap()
@@ -101,6 +106,22 @@ fn dev_up_detach_writes_dev_json_and_dev_down_stops_everything() {
     let out = custody(&bins, &["kv", "put", "greeting", "hello"], &alice);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("requires role admin"));
+
+    // The dev edge serves local-shell, and alice may use it.
+    let out = custody(
+        &bins,
+        &["exec", "local-shell", "--", "sh", "-c", "echo hi; exit 3"],
+        &alice,
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = custody(&bins, &["resources"], &alice);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("local-shell"));
 
     let out = custody(&bins, &["kv", "put", "greeting", "hello"], &env);
     assert!(

@@ -38,6 +38,18 @@ impl Drop for TestCluster {
                 eprintln!("{l}");
             }
         }
+        for e in self.cluster.edges.values() {
+            let log = std::fs::read_to_string(&e.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            eprintln!(
+                "----- edge {} log (last {} lines) -----",
+                e.name,
+                tail.len()
+            );
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
     }
 }
 

@@ -6,5 +6,6 @@ mod auth;
 mod bad_input;
 mod cluster;
 mod dev;
+mod edge;
 mod harness;
 mod oidc;

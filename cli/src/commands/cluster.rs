@@ -49,6 +49,9 @@ pub struct MemberArgs {
     /// The new node's API address (HOST:PORT).
     #[arg(long)]
     api: String,
+    /// The new node's tunnel address (HOST:PORT), announced to edges.
+    #[arg(long, default_value = "")]
+    tunnel: String,
 }
 
 impl MemberArgs {
@@ -58,6 +61,7 @@ impl MemberArgs {
             region: self.region,
             raft_addr: self.raft,
             api_addr: self.api,
+            tunnel_addr: self.tunnel,
         }
     }
 }

@@ -7,7 +7,13 @@ use anyhow::Context as _;
 use clap::Subcommand;
 use serde::{Deserialize, Serialize};
 
-use custody_cli::dev::{signal, Binaries, GenOptions, LocalCluster};
+use custody_cli::dev::{signal, Binaries, EdgeSpec, GenOptions, LocalCluster};
+
+/// The policy a new dev system starts with (when none was applied yet).
+const DEV_POLICY: &str = include_str!("../../../examples/policy.yaml");
+/// The dev system's edge and its shell resource.
+const DEV_EDGE: &str = "dev-edge";
+const DEV_RESOURCE: &str = "local-shell";
 
 #[derive(Subcommand)]
 pub enum DevCmd {
@@ -97,6 +103,40 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
         .wait_for_leader(&[], Duration::from_secs(30))
         .await
         .with_context(|| format!("cluster did not come up; see {}/node-*.log", dir.display()))?;
+    let admin = cluster.client(&[])?;
+    if admin.policy_show().await?.version == 0 {
+        admin
+            .policy_apply(DEV_POLICY, "yaml")
+            .await
+            .context("apply the demo policy")?;
+    }
+    let mut spec = EdgeSpec::shell(DEV_EDGE, DEV_RESOURCE);
+    // Commands run in the dev dir's `work` directory.
+    std::fs::create_dir_all(dir.join("work"))?;
+    spec.resources_toml
+        .push_str("[resources.shell]\nworkdir = \"work\"\n");
+    cluster.add_edge(&spec)?;
+    if dir
+        .join(format!("edge-{DEV_EDGE}"))
+        .join("edge.json")
+        .exists()
+    {
+        cluster.start_edge(DEV_EDGE, None)?;
+    } else {
+        cluster
+            .enroll_edge(DEV_EDGE)
+            .await
+            .context("enroll the dev edge")?;
+    }
+    cluster
+        .wait_for_resource(DEV_RESOURCE, 1, Duration::from_secs(30))
+        .await
+        .with_context(|| {
+            format!(
+                "the dev edge did not come up; see {}/edge-{DEV_EDGE}.log",
+                dir.display()
+            )
+        })?;
     let mut identities = serde_json::Map::new();
     for who in ["admin", "alice", "bob", "agent", "audrey"] {
         let t = cluster
@@ -123,7 +163,14 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
                 api: n.api_url(),
             })
             .collect(),
-        edges: Vec::new(),
+        edges: cluster
+            .edges
+            .values()
+            .map(|e| DevEdge {
+                name: e.name.clone(),
+                pid: e.pid().unwrap_or(0),
+            })
+            .collect(),
         identities,
         env: DevEnv {
             CUSTODY_COORDINATOR: cluster.api_urls(&[]),
@@ -136,11 +183,11 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
     custody_cli::login::write_private(&path, serde_json::to_string_pretty(&dev)?.as_bytes())
         .with_context(|| format!("write {}", path.display()))?;
     println!(
-        "Custody dev system is up: {} coordinators, leader node {leader}.",
+        "Custody dev system is up: {} coordinators (leader node {leader}), edge {DEV_EDGE} serving {DEV_RESOURCE}.",
         dev.coordinators.len()
     );
     println!(
-        "Logs: {}/node-*.log   State: {}",
+        "Logs: {}/node-*.log, edge-*.log   State: {}",
         dir.display(),
         path.display()
     );
@@ -153,6 +200,9 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
     println!("  export CUSTODY_CA={}", dev.env.CUSTODY_CA);
     println!("  export CUSTODY_TOKEN=$(jq -r .identities.alice.token {})   # or admin, bob, agent, audrey", path.display());
     println!("  custody whoami");
+    println!("  custody resources");
+    println!("  custody exec {DEV_RESOURCE} -- uname -a");
+    println!("  custody exec {DEV_RESOURCE} -- rm -rf /      # refused by a guardrail");
     println!("  custody cluster status");
     println!("  custody policy show");
     if detach {
@@ -162,6 +212,7 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
     }
     println!("Press Ctrl-C to stop.");
     tokio::signal::ctrl_c().await.context("wait for Ctrl-C")?;
+    cluster.kill_edge(DEV_EDGE);
     let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
     for id in ids {
         cluster.stop(id)?;

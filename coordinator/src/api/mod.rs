@@ -14,11 +14,15 @@ use custody_proto::v1 as api;
 use custody_proto::v1::cluster_server::Cluster;
 use custody_proto::v1::kv_server::Kv;
 
+mod edges;
 mod guard;
 mod policy;
+pub mod sessions;
 
+pub use edges::{EdgesService, ResourcesService};
 pub use guard::Guard;
 pub use policy::PolicyService;
+pub use sessions::SessionsService;
 
 use std::sync::Arc;
 
@@ -46,7 +50,7 @@ pub(crate) fn status_from(e: NodeError) -> Status {
     }
 }
 
-fn storage_status(e: StorageError) -> Status {
+pub(crate) fn storage_status(e: StorageError) -> Status {
     Status::internal(e.to_string())
 }
 
@@ -219,7 +223,14 @@ fn new_member(m: Option<api::NewMember>) -> Result<Member, Status> {
     if m.region.trim().is_empty() {
         return Err(Status::invalid_argument("member region must not be empty"));
     }
-    for (what, a) in [("raft", &m.raft_addr), ("api", &m.api_addr)] {
+    for (what, a) in [
+        ("raft", &m.raft_addr),
+        ("api", &m.api_addr),
+        ("tunnel", &m.tunnel_addr),
+    ] {
+        if what == "tunnel" && a.is_empty() {
+            continue;
+        }
         a.parse::<std::net::SocketAddr>().map_err(|e| {
             Status::invalid_argument(format!("member {what} address {a:?} is not HOST:PORT: {e}"))
         })?;
@@ -229,6 +240,7 @@ fn new_member(m: Option<api::NewMember>) -> Result<Member, Status> {
         region: m.region,
         raft_addr: m.raft_addr,
         api_addr: m.api_addr,
+        tunnel_addr: m.tunnel_addr,
     })
 }
 
@@ -270,6 +282,7 @@ pub fn cluster_status(st: &NodeStatus) -> api::ClusterStatus {
                 region: m.region.clone(),
                 api_addr: m.api_addr.clone(),
                 raft_addr: m.raft_addr.clone(),
+                tunnel_addr: m.tunnel_addr.clone(),
                 state: state.into(),
                 match_index: prog.map_or(0, |p| p.match_index),
             }

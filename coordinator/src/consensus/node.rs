@@ -14,11 +14,11 @@ use prost::Message as _;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType};
 use raft::{RawNode, SnapshotStatus, StateRole};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use custody_proto::cluster::v1 as pb;
 
-use crate::state::{self, ApplyOutcome, Command, Member, Proposal, StateTxn};
+use crate::state::{self, ApplyOutcome, Command, Member, Proposal, StateEvent, StateTxn};
 use crate::storage::{Engine, RaftStore, SnapshotImage, StorageError};
 
 use super::logger::raft_logger;
@@ -137,6 +137,7 @@ pub struct NodeHandle<E: Engine> {
     tx: mpsc::Sender<Input>,
     store: RaftStore<E>,
     timeout: Duration,
+    events: broadcast::Sender<StateEvent>,
 }
 
 impl<E: Engine> Clone for NodeHandle<E> {
@@ -146,6 +147,7 @@ impl<E: Engine> Clone for NodeHandle<E> {
             tx: self.tx.clone(),
             store: self.store.clone(),
             timeout: self.timeout,
+            events: self.events.clone(),
         }
     }
 }
@@ -157,6 +159,13 @@ impl<E: Engine> NodeHandle<E> {
 
     pub fn store(&self) -> &RaftStore<E> {
         &self.store
+    }
+
+    /// Changes applied to local state that services react to (revocations,
+    /// membership). Published after the change is durable locally. A lagging
+    /// receiver must treat `Lagged` like [`StateEvent::Reset`].
+    pub fn subscribe(&self) -> broadcast::Receiver<StateEvent> {
+        self.events.subscribe()
     }
 
     /// The sender the transport uses to deliver messages.
@@ -255,6 +264,7 @@ struct Driver<E: Engine, T: Transport> {
     ready_reads: Vec<(u64, oneshot::Sender<Result<u64, NodeError>>)>,
     members: BTreeMap<u64, Member>,
     leader: u64,
+    events: broadcast::Sender<StateEvent>,
 }
 
 /// Builds the node and starts its loop on a new thread. `bootstrap` lists the
@@ -310,11 +320,13 @@ pub fn start<E: Engine, T: Transport>(
     } else {
         transport.set_members(&members.values().cloned().collect::<Vec<_>>());
     }
+    let (events, _) = broadcast::channel(1024);
     let handle = NodeHandle {
         id: cfg.id,
         tx: tx.clone(),
         store: store.clone(),
         timeout: cfg.request_timeout,
+        events: events.clone(),
     };
     let mut driver = Driver {
         next_request: rand::random::<u64>() >> 1,
@@ -330,6 +342,7 @@ pub fn start<E: Engine, T: Transport>(
         ready_reads: Vec::new(),
         members,
         leader: 0,
+        events,
     };
     let id = driver.cfg.id;
     let thread = std::thread::Builder::new()
@@ -604,6 +617,7 @@ impl<E: Engine, T: Transport> Driver<E, T> {
             let image = SnapshotImage::decode(&snap.data)?;
             self.store.install_snapshot(snap.get_metadata(), image)?;
             self.reload_members()?;
+            let _ = self.events.send(StateEvent::Reset);
             tracing::info!(
                 node = self.cfg.id,
                 index = snap.get_metadata().index,
@@ -701,6 +715,7 @@ impl<E: Engine, T: Transport> Driver<E, T> {
             }
         }
         let commit = self.raw.raft.raft_log.committed.max(last_index);
+        let events = txn.take_events();
         self.store
             .apply(txn.into_ops(), last_index, commit, conf_state.as_ref())?;
         for (r, o) in replies {
@@ -708,6 +723,10 @@ impl<E: Engine, T: Transport> Driver<E, T> {
         }
         if members_changed {
             self.reload_members()?;
+            let _ = self.events.send(StateEvent::MembersChanged);
+        }
+        for ev in events {
+            let _ = self.events.send(ev);
         }
         Ok(())
     }
@@ -842,6 +861,7 @@ mod tests {
                 region: "r".into(),
                 raft_addr: format!("mem:{id}"),
                 api_addr: format!("mem:{id}"),
+                tunnel_addr: String::new(),
             })
             .collect()
     }

@@ -7,7 +7,11 @@
 //! State keys are namespaced:
 //! - `kv/<key>`: the generic KV namespace ([`KvRecord`]);
 //! - `sys/member/<id>`: cluster members and their region labels;
-//! - `sys/idem/<key>`: outcomes of proposals that carried an idempotency key.
+//! - `sys/idem/<key>`: outcomes of proposals that carried an idempotency key;
+//! - `sys/policy/...`, `sys/identity/...`: policy versions, identities seen;
+//! - `sys/enroll/...`, `sys/edge/...`, `sys/edgename/...`: edges ([`edges`]).
+
+pub mod edges;
 
 use std::collections::BTreeMap;
 
@@ -54,6 +58,8 @@ pub enum CommandError {
     MissingCommand,
     #[error("undecodable proposal: {0}")]
     Decode(String),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A validated state-machine command.
@@ -75,6 +81,8 @@ pub enum Command {
     RecordIdentity {
         identity_json: Vec<u8>,
     },
+    /// Edge enrollment, revocation and resource registration.
+    Edge(edges::EdgeCommand),
 }
 
 fn check_key(key: &str) -> Result<(), CommandError> {
@@ -122,6 +130,7 @@ impl Command {
                     identity_json: identity_json.clone().into(),
                 })
             }
+            Command::Edge(e) => e.to_pb(),
         };
         pb::Command { kind: Some(kind) }
     }
@@ -141,6 +150,7 @@ impl TryFrom<pb::Command> for Command {
             pb::command::Kind::RecordIdentity(r) => Ok(Command::RecordIdentity {
                 identity_json: r.identity_json.to_vec(),
             }),
+            other => edges::EdgeCommand::try_from(other).map(Command::Edge),
         }
     }
 }
@@ -184,7 +194,7 @@ impl Proposal {
 }
 
 /// What applying a command produced. Deterministic: the same on every node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ApplyOutcome {
     /// Index of the entry that applied the command (the first one, for retries).
     pub index: u64,
@@ -192,6 +202,19 @@ pub struct ApplyOutcome {
     pub existed: bool,
     /// Set when the command was a retry of an already-applied idempotency key.
     pub deduplicated: bool,
+    /// A command-specific result (the new edge id for an enrollment).
+    pub value: u64,
+    /// Why the state machine refused the command; nothing was written.
+    pub rejected: Option<String>,
+}
+
+impl ApplyOutcome {
+    pub fn at(index: u64) -> Self {
+        Self {
+            index,
+            ..Self::default()
+        }
+    }
 }
 
 /// A cluster member as kept in replicated state.
@@ -201,6 +224,8 @@ pub struct Member {
     pub region: String,
     pub raft_addr: String,
     pub api_addr: String,
+    /// Empty for members added before edges existed.
+    pub tunnel_addr: String,
 }
 
 impl From<pb::Member> for Member {
@@ -210,6 +235,7 @@ impl From<pb::Member> for Member {
             region: m.region,
             raft_addr: m.raft_addr,
             api_addr: m.api_addr,
+            tunnel_addr: m.tunnel_addr,
         }
     }
 }
@@ -221,6 +247,7 @@ impl From<&Member> for pb::Member {
             region: m.region.clone(),
             raft_addr: m.raft_addr.clone(),
             api_addr: m.api_addr.clone(),
+            tunnel_addr: m.tunnel_addr.clone(),
         }
     }
 }
@@ -280,6 +307,18 @@ fn idem_time_key(at_ms: u64, key: &str) -> Vec<u8> {
 pub struct StateTxn<E: Engine> {
     store: RaftStore<E>,
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    events: Vec<StateEvent>,
+}
+
+/// A change to state that running services react to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateEvent {
+    /// Edge `id` was revoked: close its tunnels and sessions.
+    EdgeRevoked { id: u64 },
+    /// The cluster membership changed.
+    MembersChanged,
+    /// State was replaced by a snapshot: re-read everything.
+    Reset,
 }
 
 impl<E: Engine> StateTxn<E> {
@@ -287,21 +326,31 @@ impl<E: Engine> StateTxn<E> {
         Self {
             store: store.clone(),
             overlay: BTreeMap::new(),
+            events: Vec::new(),
         }
     }
 
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+    pub(crate) fn emit(&mut self, e: StateEvent) {
+        self.events.push(e);
+    }
+
+    /// Events produced by the applied commands, to publish once the batch is written.
+    pub fn take_events(&mut self) -> Vec<StateEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         match self.overlay.get(key) {
             Some(v) => Ok(v.clone()),
             None => self.store.state_get(key),
         }
     }
 
-    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+    pub(crate) fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.overlay.insert(key, Some(value));
     }
 
-    fn delete(&mut self, key: Vec<u8>) {
+    pub(crate) fn delete(&mut self, key: Vec<u8>) {
         self.overlay.insert(key, None);
     }
 
@@ -327,6 +376,8 @@ impl<E: Engine> StateTxn<E> {
                     index: o.index,
                     existed: o.existed,
                     deduplicated: true,
+                    value: o.value,
+                    rejected: (!o.rejected.is_empty()).then_some(o.rejected),
                 });
             }
         }
@@ -342,9 +393,8 @@ impl<E: Engine> StateTxn<E> {
                 };
                 self.put(k, rec.encode());
                 ApplyOutcome {
-                    index,
                     existed: prev.is_some(),
-                    deduplicated: false,
+                    ..ApplyOutcome::at(index)
                 }
             }
             Command::Delete { key } => {
@@ -352,9 +402,8 @@ impl<E: Engine> StateTxn<E> {
                 let existed = self.get(&k)?.is_some();
                 self.delete(k);
                 ApplyOutcome {
-                    index,
                     existed,
-                    deduplicated: false,
+                    ..ApplyOutcome::at(index)
                 }
             }
             Command::SetPolicy {
@@ -387,9 +436,8 @@ impl<E: Engine> StateTxn<E> {
                             version.to_be_bytes().to_vec(),
                         );
                         ApplyOutcome {
-                            index,
                             existed: version > 1,
-                            deduplicated: false,
+                            ..ApplyOutcome::at(index)
                         }
                     }
                     // Proposers validate first; an invalid document is skipped the
@@ -397,9 +445,8 @@ impl<E: Engine> StateTxn<E> {
                     _ => {
                         tracing::error!(index, "skipping invalid policy document");
                         ApplyOutcome {
-                            index,
-                            existed: false,
-                            deduplicated: false,
+                            rejected: Some("invalid policy document".into()),
+                            ..ApplyOutcome::at(index)
                         }
                     }
                 }
@@ -411,17 +458,16 @@ impl<E: Engine> StateTxn<E> {
                     }
                     Err(_) => tracing::error!(index, "skipping undecodable identity record"),
                 }
-                ApplyOutcome {
-                    index,
-                    existed: false,
-                    deduplicated: false,
-                }
+                ApplyOutcome::at(index)
             }
+            Command::Edge(cmd) => edges::apply(self, index, p.proposed_at_ms, cmd)?,
         };
         if let Some(k) = &p.idempotency_key {
             let rec = pb::ApplyOutcome {
                 index: outcome.index,
                 existed: outcome.existed,
+                value: outcome.value,
+                rejected: outcome.rejected.clone().unwrap_or_default(),
             };
             self.put(idem_key(k), rec.encode_to_vec());
             self.put(idem_time_key(p.proposed_at_ms, k), k.as_bytes().to_vec());

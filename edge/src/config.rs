@@ -1,0 +1,252 @@
+//! The edge's configuration file.
+//!
+//! ```toml
+//! data_dir = "edge-data"          # identity (key 0600, certificate, id)
+//! ca = "ca.pem"                   # the cluster CA certificate
+//! coordinators = ["10.0.0.5:7003"] # tunnel addresses to start from
+//! # enroll_token = "cet1_..."     # used once; or --enroll-token / CUSTODY_ENROLL_TOKEN
+//! # follow_membership = false     # dial only the coordinators listed above
+//!
+//! [[resources]]
+//! name = "local-shell"
+//! kind = "shell"
+//! labels = { env = "dev" }
+//! [resources.shell]
+//! workdir = "/srv"
+//! env = { PATH = "/usr/bin:/bin" }
+//! # user = "deploy"              # needs the agent to run as root
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {detail}")]
+    Invalid { path: PathBuf, detail: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    data_dir: PathBuf,
+    ca: PathBuf,
+    coordinators: Vec<String>,
+    #[serde(default)]
+    enroll_token: Option<String>,
+    #[serde(default = "yes")]
+    follow_membership: bool,
+    #[serde(default)]
+    resources: Vec<RawResource>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResource {
+    name: String,
+    kind: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    shell: Option<ShellConfig>,
+}
+
+/// Settings of the `shell` connector.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ShellConfig {
+    /// Working directory of every command (default: the agent's own).
+    #[serde(default)]
+    pub workdir: Option<PathBuf>,
+    /// The complete environment of every command; nothing is inherited. A
+    /// default `PATH` is added when it is missing.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Run commands as this local user (the agent must run as root).
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+/// A resource this edge serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resource {
+    pub name: String,
+    pub kind: String,
+    pub labels: BTreeMap<String, String>,
+    pub connector: Connector,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Connector {
+    Shell(ShellConfig),
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    pub data_dir: PathBuf,
+    pub ca: PathBuf,
+    pub coordinators: Vec<SocketAddr>,
+    pub enroll_token: Option<String>,
+    /// Keep a tunnel to every cluster member (default). When false, only the
+    /// configured coordinators are dialed: for networks that can reach just
+    /// some of them; the others relay sessions through those.
+    pub follow_membership: bool,
+    pub resources: Vec<Resource>,
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+impl EdgeConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path.parent().unwrap_or(Path::new("."))).map_err(|detail| {
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                detail,
+            }
+        })
+    }
+
+    /// Parses `text`; relative paths are resolved against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Self, String> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                base.join(p)
+            }
+        };
+        if raw.coordinators.is_empty() {
+            return Err(
+                "coordinators is empty: give at least one coordinator tunnel address".into(),
+            );
+        }
+        let coordinators = raw
+            .coordinators
+            .iter()
+            .map(|a| {
+                a.parse::<SocketAddr>()
+                    .map_err(|e| format!("coordinator address {a:?} is not IP:PORT: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut resources = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for r in raw.resources {
+            if !valid_name(&r.name) {
+                return Err(format!(
+                    "resource name {:?} is invalid: use 1-63 of a-z, 0-9, '.', '_', '-'",
+                    r.name
+                ));
+            }
+            if !seen.insert(r.name.clone()) {
+                return Err(format!("resource {} is declared twice", r.name));
+            }
+            let connector = match r.kind.as_str() {
+                "shell" => {
+                    let mut sh = r.shell.unwrap_or_default();
+                    sh.workdir = sh.workdir.as_deref().map(resolve);
+                    Connector::Shell(sh)
+                }
+                "postgres" | "ssh" | "kubernetes" => {
+                    return Err(format!(
+                        "resource {}: the {} connector is not available in this version",
+                        r.name, r.kind
+                    ))
+                }
+                other => {
+                    return Err(format!(
+                        "resource {}: unknown kind {other:?} (expected shell)",
+                        r.name
+                    ))
+                }
+            };
+            resources.push(Resource {
+                name: r.name,
+                kind: r.kind,
+                labels: r.labels,
+                connector,
+            });
+        }
+        Ok(EdgeConfig {
+            data_dir: resolve(&raw.data_dir),
+            ca: resolve(&raw.ca),
+            coordinators,
+            enroll_token: raw.enroll_token,
+            follow_membership: raw.follow_membership,
+            resources,
+        })
+    }
+
+    pub fn resource(&self, name: &str) -> Option<&Resource> {
+        self.resources.iter().find(|r| r.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+data_dir = "data"
+ca = "ca.pem"
+coordinators = ["127.0.0.1:7003"]
+[[resources]]
+name = "local-shell"
+kind = "shell"
+labels = { env = "dev" }
+[resources.shell]
+workdir = "work"
+env = { FOO = "bar" }
+"#;
+
+    #[test]
+    fn parses_and_resolves() {
+        let c = EdgeConfig::parse(GOOD, Path::new("/etc/edge")).unwrap();
+        assert_eq!(c.data_dir, Path::new("/etc/edge/data"));
+        let r = c.resource("local-shell").unwrap();
+        let Connector::Shell(sh) = &r.connector;
+        assert_eq!(sh.workdir.as_deref(), Some(Path::new("/etc/edge/work")));
+        assert_eq!(r.labels["env"], "dev");
+    }
+
+    #[test]
+    fn refuses_bad_input_clearly() {
+        let base = Path::new("/");
+        let e = EdgeConfig::parse(&GOOD.replace("127.0.0.1:7003", "nowhere"), base).unwrap_err();
+        assert!(e.contains("not IP:PORT"), "{e}");
+        let e = EdgeConfig::parse(&GOOD.replace("kind = \"shell\"", "kind = \"ftp\""), base)
+            .unwrap_err();
+        assert!(e.contains("unknown kind"), "{e}");
+        let e = EdgeConfig::parse(&GOOD.replace("local-shell", "Local Shell"), base).unwrap_err();
+        assert!(e.contains("invalid"), "{e}");
+        let e = EdgeConfig::parse(&GOOD.replace("ca = ", "bogus = 1\nca = "), base).unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+        let e = EdgeConfig::parse(&GOOD.replace("[\"127.0.0.1:7003\"]", "[]"), base).unwrap_err();
+        assert!(e.contains("coordinators is empty"), "{e}");
+    }
+}

@@ -1,0 +1,632 @@
+//! Edge agents: enrollment, tunnels, routing, revocation and the shell
+//! connector, with real coordinator and edge processes.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use custody_cli::dev::{EdgeSpec, GenOptions};
+use custody_edge::identity::{EdgeInfo, Identity};
+use custody_proto::frame::{encode_frame, read_frame, write_frame};
+use custody_proto::tunnel::v1 as t;
+
+use crate::harness::{self, eventually, TestCluster};
+
+const POLICY: &str = include_str!("../../examples/policy.yaml");
+
+/// A started cluster with the example policy and edge `e1` serving
+/// `local-shell`, live on every node.
+async fn system(opts: GenOptions) -> TestCluster {
+    let (mut c, _) = harness::started(opts).await;
+    c.client(&[])
+        .unwrap()
+        .policy_apply(POLICY, "yaml")
+        .await
+        .unwrap();
+    c.add_edge(&EdgeSpec::shell("e1", "local-shell")).unwrap();
+    c.enroll_edge("e1").await.unwrap();
+    let n = c.nodes.len();
+    c.wait_for_resource("local-shell", n, Duration::from_secs(20))
+        .await
+        .unwrap();
+    c
+}
+
+/// Runs the `custody` binary against `nodes` (all when empty) as `token`.
+fn custody(c: &TestCluster, nodes: &[u64], token: &str, args: &[&str]) -> Output {
+    custody_cmd(c, nodes, token, args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run custody")
+}
+
+fn custody_cmd(c: &TestCluster, nodes: &[u64], token: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(&c.bins.custody);
+    cmd.args(args)
+        .env("CUSTODY_COORDINATOR", c.api_urls(nodes))
+        .env("CUSTODY_CA", c.ca_path())
+        .env("CUSTODY_TOKEN", token)
+        .env_remove("CUSTODY_TOKEN_FILE");
+    cmd
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+async fn token(c: &TestCluster, who: &str) -> String {
+    c.mint_token(who).await.unwrap().token
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolled_edge_runs_commands_with_their_exit_code() {
+    let c = system(GenOptions::default()).await;
+    let alice = token(&c, "alice").await;
+    let out = custody(
+        &c,
+        &[],
+        &alice,
+        &[
+            "exec",
+            "local-shell",
+            "--",
+            "sh",
+            "-c",
+            "echo hi; echo oops >&2; exit 3",
+        ],
+    );
+    assert_eq!(text(&out.stdout), "hi\n");
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("oops"), "{err}");
+    assert!(err.contains("custody: session "), "{err}");
+
+    // stdin is streamed to the command.
+    let mut child = custody_cmd(
+        &c,
+        &[],
+        &alice,
+        &["exec", "local-shell", "--", "tr", "a-z", "A-Z"],
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"hello edge\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(text(&out.stdout), "HELLO EDGE\n", "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0));
+
+    // A missing program is a clear error, not a hang.
+    let out = custody(
+        &c,
+        &[],
+        &alice,
+        &["exec", "local-shell", "--", "/no/such/program"],
+    );
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        text(&out.stderr).contains("cannot start"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // The edge key is private.
+    use std::os::unix::fs::PermissionsExt as _;
+    let key = c.edges["e1"].data_dir.join("edge-key.pem");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o077,
+        0
+    );
+    let resources = custody(&c, &[], &alice, &["resources", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&resources.stdout).unwrap();
+    assert_eq!(v[0]["name"], "local-shell");
+    assert_eq!(v[0]["live"], true);
+    assert_eq!(
+        v[0]["edges"][0]["connected_nodes"],
+        serde_json::json!([1, 2, 3])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_denies_with_the_rule_and_nothing_runs() {
+    let c = system(GenOptions::default()).await;
+    let marker = c.dir.join("marker");
+    let touch = format!("touch {}", marker.display());
+    // bob (approvers) matches no exec rule: default deny.
+    let bob = token(&c, "bob").await;
+    let out = custody(
+        &c,
+        &[],
+        &bob,
+        &["exec", "local-shell", "--", "sh", "-c", &touch],
+    );
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        text(&out.stderr).contains("denied by policy"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Auditors read evidence but cannot exec.
+    let audrey = token(&c, "audrey").await;
+    let out = custody(
+        &c,
+        &[],
+        &audrey,
+        &["exec", "local-shell", "--", "sh", "-c", &touch],
+    );
+    assert!(
+        text(&out.stderr).contains("denied by policy"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A guardrail names its rule.
+    let alice = token(&c, "alice").await;
+    let out = custody(
+        &c,
+        &[],
+        &alice,
+        &[
+            "exec",
+            "local-shell",
+            "--",
+            "rm",
+            "-rf",
+            marker.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        text(&out.stderr).contains("denied by policy rule guardrail:destructive-shell"),
+        "{}",
+        text(&out.stderr)
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!marker.exists(), "a denied command reached the edge");
+    // Non-admins cannot enroll edges.
+    let out = custody(
+        &c,
+        &[],
+        &alice,
+        &["edge-token", "create", "--name", "sneaky"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("requires role admin"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Unknown resources are named.
+    let out = custody(&c, &[], &alice, &["exec", "nope", "--", "true"]);
+    assert!(
+        text(&out.stderr).contains("no resource named"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Allowed, the same command does run.
+    let out = custody(
+        &c,
+        &[],
+        &alice,
+        &["exec", "local-shell", "--", "sh", "-c", &touch],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(marker.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_tokens_are_single_use_and_expire() {
+    let (mut c, _) = harness::started(GenOptions::default()).await;
+    let admin = c.client(&[]).unwrap();
+    let tok = admin
+        .create_enroll_token("e1", "eu", Duration::from_secs(600))
+        .await
+        .unwrap()
+        .token;
+    c.add_edge(&EdgeSpec::shell("e1", "shell-a")).unwrap();
+    c.start_edge("e1", Some(&tok)).unwrap();
+    c.wait_for_resource("shell-a", 1, Duration::from_secs(20))
+        .await
+        .unwrap();
+
+    // The same token again, for a fresh edge: refused.
+    c.add_edge(&EdgeSpec::shell("e2", "shell-b")).unwrap();
+    c.start_edge("e2", Some(&tok)).unwrap();
+    let log = c.edges["e2"].log.clone();
+    wait_exit(&mut c, "e2").await;
+    let l = std::fs::read_to_string(&log).unwrap();
+    assert!(l.contains("enrollment token was already used"), "{l}");
+    assert!(!c.edges["e2"].data_dir.join("edge.json").exists());
+
+    // An expired token: refused.
+    let short = admin
+        .create_enroll_token("e3", "eu", Duration::from_secs(1))
+        .await
+        .unwrap()
+        .token;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.add_edge(&EdgeSpec::shell("e3", "shell-c")).unwrap();
+    c.start_edge("e3", Some(&short)).unwrap();
+    let log = c.edges["e3"].log.clone();
+    wait_exit(&mut c, "e3").await;
+    let l = std::fs::read_to_string(&log).unwrap();
+    assert!(l.contains("enrollment token has expired"), "{l}");
+
+    // A made-up token: refused.
+    c.add_edge(&EdgeSpec::shell("e4", "shell-d")).unwrap();
+    c.start_edge(
+        "e4",
+        Some("cet1_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+    )
+    .unwrap();
+    let log = c.edges["e4"].log.clone();
+    wait_exit(&mut c, "e4").await;
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("unknown enrollment token"));
+    // A second token for an active name is refused up front.
+    let e = admin
+        .create_enroll_token("e1", "eu", Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("already enrolled"), "{e}");
+}
+
+async fn wait_exit(c: &mut TestCluster, edge: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = c.edge_exit(edge) {
+            assert!(!s.success(), "edge {edge} exited successfully");
+            return s;
+        }
+        assert!(Instant::now() < deadline, "edge {edge} did not exit");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_route_through_the_node_holding_the_tunnel() {
+    let (mut c, _) = harness::started(GenOptions::default()).await;
+    c.client(&[])
+        .unwrap()
+        .policy_apply(POLICY, "yaml")
+        .await
+        .unwrap();
+    let mut spec = EdgeSpec::shell("e1", "local-shell");
+    spec.seeds = vec![1];
+    spec.seeds_only = true;
+    c.add_edge(&spec).unwrap();
+    c.enroll_edge("e1").await.unwrap();
+    c.wait_for_resource("local-shell", 1, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let alice = token(&c, "alice").await;
+    let v: serde_json::Value =
+        serde_json::from_slice(&custody(&c, &[], &alice, &["resources", "--json"]).stdout).unwrap();
+    assert_eq!(v[0]["edges"][0]["connected_nodes"], serde_json::json!([1]));
+    for caller in [2, 3] {
+        let out = custody(
+            &c,
+            &[caller],
+            &alice,
+            &[
+                "exec",
+                "local-shell",
+                "--",
+                "sh",
+                "-c",
+                "echo routed; exit 7",
+            ],
+        );
+        assert_eq!(text(&out.stdout), "routed\n", "{}", text(&out.stderr));
+        assert_eq!(out.status.code(), Some(7));
+        assert!(
+            text(&out.stderr).contains("via node 1"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_edge_is_cut_off_everywhere() {
+    let mut c = system(GenOptions::default()).await;
+    let alice = token(&c, "alice").await;
+    // A long session, through a node other than the one revoking.
+    let mut long = custody_cmd(
+        &c,
+        &[2],
+        &alice,
+        &["exec", "local-shell", "--", "sleep", "60"],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let started = Instant::now();
+    let admin = c.client(&[1]).unwrap();
+    admin.revoke_edge("e1").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = long.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "session survived revocation");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let out = long.wait_with_output().unwrap();
+    assert_eq!(status.code(), Some(255), "{}", text(&out.stderr));
+    eprintln!("session ended {:?} after revocation", started.elapsed());
+    // The agent learns it was revoked and stops; restarting it does not help.
+    wait_exit(&mut c, "e1").await;
+    c.start_edge("e1", None).unwrap();
+    wait_exit(&mut c, "e1").await;
+    let log = std::fs::read_to_string(&c.edges["e1"].log).unwrap();
+    assert!(log.contains("revoked"), "{log}");
+    let out = custody(&c, &[], &alice, &["exec", "local-shell", "--", "true"]);
+    assert!(
+        text(&out.stderr).contains("no resource named"),
+        "{}",
+        text(&out.stderr)
+    );
+    let edges = admin.list_edges().await.unwrap();
+    assert!(edges[0].revoked && edges[0].connected_nodes.is_empty());
+    // The name can be enrolled again with a new token (and a new identity).
+    let _ = std::fs::remove_dir_all(&c.edges["e1"].data_dir);
+    c.enroll_edge("e1").await.unwrap();
+    c.wait_for_resource("local-shell", 3, Duration::from_secs(20))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_kill_and_edge_restart_recover_quickly() {
+    let mut c = system(GenOptions::default()).await;
+    let alice = token(&c, "alice").await;
+    c.kill(1).unwrap();
+    let t0 = Instant::now();
+    let out = custody(
+        &c,
+        &[],
+        &alice,
+        &["exec", "local-shell", "--", "echo", "still here"],
+    );
+    let took = t0.elapsed();
+    assert_eq!(text(&out.stdout), "still here\n", "{}", text(&out.stderr));
+    assert!(took < Duration::from_secs(5), "new session took {took:?}");
+    eprintln!("session after killing node 1: {took:?}");
+
+    c.start(1).unwrap();
+    let client = c.client(&[2, 3]).unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "edge reconnects to node 1",
+        || async {
+            client
+                .list_edges()
+                .await
+                .is_ok_and(|e| e[0].connected_nodes == vec![1, 2, 3])
+        },
+    )
+    .await;
+
+    c.kill_edge("e1");
+    c.start_edge("e1", None).unwrap();
+    let t0 = Instant::now();
+    c.wait_for_resource("local-shell", 1, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let took = t0.elapsed();
+    eprintln!("edge live again after restart: {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "edge took {took:?} to come back"
+    );
+    let out = custody(
+        &c,
+        &[],
+        &alice,
+        &["exec", "local-shell", "--", "echo", "back"],
+    );
+    assert_eq!(text(&out.stdout), "back\n", "{}", text(&out.stderr));
+}
+
+// ---- Hostile peers on the tunnel port ----
+
+fn endpoint() -> quinn::Endpoint {
+    quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap()
+}
+
+/// Connects with `identity` and says hello; Ok(()) when welcomed.
+async fn hello_with(c: &TestCluster, identity: Option<&Identity>) -> Result<(), String> {
+    let ca = std::fs::read(c.ca_path()).unwrap();
+    let cfg = custody_edge::tls::quic_client_config(&ca, identity)?;
+    let addr: std::net::SocketAddr = c.nodes[&1].tunnel_addr.parse().unwrap();
+    let ep = endpoint();
+    let run = async {
+        let conn = ep
+            .connect_with(cfg, addr, "127.0.0.1")
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let hello = t::EdgeMessage {
+            // What e1 serves, so a welcome leaves its registration unchanged.
+            kind: Some(t::edge_message::Kind::Hello(t::Hello {
+                agent_version: "test".into(),
+                resources: vec![t::Resource {
+                    name: "local-shell".into(),
+                    kind: "shell".into(),
+                    labels: [("env".to_string(), "dev".to_string())].into(),
+                }],
+            })),
+        };
+        write_frame(&mut send, &hello)
+            .await
+            .map_err(|e| e.to_string())?;
+        match read_frame::<t::CoordinatorMessage, _>(&mut recv).await {
+            Ok(Some(t::CoordinatorMessage {
+                kind: Some(t::coordinator_message::Kind::Welcome(_)),
+            })) => Ok(()),
+            other => Err(format!("{other:?} / {:?}", conn.close_reason())),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()))
+}
+
+fn forged_identity(cert_pem: String, key_pem: String) -> Identity {
+    let info = EdgeInfo {
+        edge_id: 1,
+        name: "forged".into(),
+        region: "eu".into(),
+    };
+    Identity::new(info, cert_pem, key_pem).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_certificates_and_garbage_are_refused() {
+    let c = system(GenOptions::default()).await;
+    // The real edge identity is welcomed (the check itself works).
+    let real = custody_edge::identity::Store::new(&c.edges["e1"].data_dir)
+        .load()
+        .unwrap()
+        .unwrap();
+    hello_with(&c, Some(&real)).await.unwrap();
+
+    // Self-signed, with the right kind of name.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p =
+        rcgen::CertificateParams::new(vec![format!("edge-{}.edge.custody", real.info.edge_id)])
+            .unwrap();
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let self_signed = p.self_signed(&key).unwrap();
+    let e = hello_with(
+        &c,
+        Some(&forged_identity(self_signed.pem(), key.serialize_pem())),
+    )
+    .await
+    .unwrap_err();
+    eprintln!("self-signed: {e}");
+
+    // Signed by another CA.
+    let other_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other_ca = rcgen::Issuer::new(ca_params, other_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let foreign = p.signed_by(&key, &other_ca).unwrap();
+    let e = hello_with(
+        &c,
+        Some(&forged_identity(foreign.pem(), key.serialize_pem())),
+    )
+    .await
+    .unwrap_err();
+    eprintln!("foreign CA: {e}");
+    // The client may only see a lost connection; the node logs why.
+    let node_log = c.log_path(1);
+    eventually(
+        Duration::from_secs(5),
+        "both forged certificates rejected at the handshake",
+        || {
+            let log = std::fs::read_to_string(&node_log).unwrap_or_default();
+            async move {
+                log.matches("invalid peer certificate: UnknownIssuer")
+                    .count()
+                    >= 2
+            }
+        },
+    )
+    .await;
+
+    // A node certificate is from the right CA but is no edge.
+    let node_cert = std::fs::read_to_string(c.dir.join("node-2.pem")).unwrap();
+    let node_key = std::fs::read_to_string(c.dir.join("node-2-key.pem")).unwrap();
+    let e = hello_with(&c, Some(&forged_identity(node_cert, node_key)))
+        .await
+        .unwrap_err();
+    assert!(e.contains("not an edge certificate"), "{e}");
+
+    // No certificate: only enrollment is possible; a hello is refused.
+    let e = hello_with(&c, None).await.unwrap_err();
+    eprintln!("no certificate: {e}");
+
+    // Garbage UDP datagrams at the tunnel port.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..200u32 {
+        let junk: Vec<u8> = (0..(i % 1200 + 1)).map(|_| rand::random::<u8>()).collect();
+        let _ = sock.send_to(&junk, &c.nodes[&1].tunnel_addr);
+    }
+    // Malformed frames from a genuine edge: a huge length, then bad protobuf.
+    let ca = std::fs::read(c.ca_path()).unwrap();
+    let addr: std::net::SocketAddr = c.nodes[&1].tunnel_addr.parse().unwrap();
+    for (junk, expect) in [
+        (
+            vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3],
+            "exceeds the 1048576-byte limit",
+        ),
+        (vec![0, 0, 0, 3, 0xff, 0xff, 0xff], "malformed"),
+    ] {
+        let ep = endpoint();
+        let cfg = custody_edge::tls::quic_client_config(&ca, Some(&real)).unwrap();
+        let conn = ep
+            .connect_with(cfg, addr, "127.0.0.1")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut send, &junk)
+            .await
+            .unwrap();
+        let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+            .await
+            .expect("coordinator closes a connection sending garbage");
+        assert!(reason.to_string().contains(expect), "{reason}");
+    }
+    // A garbage enrollment request.
+    let ep = endpoint();
+    let cfg = custody_edge::tls::quic_client_config(&ca, None).unwrap();
+    let conn = ep
+        .connect_with(cfg, addr, "127.0.0.1")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut send,
+        &encode_frame(&t::EnrollRequest {
+            token: "cet1_x".into(),
+            csr_pem: "not a csr".into(),
+            agent_version: String::new(),
+        }),
+    )
+    .await
+    .unwrap();
+    let _ = send.finish();
+    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .unwrap();
+    eprintln!("garbage enrollment: {reason}");
+
+    // Everything above left the node and the real edge working.
+    let alice = token(&c, "alice").await;
+    let out = custody(
+        &c,
+        &[1],
+        &alice,
+        &["exec", "local-shell", "--", "echo", "fine"],
+    );
+    assert_eq!(text(&out.stdout), "fine\n", "{}", text(&out.stderr));
+    let log = std::fs::read_to_string(c.log_path(1)).unwrap();
+    assert!(!log.contains("panicked"), "a coordinator panicked");
+    assert!(
+        log.contains("rejected tunnel connection"),
+        "handshake failures are logged"
+    );
+}
