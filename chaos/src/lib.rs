@@ -4,7 +4,8 @@
 //! - [`partition`]: routes a cluster's Raft traffic through proxies so tests
 //!   can cut chosen links;
 //! - [`history`]: concurrent writers with unique values and a checker that
-//!   every acknowledged write is present exactly once.
+//!   every acknowledged write is present exactly once;
+//! - [`bench`], [`tunnel_bench`]: the Raft and edge-tunnel benchmarks.
 
 #![forbid(unsafe_code)]
 
@@ -12,3 +13,4 @@ pub mod bench;
 pub mod history;
 pub mod partition;
 pub mod proxy;
+pub mod tunnel_bench;

@@ -35,6 +35,20 @@ enum BenchCmd {
         #[arg(long)]
         no_etcd: bool,
     },
+    /// Edge tunnels: stream throughput against direct TCP, edge RSS, routing
+    /// time after a coordinator dies, coordinator RSS with simulated edges.
+    Tunnel {
+        /// Bytes streamed per round.
+        #[arg(long, default_value_t = 1 << 30)]
+        bytes: u64,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long, default_value_t = 6)]
+        failovers: usize,
+        /// Simulated edges connected to one node (0 to skip).
+        #[arg(long, default_value_t = 1000)]
+        edges: usize,
+    },
     /// Sequential API call latency against a running cluster (from the
     /// CUSTODY_* environment), in consecutive rounds.
     Rpc {
@@ -60,6 +74,12 @@ async fn main() -> anyhow::Result<()> {
             failovers,
             no_etcd,
         }) => custody_chaos::bench::raft(Duration::from_secs(seconds), failovers, !no_etcd).await,
+        Cmd::Bench(BenchCmd::Tunnel {
+            bytes,
+            rounds,
+            failovers,
+            edges,
+        }) => custody_chaos::tunnel_bench::tunnel(bytes, rounds.max(1), failovers, edges).await,
         Cmd::Bench(BenchCmd::Rpc { calls, rounds }) => {
             custody_chaos::bench::rpc_probe(calls.max(10), rounds.max(1)).await
         }

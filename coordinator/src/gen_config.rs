@@ -30,6 +30,19 @@ fn free_port(host: &str) -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// A port free for both TCP and UDP (the tunnel listens on UDP for QUIC).
+fn free_port_tcp_udp(host: &str) -> anyhow::Result<u16> {
+    for _ in 0..100 {
+        let l =
+            TcpListener::bind((host, 0)).with_context(|| format!("find a free port on {host}"))?;
+        let port = l.local_addr()?.port();
+        if std::net::UdpSocket::bind((host, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no port free for both TCP and UDP on {host}")
+}
+
 pub(crate) fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
@@ -71,7 +84,7 @@ fn slot(id: u64, region: &str, host: &str) -> anyhow::Result<Slot> {
         region: region.to_owned(),
         raft: addr(free_port(host)?),
         api: addr(free_port(host)?),
-        tunnel: addr(free_port(host)?),
+        tunnel: addr(free_port_tcp_udp(host)?),
         dev_issuer: addr(free_port(host)?),
     })
 }

@@ -175,7 +175,10 @@ impl ClusterCa {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::minutes(5);
+        // Backdate a little for clock skew, but never so much that the edge's
+        // renewal point (two thirds of the window) is already behind it.
+        let skew = (ttl.as_secs() / 10).min(300) as i64;
+        params.not_before = now - time::Duration::seconds(skew);
         params.not_after = now + time::Duration::seconds(ttl.as_secs() as i64);
         let mut serial = [0u8; 16];
         rand::Rng::fill(&mut rand::rng(), &mut serial[..]);

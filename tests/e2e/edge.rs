@@ -630,3 +630,131 @@ async fn forged_certificates_and_garbage_are_refused() {
         "handshake failures are logged"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_certificates_are_renewed_before_expiry() {
+    let mut c = harness::cluster(GenOptions::default());
+    // Six-second certificates: renewed about every four seconds.
+    for id in c.nodes.keys().copied().collect::<Vec<_>>() {
+        let path = c.nodes[&id].config.clone();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\n[edges]\n"), "{text}");
+        let text = text.replace("\n[edges]\n", "\n[edges]\ncert_ttl_secs = 6\n");
+        std::fs::write(&path, text).unwrap();
+    }
+    c.start_all().unwrap();
+    c.wait_for_leader(&[], Duration::from_secs(30))
+        .await
+        .unwrap();
+    c.client(&[])
+        .unwrap()
+        .policy_apply(POLICY, "yaml")
+        .await
+        .unwrap();
+    c.add_edge(&EdgeSpec::shell("e1", "local-shell")).unwrap();
+    c.enroll_edge("e1").await.unwrap();
+    c.wait_for_resource("local-shell", 3, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let cert = c.edges["e1"].data_dir.join("edge-cert.pem");
+    let first = std::fs::read_to_string(&cert).unwrap();
+    let (_, first_expiry) = custody_edge::identity::validity(&first).unwrap();
+    // Past the first certificate's expiry, a restarted edge still gets in:
+    // it holds a renewed one.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let now = std::fs::read_to_string(&cert).unwrap();
+    let (_, now_expiry) = custody_edge::identity::validity(&now).unwrap();
+    assert!(now_expiry > first_expiry + 3, "certificate was not renewed");
+    assert!(custody_edge::identity::now_secs() > first_expiry);
+    c.kill_edge("e1");
+    c.start_edge("e1", None).unwrap();
+    c.wait_for_resource("local-shell", 3, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let alice = token(&c, "alice").await;
+    let out = custody(
+        &c,
+        &[],
+        &alice,
+        &["exec", "local-shell", "--", "echo", "renewed"],
+    );
+    assert_eq!(text(&out.stdout), "renewed\n", "{}", text(&out.stderr));
+    let log = std::fs::read_to_string(c.log_path(1)).unwrap()
+        + &std::fs::read_to_string(c.log_path(2)).unwrap()
+        + &std::fs::read_to_string(c.log_path(3)).unwrap();
+    assert!(
+        log.matches("edge_certificate_renewed").count() >= 2,
+        "expected repeated renewals"
+    );
+}
+
+/// Whether a `sleep` process whose command line contains `needle` runs (the
+/// CLI's own command line also contains it, but its name is `custody`).
+fn running(needle: &str) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        comm.trim() == "sleep"
+            && std::fs::read(e.path().join("cmdline"))
+                .map(|c| {
+                    String::from_utf8_lossy(&c)
+                        .replace('\0', " ")
+                        .contains(needle)
+                })
+                .unwrap_or(false)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_going_away_kills_the_remote_command() {
+    let (mut c, _) = harness::started(GenOptions::default()).await;
+    c.client(&[])
+        .unwrap()
+        .policy_apply(POLICY, "yaml")
+        .await
+        .unwrap();
+    let mut spec = EdgeSpec::shell("e1", "local-shell");
+    spec.seeds = vec![1];
+    spec.seeds_only = true;
+    c.add_edge(&spec).unwrap();
+    c.enroll_edge("e1").await.unwrap();
+    c.wait_for_resource("local-shell", 1, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let alice = token(&c, "alice").await;
+    // Through the edge's own node, then relayed through another.
+    for (caller, seconds) in [(1u64, "31"), (2, "32")] {
+        // A silent command: only the abandoned stream can stop it.
+        let mut cli = custody_cmd(
+            &c,
+            &[caller],
+            &alice,
+            &["exec", "local-shell", "--", "sleep", seconds],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+        let needle = format!("sleep {seconds}");
+        eventually(
+            Duration::from_secs(10),
+            "the command starts on the edge",
+            || {
+                let r = running(&needle);
+                async move { r }
+            },
+        )
+        .await;
+        cli.kill().unwrap();
+        cli.wait().unwrap();
+        eventually(
+            Duration::from_secs(10),
+            "the abandoned command is killed",
+            || {
+                let r = !running(&needle);
+                async move { r }
+            },
+        )
+        .await;
+    }
+}

@@ -32,6 +32,10 @@ impl Drop for TestCluster {
         }
         for id in self.cluster.nodes.keys() {
             let log = std::fs::read_to_string(self.cluster.log_path(*id)).unwrap_or_default();
+            // A node that exited with an error says why first; backtraces follow.
+            for l in log.lines().filter(|l| l.starts_with("Error:")) {
+                eprintln!("node {id}: {l}");
+            }
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
             eprintln!("----- node {id} log (last {} lines) -----", tail.len());
             for l in tail.iter().rev() {

@@ -207,7 +207,18 @@ impl<E: Engine> Sessions for SessionsService<E> {
                 .send(out(api::exec_output::Kind::Started(started)))
                 .await;
             let mut ended = None;
-            while let Some(f) = rx.recv().await {
+            loop {
+                // A silent command must still end when its caller goes away.
+                let f = tokio::select! {
+                    f = rx.recv() => match f {
+                        Some(f) => f,
+                        None => break,
+                    },
+                    _ = out_tx.closed() => {
+                        ended = Some("caller disconnected".into());
+                        break;
+                    }
+                };
                 let msg = match f.kind {
                     Some(t::session_frame::Kind::Started(_)) => continue,
                     Some(t::session_frame::Kind::Data(d)) => {

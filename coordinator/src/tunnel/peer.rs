@@ -114,13 +114,22 @@ impl Peer for PeerService {
         });
         let (out_tx, out_rx) = mpsc::channel(CHANNEL_FRAMES);
         tokio::spawn(async move {
-            while let Some(f) = rx.recv().await {
+            // Returning drops rx, which aborts the session at the edge.
+            loop {
+                let f = tokio::select! {
+                    f = rx.recv() => match f {
+                        Some(f) => f,
+                        None => return,
+                    },
+                    // The calling node went away (even while the command is silent).
+                    _ = out_tx.closed() => return,
+                };
                 let r = pb::RelayFrame {
                     edge_id: 0,
                     frame: f.encode_to_vec().into(),
                 };
                 if out_tx.send(Ok(r)).await.is_err() {
-                    return; // dropping rx aborts the session at the edge
+                    return;
                 }
             }
         });
