@@ -287,8 +287,8 @@ async fn wait_exit(c: &mut TestCluster, edge: &str) -> std::process::ExitStatus 
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_route_through_the_node_holding_the_tunnel() {
+/// A cluster whose edge `e1` (serving `local-shell`) dials node 1 only.
+async fn edge_on_node_1_only() -> TestCluster {
     let (mut c, _) = harness::started(GenOptions::default()).await;
     c.client(&[])
         .unwrap()
@@ -303,6 +303,12 @@ async fn sessions_route_through_the_node_holding_the_tunnel() {
     c.wait_for_resource("local-shell", 1, Duration::from_secs(20))
         .await
         .unwrap();
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_route_through_the_node_holding_the_tunnel() {
+    let c = edge_on_node_1_only().await;
     let alice = token(&c, "alice").await;
     let v: serde_json::Value =
         serde_json::from_slice(&custody(&c, &[], &alice, &["resources", "--json"]).stdout).unwrap();
@@ -706,20 +712,7 @@ fn running(needle: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_going_away_kills_the_remote_command() {
-    let (mut c, _) = harness::started(GenOptions::default()).await;
-    c.client(&[])
-        .unwrap()
-        .policy_apply(POLICY, "yaml")
-        .await
-        .unwrap();
-    let mut spec = EdgeSpec::shell("e1", "local-shell");
-    spec.seeds = vec![1];
-    spec.seeds_only = true;
-    c.add_edge(&spec).unwrap();
-    c.enroll_edge("e1").await.unwrap();
-    c.wait_for_resource("local-shell", 1, Duration::from_secs(20))
-        .await
-        .unwrap();
+    let c = edge_on_node_1_only().await;
     let alice = token(&c, "alice").await;
     // Through the edge's own node, then relayed through another.
     for (caller, seconds) in [(1u64, "31"), (2, "32")] {
