@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "custody/v1/api.proto",
         "custody/cluster/v1/cluster.proto",
         "custody/tunnel/v1/tunnel.proto",
+        "custody/evidence/v1/evidence.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed=proto/{f}");
@@ -13,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .bytes(".custody.cluster.v1")
         .bytes(".custody.tunnel.v1")
+        .bytes(".custody.evidence.v1")
         .bytes(".custody.v1.ExecInput")
         .bytes(".custody.v1.ExecOutput")
         .compile_fds(fds)?;

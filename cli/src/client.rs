@@ -576,6 +576,43 @@ impl Client {
     }
 }
 
+impl Client {
+    pub async fn list_sessions(
+        &self,
+        req: api::ListSessionsRequest,
+    ) -> Result<Vec<api::SessionInfo>, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            let req = req.clone();
+            async move {
+                Ok(SessionsClient::new(ch)
+                    .list(authed(&tok, req))
+                    .await?
+                    .into_inner()
+                    .sessions)
+            }
+        })
+        .await
+    }
+
+    pub async fn get_session(&self, id: &str) -> Result<api::GetSessionResponse, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            let req = api::GetSessionRequest {
+                session_id: id.to_owned(),
+            };
+            async move {
+                Ok(SessionsClient::new(ch)
+                    .max_decoding_message_size(256 << 20)
+                    .get(authed(&tok, req))
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+}
+
 /// A fresh random idempotency key.
 pub fn new_idempotency_key() -> String {
     use rand::Rng as _;

@@ -46,6 +46,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Recorded sessions: list, show, replay.
+    #[command(subcommand)]
+    Sessions(commands::sessions::SessionsCmd),
     /// Run a command on a resource; exits with the remote exit code.
     Exec(commands::exec::ExecArgs),
     /// Run a local development system.
@@ -80,6 +83,7 @@ fn main() {
             Cmd::EdgeToken(c) => commands::edge::token(c).await,
             Cmd::Edge(c) => commands::edge::run(c).await,
             Cmd::Resources { json } => commands::edge::resources(json).await,
+            Cmd::Sessions(c) => commands::sessions::run(c).await,
             Cmd::Cluster(c) => commands::cluster::run(c).await,
             Cmd::Kv(c) => commands::kv::run(c).await,
             Cmd::Dev(c) => commands::dev::run(c).await,

@@ -15,6 +15,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod consensus;
+pub mod evidence;
 pub mod gen_config;
 pub mod pki;
 pub mod policy;

@@ -26,6 +26,9 @@ const CLOSE_REVOKED: u32 = 1;
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an open session may wait for its command (strict-mode evidence
+/// commits take at most a few seconds).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// A renewal not answered within this time may be retried.
 const RENEW_RETRY: Duration = Duration::from_secs(30);
 
@@ -408,19 +411,37 @@ async fn handle_session(
             return;
         }
     };
-    if open.argv.is_empty() {
+    let Some(Connector::Shell(sh)) = cfg.resource(&open.resource).map(|r| &r.connector) else {
+        let msg = format!("resource {:?} is not served by this edge", open.resource);
+        let _ = write_frame(&mut send, &error(msg)).await;
+        let _ = send.finish();
+        return;
+    };
+    // Nothing runs until the coordinator sends the command: it first commits
+    // the command's evidence (strict mode). A stream that ends instead is an
+    // abandoned session.
+    let next =
+        tokio::time::timeout(COMMAND_TIMEOUT, read_frame::<t::SessionFrame, _>(&mut recv)).await;
+    let argv = match next {
+        Ok(Ok(Some(t::SessionFrame {
+            kind: Some(t::session_frame::Kind::Exec(x)),
+        }))) => x.argv,
+        Ok(Ok(None)) | Ok(Err(_)) => {
+            tracing::info!(session = %open.session_id, "session abandoned before its command");
+            return;
+        }
+        Ok(Ok(Some(_))) | Err(_) => {
+            tracing::warn!(session = %open.session_id, "no command for the session");
+            let _ = send.reset(3u32.into());
+            return;
+        }
+    };
+    if argv.is_empty() || argv[0].is_empty() {
         let _ = write_frame(&mut send, &error("empty command".into())).await;
         let _ = send.finish();
         return;
     }
-    match cfg.resource(&open.resource).map(|r| &r.connector) {
-        Some(Connector::Shell(sh)) => crate::shell::run(sh, &open, send, recv).await,
-        None => {
-            let msg = format!("resource {:?} is not served by this edge", open.resource);
-            let _ = write_frame(&mut send, &error(msg)).await;
-            let _ = send.finish();
-        }
-    }
+    crate::shell::run(sh, &open, &argv, send, recv).await
 }
 
 fn error(msg: String) -> t::SessionFrame {

@@ -87,13 +87,14 @@ async fn pump(
 pub async fn run(
     cfg: &ShellConfig,
     open: &t::SessionOpen,
+    argv: &[String],
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
     let session = open.session_id.as_str();
-    let spawned = command(cfg, &open.argv).and_then(|mut c| {
+    let spawned = command(cfg, argv).and_then(|mut c| {
         c.spawn()
-            .map_err(|e| format!("cannot start {:?}: {e}", open.argv[0]))
+            .map_err(|e| format!("cannot start {:?}: {e}", argv[0]))
     });
     let mut child = match spawned {
         Ok(c) => c,
@@ -104,7 +105,7 @@ pub async fn run(
             return;
         }
     };
-    tracing::info!(session, resource = %open.resource, identity = %open.identity, argv = ?open.argv, pid = child.id(), "session started");
+    tracing::info!(session, resource = %open.resource, identity = %open.identity, ?argv, pid = child.id(), "session started");
     if write_frame(
         &mut send,
         &frame(t::session_frame::Kind::Started(t::Started {})),

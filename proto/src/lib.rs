@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod chain;
 pub mod frame;
 
 /// Client and admin API.
@@ -18,8 +19,17 @@ pub mod v1 {
 
 /// Cluster-internal surface.
 pub mod cluster {
+    #[allow(clippy::large_enum_variant)]
     pub mod v1 {
         tonic::include_proto!("custody.cluster.v1");
+    }
+}
+
+/// Session evidence: events and chained chunks.
+pub mod evidence {
+    #[allow(clippy::large_enum_variant)]
+    pub mod v1 {
+        tonic::include_proto!("custody.evidence.v1");
     }
 }
 

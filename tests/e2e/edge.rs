@@ -32,14 +32,14 @@ async fn system(opts: GenOptions) -> TestCluster {
 }
 
 /// Runs the `custody` binary against `nodes` (all when empty) as `token`.
-fn custody(c: &TestCluster, nodes: &[u64], token: &str, args: &[&str]) -> Output {
+pub(crate) fn custody(c: &TestCluster, nodes: &[u64], token: &str, args: &[&str]) -> Output {
     custody_cmd(c, nodes, token, args)
         .stdin(Stdio::null())
         .output()
         .expect("run custody")
 }
 
-fn custody_cmd(c: &TestCluster, nodes: &[u64], token: &str, args: &[&str]) -> Command {
+pub(crate) fn custody_cmd(c: &TestCluster, nodes: &[u64], token: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new(&c.bins.custody);
     cmd.args(args)
         .env("CUSTODY_COORDINATOR", c.api_urls(nodes))
@@ -49,7 +49,7 @@ fn custody_cmd(c: &TestCluster, nodes: &[u64], token: &str, args: &[&str]) -> Co
     cmd
 }
 
-fn text(b: &[u8]) -> String {
+pub(crate) fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 

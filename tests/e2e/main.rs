@@ -7,5 +7,6 @@ mod bad_input;
 mod cluster;
 mod dev;
 mod edge;
+mod evidence;
 mod harness;
 mod oidc;

@@ -5,4 +5,5 @@ pub mod exec;
 pub mod kv;
 pub mod login;
 pub mod policy;
+pub mod sessions;
 pub mod whoami;

@@ -18,8 +18,13 @@ use custody_proto::tunnel::v1 as t;
 use custody_proto::v1 as api;
 use custody_proto::v1::sessions_server::Sessions;
 
+use custody_proto::cluster::v1 as pb;
+use custody_proto::cluster::v1::SessionEnd;
+use custody_proto::evidence::v1 as ev;
+
 use super::{storage_status, Guard};
-use crate::policy::{Effect, Request as PolicyRequest, ResourceInfo};
+use crate::evidence::{SessionRecorder, DEFAULT_OUTPUT_CAP};
+use crate::policy::{Effect, Request as PolicyRequest, ResourceInfo, Role};
 use crate::state::edges;
 use crate::storage::Engine;
 use crate::tunnel::session::frame;
@@ -58,6 +63,71 @@ pub fn shell_join(argv: &[String]) -> String {
         .join(" ")
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn end(exit_code: i32, signal: i32, reason: &str) -> SessionEnd {
+    SessionEnd {
+        closed_at_ms: now_ms(),
+        exit_code,
+        signal,
+        reason: reason.into(),
+    }
+}
+
+/// The evidence mode of a resource: the `evidence` label (`strict` or
+/// `async`) when set, else strict for `env=prod` and async otherwise.
+pub fn evidence_mode(labels: &std::collections::BTreeMap<String, String>) -> &'static str {
+    match labels.get("evidence").map(String::as_str) {
+        Some("strict") => "strict",
+        Some("async") => "async",
+        _ if labels.get("env").map(String::as_str) == Some("prod") => "strict",
+        _ => "async",
+    }
+}
+
+/// Counts recorded output against the per-session cap; past it, output is
+/// no longer recorded, and the cut is recorded once.
+struct OutputCap {
+    left: u64,
+    cut: bool,
+}
+
+impl OutputCap {
+    fn new(cap: u64) -> Self {
+        Self {
+            left: cap,
+            cut: false,
+        }
+    }
+
+    fn take(&mut self, stream: &str, data: bytes::Bytes) -> Option<ev::event::Kind> {
+        if self.cut {
+            return None;
+        }
+        let n = data.len() as u64;
+        if n <= self.left {
+            self.left -= n;
+            return Some(ev::event::Kind::Output(ev::Output {
+                stream: stream.into(),
+                data,
+                truncated: false,
+            }));
+        }
+        self.cut = true;
+        let keep = self.left as usize;
+        self.left = 0;
+        Some(ev::event::Kind::Output(ev::Output {
+            stream: stream.into(),
+            data: data.slice(..keep),
+            truncated: true,
+        }))
+    }
+}
+
 fn new_session_id() -> String {
     let b: [u8; 16] = rand::random();
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -72,6 +142,20 @@ fn out(kind: api::exec_output::Kind) -> Result<api::ExecOutput, Status> {
 #[tonic::async_trait]
 impl<E: Engine> Sessions for SessionsService<E> {
     type ExecStream = ExecStream;
+
+    async fn list(
+        &self,
+        req: Request<api::ListSessionsRequest>,
+    ) -> Result<Response<api::ListSessionsResponse>, Status> {
+        self.list_sessions(req).await
+    }
+
+    async fn get(
+        &self,
+        req: Request<api::GetSessionRequest>,
+    ) -> Result<Response<api::GetSessionResponse>, Status> {
+        self.get_session(req).await
+    }
 
     async fn exec(
         &self,
@@ -146,14 +230,89 @@ impl<E: Engine> Sessions for SessionsService<E> {
         let open = t::SessionOpen {
             session_id: session_id.clone(),
             resource: def.name.clone(),
-            argv: start.argv.clone(),
             identity: format!("{} {}", id.issuer, id.subject),
         };
+        // Opening the stream runs nothing yet: the edge waits for the command.
         let routed = self
             .tunnels
             .open_session(&def.name, &candidates, open)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
+        let strict = evidence_mode(&def.labels) == "strict";
+        let summary = pb::SessionSummary {
+            session_id: session_id.clone(),
+            opened_at_ms: now_ms(),
+            issuer: id.issuer.clone(),
+            subject: id.subject.clone(),
+            email: id.email.clone().unwrap_or_default(),
+            client_kind: id.client_kind.as_str().into(),
+            resource: def.name.clone(),
+            resource_kind: def.kind.clone(),
+            edge: routed.edge.name.clone(),
+            edge_region: routed.edge.region.clone(),
+            node_region: self.tunnels.region.clone(),
+            node_id: node.id(),
+            command: command.clone(),
+            mode: evidence_mode(&def.labels).into(),
+        };
+        let rec = Arc::new(SessionRecorder::start(node.clone(), summary));
+        let opened = ev::SessionOpened {
+            identity: Some(ev::Identity {
+                issuer: id.issuer.clone(),
+                subject: id.subject.clone(),
+                email: id.email.clone().unwrap_or_default(),
+                name: id.name.clone().unwrap_or_default(),
+                groups: id.groups.clone(),
+                client_kind: id.client_kind.as_str().into(),
+                client_id: id.client_id.clone().unwrap_or_default(),
+            }),
+            client_addr: client_addr.map(|a| a.to_string()).unwrap_or_default(),
+            resource: def.name.clone(),
+            resource_kind: def.kind.clone(),
+            labels: def.labels.clone().into_iter().collect(),
+            edge: routed.edge.name.clone(),
+            edge_id: routed.edge.id,
+            edge_region: routed.edge.region.clone(),
+            node_region: self.tunnels.region.clone(),
+            decision: d.effect.as_str().into(),
+            rule: rule.clone(),
+            mode: evidence_mode(&def.labels).into(),
+        };
+        let cmd_event = ev::CommandEvent {
+            text: command.clone(),
+            argv: start.argv.clone(),
+            params: vec![],
+            verb: "exec".into(),
+        };
+        let recorded = async {
+            rec.record(ev::event::Kind::Opened(opened)).await?;
+            rec.record(ev::event::Kind::Command(cmd_event)).await?;
+            if strict {
+                rec.commit().await?;
+            }
+            Ok::<_, crate::evidence::RecordError>(())
+        }
+        .await;
+        if let Err(e) = recorded {
+            // Dropping the channel abandons the stream: the edge runs nothing.
+            tracing::warn!(target: "audit", event = "session_refused", session = %session_id, reason = %e);
+            return Err(Status::unavailable(format!("{e}; the command was not run")));
+        }
+        let crate::tunnel::SessionChannel { tx, mut rx } = routed.channel;
+        if tx
+            .send(frame(t::session_frame::Kind::Exec(t::ExecCommand {
+                argv: start.argv.clone(),
+            })))
+            .await
+            .is_err()
+        {
+            let _ = rec
+                .close(end(-1, 0, "the edge stream closed before the command"))
+                .await;
+            return Err(Status::unavailable(
+                "the edge stream closed before the command",
+            ));
+        }
         tracing::info!(
             target: "audit",
             event = "session_opened",
@@ -167,10 +326,11 @@ impl<E: Engine> Sessions for SessionsService<E> {
             via_node = routed.via_node,
             %rule,
             %command,
+            strict,
         );
-        let crate::tunnel::SessionChannel { tx, mut rx } = routed.channel;
 
-        // Caller input to the edge.
+        // Caller input to the edge, recorded first.
+        let input_rec = rec.clone();
         tokio::spawn(async move {
             loop {
                 let m = match input.message().await {
@@ -180,6 +340,18 @@ impl<E: Engine> Sessions for SessionsService<E> {
                 };
                 let f = match m.kind {
                     Some(api::exec_input::Kind::Stdin(b)) => {
+                        let out = ev::Output {
+                            stream: "stdin".into(),
+                            data: b.clone(),
+                            truncated: false,
+                        };
+                        if input_rec
+                            .record(ev::event::Kind::Output(out))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
                         frame(t::session_frame::Kind::Data(t::Data {
                             channel: t::Channel::Stdin as i32,
                             data: b,
@@ -206,70 +378,321 @@ impl<E: Engine> Sessions for SessionsService<E> {
             let _ = out_tx
                 .send(out(api::exec_output::Kind::Started(started)))
                 .await;
-            let mut ended = None;
-            loop {
+            let mut cap = OutputCap::new(DEFAULT_OUTPUT_CAP);
+            let result: Result<SessionEnd, String> = loop {
                 // A silent command must still end when its caller goes away.
                 let f = tokio::select! {
                     f = rx.recv() => match f {
                         Some(f) => f,
-                        None => break,
+                        None => break Err("the tunnel to the edge was lost; the command's outcome is unknown".into()),
                     },
-                    _ = out_tx.closed() => {
-                        ended = Some("caller disconnected".into());
-                        break;
-                    }
+                    _ = out_tx.closed() => break Ok(end(-1, 0, "caller disconnected")),
                 };
-                let msg = match f.kind {
-                    Some(t::session_frame::Kind::Started(_)) => continue,
+                let (msg, stream, data) = match f.kind {
                     Some(t::session_frame::Kind::Data(d)) => {
                         match t::Channel::try_from(d.channel) {
-                            Ok(t::Channel::Stdout) => out(api::exec_output::Kind::Stdout(d.data)),
-                            Ok(t::Channel::Stderr) => out(api::exec_output::Kind::Stderr(d.data)),
+                            Ok(t::Channel::Stdout) => (
+                                out(api::exec_output::Kind::Stdout(d.data.clone())),
+                                "stdout",
+                                d.data,
+                            ),
+                            Ok(t::Channel::Stderr) => (
+                                out(api::exec_output::Kind::Stderr(d.data.clone())),
+                                "stderr",
+                                d.data,
+                            ),
                             _ => continue,
                         }
                     }
                     Some(t::session_frame::Kind::Exit(x)) => {
-                        ended = Some(format!("exit {} signal {}", x.code, x.signal));
-                        let _ = out_tx
-                            .send(out(api::exec_output::Kind::Exit(api::ExecExit {
-                                code: x.code,
-                                signal: x.signal,
-                            })))
-                            .await;
-                        break;
+                        let outcome = ev::Outcome {
+                            exit_code: x.code,
+                            signal: x.signal,
+                            ..Default::default()
+                        };
+                        if let Err(e) = rec.record(ev::event::Kind::Outcome(outcome)).await {
+                            break Err(e.to_string());
+                        }
+                        break Ok(end(x.code, x.signal, "exited"));
                     }
                     Some(t::session_frame::Kind::Error(e)) => {
-                        ended = Some(format!("error: {e}"));
-                        let _ = out_tx.send(Err(Status::aborted(e))).await;
-                        break;
+                        let outcome = ev::Outcome {
+                            exit_code: -1,
+                            error: e.clone(),
+                            ..Default::default()
+                        };
+                        let _ = rec.record(ev::event::Kind::Outcome(outcome)).await;
+                        break Err(e);
                     }
                     _ => continue,
                 };
-                if out_tx.send(msg).await.is_err() {
-                    ended = Some("caller disconnected".into());
-                    break;
+                // Evidence first (it waits when the cluster is slow), then the caller.
+                if let Some(kind) = cap.take(stream, data) {
+                    if let Err(e) = rec.record(kind).await {
+                        break Err(e.to_string());
+                    }
                 }
-            }
-            let reason = match ended {
-                Some(r) => r,
-                None => {
-                    let _ = out_tx
-                        .send(Err(Status::unavailable(
-                            "the tunnel to the edge was lost; the command's outcome is unknown",
-                        )))
-                        .await;
-                    "tunnel lost".into()
+                if out_tx.send(msg).await.is_err() {
+                    break Ok(end(-1, 0, "caller disconnected"));
                 }
             };
+            // Close the chain before the caller sees the end, so that evidence
+            // of a finished command is complete when `exec` returns.
+            let (final_end, failure) = match result {
+                Ok(e) => (e, None),
+                Err(msg) => (end(-1, 0, &msg), Some(msg)),
+            };
+            let exit = (final_end.exit_code, final_end.signal);
+            let reason = final_end.reason.clone();
+            let closed = rec.close(final_end).await;
+            match (failure, closed) {
+                (None, Ok(())) if reason == "exited" => {
+                    let _ = out_tx
+                        .send(out(api::exec_output::Kind::Exit(api::ExecExit {
+                            code: exit.0,
+                            signal: exit.1,
+                        })))
+                        .await;
+                }
+                (None, Ok(())) => {}
+                (None, Err(e)) => {
+                    let _ = out_tx.send(Err(Status::unavailable(e.to_string()))).await;
+                }
+                (Some(msg), _) => {
+                    let _ = out_tx.send(Err(Status::aborted(msg))).await;
+                }
+            }
             tracing::info!(target: "audit", event = "session_closed", session = %session_id, %reason);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
 }
 
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The API view of a stored session record.
+pub fn session_info(r: &pb::SessionRecord) -> api::SessionInfo {
+    let s = r.summary.clone().unwrap_or_default();
+    let e = r.end.clone().unwrap_or_default();
+    api::SessionInfo {
+        session_id: s.session_id,
+        opened_at_ms: s.opened_at_ms,
+        closed_at_ms: e.closed_at_ms,
+        issuer: s.issuer,
+        subject: s.subject,
+        email: s.email,
+        client_kind: s.client_kind,
+        resource: s.resource,
+        resource_kind: s.resource_kind,
+        edge: s.edge,
+        edge_region: s.edge_region,
+        node_region: s.node_region,
+        command: s.command,
+        mode: s.mode,
+        closed: r.closed,
+        exit_code: e.exit_code,
+        signal: e.signal,
+        close_reason: e.reason,
+        events: r.next_seq,
+        chunks: r.chunks,
+        raw_bytes: r.raw_bytes,
+        stored_bytes: r.stored_bytes,
+        head_sha256: hex(&r.head_sha256),
+    }
+}
+
+/// Decodes and verifies a session's chunks against its record. Any mismatch
+/// is reported as the corruption it is; nothing unverified is returned.
+pub fn verified_events(
+    rec: &pb::SessionRecord,
+    raw_chunks: &[Vec<u8>],
+) -> Result<Vec<ev::Event>, String> {
+    use prost::Message as _;
+    let id = rec.summary.as_ref().map_or("", |s| s.session_id.as_str());
+    let chunks = raw_chunks
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            ev::Chunk::decode(&b[..])
+                .map_err(|e| format!("session {id}: chunk {i} does not decode: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if chunks.len() as u64 != rec.chunks {
+        return Err(format!(
+            "session {id}: {} chunks stored, {} recorded",
+            chunks.len(),
+            rec.chunks
+        ));
+    }
+    let head = custody_proto::chain::verify_chain(&chunks).map_err(|e| e.to_string())?;
+    if head[..] != rec.head_sha256[..] {
+        return Err(format!(
+            "session {id}: chain head differs from the session record"
+        ));
+    }
+    let mut events = Vec::new();
+    for c in &chunks {
+        events.extend(custody_proto::chain::open_chunk(c).map_err(|e| e.to_string())?);
+    }
+    Ok(events)
+}
+
+impl<E: Engine> SessionsService<E> {
+    /// Admins and auditors read every session; others only their own.
+    async fn reads_all(&self, id: &crate::auth::Identity) -> Result<bool, Status> {
+        let policy = self.guard.policy(&self.tunnels.node).await?;
+        let roles = self.guard.roles(&policy, id);
+        Ok(roles.contains(&Role::Admin) || roles.contains(&Role::Auditor))
+    }
+
+    pub async fn list_sessions(
+        &self,
+        req: Request<api::ListSessionsRequest>,
+    ) -> Result<Response<api::ListSessionsResponse>, Status> {
+        let node = &self.tunnels.node;
+        let id = self.guard.authenticate(node, &req, "sessions.list").await?;
+        let all = self.reads_all(&id).await?;
+        let r = req.into_inner();
+        let opt = |s: String| (!s.is_empty()).then_some(s);
+        let mut q = crate::state::evidence::SessionQuery {
+            identity: opt(r.identity),
+            resource: opt(r.resource),
+            region: opt(r.region),
+            since_ms: (r.since_ms > 0).then_some(r.since_ms),
+            until_ms: (r.until_ms > 0).then_some(r.until_ms),
+            limit: if r.limit == 0 {
+                1000
+            } else {
+                r.limit.min(10_000) as usize
+            },
+        };
+        if !all {
+            q.identity = Some(format!("{}|{}", id.issuer, id.subject));
+        }
+        let found =
+            crate::state::evidence::sessions_list(node.store(), &q).map_err(storage_status)?;
+        Ok(Response::new(api::ListSessionsResponse {
+            sessions: found.iter().map(session_info).collect(),
+        }))
+    }
+
+    pub async fn get_session(
+        &self,
+        req: Request<api::GetSessionRequest>,
+    ) -> Result<Response<api::GetSessionResponse>, Status> {
+        let node = &self.tunnels.node;
+        let id = self.guard.authenticate(node, &req, "sessions.get").await?;
+        let all = self.reads_all(&id).await?;
+        let sid = req.into_inner().session_id;
+        let rec = crate::state::evidence::session_get(node.store(), &sid)
+            .map_err(storage_status)?
+            .ok_or_else(|| Status::not_found(format!("no session {sid:?}")))?;
+        let owner = rec
+            .summary
+            .as_ref()
+            .is_some_and(|s| s.issuer == id.issuer && s.subject == id.subject);
+        if !all && !owner {
+            return Err(Status::permission_denied(format!(
+                "{} may not read session {sid}: requires role admin or auditor",
+                id.label()
+            )));
+        }
+        let raw =
+            crate::state::evidence::session_chunks(node.store(), &sid).map_err(storage_status)?;
+        let events = verified_events(&rec, &raw).map_err(|e| {
+            tracing::error!(target: "audit", event = "evidence_corrupt", session = %sid, detail = %e);
+            Status::data_loss(format!("evidence is corrupt: {e}"))
+        })?;
+        Ok(Response::new(api::GetSessionResponse {
+            session: Some(session_info(&rec)),
+            events,
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::shell_join;
+    use super::*;
+
+    #[test]
+    fn corrupt_stored_chunks_are_reported_not_served() {
+        use custody_proto::chain::{build_chunk, chunk_hash};
+        use prost::Message as _;
+        let ev = |seq: u64| ev::Event {
+            version: 1,
+            session_id: "s".into(),
+            seq,
+            at_ms: seq,
+            node_id: 1,
+            kind: Some(ev::event::Kind::Output(ev::Output {
+                stream: "stdout".into(),
+                data: format!("line {seq}\n").into_bytes().into(),
+                truncated: false,
+            })),
+        };
+        let c0 = build_chunk(0, [0; 32], vec![ev(0), ev(1)]).unwrap();
+        let c1 = build_chunk(1, chunk_hash(&c0), vec![ev(2)]).unwrap();
+        let rec = pb::SessionRecord {
+            summary: Some(pb::SessionSummary {
+                session_id: "s".into(),
+                ..Default::default()
+            }),
+            chunks: 2,
+            head_sha256: chunk_hash(&c1).to_vec().into(),
+            ..Default::default()
+        };
+        let good = vec![c0.encode_to_vec(), c1.encode_to_vec()];
+        assert_eq!(verified_events(&rec, &good).unwrap().len(), 3);
+        // Every single-byte flip in the stored bytes is caught.
+        for i in 0..good[0].len() {
+            let mut bad = good.clone();
+            bad[0][i] ^= 0x40;
+            assert!(
+                verified_events(&rec, &bad).is_err(),
+                "flip at byte {i} not caught"
+            );
+        }
+        // A missing chunk, and a record whose head differs.
+        assert!(verified_events(&rec, &good[..1]).is_err());
+        let mut other = rec.clone();
+        other.head_sha256 = vec![0u8; 32].into();
+        assert!(verified_events(&other, &good).is_err());
+    }
+
+    #[test]
+    fn evidence_mode_follows_labels() {
+        let l = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        assert_eq!(evidence_mode(&l(&[("env", "prod")])), "strict");
+        assert_eq!(evidence_mode(&l(&[("env", "dev")])), "async");
+        assert_eq!(
+            evidence_mode(&l(&[("env", "prod"), ("evidence", "async")])),
+            "async"
+        );
+        assert_eq!(evidence_mode(&l(&[("evidence", "strict")])), "strict");
+    }
+
+    #[test]
+    fn output_cap_cuts_once_and_says_so() {
+        let mut cap = OutputCap::new(5);
+        let take = |cap: &mut OutputCap, s: &str| match cap
+            .take("stdout", bytes::Bytes::from(s.to_string()))
+        {
+            Some(ev::event::Kind::Output(o)) => {
+                Some((String::from_utf8(o.data.to_vec()).unwrap(), o.truncated))
+            }
+            _ => None,
+        };
+        assert_eq!(take(&mut cap, "abc"), Some(("abc".into(), false)));
+        assert_eq!(take(&mut cap, "defg"), Some(("de".into(), true)));
+        assert_eq!(take(&mut cap, "h"), None);
+    }
 
     #[test]
     fn joins_with_shell_quoting() {

@@ -12,6 +12,7 @@
 //! - `sys/enroll/...`, `sys/edge/...`, `sys/edgename/...`: edges ([`edges`]).
 
 pub mod edges;
+pub mod evidence;
 
 use std::collections::BTreeMap;
 
@@ -83,6 +84,8 @@ pub enum Command {
     },
     /// Edge enrollment, revocation and resource registration.
     Edge(edges::EdgeCommand),
+    /// One session evidence chunk.
+    Evidence(Box<evidence::AppendChunk>),
 }
 
 fn check_key(key: &str) -> Result<(), CommandError> {
@@ -131,6 +134,7 @@ impl Command {
                 })
             }
             Command::Edge(e) => e.to_pb(),
+            Command::Evidence(a) => a.to_pb(),
         };
         pb::Command { kind: Some(kind) }
     }
@@ -150,6 +154,9 @@ impl TryFrom<pb::Command> for Command {
             pb::command::Kind::RecordIdentity(r) => Ok(Command::RecordIdentity {
                 identity_json: r.identity_json.to_vec(),
             }),
+            pb::command::Kind::AppendChunk(a) => {
+                evidence::AppendChunk::from_pb(a).map(|a| Command::Evidence(Box::new(a)))
+            }
             other => edges::EdgeCommand::try_from(other).map(Command::Edge),
         }
     }
@@ -461,6 +468,7 @@ impl<E: Engine> StateTxn<E> {
                 ApplyOutcome::at(index)
             }
             Command::Edge(cmd) => edges::apply(self, index, p.proposed_at_ms, cmd)?,
+            Command::Evidence(a) => evidence::apply(self, index, a)?,
         };
         if let Some(k) = &p.idempotency_key {
             let rec = pb::ApplyOutcome {

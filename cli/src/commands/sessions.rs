@@ -1,0 +1,325 @@
+//! `custody sessions list|show|replay`
+
+use std::io::Write as _;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use clap::Subcommand;
+
+use custody_cli::client::Client;
+use custody_proto::evidence::v1 as ev;
+use custody_proto::v1 as api;
+
+#[derive(Subcommand)]
+pub enum SessionsCmd {
+    /// List recorded sessions (admins and auditors see all; others their own).
+    List {
+        /// issuer|subject, a subject or an email.
+        #[arg(long)]
+        identity: Option<String>,
+        #[arg(long)]
+        resource: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+        /// RFC 3339 time or milliseconds since the epoch.
+        #[arg(long, value_parser = parse_time)]
+        since: Option<u64>,
+        #[arg(long, value_parser = parse_time)]
+        until: Option<u64>,
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a session's full, verified event list.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay a session's terminal output with its original timing.
+    Replay {
+        id: String,
+        /// Playback speed factor.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Write an asciicast v2 file instead of playing.
+        #[arg(long)]
+        asciicast: Option<std::path::PathBuf>,
+    },
+}
+
+/// Milliseconds since the epoch, or an RFC 3339 UTC time (`2026-01-02T03:04:05Z`).
+pub fn parse_time(s: &str) -> Result<u64, String> {
+    if let Ok(ms) = s.parse::<u64>() {
+        return Ok(ms);
+    }
+    let t = time_rfc3339(s).ok_or_else(|| {
+        format!("{s:?} is neither milliseconds nor an RFC 3339 UTC time like 2026-01-02T03:04:05Z")
+    })?;
+    Ok(t)
+}
+
+/// Parses `YYYY-MM-DDTHH:MM:SS[.fff]Z` into milliseconds since the epoch.
+fn time_rfc3339(s: &str) -> Option<u64> {
+    let s = s.strip_suffix('Z')?;
+    let (date, clock) = s.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let (hms, frac) = clock.split_once('.').unwrap_or((clock, "0"));
+    let mut c = hms.split(':').map(|x| x.parse::<i64>());
+    let (hh, mm, ss) = (c.next()?.ok()?, c.next()?.ok()?, c.next()?.ok()?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let ms: i64 = format!("{:0<3}", &frac[..frac.len().min(3)]).parse().ok()?;
+    let total = ((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000) + ms;
+    u64::try_from(total).ok()
+}
+
+/// Formats milliseconds since the epoch as RFC 3339 UTC.
+pub fn fmt_time(ms: u64) -> String {
+    let secs = (ms / 1000) as i64;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+fn info_json(s: &api::SessionInfo) -> serde_json::Value {
+    serde_json::json!({
+        "session_id": s.session_id, "opened_at": fmt_time(s.opened_at_ms),
+        "opened_at_ms": s.opened_at_ms, "closed_at_ms": s.closed_at_ms,
+        "issuer": s.issuer, "subject": s.subject, "email": s.email,
+        "client_kind": s.client_kind, "resource": s.resource, "resource_kind": s.resource_kind,
+        "edge": s.edge, "edge_region": s.edge_region, "node_region": s.node_region,
+        "command": s.command, "mode": s.mode, "closed": s.closed, "exit_code": s.exit_code,
+        "signal": s.signal, "close_reason": s.close_reason, "events": s.events,
+        "chunks": s.chunks, "raw_bytes": s.raw_bytes, "stored_bytes": s.stored_bytes,
+        "head_sha256": s.head_sha256,
+    })
+}
+
+/// One event as JSON; `data_b64` carries output bytes exactly.
+pub fn event_json(e: &ev::Event) -> serde_json::Value {
+    use ev::event::Kind;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let (kind, body) = match &e.kind {
+        Some(Kind::Opened(o)) => (
+            "session_opened",
+            serde_json::json!({
+                "identity": o.identity.as_ref().map(|i| serde_json::json!({
+                    "issuer": i.issuer, "subject": i.subject, "email": i.email, "name": i.name,
+                    "groups": i.groups, "client_kind": i.client_kind, "client_id": i.client_id,
+                })),
+                "client_addr": o.client_addr, "resource": o.resource,
+                "resource_kind": o.resource_kind, "labels": o.labels, "edge": o.edge,
+                "edge_id": o.edge_id, "edge_region": o.edge_region,
+                "node_region": o.node_region, "decision": o.decision, "rule": o.rule,
+                "mode": o.mode,
+            }),
+        ),
+        Some(Kind::Command(c)) => (
+            "command",
+            serde_json::json!({"text": c.text, "argv": c.argv, "params": c.params, "verb": c.verb}),
+        ),
+        Some(Kind::Output(o)) => (
+            "output",
+            serde_json::json!({
+                "stream": o.stream, "data_b64": b64(&o.data),
+                "text": String::from_utf8_lossy(&o.data), "truncated": o.truncated,
+            }),
+        ),
+        Some(Kind::Outcome(o)) => (
+            "outcome",
+            serde_json::json!({"exit_code": o.exit_code, "signal": o.signal, "rows": o.rows, "error": o.error}),
+        ),
+        Some(Kind::Closed(c)) => ("session_closed", serde_json::json!({"reason": c.reason})),
+        Some(Kind::Approval(a)) => ("approval", serde_json::json!({"request_id": a.request_id})),
+        None => ("unknown", serde_json::json!({})),
+    };
+    serde_json::json!({
+        "version": e.version, "session_id": e.session_id, "seq": e.seq,
+        "at_ms": e.at_ms, "at": fmt_time(e.at_ms), "node_id": e.node_id,
+        "type": kind, "event": body,
+    })
+}
+
+pub async fn run(cmd: SessionsCmd) -> anyhow::Result<()> {
+    let client = Client::from_env()?;
+    match cmd {
+        SessionsCmd::List {
+            identity,
+            resource,
+            region,
+            since,
+            until,
+            limit,
+            json,
+        } => {
+            let list = client
+                .list_sessions(api::ListSessionsRequest {
+                    identity: identity.unwrap_or_default(),
+                    resource: resource.unwrap_or_default(),
+                    region: region.unwrap_or_default(),
+                    since_ms: since.unwrap_or(0),
+                    until_ms: until.unwrap_or(0),
+                    limit,
+                })
+                .await?;
+            if json {
+                let v: Vec<_> = list.iter().map(info_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            println!(
+                "{:<32} {:<24} {:<16} {:<14} {:<8} {:<6} COMMAND",
+                "SESSION", "OPENED", "WHO", "RESOURCE", "REGION", "EXIT"
+            );
+            for s in list {
+                let exit = if !s.closed {
+                    "open".to_string()
+                } else if s.signal != 0 {
+                    format!("sig{}", s.signal)
+                } else {
+                    s.exit_code.to_string()
+                };
+                println!(
+                    "{:<32} {:<24} {:<16} {:<14} {:<8} {:<6} {}",
+                    s.session_id,
+                    fmt_time(s.opened_at_ms),
+                    s.subject,
+                    s.resource,
+                    s.node_region,
+                    exit,
+                    s.command
+                );
+            }
+        }
+        SessionsCmd::Show { id, json } => {
+            let r = client.get_session(&id).await?;
+            let info = r.session.unwrap_or_default();
+            if json {
+                let v = serde_json::json!({
+                    "session": info_json(&info),
+                    "events": r.events.iter().map(event_json).collect::<Vec<_>>(),
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            println!(
+                "session {}  ({} events, {} chunks, chain head {})",
+                info.session_id, info.events, info.chunks, info.head_sha256
+            );
+            for e in &r.events {
+                let j = event_json(e);
+                let body = match &e.kind {
+                    Some(ev::event::Kind::Output(o)) => format!(
+                        "{} {:?}{}",
+                        o.stream,
+                        String::from_utf8_lossy(&o.data),
+                        if o.truncated {
+                            " (recording cut here)"
+                        } else {
+                            ""
+                        }
+                    ),
+                    _ => j["event"].to_string(),
+                };
+                println!(
+                    "{:>5} {} {:<15} {}",
+                    e.seq,
+                    fmt_time(e.at_ms),
+                    j["type"].as_str().unwrap_or(""),
+                    body
+                );
+            }
+        }
+        SessionsCmd::Replay {
+            id,
+            speed,
+            asciicast,
+        } => {
+            if !(speed > 0.0 && speed.is_finite()) {
+                anyhow::bail!("--speed must be a positive number");
+            }
+            let r = client.get_session(&id).await?;
+            let info = r.session.unwrap_or_default();
+            let outputs: Vec<(u64, &ev::Output)> = r
+                .events
+                .iter()
+                .filter_map(|e| match &e.kind {
+                    Some(ev::event::Kind::Output(o)) if o.stream != "stdin" => Some((e.at_ms, o)),
+                    _ => None,
+                })
+                .collect();
+            let start = r.events.first().map_or(0, |e| e.at_ms);
+            if let Some(path) = asciicast {
+                let mut f = std::fs::File::create(&path)
+                    .with_context(|| format!("create {}", path.display()))?;
+                let header = serde_json::json!({
+                    "version": 2, "width": 120, "height": 40,
+                    "timestamp": info.opened_at_ms / 1000,
+                    "title": format!("{} on {}", info.command, info.resource),
+                });
+                writeln!(f, "{header}")?;
+                for (at, o) in &outputs {
+                    let t = at.saturating_sub(start) as f64 / 1000.0;
+                    let line = serde_json::json!([t, "o", String::from_utf8_lossy(&o.data)]);
+                    writeln!(f, "{line}")?;
+                }
+                eprintln!("wrote {} ({} output events)", path.display(), outputs.len());
+                return Ok(());
+            }
+            let mut last = start;
+            let mut out = std::io::stdout();
+            for (at, o) in outputs {
+                let gap = Duration::from_millis(at.saturating_sub(last)).div_f64(speed);
+                tokio::time::sleep(gap).await;
+                last = at;
+                out.write_all(&o.data)?;
+                out.flush()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_round_trip() {
+        for ms in [0u64, 1_700_000_000_123, 1_767_225_600_000] {
+            assert_eq!(parse_time(&fmt_time(ms)), Ok(ms));
+        }
+        assert_eq!(parse_time("2026-01-01T00:00:00Z"), Ok(1_767_225_600_000));
+        assert_eq!(parse_time("42"), Ok(42));
+        assert!(parse_time("yesterday").is_err());
+        assert!(parse_time("2026-13-01T00:00:00Z").is_err());
+    }
+}

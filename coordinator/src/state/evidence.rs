@@ -1,0 +1,391 @@
+//! Session evidence in replicated state: chained chunks, one record per
+//! session, and indexes by time, identity, resource and region.
+//!
+//! Keys:
+//! - `ev/s/<session>`: the [`pb::SessionRecord`] (summary, end, chain head);
+//! - `ev/c/<session>/<index:010>`: an encoded `custody.evidence.v1.Chunk`;
+//! - `ev/t/<opened_ms:020>/<session>`, `ev/i/<issuer>|<subject>/<opened>/<session>`,
+//!   `ev/r/<resource>/<opened>/<session>`, `ev/g/<region>/<opened>/<session>`:
+//!   indexes (empty values).
+//!
+//! Apply checks only the chain links (index, previous hash, sequence) and the
+//! recorder's hash; it never decompresses. Readers verify everything again.
+
+use prost::Message as _;
+
+use custody_proto::chain::chunk_hash;
+use custody_proto::cluster::v1 as pb;
+use custody_proto::evidence::v1 as ev;
+
+use super::{ApplyOutcome, CommandError, StateTxn};
+use crate::storage::{Engine, RaftStore, StorageError};
+
+const SESSION_PREFIX: &str = "ev/s/";
+const CHUNK_PREFIX: &str = "ev/c/";
+const TIME_PREFIX: &str = "ev/t/";
+const IDENTITY_PREFIX: &str = "ev/i/";
+const RESOURCE_PREFIX: &str = "ev/r/";
+const REGION_PREFIX: &str = "ev/g/";
+
+/// Largest encoded chunk accepted into the log.
+pub const MAX_CHUNK_BYTES: usize = 2 << 20;
+
+/// A chunk to append, with what the session record needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppendChunk {
+    pub chunk: Vec<u8>,
+    pub sha256: [u8; 32],
+    pub open: Option<pb::SessionSummary>,
+    pub end: Option<pb::SessionEnd>,
+}
+
+impl Eq for AppendChunk {}
+
+impl AppendChunk {
+    pub fn to_pb(&self) -> pb::command::Kind {
+        pb::command::Kind::AppendChunk(pb::AppendChunk {
+            chunk: self.chunk.clone().into(),
+            sha256: self.sha256.to_vec().into(),
+            open: self.open.clone(),
+            end: self.end.clone(),
+        })
+    }
+
+    pub fn from_pb(a: pb::AppendChunk) -> Result<Self, CommandError> {
+        if a.chunk.len() > MAX_CHUNK_BYTES {
+            return Err(CommandError::Invalid(format!(
+                "evidence chunk of {} bytes exceeds {MAX_CHUNK_BYTES}",
+                a.chunk.len()
+            )));
+        }
+        Ok(AppendChunk {
+            chunk: a.chunk.to_vec(),
+            sha256: a.sha256[..]
+                .try_into()
+                .map_err(|_| CommandError::Invalid("chunk hash must be 32 bytes".into()))?,
+            open: a.open,
+            end: a.end,
+        })
+    }
+}
+
+fn session_key(id: &str) -> Vec<u8> {
+    format!("{SESSION_PREFIX}{id}").into_bytes()
+}
+
+fn chunk_key(id: &str, index: u64) -> Vec<u8> {
+    format!("{CHUNK_PREFIX}{id}/{index:010}").into_bytes()
+}
+
+fn corrupt(what: &'static str) -> impl Fn(prost::DecodeError) -> StorageError {
+    move |e| StorageError::Corrupt {
+        what,
+        detail: e.to_string(),
+    }
+}
+
+fn rejected(index: u64, why: impl Into<String>) -> ApplyOutcome {
+    ApplyOutcome {
+        rejected: Some(why.into()),
+        ..ApplyOutcome::at(index)
+    }
+}
+
+fn index_keys(s: &pb::SessionSummary) -> Vec<Vec<u8>> {
+    let t = format!("{:020}/{}", s.opened_at_ms, s.session_id);
+    let mut keys = vec![
+        format!("{TIME_PREFIX}{t}"),
+        format!("{IDENTITY_PREFIX}{}|{}/{t}", s.issuer, s.subject),
+        format!("{RESOURCE_PREFIX}{}/{t}", s.resource),
+        format!("{REGION_PREFIX}{}/{t}", s.node_region),
+    ];
+    if !s.edge_region.is_empty() && s.edge_region != s.node_region {
+        keys.push(format!("{REGION_PREFIX}{}/{t}", s.edge_region));
+    }
+    keys.into_iter().map(String::into_bytes).collect()
+}
+
+pub(super) fn apply<E: Engine>(
+    txn: &mut StateTxn<E>,
+    index: u64,
+    a: &AppendChunk,
+) -> Result<ApplyOutcome, StorageError> {
+    let Ok(c) = ev::Chunk::decode(&a.chunk[..]) else {
+        return Ok(rejected(index, "malformed evidence chunk"));
+    };
+    if chunk_hash(&c) != a.sha256 {
+        return Ok(rejected(index, "evidence chunk hash mismatch"));
+    }
+    if c.session_id.is_empty() || c.session_id.len() > 64 || c.session_id.contains('/') {
+        return Ok(rejected(index, "invalid session id"));
+    }
+    let key = session_key(&c.session_id);
+    let existing = txn
+        .get(&key)?
+        .map(|b| pb::SessionRecord::decode(&b[..]).map_err(corrupt("session record")))
+        .transpose()?;
+    let mut rec = match (existing, c.index) {
+        (None, 0) => {
+            let Some(open) = a.open.clone() else {
+                return Ok(rejected(
+                    index,
+                    "the first chunk must carry the session summary",
+                ));
+            };
+            if open.session_id != c.session_id {
+                return Ok(rejected(index, "summary names another session"));
+            }
+            for k in index_keys(&open) {
+                txn.put(k, Vec::new());
+            }
+            pb::SessionRecord {
+                summary: Some(open),
+                head_sha256: vec![0u8; 32].into(),
+                ..Default::default()
+            }
+        }
+        (Some(_), 0) => return Ok(rejected(index, "session already recorded")),
+        (None, _) => return Ok(rejected(index, "chunk for an unknown session")),
+        (Some(r), _) => r,
+    };
+    if rec.closed {
+        return Ok(rejected(index, "session already closed"));
+    }
+    if c.index != rec.chunks
+        || c.prev_sha256[..] != rec.head_sha256[..]
+        || c.first_seq != rec.next_seq
+        || c.last_seq < c.first_seq
+    {
+        return Ok(rejected(
+            index,
+            format!(
+                "chunk {} does not extend the chain of session {} (expected chunk {}, seq {})",
+                c.index, c.session_id, rec.chunks, rec.next_seq
+            ),
+        ));
+    }
+    txn.put(chunk_key(&c.session_id, c.index), a.chunk.clone());
+    rec.chunks += 1;
+    rec.head_sha256 = a.sha256.to_vec().into();
+    rec.next_seq = c.last_seq + 1;
+    rec.raw_bytes += c.raw_len;
+    rec.stored_bytes += c.zstd_events.len() as u64;
+    if let Some(end) = &a.end {
+        rec.end = Some(end.clone());
+        rec.closed = true;
+    }
+    txn.put(key, rec.encode_to_vec());
+    Ok(ApplyOutcome {
+        value: c.index,
+        ..ApplyOutcome::at(index)
+    })
+}
+
+pub fn session_get<E: Engine>(
+    store: &RaftStore<E>,
+    id: &str,
+) -> Result<Option<pb::SessionRecord>, StorageError> {
+    store
+        .state_get(&session_key(id))?
+        .map(|b| pb::SessionRecord::decode(&b[..]).map_err(corrupt("session record")))
+        .transpose()
+}
+
+/// The stored chunks of a session, in index order, still encoded.
+pub fn session_chunks<E: Engine>(
+    store: &RaftStore<E>,
+    id: &str,
+) -> Result<Vec<Vec<u8>>, StorageError> {
+    Ok(store
+        .state_scan(format!("{CHUNK_PREFIX}{id}/").as_bytes(), None, usize::MAX)?
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect())
+}
+
+/// Filters for listing sessions.
+#[derive(Debug, Clone, Default)]
+pub struct SessionQuery {
+    /// `issuer|subject`, or a subject / email matched against summaries.
+    pub identity: Option<String>,
+    pub resource: Option<String>,
+    pub region: Option<String>,
+    pub since_ms: Option<u64>,
+    pub until_ms: Option<u64>,
+    pub limit: usize,
+}
+
+/// Sessions matching `q`, oldest first.
+pub fn sessions_list<E: Engine>(
+    store: &RaftStore<E>,
+    q: &SessionQuery,
+) -> Result<Vec<pb::SessionRecord>, StorageError> {
+    // Scan the most selective index; check every filter on the record.
+    let prefix = match (&q.resource, &q.region) {
+        (Some(r), _) => format!("{RESOURCE_PREFIX}{r}/"),
+        (None, Some(g)) => format!("{REGION_PREFIX}{g}/"),
+        _ => TIME_PREFIX.to_string(),
+    };
+    let from = format!("{prefix}{:020}", q.since_ms.unwrap_or(0));
+    let to = format!("{prefix}{:020}", q.until_ms.unwrap_or(u64::MAX));
+    let limit = if q.limit == 0 { usize::MAX } else { q.limit };
+    let mut out = Vec::new();
+    let mut start = from.into_bytes();
+    loop {
+        let page = store.state_scan_range(&start, to.as_bytes(), 1024)?;
+        let n = page.len();
+        for (k, _) in &page {
+            let key = String::from_utf8_lossy(k);
+            let Some(id) = key.rsplit('/').next() else {
+                continue;
+            };
+            let Some(rec) = session_get(store, id)? else {
+                continue;
+            };
+            if matches(&rec, q) {
+                out.push(rec);
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+        }
+        match page.last() {
+            Some((k, _)) if n == 1024 => {
+                start = k.clone();
+                start.push(0);
+            }
+            _ => return Ok(out),
+        }
+    }
+}
+
+fn matches(rec: &pb::SessionRecord, q: &SessionQuery) -> bool {
+    let Some(s) = &rec.summary else {
+        return false;
+    };
+    if let Some(id) = &q.identity {
+        let full = format!("{}|{}", s.issuer, s.subject);
+        if *id != full && *id != s.subject && *id != s.email {
+            return false;
+        }
+    }
+    if q.resource.as_ref().is_some_and(|r| *r != s.resource) {
+        return false;
+    }
+    if q.region
+        .as_ref()
+        .is_some_and(|g| *g != s.node_region && *g != s.edge_region)
+    {
+        return false;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Command, Proposal};
+    use crate::storage::MemEngine;
+    use custody_proto::chain::build_chunk;
+
+    fn event(seq: u64) -> ev::Event {
+        ev::Event {
+            version: 1,
+            session_id: "s1".into(),
+            seq,
+            at_ms: seq,
+            node_id: 1,
+            kind: Some(ev::event::Kind::Output(ev::Output {
+                stream: "stdout".into(),
+                data: vec![b'x'; 10].into(),
+                truncated: false,
+            })),
+        }
+    }
+
+    fn summary() -> pb::SessionSummary {
+        pb::SessionSummary {
+            session_id: "s1".into(),
+            opened_at_ms: 5,
+            issuer: "iss".into(),
+            subject: "alice".into(),
+            resource: "db".into(),
+            node_region: "eu".into(),
+            edge_region: "us".into(),
+            ..Default::default()
+        }
+    }
+
+    fn append(
+        s: &RaftStore<MemEngine>,
+        index: u64,
+        c: &ev::Chunk,
+        open: bool,
+        end: bool,
+    ) -> ApplyOutcome {
+        let a = AppendChunk {
+            chunk: c.encode_to_vec(),
+            sha256: chunk_hash(c),
+            open: open.then(summary),
+            end: end.then(pb::SessionEnd::default),
+        };
+        let p = Proposal {
+            origin_node: 1,
+            request_id: index,
+            idempotency_key: None,
+            proposed_at_ms: 0,
+            command: Command::Evidence(Box::new(a)),
+        };
+        let p = Proposal::decode(&p.encode()).unwrap();
+        let mut txn = StateTxn::new(s);
+        let o = txn.apply(index, &p).unwrap();
+        s.apply(txn.into_ops(), index, index, None).unwrap();
+        o
+    }
+
+    #[test]
+    fn chunks_must_extend_the_chain() {
+        let s = RaftStore::open(MemEngine::new()).unwrap();
+        let c0 = build_chunk(0, [0; 32], vec![event(0), event(1)]).unwrap();
+        let c1 = build_chunk(1, chunk_hash(&c0), vec![event(2)]).unwrap();
+        // Out of order, or without the summary: refused.
+        assert!(append(&s, 2, &c1, false, false).rejected.is_some());
+        assert!(append(&s, 3, &c0, false, false).rejected.is_some());
+        assert!(append(&s, 4, &c0, true, false).rejected.is_none());
+        // A replay of the same chunk: refused (exactly once).
+        assert!(append(&s, 5, &c0, true, false).rejected.is_some());
+        // A forked chunk 1 (wrong previous hash): refused.
+        let fork = build_chunk(1, [9; 32], vec![event(2)]).unwrap();
+        assert!(append(&s, 6, &fork, false, false).rejected.is_some());
+        assert!(append(&s, 7, &c1, false, true).rejected.is_none());
+        let rec = session_get(&s, "s1").unwrap().unwrap();
+        assert_eq!((rec.chunks, rec.next_seq, rec.closed), (2, 3, true));
+        assert_eq!(rec.head_sha256[..], chunk_hash(&c1));
+        assert_eq!(session_chunks(&s, "s1").unwrap().len(), 2);
+        // Closed sessions take no more chunks.
+        let c2 = build_chunk(2, chunk_hash(&c1), vec![event(3)]).unwrap();
+        assert!(append(&s, 8, &c2, false, false).rejected.is_some());
+    }
+
+    #[test]
+    fn lists_by_every_index() {
+        let s = RaftStore::open(MemEngine::new()).unwrap();
+        let c0 = build_chunk(0, [0; 32], vec![event(0)]).unwrap();
+        append(&s, 2, &c0, true, false);
+        let q = |f: &dyn Fn(&mut SessionQuery)| {
+            let mut q = SessionQuery::default();
+            f(&mut q);
+            sessions_list(&s, &q).unwrap().len()
+        };
+        assert_eq!(q(&|_| {}), 1);
+        assert_eq!(q(&|q| q.resource = Some("db".into())), 1);
+        assert_eq!(q(&|q| q.resource = Some("other".into())), 0);
+        assert_eq!(q(&|q| q.region = Some("us".into())), 1);
+        assert_eq!(q(&|q| q.region = Some("ap".into())), 0);
+        assert_eq!(q(&|q| q.identity = Some("alice".into())), 1);
+        assert_eq!(q(&|q| q.identity = Some("bob".into())), 0);
+        assert_eq!(q(&|q| q.since_ms = Some(6)), 0);
+        assert_eq!(q(&|q| q.until_ms = Some(5)), 0);
+        assert_eq!(q(&|q| q.until_ms = Some(6)), 1);
+    }
+}
