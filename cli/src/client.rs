@@ -15,6 +15,7 @@ use custody_proto::v1 as api;
 use custody_proto::v1::auth_client::AuthClient;
 use custody_proto::v1::cluster_client::ClusterClient;
 use custody_proto::v1::edges_client::EdgesClient;
+use custody_proto::v1::evidence_client::EvidenceClient;
 use custody_proto::v1::kv_client::KvClient;
 use custody_proto::v1::policy_client::PolicyClient;
 use custody_proto::v1::resources_client::ResourcesClient;
@@ -590,6 +591,24 @@ impl Client {
                     .await?
                     .into_inner()
                     .sessions)
+            }
+        })
+        .await
+    }
+
+    pub async fn export(
+        &self,
+        req: api::ExportRequest,
+    ) -> Result<tonic::Streaming<api::ExportFrame>, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            let req = req.clone();
+            async move {
+                Ok(EvidenceClient::new(ch)
+                    .max_decoding_message_size(16 << 20)
+                    .export(authed(&tok, req))
+                    .await?
+                    .into_inner())
             }
         })
         .await

@@ -49,6 +49,10 @@ enum Cmd {
     /// Recorded sessions: list, show, replay.
     #[command(subcommand)]
     Sessions(commands::sessions::SessionsCmd),
+    /// Write a signed compliance export of recorded sessions.
+    Export(commands::export::ExportArgs),
+    /// Check an export offline: signature, digests, hash chains.
+    Verify(commands::export::VerifyArgs),
     /// Run a command on a resource; exits with the remote exit code.
     Exec(commands::exec::ExecArgs),
     /// Run a local development system.
@@ -84,6 +88,8 @@ fn main() {
             Cmd::Edge(c) => commands::edge::run(c).await,
             Cmd::Resources { json } => commands::edge::resources(json).await,
             Cmd::Sessions(c) => commands::sessions::run(c).await,
+            Cmd::Export(a) => commands::export::export(a).await,
+            Cmd::Verify(a) => commands::export::verify(a),
             Cmd::Cluster(c) => commands::cluster::run(c).await,
             Cmd::Kv(c) => commands::kv::run(c).await,
             Cmd::Dev(c) => commands::dev::run(c).await,

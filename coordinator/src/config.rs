@@ -43,6 +43,17 @@ pub struct RawConfig {
     pub auth: RawAuth,
     #[serde(default)]
     pub edges: RawEdges,
+    #[serde(default)]
+    pub evidence: RawEvidence,
+}
+
+/// `[evidence]`: signing of compliance exports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawEvidence {
+    /// Base64 PKCS#8 Ed25519 key (the same on every node) that signs exports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<PathBuf>,
 }
 
 /// `[edges]`: enrollment and edge certificates.
@@ -162,6 +173,7 @@ pub struct Config {
     pub dev_issuer: Option<DevIssuerConfig>,
     pub ca_key: Option<PathBuf>,
     pub edge_cert_ttl: Duration,
+    pub evidence_key: Option<PathBuf>,
 }
 
 /// The validated `[auth.dev_issuer]`.
@@ -314,6 +326,7 @@ impl Config {
         }
         Ok(Config {
             ca_key: raw.tls.ca_key.as_deref().map(resolve),
+            evidence_key: raw.evidence.signing_key.as_deref().map(resolve),
             edge_cert_ttl: Duration::from_secs(cert_ttl),
             admin_groups: raw.auth.admin_groups.clone(),
             issuers,

@@ -189,6 +189,9 @@ fn node_config(
             .collect(),
         join,
         edges: Default::default(),
+        evidence: crate::config::RawEvidence {
+            signing_key: Some("evidence-key.b64".into()),
+        },
         raft: RawRaft {
             compact_threshold: compact,
             tick_ms: None,
@@ -230,6 +233,10 @@ pub fn generate(g: &GenConfig) -> anyhow::Result<Vec<PathBuf>> {
     let ca = ClusterCa::generate("local").context("generate cluster CA")?;
     write_public(&g.dir.join("ca.pem"), &ca.cert_pem)?;
     write_private(&g.dir.join("ca-key.pem"), &ca.key_pem())?;
+    write_private(
+        &g.dir.join("evidence-key.b64"),
+        &crate::evidence::export::generate_signing_key().context("generate the evidence key")?,
+    )?;
     let dev_key = rcgen::KeyPair::generate().context("generate dev issuer key")?;
     write_private(&g.dir.join("dev-issuer-key.pem"), &dev_key.serialize_pem())?;
     write_private(

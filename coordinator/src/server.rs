@@ -11,13 +11,15 @@ use custody_proto::cluster::v1::raft_transport_server::RaftTransportServer;
 use custody_proto::v1::auth_server::AuthServer;
 use custody_proto::v1::cluster_server::ClusterServer;
 use custody_proto::v1::edges_server::EdgesServer;
+use custody_proto::v1::evidence_server::EvidenceServer;
 use custody_proto::v1::kv_server::KvServer;
 use custody_proto::v1::policy_server::PolicyServer;
 use custody_proto::v1::resources_server::ResourcesServer;
 use custody_proto::v1::sessions_server::SessionsServer;
 
 use crate::api::{
-    ApiService, EdgesService, Guard, PolicyService, ResourcesService, SessionsService,
+    ApiService, EdgesService, EvidenceService, Guard, PolicyService, ResourcesService,
+    SessionsService,
 };
 use crate::auth::{HttpJwks, Verifier};
 use crate::config::Config;
@@ -93,6 +95,21 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             None
         }
     };
+    let evidence_key = match &cfg.evidence_key {
+        Some(p) => Some(std::sync::Arc::new(
+            crate::evidence::export::SigningKey::load(p)
+                .context("load the evidence signing key")?,
+        )),
+        None => {
+            tracing::warn!("no [evidence] signing_key: this node cannot sign exports");
+            None
+        }
+    };
+    let cluster_id = crate::evidence::export::cluster_id(&tls.ca_pem);
+    let public_key = evidence_key
+        .as_ref()
+        .map(|k| k.public_b64())
+        .unwrap_or_default();
     let registry = std::sync::Arc::new(EdgeRegistry::new());
     let tunnels = std::sync::Arc::new(Tunnels {
         node: node.clone(),
@@ -125,7 +142,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     );
     let kv_svc = KvServer::new(ApiService::new(node.clone(), guard.clone()))
         .max_decoding_message_size(API_MAX_MESSAGE);
-    let cluster_svc = ClusterServer::new(ApiService::new(node.clone(), guard.clone()));
+    let cluster_svc = ClusterServer::new(
+        ApiService::new(node.clone(), guard.clone())
+            .with_cluster_info(cluster_id.clone(), public_key.clone()),
+    );
     let auth_svc = AuthServer::new(PolicyService::new(node.clone(), guard.clone()));
     let policy_svc = PolicyServer::new(PolicyService::new(node.clone(), guard.clone()))
         .max_decoding_message_size(API_MAX_MESSAGE);
@@ -163,6 +183,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .add_service(SessionsServer::new(SessionsService::new(
             tunnels.clone(),
             guard.clone(),
+        )))
+        .add_service(EvidenceServer::new(EvidenceService::new(
+            node.clone(),
+            guard.clone(),
+            evidence_key.clone(),
+            cluster_id.clone(),
         )))
         .serve_with_incoming_shutdown(api_incoming, stopped(stop_rx.clone()));
     tracing::info!(

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod chain;
+pub mod export;
 pub mod frame;
 
 /// Client and admin API.

@@ -384,3 +384,177 @@ async fn a_leader_kill_mid_session_loses_and_duplicates_nothing() {
     )
     .await;
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn edit_lines(path: &std::path::Path, f: impl FnOnce(&mut Vec<String>)) {
+    let mut lines: Vec<String> = std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    f(&mut lines);
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_are_signed_and_any_tampering_is_caught() {
+    let c = system_with("env = \"dev\"").await;
+    let alice = c.mint_token("alice").await.unwrap().token;
+    for i in 0..3 {
+        let out = custody(
+            &c,
+            &[],
+            &alice,
+            &[
+                "exec",
+                "local-shell",
+                "--",
+                "sh",
+                "-c",
+                &format!("echo run {i}; echo line two"),
+            ],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let audrey = c.mint_token("audrey").await.unwrap().token;
+    let dir = c.dir.join("export");
+    let out = custody(
+        &c,
+        &[],
+        &audrey,
+        &["export", "--out", dir.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("exported 3 sessions"),
+        "{}",
+        text(&out.stdout)
+    );
+    let csv = std::fs::read_to_string(dir.join("sessions.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+    assert!(csv.contains("alice") && csv.contains("local-shell"));
+
+    // Non-auditors cannot export; region filters apply.
+    let out = custody(
+        &c,
+        &[],
+        &alice,
+        &["export", "--out", c.dir.join("x").to_str().unwrap()],
+    );
+    assert!(
+        text(&out.stderr).contains("requires role"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = custody(
+        &c,
+        &[],
+        &audrey,
+        &[
+            "export",
+            "--out",
+            c.dir.join("ap").to_str().unwrap(),
+            "--region",
+            "ap",
+        ],
+    );
+    assert!(
+        text(&out.stdout).contains("exported 0 sessions"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let status = custody(&c, &[], &audrey, &["cluster", "status", "--json"]);
+    let st: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let key = st["evidence_public_key"].as_str().unwrap().to_owned();
+    assert!(!key.is_empty());
+    let verify = |d: &std::path::Path, key: &str| -> std::process::Output {
+        custody(
+            &c,
+            &[],
+            "",
+            &["verify", d.to_str().unwrap(), "--public-key", key],
+        )
+    };
+    let ok = verify(&dir, &key);
+    assert!(
+        ok.status.success(),
+        "untouched export must verify: {}",
+        text(&ok.stderr)
+    );
+
+    let mut n = 0;
+    let mut tampered = |name: &str, f: &dyn Fn(&std::path::Path)| {
+        n += 1;
+        let d = c.dir.join(format!("t{n}"));
+        copy_dir(&dir, &d);
+        f(&d);
+        let out = verify(&d, &key);
+        assert!(
+            !out.status.success(),
+            "{name}: verify passed a tampered export"
+        );
+        eprintln!("{name}: {}", text(&out.stderr).trim());
+    };
+    tampered("flip a byte", &|d| {
+        let p = d.join("events.jsonl");
+        let mut b = std::fs::read(&p).unwrap();
+        let i = b.iter().position(|x| *x == b'r').unwrap();
+        b[i] = b'R';
+        std::fs::write(p, b).unwrap();
+    });
+    tampered("drop an event", &|d| {
+        edit_lines(&d.join("events.jsonl"), |l| {
+            l.remove(3);
+        })
+    });
+    tampered("swap two events", &|d| {
+        edit_lines(&d.join("events.jsonl"), |l| l.swap(2, 3))
+    });
+    tampered("drop a chunk", &|d| {
+        edit_lines(&d.join("chunks.jsonl"), |l| {
+            l.remove(0);
+        })
+    });
+    tampered("edit a csv row", &|d| {
+        let p = d.join("sessions.csv");
+        let s = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("alice", "mallory");
+        std::fs::write(p, s).unwrap();
+    });
+    tampered("edit the manifest", &|d| {
+        let p = d.join("manifest.json");
+        let s = std::fs::read_to_string(&p)
+            .unwrap()
+            .replacen("\"events\": 7", "\"events\": 6", 1);
+        let s = if s.contains("\"events\": 6") {
+            s
+        } else {
+            s.replacen("custody-export-v1", "custody-export-v1 ", 1)
+        };
+        std::fs::write(p, s).unwrap();
+    });
+    // A forger who rewrites everything consistently and re-signs with their own key.
+    tampered("re-signed with another key", &|d| {
+        edit_lines(&d.join("events.jsonl"), |l| {
+            l.pop();
+        });
+        let rng = ring::rand::SystemRandom::new();
+        let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let pair = ring::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap();
+        let m = std::fs::read(d.join("manifest.json")).unwrap();
+        let sig = base64::engine::general_purpose::STANDARD.encode(pair.sign(&m).as_ref());
+        std::fs::write(d.join("manifest.sig"), sig).unwrap();
+    });
+    // The wrong public key fails too.
+    let other = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+    assert!(!verify(&dir, &other).status.success());
+}

@@ -73,6 +73,9 @@ struct StatusJson {
     commit_index: u64,
     applied_index: u64,
     answered_by: u64,
+    cluster_id: String,
+    /// Base64 Ed25519 key that verifies signed evidence exports.
+    evidence_public_key: String,
     members: Vec<MemberJson>,
 }
 
@@ -92,6 +95,8 @@ fn status_json(st: &api::ClusterStatus) -> StatusJson {
         commit_index: st.commit_index,
         applied_index: st.applied_index,
         answered_by: st.node_id,
+        cluster_id: st.cluster_id.clone(),
+        evidence_public_key: st.evidence_public_key.clone(),
         members: st
             .members
             .iter()
@@ -130,6 +135,8 @@ pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
                     "term: {}  commit: {}  applied: {}",
                     j.term, j.commit_index, j.applied_index
                 );
+                println!("cluster id: {}", j.cluster_id);
+                println!("evidence public key: {}", j.evidence_public_key);
                 println!(
                     "{:<6} {:<8} {:<24} {:<12} {:>10}",
                     "ID", "REGION", "API", "STATE", "MATCH"

@@ -2,6 +2,7 @@ pub mod cluster;
 pub mod dev;
 pub mod edge;
 pub mod exec;
+pub mod export;
 pub mod kv;
 pub mod login;
 pub mod policy;

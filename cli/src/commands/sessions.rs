@@ -4,11 +4,11 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use base64::Engine as _;
 use clap::Subcommand;
 
 use custody_cli::client::Client;
 use custody_proto::evidence::v1 as ev;
+use custody_proto::export::{event_json, fmt_time};
 use custody_proto::v1 as api;
 
 #[derive(Subcommand)]
@@ -86,29 +86,6 @@ fn time_rfc3339(s: &str) -> Option<u64> {
     u64::try_from(total).ok()
 }
 
-/// Formats milliseconds since the epoch as RFC 3339 UTC.
-pub fn fmt_time(ms: u64) -> String {
-    let secs = (ms / 1000) as i64;
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ms % 1000
-    )
-}
-
 fn info_json(s: &api::SessionInfo) -> serde_json::Value {
     serde_json::json!({
         "session_id": s.session_id, "opened_at": fmt_time(s.opened_at_ms),
@@ -120,51 +97,6 @@ fn info_json(s: &api::SessionInfo) -> serde_json::Value {
         "signal": s.signal, "close_reason": s.close_reason, "events": s.events,
         "chunks": s.chunks, "raw_bytes": s.raw_bytes, "stored_bytes": s.stored_bytes,
         "head_sha256": s.head_sha256,
-    })
-}
-
-/// One event as JSON; `data_b64` carries output bytes exactly.
-pub fn event_json(e: &ev::Event) -> serde_json::Value {
-    use ev::event::Kind;
-    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-    let (kind, body) = match &e.kind {
-        Some(Kind::Opened(o)) => (
-            "session_opened",
-            serde_json::json!({
-                "identity": o.identity.as_ref().map(|i| serde_json::json!({
-                    "issuer": i.issuer, "subject": i.subject, "email": i.email, "name": i.name,
-                    "groups": i.groups, "client_kind": i.client_kind, "client_id": i.client_id,
-                })),
-                "client_addr": o.client_addr, "resource": o.resource,
-                "resource_kind": o.resource_kind, "labels": o.labels, "edge": o.edge,
-                "edge_id": o.edge_id, "edge_region": o.edge_region,
-                "node_region": o.node_region, "decision": o.decision, "rule": o.rule,
-                "mode": o.mode,
-            }),
-        ),
-        Some(Kind::Command(c)) => (
-            "command",
-            serde_json::json!({"text": c.text, "argv": c.argv, "params": c.params, "verb": c.verb}),
-        ),
-        Some(Kind::Output(o)) => (
-            "output",
-            serde_json::json!({
-                "stream": o.stream, "data_b64": b64(&o.data),
-                "text": String::from_utf8_lossy(&o.data), "truncated": o.truncated,
-            }),
-        ),
-        Some(Kind::Outcome(o)) => (
-            "outcome",
-            serde_json::json!({"exit_code": o.exit_code, "signal": o.signal, "rows": o.rows, "error": o.error}),
-        ),
-        Some(Kind::Closed(c)) => ("session_closed", serde_json::json!({"reason": c.reason})),
-        Some(Kind::Approval(a)) => ("approval", serde_json::json!({"request_id": a.request_id})),
-        None => ("unknown", serde_json::json!({})),
-    };
-    serde_json::json!({
-        "version": e.version, "session_id": e.session_id, "seq": e.seq,
-        "at_ms": e.at_ms, "at": fmt_time(e.at_ms), "node_id": e.node_id,
-        "type": kind, "event": body,
     })
 }
 

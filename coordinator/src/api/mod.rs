@@ -15,11 +15,13 @@ use custody_proto::v1::cluster_server::Cluster;
 use custody_proto::v1::kv_server::Kv;
 
 mod edges;
+mod export;
 mod guard;
 mod policy;
 pub mod sessions;
 
 pub use edges::{EdgesService, ResourcesService};
+pub use export::EvidenceService;
 pub use guard::Guard;
 pub use policy::PolicyService;
 pub use sessions::SessionsService;
@@ -69,11 +71,23 @@ fn idem(key: String) -> Result<Option<String>, Status> {
 pub struct ApiService<E: Engine> {
     node: NodeHandle<E>,
     guard: Arc<Guard>,
+    /// (cluster id, base64 evidence public key) for status answers.
+    info: (String, String),
 }
 
 impl<E: Engine> ApiService<E> {
     pub fn new(node: NodeHandle<E>, guard: Arc<Guard>) -> Self {
-        Self { node, guard }
+        Self {
+            node,
+            guard,
+            info: Default::default(),
+        }
+    }
+
+    /// Adds the cluster id and evidence public key to status answers.
+    pub fn with_cluster_info(mut self, cluster_id: String, evidence_public_key: String) -> Self {
+        self.info = (cluster_id, evidence_public_key);
+        self
     }
 
     /// Authenticates the caller and requires the admin role (fresh policy).
@@ -298,6 +312,7 @@ pub fn cluster_status(st: &NodeStatus) -> api::ClusterStatus {
         role: role_name(st.role).into(),
         members,
         first_index: st.first_index,
+        ..Default::default()
     }
 }
 
@@ -311,7 +326,10 @@ impl<E: Engine> Cluster for ApiService<E> {
             .authenticate(&self.node, &req, "cluster.status")
             .await?;
         let st = self.node.status().await.map_err(status_from)?;
-        Ok(Response::new(cluster_status(&st)))
+        let mut out = cluster_status(&st);
+        out.cluster_id = self.info.0.clone();
+        out.evidence_public_key = self.info.1.clone();
+        Ok(Response::new(out))
     }
 
     async fn add_member(

@@ -7,6 +7,8 @@
 //! Each chunk carries an idempotency key (`ev/<session>/<index>`), so a retry
 //! after a leader change is applied once.
 
+pub mod export;
+
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prost::Message as _;
