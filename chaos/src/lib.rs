@@ -5,11 +5,13 @@
 //!   can cut chosen links;
 //! - [`history`]: concurrent writers with unique values and a checker that
 //!   every acknowledged write is present exactly once;
-//! - [`bench`], [`tunnel_bench`]: the Raft and edge-tunnel benchmarks.
+//! - [`bench`], [`tunnel_bench`], [`evidence_bench`]: the Raft, edge-tunnel and
+//!   evidence benchmarks.
 
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod evidence_bench;
 pub mod history;
 pub mod partition;
 pub mod proxy;

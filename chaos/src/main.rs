@@ -49,6 +49,17 @@ enum BenchCmd {
         #[arg(long, default_value_t = 1000)]
         edges: usize,
     },
+    /// Evidence ingest MB/s, compression ratio, strict-mode added latency.
+    Evidence {
+        /// Concurrent sessions per transcript kind.
+        #[arg(long, default_value_t = 4)]
+        sessions: usize,
+        /// Size of each transcript (loop iterations).
+        #[arg(long, default_value_t = 600)]
+        iterations: usize,
+        #[arg(long, default_value_t = 200)]
+        latency_runs: usize,
+    },
     /// Sequential API call latency against a running cluster (from the
     /// CUSTODY_* environment), in consecutive rounds.
     Rpc {
@@ -80,6 +91,18 @@ async fn main() -> anyhow::Result<()> {
             failovers,
             edges,
         }) => custody_chaos::tunnel_bench::tunnel(bytes, rounds.max(1), failovers, edges).await,
+        Cmd::Bench(BenchCmd::Evidence {
+            sessions,
+            iterations,
+            latency_runs,
+        }) => {
+            custody_chaos::evidence_bench::evidence(
+                sessions.max(1),
+                iterations.max(1),
+                latency_runs.max(5),
+            )
+            .await
+        }
         Cmd::Bench(BenchCmd::Rpc { calls, rounds }) => {
             custody_chaos::bench::rpc_probe(calls.max(10), rounds.max(1)).await
         }
