@@ -55,6 +55,7 @@ fn sh(script: &str, n: usize) -> Vec<String> {
 pub async fn evidence(
     sessions: usize,
     iterations: usize,
+    per_session_mb: u64,
     latency_runs: usize,
 ) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -74,19 +75,34 @@ pub async fn evidence(
     let client = Arc::new(c.client_as(&[], Duration::from_secs(60), Some(alice.clone()))?);
     let admin = c.client(&[])?;
 
-    println!("== evidence ingest: {sessions} concurrent sessions x 2 transcript kinds ==");
+    // Generate one transcript of each kind on the edge host (not timed), then
+    // replay them with `cat`, so the producers are never the bottleneck.
+    let mut files = Vec::new();
+    for (kind, script, n) in [("shell", SHELL, iterations), ("sql", SQL, iterations * 40)] {
+        let path = tmp.path().join(format!("{kind}.txt"));
+        let gen = format!(
+            "{{ {}; }} > {}",
+            script.replace("N", &n.to_string()),
+            path.display()
+        );
+        exec_wait(&client, "shell-async", &["sh".into(), "-c".into(), gen]).await?;
+        let len = std::fs::metadata(&path)?.len().max(1);
+        files.push((kind, path, len));
+    }
+    println!("== evidence ingest: {sessions} concurrent sessions per transcript kind, {per_session_mb} MB each ==");
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for k in 0..sessions {
-        for (kind, script) in [("shell", SHELL), ("sql", SQL)] {
+        for (kind, path, len) in &files {
             let client = client.clone();
-            let n = if kind == "shell" {
-                iterations
-            } else {
-                iterations * 40
-            };
+            let repeats = (per_session_mb << 20) / len + 1;
+            let script = format!(
+                "i=0; while [ $i -lt {repeats} ]; do i=$((i+1)); cat {}; done",
+                path.display()
+            );
+            let kind = *kind;
             tasks.push(tokio::spawn(async move {
-                exec_wait(&client, "shell-async", &sh(script, n))
+                exec_wait(&client, "shell-async", &["sh".into(), "-c".into(), script])
                     .await
                     .map(|sid| (kind, sid, k))
             }));

@@ -57,6 +57,9 @@ enum BenchCmd {
         /// Size of each transcript (loop iterations).
         #[arg(long, default_value_t = 600)]
         iterations: usize,
+        /// Output per session, in MiB (recorded up to the 64 MiB cap).
+        #[arg(long, default_value_t = 32)]
+        mb: u64,
         #[arg(long, default_value_t = 200)]
         latency_runs: usize,
     },
@@ -94,11 +97,13 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Bench(BenchCmd::Evidence {
             sessions,
             iterations,
+            mb,
             latency_runs,
         }) => {
             custody_chaos::evidence_bench::evidence(
                 sessions.max(1),
                 iterations.max(1),
+                mb.clamp(1, 60),
                 latency_runs.max(5),
             )
             .await
