@@ -44,14 +44,6 @@ async fn exec_wait(client: &Client, resource: &str, argv: &[String]) -> anyhow::
     }
 }
 
-fn sh(script: &str, n: usize) -> Vec<String> {
-    vec![
-        "sh".into(),
-        "-c".into(),
-        script.replace("N", &n.to_string()),
-    ]
-}
-
 pub async fn evidence(
     sessions: usize,
     iterations: usize,
