@@ -1,6 +1,6 @@
 //! Session evidence recording.
 //!
-//! One [`SessionRecorder`] per session batches events into chunks (64 KiB or
+//! One [`SessionRecorder`] per session batches events into chunks (256 KiB or
 //! 50 ms), compresses them with zstd, links them into the session's hash chain
 //! and proposes them through Raft, one at a time and in order. A slow cluster
 //! slows the session: the recorder's queue is bounded and callers wait on it.
@@ -24,7 +24,7 @@ use crate::state::Command;
 use crate::storage::Engine;
 
 /// Flush a chunk once this many raw bytes are buffered...
-pub const CHUNK_BYTES: usize = 64 << 10;
+pub const CHUNK_BYTES: usize = 256 << 10;
 /// ...or once the oldest buffered event is this old.
 pub const CHUNK_AGE: Duration = Duration::from_millis(50);
 /// How long one chunk may take to commit before the session is failed.
