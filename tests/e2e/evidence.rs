@@ -531,16 +531,14 @@ async fn exports_are_signed_and_any_tampering_is_caught() {
         std::fs::write(p, s).unwrap();
     });
     tampered("edit the manifest", &|d| {
+        // Claim one event fewer for the first session.
         let p = d.join("manifest.json");
-        let s = std::fs::read_to_string(&p)
-            .unwrap()
-            .replacen("\"events\": 7", "\"events\": 6", 1);
-        let s = if s.contains("\"events\": 6") {
-            s
-        } else {
-            s.replacen("custody-export-v1", "custody-export-v1 ", 1)
-        };
-        std::fs::write(p, s).unwrap();
+        let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        let n = m["sessions"][0]["events"].as_u64().unwrap();
+        m["sessions"][0]["events"] = serde_json::json!(n - 1);
+        let edited = serde_json::to_vec_pretty(&m).unwrap();
+        assert_ne!(edited, std::fs::read(&p).unwrap());
+        std::fs::write(p, edited).unwrap();
     });
     // A forger who rewrites everything consistently and re-signs with their own key.
     tampered("re-signed with another key", &|d| {
