@@ -6,7 +6,8 @@ use base64::Engine as _;
 
 use crate::evidence::v1 as ev;
 
-fn hex(b: &[u8]) -> String {
+/// Lower-case hex, as used for every digest in exports and state keys.
+pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 

@@ -10,7 +10,7 @@ use sha2::{Digest as _, Sha256};
 
 use custody_cli::client::Client;
 use custody_proto::chain::{open_chunk, verify_chain};
-use custody_proto::export::{chunk_from_json, event_json};
+use custody_proto::export::{chunk_from_json, event_json, hex};
 use custody_proto::v1 as api;
 
 use super::sessions::parse_time;
@@ -134,11 +134,7 @@ fn sha256_file(path: &Path) -> anyhow::Result<String> {
     let mut f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
     std::io::copy(&mut f, &mut h)?;
     let d: [u8; 32] = h.finalize().into();
-    Ok(d.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    Ok(hex(&d))
 }
 
 /// Verifies an export directory. With `public_key` (base64 Ed25519), checks

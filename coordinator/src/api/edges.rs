@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine as _;
 use tonic::{Request, Response, Status};
@@ -12,6 +12,7 @@ use custody_proto::v1::edges_server::Edges;
 use custody_proto::v1::resources_server::Resources;
 
 use super::{status_from, storage_status, Guard};
+use crate::consensus::node::now_ms;
 use crate::policy::Role;
 use crate::state::edges::{self, check_name, EdgeCommand};
 use crate::state::Command;
@@ -31,12 +32,6 @@ impl<E: Engine> EdgesService<E> {
     pub fn new(tunnels: Arc<Tunnels<E>>, guard: Arc<Guard>) -> Self {
         Self { tunnels, guard }
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn author(id: &crate::auth::Identity) -> String {

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use custody_proto::cluster::v1 as pb;
 use custody_proto::evidence::v1 as ev;
-use custody_proto::export::{chunk_json, event_json};
+use custody_proto::export::{chunk_json, event_json, hex};
 use custody_proto::v1 as api;
 use custody_proto::v1::evidence_server::Evidence;
 
@@ -102,7 +102,7 @@ impl<'a> FileWriter<'a> {
                 .ok()?;
         }
         let h: [u8; 32] = self.hash.finalize().into();
-        Some((h.iter().map(|b| format!("{b:02x}")).collect(), self.len))
+        Some((hex(&h), self.len))
     }
 }
 
@@ -248,7 +248,7 @@ impl<E: Engine> Evidence for EvidenceService<E> {
                     "chunks": chunks.len(),
                     "events": events.len(),
                     "closed": rec.closed,
-                    "chain_head": rec.head_sha256.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                    "chain_head": hex(&rec.head_sha256),
                 })).collect::<Vec<_>>(),
             });
             let bytes = serde_json::to_vec_pretty(&manifest).unwrap_or_default();

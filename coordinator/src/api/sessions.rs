@@ -23,12 +23,14 @@ use custody_proto::cluster::v1::SessionEnd;
 use custody_proto::evidence::v1 as ev;
 
 use super::{storage_status, Guard};
+use crate::consensus::node::now_ms;
 use crate::evidence::{SessionRecorder, DEFAULT_OUTPUT_CAP};
 use crate::policy::{Effect, Request as PolicyRequest, ResourceInfo, Role};
 use crate::state::edges;
 use crate::storage::Engine;
 use crate::tunnel::session::frame;
 use crate::tunnel::Tunnels;
+use custody_proto::export::hex;
 
 /// The first message (`start`) must arrive within this time.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -61,12 +63,6 @@ pub fn shell_join(argv: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn end(exit_code: i32, signal: i32, reason: &str) -> SessionEnd {
@@ -129,8 +125,7 @@ impl OutputCap {
 }
 
 fn new_session_id() -> String {
-    let b: [u8; 16] = rand::random();
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    hex(&rand::random::<[u8; 16]>())
 }
 
 type ExecStream = Pin<Box<dyn Stream<Item = Result<api::ExecOutput, Status>> + Send>>;
@@ -238,7 +233,8 @@ impl<E: Engine> Sessions for SessionsService<E> {
             .open_session(&def.name, &candidates, open)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        let strict = evidence_mode(&def.labels) == "strict";
+        let mode = evidence_mode(&def.labels);
+        let strict = mode == "strict";
         let summary = pb::SessionSummary {
             session_id: session_id.clone(),
             opened_at_ms: now_ms(),
@@ -253,7 +249,7 @@ impl<E: Engine> Sessions for SessionsService<E> {
             node_region: self.tunnels.region.clone(),
             node_id: node.id(),
             command: command.clone(),
-            mode: evidence_mode(&def.labels).into(),
+            mode: mode.into(),
         };
         let rec = Arc::new(SessionRecorder::start(node.clone(), summary));
         let opened = ev::SessionOpened {
@@ -276,7 +272,7 @@ impl<E: Engine> Sessions for SessionsService<E> {
             node_region: self.tunnels.region.clone(),
             decision: d.effect.as_str().into(),
             rule: rule.clone(),
-            mode: evidence_mode(&def.labels).into(),
+            mode: mode.into(),
         };
         let cmd_event = ev::CommandEvent {
             text: command.clone(),
@@ -466,10 +462,6 @@ impl<E: Engine> Sessions for SessionsService<E> {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// The API view of a stored session record.

@@ -367,7 +367,8 @@ pub fn spawn_ticker(tx: mpsc::Sender<Input>, every: Duration) -> tokio::task::Jo
     })
 }
 
-fn now_ms() -> u64 {
+/// Wall-clock milliseconds since the epoch (0 if the clock is before it).
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

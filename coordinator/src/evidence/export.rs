@@ -81,10 +81,7 @@ impl SigningKey {
 
 /// The cluster id: the first 16 bytes of the CA certificate's SHA-256, hex.
 pub fn cluster_id(ca_pem: &[u8]) -> String {
-    Sha256::digest(ca_pem)[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    custody_proto::export::hex(&Sha256::digest(ca_pem)[..16])
 }
 
 /// CSV field quoting (RFC 4180).

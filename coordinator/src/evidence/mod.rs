@@ -9,7 +9,7 @@
 
 pub mod export;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
@@ -18,6 +18,7 @@ use custody_proto::chain::{build_chunk, chunk_hash};
 use custody_proto::cluster::v1 as pb;
 use custody_proto::evidence::v1 as ev;
 
+use crate::consensus::node::now_ms;
 use crate::consensus::{NodeError, NodeHandle};
 use crate::state::evidence::AppendChunk;
 use crate::state::Command;
@@ -52,12 +53,6 @@ enum Msg {
 pub struct SessionRecorder {
     tx: mpsc::Sender<Msg>,
     session_id: String,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn retryable(e: &NodeError) -> bool {

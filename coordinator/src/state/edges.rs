@@ -4,7 +4,8 @@
 //! Keys:
 //! - `sys/enroll/<hex sha256 of token>`: an [`pb::EnrollTokenRecord`];
 //! - `sys/edge/<id:020>`: an [`pb::EdgeRecord`] (revoked edges stay, marked);
-//! - `sys/edgename/<name>`: the id of the active edge with that name.
+//! - `sys/edgename/<name>`: the id of the active edge with that name;
+//! - `sys/res/<resource>/<id:020>`: the active edges serving each resource.
 //!
 //! Only token digests are stored; the token itself is shown once to the admin
 //! who created it.
@@ -15,12 +16,17 @@ use prost::Message as _;
 
 use custody_proto::cluster::v1 as pb;
 
+use custody_proto::export::hex;
+
 use super::{ApplyOutcome, CommandError, StateTxn};
 use crate::storage::{Engine, RaftStore, StorageError};
 
 const TOKEN_PREFIX: &str = "sys/enroll/";
 const EDGE_PREFIX: &str = "sys/edge/";
 const EDGE_NAME_PREFIX: &str = "sys/edgename/";
+/// `sys/res/<resource>/<edge id:020>`: which active edges serve a resource, so
+/// opening a session reads only those edges.
+const RESOURCE_INDEX_PREFIX: &str = "sys/res/";
 
 pub const MAX_NAME_LEN: usize = 63;
 pub const MAX_RESOURCES: usize = 256;
@@ -214,16 +220,31 @@ impl TryFrom<pb::command::Kind> for EdgeCommand {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn token_key(d: &[u8; 32]) -> Vec<u8> {
     format!("{TOKEN_PREFIX}{}", hex(d)).into_bytes()
 }
 
 fn edge_key(id: u64) -> Vec<u8> {
     format!("{EDGE_PREFIX}{id:020}").into_bytes()
+}
+
+fn resource_index_key(resource: &str, edge_id: u64) -> Vec<u8> {
+    format!("{RESOURCE_INDEX_PREFIX}{resource}/{edge_id:020}").into_bytes()
+}
+
+/// Replaces the resource index entries of an edge.
+fn reindex<E: Engine>(
+    txn: &mut StateTxn<E>,
+    edge_id: u64,
+    old: &[pb::ResourceRecord],
+    new: &[pb::ResourceRecord],
+) {
+    for r in old {
+        txn.delete(resource_index_key(&r.name, edge_id));
+    }
+    for r in new {
+        txn.put(resource_index_key(&r.name, edge_id), Vec::new());
+    }
 }
 
 fn edge_name_key(name: &str) -> Vec<u8> {
@@ -333,6 +354,7 @@ pub(super) fn apply<E: Engine>(
             edge.revoked = true;
             edge.revoked_at_ms = now_ms;
             edge.revoked_by = revoked_by.clone();
+            reindex(txn, id, &edge.resources, &[]);
             edge.resources.clear();
             txn.put(edge_key(id), edge.encode_to_vec());
             txn.delete(edge_name_key(name));
@@ -352,6 +374,7 @@ pub(super) fn apply<E: Engine>(
             }
             let new: Vec<_> = resources.iter().map(ResourceDef::to_pb).collect();
             let changed = edge.resources != new;
+            reindex(txn, *edge_id, &edge.resources, &new);
             edge.resources = new;
             txn.put(edge_key(*edge_id), edge.encode_to_vec());
             Ok(ApplyOutcome {
@@ -426,14 +449,24 @@ pub fn edges_serving<E: Engine>(
     store: &RaftStore<E>,
     name: &str,
 ) -> Result<Vec<(Edge, ResourceDef)>, StorageError> {
-    Ok(edges_all(store)?
-        .into_iter()
-        .filter(|e| !e.revoked)
-        .filter_map(|e| {
-            let r = e.resources.iter().find(|r| r.name == name).cloned()?;
-            Some((e, r))
-        })
-        .collect())
+    let prefix = format!("{RESOURCE_INDEX_PREFIX}{name}/");
+    let mut out = Vec::new();
+    for (k, _) in store.state_scan(prefix.as_bytes(), None, usize::MAX)? {
+        let id = std::str::from_utf8(&k[prefix.len()..])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| StorageError::Corrupt {
+                what: "resource index",
+                detail: String::from_utf8_lossy(&k).into_owned(),
+            })?;
+        let Some(e) = edge_get(store, id)?.filter(|e| !e.revoked) else {
+            continue;
+        };
+        if let Some(r) = e.resources.iter().find(|r| r.name == name).cloned() {
+            out.push((e, r));
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -516,9 +549,16 @@ mod tests {
         let reg = EdgeCommand::register(id, vec![shell.clone()]).unwrap();
         assert!(run(&s, 4, 2, reg.clone()).rejected.is_none());
         assert_eq!(edges_serving(&s, "local-shell").unwrap().len(), 1);
+        // Re-registering without the resource drops it from the index.
+        assert!(run(&s, 5, 2, EdgeCommand::register(id, vec![]).unwrap())
+            .rejected
+            .is_none());
+        assert!(edges_serving(&s, "local-shell").unwrap().is_empty());
+        assert!(run(&s, 6, 2, reg.clone()).rejected.is_none());
+        assert_eq!(edges_serving(&s, "local-shell").unwrap().len(), 1);
         let r = run(
             &s,
-            5,
+            7,
             3,
             EdgeCommand::Revoke {
                 name: "e1".into(),
@@ -528,8 +568,8 @@ mod tests {
         assert_eq!(r.value, id);
         assert!(edges_serving(&s, "local-shell").unwrap().is_empty());
         assert!(edge_get(&s, id).unwrap().unwrap().revoked);
-        assert!(run(&s, 6, 4, reg).rejected.is_some());
-        assert!(run(&s, 7, 4, token("e1", 2, 10)).rejected.is_none());
+        assert!(run(&s, 8, 4, reg).rejected.is_some());
+        assert!(run(&s, 9, 4, token("e1", 2, 10)).rejected.is_none());
     }
 
     #[test]

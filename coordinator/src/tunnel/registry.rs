@@ -65,10 +65,6 @@ impl EdgeRegistry {
             .map(|c| c.conn.clone())
     }
 
-    pub fn is_live(&self, edge_id: u64) -> bool {
-        self.get(edge_id).is_some()
-    }
-
     /// Ids of every edge with an open connection.
     pub fn live_ids(&self) -> Vec<u64> {
         let mut ids: Vec<u64> = self
