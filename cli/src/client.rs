@@ -522,6 +522,73 @@ impl Client {
         .await
     }
 
+    /// Applies the retention rules now; returns how many sessions were purged.
+    pub async fn purge_evidence(&self) -> Result<u64, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            async move {
+                Ok(EvidenceClient::new(ch)
+                    .purge(authed(&tok, api::PurgeRequest {}))
+                    .await?
+                    .into_inner()
+                    .purged)
+            }
+        })
+        .await
+    }
+
+    pub async fn set_hold(
+        &self,
+        req: api::SetHoldRequest,
+    ) -> Result<api::LegalHoldInfo, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            let req = req.clone();
+            async move {
+                Ok(EvidenceClient::new(ch)
+                    .set_hold(authed(&tok, req))
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    pub async fn release_hold(
+        &self,
+        id: u64,
+        reason: &str,
+    ) -> Result<api::LegalHoldInfo, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            let req = api::ReleaseHoldRequest {
+                id,
+                reason: reason.to_owned(),
+            };
+            async move {
+                Ok(EvidenceClient::new(ch)
+                    .release_hold(authed(&tok, req))
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    pub async fn list_holds(&self, all: bool) -> Result<Vec<api::LegalHoldInfo>, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            async move {
+                Ok(EvidenceClient::new(ch)
+                    .list_holds(authed(&tok, api::ListHoldsRequest { all }))
+                    .await?
+                    .into_inner()
+                    .holds)
+            }
+        })
+        .await
+    }
+
     pub async fn list_resources(&self) -> Result<Vec<api::ResourceInfo>, ClientError> {
         self.call(|ch| {
             let tok = self.cfg.token.clone();

@@ -131,6 +131,8 @@ pub struct GenOptions {
     pub compact_threshold: Option<u64>,
     /// An external OIDC issuer and audience to trust besides the dev issuer.
     pub issuer: Option<(String, String)>,
+    /// `[evidence] retention_sweep_secs` for every node (the default is 300).
+    pub retention_sweep_secs: Option<u64>,
 }
 
 impl Default for GenOptions {
@@ -141,6 +143,7 @@ impl Default for GenOptions {
             hosts: vec!["127.0.0.1".into()],
             compact_threshold: None,
             issuer: None,
+            retention_sweep_secs: None,
         }
     }
 }
@@ -202,6 +205,15 @@ impl LocalCluster {
                 .arg(audience);
         }
         run_gen_config(cmd, opts.compact_threshold)?;
+        if let Some(secs) = opts.retention_sweep_secs {
+            for id in 1..=opts.nodes {
+                set_evidence_option(
+                    &dir.join(format!("node-{id}.toml")),
+                    "retention_sweep_secs",
+                    toml::Value::Integer(secs.min(i64::MAX as u64) as i64),
+                )?;
+            }
+        }
         Self::open(bins, dir)
     }
 
@@ -692,6 +704,21 @@ fn run_gen_config(mut cmd: Command, compact_threshold: Option<u64>) -> anyhow::R
         );
     }
     Ok(())
+}
+
+/// Sets `[evidence] KEY = VALUE` in a generated node config.
+fn set_evidence_option(path: &Path, key: &str, value: toml::Value) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let mut t: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+    let evidence = t
+        .entry("evidence")
+        .or_insert_with(|| toml::Value::Table(Default::default()));
+    let Some(table) = evidence.as_table_mut() else {
+        bail!("{}: [evidence] is not a table", path.display());
+    };
+    table.insert(key.to_owned(), value);
+    std::fs::write(path, toml::to_string(&t)?).with_context(|| format!("write {}", path.display()))
 }
 
 fn load_node(path: &Path) -> anyhow::Result<NodeProc> {

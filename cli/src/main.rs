@@ -49,6 +49,9 @@ enum Cmd {
     /// Recorded sessions: list, show, replay.
     #[command(subcommand)]
     Sessions(commands::sessions::SessionsCmd),
+    /// Evidence retention and legal holds.
+    #[command(subcommand)]
+    Evidence(commands::evidence::EvidenceCmd),
     /// Write a signed compliance export of recorded sessions.
     Export(commands::export::ExportArgs),
     /// Check an export offline: signature, digests, hash chains.
@@ -89,6 +92,7 @@ fn main() {
             Cmd::Resources { json } => commands::edge::resources(json).await,
             Cmd::Sessions(c) => commands::sessions::run(c).await,
             Cmd::Export(a) => commands::export::export(a).await,
+            Cmd::Evidence(c) => commands::evidence::run(c).await,
             Cmd::Verify(a) => commands::export::verify(a),
             Cmd::Cluster(c) => commands::cluster::run(c).await,
             Cmd::Kv(c) => commands::kv::run(c).await,

@@ -54,6 +54,9 @@ pub struct RawEvidence {
     /// Base64 PKCS#8 Ed25519 key (the same on every node) that signs exports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_key: Option<PathBuf>,
+    /// How often the leader applies the policy's retention rules (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_sweep_secs: Option<u64>,
 }
 
 /// `[edges]`: enrollment and edge certificates.
@@ -174,6 +177,7 @@ pub struct Config {
     pub ca_key: Option<PathBuf>,
     pub edge_cert_ttl: Duration,
     pub evidence_key: Option<PathBuf>,
+    pub retention_sweep: Duration,
 }
 
 /// The validated `[auth.dev_issuer]`.
@@ -324,7 +328,14 @@ impl Config {
                 366 * 86400
             ));
         }
+        let sweep = raw.evidence.retention_sweep_secs.unwrap_or(300);
+        if !(1..=86400).contains(&sweep) {
+            return Err(format!(
+                "evidence.retention_sweep_secs {sweep} is outside 1..=86400"
+            ));
+        }
         Ok(Config {
+            retention_sweep: Duration::from_secs(sweep),
             ca_key: raw.tls.ca_key.as_deref().map(resolve),
             evidence_key: raw.evidence.signing_key.as_deref().map(resolve),
             edge_cert_ttl: Duration::from_secs(cert_ttl),

@@ -191,6 +191,7 @@ fn node_config(
         edges: Default::default(),
         evidence: crate::config::RawEvidence {
             signing_key: Some("evidence-key.b64".into()),
+            retention_sweep_secs: None,
         },
         raft: RawRaft {
             compact_threshold: compact,

@@ -131,6 +131,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .with_context(|| format!("bind tunnel address {} (UDP)", cfg.tunnel_addr))?;
     let tunnel_task = tokio::spawn(tunnels.clone().serve(endpoint.clone()));
     let revocations = tokio::spawn(tunnels.clone().watch_revocations());
+    let retention = tokio::spawn(retention_sweeper(node.clone(), cfg.retention_sweep));
 
     let raft_svc = RaftTransportServer::new(RaftService::new(cfg.id, node.input()))
         .max_decoding_message_size(MAX_FRAME_BYTES)
@@ -216,6 +217,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     endpoint.close(0u32.into(), b"shutting down");
     tunnel_task.abort();
     revocations.abort();
+    retention.abort();
     ticker.abort();
     if let Some(d) = dev_issuer {
         d.abort();
@@ -223,4 +225,39 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     node.shutdown().await;
     let _ = tokio::task::spawn_blocking(move || raft_thread.join()).await;
     result
+}
+
+/// On the leader, applies the policy's retention rules every `every`.
+/// Purges go through Raft, so every node deletes the same evidence.
+async fn retention_sweeper<E: crate::storage::Engine>(
+    node: crate::consensus::NodeHandle<E>,
+    every: std::time::Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Ok(st) = node.status().await else {
+            return;
+        };
+        if st.leader_id != st.id {
+            continue;
+        }
+        let has_rules = crate::state::policy_get(node.store())
+            .ok()
+            .flatten()
+            .is_some_and(|p| !p.document.retention.is_empty());
+        if !has_rules {
+            continue;
+        }
+        match crate::api::purge_expired(&node).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(target: "audit", event = "evidence_purged", by = "retention", purged = n)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.message(), "retention sweep failed; retrying next round")
+            }
+        }
+    }
 }

@@ -16,10 +16,14 @@ use crate::harness::{self, eventually, TestCluster};
 const POLICY: &str = include_str!("../../examples/policy.yaml");
 
 async fn system_with(labels: &str) -> TestCluster {
-    let (mut c, _) = harness::started(GenOptions::default()).await;
+    system_from(GenOptions::default(), POLICY, labels).await
+}
+
+async fn system_from(opts: GenOptions, policy: &str, labels: &str) -> TestCluster {
+    let (mut c, _) = harness::started(opts).await;
     c.client(&[])
         .unwrap()
-        .policy_apply(POLICY, "yaml")
+        .policy_apply(policy, "yaml")
         .await
         .unwrap();
     let mut spec = EdgeSpec::shell("e1", "local-shell");
@@ -32,6 +36,23 @@ async fn system_with(labels: &str) -> TestCluster {
         .await
         .unwrap();
     c
+}
+
+/// Runs `script` on local-shell as `token` through `nodes`; returns the session id.
+fn exec_session(c: &TestCluster, nodes: &[u64], token: &str, script: &str) -> String {
+    let out = custody(
+        c,
+        nodes,
+        token,
+        &["exec", "local-shell", "--", "sh", "-c", script],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stderr)
+        .split("custody: session ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap()
+        .to_owned()
 }
 
 fn now_ms() -> u64 {
@@ -555,4 +576,261 @@ async fn exports_are_signed_and_any_tampering_is_caught() {
     // The wrong public key fails too.
     let other = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
     assert!(!verify(&dir, &other).status.success());
+}
+
+fn show_json(c: &TestCluster, token: &str, sid: &str) -> serde_json::Value {
+    let out = custody(c, &[], token, &["sessions", "show", sid, "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_purges_old_evidence_except_under_legal_hold() {
+    // The example policy with its retention rules replaced by a 3-second one.
+    let base = POLICY.split("\nretention:").next().unwrap();
+    let policy = format!(
+        "{base}\nretention:\n  - name: short\n    resource: {{ names: [local-*], kinds: [shell] }}\n    retain: 3s\n"
+    );
+    let opts = GenOptions {
+        retention_sweep_secs: Some(1),
+        ..GenOptions::default()
+    };
+    let c = system_from(opts, &policy, "env = \"dev\"").await;
+    let alice = c.mint_token("alice").await.unwrap().token;
+    let audrey = c.mint_token("audrey").await.unwrap().token;
+    let admin = c.mint_token("admin").await.unwrap().token;
+    let held = exec_session(&c, &[], &alice, "echo keep me");
+    let doomed = exec_session(&c, &[], &alice, "echo forget me");
+
+    // Only admins and auditors place holds; a hold needs a reason and a target.
+    let hold = |token: &str, args: &[&str]| {
+        let mut a = vec!["evidence", "hold", "add"];
+        a.extend_from_slice(args);
+        custody(&c, &[], token, &a)
+    };
+    let out = hold(&alice, &["--session", &held, "--reason", "mine"]);
+    assert!(
+        text(&out.stderr).contains("requires role"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = hold(&audrey, &["--reason", "no target"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("names a session"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = hold(&audrey, &["--session", &held, "--reason", "litigation 42"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let hold_id = text(&out.stdout)
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_owned();
+
+    // The leader's sweep purges the unheld session once it is 3 s old.
+    eventually(Duration::from_secs(20), "unheld session purged", || {
+        let v = show_json(&c, &audrey, &doomed);
+        async move { v["session"]["purged_at_ms"].as_u64().unwrap_or(0) > 0 }
+    })
+    .await;
+    let v = show_json(&c, &audrey, &doomed);
+    assert_eq!(v["session"]["purge_rule"], "short");
+    assert_eq!(v["events"].as_array().unwrap().len(), 0, "events are gone");
+    assert_eq!(
+        v["session"]["chunks"], 1,
+        "the record of what existed stays"
+    );
+    let kept = show_json(&c, &audrey, &held);
+    assert_eq!(kept["session"]["purged_at_ms"], 0);
+    assert!(kept["events"].to_string().contains("keep me"));
+    // Purged sessions leave the listings and exports.
+    let out = custody(&c, &[], &audrey, &["sessions", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["session_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![held.as_str()]);
+
+    // Manual purges are for admins; nothing else is due.
+    let out = custody(&c, &[], &audrey, &["evidence", "purge"]);
+    assert!(
+        text(&out.stderr).contains("requires role"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = custody(&c, &[], &admin, &["evidence", "purge"]);
+    assert!(
+        text(&out.stdout).contains("purged the evidence of 0 sessions"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+
+    // Releasing needs a reason and an existing, active hold.
+    let release = |id: &str, reason: &str| {
+        custody(
+            &c,
+            &[],
+            &audrey,
+            &["evidence", "hold", "release", id, "--reason", reason],
+        )
+    };
+    let out = release("999999", "x");
+    assert!(
+        text(&out.stderr).contains("no legal hold"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = release(&hold_id, " ");
+    assert!(
+        text(&out.stderr).contains("needs a reason"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = custody(&c, &[], &audrey, &["evidence", "hold", "list", "--json"]);
+    let holds: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(holds.as_array().unwrap().len(), 1);
+    assert_eq!(holds[0]["session_id"], held.as_str());
+    let out = release(&hold_id, "case closed");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = release(&hold_id, "again");
+    assert!(
+        text(&out.stderr).contains("already released"),
+        "{}",
+        text(&out.stderr)
+    );
+    eventually(Duration::from_secs(20), "released session purged", || {
+        let v = show_json(&c, &audrey, &held);
+        async move { v["session"]["purged_at_ms"].as_u64().unwrap_or(0) > 0 }
+    })
+    .await;
+    let out = custody(
+        &c,
+        &[],
+        &audrey,
+        &["evidence", "hold", "list", "--all", "--json"],
+    );
+    let holds: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(holds[0]["release_reason"], "case closed");
+}
+
+/// Exports `dir` as `token` through `nodes` and checks it offline.
+fn export_verified(c: &TestCluster, nodes: &[u64], token: &str, dir: &std::path::Path, key: &str) {
+    let out = custody(c, nodes, token, &["export", "--out", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = custody(
+        c,
+        &[],
+        "",
+        &["verify", dir.to_str().unwrap(), "--public-key", key],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+fn manifest_sessions(dir: &std::path::Path) -> serde_json::Value {
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    m["sessions"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_a_region_loses_no_exported_evidence() {
+    let mut c = system_with("env = \"dev\"").await;
+    let alice = c.mint_token("alice").await.unwrap().token;
+    let audrey = c.mint_token("audrey").await.unwrap().token;
+    // One session recorded by each region's node (eu, us, ap).
+    let mut sids = Vec::new();
+    for node in [1u64, 2, 3] {
+        sids.push(exec_session(
+            &c,
+            &[node],
+            &alice,
+            &format!("echo via node {node}"),
+        ));
+    }
+    let status = custody(&c, &[], &audrey, &["cluster", "status", "--json"]);
+    let st: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let key = st["evidence_public_key"].as_str().unwrap().to_owned();
+    let before = c.dir.join("before");
+    export_verified(&c, &[], &audrey, &before, &key);
+    let regions: Vec<String> = manifest_sessions(&before)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["session_id"].to_string())
+        .collect();
+    assert_eq!(regions.len(), 3, "{regions:?}");
+
+    // Every node of region eu (node 1) is lost.
+    let eu: Vec<u64> = c
+        .nodes
+        .values()
+        .filter(|n| n.region == "eu")
+        .map(|n| n.id)
+        .collect();
+    assert_eq!(eu, vec![1]);
+    c.kill(1).unwrap();
+    let survivors = [2u64, 3];
+    // The first export may meet an election; each attempt writes a fresh directory.
+    let mut after = None;
+    for attempt in 0..20 {
+        let d = c.dir.join(format!("after-{attempt}"));
+        let out = custody(
+            &c,
+            &survivors,
+            &audrey,
+            &["export", "--out", d.to_str().unwrap()],
+        );
+        if out.status.success() {
+            after = Some(d);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let after = after.expect("an export succeeds after region loss");
+    let out = custody(
+        &c,
+        &[],
+        "",
+        &["verify", after.to_str().unwrap(), "--public-key", &key],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The same sessions, chain heads and events, byte for byte.
+    assert_eq!(manifest_sessions(&before), manifest_sessions(&after));
+    for f in ["events.jsonl", "chunks.jsonl", "sessions.csv"] {
+        assert_eq!(
+            std::fs::read(before.join(f)).unwrap(),
+            std::fs::read(after.join(f)).unwrap(),
+            "{f} differs after losing region eu"
+        );
+    }
+    // The lost region's sessions are still found by region.
+    let eu_dir = c.dir.join("eu");
+    let out = custody(
+        &c,
+        &survivors,
+        &audrey,
+        &[
+            "export",
+            "--out",
+            eu_dir.to_str().unwrap(),
+            "--region",
+            "eu",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let eu_sessions = manifest_sessions(&eu_dir);
+    assert!(
+        eu_sessions.to_string().contains(&sids[0]),
+        "session recorded in eu is exported after eu is gone: {eu_sessions}"
+    );
+    // And new sessions are still recorded without region eu.
+    let sid = exec_session(&c, &survivors, &alice, "echo after the loss");
+    let v = show_json(&c, &audrey, &sid);
+    assert!(v["events"].to_string().contains("after the loss"));
 }

@@ -1,6 +1,7 @@
 pub mod cluster;
 pub mod dev;
 pub mod edge;
+pub mod evidence;
 pub mod exec;
 pub mod export;
 pub mod kv;

@@ -97,6 +97,7 @@ fn info_json(s: &api::SessionInfo) -> serde_json::Value {
         "signal": s.signal, "close_reason": s.close_reason, "events": s.events,
         "chunks": s.chunks, "raw_bytes": s.raw_bytes, "stored_bytes": s.stored_bytes,
         "head_sha256": s.head_sha256,
+        "purged_at_ms": s.purged_at_ms, "purge_rule": s.purge_rule,
     })
 }
 
@@ -166,6 +167,13 @@ pub async fn run(cmd: SessionsCmd) -> anyhow::Result<()> {
                 "session {}  ({} events, {} chunks, chain head {})",
                 info.session_id, info.events, info.chunks, info.head_sha256
             );
+            if info.purged_at_ms != 0 {
+                println!(
+                    "evidence purged at {} by retention rule {:?}; only this record remains",
+                    fmt_time(info.purged_at_ms),
+                    info.purge_rule
+                );
+            }
             for e in &r.events {
                 let j = event_json(e);
                 let body = match &e.kind {

@@ -21,7 +21,11 @@ use super::{status_from, storage_status, Guard};
 use crate::consensus::NodeHandle;
 use crate::evidence::export::{csv_row, SigningKey, CSV_HEADER, FORMAT};
 use crate::policy::Role;
-use crate::state::evidence::{session_chunks, sessions_list, SessionQuery};
+use crate::state::evidence::{
+    check_hold, holds_list, session_chunks, sessions_list, RetentionCommand, SessionQuery,
+    PURGE_LIMIT,
+};
+use crate::state::Command;
 use crate::storage::Engine;
 
 /// Bytes per data frame.
@@ -112,22 +116,182 @@ fn decode_chunks(raw: &[Vec<u8>]) -> Vec<ev::Chunk> {
         .collect()
 }
 
+fn hold_info(h: pb::LegalHold) -> api::LegalHoldInfo {
+    api::LegalHoldInfo {
+        id: h.id,
+        reason: h.reason,
+        created_by: h.created_by,
+        created_at_ms: h.created_at_ms,
+        session_id: h.session_id,
+        resource: h.resource,
+        subject: h.subject,
+        released_at_ms: h.released_at_ms,
+        released_by: h.released_by,
+        release_reason: h.release_reason,
+    }
+}
+
+impl<E: Engine> EvidenceService<E> {
+    /// Authenticates the call and requires one of `roles`.
+    async fn caller<T>(
+        &self,
+        req: &Request<T>,
+        op: &str,
+        roles: &[Role],
+        what: &str,
+    ) -> Result<crate::auth::Identity, Status> {
+        let id = self.guard.authenticate(&self.node, req, op).await?;
+        self.guard.require(&self.node, &id, roles, what).await?;
+        Ok(id)
+    }
+
+    fn hold(&self, id: u64) -> Result<api::LegalHoldInfo, Status> {
+        holds_list(self.node.store(), true)
+            .map_err(storage_status)?
+            .into_iter()
+            .find(|h| h.id == id)
+            .map(hold_info)
+            .ok_or_else(|| Status::not_found(format!("no legal hold {id}")))
+    }
+}
+
+/// Proposes purges until one purges less than the limit; returns the total.
+pub async fn purge_expired<E: Engine>(node: &NodeHandle<E>) -> Result<u64, Status> {
+    let mut total = 0;
+    loop {
+        let out = node
+            .propose(
+                Command::Retention(RetentionCommand::Purge { limit: PURGE_LIMIT }),
+                None,
+            )
+            .await
+            .map_err(status_from)?;
+        total += out.value;
+        if out.value < u64::from(PURGE_LIMIT) {
+            return Ok(total);
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl<E: Engine> Evidence for EvidenceService<E> {
     type ExportStream = ExportStream;
+
+    async fn purge(
+        &self,
+        req: Request<api::PurgeRequest>,
+    ) -> Result<Response<api::PurgeResponse>, Status> {
+        let id = self
+            .caller(&req, "evidence.purge", &[Role::Admin], "purge evidence")
+            .await?;
+        let purged = purge_expired(&self.node).await?;
+        tracing::info!(target: "audit", event = "evidence_purged", by = %id.label(), purged);
+        Ok(Response::new(api::PurgeResponse { purged }))
+    }
+
+    async fn set_hold(
+        &self,
+        req: Request<api::SetHoldRequest>,
+    ) -> Result<Response<api::LegalHoldInfo>, Status> {
+        let id = self
+            .caller(
+                &req,
+                "evidence.set_hold",
+                &[Role::Admin, Role::Auditor],
+                "place legal holds",
+            )
+            .await?;
+        let r = req.into_inner();
+        let hold = pb::LegalHold {
+            reason: r.reason,
+            created_by: id.label().to_owned(),
+            session_id: r.session_id,
+            resource: r.resource,
+            subject: r.subject,
+            ..Default::default()
+        };
+        check_hold(&hold).map_err(Status::invalid_argument)?;
+        let out = self
+            .node
+            .propose(Command::Retention(RetentionCommand::SetHold(hold)), None)
+            .await
+            .map_err(status_from)?;
+        if let Some(why) = out.rejected {
+            return Err(Status::invalid_argument(why));
+        }
+        tracing::info!(target: "audit", event = "legal_hold_set", by = %id.label(), hold = out.value);
+        Ok(Response::new(self.hold(out.value)?))
+    }
+
+    async fn release_hold(
+        &self,
+        req: Request<api::ReleaseHoldRequest>,
+    ) -> Result<Response<api::LegalHoldInfo>, Status> {
+        let id = self
+            .caller(
+                &req,
+                "evidence.release_hold",
+                &[Role::Admin, Role::Auditor],
+                "release legal holds",
+            )
+            .await?;
+        let r = req.into_inner();
+        if r.reason.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "releasing a legal hold needs a reason",
+            ));
+        }
+        let out = self
+            .node
+            .propose(
+                Command::Retention(RetentionCommand::ReleaseHold {
+                    id: r.id,
+                    by: id.label().to_owned(),
+                    reason: r.reason,
+                }),
+                None,
+            )
+            .await
+            .map_err(status_from)?;
+        if let Some(why) = out.rejected {
+            return Err(if why.starts_with("no legal hold") {
+                Status::not_found(why)
+            } else {
+                Status::failed_precondition(why)
+            });
+        }
+        tracing::info!(target: "audit", event = "legal_hold_released", by = %id.label(), hold = r.id);
+        Ok(Response::new(self.hold(r.id)?))
+    }
+
+    async fn list_holds(
+        &self,
+        req: Request<api::ListHoldsRequest>,
+    ) -> Result<Response<api::ListHoldsResponse>, Status> {
+        self.caller(
+            &req,
+            "evidence.list_holds",
+            &[Role::Admin, Role::Auditor],
+            "list legal holds",
+        )
+        .await?;
+        self.node.read_index().await.map_err(status_from)?;
+        let holds = holds_list(self.node.store(), req.into_inner().all)
+            .map_err(storage_status)?
+            .into_iter()
+            .map(hold_info)
+            .collect();
+        Ok(Response::new(api::ListHoldsResponse { holds }))
+    }
 
     async fn export(
         &self,
         req: Request<api::ExportRequest>,
     ) -> Result<Response<Self::ExportStream>, Status> {
         let id = self
-            .guard
-            .authenticate(&self.node, &req, "evidence.export")
-            .await?;
-        self.guard
-            .require(
-                &self.node,
-                &id,
+            .caller(
+                &req,
+                "evidence.export",
                 &[Role::Admin, Role::Auditor],
                 "export evidence",
             )

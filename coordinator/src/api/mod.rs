@@ -21,7 +21,7 @@ mod policy;
 pub mod sessions;
 
 pub use edges::{EdgesService, ResourcesService};
-pub use export::EvidenceService;
+pub use export::{purge_expired, EvidenceService};
 pub use guard::Guard;
 pub use policy::PolicyService;
 pub use sessions::SessionsService;

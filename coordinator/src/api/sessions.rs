@@ -492,6 +492,8 @@ pub fn session_info(r: &pb::SessionRecord) -> api::SessionInfo {
         raw_bytes: r.raw_bytes,
         stored_bytes: r.stored_bytes,
         head_sha256: hex(&r.head_sha256),
+        purged_at_ms: r.purged_at_ms,
+        purge_rule: r.purge_rule.clone(),
     }
 }
 
@@ -590,6 +592,13 @@ impl<E: Engine> SessionsService<E> {
                 "{} may not read session {sid}: requires role admin or auditor",
                 id.label()
             )));
+        }
+        if rec.purged_at_ms != 0 {
+            // The record stays to show what existed; the events are gone.
+            return Ok(Response::new(api::GetSessionResponse {
+                session: Some(session_info(&rec)),
+                events: vec![],
+            }));
         }
         let raw =
             crate::state::evidence::session_chunks(node.store(), &sid).map_err(storage_status)?;

@@ -40,6 +40,48 @@ pub struct PolicyDocument {
     pub rules: Vec<RuleDoc>,
     #[serde(default)]
     pub guardrails: Vec<GuardrailDoc>,
+    /// How long session evidence is kept; the first matching rule wins and
+    /// sessions no rule matches are kept forever.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retention: Vec<RetentionDoc>,
+}
+
+/// A retention rule: evidence of matching sessions is deleted once the session
+/// has been closed (or idle) for `retain`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionDoc {
+    pub name: String,
+    /// Which resources, by name (`*` wildcards) and kind. Labels are not
+    /// recorded with sessions, so they cannot be matched here.
+    #[serde(default)]
+    pub resource: ResourceMatchDoc,
+    /// A duration: a number followed by `s`, `m`, `h` or `d` (`365d`).
+    pub retain: String,
+}
+
+/// Parses `90s`, `15m`, `12h`, `365d` into milliseconds.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let unit = s
+        .chars()
+        .last()
+        .ok_or_else(|| "empty duration".to_string())?;
+    let per = match unit {
+        's' => 1_000,
+        'm' => 60_000,
+        'h' => 3_600_000,
+        'd' => 86_400_000,
+        _ => return Err(format!("duration {s:?} must end in s, m, h or d")),
+    };
+    let n: u64 = s[..s.len() - 1]
+        .parse()
+        .map_err(|_| format!("duration {s:?} must be a whole number followed by a unit"))?;
+    if n == 0 {
+        return Err("duration must be positive".into());
+    }
+    n.checked_mul(per)
+        .ok_or_else(|| format!("duration {s:?} is too long"))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -204,6 +246,25 @@ pub(crate) fn validate(doc: &PolicyDocument) -> Result<(), PolicyError> {
             (_, Some(a)) => check_approval(a).map_err(err)?,
             _ => {}
         }
+    }
+    let mut retention = BTreeSet::new();
+    for r in &doc.retention {
+        let err =
+            |detail: String| PolicyError::Invalid(format!("retention {:?}: {detail}", r.name));
+        if r.name.trim().is_empty() {
+            return Err(PolicyError::Invalid(
+                "a retention rule has an empty name".into(),
+            ));
+        }
+        if !retention.insert(r.name.as_str()) {
+            return Err(err("defined twice".into()));
+        }
+        if !r.resource.labels.is_empty() {
+            return Err(err(
+                "labels cannot be matched (sessions record the resource name and kind)".into(),
+            ));
+        }
+        parse_duration_ms(&r.retain).map_err(err)?;
     }
     let mut names = BTreeSet::new();
     for r in &doc.rules {

@@ -7,8 +7,8 @@ use regex::Regex;
 use crate::auth::Identity;
 
 use super::document::{
-    validate, ApprovalDoc, EffectDoc, GuardrailDoc, PolicyDocument, PolicyError, RuleDoc,
-    SubjectsDoc,
+    parse_duration_ms, validate, ApprovalDoc, EffectDoc, GuardrailDoc, PolicyDocument, PolicyError,
+    RuleDoc, SubjectsDoc,
 };
 
 /// The outcome of a decision.
@@ -99,7 +99,7 @@ impl std::fmt::Debug for Policy {
 }
 
 /// `*` matches any run of characters; everything else literally.
-fn wildcard(pattern: &str, s: &str) -> bool {
+pub(crate) fn wildcard(pattern: &str, s: &str) -> bool {
     match pattern.split_once('*') {
         None => pattern == s,
         Some((head, tail)) => {
@@ -189,6 +189,18 @@ impl Policy {
 
     pub fn document(&self) -> &PolicyDocument {
         &self.doc
+    }
+
+    /// The retention rule for sessions on a resource: its name and how long
+    /// to keep them (ms). `None`: kept forever.
+    pub fn retention(&self, resource: &str, kind: &str) -> Option<(&str, u64)> {
+        self.doc.retention.iter().find_map(|r| {
+            let m = &r.resource;
+            let named = m.names.is_empty() || m.names.iter().any(|n| wildcard(n, resource));
+            let kinded = m.kinds.is_empty() || m.kinds.iter().any(|k| k == kind);
+            let ms = parse_duration_ms(&r.retain).ok()?;
+            (named && kinded).then_some((r.name.as_str(), ms))
+        })
     }
 
     /// Whether `id` holds `role` under this policy.
@@ -358,6 +370,45 @@ rules:
 
     fn policy() -> Policy {
         Policy::compile(parse_document(POLICY, DocumentFormat::Yaml).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn retention_first_matching_rule_wins_and_bad_rules_are_refused() {
+        let text = r#"
+retention:
+  - name: prod-db
+    resource: { names: ["pg-prod-*"], kinds: [postgres] }
+    retain: 2555d
+  - name: shells
+    resource: { kinds: [shell] }
+    retain: 12h
+"#;
+        let p = Policy::compile(parse_document(text, DocumentFormat::Yaml).unwrap()).unwrap();
+        assert_eq!(
+            p.retention("pg-prod-1", "postgres"),
+            Some(("prod-db", 2555 * 86_400_000))
+        );
+        assert_eq!(
+            p.retention("box", "shell"),
+            Some(("shells", 12 * 3_600_000))
+        );
+        assert_eq!(p.retention("pg-dev", "postgres"), None, "kept forever");
+        for (bad, why) in [
+            ("retention: [{ name: a, retain: 10 }]", "must end in"),
+            ("retention: [{ name: a, retain: 0d }]", "positive"),
+            ("retention: [{ name: a, retain: xd }]", "whole number"),
+            (
+                "retention: [{ name: a, retain: 1d, resource: { labels: { env: dev } } }]",
+                "labels",
+            ),
+            (
+                "retention: [{ name: a, retain: 1d }, { name: a, retain: 2d }]",
+                "twice",
+            ),
+        ] {
+            let e = parse_document(bad, DocumentFormat::Yaml).unwrap_err();
+            assert!(e.to_string().contains(why), "{bad}: {e}");
+        }
     }
 
     fn res(name: &str, kind: &str, env: &str) -> ResourceInfo {

@@ -13,5 +13,8 @@
 mod document;
 mod engine;
 
-pub use document::{parse_document, DocumentFormat, PolicyDocument, PolicyError};
+pub use document::{
+    parse_document, parse_duration_ms, DocumentFormat, PolicyDocument, PolicyError,
+};
+pub(crate) use engine::wildcard;
 pub use engine::{Decision, Effect, Policy, Request, ResourceInfo, Role};

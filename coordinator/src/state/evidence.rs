@@ -6,7 +6,11 @@
 //! - `ev/c/<session>/<index:010>`: an encoded `custody.evidence.v1.Chunk`;
 //! - `ev/t/<opened_ms:020>/<session>`, `ev/i/<issuer>|<subject>/<opened>/<session>`,
 //!   `ev/r/<resource>/<opened>/<session>`, `ev/g/<region>/<opened>/<session>`:
-//!   indexes (empty values).
+//!   indexes (empty values);
+//! - `ev/h/<hold id:020>`: legal holds ([`pb::LegalHold`]).
+//!
+//! Retention deletes a session's chunks and index entries but keeps its record
+//! (chain head, counts) marked as purged, so the deletion itself stays visible.
 //!
 //! Apply checks only the chain links (index, previous hash, sequence) and the
 //! recorder's hash; it never decompresses. Readers verify everything again.
@@ -26,6 +30,13 @@ const TIME_PREFIX: &str = "ev/t/";
 const IDENTITY_PREFIX: &str = "ev/i/";
 const RESOURCE_PREFIX: &str = "ev/r/";
 const REGION_PREFIX: &str = "ev/g/";
+const HOLD_PREFIX: &str = "ev/h/";
+
+/// Sessions purged per `PurgeEvidence` entry at most.
+pub const PURGE_LIMIT: u32 = 256;
+/// Time-index entries one purge examines at most (held or younger sessions
+/// are skipped, not re-examined forever in one entry).
+const PURGE_SCAN: usize = 8192;
 
 /// Largest encoded chunk accepted into the log.
 pub const MAX_CHUNK_BYTES: usize = 2 << 20;
@@ -108,6 +119,7 @@ fn index_keys(s: &pb::SessionSummary) -> Vec<Vec<u8>> {
 pub(super) fn apply<E: Engine>(
     txn: &mut StateTxn<E>,
     index: u64,
+    now_ms: u64,
     a: &AppendChunk,
 ) -> Result<ApplyOutcome, StorageError> {
     let Ok(c) = ev::Chunk::decode(&a.chunk[..]) else {
@@ -148,6 +160,9 @@ pub(super) fn apply<E: Engine>(
         (None, _) => return Ok(rejected(index, "chunk for an unknown session")),
         (Some(r), _) => r,
     };
+    if rec.purged_at_ms != 0 {
+        return Ok(rejected(index, "session evidence was purged by retention"));
+    }
     if rec.closed {
         return Ok(rejected(index, "session already closed"));
     }
@@ -170,6 +185,7 @@ pub(super) fn apply<E: Engine>(
     rec.next_seq = c.last_seq + 1;
     rec.raw_bytes += c.raw_len;
     rec.stored_bytes += c.zstd_events.len() as u64;
+    rec.last_append_ms = rec.last_append_ms.max(now_ms);
     if let Some(end) = &a.end {
         rec.end = Some(end.clone());
         rec.closed = true;
@@ -179,6 +195,208 @@ pub(super) fn apply<E: Engine>(
         value: c.index,
         ..ApplyOutcome::at(index)
     })
+}
+
+/// Retention and legal-hold commands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetentionCommand {
+    Purge { limit: u32 },
+    SetHold(pb::LegalHold),
+    ReleaseHold { id: u64, by: String, reason: String },
+}
+
+impl RetentionCommand {
+    pub fn to_pb(&self) -> pb::command::Kind {
+        match self {
+            RetentionCommand::Purge { limit } => {
+                pb::command::Kind::PurgeEvidence(pb::PurgeEvidence { limit: *limit })
+            }
+            RetentionCommand::SetHold(h) => pb::command::Kind::SetLegalHold(pb::SetLegalHold {
+                hold: Some(h.clone()),
+            }),
+            RetentionCommand::ReleaseHold { id, by, reason } => {
+                pb::command::Kind::ReleaseLegalHold(pb::ReleaseLegalHold {
+                    id: *id,
+                    by: by.clone(),
+                    reason: reason.clone(),
+                })
+            }
+        }
+    }
+}
+
+fn hold_key(id: u64) -> Vec<u8> {
+    format!("{HOLD_PREFIX}{id:020}").into_bytes()
+}
+
+/// Whether an active hold covers a session.
+fn held(holds: &[pb::LegalHold], s: &pb::SessionSummary) -> bool {
+    holds.iter().any(|h| {
+        h.released_at_ms == 0
+            && ((!h.session_id.is_empty() && h.session_id == s.session_id)
+                || (!h.resource.is_empty() && crate::policy::wildcard(&h.resource, &s.resource))
+                || (!h.subject.is_empty() && (h.subject == s.subject || h.subject == s.email)))
+    })
+}
+
+fn decode_holds(page: crate::storage::Pairs) -> Result<Vec<pb::LegalHold>, StorageError> {
+    page.into_iter()
+        .map(|(_, v)| pb::LegalHold::decode(&v[..]).map_err(corrupt("legal hold")))
+        .collect()
+}
+
+/// Why a hold request is refused, if it is.
+pub fn check_hold(h: &pb::LegalHold) -> Result<(), String> {
+    if h.reason.trim().is_empty() {
+        return Err("a legal hold needs a reason".into());
+    }
+    if h.session_id.is_empty() && h.resource.is_empty() && h.subject.is_empty() {
+        return Err("a legal hold names a session, a resource or a subject".into());
+    }
+    if [&h.session_id, &h.resource, &h.subject, &h.reason]
+        .iter()
+        .any(|f| f.len() > 1024)
+    {
+        return Err("legal hold fields are limited to 1024 bytes".into());
+    }
+    Ok(())
+}
+
+pub(super) fn apply_retention<E: Engine>(
+    txn: &mut StateTxn<E>,
+    index: u64,
+    now_ms: u64,
+    cmd: &RetentionCommand,
+) -> Result<ApplyOutcome, StorageError> {
+    match cmd {
+        RetentionCommand::SetHold(h) => {
+            if let Err(why) = check_hold(h) {
+                return Ok(rejected(index, why));
+            }
+            let hold = pb::LegalHold {
+                id: index,
+                created_at_ms: now_ms,
+                released_at_ms: 0,
+                released_by: String::new(),
+                release_reason: String::new(),
+                ..h.clone()
+            };
+            txn.put(hold_key(index), hold.encode_to_vec());
+            Ok(ApplyOutcome {
+                value: index,
+                ..ApplyOutcome::at(index)
+            })
+        }
+        RetentionCommand::ReleaseHold { id, by, reason } => {
+            let Some(b) = txn.get(&hold_key(*id))? else {
+                return Ok(rejected(index, format!("no legal hold {id}")));
+            };
+            let mut h = pb::LegalHold::decode(&b[..]).map_err(corrupt("legal hold"))?;
+            if h.released_at_ms != 0 {
+                return Ok(rejected(
+                    index,
+                    format!("legal hold {id} is already released"),
+                ));
+            }
+            if reason.trim().is_empty() {
+                return Ok(rejected(index, "releasing a legal hold needs a reason"));
+            }
+            h.released_at_ms = now_ms.max(1);
+            h.released_by = by.clone();
+            h.release_reason = reason.clone();
+            txn.put(hold_key(*id), h.encode_to_vec());
+            Ok(ApplyOutcome {
+                value: *id,
+                ..ApplyOutcome::at(index)
+            })
+        }
+        RetentionCommand::Purge { limit } => {
+            let purged = purge(txn, now_ms, (*limit).clamp(1, PURGE_LIMIT) as usize)?;
+            Ok(ApplyOutcome {
+                value: purged,
+                ..ApplyOutcome::at(index)
+            })
+        }
+    }
+}
+
+/// Deletes the evidence of sessions past retention, oldest first.
+fn purge<E: Engine>(txn: &mut StateTxn<E>, now_ms: u64, limit: usize) -> Result<u64, StorageError> {
+    let Some(rec) = txn.current_policy()? else {
+        return Ok(0);
+    };
+    let Ok(policy) = crate::policy::Policy::compile(rec.document) else {
+        return Ok(0);
+    };
+    let Some(shortest) = policy
+        .document()
+        .retention
+        .iter()
+        .filter_map(|r| crate::policy::parse_duration_ms(&r.retain).ok())
+        .min()
+    else {
+        return Ok(0);
+    };
+    let holds = decode_holds(txn.scan_range(HOLD_PREFIX.as_bytes(), b"ev/h0", usize::MAX)?)?;
+    // Only sessions opened before now - shortest can have expired.
+    let end = format!("{TIME_PREFIX}{:020}", now_ms.saturating_sub(shortest));
+    let index = txn.scan_range(TIME_PREFIX.as_bytes(), end.as_bytes(), PURGE_SCAN)?;
+    let mut purged = 0u64;
+    for (k, _) in index {
+        if purged as usize >= limit {
+            break;
+        }
+        let key = String::from_utf8_lossy(&k).into_owned();
+        let Some(id) = key.rsplit('/').next() else {
+            continue;
+        };
+        let skey = session_key(id);
+        let Some(b) = txn.get(&skey)? else {
+            continue;
+        };
+        let mut rec = pb::SessionRecord::decode(&b[..]).map_err(corrupt("session record"))?;
+        let Some(s) = rec.summary.clone() else {
+            continue;
+        };
+        let Some((rule, keep_ms)) = policy.retention(&s.resource, &s.resource_kind) else {
+            continue;
+        };
+        // Closed sessions age from their close, others from their last chunk.
+        let last = match &rec.end {
+            Some(e) if rec.closed => e.closed_at_ms,
+            _ => rec.last_append_ms,
+        }
+        .max(s.opened_at_ms);
+        if last.saturating_add(keep_ms) > now_ms || held(&holds, &s) {
+            continue;
+        }
+        let chunks = format!("{CHUNK_PREFIX}{id}/");
+        let mut chunks_end = chunks.clone().into_bytes();
+        chunks_end.push(0xff);
+        for (ck, _) in txn.scan_range(chunks.as_bytes(), &chunks_end, usize::MAX)? {
+            txn.delete(ck);
+        }
+        for ik in index_keys(&s) {
+            txn.delete(ik);
+        }
+        rec.purged_at_ms = now_ms.max(1);
+        rec.purge_rule = rule.to_owned();
+        txn.put(skey, rec.encode_to_vec());
+        purged += 1;
+    }
+    Ok(purged)
+}
+
+/// Legal holds, oldest first; released ones only with `all`.
+pub fn holds_list<E: Engine>(
+    store: &RaftStore<E>,
+    all: bool,
+) -> Result<Vec<pb::LegalHold>, StorageError> {
+    let page = store.state_scan_range(HOLD_PREFIX.as_bytes(), b"ev/h0", usize::MAX)?;
+    Ok(decode_holds(page)?
+        .into_iter()
+        .filter(|h| all || h.released_at_ms == 0)
+        .collect())
 }
 
 pub fn session_get<E: Engine>(
@@ -387,5 +605,96 @@ mod tests {
         assert_eq!(q(&|q| q.since_ms = Some(6)), 0);
         assert_eq!(q(&|q| q.until_ms = Some(5)), 0);
         assert_eq!(q(&|q| q.until_ms = Some(6)), 1);
+    }
+
+    fn run(s: &RaftStore<MemEngine>, index: u64, now: u64, command: Command) -> ApplyOutcome {
+        let p = Proposal {
+            origin_node: 1,
+            request_id: index,
+            idempotency_key: None,
+            proposed_at_ms: now,
+            command,
+        };
+        let p = Proposal::decode(&p.encode()).unwrap();
+        let mut txn = StateTxn::new(s);
+        let o = txn.apply(index, &p).unwrap();
+        s.apply(txn.into_ops(), index, index, None).unwrap();
+        o
+    }
+
+    #[test]
+    fn retention_purges_expired_sessions_except_held_ones() {
+        let s = RaftStore::open(MemEngine::new()).unwrap();
+        let purge = |index, now| {
+            run(
+                &s,
+                index,
+                now,
+                Command::Retention(RetentionCommand::Purge { limit: 10 }),
+            )
+            .value
+        };
+        let c0 = build_chunk(0, [0; 32], vec![event(0)]).unwrap();
+        append(&s, 2, &c0, true, true);
+        // No retention rule yet: kept forever.
+        assert_eq!(purge(3, 1 << 40), 0);
+        let doc = crate::policy::parse_document(
+            "retention: [{ name: short, resource: { names: [d*] }, retain: 1s }]",
+            crate::policy::DocumentFormat::Yaml,
+        )
+        .unwrap();
+        let set = Command::SetPolicy {
+            document_json: serde_json::to_vec(&doc).unwrap(),
+            author: "t".into(),
+        };
+        assert!(run(&s, 4, 10, set).rejected.is_none());
+        // Opened at 5 and closed: expires at 1005.
+        assert_eq!(purge(5, 1004), 0);
+        let hold = |session: &str, reason: &str| {
+            Command::Retention(RetentionCommand::SetHold(pb::LegalHold {
+                session_id: session.into(),
+                reason: reason.into(),
+                created_by: "audrey".into(),
+                ..Default::default()
+            }))
+        };
+        assert!(
+            run(&s, 6, 1006, hold("s1", "")).rejected.is_some(),
+            "reason required"
+        );
+        assert!(
+            run(&s, 7, 1006, hold("", "why")).rejected.is_some(),
+            "needs a target"
+        );
+        assert_eq!(run(&s, 8, 1006, hold("s1", "litigation")).value, 8);
+        assert_eq!(purge(9, 5000), 0, "held");
+        assert_eq!(holds_list(&s, false).unwrap().len(), 1);
+        let release = |id, reason: &str| {
+            Command::Retention(RetentionCommand::ReleaseHold {
+                id,
+                by: "audrey".into(),
+                reason: reason.into(),
+            })
+        };
+        assert!(run(&s, 10, 5001, release(99, "done")).rejected.is_some());
+        assert!(run(&s, 11, 5001, release(8, " ")).rejected.is_some());
+        assert!(run(&s, 12, 5001, release(8, "case closed"))
+            .rejected
+            .is_none());
+        assert!(run(&s, 13, 5002, release(8, "again")).rejected.is_some());
+        assert_eq!(holds_list(&s, false).unwrap().len(), 0);
+        assert_eq!(holds_list(&s, true).unwrap()[0].released_by, "audrey");
+
+        assert_eq!(purge(14, 5003), 1);
+        let rec = session_get(&s, "s1").unwrap().unwrap();
+        assert_eq!((rec.purged_at_ms, rec.purge_rule.as_str()), (5003, "short"));
+        assert_eq!(rec.head_sha256[..], chunk_hash(&c0), "the chain head stays");
+        assert!(session_chunks(&s, "s1").unwrap().is_empty());
+        assert!(sessions_list(&s, &SessionQuery::default())
+            .unwrap()
+            .is_empty());
+        assert_eq!(purge(15, 6000), 0, "nothing left");
+        let c1 = build_chunk(1, chunk_hash(&c0), vec![event(1)]).unwrap();
+        assert!(append(&s, 16, &c1, false, false).rejected.is_some());
     }
 }

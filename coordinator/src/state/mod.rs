@@ -86,6 +86,8 @@ pub enum Command {
     Edge(edges::EdgeCommand),
     /// One session evidence chunk.
     Evidence(Box<evidence::AppendChunk>),
+    /// Retention and legal holds.
+    Retention(evidence::RetentionCommand),
 }
 
 fn check_key(key: &str) -> Result<(), CommandError> {
@@ -135,6 +137,7 @@ impl Command {
             }
             Command::Edge(e) => e.to_pb(),
             Command::Evidence(a) => a.to_pb(),
+            Command::Retention(r) => r.to_pb(),
         };
         pb::Command { kind: Some(kind) }
     }
@@ -157,6 +160,21 @@ impl TryFrom<pb::Command> for Command {
             pb::command::Kind::AppendChunk(a) => {
                 evidence::AppendChunk::from_pb(a).map(|a| Command::Evidence(Box::new(a)))
             }
+            pb::command::Kind::PurgeEvidence(p) => {
+                Ok(Command::Retention(evidence::RetentionCommand::Purge {
+                    limit: p.limit,
+                }))
+            }
+            pb::command::Kind::SetLegalHold(h) => Ok(Command::Retention(
+                evidence::RetentionCommand::SetHold(h.hold.unwrap_or_default()),
+            )),
+            pb::command::Kind::ReleaseLegalHold(r) => Ok(Command::Retention(
+                evidence::RetentionCommand::ReleaseHold {
+                    id: r.id,
+                    by: r.by,
+                    reason: r.reason,
+                },
+            )),
             other => edges::EdgeCommand::try_from(other).map(Command::Edge),
         }
     }
@@ -353,6 +371,47 @@ impl<E: Engine> StateTxn<E> {
         }
     }
 
+    /// Keys in `[start, end)` as this batch sees them (state plus the batch's
+    /// own writes), at most `limit`, in order.
+    pub(crate) fn scan_range(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<crate::storage::Pairs, StorageError> {
+        let base = self.store.state_scan_range(start, end, limit)?;
+        // When the page is full, only overlay keys up to its last key belong
+        // to this page.
+        let upper = match base.last() {
+            Some((k, _)) if base.len() >= limit => {
+                let mut u = k.clone();
+                u.push(0);
+                u
+            }
+            _ => end.to_vec(),
+        };
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = base.into_iter().collect();
+        for (k, v) in self.overlay.range(start.to_vec()..upper) {
+            match v {
+                Some(v) => merged.insert(k.clone(), v.clone()),
+                None => merged.remove(k),
+            };
+        }
+        Ok(merged.into_iter().take(limit).collect())
+    }
+
+    /// The current policy as this batch sees it.
+    pub(crate) fn current_policy(&self) -> Result<Option<PolicyRecord>, StorageError> {
+        self.get(POLICY_CURRENT.as_bytes())?
+            .map(|b| {
+                serde_json::from_slice(&b).map_err(|e| StorageError::Corrupt {
+                    what: "policy record",
+                    detail: e.to_string(),
+                })
+            })
+            .transpose()
+    }
+
     pub(crate) fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.overlay.insert(key, Some(value));
     }
@@ -365,8 +424,8 @@ impl<E: Engine> StateTxn<E> {
         self.overlay
             .into_iter()
             .map(|(k, v)| match v {
-                Some(v) => Op::Put(Cf::State, k, v),
-                None => Op::Delete(Cf::State, k),
+                Some(v) => Op::Put(crate::storage::state_cf(&k), k, v),
+                None => Op::Delete(crate::storage::state_cf(&k), k),
             })
             .collect()
     }
@@ -468,7 +527,8 @@ impl<E: Engine> StateTxn<E> {
                 ApplyOutcome::at(index)
             }
             Command::Edge(cmd) => edges::apply(self, index, p.proposed_at_ms, cmd)?,
-            Command::Evidence(a) => evidence::apply(self, index, a)?,
+            Command::Evidence(a) => evidence::apply(self, index, p.proposed_at_ms, a)?,
+            Command::Retention(r) => evidence::apply_retention(self, index, p.proposed_at_ms, r)?,
         };
         if let Some(k) = &p.idempotency_key {
             let rec = pb::ApplyOutcome {

@@ -10,16 +10,33 @@ pub enum Cf {
     Log,
     Meta,
     State,
+    /// Session evidence chunks: the state keys under [`CHUNKS_PREFIX`].
+    Chunks,
+}
+
+/// State keys with this prefix live in [`Cf::Chunks`]; see [`state_cf`].
+pub const CHUNKS_PREFIX: &[u8] = b"ev/c/";
+
+/// The column family holding a state-machine key. The state is one key space
+/// to its readers; evidence chunks (large, write-once, already compressed) sit
+/// in their own column family.
+pub fn state_cf(key: &[u8]) -> Cf {
+    if key.starts_with(CHUNKS_PREFIX) {
+        Cf::Chunks
+    } else {
+        Cf::State
+    }
 }
 
 impl Cf {
-    pub const ALL: [Cf; 3] = [Cf::Log, Cf::Meta, Cf::State];
+    pub const ALL: [Cf; 4] = [Cf::Log, Cf::Meta, Cf::State, Cf::Chunks];
 
     pub fn name(self) -> &'static str {
         match self {
             Cf::Log => "raft_log",
             Cf::Meta => "raft_meta",
             Cf::State => "state",
+            Cf::Chunks => "session_chunks",
         }
     }
 }

@@ -13,7 +13,7 @@ mod engine;
 mod raft_store;
 mod rocks;
 
-pub use engine::{Cf, Engine, MemEngine, Op, Pairs};
+pub use engine::{state_cf, Cf, Engine, MemEngine, Op, Pairs, CHUNKS_PREFIX};
 pub use raft_store::{RaftStore, SnapshotImage};
 pub use rocks::RocksEngine;
 

@@ -7,7 +7,7 @@ use raft::{GetEntriesContext, RaftState, Storage};
 
 use custody_proto::cluster::v1 as pb;
 
-use super::{Cf, Engine, Op, Pairs, StorageError};
+use super::{state_cf, Cf, Engine, Op, Pairs, StorageError, CHUNKS_PREFIX};
 
 const KEY_HARD_STATE: &[u8] = b"hard_state";
 const KEY_CONF_STATE: &[u8] = b"conf_state";
@@ -315,13 +315,14 @@ impl<E: Engine> RaftStore<E> {
         hs.commit = meta.index;
         let mut ops = Vec::with_capacity(image.pairs.len() + 6);
         ops.push(Op::DeleteRange(Cf::State, Vec::new(), state_upper_bound()));
+        ops.push(Op::DeleteRange(Cf::Chunks, Vec::new(), state_upper_bound()));
         ops.push(Op::DeleteRange(
             Cf::Log,
             log_key(0).to_vec(),
             log_key(u64::MAX).to_vec(),
         ));
         for (k, v) in image.pairs {
-            ops.push(Op::Put(Cf::State, k, v));
+            ops.push(Op::Put(state_cf(&k), k, v));
         }
         let cs = meta.get_conf_state().clone();
         ops.push(Op::Put(Cf::Meta, KEY_HARD_STATE.to_vec(), encode_pb(&hs)));
@@ -392,7 +393,42 @@ impl<E: Engine> RaftStore<E> {
     }
 
     pub fn state_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        self.engine.get(Cf::State, key)
+        self.engine.get(state_cf(key), key)
+    }
+
+    /// Scans the state key space (both its column families), merged in key order.
+    fn scan_state(
+        &self,
+        from: &[u8],
+        to: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Pairs, StorageError> {
+        let chunks_end = prefix_end(CHUNKS_PREFIX).unwrap_or_default();
+        let overlaps_chunks = to.is_none_or(|t| t > CHUNKS_PREFIX) && from < &chunks_end[..];
+        let state = self.engine.scan(Cf::State, from, to, limit)?;
+        if !overlaps_chunks {
+            return Ok(state);
+        }
+        let chunks = self.engine.scan(Cf::Chunks, from, to, limit)?;
+        if state.is_empty() {
+            return Ok(chunks);
+        }
+        let mut out = Vec::with_capacity(limit.min(state.len() + chunks.len()));
+        let (mut a, mut b) = (state.into_iter().peekable(), chunks.into_iter().peekable());
+        while out.len() < limit {
+            let next = match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) if x.0 <= y.0 => a.next(),
+                (Some(_), Some(_)) => b.next(),
+                (Some(_), None) => a.next(),
+                (None, Some(_)) => b.next(),
+                (None, None) => None,
+            };
+            match next {
+                Some(p) => out.push(p),
+                None => break,
+            }
+        }
+        Ok(out)
     }
 
     /// State pairs whose key starts with `prefix`, after `start_after` if given.
@@ -411,7 +447,7 @@ impl<E: Engine> RaftStore<E> {
             _ => prefix.to_vec(),
         };
         let to = prefix_end(prefix);
-        self.engine.scan(Cf::State, &from, to.as_deref(), limit)
+        self.scan_state(&from, to.as_deref(), limit)
     }
 
     /// State pairs with keys in `[from, to)`, at most `limit`.
@@ -421,13 +457,13 @@ impl<E: Engine> RaftStore<E> {
         to: &[u8],
         limit: usize,
     ) -> Result<Pairs, StorageError> {
-        self.engine.scan(Cf::State, from, Some(to), limit)
+        self.scan_state(from, Some(to), limit)
     }
 
     /// Every state pair: the payload of a snapshot.
     pub fn state_image(&self) -> Result<SnapshotImage, StorageError> {
         Ok(SnapshotImage {
-            pairs: self.engine.scan(Cf::State, &[], None, usize::MAX)?,
+            pairs: self.scan_state(&[], None, usize::MAX)?,
         })
     }
 }
@@ -656,7 +692,10 @@ mod tests {
         let s = store();
         s.append(&[entry(2, 1), entry(3, 2)], None, true).unwrap();
         s.apply(
-            vec![Op::Put(Cf::State, b"kv/a".to_vec(), b"1".to_vec())],
+            vec![
+                Op::Put(Cf::State, b"kv/a".to_vec(), b"1".to_vec()),
+                Op::Put(Cf::Chunks, b"ev/c/s/0".to_vec(), b"chunk".to_vec()),
+            ],
             3,
             3,
             None,
@@ -676,6 +715,11 @@ mod tests {
         t.install_snapshot(snap.get_metadata(), image).unwrap();
         assert!(t.is_initialized());
         assert_eq!(t.state_get(b"kv/a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(
+            t.state_get(b"ev/c/s/0").unwrap(),
+            Some(b"chunk".to_vec()),
+            "the snapshot carries the chunks column family"
+        );
         assert_eq!(t.applied_index(), 3);
         assert_eq!(t.hard_state().commit, 3);
         assert_eq!(t.conf_state().voters, vec![1, 2, 3]);
@@ -688,6 +732,36 @@ mod tests {
         s.append(&[entry(2, 1)], None, true).unwrap();
         s.apply(vec![], 2, 2, None).unwrap();
         assert!(s.hard_state().commit >= s.applied_index());
+    }
+
+    #[test]
+    fn chunks_live_in_their_own_column_family_and_scans_merge() {
+        let s = store();
+        let ops = ["ev/a", "ev/c/s/1", "ev/c/s/2", "ev/d", "kv/z"]
+            .iter()
+            .map(|k| {
+                let k = k.as_bytes().to_vec();
+                Op::Put(state_cf(&k), k, vec![])
+            })
+            .collect();
+        s.apply(ops, 1, 1, None).unwrap();
+        assert_eq!(s.engine.get(Cf::State, b"ev/c/s/1").unwrap(), None);
+        assert!(s.engine.get(Cf::Chunks, b"ev/c/s/1").unwrap().is_some());
+        let keys = |v: Pairs| -> Vec<String> {
+            v.into_iter()
+                .map(|(k, _)| String::from_utf8(k).unwrap())
+                .collect()
+        };
+        assert_eq!(
+            keys(s.state_scan(b"ev/", None, 10).unwrap()),
+            ["ev/a", "ev/c/s/1", "ev/c/s/2", "ev/d"]
+        );
+        assert_eq!(
+            keys(s.state_scan(b"ev/", None, 3).unwrap()),
+            ["ev/a", "ev/c/s/1", "ev/c/s/2"]
+        );
+        assert_eq!(keys(s.state_scan(b"ev/c/s/", None, 10).unwrap()).len(), 2);
+        assert_eq!(s.state_image().unwrap().pairs.len(), 5);
     }
 
     #[test]

@@ -24,11 +24,12 @@ impl RocksEngine {
         opts.set_paranoid_checks(true);
         let cfs = Cf::ALL.iter().map(|cf| {
             let mut o = Options::default();
-            if *cf == Cf::State {
-                o.set_compression_type(rocksdb::DBCompressionType::Zstd);
-            } else {
-                o.set_compression_type(rocksdb::DBCompressionType::Lz4);
-            }
+            o.set_compression_type(match cf {
+                Cf::State => rocksdb::DBCompressionType::Zstd,
+                // Chunks are zstd frames already.
+                Cf::Chunks => rocksdb::DBCompressionType::None,
+                Cf::Log | Cf::Meta => rocksdb::DBCompressionType::Lz4,
+            });
             ColumnFamilyDescriptor::new(cf.name(), o)
         });
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(engine_err)?;
