@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".custody.evidence.v1")
         .bytes(".custody.v1.ExecInput")
         .bytes(".custody.v1.ExecOutput")
+        .boxed(".custody.v1.ExecOutput.kind.approval_required")
         .compile_fds(fds)?;
     Ok(())
 }

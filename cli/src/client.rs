@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
+use custody_proto::cluster::v1::ApprovalRequest;
 use custody_proto::v1 as api;
+use custody_proto::v1::approvals_client::ApprovalsClient;
 use custody_proto::v1::auth_client::AuthClient;
 use custody_proto::v1::cluster_client::ClusterClient;
 use custody_proto::v1::edges_client::EdgesClient;
@@ -616,13 +618,30 @@ impl Client {
         ),
         ClientError,
     > {
+        self.exec_start(api::ExecStart {
+            resource: resource.to_owned(),
+            argv: argv.to_vec(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Starts an exec session; the stream answers `started` (or
+    /// `approval_required`) first.
+    pub async fn exec_start(
+        &self,
+        start: api::ExecStart,
+    ) -> Result<
+        (
+            tokio::sync::mpsc::Sender<api::ExecInput>,
+            tonic::Streaming<api::ExecOutput>,
+        ),
+        ClientError,
+    > {
         self.call(|ch| {
             let tok = self.cfg.token.clone();
             let start = api::ExecInput {
-                kind: Some(api::exec_input::Kind::Start(api::ExecStart {
-                    resource: resource.to_owned(),
-                    argv: argv.to_vec(),
-                })),
+                kind: Some(api::exec_input::Kind::Start(start.clone())),
             };
             async move {
                 let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -638,6 +657,105 @@ impl Client {
                     .await?
                     .into_inner();
                 Ok((tx, out))
+            }
+        })
+        .await
+    }
+}
+
+/// Approval requests.
+impl Client {
+    pub async fn list_approvals(
+        &self,
+        pending_only: bool,
+    ) -> Result<Vec<ApprovalRequest>, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            let req = api::ListApprovalsRequest {
+                pending_only,
+                limit: 0,
+            };
+            async move {
+                Ok(ApprovalsClient::new(ch)
+                    .list(authed(&tok, req))
+                    .await?
+                    .into_inner()
+                    .requests)
+            }
+        })
+        .await
+    }
+
+    pub async fn get_approval(&self, id: u64) -> Result<ApprovalRequest, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            async move {
+                Ok(ApprovalsClient::new(ch)
+                    .get(authed(&tok, api::GetApprovalRequest { id }))
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    /// Approves or denies. Retries reuse one idempotency key, so the review applies once.
+    pub async fn review_approval(
+        &self,
+        id: u64,
+        approve: bool,
+        reason: &str,
+    ) -> Result<ApprovalRequest, ClientError> {
+        let idem = new_idempotency_key();
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            let req = api::ReviewApprovalRequest {
+                id,
+                approve,
+                reason: reason.to_owned(),
+                idempotency_key: idem.clone(),
+            };
+            async move {
+                Ok(ApprovalsClient::new(ch)
+                    .review(authed(&tok, req))
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    pub async fn cancel_approval(&self, id: u64) -> Result<ApprovalRequest, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            async move {
+                Ok(ApprovalsClient::new(ch)
+                    .cancel(authed(&tok, api::CancelApprovalRequest { id }))
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    pub async fn request_access(
+        &self,
+        resource: &str,
+        duration: std::time::Duration,
+        justification: &str,
+    ) -> Result<ApprovalRequest, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            let req = api::RequestAccessRequest {
+                resource: resource.to_owned(),
+                duration_ms: duration.as_millis() as u64,
+                justification: justification.to_owned(),
+            };
+            async move {
+                Ok(ApprovalsClient::new(ch)
+                    .request_access(authed(&tok, req))
+                    .await?
+                    .into_inner())
             }
         })
         .await

@@ -409,7 +409,7 @@ impl LocalCluster {
         Ok(Client::new(cfg)?)
     }
 
-    /// Mints a token for a demo account (`admin`, `alice`, `bob`, `audrey`: password
+    /// Mints a token for a demo account (`admin`, `alice`, `bob`, `carol`, `audrey`: password
     /// grant; `agent`: client credentials) from any running node's dev issuer.
     pub async fn mint_token(&self, account: &str) -> anyhow::Result<DevToken> {
         let path = self.dir.join("dev-accounts.toml");

@@ -49,6 +49,12 @@ enum Cmd {
     /// Recorded sessions: list, show, replay.
     #[command(subcommand)]
     Sessions(commands::sessions::SessionsCmd),
+    /// Review and manage just-in-time approval requests.
+    #[command(subcommand)]
+    Approvals(commands::approvals::ApprovalsCmd),
+    /// Ask for time-boxed access grants.
+    #[command(subcommand)]
+    Access(commands::approvals::AccessCmd),
     /// Evidence retention and legal holds.
     #[command(subcommand)]
     Evidence(commands::evidence::EvidenceCmd),
@@ -93,6 +99,8 @@ fn main() {
             Cmd::Sessions(c) => commands::sessions::run(c).await,
             Cmd::Export(a) => commands::export::export(a).await,
             Cmd::Evidence(c) => commands::evidence::run(c).await,
+            Cmd::Approvals(c) => commands::approvals::run(c).await,
+            Cmd::Access(c) => commands::approvals::access(c).await,
             Cmd::Verify(a) => commands::export::verify(a),
             Cmd::Cluster(c) => commands::cluster::run(c).await,
             Cmd::Kv(c) => commands::kv::run(c).await,

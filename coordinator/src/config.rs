@@ -45,6 +45,18 @@ pub struct RawConfig {
     pub edges: RawEdges,
     #[serde(default)]
     pub evidence: RawEvidence,
+    #[serde(default)]
+    pub approvals: RawApprovals,
+}
+
+/// `[approvals]`: webhook signing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawApprovals {
+    /// A file holding the HMAC key that signs approval webhooks (the same on
+    /// every node). Without it, webhooks are not sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<PathBuf>,
 }
 
 /// `[evidence]`: signing of compliance exports.
@@ -178,6 +190,7 @@ pub struct Config {
     pub edge_cert_ttl: Duration,
     pub evidence_key: Option<PathBuf>,
     pub retention_sweep: Duration,
+    pub webhook_secret: Option<PathBuf>,
 }
 
 /// The validated `[auth.dev_issuer]`.
@@ -336,6 +349,7 @@ impl Config {
         }
         Ok(Config {
             retention_sweep: Duration::from_secs(sweep),
+            webhook_secret: raw.approvals.webhook_secret.as_deref().map(resolve),
             ca_key: raw.tls.ca_key.as_deref().map(resolve),
             evidence_key: raw.evidence.signing_key.as_deref().map(resolve),
             edge_cert_ttl: Duration::from_secs(cert_ttl),

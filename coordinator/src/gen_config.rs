@@ -128,7 +128,7 @@ fn secret() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
-/// Demo identities: admin, alice (engineers), bob (approvers), audrey
+/// Demo identities: admin, alice (engineers), bob and carol (approvers), audrey
 /// (auditors), and the machine client `agent` (ai-agents).
 fn demo_accounts() -> Accounts {
     let user = |name: &str, groups: &[&str]| DevUser {
@@ -143,6 +143,7 @@ fn demo_accounts() -> Accounts {
             user("admin", &[ADMIN_GROUP]),
             user("alice", &["engineers"]),
             user("bob", &["approvers"]),
+            user("carol", &["approvers"]),
             user("audrey", &["auditors"]),
         ],
         clients: vec![DevClient {
@@ -193,6 +194,9 @@ fn node_config(
             signing_key: Some("evidence-key.b64".into()),
             retention_sweep_secs: None,
         },
+        approvals: crate::config::RawApprovals {
+            webhook_secret: Some("webhook-secret".into()),
+        },
         raft: RawRaft {
             compact_threshold: compact,
             tick_ms: None,
@@ -237,6 +241,10 @@ pub fn generate(g: &GenConfig) -> anyhow::Result<Vec<PathBuf>> {
     write_private(
         &g.dir.join("evidence-key.b64"),
         &crate::evidence::export::generate_signing_key().context("generate the evidence key")?,
+    )?;
+    write_private(
+        &g.dir.join("webhook-secret"),
+        &(custody_proto::export::hex(&rand::random::<[u8; 32]>()) + "\n"),
     )?;
     let dev_key = rcgen::KeyPair::generate().context("generate dev issuer key")?;
     write_private(&g.dir.join("dev-issuer-key.pem"), &dev_key.serialize_pem())?;

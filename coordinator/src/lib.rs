@@ -17,6 +17,7 @@ pub mod config;
 pub mod consensus;
 pub mod evidence;
 pub mod gen_config;
+pub mod notify;
 pub mod pki;
 pub mod policy;
 pub mod server;

@@ -8,6 +8,7 @@ use tonic::transport::Server;
 
 use custody_proto::cluster::v1::peer_server::PeerServer;
 use custody_proto::cluster::v1::raft_transport_server::RaftTransportServer;
+use custody_proto::v1::approvals_server::ApprovalsServer;
 use custody_proto::v1::auth_server::AuthServer;
 use custody_proto::v1::cluster_server::ClusterServer;
 use custody_proto::v1::edges_server::EdgesServer;
@@ -18,8 +19,8 @@ use custody_proto::v1::resources_server::ResourcesServer;
 use custody_proto::v1::sessions_server::SessionsServer;
 
 use crate::api::{
-    ApiService, EdgesService, EvidenceService, Guard, PolicyService, ResourcesService,
-    SessionsService,
+    ApiService, ApprovalsService, EdgesService, EvidenceService, Guard, PolicyService,
+    ResourcesService, SessionsService,
 };
 use crate::auth::{HttpJwks, Verifier};
 use crate::config::Config;
@@ -156,6 +157,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         "api",
     );
 
+    let webhook_secret = match &cfg.webhook_secret {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("read the webhook secret {}", p.display()))?
+                .trim()
+                .as_bytes()
+                .to_vec(),
+        ),
+        None => None,
+    };
+    let notifier = crate::notify::Notifier::new(webhook_secret);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -184,6 +196,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .add_service(SessionsServer::new(SessionsService::new(
             tunnels.clone(),
             guard.clone(),
+            notifier.clone(),
+        )))
+        .add_service(ApprovalsServer::new(ApprovalsService::new(
+            node.clone(),
+            guard.clone(),
+            notifier.clone(),
         )))
         .add_service(EvidenceServer::new(EvidenceService::new(
             node.clone(),

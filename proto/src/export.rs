@@ -79,7 +79,19 @@ pub fn event_json(e: &ev::Event) -> serde_json::Value {
             serde_json::json!({"exit_code": o.exit_code, "signal": o.signal, "rows": o.rows, "error": o.error}),
         ),
         Some(Kind::Closed(c)) => ("session_closed", serde_json::json!({"reason": c.reason})),
-        Some(Kind::Approval(a)) => ("approval", serde_json::json!({"request_id": a.request_id})),
+        Some(Kind::Approval(a)) => (
+            "approval",
+            serde_json::json!({
+                "request_id": a.request_id, "kind": a.kind, "requester": a.requester,
+                "rule": a.rule, "justification": a.justification,
+                "created_at": fmt_time(a.created_at_ms), "decided_at": fmt_time(a.decided_at_ms),
+                "access_until": (a.access_until_ms != 0).then(|| fmt_time(a.access_until_ms)),
+                "reviews": a.reviews.iter().map(|r| serde_json::json!({
+                    "reviewer": r.reviewer, "approved": r.approved,
+                    "reason": r.reason, "at": fmt_time(r.at_ms),
+                })).collect::<Vec<_>>(),
+            }),
+        ),
         None => ("unknown", serde_json::json!({})),
     };
     serde_json::json!({

@@ -2,6 +2,7 @@
 //!
 //! One test binary (RocksDB links once); one module per area.
 
+mod approvals;
 mod auth;
 mod bad_input;
 mod cluster;

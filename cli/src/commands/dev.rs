@@ -138,7 +138,7 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
             )
         })?;
     let mut identities = serde_json::Map::new();
-    for who in ["admin", "alice", "bob", "agent", "audrey"] {
+    for who in ["admin", "alice", "bob", "carol", "agent", "audrey"] {
         let t = cluster
             .mint_token(who)
             .await
@@ -198,7 +198,7 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
         dev.env.CUSTODY_COORDINATOR
     );
     println!("  export CUSTODY_CA={}", dev.env.CUSTODY_CA);
-    println!("  export CUSTODY_TOKEN=$(jq -r .identities.alice.token {})   # or admin, bob, agent, audrey", path.display());
+    println!("  export CUSTODY_TOKEN=$(jq -r .identities.alice.token {})   # or admin, bob, carol, agent, audrey", path.display());
     println!("  custody whoami");
     println!("  custody resources");
     println!("  custody exec {DEV_RESOURCE} -- uname -a");

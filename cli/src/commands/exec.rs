@@ -8,11 +8,25 @@ use custody_proto::v1 as api;
 /// Exit status for failures of custody itself (as ssh uses 255).
 pub const EXIT_CUSTODY_ERROR: i32 = 255;
 
+/// Exit status when the command is waiting for approval (`--no-wait`, or
+/// when the caller stopped waiting).
+pub const EXIT_APPROVAL_PENDING: i32 = 254;
+
 #[derive(clap::Args)]
 pub struct ExecArgs {
     /// Do not forward stdin (the command sees end of input at once).
     #[arg(short = 'n', long)]
     no_stdin: bool,
+    /// When approval is required, print the request id and exit with status
+    /// 254 instead of waiting.
+    #[arg(long)]
+    no_wait: bool,
+    /// Run under this approval request (waits while it is pending).
+    #[arg(long)]
+    request_id: Option<u64>,
+    /// Justification recorded with a new approval request.
+    #[arg(long)]
+    reason: Option<String>,
     /// The resource to run on (see `custody resources`).
     resource: String,
     /// The command and its arguments, after `--`.
@@ -31,14 +45,114 @@ pub async fn run(a: ExecArgs) -> i32 {
     }
 }
 
+enum Waited {
+    Approved,
+    Interrupted,
+}
+
+/// Polls request `id` until it is decided; fails if it ends in anything but
+/// approval.
+async fn wait_for_decision(client: &Client, id: u64) -> anyhow::Result<Waited> {
+    let poll = async {
+        loop {
+            let r = client.get_approval(id).await?;
+            match r.status.as_str() {
+                "pending" => {}
+                "approved" => return Ok(Waited::Approved),
+                status => {
+                    let why: Vec<String> = r
+                        .reviews
+                        .iter()
+                        .filter(|v| !v.approved)
+                        .map(|v| format!("{}: {}", v.reviewer_label, v.reason))
+                        .collect();
+                    if status == "used" {
+                        anyhow::bail!(
+                            "approval request {id} was already used by session {}; run the command again to ask anew",
+                            r.used_by_session
+                        );
+                    }
+                    let detail = if why.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", why.join("; "))
+                    };
+                    anyhow::bail!(
+                        "approval request {id} is {status}{detail}; the command was not run"
+                    );
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+    };
+    tokio::select! {
+        r = poll => r,
+        _ = tokio::signal::ctrl_c() => Ok(Waited::Interrupted),
+    }
+}
+
 async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
     let client = Client::from_env()?;
-    let (tx, mut out) = client.exec_open(&a.resource, &a.command).await?;
+    let mut request_id = a.request_id;
+    loop {
+        if let Some(id) = request_id {
+            if a.no_wait {
+                let r = client.get_approval(id).await?;
+                if r.status == "pending" {
+                    eprintln!("approval request {id} is still pending");
+                    return Ok(EXIT_APPROVAL_PENDING);
+                }
+            } else if let Waited::Interrupted = wait_for_decision(&client, id).await? {
+                eprintln!(
+                    "custody: stopped waiting; request {id} stays open. Run again with --request-id {id}."
+                );
+                return Ok(EXIT_APPROVAL_PENDING);
+            }
+        }
+        let start = api::ExecStart {
+            resource: a.resource.clone(),
+            argv: a.command.clone(),
+            request_id: request_id.unwrap_or(0),
+            justification: a.reason.clone().unwrap_or_default(),
+        };
+        let (tx, mut out) = client.exec_start(start).await?;
+        let first = match out.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => anyhow::bail!("the session ended before it started"),
+            Err(s) => anyhow::bail!("{}", s.message()),
+        };
+        let Some(api::exec_output::Kind::ApprovalRequired(r)) = &first.kind else {
+            return stream(&a, tx, out, first).await;
+        };
+        if a.no_wait {
+            eprintln!(
+                "approval required: request {} (rule {}; {} of {:?}); run again with --request-id {} once approved",
+                r.id, r.rule, r.required, r.approver_groups, r.id
+            );
+            println!("{}", r.id);
+            return Ok(EXIT_APPROVAL_PENDING);
+        }
+        eprintln!(
+            "approval required: request {} (waiting; Ctrl-C to stop waiting)",
+            r.id
+        );
+        request_id = Some(r.id);
+    }
+}
+
+/// Streams an open session and returns its exit code.
+async fn stream(
+    a: &ExecArgs,
+    tx: tokio::sync::mpsc::Sender<api::ExecInput>,
+    mut out: tonic::Streaming<api::ExecOutput>,
+    first: api::ExecOutput,
+) -> anyhow::Result<i32> {
+    let no_stdin = a.no_stdin;
     let stdin_task = tokio::spawn(async move {
         let eof = api::ExecInput {
             kind: Some(api::exec_input::Kind::StdinEof(true)),
         };
-        if a.no_stdin {
+        if no_stdin {
             let _ = tx.send(eof).await;
             return;
         }
@@ -65,11 +179,15 @@ async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
     });
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
+    let mut next = Some(first);
     let code = loop {
-        let msg = match out.message().await {
-            Ok(Some(m)) => m,
-            Ok(None) => anyhow::bail!("the session ended without an exit status"),
-            Err(s) => anyhow::bail!("{}", s.message()),
+        let msg = match next.take() {
+            Some(m) => m,
+            None => match out.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => anyhow::bail!("the session ended without an exit status"),
+                Err(s) => anyhow::bail!("{}", s.message()),
+            },
         };
         match msg.kind {
             Some(api::exec_output::Kind::Started(s)) => {
@@ -94,7 +212,7 @@ async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
                     x.code
                 };
             }
-            None => {}
+            Some(api::exec_output::Kind::ApprovalRequired(_)) | None => {}
         }
     };
     stdin_task.abort();

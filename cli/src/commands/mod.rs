@@ -1,3 +1,4 @@
+pub mod approvals;
 pub mod cluster;
 pub mod dev;
 pub mod edge;

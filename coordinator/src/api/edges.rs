@@ -35,7 +35,7 @@ impl<E: Engine> EdgesService<E> {
 }
 
 fn author(id: &crate::auth::Identity) -> String {
-    format!("{} {}", id.issuer, id.subject)
+    id.principal()
 }
 
 #[tonic::async_trait]

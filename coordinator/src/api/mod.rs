@@ -14,12 +14,14 @@ use custody_proto::v1 as api;
 use custody_proto::v1::cluster_server::Cluster;
 use custody_proto::v1::kv_server::Kv;
 
+mod approvals;
 mod edges;
 mod export;
 mod guard;
 mod policy;
 pub mod sessions;
 
+pub use approvals::ApprovalsService;
 pub use edges::{EdgesService, ResourcesService};
 pub use export::{purge_expired, EvidenceService};
 pub use guard::Guard;

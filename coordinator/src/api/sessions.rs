@@ -25,8 +25,9 @@ use custody_proto::evidence::v1 as ev;
 use super::{storage_status, Guard};
 use crate::consensus::node::now_ms;
 use crate::evidence::{SessionRecorder, DEFAULT_OUTPUT_CAP};
+use crate::notify::Notifier;
 use crate::policy::{Effect, Request as PolicyRequest, ResourceInfo, Role};
-use crate::state::edges;
+use crate::state::{approvals, edges, Command};
 use crate::storage::Engine;
 use crate::tunnel::session::frame;
 use crate::tunnel::Tunnels;
@@ -39,12 +40,55 @@ const MAX_ARGV_BYTES: usize = 64 << 10;
 pub struct SessionsService<E: Engine> {
     tunnels: Arc<Tunnels<E>>,
     guard: Arc<Guard>,
+    notifier: Notifier,
 }
 
 impl<E: Engine> SessionsService<E> {
-    pub fn new(tunnels: Arc<Tunnels<E>>, guard: Arc<Guard>) -> Self {
-        Self { tunnels, guard }
+    pub fn new(tunnels: Arc<Tunnels<E>>, guard: Arc<Guard>, notifier: Notifier) -> Self {
+        Self {
+            tunnels,
+            guard,
+            notifier,
+        }
     }
+}
+
+/// SHA-256 of a command line, as approvals store and compare it.
+pub fn command_digest(command: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(command.as_bytes()).into()
+}
+
+/// How an approval lets this session run.
+enum ApprovalUse {
+    /// An approved command approval, to spend once the edge stream is open.
+    Spend(u64),
+    /// An active access grant (ends the session when it expires).
+    Grant(Box<pb::ApprovalRequest>),
+}
+
+/// The evidence event for an approval a session ran under.
+fn approval_event(r: &pb::ApprovalRequest) -> ev::event::Kind {
+    ev::event::Kind::Approval(ev::ApprovalRef {
+        request_id: r.id.to_string(),
+        kind: r.kind.clone(),
+        requester: r.requester_label.clone(),
+        rule: r.rule.clone(),
+        justification: r.justification.clone(),
+        created_at_ms: r.created_at_ms,
+        decided_at_ms: r.decided_at_ms,
+        reviews: r
+            .reviews
+            .iter()
+            .map(|v| ev::ApprovalDecision {
+                reviewer: v.reviewer_label.clone(),
+                approved: v.approved,
+                reason: v.reason.clone(),
+                at_ms: v.at_ms,
+            })
+            .collect(),
+        access_until_ms: r.access_until_ms,
+    })
 }
 
 /// Joins argv into one command line, quoting words the shell would split, so
@@ -122,6 +166,27 @@ impl OutputCap {
             truncated: true,
         }))
     }
+}
+
+/// Proposes a new approval request and returns it as stored.
+pub async fn create_request<E: Engine>(
+    node: &crate::consensus::NodeHandle<E>,
+    req: pb::ApprovalRequest,
+) -> Result<pb::ApprovalRequest, Status> {
+    approvals::check_new(&req).map_err(Status::invalid_argument)?;
+    let out = node
+        .propose(
+            Command::Approval(Box::new(approvals::ApprovalCommand::Create(Box::new(req)))),
+            None,
+        )
+        .await
+        .map_err(super::status_from)?;
+    if let Some(why) = out.rejected {
+        return Err(Status::invalid_argument(why));
+    }
+    approvals::approval_get(node.store(), out.value)
+        .map_err(storage_status)?
+        .ok_or_else(|| Status::internal("new approval request vanished"))
 }
 
 fn new_session_id() -> String {
@@ -203,8 +268,15 @@ impl<E: Engine> Sessions for SessionsService<E> {
             command: Some(&command),
         });
         let rule = d.rule.clone().unwrap_or_else(|| "default-deny".into());
-        match d.effect {
-            Effect::Allow => {}
+        let principal = id.principal();
+        let approval_use = match d.effect {
+            Effect::Allow if start.request_id != 0 => {
+                return Err(Status::failed_precondition(format!(
+                    "policy allows this command without approval; run it without --request-id {}",
+                    start.request_id
+                )));
+            }
+            Effect::Allow => None,
             Effect::Deny => {
                 tracing::warn!(target: "audit", event = "session_denied", subject = %id.subject, issuer = %id.issuer, resource = %def.name, %rule, %command);
                 return Err(Status::permission_denied(match &d.rule {
@@ -212,14 +284,56 @@ impl<E: Engine> Sessions for SessionsService<E> {
                     None => format!("denied by policy (default deny): {}", d.reason),
                 }));
             }
-            Effect::RequireApproval => {
-                tracing::warn!(target: "audit", event = "session_needs_approval", subject = %id.subject, resource = %def.name, %rule, %command);
-                return Err(Status::failed_precondition(format!(
-                    "approval required by policy rule {rule}: {} (approval requests are not available in this version)",
-                    d.reason
-                )));
+            Effect::RequireApproval if start.request_id != 0 => {
+                Some(ApprovalUse::Spend(start.request_id))
             }
-        }
+            Effect::RequireApproval => {
+                // Access grants cover policy rules; guardrails always need a
+                // command approval.
+                let grant = if rule.starts_with("guardrail:") {
+                    None
+                } else {
+                    approvals::active_grant(node.store(), &def.name, &principal, now_ms())
+                        .map_err(storage_status)?
+                };
+                match grant {
+                    Some(g) => Some(ApprovalUse::Grant(Box::new(g))),
+                    None => {
+                        let doc = d.approval.clone().ok_or_else(|| {
+                            Status::internal("require_approval without an approval block")
+                        })?;
+                        doc.check_justification(&start.justification)
+                            .map_err(Status::invalid_argument)?;
+                        let req = pb::ApprovalRequest {
+                            requester: principal.clone(),
+                            requester_label: id.label().to_owned(),
+                            resource: def.name.clone(),
+                            kind: "command".into(),
+                            command: command.clone(),
+                            command_sha256: command_digest(&command).to_vec().into(),
+                            justification: start.justification.clone(),
+                            approver_groups: doc.groups.clone(),
+                            required: doc.count,
+                            require_reason: doc.require_reason,
+                            rule: rule.clone(),
+                            timeout_ms: doc.timeout_ms(),
+                            webhook: doc.webhook.clone().unwrap_or_default(),
+                            ..Default::default()
+                        };
+                        let created = create_request(node, req).await?;
+                        tracing::warn!(target: "audit", event = "approval_requested", request = created.id, subject = %id.subject, resource = %def.name, %rule, %command);
+                        self.notifier.approval("approval_requested", &created);
+                        let (tx, rx) = mpsc::channel(1);
+                        let _ = tx
+                            .send(out(api::exec_output::Kind::ApprovalRequired(Box::new(
+                                created,
+                            ))))
+                            .await;
+                        return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+                    }
+                }
+            }
+        };
         let session_id = new_session_id();
         let candidates: Vec<_> = serving.into_iter().map(|(e, _)| e).collect();
         let open = t::SessionOpen {
@@ -233,6 +347,45 @@ impl<E: Engine> Sessions for SessionsService<E> {
             .open_session(&def.name, &candidates, open)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
+        let approval = match approval_use {
+            None => None,
+            Some(ApprovalUse::Grant(g)) => Some(*g),
+            Some(ApprovalUse::Spend(request)) => {
+                // The stream is open but nothing runs until the command frame;
+                // dropping `routed` on refusal abandons it.
+                let spent = node
+                    .propose(
+                        Command::Approval(Box::new(approvals::ApprovalCommand::Use(
+                            pb::UseApproval {
+                                id: request,
+                                requester: principal.clone(),
+                                resource: def.name.clone(),
+                                command_sha256: command_digest(&command).to_vec().into(),
+                                session_id: session_id.clone(),
+                            },
+                        ))),
+                        None,
+                    )
+                    .await
+                    .map_err(super::status_from)?;
+                if let Some(why) = spent.rejected {
+                    return Err(if why.starts_with("no approval request") {
+                        Status::not_found(why)
+                    } else {
+                        Status::failed_precondition(why)
+                    });
+                }
+                let r = approvals::approval_get(node.store(), request)
+                    .map_err(storage_status)?
+                    .ok_or_else(|| Status::internal("spent approval vanished"))?;
+                tracing::info!(target: "audit", event = "approval_used", request, session = %session_id);
+                Some(r)
+            }
+        };
+        let grant_until = approval
+            .as_ref()
+            .filter(|a| a.kind == "access")
+            .map(|a| (a.id, a.access_until_ms));
         let mode = evidence_mode(&def.labels);
         let strict = mode == "strict";
         let summary = pb::SessionSummary {
@@ -282,6 +435,9 @@ impl<E: Engine> Sessions for SessionsService<E> {
         };
         let recorded = async {
             rec.record(ev::event::Kind::Opened(opened)).await?;
+            if let Some(a) = &approval {
+                rec.record(approval_event(a)).await?;
+            }
             rec.record(ev::event::Kind::Command(cmd_event)).await?;
             if strict {
                 rec.commit().await?;
@@ -375,6 +531,17 @@ impl<E: Engine> Sessions for SessionsService<E> {
                 .send(out(api::exec_output::Kind::Started(started)))
                 .await;
             let mut cap = OutputCap::new(DEFAULT_OUTPUT_CAP);
+            // Sessions under an access grant end when it does.
+            let grant_end = async {
+                match grant_until {
+                    Some((_, until)) => {
+                        tokio::time::sleep(Duration::from_millis(until.saturating_sub(now_ms())))
+                            .await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(grant_end);
             let result: Result<SessionEnd, String> = loop {
                 // A silent command must still end when its caller goes away.
                 let f = tokio::select! {
@@ -383,6 +550,10 @@ impl<E: Engine> Sessions for SessionsService<E> {
                         None => break Err("the tunnel to the edge was lost; the command's outcome is unknown".into()),
                     },
                     _ = out_tx.closed() => break Ok(end(-1, 0, "caller disconnected")),
+                    _ = &mut grant_end => break Err(format!(
+                        "access grant {} expired; the session was ended",
+                        grant_until.map_or(0, |g| g.0)
+                    )),
                 };
                 let (msg, stream, data) = match f.kind {
                     Some(t::session_frame::Kind::Data(d)) => {

@@ -41,6 +41,11 @@ impl Identity {
             .unwrap_or(&self.subject)
     }
 
+    /// The stable principal: `issuer subject`.
+    pub fn principal(&self) -> String {
+        format!("{} {}", self.issuer, self.subject)
+    }
+
     /// A test identity with the given subject and groups.
     pub fn for_test(subject: &str, groups: &[&str]) -> Self {
         Identity {

@@ -175,6 +175,38 @@ pub struct ApprovalDoc {
     /// Reviewers must give a reason.
     #[serde(default)]
     pub require_reason: bool,
+    /// Requesters must give a justification (`custody exec --reason`).
+    #[serde(default)]
+    pub require_justification: bool,
+    /// How long a request waits for reviews, and how long an approved command
+    /// stays usable (`15m`, `1h`; default 1h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// A URL that receives a signed JSON notification (Slack-compatible
+    /// `text`) when a request is created and decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
+}
+
+/// How long approval requests wait when the policy does not say.
+pub const DEFAULT_APPROVAL_TIMEOUT_MS: u64 = 3_600_000;
+
+impl ApprovalDoc {
+    /// Refuses a request without the justification the policy demands.
+    pub fn check_justification(&self, justification: &str) -> Result<(), String> {
+        if self.require_justification && justification.trim().is_empty() {
+            return Err("policy requires a justification for this request: pass --reason".into());
+        }
+        Ok(())
+    }
+
+    /// The request timeout in milliseconds.
+    pub fn timeout_ms(&self) -> u64 {
+        self.timeout
+            .as_deref()
+            .and_then(|t| parse_duration_ms(t).ok())
+            .unwrap_or(DEFAULT_APPROVAL_TIMEOUT_MS)
+    }
 }
 
 fn one() -> u32 {
@@ -217,6 +249,16 @@ fn check_approval(a: &ApprovalDoc) -> Result<(), String> {
     }
     if a.count == 0 || a.count > 10 {
         return Err(format!("approval count {} is outside 1..=10", a.count));
+    }
+    if let Some(t) = &a.timeout {
+        parse_duration_ms(t).map_err(|e| format!("approval timeout: {e}"))?;
+    }
+    if let Some(w) = &a.webhook {
+        let ok = reqwest::Url::parse(w)
+            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        if !ok {
+            return Err(format!("approval webhook {w:?} is not an http(s) URL"));
+        }
     }
     Ok(())
 }

@@ -11,6 +11,7 @@
 //! - `sys/policy/...`, `sys/identity/...`: policy versions, identities seen;
 //! - `sys/enroll/...`, `sys/edge/...`, `sys/edgename/...`: edges ([`edges`]).
 
+pub mod approvals;
 pub mod edges;
 pub mod evidence;
 
@@ -88,6 +89,8 @@ pub enum Command {
     Evidence(Box<evidence::AppendChunk>),
     /// Retention and legal holds.
     Retention(evidence::RetentionCommand),
+    /// Approval requests, reviews and their use.
+    Approval(Box<approvals::ApprovalCommand>),
 }
 
 fn check_key(key: &str) -> Result<(), CommandError> {
@@ -138,6 +141,7 @@ impl Command {
             Command::Edge(e) => e.to_pb(),
             Command::Evidence(a) => a.to_pb(),
             Command::Retention(r) => r.to_pb(),
+            Command::Approval(a) => a.to_pb(),
         };
         pb::Command { kind: Some(kind) }
     }
@@ -175,6 +179,18 @@ impl TryFrom<pb::Command> for Command {
                     reason: r.reason,
                 },
             )),
+            pb::command::Kind::CreateApproval(c) => Ok(Command::Approval(Box::new(
+                approvals::ApprovalCommand::Create(Box::new(c.request.unwrap_or_default())),
+            ))),
+            pb::command::Kind::ReviewApproval(r) => Ok(Command::Approval(Box::new(
+                approvals::ApprovalCommand::Review(r),
+            ))),
+            pb::command::Kind::UseApproval(u) => Ok(Command::Approval(Box::new(
+                approvals::ApprovalCommand::Use(u),
+            ))),
+            pb::command::Kind::CancelApproval(c) => Ok(Command::Approval(Box::new(
+                approvals::ApprovalCommand::Cancel(c),
+            ))),
             other => edges::EdgeCommand::try_from(other).map(Command::Edge),
         }
     }
@@ -529,6 +545,7 @@ impl<E: Engine> StateTxn<E> {
             Command::Edge(cmd) => edges::apply(self, index, p.proposed_at_ms, cmd)?,
             Command::Evidence(a) => evidence::apply(self, index, p.proposed_at_ms, a)?,
             Command::Retention(r) => evidence::apply_retention(self, index, p.proposed_at_ms, r)?,
+            Command::Approval(a) => approvals::apply(self, index, p.proposed_at_ms, a)?,
         };
         if let Some(k) = &p.idempotency_key {
             let rec = pb::ApplyOutcome {
