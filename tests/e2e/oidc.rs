@@ -213,3 +213,187 @@ async fn machine_tokens_from_a_real_provider_are_accepted_and_key_rotation_is_pi
     let e = client.whoami().await.unwrap_err().to_string();
     assert!(e.contains("unknown to the issuer"), "{e}");
 }
+
+/// The first `<form>` on a page: its action and its inputs' names and values.
+fn first_form(page: &str) -> Option<(String, Vec<(String, String)>)> {
+    let start = page.find("<form")?;
+    let end = start + page[start..].find("</form>")?;
+    let form = &page[start..end];
+    let attr = |tag: &str, name: &str| -> Option<String> {
+        let key = format!("{name}=\"");
+        let i = tag.find(&key)? + key.len();
+        let j = i + tag[i..].find('"')?;
+        Some(tag[i..j].replace("&amp;", "&"))
+    };
+    let open_tag = &form[..form.find('>')?];
+    let action = attr(open_tag, "action")?;
+    let mut fields = Vec::new();
+    let mut rest = form;
+    while let Some(i) = rest.find("<input") {
+        let tag_end = i + rest[i..].find('>')?;
+        let tag = &rest[i..tag_end];
+        if let Some(name) = attr(tag, "name") {
+            fields.push((name, attr(tag, "value").unwrap_or_default()));
+        }
+        rest = &rest[tag_end..];
+    }
+    Some((action, fields))
+}
+
+/// Plays the person in a browser: opens the verification URI, confirms the
+/// code, signs in as `login` and consents, following the provider's forms.
+async fn approve_device_login(issuer: &str, verification_uri_complete: &str, login: &str) {
+    let browser = reqwest::Client::builder()
+        .cookie_store(true)
+        .build()
+        .unwrap();
+    let mut page = browser
+        .get(verification_uri_complete)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for _ in 0..8 {
+        if page.contains("Sign-in Success") {
+            return;
+        }
+        let (action, mut fields) =
+            first_form(&page).unwrap_or_else(|| panic!("no form on the provider's page: {page}"));
+        for (name, value) in fields.iter_mut() {
+            match name.as_str() {
+                "login" => *value = login.to_owned(),
+                "password" => *value = "any password".to_owned(),
+                _ => {}
+            }
+        }
+        let url = if action.starts_with('/') {
+            format!("{issuer}{action}")
+        } else {
+            action
+        };
+        page = browser
+            .post(url)
+            .form(&fields)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+    }
+    panic!("the device login did not finish: {page}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_flow_login_completes_and_refreshes_its_token() {
+    use std::io::BufRead as _;
+    let oidc = Oidc::start().await;
+    let opts = GenOptions {
+        issuer: Some((oidc.issuer.clone(), "urn:custody".into())),
+        ..GenOptions::default()
+    };
+    let (c, _) = harness::started(opts).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let token_file = tmp.path().join("token.json");
+    let cli = |args: &[&str]| {
+        let mut cmd = Command::new(&c.bins.custody);
+        cmd.args(args)
+            .env_remove("CUSTODY_TOKEN")
+            .env("CUSTODY_TOKEN_FILE", &token_file)
+            .env("CUSTODY_COORDINATOR", c.api_urls(&[]))
+            .env("CUSTODY_CA", c.ca_path());
+        cmd
+    };
+    let mut login = cli(&[
+        "login",
+        "--issuer",
+        &oidc.issuer,
+        "--client-id",
+        "custody-cli",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    // The CLI prints where to go; read it like a person would.
+    let stderr = login.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut shown = String::new();
+    let uri = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no verification URI printed: {shown}"));
+        shown.push_str(&line);
+        shown.push('\n');
+        if let Some(rest) = line.strip_prefix("To log in, open ") {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    assert!(uri.contains("user_code="), "{uri}");
+    approve_device_login(&oidc.issuer, &uri, "alice").await;
+    let status = tokio::task::spawn_blocking(move || login.wait().unwrap())
+        .await
+        .unwrap();
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(status.success(), "login failed: {shown}{}", rest.join("\n"));
+
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&token_file).unwrap()).unwrap();
+    assert!(
+        stored["refresh_token"].is_string(),
+        "a refresh token is kept"
+    );
+    let whoami = |cli: &dyn Fn(&[&str]) -> Command| {
+        let out = cli(&["whoami", "--json"]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let me = whoami(&cli);
+    assert_eq!(me["subject"], "alice");
+    assert_eq!(me["client_kind"], "human");
+    assert_eq!(me["groups"], serde_json::json!(["engineers"]));
+
+    // Expire the stored access token: the next command refreshes it and
+    // rewrites the file.
+    let mut expired = stored.clone();
+    expired["expires_at"] = serde_json::json!(1);
+    expired["access_token"] = serde_json::json!("expired-token");
+    std::fs::write(&token_file, serde_json::to_vec(&expired).unwrap()).unwrap();
+    let me = whoami(&cli);
+    assert_eq!(me["subject"], "alice");
+    let fresh: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&token_file).unwrap()).unwrap();
+    assert_ne!(fresh["access_token"], "expired-token");
+    assert!(fresh["expires_at"].as_u64().unwrap() > 1);
+
+    // Without a refresh token an expired login says so.
+    let mut dead = fresh.clone();
+    dead["expires_at"] = serde_json::json!(1);
+    dead.as_object_mut().unwrap().remove("refresh_token");
+    std::fs::write(&token_file, serde_json::to_vec(&dead).unwrap()).unwrap();
+    let out = cli(&["whoami"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("has expired: run `custody login` again"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
