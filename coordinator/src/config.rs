@@ -130,6 +130,12 @@ pub struct RawListen {
     pub raft: String,
     pub api: String,
     pub tunnel: String,
+    /// The PostgreSQL gateway (clients connect with sslmode=require).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<String>,
+    /// Accept PostgreSQL clients without TLS (development only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub postgres_allow_plaintext: bool,
     /// Raft address other nodes dial, when it differs from `raft` (NAT, proxies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertise_raft: Option<String>,
@@ -177,6 +183,8 @@ pub struct Config {
     pub raft_source_ip: Option<std::net::IpAddr>,
     pub api_addr: SocketAddr,
     pub tunnel_addr: SocketAddr,
+    pub postgres_addr: Option<SocketAddr>,
+    pub postgres_allow_plaintext: bool,
     pub tls: TlsPaths,
     /// Every initial member, this node included.
     pub members: Vec<Member>,
@@ -240,6 +248,12 @@ impl Config {
         let raft_addr = addr("listen.raft", &raw.listen.raft)?;
         let api_addr = addr("listen.api", &raw.listen.api)?;
         let tunnel_addr = addr("listen.tunnel", &raw.listen.tunnel)?;
+        let postgres_addr = raw
+            .listen
+            .postgres
+            .as_deref()
+            .map(|a| addr("listen.postgres", a))
+            .transpose()?;
         let advertise_raft = match &raw.listen.advertise_raft {
             Some(a) => addr("listen.advertise_raft", a)?,
             None => raft_addr,
@@ -363,6 +377,8 @@ impl Config {
             raft_source_ip: (!raft_addr.ip().is_unspecified()).then(|| raft_addr.ip()),
             api_addr,
             tunnel_addr,
+            postgres_addr,
+            postgres_allow_plaintext: raw.listen.postgres_allow_plaintext,
             tls: TlsPaths {
                 ca: resolve(&raw.tls.ca),
                 cert: resolve(&raw.tls.cert),

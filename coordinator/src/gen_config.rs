@@ -68,6 +68,7 @@ struct Slot {
     raft: String,
     api: String,
     tunnel: String,
+    postgres: String,
     dev_issuer: String,
 }
 
@@ -85,6 +86,7 @@ fn slot(id: u64, region: &str, host: &str) -> anyhow::Result<Slot> {
         raft: addr(free_port(host)?),
         api: addr(free_port(host)?),
         tunnel: addr(free_port_tcp_udp(host)?),
+        postgres: addr(free_port(host)?),
         dev_issuer: addr(free_port(host)?),
     })
 }
@@ -170,6 +172,8 @@ fn node_config(
             raft: s.raft.clone(),
             api: s.api.clone(),
             tunnel: s.tunnel.clone(),
+            postgres: Some(s.postgres.clone()),
+            postgres_allow_plaintext: false,
             advertise_raft: None,
         },
         tls: RawTls {
@@ -307,6 +311,7 @@ pub fn generate_joiner(
                 raft: raw.listen.raft,
                 api: raw.listen.api,
                 tunnel: raw.listen.tunnel,
+                postgres: raw.listen.postgres.unwrap_or_default(),
                 dev_issuer: String::new(),
             });
         }

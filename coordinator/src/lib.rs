@@ -18,6 +18,7 @@ pub mod consensus;
 pub mod evidence;
 pub mod gen_config;
 pub mod notify;
+pub mod pg;
 pub mod pki;
 pub mod policy;
 pub mod server;

@@ -133,6 +133,21 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let tunnel_task = tokio::spawn(tunnels.clone().serve(endpoint.clone()));
     let revocations = tokio::spawn(tunnels.clone().watch_revocations());
     let retention = tokio::spawn(retention_sweeper(node.clone(), cfg.retention_sweep));
+    let pg_task = match cfg.postgres_addr {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("bind postgres address {addr}"))?;
+            let gw = std::sync::Arc::new(crate::pg::PgGateway::new(
+                tunnels.clone(),
+                guard.clone(),
+                tls.pg_server_config().context("postgres TLS config")?,
+                cfg.postgres_allow_plaintext,
+            ));
+            Some(tokio::spawn(gw.serve(listener)))
+        }
+        None => None,
+    };
 
     let raft_svc = RaftTransportServer::new(RaftService::new(cfg.id, node.input()))
         .max_decoding_message_size(MAX_FRAME_BYTES)
@@ -236,6 +251,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     tunnel_task.abort();
     revocations.abort();
     retention.abort();
+    if let Some(t) = pg_task {
+        t.abort();
+    }
     ticker.abort();
     if let Some(d) = dev_issuer {
         d.abort();

@@ -150,6 +150,17 @@ impl TlsMaterial {
         Ok(cfg)
     }
 
+    /// rustls config for the PostgreSQL gateway (after SSLRequest): the node
+    /// certificate, no client certificate, ALPN `postgresql` (PostgreSQL 17+).
+    pub fn pg_server_config(&self) -> Result<ServerConfig, TlsError> {
+        let mut cfg = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        cfg.alpn_protocols = vec![b"postgresql".to_vec()];
+        Ok(cfg)
+    }
+
     /// rustls config for the tunnel listener: TLS 1.3 only (QUIC requires it),
     /// ALPN [`TUNNEL_ALPN`]. A client certificate from the cluster CA is
     /// optional at the handshake so that new edges can enroll; every other use

@@ -411,11 +411,30 @@ async fn handle_session(
             return;
         }
     };
-    let Some(Connector::Shell(sh)) = cfg.resource(&open.resource).map(|r| &r.connector) else {
-        let msg = format!("resource {:?} is not served by this edge", open.resource);
-        let _ = write_frame(&mut send, &error(msg)).await;
-        let _ = send.finish();
-        return;
+    let sh = match cfg.resource(&open.resource).map(|r| &r.connector) {
+        Some(Connector::Shell(sh)) => sh,
+        Some(Connector::Postgres(pg)) => {
+            // Nothing connects until the coordinator has authorized the
+            // caller and sends the startup parameters.
+            let next =
+                tokio::time::timeout(COMMAND_TIMEOUT, read_frame::<t::SessionFrame, _>(&mut recv))
+                    .await;
+            let Ok(Ok(Some(t::SessionFrame {
+                kind: Some(t::session_frame::Kind::PgStartup(startup)),
+            }))) = next
+            else {
+                tracing::info!(session = %open.session_id, "postgres session abandoned before startup");
+                let _ = send.reset(3u32.into());
+                return;
+            };
+            return crate::postgres::run(pg, &open, startup, send, recv).await;
+        }
+        None => {
+            let msg = format!("resource {:?} is not served by this edge", open.resource);
+            let _ = write_frame(&mut send, &error(msg)).await;
+            let _ = send.finish();
+            return;
+        }
     };
     // Nothing runs until the coordinator sends the command: it first commits
     // the command's evidence (strict mode). A stream that ends instead is an

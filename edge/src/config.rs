@@ -15,6 +15,17 @@
 //! workdir = "/srv"
 //! env = { PATH = "/usr/bin:/bin" }
 //! # user = "deploy"              # needs the agent to run as root
+//!
+//! [[resources]]
+//! name = "orders-db"
+//! kind = "postgres"
+//! labels = { env = "prod" }
+//! [resources.postgres]
+//! host = "127.0.0.1"
+//! port = 5432
+//! user = "app"
+//! database = "orders"
+//! password_env = "ORDERS_DB_PASSWORD"  # or password_file = "/etc/custody/orders.pw"
 //! ```
 
 use std::collections::BTreeMap;
@@ -62,6 +73,56 @@ struct RawResource {
     labels: BTreeMap<String, String>,
     #[serde(default)]
     shell: Option<ShellConfig>,
+    #[serde(default)]
+    postgres: Option<PostgresConfig>,
+}
+
+/// Settings of the `postgres` connector. The password stays on this host.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    pub host: String,
+    #[serde(default = "pg_port")]
+    pub port: u16,
+    pub user: String,
+    pub database: String,
+    /// Environment variable holding the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// File holding the password (trailing newline ignored).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+fn pg_port() -> u16 {
+    5432
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("database", &self.database)
+            .field("password_env", &self.password_env)
+            .field("password_file", &self.password_file)
+            .finish()
+    }
+}
+
+impl PostgresConfig {
+    /// The password, read when needed (so rotation needs no restart).
+    pub fn password(&self) -> Option<String> {
+        if let Some(var) = &self.password_env {
+            if let Ok(v) = std::env::var(var) {
+                return Some(v);
+            }
+        }
+        let f = self.password_file.as_ref()?;
+        let text = std::fs::read_to_string(f).ok()?;
+        Some(text.trim_end_matches(['\n', '\r']).to_owned())
+    }
 }
 
 /// Settings of the `shell` connector.
@@ -92,6 +153,7 @@ pub struct Resource {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Connector {
     Shell(ShellConfig),
+    Postgres(PostgresConfig),
 }
 
 /// A validated configuration.
@@ -172,7 +234,23 @@ impl EdgeConfig {
                     sh.workdir = sh.workdir.as_deref().map(resolve);
                     Connector::Shell(sh)
                 }
-                "postgres" | "ssh" | "kubernetes" => {
+                "postgres" => {
+                    let Some(mut pg) = r.postgres else {
+                        return Err(format!(
+                            "resource {}: a postgres resource needs a [resources.postgres] table",
+                            r.name
+                        ));
+                    };
+                    if pg.password_env.is_none() && pg.password_file.is_none() {
+                        return Err(format!(
+                            "resource {}: set password_env or password_file",
+                            r.name
+                        ));
+                    }
+                    pg.password_file = pg.password_file.as_deref().map(resolve);
+                    Connector::Postgres(pg)
+                }
+                "ssh" | "kubernetes" => {
                     return Err(format!(
                         "resource {}: the {} connector is not available in this version",
                         r.name, r.kind
@@ -180,7 +258,7 @@ impl EdgeConfig {
                 }
                 other => {
                     return Err(format!(
-                        "resource {}: unknown kind {other:?} (expected shell)",
+                        "resource {}: unknown kind {other:?} (expected shell or postgres)",
                         r.name
                     ))
                 }
@@ -229,7 +307,9 @@ env = { FOO = "bar" }
         let c = EdgeConfig::parse(GOOD, Path::new("/etc/edge")).unwrap();
         assert_eq!(c.data_dir, Path::new("/etc/edge/data"));
         let r = c.resource("local-shell").unwrap();
-        let Connector::Shell(sh) = &r.connector;
+        let Connector::Shell(sh) = &r.connector else {
+            panic!("not a shell connector")
+        };
         assert_eq!(sh.workdir.as_deref(), Some(Path::new("/etc/edge/work")));
         assert_eq!(r.labels["env"], "dev");
     }
@@ -248,5 +328,23 @@ env = { FOO = "bar" }
         assert!(e.contains("bogus"), "{e}");
         let e = EdgeConfig::parse(&GOOD.replace("[\"127.0.0.1:7003\"]", "[]"), base).unwrap_err();
         assert!(e.contains("coordinators is empty"), "{e}");
+    }
+
+    #[test]
+    fn postgres_resources_need_a_password_source() {
+        let base = Path::new("/etc/edge");
+        let pg = GOOD.split("[[resources]]").next().unwrap().to_owned()
+            + "[[resources]]\nname = \"db\"\nkind = \"postgres\"\n[resources.postgres]\nhost = \"127.0.0.1\"\nuser = \"app\"\ndatabase = \"app\"\n";
+        let e = EdgeConfig::parse(&pg, base).unwrap_err();
+        assert!(e.contains("password_env or password_file"), "{e}");
+        let c = EdgeConfig::parse(&(pg + "password_file = \"pw\"\n"), base).unwrap();
+        let Connector::Postgres(p) = &c.resource("db").unwrap().connector else {
+            panic!("not a postgres connector")
+        };
+        assert_eq!(
+            (p.port, p.password_file.as_deref()),
+            (5432, Some(Path::new("/etc/edge/pw")))
+        );
+        assert!(!format!("{p:?}").contains("secret"));
     }
 }

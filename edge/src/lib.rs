@@ -11,5 +11,6 @@
 pub mod agent;
 pub mod config;
 pub mod identity;
+pub mod postgres;
 pub mod shell;
 pub mod tls;

@@ -76,7 +76,7 @@ pub fn event_json(e: &ev::Event) -> serde_json::Value {
         ),
         Some(Kind::Outcome(o)) => (
             "outcome",
-            serde_json::json!({"exit_code": o.exit_code, "signal": o.signal, "rows": o.rows, "error": o.error}),
+            serde_json::json!({"exit_code": o.exit_code, "signal": o.signal, "rows": o.rows, "error": o.error, "tag": o.tag}),
         ),
         Some(Kind::Closed(c)) => ("session_closed", serde_json::json!({"reason": c.reason})),
         Some(Kind::Approval(a)) => (

@@ -11,3 +11,4 @@ mod edge;
 mod evidence;
 mod harness;
 mod oidc;
+mod postgres;

@@ -68,6 +68,20 @@ impl Guard {
                     .or_else(|| v.strip_prefix("bearer "))
             })
             .map(str::trim);
+        self.verify_token(node, token, method, peer)
+            .await
+            .map_err(|e| Status::unauthenticated(e.to_string()))
+    }
+
+    /// Verifies a bearer token presented outside gRPC (the PostgreSQL
+    /// gateway's password); failures are audit events.
+    pub async fn verify_token<E: Engine>(
+        &self,
+        node: &NodeHandle<E>,
+        token: Option<&str>,
+        method: &str,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<Identity, crate::auth::AuthError> {
         let result = match token {
             None | Some("") => Err(crate::auth::AuthError::Missing),
             Some(t) => self.verifier.verify(t).await,
@@ -85,9 +99,9 @@ impl Guard {
                     detail = %e,
                     method,
                     peer = ?peer,
-                    "rejected API call"
+                    "rejected call"
                 );
-                Err(Status::unauthenticated(e.to_string()))
+                Err(e)
             }
         }
     }

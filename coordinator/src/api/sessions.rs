@@ -67,8 +67,44 @@ enum ApprovalUse {
     Grant(Box<pb::ApprovalRequest>),
 }
 
+/// The `session_opened` event.
+#[allow(clippy::too_many_arguments)]
+pub fn opened_event(
+    id: &crate::auth::Identity,
+    client_addr: Option<std::net::SocketAddr>,
+    resource: &ResourceInfo,
+    routed: &crate::tunnel::Routed,
+    node_region: &str,
+    decision: &str,
+    rule: &str,
+    mode: &str,
+) -> ev::event::Kind {
+    ev::event::Kind::Opened(ev::SessionOpened {
+        identity: Some(ev::Identity {
+            issuer: id.issuer.clone(),
+            subject: id.subject.clone(),
+            email: id.email.clone().unwrap_or_default(),
+            name: id.name.clone().unwrap_or_default(),
+            groups: id.groups.clone(),
+            client_kind: id.client_kind.as_str().into(),
+            client_id: id.client_id.clone().unwrap_or_default(),
+        }),
+        client_addr: client_addr.map(|a| a.to_string()).unwrap_or_default(),
+        resource: resource.name.clone(),
+        resource_kind: resource.kind.clone(),
+        labels: resource.labels.clone().into_iter().collect(),
+        edge: routed.edge.name.clone(),
+        edge_id: routed.edge.id,
+        edge_region: routed.edge.region.clone(),
+        node_region: node_region.to_owned(),
+        decision: decision.to_owned(),
+        rule: rule.to_owned(),
+        mode: mode.to_owned(),
+    })
+}
+
 /// The evidence event for an approval a session ran under.
-fn approval_event(r: &pb::ApprovalRequest) -> ev::event::Kind {
+pub fn approval_event(r: &pb::ApprovalRequest) -> ev::event::Kind {
     ev::event::Kind::Approval(ev::ApprovalRef {
         request_id: r.id.to_string(),
         kind: r.kind.clone(),
@@ -189,7 +225,7 @@ pub async fn create_request<E: Engine>(
         .ok_or_else(|| Status::internal("new approval request vanished"))
 }
 
-fn new_session_id() -> String {
+pub fn new_session_id() -> String {
     hex(&rand::random::<[u8; 16]>())
 }
 
@@ -405,28 +441,16 @@ impl<E: Engine> Sessions for SessionsService<E> {
             mode: mode.into(),
         };
         let rec = Arc::new(SessionRecorder::start(node.clone(), summary));
-        let opened = ev::SessionOpened {
-            identity: Some(ev::Identity {
-                issuer: id.issuer.clone(),
-                subject: id.subject.clone(),
-                email: id.email.clone().unwrap_or_default(),
-                name: id.name.clone().unwrap_or_default(),
-                groups: id.groups.clone(),
-                client_kind: id.client_kind.as_str().into(),
-                client_id: id.client_id.clone().unwrap_or_default(),
-            }),
-            client_addr: client_addr.map(|a| a.to_string()).unwrap_or_default(),
-            resource: def.name.clone(),
-            resource_kind: def.kind.clone(),
-            labels: def.labels.clone().into_iter().collect(),
-            edge: routed.edge.name.clone(),
-            edge_id: routed.edge.id,
-            edge_region: routed.edge.region.clone(),
-            node_region: self.tunnels.region.clone(),
-            decision: d.effect.as_str().into(),
-            rule: rule.clone(),
-            mode: mode.into(),
-        };
+        let opened = opened_event(
+            &id,
+            client_addr,
+            &resource,
+            &routed,
+            &self.tunnels.region,
+            d.effect.as_str(),
+            &rule,
+            mode,
+        );
         let cmd_event = ev::CommandEvent {
             text: command.clone(),
             argv: start.argv.clone(),
@@ -434,7 +458,7 @@ impl<E: Engine> Sessions for SessionsService<E> {
             verb: "exec".into(),
         };
         let recorded = async {
-            rec.record(ev::event::Kind::Opened(opened)).await?;
+            rec.record(opened).await?;
             if let Some(a) = &approval {
                 rec.record(approval_event(a)).await?;
             }

@@ -1,0 +1,645 @@
+//! The PostgreSQL gateway: a wire-protocol listener on each coordinator.
+//!
+//! A client connects with `sslmode=require`, `dbname=<resource>` and its OIDC
+//! access token as the password (cleartext, inside TLS). The token is
+//! verified and `connect` authorized before anything reaches an edge; then the
+//! edge logs in to the real server with credentials that never leave it, and
+//! the gateway relays the protocol, recording every statement with its
+//! parameters, result rows (capped) and outcome ([`relay`]).
+//!
+//! Cancel requests: each session gets its own BackendKeyData; a CancelRequest
+//! carrying it is forwarded to the session's edge, which cancels with the
+//! server's real key.
+
+pub mod relay;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use custody_proto::cluster::v1 as pb;
+use custody_proto::evidence::v1 as ev;
+use custody_proto::pg::{self, btag, Frame, Limits, Startup};
+use custody_proto::tunnel::v1 as t;
+
+use crate::api::sessions::evidence_mode;
+use crate::api::Guard;
+use crate::auth::Identity;
+use crate::consensus::node::now_ms;
+use crate::evidence::SessionRecorder;
+use crate::policy::{Effect, Request as PolicyRequest, ResourceInfo};
+use crate::state::{approvals, edges};
+use crate::storage::Engine;
+use crate::tunnel::session::frame;
+use crate::tunnel::Tunnels;
+
+use relay::{Caps, Relay};
+
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Most concurrent client connections per node.
+const MAX_CONNECTIONS: usize = 4096;
+
+/// Sends a cancel to a session's edge.
+type CancelMap = Arc<Mutex<HashMap<(i32, i32), mpsc::Sender<t::SessionFrame>>>>;
+
+pub struct PgGateway<E: Engine> {
+    tunnels: Arc<Tunnels<E>>,
+    guard: Arc<Guard>,
+    tls: Arc<tokio_rustls::TlsAcceptor>,
+    allow_plaintext: bool,
+    cancels: CancelMap,
+    limits: Limits,
+}
+
+/// Why a connection ended early: sent to the client as a FATAL error.
+struct Fatal {
+    sqlstate: &'static str,
+    message: String,
+}
+
+fn fatal(sqlstate: &'static str, message: impl Into<String>) -> Fatal {
+    Fatal {
+        sqlstate,
+        message: message.into(),
+    }
+}
+
+async fn send_fatal<S: AsyncWrite + Unpin>(s: &mut S, f: &Fatal) {
+    let mut out = BytesMut::new();
+    pg::encode_fatal(f.sqlstate, &f.message, &mut out);
+    let _ = s.write_all(&out).await;
+    let _ = s.flush().await;
+}
+
+/// Reads until one complete frame is buffered.
+async fn read_frame<S: AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut BytesMut,
+    limits: Limits,
+) -> Result<Option<Frame>, Fatal> {
+    loop {
+        match pg::split_frame(buf, limits) {
+            Ok(Some(f)) => return Ok(Some(f)),
+            Ok(None) => {}
+            Err(e) => return Err(fatal("08P01", e.to_string())),
+        }
+        match s.read_buf(buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+impl<E: Engine> PgGateway<E> {
+    pub fn new(
+        tunnels: Arc<Tunnels<E>>,
+        guard: Arc<Guard>,
+        tls: rustls::ServerConfig,
+        allow_plaintext: bool,
+    ) -> Self {
+        Self {
+            tunnels,
+            guard,
+            tls: Arc::new(tokio_rustls::TlsAcceptor::from(Arc::new(tls))),
+            allow_plaintext,
+            cancels: Arc::new(Mutex::new(HashMap::new())),
+            limits: Limits::default(),
+        }
+    }
+
+    /// Accepts connections until the listener fails.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "postgres listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "too many postgres connections; refusing");
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let gw = self.clone();
+            tokio::spawn(async move {
+                gw.connection(tcp, peer).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn connection(&self, mut tcp: TcpStream, peer: SocketAddr) {
+        let mut buf = BytesMut::new();
+        let startup = tokio::time::timeout(STARTUP_TIMEOUT, self.read_startup(&mut tcp, &mut buf));
+        match startup.await {
+            Err(_) => {}
+            Ok(Err(f)) => send_fatal(&mut tcp, &f).await,
+            Ok(Ok(Startup::Ssl)) => {
+                if tcp.write_all(b"S").await.is_err() || !buf.is_empty() {
+                    // Bytes after SSLRequest before the handshake: a
+                    // downgrade attempt (CVE-2021-23222 style); refuse.
+                    return;
+                }
+                let tls = match tokio::time::timeout(STARTUP_TIMEOUT, self.tls.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::warn!(%peer, error = %e, "postgres TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                self.after_tls(tls, peer, true).await;
+            }
+            Ok(Ok(Startup::Cancel { pid, key })) => self.cancel(pid, key),
+            Ok(Ok(s @ Startup::Startup { .. })) => {
+                if !self.allow_plaintext {
+                    tracing::warn!(target: "audit", event = "pg_plaintext_refused", %peer);
+                    let f = fatal(
+                        "28000",
+                        "Custody requires TLS: connect with sslmode=require",
+                    );
+                    send_fatal(&mut tcp, &f).await;
+                    return;
+                }
+                self.session(tcp, buf, s, peer).await;
+            }
+            Ok(Ok(Startup::GssEnc)) => unreachable!("answered in read_startup"),
+        }
+    }
+
+    /// Reads the first message; answers GSSENCRequest with `N` and reads on.
+    async fn read_startup<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        s: &mut S,
+        buf: &mut BytesMut,
+    ) -> Result<Startup, Fatal> {
+        loop {
+            match pg::split_startup(buf) {
+                Ok(Some(Startup::GssEnc)) => {
+                    s.write_all(b"N")
+                        .await
+                        .map_err(|e| fatal("08006", e.to_string()))?;
+                }
+                Ok(Some(st)) => return Ok(st),
+                Ok(None) => {
+                    if s.read_buf(buf)
+                        .await
+                        .map_err(|e| fatal("08006", e.to_string()))?
+                        == 0
+                    {
+                        return Err(fatal("08006", "connection closed during startup"));
+                    }
+                }
+                Err(e) => return Err(fatal("08P01", e.to_string())),
+            }
+        }
+    }
+
+    async fn after_tls<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &self,
+        mut s: S,
+        peer: SocketAddr,
+        _tls: bool,
+    ) {
+        let mut buf = BytesMut::new();
+        match tokio::time::timeout(STARTUP_TIMEOUT, self.read_startup(&mut s, &mut buf)).await {
+            Ok(Ok(st @ Startup::Startup { .. })) => self.session(s, buf, st, peer).await,
+            Ok(Ok(Startup::Cancel { pid, key })) => self.cancel(pid, key),
+            Ok(Ok(_)) => send_fatal(&mut s, &fatal("08P01", "unexpected startup message")).await,
+            Ok(Err(f)) => send_fatal(&mut s, &f).await,
+            Err(_) => {}
+        }
+    }
+
+    fn cancel(&self, pid: i32, key: i32) {
+        let tx = self
+            .cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(pid, key))
+            .cloned();
+        match tx {
+            Some(tx) => {
+                tracing::info!(pid, "forwarding a cancel request to the edge");
+                let _ = tx.try_send(frame(t::session_frame::Kind::PgCancel(t::PgCancel {})));
+            }
+            None => tracing::warn!(pid, "cancel request for an unknown session"),
+        }
+    }
+
+    /// Authenticates, authorizes, connects through an edge and relays.
+    async fn session<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &self,
+        mut s: S,
+        mut buf: BytesMut,
+        startup: Startup,
+        peer: SocketAddr,
+    ) {
+        let ready = match self.authorize(&mut s, &mut buf, &startup, peer).await {
+            Ok(r) => r,
+            Err(f) => {
+                send_fatal(&mut s, &f).await;
+                return;
+            }
+        };
+        self.relay(s, buf, startup, ready, peer).await;
+    }
+
+    async fn authorize<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &self,
+        s: &mut S,
+        buf: &mut BytesMut,
+        startup: &Startup,
+        peer: SocketAddr,
+    ) -> Result<Authorized, Fatal> {
+        let resource = startup
+            .param("database")
+            .filter(|d| !d.is_empty())
+            .ok_or_else(|| fatal("3D000", "dbname must name a Custody resource"))?
+            .to_owned();
+        let mut out = BytesMut::new();
+        pg::encode_auth(pg::AUTH_CLEARTEXT, &[], &mut out);
+        s.write_all(&out)
+            .await
+            .map_err(|e| fatal("08006", e.to_string()))?;
+        let f = read_frame(
+            s,
+            buf,
+            Limits {
+                max_message: 64 << 10,
+            },
+        )
+        .await?
+        .ok_or_else(|| fatal("08006", "connection closed before the password"))?;
+        if f.tag != pg::ftag::PASSWORD {
+            return Err(fatal("08P01", "expected a password message"));
+        }
+        let token = pg::decode_cstring(&f.body, "PasswordMessage")
+            .map_err(|e| fatal("08P01", e.to_string()))?;
+        let node = &self.tunnels.node;
+        let id = self
+            .guard
+            .verify_token(node, Some(token.trim()), "postgres.connect", Some(peer))
+            .await
+            .map_err(|e| {
+                fatal(
+                    "28P01",
+                    format!("the password must be a valid Custody access token: {e}"),
+                )
+            })?;
+        let policy = self
+            .guard
+            .policy(node)
+            .await
+            .map_err(|e| fatal("57P03", e.message()))?;
+        let serving = edges::edges_serving(node.store(), &resource)
+            .map_err(|e| fatal("XX000", e.to_string()))?;
+        let Some(def) = serving.first().map(|(_, d)| d.clone()) else {
+            return Err(fatal(
+                "3D000",
+                format!("no resource named {resource:?} (see `custody resources`)"),
+            ));
+        };
+        if def.kind != "postgres" {
+            return Err(fatal(
+                "3D000",
+                format!(
+                    "resource {resource} is a {} resource, not postgres",
+                    def.kind
+                ),
+            ));
+        }
+        let info = ResourceInfo {
+            name: def.name.clone(),
+            kind: def.kind.clone(),
+            labels: def.labels.clone(),
+        };
+        let d = policy.evaluate(&PolicyRequest {
+            identity: &id,
+            resource: &info,
+            action: "connect",
+            command: None,
+        });
+        let rule = d.rule.clone().unwrap_or_else(|| "default-deny".into());
+        let grant = match d.effect {
+            Effect::Allow => None,
+            Effect::Deny => {
+                tracing::warn!(target: "audit", event = "session_denied", subject = %id.subject, resource = %def.name, %rule, "postgres connect denied");
+                return Err(fatal("42501", d.reason.clone()));
+            }
+            Effect::RequireApproval => {
+                match approvals::active_grant(node.store(), &def.name, &id.principal(), now_ms())
+                    .map_err(|e| fatal("XX000", e.to_string()))?
+                {
+                    Some(g) => Some(g),
+                    None => {
+                        return Err(fatal(
+                            "42501",
+                            format!(
+                                "policy rule {rule} requires approval to connect to {}: run `custody access request {} --for 1h --reason ...`",
+                                def.name, def.name
+                            ),
+                        ))
+                    }
+                }
+            }
+        };
+        Ok(Authorized {
+            id,
+            resource: info,
+            candidates: serving.into_iter().map(|(e, _)| e).collect(),
+            rule,
+            decision: d.effect.as_str().into(),
+            grant,
+        })
+    }
+
+    async fn relay<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &self,
+        mut s: S,
+        mut cbuf: BytesMut,
+        startup: Startup,
+        a: Authorized,
+        peer: SocketAddr,
+    ) {
+        let node = &self.tunnels.node;
+        let session_id = crate::api::sessions::new_session_id();
+        let open = t::SessionOpen {
+            session_id: session_id.clone(),
+            resource: a.resource.name.clone(),
+            identity: a.id.principal(),
+        };
+        let routed = match self
+            .tunnels
+            .open_session(&a.resource.name, &a.candidates, open)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return send_fatal(&mut s, &fatal("08001", e.to_string())).await,
+        };
+        let mode = evidence_mode(&a.resource.labels);
+        let strict = mode == "strict";
+        let summary = pb::SessionSummary {
+            session_id: session_id.clone(),
+            opened_at_ms: now_ms(),
+            issuer: a.id.issuer.clone(),
+            subject: a.id.subject.clone(),
+            email: a.id.email.clone().unwrap_or_default(),
+            client_kind: a.id.client_kind.as_str().into(),
+            resource: a.resource.name.clone(),
+            resource_kind: a.resource.kind.clone(),
+            edge: routed.edge.name.clone(),
+            edge_region: routed.edge.region.clone(),
+            node_region: self.tunnels.region.clone(),
+            node_id: node.id(),
+            command: "postgres session".into(),
+            mode: mode.into(),
+        };
+        let rec = SessionRecorder::start(node.clone(), summary);
+        let opened = crate::api::sessions::opened_event(
+            &a.id,
+            Some(peer),
+            &a.resource,
+            &routed,
+            &self.tunnels.region,
+            &a.decision,
+            &a.rule,
+            mode,
+        );
+        let mut first = vec![opened];
+        if let Some(g) = &a.grant {
+            first.push(crate::api::sessions::approval_event(g));
+        }
+        for e in first {
+            if rec.record(e).await.is_err() {
+                break;
+            }
+        }
+        if strict && rec.commit().await.is_err() {
+            let _ = rec.close(end("evidence could not be committed")).await;
+            return send_fatal(
+                &mut s,
+                &fatal("57P03", "evidence could not be committed; not connecting"),
+            )
+            .await;
+        }
+        let crate::tunnel::SessionChannel { tx, mut rx } = routed.channel;
+        let params = match &startup {
+            Startup::Startup { params } => params
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "user" | "database"))
+                .cloned()
+                .collect(),
+            _ => Default::default(),
+        };
+        if tx
+            .send(frame(t::session_frame::Kind::PgStartup(t::PgStartup {
+                params,
+            })))
+            .await
+            .is_err()
+        {
+            let _ = rec.close(end("the edge stream closed")).await;
+            return send_fatal(&mut s, &fatal("08006", "the edge stream closed")).await;
+        }
+        match rx.recv().await.and_then(|f| f.kind) {
+            Some(t::session_frame::Kind::Started(_)) => {}
+            Some(t::session_frame::Kind::Error(e)) => {
+                let _ = rec
+                    .record(ev::event::Kind::Outcome(ev::Outcome {
+                        exit_code: 1,
+                        error: e.clone(),
+                        ..Default::default()
+                    }))
+                    .await;
+                let _ = rec.close(end("the edge could not log in")).await;
+                return send_fatal(
+                    &mut s,
+                    &fatal("08004", format!("the edge could not connect: {e}")),
+                )
+                .await;
+            }
+            _ => {
+                let _ = rec.close(end("the edge stream closed")).await;
+                return send_fatal(&mut s, &fatal("08006", "the edge stream closed")).await;
+            }
+        }
+        // Our own cancel key, mapped to the edge.
+        let (pid, key) = loop {
+            let k: (i32, i32) = (rand::random::<i32>() & 0x7fff_ffff, rand::random());
+            let mut m = self.cancels.lock().unwrap_or_else(|e| e.into_inner());
+            if let std::collections::hash_map::Entry::Vacant(v) = m.entry(k) {
+                v.insert(tx.clone());
+                break k;
+            }
+        };
+        let mut out = BytesMut::new();
+        pg::encode_auth(pg::AUTH_OK, &[], &mut out);
+        pg::encode_backend_key_data(pid, key, &mut out);
+        tracing::info!(target: "audit", event = "session_opened", session = %session_id, subject = %a.id.subject, resource = %a.resource.name, edge = %routed.edge.name, "postgres session");
+        let reason = self
+            .pump(&mut s, &mut cbuf, out, &tx, &mut rx, &rec, strict)
+            .await;
+        self.cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(pid, key));
+        let _ = tx.send(frame(t::session_frame::Kind::Eof(t::Eof {}))).await;
+        let closing = match &reason {
+            Ok(r) => r.to_string(),
+            Err(f) => f.message.clone(),
+        };
+        if let Err(f) = &reason {
+            send_fatal(&mut s, f).await;
+        }
+        let _ = rec.close(end(&closing)).await;
+        let _ = s.shutdown().await;
+        tracing::info!(target: "audit", event = "session_closed", session = %session_id, reason = %closing);
+    }
+
+    /// Relays until either side ends. `out` holds bytes for the client
+    /// (the gateway's own greeting).
+    #[allow(clippy::too_many_arguments)]
+    async fn pump<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &self,
+        s: &mut S,
+        cbuf: &mut BytesMut,
+        mut out: BytesMut,
+        tx: &mpsc::Sender<t::SessionFrame>,
+        rx: &mut mpsc::Receiver<t::SessionFrame>,
+        rec: &SessionRecorder,
+        strict: bool,
+    ) -> Result<&'static str, Fatal> {
+        let mut relay = Relay::new(Caps::default());
+        let mut sbuf = BytesMut::new();
+        let mut formats: Vec<i16> = Vec::new();
+        let commit_err = |e: crate::evidence::RecordError| {
+            fatal("57P03", format!("{e}; the statement was not run"))
+        };
+        loop {
+            if !out.is_empty() {
+                s.write_all(&out)
+                    .await
+                    .map_err(|e| fatal("08006", e.to_string()))?;
+                out.clear();
+            }
+            tokio::select! {
+                n = s.read_buf(cbuf) => {
+                    match n {
+                        Ok(0) | Err(_) => return Ok("client disconnected"),
+                        Ok(_) => {}
+                    }
+                    let mut to_edge = BytesMut::new();
+                    let mut terminate = false;
+                    loop {
+                        let f = match pg::split_frame(cbuf, self.limits) {
+                            Ok(Some(f)) => f,
+                            Ok(None) => break,
+                            Err(e) => return Err(fatal("08P01", e.to_string())),
+                        };
+                        let step = relay.client(&f).map_err(|e| fatal("08P01", e.to_string()))?;
+                        for e in step.events {
+                            rec.record(e).await.map_err(commit_err)?;
+                        }
+                        if step.executes && strict {
+                            // Everything before this message goes first; then
+                            // its evidence is committed; then it runs.
+                            send_data(tx, &mut to_edge).await?;
+                            rec.commit().await.map_err(commit_err)?;
+                        }
+                        if step.terminate {
+                            terminate = true;
+                            break;
+                        }
+                        f.encode(&mut to_edge);
+                    }
+                    send_data(tx, &mut to_edge).await?;
+                    if terminate {
+                        return Ok("client terminated");
+                    }
+                }
+                f = rx.recv() => {
+                    let Some(f) = f else {
+                        return Err(fatal("08006", "the tunnel to the edge was lost"));
+                    };
+                    match f.kind {
+                        Some(t::session_frame::Kind::Data(d)) => {
+                            sbuf.extend_from_slice(&d.data);
+                            loop {
+                                let f = match pg::split_frame(&mut sbuf, self.limits) {
+                                    Ok(Some(f)) => f,
+                                    Ok(None) => break,
+                                    Err(e) => return Err(fatal("08P01", format!("from the server: {e}"))),
+                                };
+                                if f.tag == btag::ROW_DESCRIPTION {
+                                    formats = pg::decode_row_description(&f.body)
+                                        .map(|fs| fs.iter().map(|x| x.format).collect())
+                                        .unwrap_or_default();
+                                }
+                                if let Some(e) = relay.server(&f, &formats).map_err(|e| fatal("08P01", format!("from the server: {e}")))? {
+                                    rec.record(e).await.map_err(commit_err)?;
+                                }
+                                f.encode(&mut out);
+                                if out.len() >= 256 << 10 {
+                                    s.write_all(&out).await.map_err(|e| fatal("08006", e.to_string()))?;
+                                    out.clear();
+                                }
+                            }
+                        }
+                        Some(t::session_frame::Kind::Exit(_)) => {
+                            s.write_all(&out).await.map_err(|e| fatal("08006", e.to_string()))?;
+                            return Ok("the server closed the connection");
+                        }
+                        Some(t::session_frame::Kind::Error(e)) => {
+                            return Err(fatal("08006", format!("the edge ended the session: {e}")));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn send_data(tx: &mpsc::Sender<t::SessionFrame>, buf: &mut BytesMut) -> Result<(), Fatal> {
+    while !buf.is_empty() {
+        let n = buf.len().min(custody_proto::frame::MAX_DATA_CHUNK);
+        let chunk = buf.split_to(n).freeze();
+        tx.send(frame(t::session_frame::Kind::Data(t::Data {
+            channel: t::Channel::Stdin as i32,
+            data: chunk,
+        })))
+        .await
+        .map_err(|_| fatal("08006", "the tunnel to the edge was lost"))?;
+    }
+    Ok(())
+}
+
+fn end(reason: &str) -> pb::SessionEnd {
+    pb::SessionEnd {
+        closed_at_ms: now_ms(),
+        exit_code: 0,
+        signal: 0,
+        reason: reason.into(),
+    }
+}
+
+/// A caller cleared to connect.
+struct Authorized {
+    id: Identity,
+    resource: ResourceInfo,
+    candidates: Vec<edges::Edge>,
+    rule: String,
+    decision: String,
+    grant: Option<pb::ApprovalRequest>,
+}

@@ -1,0 +1,387 @@
+//! The PostgreSQL gateway against a real PostgreSQL 15 started here, with
+//! psql and pgbench as clients.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use custody_cli::dev::{EdgeSpec, GenOptions};
+
+use crate::edge::{custody, text};
+use crate::harness::{self, TestCluster};
+
+/// A private PostgreSQL cluster on a loopback port; stopped on drop.
+pub struct Postgres {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub password_file: PathBuf,
+}
+
+fn pg_bin(name: &str) -> PathBuf {
+    for v in ["17", "16", "15"] {
+        let p = PathBuf::from(format!("/usr/lib/postgresql/{v}/bin/{name}"));
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("PostgreSQL server binaries ({name}) are not installed: scripts/setup installs them");
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+/// Runs a server binary, as the `postgres` user when we are root (the server
+/// refuses to run as root).
+fn as_pg_user(bin: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    }
+}
+
+fn run(mut c: Command, what: &str) {
+    let out = c.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        let dir = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let password_file = dir.path().join("pw");
+        std::fs::write(&password_file, "s3cret-pg-password\n").unwrap();
+        std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        if is_root() {
+            run(
+                {
+                    let mut c = Command::new("chown");
+                    c.arg("postgres:postgres").arg(&data).arg(dir.path());
+                    c
+                },
+                "chown",
+            );
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut c = as_pg_user(&pg_bin("initdb"));
+        c.arg("-D")
+            .arg(&data)
+            .args(["-A", "scram-sha-256", "-U", "postgres", "--no-sync"])
+            .arg(format!("--pwfile={}", password_file.display()));
+        run(c, "initdb");
+        let mut c = as_pg_user(&pg_bin("pg_ctl"));
+        c.arg("-D").arg(&data).arg("-o").arg(format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            dir.path().display()
+        ));
+        c.arg("-l")
+            .arg(dir.path().join("pg.log"))
+            .args(["-w", "start"]);
+        run(c, "pg_ctl start");
+        Postgres {
+            dir,
+            port,
+            password_file,
+        }
+    }
+
+    /// `[[resources]]` TOML for an edge serving this cluster as `name`.
+    pub fn resource_toml(&self, name: &str, labels: &str) -> String {
+        format!(
+            "[[resources]]\nname = \"{name}\"\nkind = \"postgres\"\nlabels = {{ {labels} }}\n[resources.postgres]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\ndatabase = \"postgres\"\npassword_file = \"{}\"\n",
+            self.port,
+            self.password_file.display()
+        )
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let mut c = as_pg_user(&pg_bin("pg_ctl"));
+        c.arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "stop"]);
+        let _ = c.output();
+    }
+}
+
+const POLICY: &str = r#"
+roles:
+  admin: { groups: [custody-admins] }
+  auditor: { groups: [auditors] }
+rules:
+  - name: engineers-dev-db
+    identity: { groups: [engineers] }
+    resource: { kinds: [postgres], labels: { env: dev } }
+    actions: [connect]
+    decision: allow
+"#;
+
+async fn system(pg: &Postgres) -> TestCluster {
+    let (mut c, _) = harness::started(GenOptions::default()).await;
+    c.client(&[])
+        .unwrap()
+        .policy_apply(POLICY, "yaml")
+        .await
+        .unwrap();
+    let mut spec = EdgeSpec::shell("e1", "db");
+    spec.resources_toml = pg.resource_toml("db", "env = \"dev\"");
+    c.add_edge(&spec).unwrap();
+    c.enroll_edge("e1").await.unwrap();
+    c.wait_for_resource("db", 3, Duration::from_secs(20))
+        .await
+        .unwrap();
+    c
+}
+
+/// The gateway address of node `id`.
+fn pg_port(c: &TestCluster, id: u64) -> u16 {
+    let text = std::fs::read_to_string(&c.nodes[&id].config).unwrap();
+    let t: toml::Table = toml::from_str(&text).unwrap();
+    let a = t["listen"]["postgres"].as_str().unwrap();
+    a.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// libpq settings for the gateway on node `id`, as `token`.
+fn libpq(c: &TestCluster, id: u64, token: &str, db: &str, sslmode: &str) -> Vec<(String, String)> {
+    vec![
+        ("PGHOST".into(), "127.0.0.1".into()),
+        ("PGPORT".into(), pg_port(c, id).to_string()),
+        ("PGDATABASE".into(), db.into()),
+        ("PGUSER".into(), "custody".into()),
+        ("PGPASSWORD".into(), token.into()),
+        ("PGSSLMODE".into(), sslmode.into()),
+        ("PGCONNECT_TIMEOUT".into(), "10".into()),
+    ]
+}
+
+fn psql(env: &[(String, String)], sql: &str) -> Output {
+    Command::new("psql")
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .envs(env.iter().cloned())
+        .output()
+        .expect("run psql")
+}
+
+fn session_events(c: &TestCluster, token: &str, resource: &str) -> Vec<serde_json::Value> {
+    let out = custody(
+        c,
+        &[],
+        token,
+        &["sessions", "list", "--resource", resource, "--json"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut events = Vec::new();
+    for s in list.as_array().unwrap() {
+        let id = s["session_id"].as_str().unwrap();
+        let out = custody(c, &[], token, &["sessions", "show", id, "--json"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        events.extend(v["events"].as_array().unwrap().iter().cloned());
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_and_pgbench_work_through_the_gateway_and_every_statement_is_recorded() {
+    let pg = Postgres::start();
+    let c = system(&pg).await;
+    let alice = c.mint_token("alice").await.unwrap().token;
+    let audrey = c.mint_token("audrey").await.unwrap().token;
+    let env = libpq(&c, 2, &alice, "db", "require");
+
+    let out = psql(
+        &env,
+        "create table items(id int primary key, name text); insert into items values (1, 'apple'), (2, 'pear'); select id, name from items order by id;",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).ends_with("1|apple\n2|pear\n"),
+        "{}",
+        text(&out.stdout)
+    );
+    // A rolled-back transaction changes nothing.
+    let out = psql(
+        &env,
+        "begin; insert into items values (3, 'plum'); rollback;",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = psql(&env, "select count(*) from items");
+    assert_eq!(text(&out.stdout).trim(), "2");
+    // Errors come back as errors.
+    let out = psql(&env, "select * from nowhere");
+    assert!(
+        text(&out.stderr).contains("relation \"nowhere\" does not exist"),
+        "{}",
+        text(&out.stderr)
+    );
+    // COPY both ways (psql \copy is COPY FROM STDIN / TO STDOUT).
+    let csv = pg.dir.path().join("in.csv");
+    std::fs::write(&csv, "10,fig\n11,kiwi\n").unwrap();
+    let out = psql(
+        &env,
+        &format!("\\copy items from '{}' with (format csv)", csv.display()),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = psql(&env, "\\copy (select id, name from items where id >= 10 order by id) to stdout with (format csv)");
+    assert_eq!(text(&out.stdout).trim(), "10,fig\n11,kiwi");
+
+    // pgbench: COPY IN during -i, then the extended and prepared protocols.
+    let bench = |args: &[&str]| {
+        Command::new("pgbench")
+            .args(args)
+            .envs(env.iter().cloned())
+            .output()
+            .expect("run pgbench")
+    };
+    let out = bench(&["-i", "-s", "1", "-q"]);
+    assert!(out.status.success(), "pgbench -i: {}", text(&out.stderr));
+    for mode in ["extended", "prepared"] {
+        let out = bench(&["-M", mode, "-c", "2", "-t", "20", "-n"]);
+        assert!(
+            out.status.success(),
+            "pgbench -M {mode}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stdout).contains("number of failed transactions: 0"),
+            "{}",
+            text(&out.stdout)
+        );
+    }
+
+    // Evidence: statements with parameters, outcomes and rows.
+    let events = session_events(&c, &audrey, "db");
+    let commands: Vec<&serde_json::Value> =
+        events.iter().filter(|e| e["type"] == "command").collect();
+    assert!(commands.iter().any(|e| e["event"]["text"]
+        .as_str()
+        .unwrap()
+        .contains("insert into items values (1, 'apple')")));
+    let executed = commands
+        .iter()
+        .find(|e| {
+            e["event"]["verb"] == "execute"
+                && e["event"]["text"]
+                    .as_str()
+                    .unwrap()
+                    .contains("UPDATE pgbench_accounts")
+        })
+        .expect("pgbench statements are recorded with their parameters");
+    assert_eq!(
+        executed["event"]["params"].as_array().unwrap().len(),
+        2,
+        "{executed}"
+    );
+    let rows: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "output" && e["event"]["stream"] == "row")
+        .map(|e| e["event"]["text"].as_str().unwrap())
+        .collect();
+    assert!(rows.contains(&"1\tapple"), "{rows:?}");
+    let outcomes: Vec<String> = events
+        .iter()
+        .filter(|e| e["type"] == "outcome")
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["event"]["tag"].as_str().unwrap(),
+                e["event"]["error"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert!(
+        outcomes.iter().any(|o| o.starts_with("INSERT 0 2")),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.iter().any(|o| o.starts_with("ROLLBACK")),
+        "{outcomes:?}"
+    );
+    assert!(outcomes.iter().any(|o| o.contains("42P01")), "{outcomes:?}");
+    assert!(events
+        .iter()
+        .any(|e| e["type"] == "output" && e["event"]["stream"] == "copy_in"));
+    // The database password never leaves the edge.
+    let secret = "s3cret-pg-password";
+    assert!(!events.iter().any(|e| e.to_string().contains(secret)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_unknown_resources_denials_and_plaintext_never_reach_the_edge() {
+    let pg = Postgres::start();
+    let c = system(&pg).await;
+    let alice = c.mint_token("alice").await.unwrap().token;
+    let bob = c.mint_token("bob").await.unwrap().token;
+    let refused = |env: Vec<(String, String)>, why: &str| {
+        let out = psql(&env, "select 1");
+        assert!(!out.status.success(), "expected a refusal ({why})");
+        assert!(
+            text(&out.stderr).contains(why),
+            "expected {why:?} in {}",
+            text(&out.stderr)
+        );
+    };
+    refused(
+        libpq(&c, 1, "not-a-token", "db", "require"),
+        "valid Custody access token",
+    );
+    let mut tampered = alice.clone();
+    tampered.pop();
+    refused(
+        libpq(&c, 1, &tampered, "db", "require"),
+        "valid Custody access token",
+    );
+    refused(
+        libpq(&c, 1, &alice, "nodb", "require"),
+        "no resource named \"nodb\"",
+    );
+    refused(
+        libpq(&c, 1, &bob, "db", "require"),
+        "no policy rule grants connect",
+    );
+    refused(libpq(&c, 1, &alice, "db", "disable"), "requires TLS");
+    // Nothing reached the edge: no session was recorded.
+    let audrey = c.mint_token("audrey").await.unwrap().token;
+    assert!(session_events(&c, &audrey, "db").is_empty());
+
+    // Garbage and hostile lengths close the connection; the node lives on.
+    use std::io::{Read as _, Write as _};
+    let port = pg_port(&c, 1);
+    for bytes in [
+        &b"\x00\x00\x00\x08\x04\xd2\x16\x2f"[..], // SSLRequest, then garbage
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &b"\x40\x00\x00\x00\x00\x03\x00\x00"[..], // a 1 GB startup length
+        &b"\x00\x00\x00\x09\x00\x03\x00\x00\x00"[..], // truncated startup
+    ] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(bytes).unwrap();
+        if bytes.starts_with(b"\x00\x00\x00\x08\x04\xd2") {
+            let _ = s.write_all(b"\xff\xff\xff\xff garbage instead of a TLS hello");
+        }
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    }
+    let out = psql(&libpq(&c, 1, &alice, "db", "require"), "select 41 + 1");
+    assert_eq!(text(&out.stdout).trim(), "42", "{}", text(&out.stderr));
+}
