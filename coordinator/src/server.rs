@@ -133,6 +133,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let tunnel_task = tokio::spawn(tunnels.clone().serve(endpoint.clone()));
     let revocations = tokio::spawn(tunnels.clone().watch_revocations());
     let retention = tokio::spawn(retention_sweeper(node.clone(), cfg.retention_sweep));
+    let webhook_secret = match &cfg.webhook_secret {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("read the webhook secret {}", p.display()))?
+                .trim()
+                .as_bytes()
+                .to_vec(),
+        ),
+        None => None,
+    };
+    let notifier = crate::notify::Notifier::new(webhook_secret);
     let pg_task = match cfg.postgres_addr {
         Some(addr) => {
             let listener = TcpListener::bind(addr)
@@ -143,6 +154,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
                 guard.clone(),
                 tls.pg_server_config().context("postgres TLS config")?,
                 cfg.postgres_allow_plaintext,
+                notifier.clone(),
             ));
             Some(tokio::spawn(gw.serve(listener)))
         }
@@ -172,17 +184,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         "api",
     );
 
-    let webhook_secret = match &cfg.webhook_secret {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .with_context(|| format!("read the webhook secret {}", p.display()))?
-                .trim()
-                .as_bytes()
-                .to_vec(),
-        ),
-        None => None,
-    };
-    let notifier = crate::notify::Notifier::new(webhook_secret);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;

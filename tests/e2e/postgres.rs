@@ -127,19 +127,33 @@ const POLICY: &str = r#"
 roles:
   admin: { groups: [custody-admins] }
   auditor: { groups: [auditors] }
+  approver: { groups: [approvers] }
+guardrails:
+  - name: no-unbounded-deletes
+    sql: [delete_without_where, truncate]
+    decision: deny
+  - name: drops-need-review
+    sql: [drop]
+    decision: require_approval
+    approval: { groups: [approvers], count: 1 }
 rules:
   - name: engineers-dev-db
     identity: { groups: [engineers] }
     resource: { kinds: [postgres], labels: { env: dev } }
     actions: [connect]
     decision: allow
+    guardrails: [no-unbounded-deletes, drops-need-review]
 "#;
 
 async fn system(pg: &Postgres) -> TestCluster {
+    system_with(pg, POLICY).await
+}
+
+async fn system_with(pg: &Postgres, policy: &str) -> TestCluster {
     let (mut c, _) = harness::started(GenOptions::default()).await;
     c.client(&[])
         .unwrap()
-        .policy_apply(POLICY, "yaml")
+        .policy_apply(policy, "yaml")
         .await
         .unwrap();
     let mut spec = EdgeSpec::shell("e1", "db");
@@ -204,7 +218,14 @@ fn session_events(c: &TestCluster, token: &str, resource: &str) -> Vec<serde_jso
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_and_pgbench_work_through_the_gateway_and_every_statement_is_recorded() {
     let pg = Postgres::start();
-    let c = system(&pg).await;
+    // pgbench -i drops and truncates: no guardrails here.
+    let unguarded = POLICY
+        .split("guardrails:\n  - name: no-unbounded")
+        .next()
+        .unwrap()
+        .to_owned()
+        + "rules:\n  - name: engineers-dev-db\n    identity: { groups: [engineers] }\n    resource: { kinds: [postgres] }\n    actions: [connect]\n    decision: allow\n";
+    let c = system_with(&pg, &unguarded).await;
     let alice = c.mint_token("alice").await.unwrap().token;
     let audrey = c.mint_token("audrey").await.unwrap().token;
     let env = libpq(&c, 2, &alice, "db", "require");
@@ -384,4 +405,165 @@ async fn bad_tokens_unknown_resources_denials_and_plaintext_never_reach_the_edge
     }
     let out = psql(&libpq(&c, 1, &alice, "db", "require"), "select 41 + 1");
     assert_eq!(text(&out.stdout).trim(), "42", "{}", text(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_guardrails_deny_or_hold_statements_for_approval() {
+    let pg = Postgres::start();
+    let c = system(&pg).await;
+    let alice = c.mint_token("alice").await.unwrap().token;
+    let bob = c.mint_token("bob").await.unwrap().token;
+    let env = libpq(&c, 1, &alice, "db", "require");
+    let out = psql(
+        &env,
+        "create table t(id int); insert into t values (1), (2); create table scratch(x int);",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // Denied with SQLSTATE 42501 and the guardrail's name; nothing ran, and
+    // the session goes on.
+    let out = Command::new("psql")
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "VERBOSITY=verbose",
+            "-c",
+            "DELETE FROM t",
+        ])
+        .envs(env.iter().cloned())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("42501") && err.contains("no-unbounded-deletes"),
+        "{err}"
+    );
+    let out = psql(&env, "truncate t");
+    assert!(
+        text(&out.stderr).contains("no-unbounded-deletes"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = psql(&env, "select count(*) from t");
+    assert_eq!(text(&out.stdout).trim(), "2");
+    // In one simple-query batch: the statements before the refusal ran.
+    let out = Command::new("psql")
+        .args(["-X", "-A", "-t"])
+        .envs(env.iter().cloned())
+        .arg("-c")
+        .arg("insert into t values (3)")
+        .arg("-c")
+        .arg("delete from t")
+        .arg("-c")
+        .arg("select count(*) from t")
+        .output()
+        .unwrap();
+    assert!(
+        text(&out.stdout).contains('3'),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let out = psql(&env, "delete from t where id = 3");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // A drop is held until an approver approves it, then runs once.
+    let held = Command::new("psql")
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            "drop table scratch",
+        ])
+        .envs(env.iter().cloned())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut id = String::new();
+    crate::harness::eventually(
+        Duration::from_secs(15),
+        "the drop waits for approval",
+        || {
+            let out = custody(&c, &[], &bob, &["approvals", "list", "--pending", "--json"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if let Some(r) = v.as_array().and_then(|a| a.first()) {
+                id = r["id"].to_string();
+            }
+            let found = !id.is_empty();
+            async move { found }
+        },
+    )
+    .await;
+    let out = psql(
+        &env,
+        "select count(*) from pg_tables where tablename = 'scratch'",
+    );
+    assert_eq!(text(&out.stdout).trim(), "1", "held, not run");
+    let out = custody(&c, &[], &bob, &["approvals", "approve", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let done = tokio::task::spawn_blocking(move || held.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(done.status.success(), "{}", text(&done.stderr));
+    assert!(
+        text(&done.stderr).contains(&format!("approval required: request {id}")),
+        "{}",
+        text(&done.stderr)
+    );
+    let out = psql(
+        &env,
+        "select count(*) from pg_tables where tablename = 'scratch'",
+    );
+    assert_eq!(text(&out.stdout).trim(), "0", "ran after approval");
+    let out = custody(&c, &[], &bob, &["approvals", "show", &id, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "used");
+    // A denial is final: the statement reports it and does not run.
+    let out = psql(&env, "create table scratch2(x int)");
+    assert!(out.status.success());
+    let held = Command::new("psql")
+        .args(["-X", "-A", "-t", "-c", "drop table scratch2"])
+        .envs(env.iter().cloned())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut id2 = String::new();
+    crate::harness::eventually(Duration::from_secs(15), "the second drop waits", || {
+        let out = custody(&c, &[], &bob, &["approvals", "list", "--pending", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if let Some(r) = v.as_array().and_then(|a| a.first()) {
+            id2 = r["id"].to_string();
+        }
+        let found = !id2.is_empty();
+        async move { found }
+    })
+    .await;
+    let out = custody(
+        &c,
+        &[],
+        &bob,
+        &["approvals", "deny", &id2, "--reason", "not today"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let done = tokio::task::spawn_blocking(move || held.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        text(&done.stderr).contains("denied"),
+        "{}",
+        text(&done.stderr)
+    );
+    let out = psql(
+        &env,
+        "select count(*) from pg_tables where tablename = 'scratch2'",
+    );
+    assert_eq!(text(&out.stdout).trim(), "1");
 }

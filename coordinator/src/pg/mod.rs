@@ -55,6 +55,7 @@ pub struct PgGateway<E: Engine> {
     allow_plaintext: bool,
     cancels: CancelMap,
     limits: Limits,
+    notifier: crate::notify::Notifier,
 }
 
 /// Why a connection ended early: sent to the client as a FATAL error.
@@ -102,6 +103,7 @@ impl<E: Engine> PgGateway<E> {
         guard: Arc<Guard>,
         tls: rustls::ServerConfig,
         allow_plaintext: bool,
+        notifier: crate::notify::Notifier,
     ) -> Self {
         Self {
             tunnels,
@@ -110,6 +112,7 @@ impl<E: Engine> PgGateway<E> {
             allow_plaintext,
             cancels: Arc::new(Mutex::new(HashMap::new())),
             limits: Limits::default(),
+            notifier,
         }
     }
 
@@ -488,7 +491,7 @@ impl<E: Engine> PgGateway<E> {
         pg::encode_backend_key_data(pid, key, &mut out);
         tracing::info!(target: "audit", event = "session_opened", session = %session_id, subject = %a.id.subject, resource = %a.resource.name, edge = %routed.edge.name, "postgres session");
         let reason = self
-            .pump(&mut s, &mut cbuf, out, &tx, &mut rx, &rec, strict)
+            .pump(&mut s, &mut cbuf, out, &tx, &mut rx, &rec, strict, &a)
             .await;
         self.cancels
             .lock()
@@ -507,6 +510,135 @@ impl<E: Engine> PgGateway<E> {
         tracing::info!(target: "audit", event = "session_closed", session = %session_id, reason = %closing);
     }
 
+    /// Applies the policy's guardrails to one statement: `Ok` to run it
+    /// (after an approval, when one was required and granted), `Err` with
+    /// the reason it must not run.
+    async fn check_statement<S: AsyncWrite + Unpin + Send>(
+        &self,
+        sql: &str,
+        a: &Authorized,
+        rec: &SessionRecorder,
+        client: &mut S,
+    ) -> Result<(), String> {
+        let node = &self.tunnels.node;
+        let policy = self
+            .guard
+            .local_policy(node)
+            .map_err(|e| format!("policy unavailable: {}", e.message()))?;
+        let d = policy.evaluate(&PolicyRequest {
+            identity: &a.id,
+            resource: &a.resource,
+            action: "connect",
+            command: Some(sql),
+        });
+        match d.effect {
+            Effect::Allow => Ok(()),
+            Effect::Deny => {
+                tracing::warn!(target: "audit", event = "statement_denied", subject = %a.id.subject, resource = %a.resource.name, rule = ?d.rule, "statement refused");
+                Err(d.reason)
+            }
+            // The connection itself was approved through an access grant;
+            // only guardrails hold single statements.
+            Effect::RequireApproval
+                if !d
+                    .rule
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("guardrail:")) =>
+            {
+                Ok(())
+            }
+            Effect::RequireApproval => {
+                let doc = d
+                    .approval
+                    .clone()
+                    .ok_or("approval required without an approval block")?;
+                self.hold_for_approval(sql, a, rec, client, &d, doc).await
+            }
+        }
+    }
+
+    /// Creates an approval request for `sql`, tells the client (NOTICE) and
+    /// waits for the decision; an approval is spent on this execution.
+    async fn hold_for_approval<S: AsyncWrite + Unpin + Send>(
+        &self,
+        sql: &str,
+        a: &Authorized,
+        rec: &SessionRecorder,
+        client: &mut S,
+        d: &crate::policy::Decision,
+        doc: crate::policy::ApprovalDoc,
+    ) -> Result<(), String> {
+        use crate::state::approvals::{approval_get, effective_status, ApprovalCommand};
+        let node = &self.tunnels.node;
+        let digest = crate::api::sessions::command_digest(sql);
+        let req = pb::ApprovalRequest {
+            requester: a.id.principal(),
+            requester_label: a.id.label().to_owned(),
+            resource: a.resource.name.clone(),
+            kind: "command".into(),
+            command: sql.to_owned(),
+            command_sha256: digest.to_vec().into(),
+            approver_groups: doc.groups.clone(),
+            required: doc.count,
+            require_reason: doc.require_reason,
+            rule: d.rule.clone().unwrap_or_default(),
+            timeout_ms: doc.timeout_ms(),
+            webhook: doc.webhook.clone().unwrap_or_default(),
+            ..Default::default()
+        };
+        let created = crate::api::sessions::create_request(node, req)
+            .await
+            .map_err(|e| format!("cannot create an approval request: {}", e.message()))?;
+        let id = created.id;
+        tracing::warn!(target: "audit", event = "approval_requested", request = id, subject = %a.id.subject, resource = %a.resource.name, "statement held for approval");
+        self.notifier.approval("approval_requested", &created);
+        let mut notice = BytesMut::new();
+        pg::encode_notice(
+            true,
+            "NOTICE",
+            "01000",
+            &format!("approval required: request {id} ({}); waiting for a decision (custody approvals approve {id})", d.reason),
+            &mut notice,
+        );
+        let _ = client.write_all(&notice).await;
+        let _ = client.flush().await;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let Ok(Some(r)) = approval_get(node.store(), id) else {
+                continue;
+            };
+            match effective_status(&r, now_ms()) {
+                approvals::PENDING => continue,
+                approvals::APPROVED => break,
+                other => {
+                    return Err(format!(
+                        "approval request {id} is {other}; the statement was not run"
+                    ))
+                }
+            }
+        }
+        let spent = node
+            .propose(
+                crate::state::Command::Approval(Box::new(ApprovalCommand::Use(pb::UseApproval {
+                    id,
+                    requester: a.id.principal(),
+                    resource: a.resource.name.clone(),
+                    command_sha256: digest.to_vec().into(),
+                    session_id: String::new(),
+                }))),
+                None,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(why) = spent.rejected {
+            return Err(why);
+        }
+        if let Ok(Some(r)) = approval_get(node.store(), id) {
+            let _ = rec.record(crate::api::sessions::approval_event(&r)).await;
+        }
+        Ok(())
+    }
+
     /// Relays until either side ends. `out` holds bytes for the client
     /// (the gateway's own greeting).
     #[allow(clippy::too_many_arguments)]
@@ -519,10 +651,18 @@ impl<E: Engine> PgGateway<E> {
         rx: &mut mpsc::Receiver<t::SessionFrame>,
         rec: &SessionRecorder,
         strict: bool,
+        a: &Authorized,
     ) -> Result<&'static str, Fatal> {
         let mut relay = Relay::new(Caps::default());
         let mut sbuf = BytesMut::new();
         let mut formats: Vec<i16> = Vec::new();
+        // Protocol position, for answering refused statements in order.
+        let mut tx_status = b'I';
+        let mut outstanding: u32 = 0; // ReadyForQuery messages the server still owes
+        let mut unsynced = false; // extended-protocol messages forwarded since Sync
+        let mut skipping = false; // dropping messages up to Sync after a refusal
+        let mut deferred = BytesMut::new(); // refusals to send once the server caught up
+        let mut held_error: Option<BytesMut> = None; // an error waiting for the client's Sync
         let commit_err = |e: crate::evidence::RecordError| {
             fatal("57P03", format!("{e}; the statement was not run"))
         };
@@ -547,9 +687,63 @@ impl<E: Engine> PgGateway<E> {
                             Ok(None) => break,
                             Err(e) => return Err(fatal("08P01", e.to_string())),
                         };
+                        if skipping {
+                            if f.tag == pg::ftag::SYNC {
+                                skipping = false;
+                                let mut answer = held_error.take().unwrap_or_default();
+                                pg::encode_ready(tx_status, &mut answer);
+                                if outstanding == 0 {
+                                    out.extend_from_slice(&answer);
+                                } else {
+                                    deferred.extend_from_slice(&answer);
+                                }
+                            }
+                            continue;
+                        }
                         let step = relay.client(&f).map_err(|e| fatal("08P01", e.to_string()))?;
                         for e in step.events {
                             rec.record(e).await.map_err(commit_err)?;
+                        }
+                        if let Some(sql) = statement_text(&f) {
+                            if let Err(refusal) = self.check_statement(&sql, a, rec, s).await {
+                                let mut err = BytesMut::new();
+                                pg::encode_notice(false, "ERROR", "42501", &refusal, &mut err);
+                                rec.record(ev::event::Kind::Outcome(ev::Outcome {
+                                    exit_code: 1,
+                                    error: format!("42501: {refusal}"),
+                                    ..Default::default()
+                                }))
+                                .await
+                                .map_err(commit_err)?;
+                                if f.tag == pg::ftag::QUERY {
+                                    pg::encode_ready(tx_status, &mut err);
+                                    if outstanding == 0 && to_edge.is_empty() {
+                                        out.extend_from_slice(&err);
+                                    } else {
+                                        deferred.extend_from_slice(&err);
+                                    }
+                                    continue;
+                                }
+                                if unsynced || !to_edge.is_empty() {
+                                    // Messages of this extended sequence already went
+                                    // to the server; answering in order is not
+                                    // possible, so end the connection instead.
+                                    return Err(fatal("42501", format!("{refusal}; closing the connection")));
+                                }
+                                held_error = Some(err);
+                                skipping = true;
+                                continue;
+                            }
+                        }
+                        match f.tag {
+                            pg::ftag::QUERY => outstanding += 1,
+                            pg::ftag::SYNC => {
+                                outstanding += 1;
+                                unsynced = false;
+                            }
+                            pg::ftag::PARSE | pg::ftag::BIND | pg::ftag::EXECUTE
+                            | pg::ftag::DESCRIBE | pg::ftag::CLOSE => unsynced = true,
+                            _ => {}
                         }
                         if step.executes && strict {
                             // Everything before this message goes first; then
@@ -581,6 +775,16 @@ impl<E: Engine> PgGateway<E> {
                                     Ok(None) => break,
                                     Err(e) => return Err(fatal("08P01", format!("from the server: {e}"))),
                                 };
+                                if f.tag == btag::READY_FOR_QUERY {
+                                    tx_status = f.body.first().copied().unwrap_or(b'I');
+                                    outstanding = outstanding.saturating_sub(1);
+                                    f.encode(&mut out);
+                                    if outstanding == 0 && !deferred.is_empty() && !skipping {
+                                        out.extend_from_slice(&deferred);
+                                        deferred.clear();
+                                    }
+                                    continue;
+                                }
                                 if f.tag == btag::ROW_DESCRIPTION {
                                     formats = pg::decode_row_description(&f.body)
                                         .map(|fs| fs.iter().map(|x| x.format).collect())
@@ -608,6 +812,15 @@ impl<E: Engine> PgGateway<E> {
                 }
             }
         }
+    }
+}
+
+/// The SQL a message asks the server to prepare or run, if any.
+fn statement_text(f: &Frame) -> Option<String> {
+    match f.tag {
+        pg::ftag::QUERY => pg::decode_cstring(&f.body, "Query").ok(),
+        pg::ftag::PARSE => pg::decode_parse(&f.body).ok().map(|p| p.query),
+        _ => None,
     }
 }
 

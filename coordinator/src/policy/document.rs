@@ -219,8 +219,14 @@ pub struct GuardrailDoc {
     pub name: String,
     #[serde(default)]
     pub description: String,
-    /// A regular expression matched against the command line.
-    pub pattern: String,
+    /// A regular expression matched against the command line or statement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    /// SQL statement classes (for postgres resources), from the parsed
+    /// statement: read, write, ddl, dcl, delete_without_where,
+    /// update_without_where, truncate, drop, multi_statement, unparsed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sql: Vec<super::sql::SqlClass>,
     /// `deny` or `require_approval`.
     pub decision: EffectDoc,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -277,7 +283,15 @@ pub(crate) fn validate(doc: &PolicyDocument) -> Result<(), PolicyError> {
         if !guardrails.insert(g.name.as_str()) {
             return Err(err("defined twice".into()));
         }
-        regex::Regex::new(&g.pattern).map_err(|e| err(format!("bad pattern: {e}")))?;
+        match &g.pattern {
+            Some(p) => {
+                regex::Regex::new(p).map_err(|e| err(format!("bad pattern: {e}")))?;
+            }
+            None if g.sql.is_empty() => {
+                return Err(err("needs a pattern or sql classes".into()));
+            }
+            None => {}
+        }
         match (g.decision, &g.approval) {
             (EffectDoc::Allow, _) => {
                 return Err(err("decision must be deny or require_approval".into()))

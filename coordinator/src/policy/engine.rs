@@ -1,10 +1,12 @@
 //! Evaluation of a validated policy.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use regex::Regex;
 
 use crate::auth::Identity;
+
+use super::sql::SqlClass;
 
 use super::document::{
     parse_duration_ms, validate, ApprovalDoc, EffectDoc, GuardrailDoc, PolicyDocument, PolicyError,
@@ -80,7 +82,24 @@ pub struct Decision {
 
 struct Guardrail {
     doc: GuardrailDoc,
-    re: Regex,
+    re: Option<Regex>,
+}
+
+impl Guardrail {
+    /// Why the guardrail applies to `cmd`, if it does.
+    fn hits(&self, cmd: &str, classes: Option<&BTreeSet<SqlClass>>) -> Option<String> {
+        if let (Some(re), Some(p)) = (&self.re, &self.doc.pattern) {
+            if re.is_match(cmd) {
+                return Some(format!("command matches {p:?}"));
+            }
+        }
+        let classes = classes?;
+        self.doc
+            .sql
+            .iter()
+            .find(|c| classes.contains(c))
+            .map(|c| format!("statement is {}", c.as_str()))
+    }
 }
 
 /// A compiled policy.
@@ -170,10 +189,15 @@ impl Policy {
         validate(&doc)?;
         let mut guardrails = BTreeMap::new();
         for g in &doc.guardrails {
-            let re = Regex::new(&g.pattern).map_err(|e| PolicyError::Guardrail {
-                guardrail: g.name.clone(),
-                detail: e.to_string(),
-            })?;
+            let re = g
+                .pattern
+                .as_deref()
+                .map(Regex::new)
+                .transpose()
+                .map_err(|e| PolicyError::Guardrail {
+                    guardrail: g.name.clone(),
+                    detail: e.to_string(),
+                })?;
             guardrails.insert(g.name.clone(), Guardrail { doc: g.clone(), re });
         }
         Ok(Self { doc, guardrails })
@@ -265,16 +289,15 @@ impl Policy {
         mask.sort();
         mask.dedup();
         if let Some(cmd) = req.command {
+            // Statements on postgres resources are classified once.
+            let classes = (req.resource.kind == "postgres").then(|| super::sql::classify(cmd));
             for r in &taking_part {
                 for gname in &r.guardrails {
                     let Some(g) = self.guardrails.get(gname) else {
                         continue;
                     };
-                    if g.re.is_match(cmd) {
-                        trace.push(format!(
-                            "guardrail {gname:?}: command matches {:?}",
-                            g.doc.pattern
-                        ));
+                    if let Some(why) = g.hits(cmd, classes.as_ref()) {
+                        trace.push(format!("guardrail {gname:?}: {why}"));
                         let effect = Effect::from(g.doc.decision);
                         let reason = match effect {
                             Effect::Deny => {

@@ -12,9 +12,10 @@
 
 mod document;
 mod engine;
+pub mod sql;
 
 pub use document::{
-    parse_document, parse_duration_ms, DocumentFormat, PolicyDocument, PolicyError,
+    parse_document, parse_duration_ms, ApprovalDoc, DocumentFormat, PolicyDocument, PolicyError,
 };
 pub(crate) use engine::wildcard;
 pub use engine::{Decision, Effect, Policy, Request, ResourceInfo, Role};
