@@ -567,3 +567,94 @@ async fn sql_guardrails_deny_or_hold_statements_for_approval() {
     );
     assert_eq!(text(&out.stdout).trim(), "1");
 }
+
+/// psql straight to the real server (seeding data the gateway must mask).
+fn psql_direct(pg: &Postgres, sql: &str) -> Output {
+    Command::new("psql")
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", pg.port.to_string())
+        .env("PGUSER", "postgres")
+        .env("PGDATABASE", "postgres")
+        .env("PGPASSWORD", "s3cret-pg-password")
+        .env("PGSSLMODE", "disable")
+        .output()
+        .expect("run psql")
+}
+
+fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return hits;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            hits.extend(grep_dir(&p, needle));
+        } else if let Ok(b) = std::fs::read(&p) {
+            if b.windows(needle.len()).any(|w| w == needle) {
+                hits.push(p);
+            }
+        }
+    }
+    hits
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_are_masked_for_the_client_and_in_the_evidence() {
+    let pg = Postgres::start();
+    let out = psql_direct(
+        &pg,
+        "create table customers(id int, name text, email text, card text, customer_ssn text, note text, card_num bigint); \
+         insert into customers values (1, 'Alice', 'alice@example.com', '4111 1111 1111 1111', '123-45-6789', 'iban DE89 3704 0044 0532 0130 00 from 10.1.2.3', 4111111111111111)",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let policy = POLICY.replace(
+        "    guardrails: [no-unbounded-deletes, drops-need-review]\n",
+        "    guardrails: [no-unbounded-deletes, drops-need-review]\n    mask: [pii]\n",
+    ) + "masking:\n  - name: pii\n    detectors: [credit_card, email, us_ssn, iban, ip]\n    columns: [\"*ssn*\"]\n";
+    let c = system_with(&pg, &policy).await;
+    let alice = c.mint_token("alice").await.unwrap().token;
+    let audrey = c.mint_token("audrey").await.unwrap().token;
+    let env = libpq(&c, 1, &alice, "db", "require");
+    let out = psql(
+        &env,
+        "select id, name, email, card, customer_ssn, note, card_num from customers",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "1|Alice|[email]|[credit_card]|****|iban [iban] from [ip]|",
+        "text-format results are masked (a card number in a bigint becomes NULL)"
+    );
+    // COPY TO under column masking is refused; COPY of a query is masked.
+    let out = psql(&env, "\\copy customers to stdout");
+    assert!(
+        text(&out.stderr).contains("refused under column masking"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let secrets = [
+        "alice@example.com",
+        "4111 1111 1111 1111",
+        "123-45-6789",
+        "DE89 3704",
+        "10.1.2.3",
+    ];
+    let events = session_events(&c, &audrey, "db");
+    assert!(
+        events.iter().any(|e| e["type"] == "output"),
+        "rows are recorded"
+    );
+    for e in &events {
+        let s = e.to_string();
+        for secret in secrets {
+            assert!(!s.contains(secret), "evidence holds {secret:?}: {s}");
+        }
+    }
+    for secret in secrets {
+        let hits = grep_dir(&c.dir, secret.as_bytes());
+        assert!(hits.is_empty(), "{secret:?} found in {hits:?}");
+    }
+}

@@ -357,7 +357,9 @@ impl<E: Engine> PgGateway<E> {
                 }
             }
         };
+        let masker = policy.masker(&d.mask);
         Ok(Authorized {
+            masker,
             id,
             resource: info,
             candidates: serving.into_iter().map(|(e, _)| e).collect(),
@@ -525,6 +527,12 @@ impl<E: Engine> PgGateway<E> {
             .guard
             .local_policy(node)
             .map_err(|e| format!("policy unavailable: {}", e.message()))?;
+        if a.masker.has_column_rules() && crate::policy::sql::is_copy_out(sql) {
+            return Err(
+                "COPY ... TO is refused under column masking; use SELECT (results are masked)"
+                    .into(),
+            );
+        }
         let d = policy.evaluate(&PolicyRequest {
             identity: &a.id,
             resource: &a.resource,
@@ -656,6 +664,7 @@ impl<E: Engine> PgGateway<E> {
         let mut relay = Relay::new(Caps::default());
         let mut sbuf = BytesMut::new();
         let mut formats: Vec<i16> = Vec::new();
+        let mut columns: Vec<pg::Field> = Vec::new();
         // Protocol position, for answering refused statements in order.
         let mut tx_status = b'I';
         let mut outstanding: u32 = 0; // ReadyForQuery messages the server still owes
@@ -786,10 +795,16 @@ impl<E: Engine> PgGateway<E> {
                                     continue;
                                 }
                                 if f.tag == btag::ROW_DESCRIPTION {
-                                    formats = pg::decode_row_description(&f.body)
-                                        .map(|fs| fs.iter().map(|x| x.format).collect())
-                                        .unwrap_or_default();
+                                    let fields = pg::decode_row_description(&f.body).unwrap_or_default();
+                                    formats = fields.iter().map(|x| x.format).collect();
+                                    columns = fields;
                                 }
+                                let f = if a.masker.is_empty() {
+                                    f
+                                } else {
+                                    mask_frame(&a.masker, f, &columns)
+                                        .map_err(|e| fatal("08P01", format!("from the server: {e}")))?
+                                };
                                 if let Some(e) = relay.server(&f, &formats).map_err(|e| fatal("08P01", format!("from the server: {e}")))? {
                                     rec.record(e).await.map_err(commit_err)?;
                                 }
@@ -812,6 +827,111 @@ impl<E: Engine> PgGateway<E> {
                 }
             }
         }
+    }
+}
+
+/// PostgreSQL types whose text (or binary) form is the text itself.
+fn text_like(type_oid: i32) -> bool {
+    matches!(type_oid, 18 | 19 | 25 | 114 | 705 | 1042 | 1043 | 3802)
+}
+
+/// Binary types that cannot carry text (their values pass unmasked).
+fn binary_safe(type_oid: i32) -> bool {
+    matches!(
+        type_oid,
+        16 | 26 | 700 | 701 | 1082 | 1083 | 1114 | 1184 | 1186 | 2950
+    )
+}
+
+/// Masks one value of column `field`; `None` = SQL NULL.
+fn mask_value(
+    m: &crate::policy::mask::Masker,
+    field: Option<&pg::Field>,
+    v: bytes::Bytes,
+) -> Option<bytes::Bytes> {
+    let (oid, format, name) =
+        field.map_or((25, 0, ""), |f| (f.type_oid, f.format, f.name.as_str()));
+    let text_type = text_like(oid);
+    if m.masks_column(name) {
+        // The whole value goes; types that cannot hold the marker become NULL.
+        return (text_type && format == 0)
+            .then(|| bytes::Bytes::from_static(crate::policy::mask::MASKED.as_bytes()));
+    }
+    if format == 1 {
+        if binary_safe(oid) {
+            return Some(v);
+        }
+        let as_text = match oid {
+            20 if v.len() == 8 => i64::from_be_bytes(v[..].try_into().ok()?).to_string(),
+            23 if v.len() == 4 => i32::from_be_bytes(v[..].try_into().ok()?).to_string(),
+            21 if v.len() == 2 => i16::from_be_bytes(v[..].try_into().ok()?).to_string(),
+            // jsonb's binary form is a version byte and the text.
+            3802 if v.first() == Some(&1) => String::from_utf8_lossy(&v[1..]).into_owned(),
+            _ if text_type => String::from_utf8_lossy(&v).into_owned(),
+            // Cannot be inspected: refused (NULL), never passed through.
+            _ => return None,
+        };
+        return match m.mask_text(&as_text) {
+            None => Some(v),
+            Some(masked) if text_type && oid != 3802 => Some(masked.into()),
+            Some(masked) if oid == 3802 => {
+                let mut b = vec![1u8];
+                b.extend_from_slice(masked.as_bytes());
+                Some(b.into())
+            }
+            Some(_) => None,
+        };
+    }
+    let text = String::from_utf8_lossy(&v);
+    match m.mask_text(&text) {
+        None => Some(v),
+        Some(masked) if text_type => Some(masked.into()),
+        // A number that looks like a card or phone number: NULL.
+        Some(_) => None,
+    }
+}
+
+/// Applies masking to a server message: DataRow values and COPY data.
+fn mask_frame(
+    m: &crate::policy::mask::Masker,
+    f: Frame,
+    columns: &[pg::Field],
+) -> Result<Frame, pg::PgError> {
+    match f.tag {
+        btag::DATA_ROW => {
+            let values = pg::decode_data_row(&f.body)?;
+            let masked: Vec<Option<bytes::Bytes>> = values
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| v.and_then(|v| mask_value(m, columns.get(i), v)))
+                .collect();
+            let mut out = BytesMut::new();
+            pg::encode_data_row(&masked, &mut out);
+            Ok(pg::split_frame(
+                &mut out,
+                Limits {
+                    max_message: usize::MAX,
+                },
+            )?
+            .expect("a whole frame was just encoded"))
+        }
+        // Binary COPY cannot be inspected: refused (the connection ends).
+        btag::COPY_OUT | btag::COPY_BOTH if f.body.first() == Some(&1) => {
+            Err(pg::PgError::Malformed {
+                what: "binary COPY under masking is refused; CopyOut",
+            })
+        }
+        btag::COPY_DATA => {
+            let text = String::from_utf8_lossy(&f.body);
+            Ok(match m.mask_text(&text) {
+                Some(masked) => Frame {
+                    tag: f.tag,
+                    body: masked.into(),
+                },
+                None => f,
+            })
+        }
+        _ => Ok(f),
     }
 }
 
@@ -849,6 +969,8 @@ fn end(reason: &str) -> pb::SessionEnd {
 
 /// A caller cleared to connect.
 struct Authorized {
+    /// Masking for this session's results (from the deciding rules).
+    masker: crate::policy::mask::Masker,
     id: Identity,
     resource: ResourceInfo,
     candidates: Vec<edges::Edge>,

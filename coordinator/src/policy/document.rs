@@ -44,6 +44,9 @@ pub struct PolicyDocument {
     /// sessions no rule matches are kept forever.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retention: Vec<RetentionDoc>,
+    /// Masking profiles that rules name in `mask`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub masking: Vec<super::mask::MaskingDoc>,
 }
 
 /// A retention rule: evidence of matching sessions is deleted once the session
@@ -322,6 +325,21 @@ pub(crate) fn validate(doc: &PolicyDocument) -> Result<(), PolicyError> {
         }
         parse_duration_ms(&r.retain).map_err(err)?;
     }
+    let mut profiles = BTreeSet::new();
+    for m in &doc.masking {
+        if m.name.trim().is_empty() {
+            return Err(PolicyError::Invalid(
+                "a masking profile has an empty name".into(),
+            ));
+        }
+        if !profiles.insert(m.name.as_str()) {
+            return Err(PolicyError::Invalid(format!(
+                "masking profile {:?} is defined twice",
+                m.name
+            )));
+        }
+        super::mask::Masker::new(&[m]).map_err(PolicyError::Invalid)?;
+    }
     let mut names = BTreeSet::new();
     for r in &doc.rules {
         let err = |detail: String| PolicyError::Rule {
@@ -352,6 +370,13 @@ pub(crate) fn validate(doc: &PolicyDocument) -> Result<(), PolicyError> {
         for g in &r.guardrails {
             if !guardrails.contains(g.as_str()) {
                 return Err(err(format!("unknown guardrail {g:?}")));
+            }
+        }
+        for m in &r.mask {
+            if !profiles.contains(m.as_str()) {
+                return Err(err(format!(
+                    "unknown masking profile {m:?} (define it under masking:)"
+                )));
             }
         }
     }

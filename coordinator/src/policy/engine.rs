@@ -215,6 +215,18 @@ impl Policy {
         &self.doc
     }
 
+    /// The masking for a decision's profile names.
+    pub fn masker(&self, names: &[String]) -> super::mask::Masker {
+        let docs: Vec<&super::mask::MaskingDoc> = self
+            .doc
+            .masking
+            .iter()
+            .filter(|m| names.contains(&m.name))
+            .collect();
+        // Profiles were validated when the policy was compiled.
+        super::mask::Masker::new(&docs).unwrap_or_default()
+    }
+
     /// The retention rule for sessions on a resource: its name and how long
     /// to keep them (ms). `None`: kept forever.
     pub fn retention(&self, resource: &str, kind: &str) -> Option<(&str, u64)> {
@@ -389,6 +401,9 @@ rules:
     identity: { groups: [contractors] }
     actions: ["*"]
     decision: deny
+masking:
+  - name: pii
+    detectors: [email]
 "#;
 
     fn policy() -> Policy {
@@ -428,6 +443,11 @@ retention:
                 "retention: [{ name: a, retain: 1d }, { name: a, retain: 2d }]",
                 "twice",
             ),
+            (
+                "rules: [{ name: r, actions: [connect], decision: allow, mask: [nope] }]",
+                "unknown masking profile",
+            ),
+            ("masking: [{ name: m, patterns: ['('] }]", "bad pattern"),
         ] {
             let e = parse_document(bad, DocumentFormat::Yaml).unwrap_err();
             assert!(e.to_string().contains(why), "{bad}: {e}");

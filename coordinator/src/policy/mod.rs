@@ -12,6 +12,7 @@
 
 mod document;
 mod engine;
+pub mod mask;
 pub mod sql;
 
 pub use document::{

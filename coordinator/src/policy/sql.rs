@@ -128,6 +128,19 @@ fn classify_statement(s: &Statement, out: &mut BTreeSet<SqlClass>) {
     }
 }
 
+/// Whether the SQL contains a `COPY ... TO` (results leave as COPY data).
+pub fn is_copy_out(sql: &str) -> bool {
+    match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        Ok(stmts) => stmts
+            .iter()
+            .any(|s| matches!(s, Statement::Copy { to: true, .. })),
+        Err(_) => {
+            let w = words(sql);
+            w.first().map(String::as_str) == Some("copy") && w.iter().any(|x| x == "to")
+        }
+    }
+}
+
 /// The classes of a SQL string (possibly several statements).
 pub fn classify(sql: &str) -> BTreeSet<SqlClass> {
     let mut out = BTreeSet::new();
@@ -184,6 +197,8 @@ mod tests {
             [Write, DeleteWithoutWhere]
         );
         assert_eq!(c("begin"), Vec::<SqlClass>::new());
+        assert!(is_copy_out("COPY (select 1) TO STDOUT"));
+        assert!(!is_copy_out("copy t from stdin"));
     }
 
     #[test]
