@@ -8,3 +8,4 @@
 pub mod client;
 pub mod dev;
 pub mod login;
+pub mod pg;

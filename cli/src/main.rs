@@ -64,6 +64,8 @@ enum Cmd {
     Verify(commands::export::VerifyArgs),
     /// Run a command on a resource; exits with the remote exit code.
     Exec(commands::exec::ExecArgs),
+    /// Serve a postgres resource on a local port, injecting your token.
+    Connect(commands::connect::ConnectArgs),
     /// Run a local development system.
     #[command(subcommand)]
     Dev(commands::dev::DevCmd),
@@ -105,6 +107,7 @@ fn main() {
             Cmd::Cluster(c) => commands::cluster::run(c).await,
             Cmd::Kv(c) => commands::kv::run(c).await,
             Cmd::Dev(c) => commands::dev::run(c).await,
+            Cmd::Connect(a) => commands::connect::run(a).await,
             Cmd::Whoami { json } => commands::whoami::run(json).await,
             Cmd::Login(a) => commands::login::run(a).await,
             Cmd::Logout => commands::login::logout(),

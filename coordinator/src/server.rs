@@ -173,7 +173,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .max_decoding_message_size(API_MAX_MESSAGE);
     let cluster_svc = ClusterServer::new(
         ApiService::new(node.clone(), guard.clone())
-            .with_cluster_info(cluster_id.clone(), public_key.clone()),
+            .with_cluster_info(cluster_id.clone(), public_key.clone())
+            .with_postgres_addr(cfg.postgres_addr),
     );
     let auth_svc = AuthServer::new(PolicyService::new(node.clone(), guard.clone()));
     let policy_svc = PolicyServer::new(PolicyService::new(node.clone(), guard.clone()))

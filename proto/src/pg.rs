@@ -498,6 +498,27 @@ pub fn encode_notice(
     encode_frame(tag, &body, out);
 }
 
+/// A protocol 3.0 StartupMessage with `params`.
+pub fn encode_startup(params: &[(&str, &str)], out: &mut BytesMut) {
+    let mut body = BytesMut::new();
+    body.put_i32(PROTOCOL_3_0);
+    for (k, v) in params {
+        put_cstr(&mut body, k);
+        put_cstr(&mut body, v);
+    }
+    body.put_u8(0);
+    out.put_i32(body.len() as i32 + 4);
+    out.put_slice(&body);
+}
+
+/// A CancelRequest.
+pub fn encode_cancel(pid: i32, key: i32, out: &mut BytesMut) {
+    out.put_i32(16);
+    out.put_i32(CANCEL_REQUEST);
+    out.put_i32(pid);
+    out.put_i32(key);
+}
+
 /// `FATAL` error: the gateway closes the connection after it.
 pub fn encode_fatal(sqlstate: &str, message: &str, out: &mut BytesMut) {
     encode_notice(false, "FATAL", sqlstate, message, out);
@@ -602,14 +623,8 @@ mod tests {
             split_startup(&mut b),
             Ok(Some(Startup::Cancel { pid: 7, key: 9 }))
         );
-        let mut body = BytesMut::new();
-        body.put_i32(PROTOCOL_3_0);
-        for s in ["user", "alice", "database", "pg", ""] {
-            put_cstr(&mut body, s);
-        }
         let mut b = BytesMut::new();
-        b.put_i32(body.len() as i32 + 4);
-        b.put_slice(&body);
+        encode_startup(&[("user", "alice"), ("database", "pg")], &mut b);
         let s = split_startup(&mut b).unwrap().unwrap();
         assert_eq!(s.param("database"), Some("pg"));
         let mut b = BytesMut::new();

@@ -658,3 +658,161 @@ async fn results_are_masked_for_the_client_and_in_the_evidence() {
         assert!(hits.is_empty(), "{secret:?} found in {hits:?}");
     }
 }
+
+/// `custody connect` on a free local port, as `token`; killed on drop.
+struct Connect(std::process::Child, u16);
+
+impl Drop for Connect {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn connect(c: &TestCluster, token: &str, resource: &str) -> Connect {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = crate::edge::custody_cmd(
+        c,
+        &[],
+        token,
+        &["connect", resource, "--port", &port.to_string()],
+    )
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "custody connect did not listen"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Connect(child, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_library_works_through_custody_connect_including_cancel() {
+    let pg = Postgres::start();
+    let c = system(&pg).await;
+    let alice = c.mint_token("alice").await.unwrap().token;
+    let local = connect(&c, &alice, "db").await;
+    let (client, conn) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=whoever dbname=ignored",
+            local.1
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect through custody connect");
+    tokio::spawn(conn);
+
+    // Typed parameters and binary results (tokio-postgres uses both).
+    let row = client
+        .query_one(
+            "select $1::int8 + 1 as n, upper($2::text) as s, true as b",
+            &[&41i64, &"abc"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>("n"), 42);
+    assert_eq!(row.get::<_, String>("s"), "ABC");
+    assert!(row.get::<_, bool>("b"));
+    // A prepared statement, run twice.
+    client
+        .batch_execute("create table kv(k int primary key, v text)")
+        .await
+        .unwrap();
+    let insert = client
+        .prepare("insert into kv values ($1, $2)")
+        .await
+        .unwrap();
+    for (k, v) in [(1, "one"), (2, "two")] {
+        client.execute(&insert, &[&k, &v]).await.unwrap();
+    }
+    // A transaction rolled back.
+    {
+        let mut client = client;
+        let tx = client.transaction().await.unwrap();
+        tx.execute("delete from kv where k = $1", &[&1i32])
+            .await
+            .unwrap();
+        tx.rollback().await.unwrap();
+        let n: i64 = client
+            .query_one("select count(*) from kv", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 2);
+
+        // Cancel: the long query ends with 57014 well before it would finish.
+        let token = client.cancel_token();
+        let sleeper = tokio::spawn(async move {
+            let r = client.query("select pg_sleep(30)", &[]).await;
+            (r.map(|_| ()), client)
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        token
+            .cancel_query(tokio_postgres::NoTls)
+            .await
+            .expect("send the cancel");
+        let (r, _client) = tokio::time::timeout(Duration::from_secs(20), sleeper)
+            .await
+            .expect("the cancelled query returns")
+            .unwrap();
+        let e = r.expect_err("cancelled");
+        assert_eq!(
+            e.code(),
+            Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+            "{e}"
+        );
+    }
+
+    // `custody exec --sql` for scripts: JSON and CSV.
+    let out = custody(
+        &c,
+        &[],
+        &alice,
+        &[
+            "exec",
+            "db",
+            "--sql",
+            "select k, v from kv order by k",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["rows"],
+        serde_json::json!([{"k": "1", "v": "one"}, {"k": "2", "v": "two"}])
+    );
+    let out = custody(
+        &c,
+        &[],
+        &alice,
+        &[
+            "exec",
+            "db",
+            "--sql",
+            "select v from kv order by k",
+            "--csv",
+        ],
+    );
+    assert_eq!(text(&out.stdout), "v\none\ntwo\n");
+    let out = custody(
+        &c,
+        &[],
+        &alice,
+        &["exec", "db", "--sql", "select * from nowhere"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("42P01"), "{}", text(&out.stderr));
+}

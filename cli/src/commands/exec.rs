@@ -27,11 +27,97 @@ pub struct ExecArgs {
     /// Justification recorded with a new approval request.
     #[arg(long)]
     reason: Option<String>,
+    /// Run one SQL statement on a postgres resource instead of a command.
+    #[arg(long, conflicts_with = "command")]
+    sql: Option<String>,
+    /// With --sql: print rows as JSON objects.
+    #[arg(long, requires = "sql", conflicts_with = "csv")]
+    json: bool,
+    /// With --sql: print rows as CSV with a header.
+    #[arg(long, requires = "sql")]
+    csv: bool,
     /// The resource to run on (see `custody resources`).
     resource: String,
     /// The command and its arguments, after `--`.
-    #[arg(last = true, required = true)]
+    #[arg(last = true, required_unless_present = "sql")]
     command: Vec<String>,
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+/// `custody exec RESOURCE --sql ...`: one statement through the gateway.
+async fn exec_sql(a: &ExecArgs, sql: &str) -> anyhow::Result<i32> {
+    let client = Client::from_env()?;
+    let gateway = super::connect::gateway_addr(&client).await?;
+    let ca = std::env::var("CUSTODY_CA").map_err(|_| anyhow::anyhow!("CUSTODY_CA is not set"))?;
+    let tls = custody_cli::pg::tls_config(std::path::Path::new(&ca))?;
+    let token = custody_cli::login::current_token()?;
+    let r = custody_cli::pg::query(gateway, tls, &a.resource, &token, sql).await?;
+    for n in &r.notices {
+        eprintln!("custody: {n}");
+    }
+    if a.json {
+        let rows: Vec<serde_json::Value> = r
+            .rows
+            .iter()
+            .map(|row| {
+                serde_json::Value::Object(
+                    r.columns
+                        .iter()
+                        .cloned()
+                        .zip(row.iter().map(|v| {
+                            v.clone()
+                                .map_or(serde_json::Value::Null, serde_json::Value::String)
+                        }))
+                        .collect(),
+                )
+            })
+            .collect();
+        let v = serde_json::json!({"columns": r.columns, "rows": rows, "tags": r.tags, "error": r.error});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if a.csv {
+        if !r.columns.is_empty() {
+            println!(
+                "{}",
+                r.columns
+                    .iter()
+                    .map(|c| csv_field(c))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+        }
+        for row in &r.rows {
+            let line: Vec<String> = row
+                .iter()
+                .map(|v| v.as_deref().map(csv_field).unwrap_or_default())
+                .collect();
+            println!("{}", line.join(","));
+        }
+    } else {
+        if !r.columns.is_empty() {
+            println!("{}", r.columns.join("\t"));
+        }
+        for row in &r.rows {
+            let line: Vec<&str> = row.iter().map(|v| v.as_deref().unwrap_or("NULL")).collect();
+            println!("{}", line.join("\t"));
+        }
+        for t in &r.tags {
+            eprintln!("{t}");
+        }
+    }
+    match &r.error {
+        Some(e) => {
+            eprintln!("error: {e}");
+            Ok(1)
+        }
+        None => Ok(0),
+    }
 }
 
 /// Runs the command and returns the process exit code to use.
@@ -92,6 +178,9 @@ async fn wait_for_decision(client: &Client, id: u64) -> anyhow::Result<Waited> {
 }
 
 async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
+    if let Some(sql) = a.sql.clone() {
+        return exec_sql(&a, &sql).await;
+    }
     let client = Client::from_env()?;
     let mut request_id = a.request_id;
     loop {

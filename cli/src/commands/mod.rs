@@ -1,5 +1,6 @@
 pub mod approvals;
 pub mod cluster;
+pub mod connect;
 pub mod dev;
 pub mod edge;
 pub mod evidence;

@@ -75,6 +75,7 @@ pub struct ApiService<E: Engine> {
     guard: Arc<Guard>,
     /// (cluster id, base64 evidence public key) for status answers.
     info: (String, String),
+    postgres_addr: String,
 }
 
 impl<E: Engine> ApiService<E> {
@@ -83,7 +84,14 @@ impl<E: Engine> ApiService<E> {
             node,
             guard,
             info: Default::default(),
+            postgres_addr: String::new(),
         }
+    }
+
+    /// The node's PostgreSQL gateway address, reported in `Cluster.Status`.
+    pub fn with_postgres_addr(mut self, addr: Option<std::net::SocketAddr>) -> Self {
+        self.postgres_addr = addr.map(|a| a.to_string()).unwrap_or_default();
+        self
     }
 
     /// Adds the cluster id and evidence public key to status answers.
@@ -331,6 +339,7 @@ impl<E: Engine> Cluster for ApiService<E> {
         let mut out = cluster_status(&st);
         out.cluster_id = self.info.0.clone();
         out.evidence_public_key = self.info.1.clone();
+        out.postgres_addr = self.postgres_addr.clone();
         Ok(Response::new(out))
     }
 

@@ -1,0 +1,243 @@
+//! Talking to the PostgreSQL gateway from the CLI: dialing it (TLS with the
+//! cluster CA, the token as the password) for `custody connect` and
+//! `custody exec --sql`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use custody_proto::pg::{self, btag, Frame, Limits};
+
+/// Why the gateway could not be reached or refused the session.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("connect to the PostgreSQL gateway at {addr}: {detail}")]
+    Connect { addr: SocketAddr, detail: String },
+    #[error("the gateway at {0} does not offer TLS")]
+    NoTls(SocketAddr),
+    #[error("TLS with the gateway: {0}")]
+    Tls(String),
+    #[error("the gateway refused: {0}")]
+    Refused(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// A TLS client config trusting only the cluster CA, ALPN `postgresql`.
+pub fn tls_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, GatewayError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca)
+        .map_err(|e| GatewayError::Tls(format!("read {}: {e}", ca.display())))?
+    {
+        let cert = cert.map_err(|e| GatewayError::Tls(format!("{}: {e}", ca.display())))?;
+        roots
+            .add(cert)
+            .map_err(|e| GatewayError::Tls(e.to_string()))?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| GatewayError::Tls(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"postgresql".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Opens a TLS connection to the gateway (SSLRequest first).
+pub async fn dial_tls(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<TlsStream<TcpStream>, GatewayError> {
+    let mut tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| GatewayError::Connect {
+            addr,
+            detail: e.to_string(),
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let mut req = BytesMut::new();
+    req.extend_from_slice(&8i32.to_be_bytes());
+    req.extend_from_slice(&pg::SSL_REQUEST.to_be_bytes());
+    tcp.write_all(&req)
+        .await
+        .map_err(|e| GatewayError::Protocol(e.to_string()))?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer)
+        .await
+        .map_err(|e| GatewayError::Protocol(e.to_string()))?;
+    if answer[0] != b'S' {
+        return Err(GatewayError::NoTls(addr));
+    }
+    tokio_rustls::TlsConnector::from(tls)
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await
+        .map_err(|e| GatewayError::Tls(e.to_string()))
+}
+
+/// Starts a session on `resource` with `token` as the password and returns
+/// the stream right after the password was sent (the gateway's
+/// AuthenticationOk and the server's greeting follow).
+pub async fn start_session(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    resource: &str,
+    token: &str,
+    params: &[(String, String)],
+) -> Result<(TlsStream<TcpStream>, BytesMut), GatewayError> {
+    let mut s = dial_tls(addr, tls).await?;
+    let mut all: Vec<(&str, &str)> = vec![("database", resource)];
+    if !params.iter().any(|(k, _)| k == "user") {
+        all.push(("user", "custody"));
+    }
+    for (k, v) in params {
+        if k != "database" {
+            all.push((k, v));
+        }
+    }
+    let mut out = BytesMut::new();
+    pg::encode_startup(&all, &mut out);
+    s.write_all(&out)
+        .await
+        .map_err(|e| GatewayError::Protocol(e.to_string()))?;
+    let mut buf = BytesMut::new();
+    let f = read_frame(&mut s, &mut buf).await?;
+    match f.tag {
+        btag::AUTHENTICATION if f.body.get(..4) == Some(&pg::AUTH_CLEARTEXT.to_be_bytes()[..]) => {}
+        btag::ERROR_RESPONSE => return Err(refusal(&f)),
+        other => {
+            return Err(GatewayError::Protocol(format!(
+                "unexpected message {:?} instead of a password request",
+                other as char
+            )))
+        }
+    }
+    out.clear();
+    let mut body = token.as_bytes().to_vec();
+    body.push(0);
+    pg::encode_frame(pg::ftag::PASSWORD, &body, &mut out);
+    s.write_all(&out)
+        .await
+        .map_err(|e| GatewayError::Protocol(e.to_string()))?;
+    Ok((s, buf))
+}
+
+fn refusal(f: &Frame) -> GatewayError {
+    match pg::decode_notice(&f.body) {
+        Ok(n) => GatewayError::Refused(n.get(b'M').unwrap_or("").to_owned()),
+        Err(e) => GatewayError::Protocol(e.to_string()),
+    }
+}
+
+/// Reads one frame, buffering in `buf`.
+pub async fn read_frame<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut BytesMut,
+) -> Result<Frame, GatewayError> {
+    loop {
+        if let Some(f) = pg::split_frame(buf, Limits::default())
+            .map_err(|e| GatewayError::Protocol(e.to_string()))?
+        {
+            return Ok(f);
+        }
+        if s.read_buf(buf)
+            .await
+            .map_err(|e| GatewayError::Protocol(e.to_string()))?
+            == 0
+        {
+            return Err(GatewayError::Protocol(
+                "the gateway closed the connection".into(),
+            ));
+        }
+    }
+}
+
+/// The result of one simple query.
+#[derive(Debug, Default)]
+pub struct QueryResult {
+    pub columns: Vec<String>,
+    /// Text values; `None` is NULL.
+    pub rows: Vec<Vec<Option<String>>>,
+    pub tags: Vec<String>,
+    pub notices: Vec<String>,
+    pub error: Option<String>,
+}
+
+/// Runs `sql` with the simple query protocol on a fresh session.
+pub async fn query(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    resource: &str,
+    token: &str,
+    sql: &str,
+) -> Result<QueryResult, GatewayError> {
+    let (mut s, mut buf) = start_session(addr, tls, resource, token, &[]).await?;
+    // Until the first ReadyForQuery: authentication result and greeting.
+    loop {
+        let f = read_frame(&mut s, &mut buf).await?;
+        match f.tag {
+            btag::ERROR_RESPONSE => return Err(refusal(&f)),
+            btag::READY_FOR_QUERY => break,
+            _ => {}
+        }
+    }
+    let mut out = BytesMut::new();
+    let mut body = sql.as_bytes().to_vec();
+    body.push(0);
+    pg::encode_frame(pg::ftag::QUERY, &body, &mut out);
+    s.write_all(&out)
+        .await
+        .map_err(|e| GatewayError::Protocol(e.to_string()))?;
+    let mut r = QueryResult::default();
+    loop {
+        let f = read_frame(&mut s, &mut buf).await?;
+        match f.tag {
+            btag::ROW_DESCRIPTION => {
+                r.columns = pg::decode_row_description(&f.body)
+                    .map_err(|e| GatewayError::Protocol(e.to_string()))?
+                    .into_iter()
+                    .map(|c| c.name)
+                    .collect();
+            }
+            btag::DATA_ROW => r.rows.push(
+                pg::decode_data_row(&f.body)
+                    .map_err(|e| GatewayError::Protocol(e.to_string()))?
+                    .into_iter()
+                    .map(|v| v.map(|b| String::from_utf8_lossy(&b).into_owned()))
+                    .collect(),
+            ),
+            btag::COMMAND_COMPLETE => r
+                .tags
+                .push(pg::decode_cstring(&f.body, "CommandComplete").unwrap_or_default()),
+            btag::NOTICE_RESPONSE => {
+                if let Ok(n) = pg::decode_notice(&f.body) {
+                    r.notices.push(n.get(b'M').unwrap_or("").to_owned());
+                }
+            }
+            btag::ERROR_RESPONSE => {
+                let n = pg::decode_notice(&f.body)
+                    .map_err(|e| GatewayError::Protocol(e.to_string()))?;
+                r.error = Some(format!(
+                    "{} ({})",
+                    n.get(b'M').unwrap_or(""),
+                    n.get(b'C').unwrap_or("")
+                ));
+            }
+            btag::READY_FOR_QUERY => break,
+            _ => {}
+        }
+    }
+    out.clear();
+    pg::encode_frame(pg::ftag::TERMINATE, &[], &mut out);
+    let _ = s.write_all(&out).await;
+    let _ = s.shutdown().await;
+    Ok(r)
+}
