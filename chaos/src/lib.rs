@@ -14,5 +14,6 @@ pub mod bench;
 pub mod evidence_bench;
 pub mod history;
 pub mod partition;
+pub mod pg_bench;
 pub mod proxy;
 pub mod tunnel_bench;

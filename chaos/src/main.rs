@@ -49,6 +49,15 @@ enum BenchCmd {
         #[arg(long, default_value_t = 1000)]
         edges: usize,
     },
+    /// pgbench direct, through pgbouncer and through Custody.
+    Postgres {
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        #[arg(long, default_value_t = 10)]
+        scale: u32,
+    },
     /// Evidence ingest MB/s, compression ratio, strict-mode added latency.
     Evidence {
         /// Concurrent sessions per transcript kind.
@@ -108,6 +117,11 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
+        Cmd::Bench(BenchCmd::Postgres {
+            seconds,
+            clients,
+            scale,
+        }) => custody_chaos::pg_bench::postgres(seconds.max(1), clients.max(1), scale.max(1)).await,
         Cmd::Bench(BenchCmd::Rpc { calls, rounds }) => {
             custody_chaos::bench::rpc_probe(calls.max(10), rounds.max(1)).await
         }

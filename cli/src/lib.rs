@@ -7,5 +7,6 @@
 
 pub mod client;
 pub mod dev;
+pub mod localpg;
 pub mod login;
 pub mod pg;

@@ -11,115 +11,24 @@ use custody_cli::dev::{EdgeSpec, GenOptions};
 use crate::edge::{custody, text};
 use crate::harness::{self, TestCluster};
 
-/// A private PostgreSQL cluster on a loopback port; stopped on drop.
+/// A private PostgreSQL cluster for one test; stopped and removed on drop.
 pub struct Postgres {
+    inner: custody_cli::localpg::LocalPostgres,
     pub dir: tempfile::TempDir,
     pub port: u16,
-    pub password_file: PathBuf,
-}
-
-fn pg_bin(name: &str) -> PathBuf {
-    for v in ["17", "16", "15"] {
-        let p = PathBuf::from(format!("/usr/lib/postgresql/{v}/bin/{name}"));
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("PostgreSQL server binaries ({name}) are not installed: scripts/setup installs them");
-}
-
-fn is_root() -> bool {
-    std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        .unwrap_or(false)
-}
-
-/// Runs a server binary, as the `postgres` user when we are root (the server
-/// refuses to run as root).
-fn as_pg_user(bin: &Path) -> Command {
-    if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(bin);
-        c
-    } else {
-        Command::new(bin)
-    }
-}
-
-fn run(mut c: Command, what: &str) {
-    let out = c.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed: {}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
 }
 
 impl Postgres {
     pub fn start() -> Postgres {
         let dir = tempfile::tempdir().unwrap();
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let password_file = dir.path().join("pw");
-        std::fs::write(&password_file, "s3cret-pg-password\n").unwrap();
-        std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        if is_root() {
-            run(
-                {
-                    let mut c = Command::new("chown");
-                    c.arg("postgres:postgres").arg(&data).arg(dir.path());
-                    c
-                },
-                "chown",
-            );
-        }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut c = as_pg_user(&pg_bin("initdb"));
-        c.arg("-D")
-            .arg(&data)
-            .args(["-A", "scram-sha-256", "-U", "postgres", "--no-sync"])
-            .arg(format!("--pwfile={}", password_file.display()));
-        run(c, "initdb");
-        let mut c = as_pg_user(&pg_bin("pg_ctl"));
-        c.arg("-D").arg(&data).arg("-o").arg(format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
-            dir.path().display()
-        ));
-        c.arg("-l")
-            .arg(dir.path().join("pg.log"))
-            .args(["-w", "start"]);
-        run(c, "pg_ctl start");
-        Postgres {
-            dir,
-            port,
-            password_file,
-        }
+        let inner = custody_cli::localpg::LocalPostgres::start(&dir.path().join("pg"))
+            .expect("start PostgreSQL");
+        let port = inner.port;
+        Postgres { inner, dir, port }
     }
 
-    /// `[[resources]]` TOML for an edge serving this cluster as `name`.
     pub fn resource_toml(&self, name: &str, labels: &str) -> String {
-        format!(
-            "[[resources]]\nname = \"{name}\"\nkind = \"postgres\"\nlabels = {{ {labels} }}\n[resources.postgres]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\ndatabase = \"postgres\"\npassword_file = \"{}\"\n",
-            self.port,
-            self.password_file.display()
-        )
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let mut c = as_pg_user(&pg_bin("pg_ctl"));
-        c.arg("-D")
-            .arg(self.dir.path().join("data"))
-            .args(["-m", "immediate", "stop"]);
-        let _ = c.output();
+        self.inner.resource_toml(name, labels)
     }
 }
 
@@ -576,7 +485,7 @@ fn psql_direct(pg: &Postgres, sql: &str) -> Output {
         .env("PGPORT", pg.port.to_string())
         .env("PGUSER", "postgres")
         .env("PGDATABASE", "postgres")
-        .env("PGPASSWORD", "s3cret-pg-password")
+        .env("PGPASSWORD", custody_cli::localpg::PASSWORD)
         .env("PGSSLMODE", "disable")
         .output()
         .expect("run psql")
