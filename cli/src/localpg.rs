@@ -94,6 +94,19 @@ impl LocalPostgres {
         Ok(pg)
     }
 
+    /// Starts an existing cluster in `dir` again (on a fresh port).
+    pub fn restart(dir: &Path) -> anyhow::Result<Self> {
+        stop_data_dir(&dir.join("data"));
+        let pg = LocalPostgres {
+            dir: dir.to_owned(),
+            port: TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
+            password_file: dir.join("pw"),
+            stop_on_drop: true,
+        };
+        pg.pg_ctl_start()?;
+        Ok(pg)
+    }
+
     fn pg_ctl_start(&self) -> anyhow::Result<()> {
         let pg_ctl = pg_bin("pg_ctl").context("pg_ctl is not installed")?;
         let mut c = as_pg_user(&pg_ctl);
@@ -133,13 +146,16 @@ impl LocalPostgres {
     }
 
     pub fn stop(&self) {
-        if let Some(pg_ctl) = pg_bin("pg_ctl") {
-            let mut c = as_pg_user(&pg_ctl);
-            c.arg("-D")
-                .arg(self.dir.join("data"))
-                .args(["-m", "fast", "stop"]);
-            let _ = c.output();
-        }
+        stop_data_dir(&self.dir.join("data"));
+    }
+}
+
+/// Stops the server of a data directory, if it runs.
+pub fn stop_data_dir(data: &Path) {
+    if let Some(pg_ctl) = pg_bin("pg_ctl") {
+        let mut c = as_pg_user(&pg_ctl);
+        c.arg("-D").arg(data).args(["-m", "fast", "stop"]);
+        let _ = c.output();
     }
 }
 

@@ -123,6 +123,33 @@ fn dev_up_detach_writes_dev_json_and_dev_down_stops_everything() {
     let out = custody(&bins, &["resources"], &alice);
     assert!(String::from_utf8_lossy(&out.stdout).contains("local-shell"));
 
+    // The demo database: PII masked for alice through the gateway.
+    let pg = &dev["postgres"];
+    assert_eq!(pg["resource"], "local-postgres", "{dev}");
+    let out = custody(
+        &bins,
+        &[
+            "exec",
+            "local-postgres",
+            "--sql",
+            "select name, email, card_number, customer_ssn from customers where id = 1",
+            "--json",
+        ],
+        &alice,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        rows["rows"][0],
+        serde_json::json!({"name": "Ada Lovelace", "email": "[email]", "card_number": "[credit_card]", "customer_ssn": "****"})
+    );
+    let pg_data = std::path::PathBuf::from(pg["data_dir"].as_str().unwrap());
+    assert!(pg_data.join("postmaster.pid").exists());
+
     let out = custody(&bins, &["kv", "put", "greeting", "hello"], &env);
     assert!(
         out.status.success(),
@@ -146,6 +173,10 @@ fn dev_up_detach_writes_dev_json_and_dev_down_stops_everything() {
     for p in pids {
         assert!(!alive(p), "pid {p} survived dev down");
     }
+    assert!(
+        !pg_data.join("postmaster.pid").exists(),
+        "dev down stops the demo database"
+    );
     // Without the env, the CLI says what is missing.
     let out = custody(&bins, &["cluster", "status"], &[]);
     assert!(!out.status.success());

@@ -14,6 +14,22 @@ const DEV_POLICY: &str = include_str!("../../../examples/policy.yaml");
 /// The dev system's edge and its shell resource.
 const DEV_EDGE: &str = "dev-edge";
 const DEV_RESOURCE: &str = "local-shell";
+/// The demo PostgreSQL resource (when PostgreSQL server binaries are installed).
+const DEV_PG_RESOURCE: &str = "local-postgres";
+
+/// The demo schema: customers with PII that the demo policy masks.
+const DEMO_SCHEMA: &str = "
+create table if not exists customers (
+  id int primary key, name text not null, email text, card_number text,
+  customer_ssn text, phone text, note text);
+insert into customers values
+  (1, 'Ada Lovelace', 'ada@example.com', '4111 1111 1111 1111', '123-45-6789', '+1 415 555 0100', 'prefers email'),
+  (2, 'Alan Turing', 'alan@example.org', '5500 0000 0000 0004', '987-65-4321', '+44 20 7946 0958', 'iban GB82 WEST 1234 5698 7654 32'),
+  (3, 'Grace Hopper', 'grace@example.net', '3400 0000 0000 009', '111-22-3333', '+1 202 555 0143', 'ships on fridays')
+on conflict (id) do nothing;
+create table if not exists orders (id serial primary key, customer_id int references customers(id), total numeric(10,2));
+insert into orders (customer_id, total) select c, 10 * c from generate_series(1, 3) c where not exists (select 1 from orders);
+";
 
 #[derive(Subcommand)]
 pub enum DevCmd {
@@ -42,6 +58,48 @@ pub struct DevJson {
     pub edges: Vec<DevEdge>,
     pub identities: serde_json::Map<String, serde_json::Value>,
     pub env: DevEnv,
+    /// The demo database, when PostgreSQL is installed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<DevPostgres>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct DevPostgres {
+    pub resource: String,
+    pub connect_hint: String,
+    /// The private server's data directory (stopped by `dev down`).
+    pub data_dir: String,
+}
+
+/// Starts (or restarts) the demo PostgreSQL cluster in `dir/postgres`.
+fn dev_postgres(dir: &Path) -> anyhow::Result<Option<custody_cli::localpg::LocalPostgres>> {
+    use custody_cli::localpg::{pg_bin, LocalPostgres};
+    if pg_bin("initdb").is_none() {
+        eprintln!("PostgreSQL server binaries not found: skipping the {DEV_PG_RESOURCE} resource");
+        return Ok(None);
+    }
+    let pg_dir = dir.join("postgres");
+    let mut pg = if pg_dir.join("data").join("PG_VERSION").exists() {
+        LocalPostgres::restart(&pg_dir)?
+    } else {
+        if pg_dir.exists() {
+            std::fs::remove_dir_all(&pg_dir)?;
+        }
+        LocalPostgres::start(&pg_dir)?
+    };
+    pg.stop_on_drop = false;
+    let out = std::process::Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", DEMO_SCHEMA])
+        .envs(pg.direct_env())
+        .output()
+        .context("run psql to seed the demo schema")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "seed the demo schema: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(Some(pg))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -115,6 +173,11 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
     std::fs::create_dir_all(dir.join("work"))?;
     spec.resources_toml
         .push_str("[resources.shell]\nworkdir = \"work\"\n");
+    let pg = dev_postgres(&dir)?;
+    if let Some(pg) = &pg {
+        spec.resources_toml
+            .push_str(&pg.resource_toml(DEV_PG_RESOURCE, "env = \"dev\""));
+    }
     cluster.add_edge(&spec)?;
     if dir
         .join(format!("edge-{DEV_EDGE}"))
@@ -177,6 +240,13 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
             CUSTODY_CA: cluster.ca_path().display().to_string(),
             CUSTODY_TOKEN: alice,
         },
+        postgres: pg.as_ref().map(|pg| DevPostgres {
+            resource: DEV_PG_RESOURCE.into(),
+            connect_hint: format!(
+                "custody connect {DEV_PG_RESOURCE} --port 5433 & psql \"host=127.0.0.1 port=5433 dbname={DEV_PG_RESOURCE}\" -c 'select * from customers'"
+            ),
+            data_dir: pg.dir.join("data").display().to_string(),
+        }),
     };
     let path = dir.join("dev.json");
     // dev.json holds tokens: owner-only.
@@ -203,6 +273,13 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
     println!("  custody resources");
     println!("  custody exec {DEV_RESOURCE} -- uname -a");
     println!("  custody exec {DEV_RESOURCE} -- rm -rf /      # refused by a guardrail");
+    if let Some(p) = &dev.postgres {
+        println!(
+            "  custody exec {} --sql 'select * from customers'   # PII masked for alice",
+            p.resource
+        );
+        println!("  {}", p.connect_hint);
+    }
     println!("  custody cluster status");
     println!("  custody policy show");
     if detach {
@@ -216,6 +293,9 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
     let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
     for id in ids {
         cluster.stop(id)?;
+    }
+    if let Some(pg) = &pg {
+        pg.stop();
     }
     let _ = std::fs::remove_file(&path);
     Ok(())
@@ -254,6 +334,9 @@ fn down(dir: &Path) -> anyhow::Result<()> {
         if alive(*p) {
             signal(*p, "KILL");
         }
+    }
+    if let Some(p) = &dev.postgres {
+        custody_cli::localpg::stop_data_dir(Path::new(&p.data_dir));
     }
     std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
     println!("stopped {} processes", pids.len());
