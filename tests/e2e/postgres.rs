@@ -316,6 +316,37 @@ async fn bad_tokens_unknown_resources_denials_and_plaintext_never_reach_the_edge
     assert_eq!(text(&out.stdout).trim(), "42", "{}", text(&out.stderr));
 }
 
+/// psql running `sql` in the background (for statements held for approval).
+fn spawn_psql(env: &[(String, String)], sql: &str) -> std::process::Child {
+    Command::new("psql")
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .envs(env.iter().cloned())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `token` sees a pending approval request; returns its id.
+async fn pending_request(c: &TestCluster, token: &str) -> String {
+    let mut id = String::new();
+    crate::harness::eventually(
+        Duration::from_secs(15),
+        "a pending approval request",
+        || {
+            let out = custody(c, &[], token, &["approvals", "list", "--pending", "--json"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if let Some(r) = v.as_array().and_then(|a| a.first()) {
+                id = r["id"].to_string();
+            }
+            let found = !id.is_empty();
+            async move { found }
+        },
+    )
+    .await;
+    id
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_guardrails_deny_or_hold_statements_for_approval() {
     let pg = Postgres::start();
@@ -380,36 +411,8 @@ async fn sql_guardrails_deny_or_hold_statements_for_approval() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 
     // A drop is held until an approver approves it, then runs once.
-    let held = Command::new("psql")
-        .args([
-            "-X",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-c",
-            "drop table scratch",
-        ])
-        .envs(env.iter().cloned())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut id = String::new();
-    crate::harness::eventually(
-        Duration::from_secs(15),
-        "the drop waits for approval",
-        || {
-            let out = custody(&c, &[], &bob, &["approvals", "list", "--pending", "--json"]);
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            if let Some(r) = v.as_array().and_then(|a| a.first()) {
-                id = r["id"].to_string();
-            }
-            let found = !id.is_empty();
-            async move { found }
-        },
-    )
-    .await;
+    let held = spawn_psql(&env, "drop table scratch");
+    let id = pending_request(&c, &bob).await;
     let out = psql(
         &env,
         "select count(*) from pg_tables where tablename = 'scratch'",
@@ -437,24 +440,8 @@ async fn sql_guardrails_deny_or_hold_statements_for_approval() {
     // A denial is final: the statement reports it and does not run.
     let out = psql(&env, "create table scratch2(x int)");
     assert!(out.status.success());
-    let held = Command::new("psql")
-        .args(["-X", "-A", "-t", "-c", "drop table scratch2"])
-        .envs(env.iter().cloned())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut id2 = String::new();
-    crate::harness::eventually(Duration::from_secs(15), "the second drop waits", || {
-        let out = custody(&c, &[], &bob, &["approvals", "list", "--pending", "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        if let Some(r) = v.as_array().and_then(|a| a.first()) {
-            id2 = r["id"].to_string();
-        }
-        let found = !id2.is_empty();
-        async move { found }
-    })
-    .await;
+    let held = spawn_psql(&env, "drop table scratch2");
+    let id2 = pending_request(&c, &bob).await;
     let out = custody(
         &c,
         &[],
