@@ -24,23 +24,52 @@ pub struct GenConfig {
     pub issuers: Vec<RawIssuer>,
 }
 
-/// A port the OS considers free right now on `host`.
-fn free_port(host: &str) -> anyhow::Result<u16> {
-    let l = TcpListener::bind((host, 0)).with_context(|| format!("find a free port on {host}"))?;
-    Ok(l.local_addr()?.port())
+/// Start of the kernel's ephemeral port range (outgoing connections use it).
+fn ephemeral_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
 }
 
-/// A port free for both TCP and UDP (the tunnel listens on UDP for QUIC).
-fn free_port_tcp_udp(host: &str) -> anyhow::Result<u16> {
+/// A port free right now on `host` (for TCP, and UDP too with `udp`).
+///
+/// Chosen below the ephemeral range when possible: a port handed out by
+/// `bind(0)` comes from that range, where any outgoing connection may take it
+/// before the node binds it.
+fn pick_port(host: &str, udp: bool) -> anyhow::Result<u16> {
+    let free = |port: u16| {
+        TcpListener::bind((host, port)).is_ok()
+            && (!udp || std::net::UdpSocket::bind((host, port)).is_ok())
+    };
+    let top = ephemeral_start();
+    if top > 20_001 {
+        for _ in 0..200 {
+            let port = 20_000 + rand::random::<u16>() % (top - 20_000);
+            if free(port) {
+                return Ok(port);
+            }
+        }
+    }
     for _ in 0..100 {
         let l =
             TcpListener::bind((host, 0)).with_context(|| format!("find a free port on {host}"))?;
         let port = l.local_addr()?.port();
-        if std::net::UdpSocket::bind((host, port)).is_ok() {
+        drop(l);
+        if free(port) {
             return Ok(port);
         }
     }
-    anyhow::bail!("no port free for both TCP and UDP on {host}")
+    anyhow::bail!("no free port on {host}")
+}
+
+fn free_port(host: &str) -> anyhow::Result<u16> {
+    pick_port(host, false)
+}
+
+/// A port free for both TCP and UDP (the tunnel listens on UDP for QUIC).
+fn free_port_tcp_udp(host: &str) -> anyhow::Result<u16> {
+    pick_port(host, true)
 }
 
 pub(crate) fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
