@@ -301,13 +301,18 @@ impl Policy {
         mask.sort();
         mask.dedup();
         if let Some(cmd) = req.command {
-            // Statements on postgres resources are classified once.
-            let classes = (req.resource.kind == "postgres").then(|| super::sql::classify(cmd));
+            // Statements on postgres resources are parsed at most once, and
+            // only when a guardrail asks for SQL classes.
+            let mut classes: Option<BTreeSet<SqlClass>> = None;
             for r in &taking_part {
                 for gname in &r.guardrails {
                     let Some(g) = self.guardrails.get(gname) else {
                         continue;
                     };
+                    if classes.is_none() && !g.doc.sql.is_empty() && req.resource.kind == "postgres"
+                    {
+                        classes = Some(super::sql::classify(cmd));
+                    }
                     if let Some(why) = g.hits(cmd, classes.as_ref()) {
                         trace.push(format!("guardrail {gname:?}: {why}"));
                         let effect = Effect::from(g.doc.decision);
