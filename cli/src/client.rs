@@ -542,7 +542,7 @@ impl Client {
     pub async fn set_hold(
         &self,
         req: api::SetHoldRequest,
-    ) -> Result<api::LegalHoldInfo, ClientError> {
+    ) -> Result<custody_proto::cluster::v1::LegalHold, ClientError> {
         self.call(|ch| {
             let tok = self.cfg.token.clone();
             let req = req.clone();
@@ -560,7 +560,7 @@ impl Client {
         &self,
         id: u64,
         reason: &str,
-    ) -> Result<api::LegalHoldInfo, ClientError> {
+    ) -> Result<custody_proto::cluster::v1::LegalHold, ClientError> {
         self.call(|ch| {
             let tok = self.cfg.token.clone();
             let req = api::ReleaseHoldRequest {
@@ -577,7 +577,10 @@ impl Client {
         .await
     }
 
-    pub async fn list_holds(&self, all: bool) -> Result<Vec<api::LegalHoldInfo>, ClientError> {
+    pub async fn list_holds(
+        &self,
+        all: bool,
+    ) -> Result<Vec<custody_proto::cluster::v1::LegalHold>, ClientError> {
         self.call(|ch| {
             let tok = self.cfg.token.clone();
             async move {

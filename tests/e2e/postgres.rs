@@ -15,7 +15,6 @@ use crate::harness::{self, TestCluster};
 pub struct Postgres {
     inner: custody_cli::localpg::LocalPostgres,
     pub dir: tempfile::TempDir,
-    pub port: u16,
 }
 
 impl Postgres {
@@ -23,8 +22,7 @@ impl Postgres {
         let dir = tempfile::tempdir().unwrap();
         let inner = custody_cli::localpg::LocalPostgres::start(&dir.path().join("pg"))
             .expect("start PostgreSQL");
-        let port = inner.port;
-        Postgres { inner, dir, port }
+        Postgres { inner, dir }
     }
 
     pub fn resource_toml(&self, name: &str, labels: &str) -> String {
@@ -466,16 +464,7 @@ async fn sql_guardrails_deny_or_hold_statements_for_approval() {
 
 /// psql straight to the real server (seeding data the gateway must mask).
 fn psql_direct(pg: &Postgres, sql: &str) -> Output {
-    Command::new("psql")
-        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
-        .env("PGHOST", "127.0.0.1")
-        .env("PGPORT", pg.port.to_string())
-        .env("PGUSER", "postgres")
-        .env("PGDATABASE", "postgres")
-        .env("PGPASSWORD", custody_cli::localpg::PASSWORD)
-        .env("PGSSLMODE", "disable")
-        .output()
-        .expect("run psql")
+    psql(&pg.inner.direct_env(), sql)
 }
 
 fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {

@@ -45,7 +45,7 @@ pub enum HoldCmd {
     },
 }
 
-fn hold_json(h: &api::LegalHoldInfo) -> serde_json::Value {
+fn hold_json(h: &custody_proto::cluster::v1::LegalHold) -> serde_json::Value {
     serde_json::json!({
         "id": h.id, "reason": h.reason, "created_by": h.created_by,
         "created_at": fmt_time(h.created_at_ms), "session_id": h.session_id,
@@ -55,7 +55,7 @@ fn hold_json(h: &api::LegalHoldInfo) -> serde_json::Value {
     })
 }
 
-fn scope(h: &api::LegalHoldInfo) -> String {
+fn scope(h: &custody_proto::cluster::v1::LegalHold) -> String {
     let mut parts = Vec::new();
     if !h.session_id.is_empty() {
         parts.push(format!("session={}", h.session_id));

@@ -116,21 +116,6 @@ fn decode_chunks(raw: &[Vec<u8>]) -> Vec<ev::Chunk> {
         .collect()
 }
 
-fn hold_info(h: pb::LegalHold) -> api::LegalHoldInfo {
-    api::LegalHoldInfo {
-        id: h.id,
-        reason: h.reason,
-        created_by: h.created_by,
-        created_at_ms: h.created_at_ms,
-        session_id: h.session_id,
-        resource: h.resource,
-        subject: h.subject,
-        released_at_ms: h.released_at_ms,
-        released_by: h.released_by,
-        release_reason: h.release_reason,
-    }
-}
-
 impl<E: Engine> EvidenceService<E> {
     /// Authenticates the call and requires one of `roles`.
     async fn caller<T>(
@@ -145,12 +130,11 @@ impl<E: Engine> EvidenceService<E> {
         Ok(id)
     }
 
-    fn hold(&self, id: u64) -> Result<api::LegalHoldInfo, Status> {
+    fn hold(&self, id: u64) -> Result<pb::LegalHold, Status> {
         holds_list(self.node.store(), true)
             .map_err(storage_status)?
             .into_iter()
             .find(|h| h.id == id)
-            .map(hold_info)
             .ok_or_else(|| Status::not_found(format!("no legal hold {id}")))
     }
 }
@@ -192,7 +176,7 @@ impl<E: Engine> Evidence for EvidenceService<E> {
     async fn set_hold(
         &self,
         req: Request<api::SetHoldRequest>,
-    ) -> Result<Response<api::LegalHoldInfo>, Status> {
+    ) -> Result<Response<pb::LegalHold>, Status> {
         let id = self
             .caller(
                 &req,
@@ -226,7 +210,7 @@ impl<E: Engine> Evidence for EvidenceService<E> {
     async fn release_hold(
         &self,
         req: Request<api::ReleaseHoldRequest>,
-    ) -> Result<Response<api::LegalHoldInfo>, Status> {
+    ) -> Result<Response<pb::LegalHold>, Status> {
         let id = self
             .caller(
                 &req,
@@ -279,7 +263,6 @@ impl<E: Engine> Evidence for EvidenceService<E> {
         let holds = holds_list(self.node.store(), req.into_inner().all)
             .map_err(storage_status)?
             .into_iter()
-            .map(hold_info)
             .collect();
         Ok(Response::new(api::ListHoldsResponse { holds }))
     }

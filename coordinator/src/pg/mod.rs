@@ -713,7 +713,7 @@ impl<E: Engine> PgGateway<E> {
                         for e in step.events {
                             rec.record(e).await.map_err(commit_err)?;
                         }
-                        if let Some(sql) = statement_text(&f) {
+                        if let Some(sql) = step.statement {
                             if let Err(refusal) = self.check_statement(&sql, a, rec, s).await {
                                 let mut err = BytesMut::new();
                                 pg::encode_notice(false, "ERROR", "42501", &refusal, &mut err);
@@ -932,15 +932,6 @@ fn mask_frame(
             })
         }
         _ => Ok(f),
-    }
-}
-
-/// The SQL a message asks the server to prepare or run, if any.
-fn statement_text(f: &Frame) -> Option<String> {
-    match f.tag {
-        pg::ftag::QUERY => pg::decode_cstring(&f.body, "Query").ok(),
-        pg::ftag::PARSE => pg::decode_parse(&f.body).ok().map(|p| p.query),
-        _ => None,
     }
 }
 

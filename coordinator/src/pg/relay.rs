@@ -24,6 +24,9 @@ pub struct ClientStep {
     pub executes: bool,
     /// The client said goodbye.
     pub terminate: bool,
+    /// SQL the message asks the server to prepare or run (Query, Parse),
+    /// for guardrails.
+    pub statement: Option<String>,
 }
 
 /// Per-session recording caps for results.
@@ -104,11 +107,13 @@ impl Relay {
         match f.tag {
             ftag::QUERY => {
                 let q = pg::decode_cstring(&f.body, "Query")?;
+                step.statement = Some(q.clone());
                 step.events.push(command(q, vec![], "query"));
                 step.executes = true;
             }
             ftag::PARSE => {
                 let p = pg::decode_parse(&f.body)?;
+                step.statement = Some(p.query.clone());
                 self.statements.insert(p.name, p.query);
             }
             ftag::BIND => {

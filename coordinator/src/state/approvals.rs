@@ -390,22 +390,11 @@ pub fn active_grant<E: Engine>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Command, Proposal};
+    use crate::state::Command;
     use crate::storage::MemEngine;
 
     fn run(s: &RaftStore<MemEngine>, index: u64, now: u64, c: ApprovalCommand) -> ApplyOutcome {
-        let p = Proposal {
-            origin_node: 1,
-            request_id: index,
-            idempotency_key: None,
-            proposed_at_ms: now,
-            command: Command::Approval(Box::new(c)),
-        };
-        let p = Proposal::decode(&p.encode()).unwrap();
-        let mut txn = StateTxn::new(s);
-        let o = txn.apply(index, &p).unwrap();
-        s.apply(txn.into_ops(), index, index, None).unwrap();
-        o
+        crate::state::apply_for_test(s, index, now, Command::Approval(Box::new(c)))
     }
 
     fn new_command(required: u32) -> ApprovalCommand {

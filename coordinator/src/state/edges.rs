@@ -472,23 +472,11 @@ pub fn edges_serving<E: Engine>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Command, Proposal};
+    use crate::state::Command;
     use crate::storage::MemEngine;
 
     fn run(store: &RaftStore<MemEngine>, index: u64, at: u64, c: EdgeCommand) -> ApplyOutcome {
-        let p = Proposal {
-            origin_node: 1,
-            request_id: index,
-            idempotency_key: None,
-            proposed_at_ms: at,
-            command: Command::Edge(c),
-        };
-        // Through the wire format, as the log carries it.
-        let p = Proposal::decode(&p.encode()).unwrap();
-        let mut txn = StateTxn::new(store);
-        let o = txn.apply(index, &p).unwrap();
-        store.apply(txn.into_ops(), index, index, None).unwrap();
-        o
+        crate::state::apply_for_test(store, index, at, Command::Edge(c))
     }
 
     fn enroll(d: u8) -> EdgeCommand {

@@ -502,7 +502,7 @@ fn matches(rec: &pb::SessionRecord, q: &SessionQuery) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Command, Proposal};
+    use crate::state::Command;
     use crate::storage::MemEngine;
     use custody_proto::chain::build_chunk;
 
@@ -547,18 +547,7 @@ mod tests {
             open: open.then(summary),
             end: end.then(pb::SessionEnd::default),
         };
-        let p = Proposal {
-            origin_node: 1,
-            request_id: index,
-            idempotency_key: None,
-            proposed_at_ms: 0,
-            command: Command::Evidence(Box::new(a)),
-        };
-        let p = Proposal::decode(&p.encode()).unwrap();
-        let mut txn = StateTxn::new(s);
-        let o = txn.apply(index, &p).unwrap();
-        s.apply(txn.into_ops(), index, index, None).unwrap();
-        o
+        crate::state::apply_for_test(s, index, 0, Command::Evidence(Box::new(a)))
     }
 
     #[test]
@@ -608,18 +597,7 @@ mod tests {
     }
 
     fn run(s: &RaftStore<MemEngine>, index: u64, now: u64, command: Command) -> ApplyOutcome {
-        let p = Proposal {
-            origin_node: 1,
-            request_id: index,
-            idempotency_key: None,
-            proposed_at_ms: now,
-            command,
-        };
-        let p = Proposal::decode(&p.encode()).unwrap();
-        let mut txn = StateTxn::new(s);
-        let o = txn.apply(index, &p).unwrap();
-        s.apply(txn.into_ops(), index, index, None).unwrap();
-        o
+        crate::state::apply_for_test(s, index, now, command)
     }
 
     #[test]

@@ -703,6 +703,29 @@ pub fn kv_list<E: Engine>(
         .collect()
 }
 
+/// Applies `command` at `index` with proposal time `now`, through the wire
+/// format as the log carries it (unit tests).
+#[cfg(test)]
+pub(crate) fn apply_for_test(
+    store: &RaftStore<crate::storage::MemEngine>,
+    index: u64,
+    now: u64,
+    command: Command,
+) -> ApplyOutcome {
+    let p = Proposal {
+        origin_node: 1,
+        request_id: index,
+        idempotency_key: None,
+        proposed_at_ms: now,
+        command,
+    };
+    let p = Proposal::decode(&p.encode()).unwrap();
+    let mut txn = StateTxn::new(store);
+    let o = txn.apply(index, &p).unwrap();
+    store.apply(txn.into_ops(), index, index, None).unwrap();
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
