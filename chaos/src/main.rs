@@ -57,6 +57,9 @@ enum BenchCmd {
         clients: usize,
         #[arg(long, default_value_t = 10)]
         scale: u32,
+        /// Run only these workloads (select, tpcb, masking); all by default.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Evidence ingest MB/s, compression ratio, strict-mode added latency.
     Evidence {
@@ -121,7 +124,11 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             clients,
             scale,
-        }) => custody_chaos::pg_bench::postgres(seconds.max(1), clients.max(1), scale.max(1)).await,
+            only,
+        }) => {
+            custody_chaos::pg_bench::postgres(seconds.max(1), clients.max(1), scale.max(1), &only)
+                .await
+        }
         Cmd::Bench(BenchCmd::Rpc { calls, rounds }) => {
             custody_chaos::bench::rpc_probe(calls.max(10), rounds.max(1)).await
         }

@@ -1,8 +1,10 @@
-//! `bench postgres`: pgbench through three paths measured in one run —
+//! `bench postgres`: pgbench through several paths measured in one run —
 //! direct to PostgreSQL, through pgbouncer (session mode), and through Custody
-//! (`custody connect` → gateway → edge, strict evidence) — for `-S` (select
-//! only) and `-M prepared` (TPC-B-like), with the custody/direct and
-//! custody/pgbouncer ratios.
+//! (`custody connect` → gateway → edge) with strict and with async evidence —
+//! for `-S` (select only) and `-M prepared` (TPC-B-like), with the
+//! custody/direct and custody/pgbouncer ratios; then the masking overhead: a
+//! result-heavy query through two strict resources that differ only in their
+//! masking profile.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -17,11 +19,21 @@ const POLICY: &str = r#"
 roles:
   admin: { groups: [custody-admins] }
 rules:
+  - name: engineers-db-masked
+    identity: { groups: [engineers] }
+    resource: { names: [bench-db-masked, bench-db-all-masked] }
+    actions: [connect]
+    decision: allow
+    mask: [pii]
   - name: engineers-db
     identity: { groups: [engineers] }
     resource: { kinds: [postgres] }
     actions: [connect]
     decision: allow
+masking:
+  - name: pii
+    detectors: [credit_card, email, us_ssn, iban, ip, phone]
+    columns: ["*ssn*"]
 "#;
 
 struct Killed(Child);
@@ -60,12 +72,37 @@ fn parse(out: &str) -> anyhow::Result<(f64, f64)> {
     Ok((tps, lat))
 }
 
+/// Runs pgbench; a run that outlives its `-T` by a minute is killed and
+/// reported (a hung path must fail the benchmark, not stall it).
 fn pgbench(env: &[(String, String)], args: &[&str]) -> anyhow::Result<(f64, f64)> {
-    let out = Command::new("pgbench")
+    let secs: u64 = args
+        .iter()
+        .position(|a| *a == "-T")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let mut child = Command::new("pgbench")
         .args(args)
         .envs(env.iter().cloned())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .context("run pgbench")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs + 60);
+    while child.try_wait()?.is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output()?;
+            bail!(
+                "pgbench {args:?} did not finish within {}s: {}{}",
+                secs + 60,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = child.wait_with_output()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!(
@@ -129,7 +166,57 @@ fn pgbouncer(pg: &LocalPostgres, dir: &std::path::Path) -> anyhow::Result<Option
     Ok(Some((k, port)))
 }
 
-pub async fn postgres(seconds: u64, clients: usize, scale: u32) -> anyhow::Result<()> {
+/// Rows of the result-heavy workload: names, emails, Luhn-valid card numbers
+/// and free text, so the detectors both hit and miss.
+const PEOPLE: &str =
+    "CREATE TABLE bench_people (id int PRIMARY KEY, name text, email text, card text, note text); \
+INSERT INTO bench_people SELECT g, 'Customer ' || g, 'user' || g || '@example.com', \
+CASE WHEN g % 2 = 0 THEN '4111 1111 1111 1111' ELSE 'n/a' END, \
+'order ' || g || ' shipped to warehouse ' || (g % 17) || ', signed for at the door' \
+FROM generate_series(1, 10000) g";
+
+/// Labels of the resources that record every row (caps far above a run).
+const ALL_ROWS: &str =
+    "evidence = \"strict\", evidence_rows = \"1000000000\", evidence_bytes = \"64g\"";
+
+/// 200 rows of five columns per transaction.
+const RESULT_HEAVY: &str =
+    "\\set a random(1, 9800)\nSELECT * FROM bench_people WHERE id BETWEEN :a AND :a + 199;\n";
+
+/// A running `custody connect` for one resource.
+fn connect(c: &LocalCluster, token: &str, resource: &str) -> anyhow::Result<(Killed, u16)> {
+    let port = free_port()?;
+    let child = Command::new(&c.bins.custody)
+        .args(["connect", resource, "--port", &port.to_string()])
+        .env("CUSTODY_COORDINATOR", c.api_urls(&[]))
+        .env("CUSTODY_CA", c.ca_path())
+        .env("CUSTODY_TOKEN", token)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start custody connect")?;
+    let k = Killed(child);
+    wait_port(port)?;
+    Ok((k, port))
+}
+
+fn row(name: &str, path: &str, r: (f64, f64)) {
+    println!("{name:<22} {path:<16} {:>10.0} {:>12.3}", r.0, r.1);
+}
+
+/// `only`: the workloads to run (`select`, `tpcb`, `masking`); empty = all.
+pub async fn postgres(
+    seconds: u64,
+    clients: usize,
+    scale: u32,
+    only: &[String],
+) -> anyhow::Result<()> {
+    for w in only {
+        if !["select", "tpcb", "masking"].contains(&w.as_str()) {
+            bail!("unknown workload {w:?} (select, tpcb, masking)");
+        }
+    }
+    let wanted = |w: &str| only.is_empty() || only.iter().any(|o| o == w);
     let tmp = tempfile::tempdir()?;
     let pg = LocalPostgres::start(&tmp.path().join("pg"))?;
     let direct = pg.direct_env();
@@ -140,6 +227,18 @@ pub async fn postgres(seconds: u64, clients: usize, scale: u32) -> anyhow::Resul
     if !out.status.success() {
         bail!("pgbench -i: {}", String::from_utf8_lossy(&out.stderr));
     }
+    let out = Command::new("psql")
+        .args(["-q", "-v", "ON_ERROR_STOP=1", "-c", PEOPLE])
+        .envs(direct.iter().cloned())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "seed bench_people: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let script = tmp.path().join("result-heavy.sql");
+    std::fs::write(&script, RESULT_HEAVY)?;
     let bouncer = pgbouncer(&pg, &tmp.path().join("bouncer"))?;
 
     let bins = Binaries::locate()?;
@@ -148,61 +247,108 @@ pub async fn postgres(seconds: u64, clients: usize, scale: u32) -> anyhow::Resul
     c.wait_for_leader(&[], Duration::from_secs(30)).await?;
     c.client(&[])?.policy_apply(POLICY, "yaml").await?;
     let mut spec = EdgeSpec::shell("bench-edge", "bench-db");
-    spec.resources_toml = pg.resource_toml("bench-db", "evidence = \"strict\"");
+    spec.resources_toml = [
+        pg.resource_toml("bench-db", "evidence = \"strict\""),
+        pg.resource_toml("bench-db-async", "evidence = \"async\""),
+        pg.resource_toml("bench-db-masked", "evidence = \"strict\""),
+        pg.resource_toml("bench-db-all", ALL_ROWS),
+        pg.resource_toml("bench-db-all-masked", ALL_ROWS),
+    ]
+    .concat();
     c.add_edge(&spec)?;
     c.enroll_edge("bench-edge").await?;
-    c.wait_for_resource("bench-db", 3, Duration::from_secs(30))
-        .await?;
+    for r in [
+        "bench-db",
+        "bench-db-async",
+        "bench-db-masked",
+        "bench-db-all",
+        "bench-db-all-masked",
+    ] {
+        c.wait_for_resource(r, 3, Duration::from_secs(30)).await?;
+    }
     let alice = c.mint_token("alice").await?.token;
-    let port = free_port()?;
-    let connect = Killed(
-        Command::new(&c.bins.custody)
-            .args(["connect", "bench-db", "--port", &port.to_string()])
-            .env("CUSTODY_COORDINATOR", c.api_urls(&[]))
-            .env("CUSTODY_CA", c.ca_path())
-            .env("CUSTODY_TOKEN", &alice)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start custody connect")?,
-    );
-    wait_port(port)?;
-    let custody_env = with_port(&direct, port);
+    let (_strict, strict_port) = connect(&c, &alice, "bench-db")?;
+    let (_async, async_port) = connect(&c, &alice, "bench-db-async")?;
+    let (_masked, masked_port) = connect(&c, &alice, "bench-db-masked")?;
+    let (_all, all_port) = connect(&c, &alice, "bench-db-all")?;
+    let (_all_masked, all_masked_port) = connect(&c, &alice, "bench-db-all-masked")?;
 
     println!(
-        "pgbench, {clients} clients, {seconds}s per run, scale {scale}; custody = custody connect -> gateway -> edge, strict evidence"
+        "pgbench, {clients} clients, {seconds}s per run, scale {scale}; custody = custody connect -> gateway -> edge"
     );
     println!(
-        "{:<22} {:<10} {:>10} {:>12}",
+        "{:<22} {:<16} {:>10} {:>12}",
         "workload", "path", "tps", "latency ms"
     );
     let secs = seconds.to_string();
     let c_s = clients.to_string();
     let jobs = clients.min(4).to_string();
-    for (name, args) in [
-        ("select-only (-S)", vec!["-S", "-n"]),
-        ("tpc-b (-M prepared)", vec!["-M", "prepared", "-n"]),
+    let common = ["-n", "-c", &c_s, "-j", &jobs, "-T", &secs];
+    for (key, name, args) in [
+        ("select", "select-only (-S)", vec!["-S"]),
+        ("tpcb", "tpc-b (-M prepared)", vec!["-M", "prepared"]),
     ] {
-        let mut all: Vec<&str> = args.clone();
-        all.extend_from_slice(&["-c", &c_s, "-j", &jobs, "-T", &secs]);
+        if !wanted(key) {
+            continue;
+        }
+        let all: Vec<&str> = args.iter().chain(common.iter()).copied().collect();
         let d = pgbench(&direct, &all)?;
+        row(name, "direct", d);
         let b = match &bouncer {
             Some((_, p)) => Some(pgbench(&with_port(&direct, *p), &all)?),
             None => None,
         };
-        let cu = pgbench(&custody_env, &all)?;
-        println!("{name:<22} {:<10} {:>10.0} {:>12.3}", "direct", d.0, d.1);
         if let Some(b) = b {
-            println!("{name:<22} {:<10} {:>10.0} {:>12.3}", "pgbouncer", b.0, b.1);
+            row(name, "pgbouncer", b);
         }
-        println!("{name:<22} {:<10} {:>10.0} {:>12.3}", "custody", cu.0, cu.1);
-        print!("{name:<22} custody/direct {:.2}", cu.0 / d.0);
+        let cu = pgbench(&with_port(&direct, strict_port), &all)?;
+        row(name, "custody strict", cu);
+        let ca = pgbench(&with_port(&direct, async_port), &all)?;
+        row(name, "custody async", ca);
+        print!(
+            "{name:<22} custody/direct: strict {:.2}, async {:.2}",
+            cu.0 / d.0,
+            ca.0 / d.0
+        );
         match b {
-            Some(b) => println!(", custody/pgbouncer {:.2}", cu.0 / b.0),
+            Some(b) => println!(
+                "; custody/pgbouncer: strict {:.2}, async {:.2}",
+                cu.0 / b.0,
+                ca.0 / b.0
+            ),
             None => println!(" (pgbouncer not installed: no baseline)"),
         }
     }
-    drop(connect);
+
+    // Masking overhead: the same result-heavy query through two resources
+    // that differ only in the masking profile of the deciding rule.
+    if !wanted("masking") {
+        return Ok(());
+    }
+    let name = "result-heavy (200 rows)";
+    let script_arg = format!("-f{}", script.display());
+    let all: Vec<&str> = std::iter::once(script_arg.as_str())
+        .chain(common.iter().copied())
+        .collect();
+    let d = pgbench(&direct, &all)?;
+    row(name, "direct", d);
+    // Default caps: a session stops recording rows after 100 000, so most of
+    // the run relays rows without recording them. Then with every row
+    // recorded (caps raised on the resource).
+    for (label, plain_port, masked_port) in [
+        ("default caps", strict_port, masked_port),
+        ("every row recorded", all_port, all_masked_port),
+    ] {
+        let plain = pgbench(&with_port(&direct, plain_port), &all)?;
+        row(name, "custody strict", plain);
+        let masked = pgbench(&with_port(&direct, masked_port), &all)?;
+        row(name, "custody masked", masked);
+        println!(
+            "{name:<22} {label}: masked/unmasked {:.2} (masking overhead {:.1}%)",
+            masked.0 / plain.0,
+            (1.0 - masked.0 / plain.0) * 100.0
+        );
+    }
     drop(bouncer);
     Ok(())
 }

@@ -105,9 +105,7 @@ pub async fn start_session(
     }
     let mut out = BytesMut::new();
     pg::encode_startup(&all, &mut out);
-    s.write_all(&out)
-        .await
-        .map_err(|e| GatewayError::Protocol(e.to_string()))?;
+    write_flush(&mut s, &out).await?;
     let mut buf = BytesMut::new();
     let f = read_frame(&mut s, &mut buf).await?;
     match f.tag {
@@ -124,9 +122,7 @@ pub async fn start_session(
     let mut body = token.as_bytes().to_vec();
     body.push(0);
     pg::encode_frame(pg::ftag::PASSWORD, &body, &mut out);
-    s.write_all(&out)
-        .await
-        .map_err(|e| GatewayError::Protocol(e.to_string()))?;
+    write_flush(&mut s, &out).await?;
     Ok((s, buf))
 }
 
@@ -171,15 +167,30 @@ pub struct QueryResult {
     pub error: Option<String>,
 }
 
-/// Runs `sql` with the simple query protocol on a fresh session.
+/// Writes and flushes (TLS may hold the tail of a write until flushed).
+async fn write_flush<S: tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    b: &[u8],
+) -> Result<(), GatewayError> {
+    s.write_all(b)
+        .await
+        .map_err(|e| GatewayError::Protocol(e.to_string()))?;
+    s.flush()
+        .await
+        .map_err(|e| GatewayError::Protocol(e.to_string()))
+}
+
+/// Runs `sql` with the simple query protocol on a fresh session; `params`
+/// go in the startup message (for example `custody.no_wait`).
 pub async fn query(
     addr: SocketAddr,
     tls: Arc<rustls::ClientConfig>,
     resource: &str,
     token: &str,
     sql: &str,
+    params: &[(String, String)],
 ) -> Result<QueryResult, GatewayError> {
-    let (mut s, mut buf) = start_session(addr, tls, resource, token, &[]).await?;
+    let (mut s, mut buf) = start_session(addr, tls, resource, token, params).await?;
     // Until the first ReadyForQuery: authentication result and greeting.
     loop {
         let f = read_frame(&mut s, &mut buf).await?;
@@ -193,9 +204,7 @@ pub async fn query(
     let mut body = sql.as_bytes().to_vec();
     body.push(0);
     pg::encode_frame(pg::ftag::QUERY, &body, &mut out);
-    s.write_all(&out)
-        .await
-        .map_err(|e| GatewayError::Protocol(e.to_string()))?;
+    write_flush(&mut s, &out).await?;
     let mut r = QueryResult::default();
     loop {
         let f = read_frame(&mut s, &mut buf).await?;

@@ -73,25 +73,47 @@ pub fn build_chunk(
     prev_sha256: [u8; 32],
     events: Vec<ev::Event>,
 ) -> Result<ev::Chunk, ChainError> {
-    let first = events.first().cloned().unwrap_or_default();
-    let last_ev = events.last().cloned().unwrap_or_default();
+    let (session_id, first_seq, first_at_ms) = events
+        .first()
+        .map(|e| (e.session_id.clone(), e.seq, e.at_ms))
+        .unwrap_or_default();
+    let (last_seq, last_at_ms) = events.last().map(|e| (e.seq, e.at_ms)).unwrap_or_default();
     let last = events
         .iter()
         .any(|e| matches!(e.kind, Some(ev::event::Kind::Closed(_))));
     let raw = ev::EventBatch { events }.encode_to_vec();
-    let zstd_events =
-        zstd::bulk::compress(&raw, ZSTD_LEVEL).map_err(|e| ChainError::Compress(e.to_string()))?;
+    let zstd_events = compress(&raw)?;
     Ok(ev::Chunk {
-        session_id: first.session_id,
+        session_id,
         index,
-        first_seq: first.seq,
-        last_seq: last_ev.seq,
+        first_seq,
+        last_seq,
         prev_sha256: prev_sha256.to_vec().into(),
         zstd_events: zstd_events.into(),
         raw_len: raw.len() as u64,
-        first_at_ms: first.at_ms,
-        last_at_ms: last_ev.at_ms,
+        first_at_ms,
+        last_at_ms,
         last,
+    })
+}
+
+/// zstd at [`ZSTD_LEVEL`], reusing one compression context per thread
+/// (creating a context costs more than compressing a small chunk).
+fn compress(raw: &[u8]) -> Result<Vec<u8>, ChainError> {
+    thread_local! {
+        static CCTX: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let err = |e: std::io::Error| ChainError::Compress(e.to_string());
+    CCTX.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = Some(zstd::bulk::Compressor::new(ZSTD_LEVEL).map_err(err)?);
+        }
+        match c.as_mut() {
+            Some(z) => z.compress(raw).map_err(err),
+            None => zstd::bulk::compress(raw, ZSTD_LEVEL).map_err(err),
+        }
     })
 }
 

@@ -409,7 +409,16 @@ pub fn decode_data_row(body: &Bytes) -> Result<Vec<Option<Bytes>>, PgError> {
 }
 
 pub fn encode_data_row(values: &[Option<Bytes>], out: &mut BytesMut) {
-    let mut body = BytesMut::new();
+    encode_frame(btag::DATA_ROW, &data_row_body(values), out);
+}
+
+/// The body of a DataRow holding `values` (one allocation).
+pub fn data_row_body(values: &[Option<Bytes>]) -> Bytes {
+    let len = 2 + values
+        .iter()
+        .map(|v| 4 + v.as_ref().map_or(0, Bytes::len))
+        .sum::<usize>();
+    let mut body = BytesMut::with_capacity(len);
     body.put_i16(values.len() as i16);
     for v in values {
         match v {
@@ -420,7 +429,7 @@ pub fn encode_data_row(values: &[Option<Bytes>], out: &mut BytesMut) {
             }
         }
     }
-    encode_frame(btag::DATA_ROW, &body, out);
+    body.freeze()
 }
 
 /// `ErrorResponse` / `NoticeResponse` fields by their code byte.

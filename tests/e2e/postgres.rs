@@ -7,6 +7,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use custody_cli::dev::{EdgeSpec, GenOptions};
+use custody_proto::pg;
 
 use crate::edge::{custody, text};
 use crate::harness::{self, TestCluster};
@@ -460,6 +461,157 @@ async fn sql_guardrails_deny_or_hold_statements_for_approval() {
         "select count(*) from pg_tables where tablename = 'scratch2'",
     );
     assert_eq!(text(&out.stdout).trim(), "1");
+
+    // A client that does not wait (PGOPTIONS) gets an error with the request
+    // id at once; asking again finds the same request; once approved, the
+    // same statement runs, once.
+    let mut nowait = env.clone();
+    nowait.push(("PGOPTIONS".into(), "-c custody.no_wait=on".into()));
+    let out = psql(&nowait, "drop table scratch2");
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("not waiting") && err.contains("approval required: request"),
+        "{err}"
+    );
+    let id3 = err
+        .split("request ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    assert_ne!(id3, id2, "a denied request is not reused");
+    let again = psql(&nowait, "drop table scratch2");
+    assert!(
+        text(&again.stderr).contains(&format!("request {id3} ")),
+        "{}",
+        text(&again.stderr)
+    );
+    let out = custody(&c, &[], &bob, &["approvals", "list", "--pending", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "one request: {v}");
+    // custody exec --sql --no-wait: exit 254 with the same request.
+    let out = custody(
+        &c,
+        &[],
+        &alice,
+        &["exec", "db", "--no-wait", "--sql", "drop table scratch2"],
+    );
+    assert_eq!(out.status.code(), Some(254), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(&format!("request {id3} ")));
+    let out = custody(&c, &[], &bob, &["approvals", "approve", &id3]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = psql(&nowait, "drop table scratch2");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = psql(
+        &env,
+        "select count(*) from pg_tables where tablename = 'scratch2'",
+    );
+    assert_eq!(text(&out.stdout).trim(), "0", "ran after approval");
+    let out = custody(&c, &[], &bob, &["approvals", "show", &id3, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "used");
+
+    // A refused statement inside an extended-protocol sequence whose first
+    // statement already went to the server: answered in order (the first
+    // statement's rows, then 42501 in place of the second), and the session
+    // goes on.
+    let local = connect(&c, &alice, "db").await;
+    let mut wire = RawPg::connect(local.1).await;
+    let mut batch = Vec::new();
+    for sql in ["select count(*) from t", "delete from t"] {
+        batch.push(RawPg::parse(sql));
+        batch.push(RawPg::bind());
+        batch.push(RawPg::execute());
+    }
+    batch.push((pg::ftag::SYNC, vec![]));
+    let got = wire.exchange(&batch).await;
+    let tags: Vec<char> = got.iter().map(|f| f.tag as char).collect();
+    assert_eq!(tags, ['1', '2', 'D', 'C', 'E', 'Z'], "{got:?}");
+    let err = pg::decode_notice(&got[4].body).unwrap();
+    assert_eq!(err.get(b'C'), Some("42501"));
+    assert!(
+        err.get(b'M')
+            .is_some_and(|m| m.contains("no-unbounded-deletes")),
+        "{err:?}"
+    );
+    let got = wire
+        .exchange(&[(pg::ftag::QUERY, b"select count(*) from t\0".to_vec())])
+        .await;
+    let row = got.iter().find(|f| f.tag == b'D').expect("a row");
+    assert_eq!(
+        pg::decode_data_row(&row.body).unwrap()[0].as_deref(),
+        Some(&b"2"[..])
+    );
+}
+
+/// A hand-driven protocol client (plaintext, for `custody connect`).
+struct RawPg {
+    s: tokio::net::TcpStream,
+    buf: bytes::BytesMut,
+}
+
+impl RawPg {
+    async fn connect(port: u16) -> Self {
+        use tokio::io::AsyncWriteExt as _;
+        let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let mut me = RawPg {
+            s,
+            buf: bytes::BytesMut::new(),
+        };
+        let mut out = bytes::BytesMut::new();
+        pg::encode_startup(&[("user", "x"), ("database", "db")], &mut out);
+        me.s.write_all(&out).await.unwrap();
+        me.until_ready().await;
+        me
+    }
+
+    fn parse(sql: &str) -> (u8, Vec<u8>) {
+        let mut b = vec![0];
+        b.extend_from_slice(sql.as_bytes());
+        b.extend_from_slice(&[0, 0, 0]);
+        (pg::ftag::PARSE, b)
+    }
+
+    fn bind() -> (u8, Vec<u8>) {
+        (pg::ftag::BIND, vec![0, 0, 0, 0, 0, 0, 0, 0])
+    }
+
+    fn execute() -> (u8, Vec<u8>) {
+        (pg::ftag::EXECUTE, vec![0, 0, 0, 0, 0])
+    }
+
+    /// Sends `frames` at once and returns everything up to ReadyForQuery.
+    async fn exchange(&mut self, frames: &[(u8, Vec<u8>)]) -> Vec<pg::Frame> {
+        use tokio::io::AsyncWriteExt as _;
+        let mut out = bytes::BytesMut::new();
+        for (tag, body) in frames {
+            pg::encode_frame(*tag, body, &mut out);
+        }
+        self.s.write_all(&out).await.unwrap();
+        self.until_ready().await
+    }
+
+    async fn until_ready(&mut self) -> Vec<pg::Frame> {
+        use tokio::io::AsyncReadExt as _;
+        let mut got = Vec::new();
+        loop {
+            while let Some(f) = pg::split_frame(&mut self.buf, pg::Limits::default()).unwrap() {
+                let done = f.tag == b'Z';
+                got.push(f);
+                if done {
+                    return got;
+                }
+            }
+            let n = tokio::time::timeout(Duration::from_secs(20), self.s.read_buf(&mut self.buf))
+                .await
+                .expect("an answer within 20 s")
+                .unwrap();
+            assert!(n > 0, "the connection closed: {got:?}");
+        }
+    }
 }
 
 /// psql straight to the real server (seeding data the gateway must mask).
@@ -491,13 +643,15 @@ async fn results_are_masked_for_the_client_and_in_the_evidence() {
     let out = psql_direct(
         &pg,
         "create table customers(id int, name text, email text, card text, customer_ssn text, note text, card_num bigint); \
-         insert into customers values (1, 'Alice', 'alice@example.com', '4111 1111 1111 1111', '123-45-6789', 'iban DE89 3704 0044 0532 0130 00 from 10.1.2.3', 4111111111111111)",
+         insert into customers values (1, 'Alice', 'alice@example.com', '4111 1111 1111 1111', '123-45-6789', 'iban DE89 3704 0044 0532 0130 00 from 10.1.2.3', 4111111111111111); \
+         create schema vault; create table vault.accounts(owner text, pin text); \
+         insert into vault.accounts values ('Alice', 'PIN-8876-ZQ')",
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let policy = POLICY.replace(
         "    guardrails: [no-unbounded-deletes, drops-need-review]\n",
         "    guardrails: [no-unbounded-deletes, drops-need-review]\n    mask: [pii]\n",
-    ) + "masking:\n  - name: pii\n    detectors: [credit_card, email, us_ssn, iban, ip]\n    columns: [\"*ssn*\"]\n";
+    ) + "masking:\n  - name: pii\n    detectors: [credit_card, email, us_ssn, iban, ip]\n    columns: [\"*ssn*\", \"vault.accounts.pin\"]\n";
     let c = system_with(&pg, &policy).await;
     let alice = c.mint_token("alice").await.unwrap().token;
     let audrey = c.mint_token("audrey").await.unwrap().token;
@@ -512,6 +666,52 @@ async fn results_are_masked_for_the_client_and_in_the_evidence() {
         "1|Alice|[email]|[credit_card]|****|iban [iban] from [ip]|",
         "text-format results are masked (a card number in a bigint becomes NULL)"
     );
+    // A table column rule follows the column through aliases and
+    // expressions of it are not the column (RowDescription has no table).
+    let out = psql(
+        &env,
+        "select owner, pin, pin as p, 'PIN-0000-AA' as pin from vault.accounts",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "Alice|****|****|PIN-0000-AA");
+    // Prepared statements with binary results, run out of order: each
+    // execution is masked by its own statement's columns.
+    {
+        let local = connect(&c, &alice, "db").await;
+        let (client, conn) = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={} user=x dbname=db", local.1),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .expect("connect through custody connect");
+        tokio::spawn(conn);
+        let pin = client
+            .prepare("select pin from vault.accounts")
+            .await
+            .unwrap();
+        let owner = client
+            .prepare("select owner, 'x' as pin from vault.accounts")
+            .await
+            .unwrap();
+        let email = client
+            .prepare("select email, card_num from customers")
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            let r = client.query_one(&pin, &[]).await.unwrap();
+            assert_eq!(r.get::<_, String>(0), "****");
+            let r = client.query_one(&owner, &[]).await.unwrap();
+            assert_eq!(r.get::<_, String>(0), "Alice");
+            assert_eq!(r.get::<_, String>(1), "x");
+            let r = client.query_one(&email, &[]).await.unwrap();
+            assert_eq!(r.get::<_, String>(0), "[email]");
+            assert_eq!(
+                r.get::<_, Option<i64>>(1),
+                None,
+                "a binary bigint card number is refused (NULL)"
+            );
+        }
+    }
     // COPY TO under column masking is refused; COPY of a query is masked.
     let out = psql(&env, "\\copy customers to stdout");
     assert!(
@@ -526,6 +726,7 @@ async fn results_are_masked_for_the_client_and_in_the_evidence() {
         "123-45-6789",
         "DE89 3704",
         "10.1.2.3",
+        "PIN-8876-ZQ",
     ];
     let events = session_events(&c, &audrey, "db");
     assert!(

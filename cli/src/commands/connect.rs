@@ -115,6 +115,7 @@ async fn forward(
             let mut out = BytesMut::new();
             pg::encode_cancel(pid, key, &mut out);
             g.write_all(&out).await?;
+            g.flush().await?;
             let _ = g.read(&mut [0u8; 1]).await;
         }
         Startup::Startup { params } => {
@@ -137,6 +138,7 @@ async fn forward(
             local.write_all(&pending).await?;
             if !buf.is_empty() {
                 g.write_all(&buf).await?;
+                g.flush().await?;
             }
             tokio::io::copy_bidirectional(&mut local, &mut g).await?;
         }

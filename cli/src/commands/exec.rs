@@ -18,11 +18,12 @@ pub struct ExecArgs {
     #[arg(short = 'n', long)]
     no_stdin: bool,
     /// When approval is required, print the request id and exit with status
-    /// 254 instead of waiting.
+    /// 254 instead of waiting. With --sql, run the same statement again once
+    /// the request is approved: it finds its request.
     #[arg(long)]
     no_wait: bool,
     /// Run under this approval request (waits while it is pending).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "sql")]
     request_id: Option<u64>,
     /// Justification recorded with a new approval request.
     #[arg(long)]
@@ -58,7 +59,12 @@ async fn exec_sql(a: &ExecArgs, sql: &str) -> anyhow::Result<i32> {
     let ca = std::env::var("CUSTODY_CA").map_err(|_| anyhow::anyhow!("CUSTODY_CA is not set"))?;
     let tls = custody_cli::pg::tls_config(std::path::Path::new(&ca))?;
     let token = custody_cli::login::current_token()?;
-    let r = custody_cli::pg::query(gateway, tls, &a.resource, &token, sql).await?;
+    let params = if a.no_wait {
+        vec![("custody.no_wait".to_string(), "on".to_string())]
+    } else {
+        vec![]
+    };
+    let r = custody_cli::pg::query(gateway, tls, &a.resource, &token, sql, &params).await?;
     for n in &r.notices {
         eprintln!("custody: {n}");
     }
@@ -112,6 +118,11 @@ async fn exec_sql(a: &ExecArgs, sql: &str) -> anyhow::Result<i32> {
         }
     }
     match &r.error {
+        // Held for approval and not waiting: the request id is in the message.
+        Some(e) if a.no_wait && e.contains("not waiting (custody.no_wait)") => {
+            eprintln!("custody: {e}");
+            Ok(EXIT_APPROVAL_PENDING)
+        }
         Some(e) => {
             eprintln!("error: {e}");
             Ok(1)

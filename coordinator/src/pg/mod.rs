@@ -11,6 +11,7 @@
 //! carrying it is forwarded to the session's edge, which cancels with the
 //! server's real key.
 
+pub mod catalog;
 pub mod relay;
 
 use std::collections::HashMap;
@@ -56,6 +57,8 @@ pub struct PgGateway<E: Engine> {
     cancels: CancelMap,
     limits: Limits,
     notifier: crate::notify::Notifier,
+    /// Table names behind result columns, for `schema.table.column` masking.
+    catalog: catalog::Cache,
 }
 
 /// Why a connection ended early: sent to the client as a FATAL error.
@@ -113,6 +116,7 @@ impl<E: Engine> PgGateway<E> {
             cancels: Arc::new(Mutex::new(HashMap::new())),
             limits: Limits::default(),
             notifier,
+            catalog: catalog::Cache::default(),
         }
     }
 
@@ -272,9 +276,7 @@ impl<E: Engine> PgGateway<E> {
             .to_owned();
         let mut out = BytesMut::new();
         pg::encode_auth(pg::AUTH_CLEARTEXT, &[], &mut out);
-        s.write_all(&out)
-            .await
-            .map_err(|e| fatal("08006", e.to_string()))?;
+        write_flush(s, &out).await?;
         let f = read_frame(
             s,
             buf,
@@ -358,7 +360,15 @@ impl<E: Engine> PgGateway<E> {
             }
         };
         let masker = policy.masker(&d.mask);
+        let caps = Caps::from_labels(&info.labels).map_err(|e| {
+            fatal(
+                "XX000",
+                format!("resource {} is misconfigured: {e}", info.name),
+            )
+        })?;
         Ok(Authorized {
+            caps,
+            no_wait: wants_no_wait(startup),
             masker,
             id,
             resource: info,
@@ -442,7 +452,9 @@ impl<E: Engine> PgGateway<E> {
         let params = match &startup {
             Startup::Startup { params } => params
                 .iter()
-                .filter(|(k, _)| !matches!(k.as_str(), "user" | "database"))
+                .filter(|(k, _)| {
+                    !matches!(k.as_str(), "user" | "database") && !k.starts_with("custody.")
+                })
                 .cloned()
                 .collect(),
             _ => Default::default(),
@@ -576,52 +588,87 @@ impl<E: Engine> PgGateway<E> {
         d: &crate::policy::Decision,
         doc: crate::policy::ApprovalDoc,
     ) -> Result<(), String> {
-        use crate::state::approvals::{approval_get, effective_status, ApprovalCommand};
+        use crate::state::approvals::{
+            approval_get, approvals_list, effective_status, ApprovalCommand,
+        };
         let node = &self.tunnels.node;
         let digest = crate::api::sessions::command_digest(sql);
-        let req = pb::ApprovalRequest {
-            requester: a.id.principal(),
-            requester_label: a.id.label().to_owned(),
-            resource: a.resource.name.clone(),
-            kind: "command".into(),
-            command: sql.to_owned(),
-            command_sha256: digest.to_vec().into(),
-            approver_groups: doc.groups.clone(),
-            required: doc.count,
-            require_reason: doc.require_reason,
-            rule: d.rule.clone().unwrap_or_default(),
-            timeout_ms: doc.timeout_ms(),
-            webhook: doc.webhook.clone().unwrap_or_default(),
-            ..Default::default()
+        let principal = a.id.principal();
+        // The same statement asked again (a client that did not wait, or a
+        // reconnect) finds its own request: approved and unused runs now,
+        // pending is waited on, instead of a new request each time.
+        let now = now_ms();
+        let existing = approvals_list(node.store(), 1, |r| {
+            r.kind == "command"
+                && r.requester == principal
+                && r.resource == a.resource.name
+                && r.command_sha256[..] == digest[..]
+                && matches!(
+                    effective_status(r, now),
+                    approvals::PENDING | approvals::APPROVED
+                )
+        })
+        .map_err(|e| format!("cannot read approval requests: {e}"))?
+        .pop();
+        let id = match existing {
+            Some(r) => r.id,
+            None => {
+                let req = pb::ApprovalRequest {
+                    requester: principal.clone(),
+                    requester_label: a.id.label().to_owned(),
+                    resource: a.resource.name.clone(),
+                    kind: "command".into(),
+                    command: sql.to_owned(),
+                    command_sha256: digest.to_vec().into(),
+                    approver_groups: doc.groups.clone(),
+                    required: doc.count,
+                    require_reason: doc.require_reason,
+                    rule: d.rule.clone().unwrap_or_default(),
+                    timeout_ms: doc.timeout_ms(),
+                    webhook: doc.webhook.clone().unwrap_or_default(),
+                    ..Default::default()
+                };
+                let created = crate::api::sessions::create_request(node, req)
+                    .await
+                    .map_err(|e| format!("cannot create an approval request: {}", e.message()))?;
+                tracing::warn!(target: "audit", event = "approval_requested", request = created.id, subject = %a.id.subject, resource = %a.resource.name, "statement held for approval");
+                self.notifier.approval("approval_requested", &created);
+                created.id
+            }
         };
-        let created = crate::api::sessions::create_request(node, req)
-            .await
-            .map_err(|e| format!("cannot create an approval request: {}", e.message()))?;
-        let id = created.id;
-        tracing::warn!(target: "audit", event = "approval_requested", request = id, subject = %a.id.subject, resource = %a.resource.name, "statement held for approval");
-        self.notifier.approval("approval_requested", &created);
-        let mut notice = BytesMut::new();
-        pg::encode_notice(
-            true,
-            "NOTICE",
-            "01000",
-            &format!("approval required: request {id} ({}); waiting for a decision (custody approvals approve {id})", d.reason),
-            &mut notice,
-        );
-        let _ = client.write_all(&notice).await;
-        let _ = client.flush().await;
-        loop {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let Ok(Some(r)) = approval_get(node.store(), id) else {
-                continue;
-            };
-            match effective_status(&r, now_ms()) {
-                approvals::PENDING => continue,
-                approvals::APPROVED => break,
-                other => {
-                    return Err(format!(
-                        "approval request {id} is {other}; the statement was not run"
-                    ))
+        let approved =
+            |r: &pb::ApprovalRequest| effective_status(r, now_ms()) == approvals::APPROVED;
+        let already = matches!(approval_get(node.store(), id), Ok(Some(r)) if approved(&r));
+        if !already && a.no_wait {
+            return Err(format!(
+                "approval required: request {id} ({}); not waiting (custody.no_wait): run the statement again once it is approved (custody approvals approve {id})",
+                d.reason
+            ));
+        }
+        if !already {
+            let mut notice = BytesMut::new();
+            pg::encode_notice(
+                true,
+                "NOTICE",
+                "01000",
+                &format!("approval required: request {id} ({}); waiting for a decision (custody approvals approve {id})", d.reason),
+                &mut notice,
+            );
+            let _ = client.write_all(&notice).await;
+            let _ = client.flush().await;
+            loop {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let Ok(Some(r)) = approval_get(node.store(), id) else {
+                    continue;
+                };
+                match effective_status(&r, now_ms()) {
+                    approvals::PENDING => continue,
+                    approvals::APPROVED => break,
+                    other => {
+                        return Err(format!(
+                            "approval request {id} is {other}; the statement was not run"
+                        ))
+                    }
                 }
             }
         }
@@ -647,6 +694,57 @@ impl<E: Engine> PgGateway<E> {
         Ok(())
     }
 
+    /// The names of the tables behind `fields` (from the cache, or looked up
+    /// through the edge); `None` when the lookup failed.
+    async fn tables_of(
+        &self,
+        fields: &[pg::Field],
+        a: &Authorized,
+        session: &str,
+    ) -> Option<catalog::Resolved> {
+        let mut oids: Vec<u32> = fields
+            .iter()
+            .filter(|f| f.table_oid != 0)
+            .map(|f| f.table_oid as u32)
+            .collect();
+        oids.sort_unstable();
+        oids.dedup();
+        let (mut found, missing) = self.catalog.get(&a.resource.name, &oids);
+        if missing.is_empty() {
+            return Some(found);
+        }
+        let open = t::SessionOpen {
+            session_id: format!("{session}-catalog"),
+            resource: a.resource.name.clone(),
+            identity: "custody gateway (catalog lookup)".into(),
+        };
+        let looked_up = async {
+            let routed = self
+                .tunnels
+                .open_session(&a.resource.name, &a.candidates, open)
+                .await
+                .map_err(|e| e.to_string())?;
+            catalog::lookup(routed.channel, &missing)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(catalog::LOOKUP_TIMEOUT, looked_up).await {
+            Ok(Ok(r)) => {
+                self.catalog.put(&a.resource.name, &r);
+                found.extend(r);
+                Some(found)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(session, resource = %a.resource.name, error = %e, "table names unavailable: table columns are masked whole");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(session, resource = %a.resource.name, "table name lookup timed out: table columns are masked whole");
+                None
+            }
+        }
+    }
+
     /// Relays until either side ends. `out` holds bytes for the client
     /// (the gateway's own greeting).
     #[allow(clippy::too_many_arguments)]
@@ -661,10 +759,10 @@ impl<E: Engine> PgGateway<E> {
         strict: bool,
         a: &Authorized,
     ) -> Result<&'static str, Fatal> {
-        let mut relay = Relay::new(Caps::default());
+        let mut relay = Relay::new(a.caps);
         let mut sbuf = BytesMut::new();
-        let mut formats: Vec<i16> = Vec::new();
-        let mut columns: Vec<pg::Field> = Vec::new();
+        let mut shape_gen = u64::MAX;
+        let mut shape = Shape::default();
         // Protocol position, for answering refused statements in order.
         let mut tx_status = b'I';
         let mut outstanding: u32 = 0; // ReadyForQuery messages the server still owes
@@ -672,14 +770,19 @@ impl<E: Engine> PgGateway<E> {
         let mut skipping = false; // dropping messages up to Sync after a refusal
         let mut deferred = BytesMut::new(); // refusals to send once the server caught up
         let mut held_error: Option<BytesMut> = None; // an error waiting for the client's Sync
+                                                     // Refusals inside a sequence already under way: (the ReadyForQuery
+                                                     // that ends the sequence, counted from the session's start; the error).
+        let mut substituted: std::collections::VecDeque<(u64, BytesMut)> = Default::default();
+        // ReadyForQuery messages owed so far: the server's greeting ends with one.
+        let mut rfq_expected: u64 = 1;
+        let mut rfq_seen: u64 = 0; // ... and received
+        let mut doomed = false; // the rest of this sequence fails at the server
         let commit_err = |e: crate::evidence::RecordError| {
             fatal("57P03", format!("{e}; the statement was not run"))
         };
         loop {
             if !out.is_empty() {
-                s.write_all(&out)
-                    .await
-                    .map_err(|e| fatal("08006", e.to_string()))?;
+                write_flush(s, &out).await?;
                 out.clear();
             }
             tokio::select! {
@@ -709,6 +812,15 @@ impl<E: Engine> PgGateway<E> {
                             }
                             continue;
                         }
+                        if doomed {
+                            // The server skips these (an error came first): they
+                            // are passed on but neither recorded nor committed.
+                            if f.tag != pg::ftag::SYNC {
+                                f.encode(&mut to_edge);
+                                continue;
+                            }
+                            doomed = false;
+                        }
                         let step = relay.client(&f).map_err(|e| fatal("08P01", e.to_string()))?;
                         for e in step.events {
                             rec.record(e).await.map_err(commit_err)?;
@@ -725,6 +837,7 @@ impl<E: Engine> PgGateway<E> {
                                 .await
                                 .map_err(commit_err)?;
                                 if f.tag == pg::ftag::QUERY {
+                                    relay.refused();
                                     pg::encode_ready(tx_status, &mut err);
                                     if outstanding == 0 && to_edge.is_empty() {
                                         out.extend_from_slice(&err);
@@ -734,10 +847,18 @@ impl<E: Engine> PgGateway<E> {
                                     continue;
                                 }
                                 if unsynced || !to_edge.is_empty() {
-                                    // Messages of this extended sequence already went
-                                    // to the server; answering in order is not
-                                    // possible, so end the connection instead.
-                                    return Err(fatal("42501", format!("{refusal}; closing the connection")));
+                                    // Messages before this one already went (or are
+                                    // going) to the server, so it must fail this one
+                                    // in its own order: it gets a Parse that cannot
+                                    // parse (answered with an error, then skipping to
+                                    // Sync as after any error), and the client gets
+                                    // the refusal in place of that error.
+                                    let name = pg::decode_parse(&f.body).map(|p| p.name).unwrap_or_default();
+                                    pg::encode_frame(pg::ftag::PARSE, &refused_parse(&name), &mut to_edge);
+                                    unsynced = true;
+                                    doomed = true;
+                                    substituted.push_back((rfq_expected + 1, err));
+                                    continue;
                                 }
                                 held_error = Some(err);
                                 skipping = true;
@@ -745,9 +866,13 @@ impl<E: Engine> PgGateway<E> {
                             }
                         }
                         match f.tag {
-                            pg::ftag::QUERY => outstanding += 1,
+                            pg::ftag::QUERY => {
+                                outstanding += 1;
+                                rfq_expected += 1;
+                            }
                             pg::ftag::SYNC => {
                                 outstanding += 1;
+                                rfq_expected += 1;
                                 unsynced = false;
                             }
                             pg::ftag::PARSE | pg::ftag::BIND | pg::ftag::EXECUTE
@@ -784,7 +909,23 @@ impl<E: Engine> PgGateway<E> {
                                     Ok(None) => break,
                                     Err(e) => return Err(fatal("08P01", format!("from the server: {e}"))),
                                 };
+                                relay.track(&f).map_err(|e| fatal("08P01", format!("from the server: {e}")))?;
+                                if f.tag == btag::ERROR_RESPONSE
+                                    && substituted.front().is_some_and(|(n, _)| *n == rfq_seen + 1)
+                                    && is_refusal_stand_in(&f)
+                                {
+                                    if let Some((_, err)) = substituted.pop_front() {
+                                        out.extend_from_slice(&err);
+                                    }
+                                    continue;
+                                }
                                 if f.tag == btag::READY_FOR_QUERY {
+                                    rfq_seen += 1;
+                                    // Stand-ins the server skipped (an earlier error
+                                    // in their sequence) are answered by that error.
+                                    while substituted.front().is_some_and(|(n, _)| *n <= rfq_seen) {
+                                        substituted.pop_front();
+                                    }
                                     tx_status = f.body.first().copied().unwrap_or(b'I');
                                     outstanding = outstanding.saturating_sub(1);
                                     f.encode(&mut out);
@@ -794,18 +935,29 @@ impl<E: Engine> PgGateway<E> {
                                     }
                                     continue;
                                 }
-                                if f.tag == btag::ROW_DESCRIPTION {
-                                    let fields = pg::decode_row_description(&f.body).unwrap_or_default();
-                                    formats = fields.iter().map(|x| x.format).collect();
-                                    columns = fields;
+                                if !a.masker.is_empty() && relay.columns().1 != shape_gen {
+                                    let (cols, generation) = relay.columns();
+                                    shape_gen = generation;
+                                    let cols = cols.map(<[pg::Field]>::to_vec);
+                                    shape = match cols {
+                                        None => Shape::unknown(),
+                                        Some(fields) => {
+                                            let tables = if a.masker.has_table_rules() {
+                                                self.tables_of(&fields, a, rec.session_id()).await
+                                            } else {
+                                                Some(catalog::Resolved::new())
+                                            };
+                                            Shape::new(fields, &a.masker, tables.as_ref())
+                                        }
+                                    };
                                 }
                                 let f = if a.masker.is_empty() {
                                     f
                                 } else {
-                                    mask_frame(&a.masker, f, &columns)
+                                    mask_frame(&a.masker, f, &shape)
                                         .map_err(|e| fatal("08P01", format!("from the server: {e}")))?
                                 };
-                                if let Some(e) = relay.server(&f, &formats).map_err(|e| fatal("08P01", format!("from the server: {e}")))? {
+                                if let Some(e) = relay.server(&f).map_err(|e| fatal("08P01", format!("from the server: {e}")))? {
                                     rec.record(e).await.map_err(commit_err)?;
                                 }
                                 f.encode(&mut out);
@@ -816,7 +968,7 @@ impl<E: Engine> PgGateway<E> {
                             }
                         }
                         Some(t::session_frame::Kind::Exit(_)) => {
-                            s.write_all(&out).await.map_err(|e| fatal("08006", e.to_string()))?;
+                            write_flush(s, &out).await?;
                             return Ok("the server closed the connection");
                         }
                         Some(t::session_frame::Kind::Error(e)) => {
@@ -843,18 +995,74 @@ fn binary_safe(type_oid: i32) -> bool {
     )
 }
 
-/// Masks one value of column `field`; `None` = SQL NULL.
+/// The columns of the current result, and which are masked whole (decided
+/// once per RowDescription, not per value).
+#[derive(Debug, Default)]
+struct Shape {
+    fields: Vec<pg::Field>,
+    whole: Vec<bool>,
+    /// The columns are not known (rows nobody described): every value is
+    /// refused (NULL) rather than guessed at.
+    unknown: bool,
+}
+
+impl Shape {
+    fn unknown() -> Self {
+        Self {
+            unknown: true,
+            ..Self::default()
+        }
+    }
+
+    /// `tables`: the names behind the fields' table OIDs; `None` when they
+    /// could not be resolved, so every table column is masked whole
+    /// (table rules fail closed).
+    fn new(
+        fields: Vec<pg::Field>,
+        m: &crate::policy::mask::Masker,
+        tables: Option<&catalog::Resolved>,
+    ) -> Self {
+        let whole = fields
+            .iter()
+            .map(|f| {
+                if m.masks_column(&f.name) {
+                    return true;
+                }
+                if !m.has_table_rules() || f.table_oid == 0 {
+                    return false;
+                }
+                let Some(tables) = tables else {
+                    return true;
+                };
+                tables.get(&(f.table_oid as u32)).is_some_and(|t| {
+                    t.columns
+                        .get(&f.column)
+                        .is_some_and(|c| m.masks_table_column(&t.schema, &t.table, c))
+                })
+            })
+            .collect();
+        Self {
+            fields,
+            whole,
+            unknown: false,
+        }
+    }
+}
+
+/// Masks one value of column `field` (`whole`: the column is masked
+/// entirely); `None` = SQL NULL.
 fn mask_value(
     m: &crate::policy::mask::Masker,
     field: Option<&pg::Field>,
+    whole: bool,
     v: bytes::Bytes,
 ) -> Option<bytes::Bytes> {
-    let (oid, format, name) =
-        field.map_or((25, 0, ""), |f| (f.type_oid, f.format, f.name.as_str()));
+    let (oid, format) = field.map_or((25, 0), |f| (f.type_oid, f.format));
     let text_type = text_like(oid);
-    if m.masks_column(name) {
-        // The whole value goes; types that cannot hold the marker become NULL.
-        return (text_type && format == 0)
+    if whole {
+        // The whole value goes; types that cannot hold the marker become NULL
+        // (a text type's binary form is its text; jsonb's is not).
+        return (text_type && (format == 0 || oid != 3802))
             .then(|| bytes::Bytes::from_static(crate::policy::mask::MASKED.as_bytes()));
     }
     if format == 1 {
@@ -882,8 +1090,11 @@ fn mask_value(
             Some(_) => None,
         };
     }
-    let text = String::from_utf8_lossy(&v);
-    match m.mask_text(&text) {
+    let masked = match std::str::from_utf8(&v) {
+        Ok(text) => m.mask_text(text),
+        Err(_) => m.mask_text(&String::from_utf8_lossy(&v)),
+    };
+    match masked {
         None => Some(v),
         Some(masked) if text_type => Some(masked.into()),
         // A number that looks like a card or phone number: NULL.
@@ -895,25 +1106,37 @@ fn mask_value(
 fn mask_frame(
     m: &crate::policy::mask::Masker,
     f: Frame,
-    columns: &[pg::Field],
+    shape: &Shape,
 ) -> Result<Frame, pg::PgError> {
     match f.tag {
         btag::DATA_ROW => {
             let values = pg::decode_data_row(&f.body)?;
-            let masked: Vec<Option<bytes::Bytes>> = values
-                .into_iter()
-                .enumerate()
-                .map(|(i, v)| v.and_then(|v| mask_value(m, columns.get(i), v)))
-                .collect();
-            let mut out = BytesMut::new();
-            pg::encode_data_row(&masked, &mut out);
-            Ok(pg::split_frame(
-                &mut out,
-                Limits {
-                    max_message: usize::MAX,
+            if shape.unknown {
+                return Ok(Frame {
+                    tag: f.tag,
+                    body: pg::data_row_body(&vec![None; values.len()]),
+                });
+            }
+            // Rows are rebuilt only when a value changed.
+            let mut masked: Option<Vec<Option<bytes::Bytes>>> = None;
+            for (i, v) in values.iter().enumerate() {
+                let Some(v) = v else { continue };
+                let whole = shape.whole.get(i).copied().unwrap_or(false);
+                let out = mask_value(m, shape.fields.get(i), whole, v.clone());
+                let same = out
+                    .as_ref()
+                    .is_some_and(|o| o.as_ptr() == v.as_ptr() && o.len() == v.len());
+                if !same {
+                    masked.get_or_insert_with(|| values.clone())[i] = out;
+                }
+            }
+            Ok(match masked {
+                None => f,
+                Some(masked) => Frame {
+                    tag: f.tag,
+                    body: pg::data_row_body(&masked),
                 },
-            )?
-            .expect("a whole frame was just encoded"))
+            })
         }
         // Binary COPY cannot be inspected: refused (the connection ends).
         btag::COPY_OUT | btag::COPY_BOTH if f.body.first() == Some(&1) => {
@@ -933,6 +1156,36 @@ fn mask_frame(
         }
         _ => Ok(f),
     }
+}
+
+/// The statement text of the Parse that stands in for a refused one: it
+/// cannot parse, so the server answers it with an error in protocol order.
+const REFUSED_STAND_IN: &str = "custody_refused_statement";
+
+fn refused_parse(name: &str) -> Vec<u8> {
+    let mut b = Vec::with_capacity(name.len() + REFUSED_STAND_IN.len() + 4);
+    b.extend_from_slice(name.as_bytes());
+    b.push(0);
+    b.extend_from_slice(REFUSED_STAND_IN.as_bytes());
+    b.push(0);
+    b.extend_from_slice(&0i16.to_be_bytes());
+    b
+}
+
+/// Whether a server error is the answer to a stand-in Parse.
+fn is_refusal_stand_in(f: &Frame) -> bool {
+    pg::decode_notice(&f.body)
+        .is_ok_and(|n| n.get(b'M').is_some_and(|m| m.contains(REFUSED_STAND_IN)))
+}
+
+/// Writes `b` to the client and flushes: a TLS stream may keep the tail of
+/// a write buffered until flushed, which would leave the client waiting for
+/// a response the gateway already "sent".
+async fn write_flush<S: AsyncWrite + Unpin>(s: &mut S, b: &[u8]) -> Result<(), Fatal> {
+    s.write_all(b)
+        .await
+        .map_err(|e| fatal("08006", e.to_string()))?;
+    s.flush().await.map_err(|e| fatal("08006", e.to_string()))
 }
 
 async fn send_data(tx: &mpsc::Sender<t::SessionFrame>, buf: &mut BytesMut) -> Result<(), Fatal> {
@@ -958,8 +1211,46 @@ fn end(reason: &str) -> pb::SessionEnd {
     }
 }
 
+/// Whether the startup asks not to wait for approvals: the parameter
+/// `custody.no_wait`, or `-c custody.no_wait=...` in `options` (what
+/// `PGOPTIONS` sets), with a true value.
+fn wants_no_wait(startup: &Startup) -> bool {
+    let truthy = |v: &str| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "on" | "true" | "1" | "yes"
+        )
+    };
+    if let Some(v) = startup.param("custody.no_wait") {
+        return truthy(v);
+    }
+    let Some(options) = startup.param("options") else {
+        return false;
+    };
+    let mut words = options.split_whitespace();
+    let mut found = false;
+    while let Some(w) = words.next() {
+        let setting = match w {
+            "-c" => words.next().unwrap_or(""),
+            _ => w
+                .strip_prefix("-c")
+                .or_else(|| w.strip_prefix("--"))
+                .unwrap_or(""),
+        };
+        if let Some(v) = setting.strip_prefix("custody.no_wait=") {
+            found = truthy(v);
+        }
+    }
+    found
+}
+
 /// A caller cleared to connect.
 struct Authorized {
+    /// How many result rows and bytes the session's evidence records.
+    caps: Caps,
+    /// The client asked not to wait for approvals (`custody.no_wait`): a
+    /// held statement fails at once with its request id.
+    no_wait: bool,
     /// Masking for this session's results (from the deciding rules).
     masker: crate::policy::mask::Masker,
     id: Identity,

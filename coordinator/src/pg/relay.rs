@@ -6,7 +6,7 @@
 //! rows (up to a cap, with the cut recorded), and every statement's outcome
 //! (CommandComplete tag and rows, or the error).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 
@@ -45,6 +45,61 @@ impl Default for Caps {
     }
 }
 
+impl Caps {
+    /// The caps of a resource: the labels `evidence_rows` (a count) and
+    /// `evidence_bytes` (bytes, or with a `k`, `m` or `g` suffix for KiB,
+    /// MiB, GiB) override the defaults.
+    pub fn from_labels(
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Self, String> {
+        let mut caps = Caps::default();
+        if let Some(v) = labels.get("evidence_rows") {
+            caps.rows = v
+                .trim()
+                .parse()
+                .map_err(|_| format!("label evidence_rows={v:?} is not a row count"))?;
+        }
+        if let Some(v) = labels.get("evidence_bytes") {
+            let t = v.trim().to_ascii_lowercase();
+            let (num, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+                Some((i, _)) => t.split_at(i),
+                None => (t.as_str(), ""),
+            };
+            let shift = match unit.trim_end_matches("ib").trim_end_matches('b') {
+                "" => 0,
+                "k" => 10,
+                "m" => 20,
+                "g" => 30,
+                _ => return Err(format!("label evidence_bytes={v:?}: unknown unit")),
+            };
+            caps.bytes = num
+                .parse::<u64>()
+                .ok()
+                .and_then(|n| n.checked_mul(1 << shift))
+                .ok_or_else(|| format!("label evidence_bytes={v:?} is not a size"))?;
+        }
+        Ok(caps)
+    }
+}
+
+/// What the server owes, in order, for the client messages forwarded so far
+/// (only what tells which columns the next DataRows have).
+#[derive(Debug, Clone, PartialEq)]
+enum Owed {
+    /// RowDescription or NoData for a prepared statement.
+    DescribeStatement(String),
+    /// RowDescription or NoData for a portal.
+    DescribePortal(String),
+    /// A portal's rows, ended by CommandComplete, PortalSuspended,
+    /// EmptyQueryResponse or an error.
+    Execute(String),
+    /// A simple query: results, each after its RowDescription, up to
+    /// ReadyForQuery.
+    Query,
+    /// ReadyForQuery.
+    Sync,
+}
+
 /// Follows one session.
 #[derive(Debug, Default)]
 pub struct Relay {
@@ -55,6 +110,19 @@ pub struct Relay {
     rows: u64,
     bytes: u64,
     cut: bool,
+    owed: VecDeque<Owed>,
+    /// Result columns of described prepared statements.
+    statement_columns: HashMap<String, Vec<pg::Field>>,
+    /// Portal to (statement, result formats from Bind).
+    bound: HashMap<String, (String, Vec<i16>)>,
+    /// Result columns of described portals (formats as the server says).
+    portal_columns: HashMap<String, Vec<pg::Field>>,
+    /// Columns of the DataRows arriving now; `None` when unknown.
+    current: Option<Vec<pg::Field>>,
+    /// Bumped whenever `current` changes.
+    generation: u64,
+    /// `current` was set for the Execute at the front of `owed`.
+    executing: bool,
 }
 
 /// A parameter as evidence text: text format as is, binary as `\x` hex.
@@ -107,6 +175,7 @@ impl Relay {
         match f.tag {
             ftag::QUERY => {
                 let q = pg::decode_cstring(&f.body, "Query")?;
+                self.owed.push_back(Owed::Query);
                 step.statement = Some(q.clone());
                 step.events.push(command(q, vec![], "query"));
                 step.executes = true;
@@ -114,6 +183,7 @@ impl Relay {
             ftag::PARSE => {
                 let p = pg::decode_parse(&f.body)?;
                 step.statement = Some(p.query.clone());
+                self.statement_columns.remove(&p.name);
                 self.statements.insert(p.name, p.query);
             }
             ftag::BIND => {
@@ -129,11 +199,15 @@ impl Relay {
                     .enumerate()
                     .map(|(i, v)| render_param(v, b.param_format(i)))
                     .collect();
+                self.portal_columns.remove(&b.portal);
+                self.bound
+                    .insert(b.portal.clone(), (b.statement, b.result_formats));
                 self.portals.insert(b.portal, (text, params));
             }
             ftag::EXECUTE => {
                 let (portal, _) = pg::decode_execute(&f.body)?;
                 let (text, params) = self.portals.get(&portal).cloned().unwrap_or_default();
+                self.owed.push_back(Owed::Execute(portal));
                 step.events.push(command(text, params, "execute"));
                 step.executes = true;
             }
@@ -141,12 +215,20 @@ impl Relay {
                 let (kind, name) = pg::decode_target(&f.body, "Close")?;
                 if kind == b'S' {
                     self.statements.remove(&name);
+                    self.statement_columns.remove(&name);
                 } else {
                     self.portals.remove(&name);
+                    self.bound.remove(&name);
+                    self.portal_columns.remove(&name);
                 }
             }
             ftag::DESCRIBE => {
-                pg::decode_target(&f.body, "Describe")?;
+                let (kind, name) = pg::decode_target(&f.body, "Describe")?;
+                self.owed.push_back(if kind == b'S' {
+                    Owed::DescribeStatement(name)
+                } else {
+                    Owed::DescribePortal(name)
+                });
             }
             ftag::FUNCTION_CALL => {
                 step.events
@@ -167,10 +249,118 @@ impl Relay {
                 }));
             }
             ftag::TERMINATE => step.terminate = true,
-            ftag::SYNC | ftag::FLUSH | ftag::COPY_DONE => {}
+            ftag::SYNC => self.owed.push_back(Owed::Sync),
+            ftag::FLUSH | ftag::COPY_DONE => {}
             _ => return Err(PgError::Malformed { what: "frontend" }),
         }
         Ok(step)
+    }
+
+    /// The last client message (a Query) was refused by the gateway and
+    /// never reaches the server: the server owes nothing for it.
+    pub fn refused(&mut self) {
+        if self.owed.back() == Some(&Owed::Query) {
+            self.owed.pop_back();
+        }
+    }
+
+    /// Columns of the DataRows arriving now (`None`: unknown), and a number
+    /// that changes whenever they do.
+    pub fn columns(&self) -> (Option<&[pg::Field]>, u64) {
+        (self.current.as_deref(), self.generation)
+    }
+
+    fn set_current(&mut self, c: Option<Vec<pg::Field>>) {
+        self.current = c;
+        self.generation += 1;
+    }
+
+    /// The result columns of an execution of `portal`.
+    fn portal_result(&self, portal: &str) -> Option<Vec<pg::Field>> {
+        if let Some(c) = self.portal_columns.get(portal) {
+            return Some(c.clone());
+        }
+        let (statement, formats) = self.bound.get(portal)?;
+        let mut cols = self.statement_columns.get(statement)?.clone();
+        for (i, c) in cols.iter_mut().enumerate() {
+            c.format = match formats.len() {
+                0 => 0,
+                1 => formats[0],
+                _ => formats.get(i).copied().unwrap_or(0),
+            };
+        }
+        Some(cols)
+    }
+
+    /// Follows one server message (before it is masked or recorded): keeps
+    /// track of which columns the DataRows that follow have.
+    pub fn track(&mut self, f: &Frame) -> Result<(), PgError> {
+        match f.tag {
+            btag::ROW_DESCRIPTION => {
+                let fields = pg::decode_row_description(&f.body)?;
+                match self.owed.front().cloned() {
+                    Some(Owed::DescribeStatement(n)) => {
+                        self.statement_columns.insert(n, fields);
+                        self.owed.pop_front();
+                    }
+                    Some(Owed::DescribePortal(p)) => {
+                        self.portal_columns.insert(p, fields);
+                        self.owed.pop_front();
+                    }
+                    // A simple query's result (or anything unexpected).
+                    _ => self.set_current(Some(fields)),
+                }
+            }
+            btag::NO_DATA => match self.owed.front().cloned() {
+                Some(Owed::DescribeStatement(n)) => {
+                    self.statement_columns.insert(n, Vec::new());
+                    self.owed.pop_front();
+                }
+                Some(Owed::DescribePortal(p)) => {
+                    self.portal_columns.insert(p, Vec::new());
+                    self.owed.pop_front();
+                }
+                _ => {}
+            },
+            btag::DATA_ROW => {
+                if let Some(Owed::Execute(p)) = self.owed.front() {
+                    if !self.executing {
+                        self.executing = true;
+                        let cols = self.portal_result(&p.clone());
+                        self.set_current(cols);
+                    }
+                }
+            }
+            btag::COMMAND_COMPLETE | btag::PORTAL_SUSPENDED | btag::EMPTY_QUERY => {
+                if matches!(self.owed.front(), Some(Owed::Execute(_))) {
+                    self.owed.pop_front();
+                }
+                self.executing = false;
+                self.set_current(None);
+            }
+            btag::ERROR_RESPONSE => {
+                self.executing = false;
+                self.set_current(None);
+                // The server skips the rest of an extended sequence up to Sync.
+                while let Some(o) = self.owed.front() {
+                    if matches!(o, Owed::Sync | Owed::Query) {
+                        break;
+                    }
+                    self.owed.pop_front();
+                }
+            }
+            btag::READY_FOR_QUERY => {
+                while let Some(o) = self.owed.pop_front() {
+                    if matches!(o, Owed::Sync | Owed::Query) {
+                        break;
+                    }
+                }
+                self.executing = false;
+                self.set_current(None);
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Records `data` as output unless the cap is reached (the cut is
@@ -198,15 +388,19 @@ impl Relay {
 
     /// Inspects one server message; returns the events to record before it
     /// reaches the client. `formats` are the current result column formats.
-    pub fn server(
-        &mut self,
-        f: &Frame,
-        formats: &[i16],
-    ) -> Result<Option<ev::event::Kind>, PgError> {
+    pub fn server(&mut self, f: &Frame) -> Result<Option<ev::event::Kind>, PgError> {
         Ok(match f.tag {
+            btag::DATA_ROW if self.cut => None,
             btag::DATA_ROW => {
                 let values = pg::decode_data_row(&f.body)?;
-                self.output("row", render_row(&values, formats).into())
+                let formats: Vec<i16> = self
+                    .current
+                    .as_deref()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|c| c.format)
+                    .collect();
+                self.output("row", render_row(&values, &formats).into())
             }
             btag::COPY_DATA => self.output("copy_out", f.body.clone()),
             btag::COMMAND_COMPLETE => {
@@ -298,7 +492,7 @@ mod tests {
         let f = pg::split_frame(&mut out, pg::Limits::default())
             .unwrap()
             .unwrap();
-        let got: Vec<_> = (0..4).map(|_| r.server(&f, &[0, 0]).unwrap()).collect();
+        let got: Vec<_> = (0..4).map(|_| r.server(&f).unwrap()).collect();
         let row = |data: &'static [u8], truncated| {
             Some(ev::event::Kind::Output(ev::Output {
                 stream: "row".into(),
@@ -317,12 +511,179 @@ mod tests {
         );
     }
 
+    /// A RowDescription of `(name, type oid, format)` columns.
+    fn row_description(cols: &[(&str, i32, i16)]) -> Frame {
+        let mut b = BytesMut::new();
+        b.put_i16(cols.len() as i16);
+        for (name, oid, format) in cols {
+            cstr(&mut b, name);
+            b.put_i32(16384);
+            b.put_i16(1);
+            b.put_i32(*oid);
+            b.put_i16(-1);
+            b.put_i32(-1);
+            b.put_i16(*format);
+        }
+        frame(btag::ROW_DESCRIPTION, b)
+    }
+
+    fn target(tag: u8, kind: u8, name: &str) -> Frame {
+        let mut b = BytesMut::new();
+        b.put_u8(kind);
+        cstr(&mut b, name);
+        frame(tag, b)
+    }
+
+    fn bind(portal: &str, statement: &str, result_formats: &[i16]) -> Frame {
+        let mut b = BytesMut::new();
+        cstr(&mut b, portal);
+        cstr(&mut b, statement);
+        b.put_i16(0);
+        b.put_i16(0);
+        b.put_i16(result_formats.len() as i16);
+        for f in result_formats {
+            b.put_i16(*f);
+        }
+        frame(ftag::BIND, b)
+    }
+
+    fn execute(portal: &str) -> Frame {
+        let mut b = BytesMut::new();
+        cstr(&mut b, portal);
+        b.put_i32(0);
+        frame(ftag::EXECUTE, b)
+    }
+
+    fn parse(name: &str, sql: &str) -> Frame {
+        let mut b = BytesMut::new();
+        cstr(&mut b, name);
+        cstr(&mut b, sql);
+        b.put_i16(0);
+        frame(ftag::PARSE, b)
+    }
+
+    fn data_row() -> Frame {
+        let mut out = BytesMut::new();
+        pg::encode_data_row(&[Some(Bytes::from_static(b"x"))], &mut out);
+        pg::split_frame(&mut out, pg::Limits::default())
+            .unwrap()
+            .unwrap()
+    }
+
+    fn tag_only(tag: u8, body: &[u8]) -> Frame {
+        frame(tag, BytesMut::from(body))
+    }
+
+    fn names(r: &Relay) -> Option<Vec<(String, i16)>> {
+        r.columns()
+            .0
+            .map(|c| c.iter().map(|f| (f.name.clone(), f.format)).collect())
+    }
+
+    #[test]
+    fn rows_of_a_prepared_statement_get_its_columns_and_the_bind_formats() {
+        let mut r = Relay::default();
+        // tokio-postgres style: prepare two statements (Parse, Describe S,
+        // Sync), then execute the first without describing it again.
+        for name in ["s1", "s2"] {
+            r.client(&parse(name, "select")).unwrap();
+            r.client(&target(ftag::DESCRIBE, b'S', name)).unwrap();
+            r.client(&tag_only(ftag::SYNC, b"")).unwrap();
+        }
+        for col in ["card", "other"] {
+            r.track(&tag_only(btag::PARSE_COMPLETE, b"")).unwrap();
+            r.track(&tag_only(btag::PARAMETER_DESCRIPTION, b"\0\0"))
+                .unwrap();
+            r.track(&row_description(&[(col, 25, 0)])).unwrap();
+            r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        }
+        r.client(&bind("", "s1", &[1])).unwrap();
+        r.client(&execute("")).unwrap();
+        r.client(&tag_only(ftag::SYNC, b"")).unwrap();
+        r.track(&tag_only(btag::BIND_COMPLETE, b"")).unwrap();
+        assert_eq!(names(&r), None, "no rows yet");
+        r.track(&data_row()).unwrap();
+        assert_eq!(names(&r), Some(vec![("card".into(), 1)]));
+        r.track(&tag_only(btag::COMMAND_COMPLETE, b"SELECT 1\0"))
+            .unwrap();
+        r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        assert_eq!(names(&r), None);
+        // A simple query's own RowDescription.
+        r.client(&tag_only(ftag::QUERY, b"select 1\0")).unwrap();
+        r.track(&row_description(&[("n", 23, 0)])).unwrap();
+        r.track(&data_row()).unwrap();
+        assert_eq!(names(&r), Some(vec![("n".into(), 0)]));
+    }
+
+    #[test]
+    fn an_error_skips_to_sync_and_a_refused_query_is_owed_nothing() {
+        let mut r = Relay::default();
+        r.client(&parse("", "select")).unwrap();
+        r.client(&bind("", "", &[])).unwrap();
+        r.client(&target(ftag::DESCRIBE, b'P', "")).unwrap();
+        r.client(&execute("")).unwrap();
+        r.client(&tag_only(ftag::SYNC, b"")).unwrap();
+        r.client(&parse("", "select")).unwrap();
+        r.client(&bind("", "", &[])).unwrap();
+        r.client(&target(ftag::DESCRIBE, b'P', "")).unwrap();
+        r.client(&execute("")).unwrap();
+        r.client(&tag_only(ftag::SYNC, b"")).unwrap();
+        // The first sequence fails at Parse: its Describe and Execute are
+        // skipped by the server.
+        r.track(&tag_only(btag::ERROR_RESPONSE, b"\0")).unwrap();
+        r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        r.track(&row_description(&[("second", 25, 0)])).unwrap();
+        r.track(&data_row()).unwrap();
+        assert_eq!(names(&r), Some(vec![("second".into(), 0)]));
+        r.track(&tag_only(btag::COMMAND_COMPLETE, b"SELECT 1\0"))
+            .unwrap();
+        r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        // A refused query is never answered by the server.
+        r.client(&tag_only(ftag::QUERY, b"delete from t\0"))
+            .unwrap();
+        r.refused();
+        r.client(&tag_only(ftag::QUERY, b"select 1\0")).unwrap();
+        r.track(&row_description(&[("n", 23, 0)])).unwrap();
+        r.track(&data_row()).unwrap();
+        r.track(&tag_only(btag::COMMAND_COMPLETE, b"SELECT 1\0"))
+            .unwrap();
+        r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        assert!(r.owed.is_empty(), "{:?}", r.owed);
+    }
+
+    #[test]
+    fn caps_come_from_the_resource_labels() {
+        let l = |kv: &[(&str, &str)]| {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let c = Caps::from_labels(&l(&[])).unwrap();
+        assert_eq!((c.rows, c.bytes), (100_000, 16 << 20));
+        let c =
+            Caps::from_labels(&l(&[("evidence_rows", "10"), ("evidence_bytes", "4MiB")])).unwrap();
+        assert_eq!((c.rows, c.bytes), (10, 4 << 20));
+        assert_eq!(
+            Caps::from_labels(&l(&[("evidence_bytes", "512")]))
+                .unwrap()
+                .bytes,
+            512
+        );
+        for bad in [
+            ("evidence_rows", "many"),
+            ("evidence_bytes", "3 parsecs"),
+            ("evidence_bytes", "k"),
+        ] {
+            assert!(Caps::from_labels(&l(&[bad])).is_err(), "{bad:?}");
+        }
+    }
+
     #[test]
     fn outcomes_and_garbage() {
         let mut r = Relay::default();
         let mut c = BytesMut::new();
         cstr(&mut c, "DELETE 3");
-        let o = r.server(&frame(btag::COMMAND_COMPLETE, c), &[]).unwrap();
+        let o = r.server(&frame(btag::COMMAND_COMPLETE, c)).unwrap();
         assert!(matches!(
             o,
             Some(ev::event::Kind::Outcome(ev::Outcome { rows: 3, .. }))

@@ -58,26 +58,12 @@ impl Detector {
         }
     }
 
+    fn index(self) -> usize {
+        Detector::ALL.iter().position(|d| *d == self).unwrap_or(0)
+    }
+
     fn regex(self) -> &'static Regex {
-        static RES: OnceLock<Vec<Regex>> = OnceLock::new();
-        let all = RES.get_or_init(|| {
-            [
-                r"(?s)-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)",
-                r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*",
-                r"\b(AKIA|ASIA|AIDA|AROA)[A-Z0-9]{16}\b",
-                r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b",
-                r"\b[0-9](?:[ -]?[0-9]){12,18}\b",
-                r"\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b",
-                r"(?i)\b[a-z0-9._%+-]+@[a-z0-9.-]+\.[a-z]{2,}\b",
-                r"(?i)\b(?:(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\b|\b(?:[0-9a-f]{1,4}:){2,7}[0-9a-f]{0,4}(?::[0-9a-f]{1,4})*\b|::1\b",
-                r"(?:\+[0-9][0-9 ().-]{7,18}[0-9])|\b\(?[0-9]{3}\)?[ .-][0-9]{3}[ .-][0-9]{4}\b",
-            ]
-            .iter()
-            .map(|p| Regex::new(p).expect("built-in detector pattern"))
-            .collect()
-        });
-        let i = Detector::ALL.iter().position(|d| *d == self).unwrap_or(0);
-        &all[i]
+        &compiled()[self.index()]
     }
 
     /// Extra validation beyond the pattern (checksums).
@@ -86,6 +72,89 @@ impl Detector {
             Detector::CreditCard => luhn(m),
             Detector::Iban => iban_ok(m),
             _ => true,
+        }
+    }
+}
+
+/// The detectors' patterns, in [`Detector::ALL`] order.
+const PATTERNS: [&str; 9] = [
+    r"(?s)-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)",
+    r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*",
+    r"\b(AKIA|ASIA|AIDA|AROA)[A-Z0-9]{16}\b",
+    r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b",
+    r"\b[0-9](?:[ -]?[0-9]){12,18}\b",
+    r"\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b",
+    r"(?i)\b[a-z0-9._%+-]+@[a-z0-9.-]+\.[a-z]{2,}\b",
+    r"(?i)\b(?:(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\b|\b(?:[0-9a-f]{1,4}:){2,7}[0-9a-f]{0,4}(?::[0-9a-f]{1,4})*\b|::1\b",
+    r"(?:\+[0-9][0-9 ().-]{7,18}[0-9])|\b\(?[0-9]{3}\)?[ .-][0-9]{3}[ .-][0-9]{4}\b",
+];
+
+fn compiled() -> &'static Vec<Regex> {
+    static RES: OnceLock<Vec<Regex>> = OnceLock::new();
+    RES.get_or_init(|| {
+        PATTERNS
+            .iter()
+            .map(|p| Regex::new(p).expect("built-in detector pattern"))
+            .collect()
+    })
+}
+
+/// What one pass over a value's bytes tells about it: enough to rule out
+/// every detector that cannot match, so that most values cost no regex.
+#[derive(Debug, Default, Clone, Copy)]
+struct Hints {
+    len: usize,
+    digits: usize,
+    upper: usize,
+    dots: usize,
+    colons: usize,
+    at: bool,
+    dash: bool,
+    plus: bool,
+}
+
+impl Hints {
+    fn of(text: &str) -> Self {
+        let mut h = Hints {
+            len: text.len(),
+            ..Hints::default()
+        };
+        for b in text.bytes() {
+            match b {
+                b'0'..=b'9' => h.digits += 1,
+                b'A'..=b'Z' => h.upper += 1,
+                b'.' => h.dots += 1,
+                b':' => h.colons += 1,
+                b'@' => h.at = true,
+                b'-' => h.dash = true,
+                b'+' => h.plus = true,
+                _ => {}
+            }
+        }
+        h
+    }
+}
+
+impl Detector {
+    /// Whether the detector's pattern could match a value with these hints
+    /// (never false when it could: each test follows from the pattern).
+    fn may_match(self, h: &Hints, text: &str) -> bool {
+        match self {
+            Detector::PrivateKey => h.dash && text.contains("-----BEGIN "),
+            Detector::Jwt => h.dots >= 2 && text.contains("eyJ"),
+            Detector::AwsAccessKey => {
+                h.len >= 20
+                    && h.upper >= 4
+                    && ["AKIA", "ASIA", "AIDA", "AROA"]
+                        .iter()
+                        .any(|p| text.contains(p))
+            }
+            Detector::Iban => h.len >= 12 && h.upper >= 2 && h.digits >= 2,
+            Detector::CreditCard => h.digits >= 13,
+            Detector::UsSsn => h.digits >= 9 && h.dash,
+            Detector::Email => h.at && h.dots >= 1,
+            Detector::Ip => (h.dots >= 3 && h.digits >= 4) || h.colons >= 2,
+            Detector::Phone => h.digits >= 10 || (h.plus && h.digits >= 2),
         }
     }
 }
@@ -142,8 +211,11 @@ pub struct MaskingDoc {
     /// Built-in detectors; values matching them are replaced in place.
     #[serde(default)]
     pub detectors: Vec<Detector>,
-    /// Column names (`*` wildcards, case-insensitive) whose values are
-    /// replaced entirely.
+    /// Columns whose values are replaced entirely: a column-name pattern
+    /// (`*ssn*`, matching any result column of that name or alias), or a
+    /// table column as `table.column` or `schema.table.column` (matched
+    /// through RowDescription's table OIDs, so aliases do not escape it).
+    /// `*` wildcards, case-insensitive.
     #[serde(default)]
     pub columns: Vec<String>,
     /// Custom regular expressions; matches are replaced.
@@ -156,6 +228,8 @@ pub struct MaskingDoc {
 pub struct Masker {
     detectors: Vec<Detector>,
     columns: Vec<String>,
+    /// `schema.table.column` rules (`*` for the schema of `table.column`).
+    qualified: Vec<[String; 3]>,
     patterns: Vec<Regex>,
 }
 
@@ -171,7 +245,27 @@ impl Masker {
                     m.detectors.push(*d);
                 }
             }
-            m.columns.extend(p.columns.iter().map(|c| c.to_lowercase()));
+            for c in &p.columns {
+                let c = c.to_lowercase();
+                let parts: Vec<&str> = c.split('.').collect();
+                match parts[..] {
+                    [_] => m.columns.push(c.clone()),
+                    [t, col] => m.qualified.push(["*".into(), t.into(), col.into()]),
+                    [s, t, col] => m.qualified.push([s.into(), t.into(), col.into()]),
+                    _ => {
+                        return Err(format!(
+                            "masking {:?}: bad column rule {c:?} (use column, table.column or schema.table.column)",
+                            p.name
+                        ))
+                    }
+                }
+                if parts.iter().any(|x| x.is_empty()) {
+                    return Err(format!(
+                        "masking {:?}: bad column rule {c:?} (an empty part)",
+                        p.name
+                    ));
+                }
+            }
             for pat in &p.patterns {
                 m.patterns.push(
                     Regex::new(pat)
@@ -186,11 +280,34 @@ impl Masker {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.detectors.is_empty() && self.columns.is_empty() && self.patterns.is_empty()
+        self.detectors.is_empty()
+            && self.columns.is_empty()
+            && self.qualified.is_empty()
+            && self.patterns.is_empty()
     }
 
     pub fn has_column_rules(&self) -> bool {
-        !self.columns.is_empty()
+        !self.columns.is_empty() || !self.qualified.is_empty()
+    }
+
+    /// Whether some rule names a table column (results need their tables'
+    /// names resolved).
+    pub fn has_table_rules(&self) -> bool {
+        !self.qualified.is_empty()
+    }
+
+    /// Whether the table column `schema.table.column` is masked entirely.
+    pub fn masks_table_column(&self, schema: &str, table: &str, column: &str) -> bool {
+        let (schema, table, column) = (
+            schema.to_lowercase(),
+            table.to_lowercase(),
+            column.to_lowercase(),
+        );
+        self.qualified.iter().any(|[s, t, c]| {
+            crate::policy::wildcard(s, &schema)
+                && crate::policy::wildcard(t, &table)
+                && crate::policy::wildcard(c, &column)
+        })
     }
 
     /// Whether a column (by name) is masked entirely.
@@ -203,31 +320,38 @@ impl Masker {
 
     /// Masks sensitive parts of `text`; `None` when nothing matched.
     pub fn mask_text(&self, text: &str) -> Option<String> {
-        let mut out = text.to_owned();
-        let mut changed = false;
+        // One pass over the bytes rules out the detectors that cannot match;
+        // most values then cost no regex and no allocation.
+        let hints = Hints::of(text);
+        let mut out: Option<String> = None;
         for d in &self.detectors {
-            let re = d.regex();
-            if !re.is_match(&out) {
+            let cur = out.as_deref().unwrap_or(text);
+            if !d.may_match(&hints, text) {
                 continue;
             }
-            let replaced = re.replace_all(&out, |c: &regex::Captures<'_>| {
-                let m = &c[0];
-                if d.confirms(m) {
-                    changed = true;
-                    format!("[{}]", d.as_str())
-                } else {
-                    m.to_owned()
+            let mut replaced = String::new();
+            let mut last = 0;
+            for m in d.regex().find_iter(cur) {
+                if d.confirms(m.as_str()) {
+                    replaced.push_str(&cur[last..m.start()]);
+                    replaced.push('[');
+                    replaced.push_str(d.as_str());
+                    replaced.push(']');
+                    last = m.end();
                 }
-            });
-            out = replaced.into_owned();
-        }
-        for re in &self.patterns {
-            if re.is_match(&out) {
-                changed = true;
-                out = re.replace_all(&out, "[masked]").into_owned();
+            }
+            if last > 0 {
+                replaced.push_str(&cur[last..]);
+                out = Some(replaced);
             }
         }
-        changed.then_some(out)
+        for re in &self.patterns {
+            let cur = out.as_deref().unwrap_or(text);
+            if re.is_match(cur) {
+                out = Some(re.replace_all(cur, "[masked]").into_owned());
+            }
+        }
+        out
     }
 }
 
@@ -275,6 +399,78 @@ mod tests {
             "hello",
         ] {
             assert_eq!(m.mask_text(clean), None, "{clean}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The byte-level prefilter never rules out a detector whose pattern
+        /// matches (values built from the characters the patterns care about).
+        #[test]
+        fn the_prefilter_never_hides_a_match(
+            text in "[0-9A-Fa-z .:@+()-]{0,40}|(AKIA|eyJ|-----BEGIN |[0-9]{3}-|\\+|[A-Z]{2}[0-9]{2} )[0-9A-Za-z .:@+()-]{0,40}"
+        ) {
+            let h = Hints::of(&text);
+            for d in Detector::ALL {
+                if d.regex().is_match(&text) {
+                    proptest::prop_assert!(d.may_match(&h, &text), "{:?} on {:?}", d, text);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_prefilter_passes_every_detector_example() {
+        for text in [
+            "4111 1111 1111 1111",
+            "123-45-6789",
+            "a@b.co",
+            "10.1.2.3",
+            "fe80::1",
+            "::1",
+            "+1 415 555 0100",
+            "(415) 555-0100",
+            "GB82WEST12345698765432",
+            "AKIAIOSFODNN7EXAMPLE",
+            "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2ln",
+            "-----BEGIN PRIVATE KEY-----",
+        ] {
+            let h = Hints::of(text);
+            let hit: Vec<_> = Detector::ALL
+                .iter()
+                .filter(|d| d.regex().is_match(text))
+                .collect();
+            assert!(!hit.is_empty(), "{text}");
+            for d in hit {
+                assert!(d.may_match(&h, text), "{d:?} on {text}");
+            }
+        }
+    }
+
+    #[test]
+    fn table_columns_match_by_schema_table_and_column() {
+        let doc = MaskingDoc {
+            name: "t".into(),
+            detectors: vec![],
+            columns: vec!["customers.email".into(), "billing.*.number".into()],
+            patterns: vec![],
+        };
+        let m = Masker::new(&[&doc]).unwrap();
+        assert!(m.has_table_rules() && m.has_column_rules());
+        assert!(m.masks_table_column("public", "Customers", "EMAIL"));
+        assert!(m.masks_table_column("sales", "customers", "email"));
+        assert!(!m.masks_table_column("public", "customers", "name"));
+        assert!(m.masks_table_column("billing", "cards", "number"));
+        assert!(!m.masks_table_column("public", "cards", "number"));
+        // A qualified rule is not a bare column-name rule.
+        assert!(!m.masks_column("email"));
+        for bad in ["a.b.c.d", "a..b", ".x"] {
+            let doc = MaskingDoc {
+                name: "bad".into(),
+                detectors: vec![],
+                columns: vec![bad.into()],
+                patterns: vec![],
+            };
+            assert!(Masker::new(&[&doc]).is_err(), "{bad}");
         }
     }
 
