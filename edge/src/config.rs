@@ -26,6 +26,8 @@
 //! user = "app"
 //! database = "orders"
 //! password_env = "ORDERS_DB_PASSWORD"  # or password_file = "/etc/custody/orders.pw"
+//! sslmode = "verify-full"         # disable | prefer (default) | require | verify-ca | verify-full
+//! sslrootcert = "/etc/custody/db-ca.pem"  # needed by verify-ca and verify-full
 //! ```
 
 use std::collections::BTreeMap;
@@ -92,6 +94,30 @@ pub struct PostgresConfig {
     /// File holding the password (trailing newline ignored).
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// TLS to the server, as libpq's `sslmode`.
+    #[serde(default)]
+    pub sslmode: SslMode,
+    /// PEM CA certificates that verify the server (`verify-ca`,
+    /// `verify-full`).
+    #[serde(default)]
+    pub sslrootcert: Option<PathBuf>,
+}
+
+/// TLS to the database server, with libpq's meanings.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Plaintext only.
+    Disable,
+    /// TLS when the server offers it, unverified; plaintext otherwise.
+    #[default]
+    Prefer,
+    /// TLS or nothing; the certificate is not verified.
+    Require,
+    /// TLS with a certificate chaining to `sslrootcert`.
+    VerifyCa,
+    /// As `verify-ca`, and the certificate must name `host`.
+    VerifyFull,
 }
 
 fn pg_port() -> u16 {
@@ -107,6 +133,8 @@ impl std::fmt::Debug for PostgresConfig {
             .field("database", &self.database)
             .field("password_env", &self.password_env)
             .field("password_file", &self.password_file)
+            .field("sslmode", &self.sslmode)
+            .field("sslrootcert", &self.sslrootcert)
             .finish()
     }
 }
@@ -248,6 +276,18 @@ impl EdgeConfig {
                         ));
                     }
                     pg.password_file = pg.password_file.as_deref().map(resolve);
+                    pg.sslrootcert = pg.sslrootcert.as_deref().map(resolve);
+                    let verifies = matches!(pg.sslmode, SslMode::VerifyCa | SslMode::VerifyFull);
+                    if verifies && pg.sslrootcert.is_none() {
+                        return Err(format!(
+                            "resource {}: sslmode {:?} needs sslrootcert (the CA that signed the server's certificate)",
+                            r.name, pg.sslmode
+                        ));
+                    }
+                    if let Some(ca) = &pg.sslrootcert {
+                        crate::dbtls::load_roots(ca)
+                            .map_err(|e| format!("resource {}: {e}", r.name))?;
+                    }
                     Connector::Postgres(pg)
                 }
                 "ssh" | "kubernetes" => {
@@ -337,7 +377,7 @@ env = { FOO = "bar" }
             + "[[resources]]\nname = \"db\"\nkind = \"postgres\"\n[resources.postgres]\nhost = \"127.0.0.1\"\nuser = \"app\"\ndatabase = \"app\"\n";
         let e = EdgeConfig::parse(&pg, base).unwrap_err();
         assert!(e.contains("password_env or password_file"), "{e}");
-        let c = EdgeConfig::parse(&(pg + "password_file = \"pw\"\n"), base).unwrap();
+        let c = EdgeConfig::parse(&(pg.clone() + "password_file = \"pw\"\n"), base).unwrap();
         let Connector::Postgres(p) = &c.resource("db").unwrap().connector else {
             panic!("not a postgres connector")
         };
@@ -346,5 +386,17 @@ env = { FOO = "bar" }
             (5432, Some(Path::new("/etc/edge/pw")))
         );
         assert!(!format!("{p:?}").contains("secret"));
+        assert_eq!(p.sslmode, SslMode::Prefer, "libpq's default");
+        let pg = pg + "password_file = \"pw\"\n";
+        let e = EdgeConfig::parse(&(pg.clone() + "sslmode = \"verify-full\"\n"), base).unwrap_err();
+        assert!(e.contains("needs sslrootcert"), "{e}");
+        let e = EdgeConfig::parse(&(pg.clone() + "sslmode = \"sometimes\"\n"), base).unwrap_err();
+        assert!(e.contains("sslmode"), "{e}");
+        let e = EdgeConfig::parse(
+            &(pg + "sslmode = \"verify-ca\"\nsslrootcert = \"/nonexistent/ca.pem\"\n"),
+            base,
+        )
+        .unwrap_err();
+        assert!(e.contains("sslrootcert"), "{e}");
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod dbtls;
 pub mod identity;
 pub mod postgres;
 pub mod shell;

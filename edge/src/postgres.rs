@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::{Buf as _, BufMut as _, BytesMut};
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use custody_proto::frame::{read_frame, write_frame, MAX_DATA_CHUNK};
@@ -42,9 +42,67 @@ pub enum LoginError {
     NoPassword(String),
 }
 
+/// A connection to the server: plain TCP or TLS.
+pub trait DbIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> DbIo for T {}
+pub type DbStream = Box<dyn DbIo>;
+
+/// Connects to the server and negotiates TLS as `sslmode` says.
+pub async fn connect_db(cfg: &PostgresConfig) -> Result<DbStream, LoginError> {
+    use crate::config::SslMode;
+    let addr = format!("{}:{}", cfg.host, cfg.port);
+    let fail = |detail: String| LoginError::Connect {
+        addr: addr.clone(),
+        detail,
+    };
+    let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
+        .await
+        .map_err(|_| fail("timed out".into()))?
+        .map_err(|e| fail(e.to_string()))?;
+    let _ = s.set_nodelay(true);
+    let tls =
+        crate::dbtls::client_config(cfg.sslmode, cfg.sslrootcert.as_deref()).map_err(&fail)?;
+    let Some(tls) = tls else {
+        return Ok(Box::new(s));
+    };
+    let mut req = BytesMut::with_capacity(8);
+    req.put_i32(8);
+    req.put_i32(pg::SSL_REQUEST);
+    s.write_all(&req).await.map_err(|e| fail(e.to_string()))?;
+    let mut answer = [0u8; 1];
+    tokio::time::timeout(CONNECT_TIMEOUT, s.read_exact(&mut answer))
+        .await
+        .map_err(|_| fail("no answer to SSLRequest".into()))?
+        .map_err(|e| fail(format!("SSLRequest: {e}")))?;
+    match answer[0] {
+        b'S' => {}
+        b'N' if cfg.sslmode == SslMode::Prefer => return Ok(Box::new(s)),
+        b'N' => {
+            return Err(fail(format!(
+                "the server does not accept TLS (sslmode {:?})",
+                cfg.sslmode
+            )))
+        }
+        other => {
+            return Err(fail(format!(
+                "unexpected answer {other:#04x} to SSLRequest"
+            )))
+        }
+    }
+    let name = crate::dbtls::server_name(&cfg.host).map_err(fail)?;
+    let stream = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio_rustls::TlsConnector::from(tls).connect(name, s),
+    )
+    .await
+    .map_err(|_| fail("TLS handshake timed out".into()))?
+    .map_err(|e| fail(format!("TLS: {e}")))?;
+    Ok(Box::new(stream))
+}
+
 /// A logged-in server connection and what the coordinator must relay.
 pub struct Connected {
-    pub stream: TcpStream,
+    pub stream: DbStream,
     /// ParameterStatus .. ReadyForQuery, as raw frames, without BackendKeyData.
     pub greeting: BytesMut,
     /// Bytes already read past ReadyForQuery (none in practice).
@@ -52,7 +110,7 @@ pub struct Connected {
     pub cancel_key: Option<(i32, i32)>,
 }
 
-async fn read_more(s: &mut TcpStream, buf: &mut BytesMut) -> Result<(), LoginError> {
+async fn read_more(s: &mut DbStream, buf: &mut BytesMut) -> Result<(), LoginError> {
     if s.read_buf(buf)
         .await
         .map_err(|e| LoginError::Protocol(e.to_string()))?
@@ -65,7 +123,7 @@ async fn read_more(s: &mut TcpStream, buf: &mut BytesMut) -> Result<(), LoginErr
     Ok(())
 }
 
-async fn next_frame(s: &mut TcpStream, buf: &mut BytesMut) -> Result<pg::Frame, LoginError> {
+async fn next_frame(s: &mut DbStream, buf: &mut BytesMut) -> Result<pg::Frame, LoginError> {
     loop {
         if let Some(f) = pg::split_frame(buf, Limits::default())
             .map_err(|e| LoginError::Protocol(e.to_string()))?
@@ -76,8 +134,12 @@ async fn next_frame(s: &mut TcpStream, buf: &mut BytesMut) -> Result<pg::Frame, 
     }
 }
 
-async fn send(s: &mut TcpStream, buf: &mut BytesMut) -> Result<(), LoginError> {
+async fn send(s: &mut DbStream, buf: &mut BytesMut) -> Result<(), LoginError> {
     s.write_all(buf)
+        .await
+        .map_err(|e| LoginError::Protocol(e.to_string()))?;
+    // TLS keeps written data buffered until flushed.
+    s.flush()
         .await
         .map_err(|e| LoginError::Protocol(e.to_string()))?;
     buf.clear();
@@ -96,18 +158,7 @@ pub async fn login(
     cfg: &PostgresConfig,
     client_params: &[(String, String)],
 ) -> Result<Connected, LoginError> {
-    let addr = format!("{}:{}", cfg.host, cfg.port);
-    let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
-        .await
-        .map_err(|_| LoginError::Connect {
-            addr: addr.clone(),
-            detail: "timed out".into(),
-        })?
-        .map_err(|e| LoginError::Connect {
-            addr: addr.clone(),
-            detail: e.to_string(),
-        })?;
-    let _ = s.set_nodelay(true);
+    let mut s = connect_db(cfg).await?;
     let mut out = BytesMut::new();
     let mut params: Vec<(&str, &str)> = vec![("user", &cfg.user), ("database", &cfg.database)];
     for (k, v) in client_params {
@@ -241,11 +292,12 @@ pub async fn login(
 
 async fn cancel(cfg: &PostgresConfig, key: Option<(i32, i32)>) {
     let Some((pid, secret)) = key else { return };
-    let addr = format!("{}:{}", cfg.host, cfg.port);
-    let Ok(Ok(mut s)) = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await
-    else {
-        tracing::warn!(%addr, "cancel: cannot reach the server");
-        return;
+    let mut s = match connect_db(cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cancel: cannot reach the server");
+            return;
+        }
     };
     let mut b = BytesMut::with_capacity(16);
     b.put_i32(16);
@@ -253,6 +305,7 @@ async fn cancel(cfg: &PostgresConfig, key: Option<(i32, i32)>) {
     b.put_i32(pid);
     b.put_i32(secret);
     let _ = s.write_all(&b).await;
+    let _ = s.flush().await;
     // The server closes the connection once it has read the request.
     let _ = s.read(&mut [0u8; 1]).await;
 }
@@ -304,7 +357,7 @@ pub async fn run(
     {
         return;
     }
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr) = tokio::io::split(stream);
     // Server to coordinator.
     let out = async {
         let mut buf = vec![0u8; MAX_DATA_CHUNK];
@@ -324,7 +377,7 @@ pub async fn run(
                 Ok(Some(t::SessionFrame {
                     kind: Some(t::session_frame::Kind::Data(d)),
                 })) => {
-                    if wr.write_all(&d.data).await.is_err() {
+                    if wr.write_all(&d.data).await.is_err() || wr.flush().await.is_err() {
                         return Ok(());
                     }
                 }

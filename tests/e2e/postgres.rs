@@ -902,3 +902,128 @@ async fn a_client_library_works_through_custody_connect_including_cancel() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("42P01"), "{}", text(&out.stderr));
 }
+
+/// A CA, and a server certificate for 127.0.0.1 it signed: (CA PEM, cert
+/// PEM, key PEM).
+fn db_certificates() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "test database CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_reaches_the_database_over_verified_tls() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let pg = Postgres::start();
+    let data = pg.inner.dir.join("data");
+    // The server: TLS on, and plaintext TCP logins refused.
+    let (ca, cert, key) = db_certificates();
+    std::fs::write(data.join("server.crt"), cert).unwrap();
+    std::fs::write(data.join("server.key"), key).unwrap();
+    std::fs::set_permissions(
+        data.join("server.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    if custody_cli::localpg::is_root() {
+        for f in ["server.crt", "server.key"] {
+            let ok = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(data.join(f))
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        }
+    }
+    let hba = std::fs::read_to_string(data.join("pg_hba.conf")).unwrap();
+    std::fs::write(
+        data.join("pg_hba.conf"),
+        format!("hostnossl all all all reject\n{hba}"),
+    )
+    .unwrap();
+    let out = psql_direct(&pg, "alter system set ssl = on");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = psql_direct(&pg, "select pg_reload_conf()");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ca_file = pg.dir.path().join("db-ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+    let (other_ca, _, _) = db_certificates();
+    let other_ca_file = pg.dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca_file, other_ca).unwrap();
+
+    let (mut c, _) = harness::started(GenOptions::default()).await;
+    c.client(&[])
+        .unwrap()
+        .policy_apply(POLICY, "yaml")
+        .await
+        .unwrap();
+    let tls = |mode: &str, ca: &Path| {
+        format!("sslmode = \"{mode}\"\nsslrootcert = \"{}\"\n", ca.display())
+    };
+    let mut spec = EdgeSpec::shell("e1", "db");
+    spec.resources_toml = [
+        pg.resource_toml("db", "env = \"dev\"") + &tls("verify-full", &ca_file),
+        pg.resource_toml("db-plain", "env = \"dev\"") + "sslmode = \"disable\"\n",
+        pg.resource_toml("db-wrong-ca", "env = \"dev\"") + &tls("verify-ca", &other_ca_file),
+    ]
+    .concat();
+    c.add_edge(&spec).unwrap();
+    c.enroll_edge("e1").await.unwrap();
+    for r in ["db", "db-plain", "db-wrong-ca"] {
+        c.wait_for_resource(r, 3, Duration::from_secs(20))
+            .await
+            .unwrap();
+    }
+    let alice = c.mint_token("alice").await.unwrap().token;
+    // Verified TLS: the server sees an encrypted session.
+    let out = psql(
+        &libpq(&c, 1, &alice, "db", "require"),
+        "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "t");
+    // Cancel travels over TLS too.
+    let local = connect(&c, &alice, "db").await;
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={} user=x dbname=db", local.1),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let token = client.cancel_token();
+    let sleeper = tokio::spawn(async move { client.query("select pg_sleep(30)", &[]).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), sleeper)
+        .await
+        .expect("cancelled promptly")
+        .unwrap();
+    assert_eq!(
+        r.unwrap_err().code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
+    );
+    // Plaintext is refused by the server; a certificate from another CA is
+    // refused by the edge. Both say why.
+    let out = psql(&libpq(&c, 1, &alice, "db-plain", "require"), "select 1");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no encryption"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = psql(&libpq(&c, 1, &alice, "db-wrong-ca", "require"), "select 1");
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("TLS") && err.contains("certificate"), "{err}");
+}
