@@ -60,6 +60,10 @@ enum BenchCmd {
         /// Run only these workloads (select, tpcb, masking); all by default.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// Use this gateway: a node id, `leader` or `follower` (default: the
+        /// first node that answers, as the CLI picks).
+        #[arg(long)]
+        gateway: Option<String>,
     },
     /// Evidence ingest MB/s, compression ratio, strict-mode added latency.
     Evidence {
@@ -125,9 +129,16 @@ async fn main() -> anyhow::Result<()> {
             clients,
             scale,
             only,
+            gateway,
         }) => {
-            custody_chaos::pg_bench::postgres(seconds.max(1), clients.max(1), scale.max(1), &only)
-                .await
+            custody_chaos::pg_bench::postgres(
+                seconds.max(1),
+                clients.max(1),
+                scale.max(1),
+                &only,
+                gateway.as_deref(),
+            )
+            .await
         }
         Cmd::Bench(BenchCmd::Rpc { calls, rounds }) => {
             custody_chaos::bench::rpc_probe(calls.max(10), rounds.max(1)).await

@@ -184,11 +184,19 @@ const RESULT_HEAVY: &str =
     "\\set a random(1, 9800)\nSELECT * FROM bench_people WHERE id BETWEEN :a AND :a + 199;\n";
 
 /// A running `custody connect` for one resource.
-fn connect(c: &LocalCluster, token: &str, resource: &str) -> anyhow::Result<(Killed, u16)> {
+/// `node`: the coordinator whose gateway to use (`None`: the first that
+/// answers, as the CLI picks).
+fn connect(
+    c: &LocalCluster,
+    token: &str,
+    resource: &str,
+    node: Option<u64>,
+) -> anyhow::Result<(Killed, u16)> {
     let port = free_port()?;
+    let ids: Vec<u64> = node.into_iter().collect();
     let child = Command::new(&c.bins.custody)
         .args(["connect", resource, "--port", &port.to_string()])
-        .env("CUSTODY_COORDINATOR", c.api_urls(&[]))
+        .env("CUSTODY_COORDINATOR", c.api_urls(&ids))
         .env("CUSTODY_CA", c.ca_path())
         .env("CUSTODY_TOKEN", token)
         .stdout(Stdio::null())
@@ -205,11 +213,14 @@ fn row(name: &str, path: &str, r: (f64, f64)) {
 }
 
 /// `only`: the workloads to run (`select`, `tpcb`, `masking`); empty = all.
+/// `gateway`: the node whose gateway the clients use — an id, `leader` or
+/// `follower` (`None`: the first that answers, as the CLI picks).
 pub async fn postgres(
     seconds: u64,
     clients: usize,
     scale: u32,
     only: &[String],
+    gateway: Option<&str>,
 ) -> anyhow::Result<()> {
     for w in only {
         if !["select", "tpcb", "masking"].contains(&w.as_str()) {
@@ -244,7 +255,13 @@ pub async fn postgres(
     let bins = Binaries::locate()?;
     let mut c = LocalCluster::generate(bins, &tmp.path().join("cluster"), &GenOptions::default())?;
     c.start_all()?;
-    c.wait_for_leader(&[], Duration::from_secs(30)).await?;
+    let leader = c.wait_for_leader(&[], Duration::from_secs(30)).await?;
+    let gateway: Option<u64> = match gateway {
+        None => None,
+        Some("leader") => Some(leader),
+        Some("follower") => c.nodes.keys().copied().find(|id| *id != leader),
+        Some(n) => Some(n.parse().context("--gateway: a node id, leader or follower")?),
+    };
     c.client(&[])?.policy_apply(POLICY, "yaml").await?;
     let mut spec = EdgeSpec::shell("bench-edge", "bench-db");
     spec.resources_toml = [
@@ -267,14 +284,15 @@ pub async fn postgres(
         c.wait_for_resource(r, 3, Duration::from_secs(30)).await?;
     }
     let alice = c.mint_token("alice").await?.token;
-    let (_strict, strict_port) = connect(&c, &alice, "bench-db")?;
-    let (_async, async_port) = connect(&c, &alice, "bench-db-async")?;
-    let (_masked, masked_port) = connect(&c, &alice, "bench-db-masked")?;
-    let (_all, all_port) = connect(&c, &alice, "bench-db-all")?;
-    let (_all_masked, all_masked_port) = connect(&c, &alice, "bench-db-all-masked")?;
+    let (_strict, strict_port) = connect(&c, &alice, "bench-db", gateway)?;
+    let (_async, async_port) = connect(&c, &alice, "bench-db-async", gateway)?;
+    let (_masked, masked_port) = connect(&c, &alice, "bench-db-masked", gateway)?;
+    let (_all, all_port) = connect(&c, &alice, "bench-db-all", gateway)?;
+    let (_all_masked, all_masked_port) = connect(&c, &alice, "bench-db-all-masked", gateway)?;
 
     println!(
-        "pgbench, {clients} clients, {seconds}s per run, scale {scale}; custody = custody connect -> gateway -> edge"
+        "pgbench, {clients} clients, {seconds}s per run, scale {scale}; custody = custody connect -> gateway -> edge; gateway on {}, Raft leader node {leader}",
+        gateway.map_or("the node the CLI picked".to_string(), |g| format!("node {g}"))
     );
     println!(
         "{:<22} {:<16} {:>10} {:>12}",
