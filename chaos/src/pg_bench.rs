@@ -260,7 +260,10 @@ pub async fn postgres(
         None => None,
         Some("leader") => Some(leader),
         Some("follower") => c.nodes.keys().copied().find(|id| *id != leader),
-        Some(n) => Some(n.parse().context("--gateway: a node id, leader or follower")?),
+        Some(n) => Some(
+            n.parse()
+                .context("--gateway: a node id, leader or follower")?,
+        ),
     };
     c.client(&[])?.policy_apply(POLICY, "yaml").await?;
     let mut spec = EdgeSpec::shell("bench-edge", "bench-db");

@@ -14,6 +14,12 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Protocol version 3.0.
 pub const PROTOCOL_3_0: i32 = 196_608;
+/// Protocol version 3.2 (PostgreSQL 18): cancel keys of up to 256 bytes.
+pub const PROTOCOL_3_2: i32 = 196_610;
+/// The newest minor version of protocol 3 this codec speaks.
+pub const NEWEST_MINOR: u16 = 2;
+/// Longest cancel key protocol 3.2 allows.
+pub const MAX_CANCEL_KEY: usize = 256;
 pub const SSL_REQUEST: i32 = 80_877_103;
 pub const GSSENC_REQUEST: i32 = 80_877_104;
 pub const CANCEL_REQUEST: i32 = 80_877_102;
@@ -100,14 +106,23 @@ pub fn encode_frame(tag: u8, body: &[u8], out: &mut BytesMut) {
 pub enum Startup {
     Ssl,
     GssEnc,
-    Cancel { pid: i32, key: i32 },
-    Startup { params: Vec<(String, String)> },
+    /// A CancelRequest: the key is 4 bytes in protocol 3.0, up to 256 in 3.2.
+    Cancel {
+        pid: i32,
+        key: Vec<u8>,
+    },
+    /// A StartupMessage for protocol 3.`minor` (any minor: the server
+    /// answers a newer one with NegotiateProtocolVersion).
+    Startup {
+        minor: u16,
+        params: Vec<(String, String)>,
+    },
 }
 
 impl Startup {
     pub fn param(&self, name: &str) -> Option<&str> {
         match self {
-            Startup::Startup { params } => params
+            Startup::Startup { params, .. } => params
                 .iter()
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.as_str()),
@@ -135,12 +150,14 @@ pub fn split_startup(buf: &mut BytesMut) -> Result<Option<Startup>, PgError> {
     match code {
         SSL_REQUEST if m.is_empty() => Ok(Some(Startup::Ssl)),
         GSSENC_REQUEST if m.is_empty() => Ok(Some(Startup::GssEnc)),
-        CANCEL_REQUEST if m.len() == 8 => {
+        CANCEL_REQUEST if (8..=4 + MAX_CANCEL_KEY).contains(&m.len()) => {
             let pid = m.get_i32();
-            let key = m.get_i32();
-            Ok(Some(Startup::Cancel { pid, key }))
+            Ok(Some(Startup::Cancel {
+                pid,
+                key: m.to_vec(),
+            }))
         }
-        PROTOCOL_3_0 => {
+        v if v >> 16 == 3 => {
             let mut params = Vec::new();
             loop {
                 let k = cstr(&mut m, "startup")?;
@@ -153,13 +170,46 @@ pub fn split_startup(buf: &mut BytesMut) -> Result<Option<Startup>, PgError> {
             if !m.is_empty() {
                 return Err(PgError::Malformed { what: "startup" });
             }
-            Ok(Some(Startup::Startup { params }))
+            Ok(Some(Startup::Startup {
+                minor: (v & 0xffff) as u16,
+                params,
+            }))
         }
         v => Err(PgError::Version {
             major: (v >> 16) as u16,
             minor: (v & 0xffff) as u16,
         }),
     }
+}
+
+/// What a server speaking up to 3.[`NEWEST_MINOR`] answers a StartupMessage
+/// for 3.`requested` with `params`: the minor version the session uses and
+/// the `_pq_.` protocol options it does not know (none are supported). When
+/// the minor differs or options are unknown, NegotiateProtocolVersion must
+/// be sent ([`encode_negotiate_version`]). 3.1 was never defined: it gets 3.0.
+pub fn negotiate(requested: u16, params: &[(String, String)]) -> (u16, Vec<String>) {
+    let minor = if requested >= NEWEST_MINOR {
+        NEWEST_MINOR
+    } else {
+        0
+    };
+    let unknown = params
+        .iter()
+        .filter(|(k, _)| k.starts_with("_pq_."))
+        .map(|(k, _)| k.clone())
+        .collect();
+    (minor, unknown)
+}
+
+pub fn encode_negotiate_version(minor: u16, unknown: &[String], out: &mut BytesMut) {
+    let mut body = BytesMut::new();
+    body.put_i32(i32::from(minor));
+    body.put_i32(unknown.len() as i32);
+    for o in unknown {
+        body.put_slice(o.as_bytes());
+        body.put_u8(0);
+    }
+    encode_frame(btag::NEGOTIATE_VERSION, &body, out);
 }
 
 fn cstr(b: &mut Bytes, what: &'static str) -> Result<String, PgError> {
@@ -521,11 +571,11 @@ pub fn encode_startup(params: &[(&str, &str)], out: &mut BytesMut) {
 }
 
 /// A CancelRequest.
-pub fn encode_cancel(pid: i32, key: i32, out: &mut BytesMut) {
-    out.put_i32(16);
+pub fn encode_cancel(pid: i32, key: &[u8], out: &mut BytesMut) {
+    out.put_i32(12 + key.len() as i32);
     out.put_i32(CANCEL_REQUEST);
     out.put_i32(pid);
-    out.put_i32(key);
+    out.put_slice(key);
 }
 
 /// `FATAL` error: the gateway closes the connection after it.
@@ -544,10 +594,11 @@ pub fn encode_auth(code: i32, payload: &[u8], out: &mut BytesMut) {
 pub const AUTH_OK: i32 = 0;
 pub const AUTH_CLEARTEXT: i32 = 3;
 
-pub fn encode_backend_key_data(pid: i32, key: i32, out: &mut BytesMut) {
-    let mut body = BytesMut::with_capacity(8);
+/// BackendKeyData: a 4-byte key for protocol 3.0, longer ones for 3.2.
+pub fn encode_backend_key_data(pid: i32, key: &[u8], out: &mut BytesMut) {
+    let mut body = BytesMut::with_capacity(4 + key.len());
     body.put_i32(pid);
-    body.put_i32(key);
+    body.put_slice(key);
     encode_frame(btag::BACKEND_KEY_DATA, &body, out);
 }
 
@@ -630,8 +681,39 @@ mod tests {
         b.put_i32(9);
         assert_eq!(
             split_startup(&mut b),
-            Ok(Some(Startup::Cancel { pid: 7, key: 9 }))
+            Ok(Some(Startup::Cancel {
+                pid: 7,
+                key: vec![0, 0, 0, 9]
+            }))
         );
+        // Protocol 3.2: a 32-byte key; longer than 256 bytes is refused.
+        let mut b = BytesMut::new();
+        encode_cancel(7, &[5u8; 32], &mut b);
+        assert_eq!(
+            split_startup(&mut b),
+            Ok(Some(Startup::Cancel {
+                pid: 7,
+                key: vec![5u8; 32]
+            }))
+        );
+        let mut b = BytesMut::new();
+        encode_cancel(7, &[5u8; 257], &mut b);
+        assert!(split_startup(&mut b).is_err());
+        // A 3.2 startup, and what a newer one is answered with.
+        let mut b = BytesMut::new();
+        b.put_i32(0);
+        b.put_i32(PROTOCOL_3_2);
+        b.put_slice(b"user\0alice\0_pq_.future\0x\0\0");
+        let len = b.len() as i32;
+        b[..4].copy_from_slice(&len.to_be_bytes());
+        let Ok(Some(Startup::Startup { minor, params })) = split_startup(&mut b) else {
+            panic!("a 3.2 startup")
+        };
+        assert_eq!(minor, 2);
+        assert_eq!(negotiate(minor, &params), (2, vec!["_pq_.future".into()]));
+        assert_eq!(negotiate(9, &[]), (2, vec![]));
+        assert_eq!(negotiate(1, &[]), (0, vec![]));
+        assert_eq!(negotiate(0, &[]), (0, vec![]));
         let mut b = BytesMut::new();
         encode_startup(&[("user", "alice"), ("database", "pg")], &mut b);
         let s = split_startup(&mut b).unwrap().unwrap();

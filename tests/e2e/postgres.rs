@@ -1027,3 +1027,163 @@ async fn the_edge_reaches_the_database_over_verified_tls() {
     let err = text(&out.stderr);
     assert!(err.contains("TLS") && err.contains("certificate"), "{err}");
 }
+
+/// A TLS session straight to node 1's gateway, started with protocol 3.
+/// `minor` and `extra` startup parameters; returns the stream and every
+/// message up to the first ReadyForQuery.
+async fn raw_gateway_session(
+    c: &TestCluster,
+    token: &str,
+    minor: i32,
+    extra: &[(&str, &str)],
+) -> (
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    bytes::BytesMut,
+    Vec<pg::Frame>,
+) {
+    use bytes::BufMut as _;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", pg_port(c, 1)).parse().unwrap();
+    let tls = custody_cli::pg::tls_config(&c.ca_path()).unwrap();
+    let mut s = custody_cli::pg::dial_tls(addr, tls).await.unwrap();
+    let mut body = bytes::BytesMut::new();
+    body.put_i32((3 << 16) | minor);
+    for (k, v) in [("user", "x"), ("database", "db")].iter().chain(extra) {
+        for part in [k, v] {
+            body.put_slice(part.as_bytes());
+            body.put_u8(0);
+        }
+    }
+    body.put_u8(0);
+    let mut out = bytes::BytesMut::new();
+    out.put_i32(body.len() as i32 + 4);
+    out.put_slice(&body);
+    let mut buf = bytes::BytesMut::new();
+    let mut got = Vec::new();
+    write_all_flush(&mut s, &out).await;
+    loop {
+        let f = read_message(&mut s, &mut buf).await;
+        let password = f.tag == b'R' && f.body[..] == [0, 0, 0, 3];
+        let done = f.tag == b'Z';
+        got.push(f);
+        if password {
+            let mut out = bytes::BytesMut::new();
+            pg::encode_frame(b'p', format!("{token}\0").as_bytes(), &mut out);
+            write_all_flush(&mut s, &out).await;
+        }
+        if done {
+            return (s, buf, got);
+        }
+    }
+}
+
+async fn write_all_flush<S: tokio::io::AsyncWrite + Unpin>(s: &mut S, b: &[u8]) {
+    use tokio::io::AsyncWriteExt as _;
+    s.write_all(b).await.unwrap();
+    s.flush().await.unwrap();
+}
+
+async fn read_message<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut bytes::BytesMut,
+) -> pg::Frame {
+    use tokio::io::AsyncReadExt as _;
+    loop {
+        if let Some(f) = pg::split_frame(buf, pg::Limits::default()).unwrap() {
+            return f;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read_buf(buf))
+            .await
+            .expect("an answer within 20 s")
+            .unwrap();
+        assert!(n > 0, "the connection closed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_3_2_gets_long_cancel_keys_and_newer_versions_are_negotiated_down() {
+    let pg = Postgres::start();
+    let c = system(&pg).await;
+    let alice = c.mint_token("alice").await.unwrap().token;
+
+    // 3.2: spoken as is (no NegotiateProtocolVersion), with a 32-byte
+    // cancel key that cancels a running statement.
+    let (mut s, mut buf, greeting) = raw_gateway_session(&c, &alice, 2, &[]).await;
+    assert!(!greeting.iter().any(|f| f.tag == b'v'), "{greeting:?}");
+    let key = greeting
+        .iter()
+        .find(|f| f.tag == b'K')
+        .expect("BackendKeyData");
+    assert_eq!(key.body.len(), 4 + 32);
+    let pid = i32::from_be_bytes(key.body[..4].try_into().unwrap());
+    let mut out = bytes::BytesMut::new();
+    pg::encode_frame(b'Q', b"select pg_sleep(30)\0", &mut out);
+    write_all_flush(&mut s, &out).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", pg_port(&c, 1)).parse().unwrap();
+    let tls = custody_cli::pg::tls_config(&c.ca_path()).unwrap();
+    let mut cancel = custody_cli::pg::dial_tls(addr, tls).await.unwrap();
+    let mut out = bytes::BytesMut::new();
+    pg::encode_cancel(pid, &key.body[4..], &mut out);
+    write_all_flush(&mut cancel, &out).await;
+    let started = std::time::Instant::now();
+    let err = loop {
+        let f = read_message(&mut s, &mut buf).await;
+        if f.tag == b'E' {
+            break pg::decode_notice(&f.body).unwrap();
+        }
+    };
+    assert_eq!(err.get(b'C'), Some("57014"), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // 3.7 with an unknown protocol option: told 3.2 and the option first,
+    // then the session works.
+    let (mut s, mut buf, greeting) =
+        raw_gateway_session(&c, &alice, 7, &[("_pq_.compression", "on")]).await;
+    let v = &greeting[0];
+    assert_eq!(v.tag, b'v', "{greeting:?}");
+    assert_eq!(&v.body[..8], &[0, 0, 0, 2, 0, 0, 0, 1]);
+    assert_eq!(&v.body[8..], b"_pq_.compression\0");
+    let mut out = bytes::BytesMut::new();
+    pg::encode_frame(b'Q', b"select 40 + 2\0", &mut out);
+    write_all_flush(&mut s, &out).await;
+    let row = loop {
+        let f = read_message(&mut s, &mut buf).await;
+        if f.tag == b'D' {
+            break f;
+        }
+    };
+    assert_eq!(
+        pg::decode_data_row(&row.body).unwrap()[0].as_deref(),
+        Some(&b"42"[..])
+    );
+
+    // 3.0 keeps 4-byte keys.
+    let (_, _, greeting) = raw_gateway_session(&c, &alice, 0, &[]).await;
+    let key = greeting.iter().find(|f| f.tag == b'K').unwrap();
+    assert_eq!(key.body.len(), 8);
+
+    // custody connect speaks 3.0 on its local hop and says so to a 3.2 client.
+    let local = connect(&c, &alice, "db").await;
+    let mut t = tokio::net::TcpStream::connect(("127.0.0.1", local.1))
+        .await
+        .unwrap();
+    let mut startup = vec![0u8; 4];
+    startup.extend_from_slice(&pg::PROTOCOL_3_2.to_be_bytes());
+    startup.extend_from_slice(b"user\0x\0database\0db\0\0");
+    let len = (startup.len() as i32).to_be_bytes();
+    startup[..4].copy_from_slice(&len);
+    write_all_flush(&mut t, &startup).await;
+    let mut buf = bytes::BytesMut::new();
+    let v = read_message(&mut t, &mut buf).await;
+    assert_eq!((v.tag, &v.body[..]), (b'v', &[0, 0, 0, 0, 0, 0, 0, 0][..]));
+    loop {
+        let f = read_message(&mut t, &mut buf).await;
+        assert_ne!(f.tag, b'E', "{f:?}");
+        if f.tag == b'K' {
+            assert_eq!(f.body.len(), 8);
+        }
+        if f.tag == b'Z' {
+            break;
+        }
+    }
+}

@@ -113,12 +113,23 @@ async fn forward(
         Startup::Cancel { pid, key } => {
             let mut g = gw::dial_tls(gateway, tls).await?;
             let mut out = BytesMut::new();
-            pg::encode_cancel(pid, key, &mut out);
+            pg::encode_cancel(pid, &key, &mut out);
             g.write_all(&out).await?;
             g.flush().await?;
             let _ = g.read(&mut [0u8; 1]).await;
         }
-        Startup::Startup { params } => {
+        Startup::Startup { minor, params } => {
+            // The local hop speaks 3.0: a newer client is told so first.
+            let (_, unknown) = pg::negotiate(minor, &params);
+            if minor != 0 || !unknown.is_empty() {
+                let mut out = BytesMut::new();
+                pg::encode_negotiate_version(0, &unknown, &mut out);
+                local.write_all(&out).await?;
+            }
+            let params: Vec<(String, String)> = params
+                .into_iter()
+                .filter(|(k, _)| !k.starts_with("_pq_."))
+                .collect();
             // A fresh token per connection (the stored one is refreshed).
             let token = custody_cli::login::current_token()?;
             let params: Vec<(String, String)> = params

@@ -47,7 +47,7 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
 const MAX_CONNECTIONS: usize = 4096;
 
 /// Sends a cancel to a session's edge.
-type CancelMap = Arc<Mutex<HashMap<(i32, i32), mpsc::Sender<t::SessionFrame>>>>;
+type CancelMap = Arc<Mutex<HashMap<(i32, Vec<u8>), mpsc::Sender<t::SessionFrame>>>>;
 
 pub struct PgGateway<E: Engine> {
     tunnels: Arc<Tunnels<E>>,
@@ -228,7 +228,7 @@ impl<E: Engine> PgGateway<E> {
         }
     }
 
-    fn cancel(&self, pid: i32, key: i32) {
+    fn cancel(&self, pid: i32, key: Vec<u8>) {
         let tx = self
             .cancels
             .lock()
@@ -274,7 +274,19 @@ impl<E: Engine> PgGateway<E> {
             .filter(|d| !d.is_empty())
             .ok_or_else(|| fatal("3D000", "dbname must name a Custody resource"))?
             .to_owned();
+        // Protocol 3.2 is spoken; newer minors and `_pq_.` options are
+        // negotiated down before anything else.
+        let (requested, minor, unknown) = match startup {
+            Startup::Startup { minor, params } => {
+                let (m, u) = pg::negotiate(*minor, params);
+                (*minor, m, u)
+            }
+            _ => (0, 0, Vec::new()),
+        };
         let mut out = BytesMut::new();
+        if minor != requested || !unknown.is_empty() {
+            pg::encode_negotiate_version(minor, &unknown, &mut out);
+        }
         pg::encode_auth(pg::AUTH_CLEARTEXT, &[], &mut out);
         write_flush(s, &out).await?;
         let f = read_frame(
@@ -367,6 +379,7 @@ impl<E: Engine> PgGateway<E> {
             )
         })?;
         Ok(Authorized {
+            minor,
             caps,
             no_wait: wants_no_wait(startup),
             masker,
@@ -450,10 +463,12 @@ impl<E: Engine> PgGateway<E> {
         }
         let crate::tunnel::SessionChannel { tx, mut rx } = routed.channel;
         let params = match &startup {
-            Startup::Startup { params } => params
+            Startup::Startup { params, .. } => params
                 .iter()
                 .filter(|(k, _)| {
-                    !matches!(k.as_str(), "user" | "database") && !k.starts_with("custody.")
+                    !matches!(k.as_str(), "user" | "database")
+                        && !k.starts_with("custody.")
+                        && !k.starts_with("_pq_.")
                 })
                 .cloned()
                 .collect(),
@@ -491,18 +506,21 @@ impl<E: Engine> PgGateway<E> {
                 return send_fatal(&mut s, &fatal("08006", "the edge stream closed")).await;
             }
         }
-        // Our own cancel key, mapped to the edge.
+        // Our own cancel key, mapped to the edge: 4 bytes in protocol 3.0,
+        // 32 in 3.2.
+        let key_len = if a.minor >= 2 { 32 } else { 4 };
         let (pid, key) = loop {
-            let k: (i32, i32) = (rand::random::<i32>() & 0x7fff_ffff, rand::random());
+            let pid = rand::random::<i32>() & 0x7fff_ffff;
+            let key: Vec<u8> = (0..key_len).map(|_| rand::random::<u8>()).collect();
             let mut m = self.cancels.lock().unwrap_or_else(|e| e.into_inner());
-            if let std::collections::hash_map::Entry::Vacant(v) = m.entry(k) {
+            if let std::collections::hash_map::Entry::Vacant(v) = m.entry((pid, key.clone())) {
                 v.insert(tx.clone());
-                break k;
+                break (pid, key);
             }
         };
         let mut out = BytesMut::new();
         pg::encode_auth(pg::AUTH_OK, &[], &mut out);
-        pg::encode_backend_key_data(pid, key, &mut out);
+        pg::encode_backend_key_data(pid, &key, &mut out);
         tracing::info!(target: "audit", event = "session_opened", session = %session_id, subject = %a.id.subject, resource = %a.resource.name, edge = %routed.edge.name, "postgres session");
         let reason = self
             .pump(&mut s, &mut cbuf, out, &tx, &mut rx, &rec, strict, &a)
@@ -510,7 +528,7 @@ impl<E: Engine> PgGateway<E> {
         self.cancels
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&(pid, key));
+            .remove(&(pid, key.clone()));
         let _ = tx.send(frame(t::session_frame::Kind::Eof(t::Eof {}))).await;
         let closing = match &reason {
             Ok(r) => r.to_string(),
@@ -1246,6 +1264,8 @@ fn wants_no_wait(startup: &Startup) -> bool {
 
 /// A caller cleared to connect.
 struct Authorized {
+    /// The protocol minor version of the session (3.0 or 3.2).
+    minor: u16,
     /// How many result rows and bytes the session's evidence records.
     caps: Caps,
     /// The client asked not to wait for approvals (`custody.no_wait`): a
