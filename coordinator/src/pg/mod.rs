@@ -1067,56 +1067,76 @@ impl Shape {
     }
 }
 
+/// What masking does to one value.
+#[derive(Debug, PartialEq)]
+enum Change {
+    Keep,
+    /// Replaced by SQL NULL (a value that cannot carry the replacement, or
+    /// cannot be inspected).
+    Null,
+    To(Vec<u8>),
+}
+
 /// Masks one value of column `field` (`whole`: the column is masked
-/// entirely); `None` = SQL NULL.
+/// entirely).
 fn mask_value(
     m: &crate::policy::mask::Masker,
     field: Option<&pg::Field>,
     whole: bool,
-    v: bytes::Bytes,
-) -> Option<bytes::Bytes> {
+    v: &[u8],
+) -> Change {
+    use std::borrow::Cow;
     let (oid, format) = field.map_or((25, 0), |f| (f.type_oid, f.format));
     let text_type = text_like(oid);
     if whole {
         // The whole value goes; types that cannot hold the marker become NULL
         // (a text type's binary form is its text; jsonb's is not).
-        return (text_type && (format == 0 || oid != 3802))
-            .then(|| bytes::Bytes::from_static(crate::policy::mask::MASKED.as_bytes()));
+        return if text_type && (format == 0 || oid != 3802) {
+            Change::To(crate::policy::mask::MASKED.as_bytes().to_vec())
+        } else {
+            Change::Null
+        };
     }
     if format == 1 {
         if binary_safe(oid) {
-            return Some(v);
+            return Change::Keep;
         }
-        let as_text = match oid {
-            20 if v.len() == 8 => i64::from_be_bytes(v[..].try_into().ok()?).to_string(),
-            23 if v.len() == 4 => i32::from_be_bytes(v[..].try_into().ok()?).to_string(),
-            21 if v.len() == 2 => i16::from_be_bytes(v[..].try_into().ok()?).to_string(),
+        let as_text: Cow<'_, str> = match (oid, v.len()) {
+            (20, 8) => i64::from_be_bytes(v.try_into().unwrap_or([0; 8]))
+                .to_string()
+                .into(),
+            (23, 4) => i32::from_be_bytes(v.try_into().unwrap_or([0; 4]))
+                .to_string()
+                .into(),
+            (21, 2) => i16::from_be_bytes(v.try_into().unwrap_or([0; 2]))
+                .to_string()
+                .into(),
             // jsonb's binary form is a version byte and the text.
-            3802 if v.first() == Some(&1) => String::from_utf8_lossy(&v[1..]).into_owned(),
-            _ if text_type => String::from_utf8_lossy(&v).into_owned(),
+            (3802, _) if v.first() == Some(&1) => String::from_utf8_lossy(&v[1..]),
+            _ if text_type => String::from_utf8_lossy(v),
             // Cannot be inspected: refused (NULL), never passed through.
-            _ => return None,
+            _ => return Change::Null,
         };
         return match m.mask_text(&as_text) {
-            None => Some(v),
-            Some(masked) if text_type && oid != 3802 => Some(masked.into()),
+            None => Change::Keep,
             Some(masked) if oid == 3802 => {
                 let mut b = vec![1u8];
                 b.extend_from_slice(masked.as_bytes());
-                Some(b.into())
+                Change::To(b)
             }
-            Some(_) => None,
+            Some(masked) if text_type => Change::To(masked.into_bytes()),
+            Some(_) => Change::Null,
         };
     }
-    let masked = match std::str::from_utf8(&v) {
+    let masked = match std::str::from_utf8(v) {
         Ok(text) => m.mask_text(text),
-        Err(_) => m.mask_text(&String::from_utf8_lossy(&v)),
+        Err(_) => m.mask_text(&String::from_utf8_lossy(v)),
     };
     match masked {
-        None => Some(v),
-        Some(masked) if text_type => Some(masked.into()),
+        None => Change::Keep,
+        Some(masked) if text_type => Change::To(masked.into_bytes()),
         // A number that looks like a card or phone number: NULL.
-        Some(_) => None,
+        Some(_) => Change::Null,
     }
 }
 
@@ -1128,33 +1148,38 @@ fn mask_frame(
 ) -> Result<Frame, pg::PgError> {
     match f.tag {
         btag::DATA_ROW => {
-            let values = pg::decode_data_row(&f.body)?;
+            let values = pg::data_row_slices(&f.body)?;
             if shape.unknown {
                 return Ok(Frame {
                     tag: f.tag,
-                    body: pg::data_row_body(&vec![None; values.len()]),
+                    body: pg::data_row_body::<&[u8]>(&vec![None; values.len()]),
                 });
             }
             // Rows are rebuilt only when a value changed.
-            let mut masked: Option<Vec<Option<bytes::Bytes>>> = None;
+            let mut changes: Option<Vec<Change>> = None;
             for (i, v) in values.iter().enumerate() {
                 let Some(v) = v else { continue };
                 let whole = shape.whole.get(i).copied().unwrap_or(false);
-                let out = mask_value(m, shape.fields.get(i), whole, v.clone());
-                let same = out
-                    .as_ref()
-                    .is_some_and(|o| o.as_ptr() == v.as_ptr() && o.len() == v.len());
-                if !same {
-                    masked.get_or_insert_with(|| values.clone())[i] = out;
+                let c = mask_value(m, shape.fields.get(i), whole, v);
+                if c != Change::Keep {
+                    changes.get_or_insert_with(|| values.iter().map(|_| Change::Keep).collect())
+                        [i] = c;
                 }
             }
-            Ok(match masked {
-                None => f,
-                Some(masked) => Frame {
-                    tag: f.tag,
-                    body: pg::data_row_body(&masked),
-                },
-            })
+            let Some(changes) = changes else {
+                return Ok(f);
+            };
+            let out: Vec<Option<&[u8]>> = values
+                .iter()
+                .zip(&changes)
+                .map(|(v, c)| match c {
+                    Change::Keep => *v,
+                    Change::Null => None,
+                    Change::To(b) => Some(&b[..]),
+                })
+                .collect();
+            let body = pg::data_row_body(&out);
+            Ok(Frame { tag: f.tag, body })
         }
         // Binary COPY cannot be inspected: refused (the connection ends).
         btag::COPY_OUT | btag::COPY_BOTH if f.body.first() == Some(&1) => {
@@ -1279,4 +1304,81 @@ struct Authorized {
     rule: String,
     decision: String,
     grant: Option<pb::ApprovalRequest>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::mask::{Detector, Masker, MaskingDoc};
+
+    fn masker() -> Masker {
+        Masker::new(&[&MaskingDoc {
+            name: "pii".into(),
+            detectors: vec![Detector::Email, Detector::CreditCard],
+            columns: vec!["secret".into()],
+            patterns: vec![],
+        }])
+        .unwrap()
+    }
+
+    fn field(name: &str, type_oid: i32, format: i16) -> pg::Field {
+        pg::Field {
+            name: name.into(),
+            table_oid: 0,
+            column: 0,
+            type_oid,
+            type_size: -1,
+            type_modifier: -1,
+            format,
+        }
+    }
+
+    fn row(values: &[Option<&[u8]>]) -> Frame {
+        Frame {
+            tag: btag::DATA_ROW,
+            body: pg::data_row_body(values),
+        }
+    }
+
+    #[test]
+    fn rows_are_masked_by_their_columns_types_and_formats() {
+        let m = masker();
+        let card = 4_111_111_111_111_111i64.to_be_bytes();
+        let shape = Shape::new(
+            vec![
+                field("email", 25, 0),
+                field("card_num", 20, 1),
+                field("secret", 25, 1),
+                field("n", 23, 1),
+                field("note", 25, 0),
+            ],
+            &m,
+            None,
+        );
+        let f = row(&[
+            Some(b"mail bob@example.com"),
+            Some(&card),
+            Some(b"hunter2"),
+            Some(&42i32.to_be_bytes()),
+            None,
+        ]);
+        let out = mask_frame(&m, f, &shape).unwrap();
+        assert_eq!(
+            pg::data_row_slices(&out.body).unwrap(),
+            vec![
+                Some(&b"mail [email]"[..]),
+                None,
+                Some(&b"****"[..]),
+                Some(&42i32.to_be_bytes()[..]),
+                None
+            ]
+        );
+        // Nothing to mask: the very same frame goes on.
+        let clean = row(&[Some(b"hello"), Some(&1i64.to_be_bytes()), None, None, None]);
+        let out = mask_frame(&m, clean.clone(), &shape).unwrap();
+        assert_eq!(out.body.as_ptr(), clean.body.as_ptr());
+        // Rows nobody described: every value refused.
+        let out = mask_frame(&m, row(&[Some(b"x"), Some(b"y")]), &Shape::unknown()).unwrap();
+        assert_eq!(pg::data_row_slices(&out.body).unwrap(), vec![None, None]);
+    }
 }

@@ -136,8 +136,12 @@ fn render_param(v: &Option<Bytes>, format: i16) -> String {
 
 /// A row as evidence text: values tab-separated, NULL as `\N`, binary-format
 /// values as `\x` hex.
-pub fn render_row(values: &[Option<Bytes>], formats: &[i16]) -> Vec<u8> {
-    let mut out = Vec::new();
+pub fn render_row<T: AsRef<[u8]>>(values: &[Option<T>], formats: &[i16]) -> Vec<u8> {
+    let len: usize = values
+        .iter()
+        .map(|v| 3 + v.as_ref().map_or(0, |b| 2 * b.as_ref().len()))
+        .sum();
+    let mut out = Vec::with_capacity(len);
     for (i, v) in values.iter().enumerate() {
         if i > 0 {
             out.push(b'\t');
@@ -145,8 +149,10 @@ pub fn render_row(values: &[Option<Bytes>], formats: &[i16]) -> Vec<u8> {
         let binary = formats.get(i).copied().unwrap_or(0) == 1;
         match v {
             None => out.extend_from_slice(b"\\N"),
-            Some(b) if binary => out.extend_from_slice(format!("\\x{}", hex(b)).as_bytes()),
-            Some(b) => out.extend_from_slice(b),
+            Some(b) if binary => {
+                out.extend_from_slice(format!("\\x{}", hex(b.as_ref())).as_bytes())
+            }
+            Some(b) => out.extend_from_slice(b.as_ref()),
         }
     }
     out
@@ -392,7 +398,7 @@ impl Relay {
         Ok(match f.tag {
             btag::DATA_ROW if self.cut => None,
             btag::DATA_ROW => {
-                let values = pg::decode_data_row(&f.body)?;
+                let values = pg::data_row_slices(&f.body)?;
                 let formats: Vec<i16> = self
                     .current
                     .as_deref()
