@@ -1187,3 +1187,50 @@ async fn protocol_3_2_gets_long_cancel_keys_and_newer_versions_are_negotiated_do
         }
     }
 }
+
+/// Several clients reading large results at once through `custody connect`
+/// (TLS to the gateway): every result arrives whole. A gateway that left the
+/// tail of a response in its TLS buffer hung clients exactly like this.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_large_results_all_arrive() {
+    let pg = Postgres::start();
+    let c = system(&pg).await;
+    let alice = c.mint_token("alice").await.unwrap().token;
+    let local = connect(&c, &alice, "db").await;
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let port = local.1;
+        clients.push(tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(
+                &format!("host=127.0.0.1 port={port} user=x dbname=db"),
+                tokio_postgres::NoTls,
+            )
+            .await
+            .unwrap();
+            tokio::spawn(conn);
+            let mut rows = 0;
+            for i in 0..20i64 {
+                let r = client
+                    .query(
+                        "select g, repeat('x', 100) from generate_series(1, 2000 + $1::int8) g",
+                        &[&i],
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(r.len() as i64, 2000 + i);
+                rows += r.len();
+            }
+            rows
+        }));
+    }
+    let all = tokio::time::timeout(Duration::from_secs(120), async {
+        let mut n = 0;
+        for c in clients {
+            n += c.await.unwrap();
+        }
+        n
+    })
+    .await
+    .expect("every result within 120 s");
+    assert_eq!(all, 6 * (20 * 2000 + 190));
+}
