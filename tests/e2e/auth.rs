@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::harness::{self, TestCluster};
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -19,7 +19,7 @@ fn now() -> u64 {
 }
 
 /// Signs claims with the cluster's dev-issuer key (as the provider would).
-fn sign(c: &TestCluster, claims: &serde_json::Value, kid: Option<&str>) -> String {
+pub(crate) fn sign(c: &TestCluster, claims: &serde_json::Value, kid: Option<&str>) -> String {
     let pem = std::fs::read(c.dir.join("dev-issuer-key.pem")).unwrap();
     let mut h = Header::new(Algorithm::ES256);
     h.typ = Some("at+jwt".into());
@@ -27,7 +27,7 @@ fn sign(c: &TestCluster, claims: &serde_json::Value, kid: Option<&str>) -> Strin
     jsonwebtoken::encode(&h, claims, &EncodingKey::from_ec_pem(&pem).unwrap()).unwrap()
 }
 
-fn kid_of(token: &str) -> String {
+pub(crate) fn kid_of(token: &str) -> String {
     jsonwebtoken::decode_header(token).unwrap().kid.unwrap()
 }
 

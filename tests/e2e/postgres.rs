@@ -280,6 +280,14 @@ async fn bad_tokens_unknown_resources_denials_and_plaintext_never_reach_the_edge
         libpq(&c, 1, &tampered, "db", "require"),
         "valid Custody access token",
     );
+    // Alice's claims, correctly signed, but expired an hour ago.
+    let claims = serde_json::json!({
+        "iss": "https://dev-issuer.custody.local", "aud": "urn:custody", "sub": "alice",
+        "exp": crate::auth::now() - 3600, "iat": crate::auth::now() - 7200,
+        "groups": ["engineers"],
+    });
+    let expired = crate::auth::sign(&c, &claims, Some(&crate::auth::kid_of(&alice)));
+    refused(libpq(&c, 1, &expired, "db", "require"), "expired");
     refused(
         libpq(&c, 1, &alice, "nodb", "require"),
         "no resource named \"nodb\"",
