@@ -132,7 +132,7 @@ fn dev_up_detach_writes_dev_json_and_dev_down_stops_everything() {
             "exec",
             "local-postgres",
             "--sql",
-            "select name, email, card_number, customer_ssn from customers where id = 1",
+            "select name, email, card_number, customer_ssn, note as remark from customers where id = 1",
             "--json",
         ],
         &alice,
@@ -145,7 +145,7 @@ fn dev_up_detach_writes_dev_json_and_dev_down_stops_everything() {
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         rows["rows"][0],
-        serde_json::json!({"name": "Ada Lovelace", "email": "[email]", "card_number": "[credit_card]", "customer_ssn": "****"})
+        serde_json::json!({"name": "Ada Lovelace", "email": "[email]", "card_number": "[credit_card]", "customer_ssn": "****", "remark": "****"})
     );
     let pg_data = std::path::PathBuf::from(pg["data_dir"].as_str().unwrap());
     assert!(pg_data.join("postmaster.pid").exists());
