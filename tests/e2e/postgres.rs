@@ -551,6 +551,22 @@ async fn sql_guardrails_deny_or_hold_statements_for_approval() {
         pg::decode_data_row(&row.body).unwrap()[0].as_deref(),
         Some(&b"2"[..])
     );
+    // The evidence has the refusal, and no execution of the refused statement
+    // (the server skipped it; the gateway did not even send it).
+    drop(wire);
+    drop(local);
+    let audrey = c.mint_token("audrey").await.unwrap().token;
+    let events = session_events(&c, &audrey, "db");
+    assert!(events.iter().any(|e| e["type"] == "outcome"
+        && e["event"]["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("42501") && m.contains("no-unbounded-deletes"))));
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["event"]["verb"] == "execute" && e["event"]["text"] == "delete from t"),
+        "a refused statement recorded as executed"
+    );
 }
 
 /// A hand-driven protocol client (plaintext, for `custody connect`).

@@ -788,8 +788,9 @@ impl<E: Engine> PgGateway<E> {
         let mut skipping = false; // dropping messages up to Sync after a refusal
         let mut deferred = BytesMut::new(); // refusals to send once the server caught up
         let mut held_error: Option<BytesMut> = None; // an error waiting for the client's Sync
-                                                     // Refusals inside a sequence already under way: (the ReadyForQuery
-                                                     // that ends the sequence, counted from the session's start; the error).
+
+        // Refusals inside a sequence already under way: (the ReadyForQuery
+        // that ends the sequence, counted from the session's start; the error).
         let mut substituted: std::collections::VecDeque<(u64, BytesMut)> = Default::default();
         // ReadyForQuery messages owed so far: the server's greeting ends with one.
         let mut rfq_expected: u64 = 1;
@@ -831,10 +832,10 @@ impl<E: Engine> PgGateway<E> {
                             continue;
                         }
                         if doomed {
-                            // The server skips these (an error came first): they
-                            // are passed on but neither recorded nor committed.
+                            // The server would discard everything up to Sync
+                            // after the stand-in's error; nothing of it is sent
+                            // (so nothing can run unchecked) or recorded.
                             if f.tag != pg::ftag::SYNC {
-                                f.encode(&mut to_edge);
                                 continue;
                             }
                             doomed = false;
