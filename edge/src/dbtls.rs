@@ -53,6 +53,11 @@ pub fn client_config(
         let path = rootcert.ok_or("this sslmode needs sslrootcert")?;
         Ok(Arc::new(load_roots(path)?))
     };
+    // As in libpq: `require` with a root certificate verifies the chain.
+    let mode = match (mode, rootcert) {
+        (SslMode::Require, Some(_)) => SslMode::VerifyCa,
+        (m, _) => m,
+    };
     let config = match mode {
         SslMode::Disable => return Ok(None),
         SslMode::Prefer | SslMode::Require => builder

@@ -736,6 +736,42 @@ async fn results_are_masked_for_the_client_and_in_the_evidence() {
             );
         }
     }
+    // Values that come back inside errors and notifications are masked too.
+    let out = psql(&env, "select card::int from customers");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("[credit_card]") && !err.contains("4111"),
+        "{err}"
+    );
+    let out = psql(
+        &env,
+        "listen c; select pg_notify('c', email) from customers; select 1",
+    );
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        all.contains("payload \"[email]\"") && !all.contains("alice@"),
+        "{all}"
+    );
+    // A function call (fastpath) could run any SQL unchecked: refused in
+    // order, and the session goes on.
+    {
+        let local = connect(&c, &alice, "db").await;
+        let mut wire = RawPg::connect(local.1).await;
+        let mut call = 1598i32.to_be_bytes().to_vec(); // any function's OID
+        call.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        let got = wire.exchange(&[(b'F', call)]).await;
+        let tags: Vec<char> = got.iter().map(|f| f.tag as char).collect();
+        assert_eq!(tags, ['E', 'Z'], "{got:?}");
+        let err = pg::decode_notice(&got[0].body).unwrap();
+        assert_eq!(err.get(b'C'), Some("42501"));
+        assert!(err
+            .get(b'M')
+            .is_some_and(|m| m.contains("function-call protocol")));
+        let got = wire
+            .exchange(&[(pg::ftag::QUERY, b"select 1\0".to_vec())])
+            .await;
+        assert!(got.iter().any(|f| f.tag == b'D'), "{got:?}");
+    }
     // COPY TO under column masking is refused; COPY of a query is masked.
     let out = psql(&env, "\\copy customers to stdout");
     assert!(

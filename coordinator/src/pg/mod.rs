@@ -781,16 +781,11 @@ impl<E: Engine> PgGateway<E> {
         let mut sbuf = BytesMut::new();
         let mut shape_gen = u64::MAX;
         let mut shape = Shape::default();
-        // Protocol position, for answering refused statements in order.
-        let mut tx_status = b'I';
-        let mut outstanding: u32 = 0; // ReadyForQuery messages the server still owes
         let mut unsynced = false; // extended-protocol messages forwarded since Sync
-        let mut skipping = false; // dropping messages up to Sync after a refusal
-        let mut deferred = BytesMut::new(); // refusals to send once the server caught up
-        let mut held_error: Option<BytesMut> = None; // an error waiting for the client's Sync
-
-        // Refusals inside a sequence already under way: (the ReadyForQuery
-        // that ends the sequence, counted from the session's start; the error).
+                                  // Refused statements: each goes to the server as a stand-in that fails
+                                  // in protocol order, and the client gets the refusal in place of that
+                                  // error. (the ReadyForQuery that ends the stand-in's sequence, counted
+                                  // from the session's start; the refusal).
         let mut substituted: std::collections::VecDeque<(u64, BytesMut)> = Default::default();
         // ReadyForQuery messages owed so far: the server's greeting ends with one.
         let mut rfq_expected: u64 = 1;
@@ -818,79 +813,68 @@ impl<E: Engine> PgGateway<E> {
                             Ok(None) => break,
                             Err(e) => return Err(fatal("08P01", e.to_string())),
                         };
-                        if skipping {
-                            if f.tag == pg::ftag::SYNC {
-                                skipping = false;
-                                let mut answer = held_error.take().unwrap_or_default();
-                                pg::encode_ready(tx_status, &mut answer);
-                                if outstanding == 0 {
-                                    out.extend_from_slice(&answer);
-                                } else {
-                                    deferred.extend_from_slice(&answer);
-                                }
-                            }
-                            continue;
-                        }
                         if doomed {
-                            // The server would discard everything up to Sync
-                            // after the stand-in's error; nothing of it is sent
-                            // (so nothing can run unchecked) or recorded.
-                            if f.tag != pg::ftag::SYNC {
-                                continue;
+                            // The server discards everything up to Sync after the
+                            // stand-in's error; nothing of it is sent (so nothing
+                            // can run unchecked) or recorded, except Flush.
+                            match f.tag {
+                                pg::ftag::SYNC => doomed = false,
+                                pg::ftag::FLUSH => {
+                                    f.encode(&mut to_edge);
+                                    continue;
+                                }
+                                _ => continue,
                             }
-                            doomed = false;
+                        }
+                        if f.tag == pg::ftag::QUERY && unsynced {
+                            // The server would skip it after an error in the
+                            // sequence, and answers could no longer be matched.
+                            return Err(fatal("08P01", "a simple Query inside an unfinished extended-protocol sequence (send Sync first)"));
                         }
                         let step = relay.client(&f).map_err(|e| fatal("08P01", e.to_string()))?;
                         for e in step.events {
                             rec.record(e).await.map_err(commit_err)?;
                         }
-                        if let Some(sql) = step.statement {
-                            if let Err(refusal) = self.check_statement(&sql, a, rec, s).await {
-                                let mut err = BytesMut::new();
-                                pg::encode_notice(false, "ERROR", "42501", &refusal, &mut err);
-                                rec.record(ev::event::Kind::Outcome(ev::Outcome {
-                                    exit_code: 1,
-                                    error: format!("42501: {refusal}"),
-                                    ..Default::default()
-                                }))
-                                .await
-                                .map_err(commit_err)?;
-                                if f.tag == pg::ftag::QUERY {
-                                    relay.refused();
-                                    pg::encode_ready(tx_status, &mut err);
-                                    if outstanding == 0 && to_edge.is_empty() {
-                                        out.extend_from_slice(&err);
-                                    } else {
-                                        deferred.extend_from_slice(&err);
-                                    }
-                                    continue;
-                                }
-                                if unsynced || !to_edge.is_empty() {
-                                    // Messages before this one already went (or are
-                                    // going) to the server, so it must fail this one
-                                    // in its own order: it gets a Parse that cannot
-                                    // parse (answered with an error, then skipping to
-                                    // Sync as after any error), and the client gets
-                                    // the refusal in place of that error.
-                                    let name = pg::decode_parse(&f.body).map(|p| p.name).unwrap_or_default();
-                                    pg::encode_frame(pg::ftag::PARSE, &refused_parse(&name), &mut to_edge);
-                                    unsynced = true;
-                                    doomed = true;
-                                    substituted.push_back((rfq_expected + 1, err));
-                                    continue;
-                                }
-                                held_error = Some(err);
-                                skipping = true;
-                                continue;
+                        let refusal = if f.tag == pg::ftag::FUNCTION_CALL {
+                            // A function call can run any SQL (query_to_xml) with no
+                            // statement text to check.
+                            Some("the function-call protocol is not available through the gateway; use SELECT".to_string())
+                        } else if let Some(sql) = step.statement {
+                            self.check_statement(&sql, a, rec, s).await.err()
+                        } else {
+                            None
+                        };
+                        if let Some(refusal) = refusal {
+                            let mut err = BytesMut::new();
+                            pg::encode_notice(false, "ERROR", "42501", &refusal, &mut err);
+                            rec.record(ev::event::Kind::Outcome(ev::Outcome {
+                                exit_code: 1,
+                                error: format!("42501: {refusal}"),
+                                ..Default::default()
+                            }))
+                            .await
+                            .map_err(commit_err)?;
+                            if f.tag == pg::ftag::PARSE {
+                                // The server skips the rest of the sequence.
+                                let name = pg::decode_parse(&f.body).map(|p| p.name).unwrap_or_default();
+                                pg::encode_frame(pg::ftag::PARSE, &refused_parse(&name), &mut to_edge);
+                                unsynced = true;
+                                doomed = true;
+                                substituted.push_back((rfq_expected + 1, err));
+                            } else {
+                                // A Query or a function call: answered with an
+                                // error and ReadyForQuery of its own.
+                                let mut q = REFUSED_STAND_IN.as_bytes().to_vec();
+                                q.push(0);
+                                pg::encode_frame(pg::ftag::QUERY, &q, &mut to_edge);
+                                rfq_expected += 1;
+                                substituted.push_back((rfq_expected, err));
                             }
+                            continue;
                         }
                         match f.tag {
-                            pg::ftag::QUERY => {
-                                outstanding += 1;
-                                rfq_expected += 1;
-                            }
+                            pg::ftag::QUERY | pg::ftag::FUNCTION_CALL => rfq_expected += 1,
                             pg::ftag::SYNC => {
-                                outstanding += 1;
                                 rfq_expected += 1;
                                 unsynced = false;
                             }
@@ -945,13 +929,7 @@ impl<E: Engine> PgGateway<E> {
                                     while substituted.front().is_some_and(|(n, _)| *n <= rfq_seen) {
                                         substituted.pop_front();
                                     }
-                                    tx_status = f.body.first().copied().unwrap_or(b'I');
-                                    outstanding = outstanding.saturating_sub(1);
                                     f.encode(&mut out);
-                                    if outstanding == 0 && !deferred.is_empty() && !skipping {
-                                        out.extend_from_slice(&deferred);
-                                        deferred.clear();
-                                    }
                                     continue;
                                 }
                                 if !a.masker.is_empty() && relay.columns().1 != shape_gen {
@@ -1182,12 +1160,27 @@ fn mask_frame(
             let body = pg::data_row_body(&out);
             Ok(Frame { tag: f.tag, body })
         }
-        // Binary COPY cannot be inspected: refused (the connection ends).
+        // Binary COPY cannot be inspected, and COPY rows carry no column
+        // names for column rules: refused (the connection ends). The
+        // statement check refuses COPY ... TO first; this is the backstop.
         btag::COPY_OUT | btag::COPY_BOTH if f.body.first() == Some(&1) => {
             Err(pg::PgError::Malformed {
                 what: "binary COPY under masking is refused; CopyOut",
             })
         }
+        btag::COPY_OUT | btag::COPY_BOTH if m.has_column_rules() => Err(pg::PgError::Malformed {
+            what: "COPY out under column masking is refused; CopyOut",
+        }),
+        // Errors, notices and notifications can carry values too
+        // (`SELECT secret::int`, `RAISE NOTICE`, `pg_notify`).
+        btag::ERROR_RESPONSE | btag::NOTICE_RESPONSE => Ok(match mask_notice(m, &f.body)? {
+            Some(body) => Frame { tag: f.tag, body },
+            None => f,
+        }),
+        btag::NOTIFICATION => Ok(match mask_notification(m, &f.body)? {
+            Some(body) => Frame { tag: f.tag, body },
+            None => f,
+        }),
         btag::COPY_DATA => {
             let text = String::from_utf8_lossy(&f.body);
             Ok(match m.mask_text(&text) {
@@ -1200,6 +1193,68 @@ fn mask_frame(
         }
         _ => Ok(f),
     }
+}
+
+/// Masks the text fields of an ErrorResponse or NoticeResponse (message,
+/// detail, hint, context, internal query); `None` when nothing matched.
+fn mask_notice(
+    m: &crate::policy::mask::Masker,
+    body: &[u8],
+) -> Result<Option<bytes::Bytes>, pg::PgError> {
+    let bad = pg::PgError::Malformed {
+        what: "ErrorResponse/NoticeResponse",
+    };
+    let mut out = BytesMut::with_capacity(body.len());
+    let mut changed = false;
+    let mut rest = body;
+    loop {
+        let (&code, tail) = rest.split_first().ok_or(bad.clone())?;
+        out.extend_from_slice(&[code]);
+        if code == 0 {
+            break;
+        }
+        let end = tail.iter().position(|b| *b == 0).ok_or(bad.clone())?;
+        let value = &tail[..end];
+        let masked = if matches!(code, b'M' | b'D' | b'H' | b'W' | b'q') {
+            m.mask_text(&String::from_utf8_lossy(value))
+        } else {
+            None
+        };
+        match masked {
+            Some(t) => {
+                changed = true;
+                out.extend_from_slice(t.as_bytes());
+            }
+            None => out.extend_from_slice(value),
+        }
+        out.extend_from_slice(&[0]);
+        rest = &tail[end + 1..];
+    }
+    Ok(changed.then(|| out.freeze()))
+}
+
+/// Masks a NotificationResponse's payload; `None` when nothing matched.
+fn mask_notification(
+    m: &crate::policy::mask::Masker,
+    body: &[u8],
+) -> Result<Option<bytes::Bytes>, pg::PgError> {
+    let bad = pg::PgError::Malformed {
+        what: "NotificationResponse",
+    };
+    let pid = body.get(..4).ok_or(bad.clone())?;
+    let rest = &body[4..];
+    let c_end = rest.iter().position(|b| *b == 0).ok_or(bad.clone())?;
+    let payload = &rest[c_end + 1..];
+    let p_end = payload.iter().position(|b| *b == 0).ok_or(bad)?;
+    let Some(masked) = m.mask_text(&String::from_utf8_lossy(&payload[..p_end])) else {
+        return Ok(None);
+    };
+    let mut out = BytesMut::with_capacity(body.len());
+    out.extend_from_slice(pid);
+    out.extend_from_slice(&rest[..=c_end]);
+    out.extend_from_slice(masked.as_bytes());
+    out.extend_from_slice(&[0]);
+    Ok(Some(out.freeze()))
 }
 
 /// The statement text of the Parse that stands in for a refused one: it
@@ -1378,6 +1433,38 @@ mod tests {
         let clean = row(&[Some(b"hello"), Some(&1i64.to_be_bytes()), None, None, None]);
         let out = mask_frame(&m, clean.clone(), &shape).unwrap();
         assert_eq!(out.body.as_ptr(), clean.body.as_ptr());
+        // Errors, notices and notifications are masked too.
+        let mut b = BytesMut::new();
+        pg::encode_notice(
+            false,
+            "ERROR",
+            "22P02",
+            "invalid input: \"4111 1111 1111 1111\"",
+            &mut b,
+        );
+        let err = pg::split_frame(&mut b, Limits::default()).unwrap().unwrap();
+        let out = mask_frame(&m, err, &shape).unwrap();
+        let n = pg::decode_notice(&out.body).unwrap();
+        assert_eq!(n.get(b'M'), Some("invalid input: \"[credit_card]\""));
+        assert_eq!(n.get(b'C'), Some("22P02"));
+        let mut body = 7i32.to_be_bytes().to_vec();
+        body.extend_from_slice(b"chan\0to bob@example.com\0");
+        let out = mask_frame(
+            &m,
+            Frame {
+                tag: btag::NOTIFICATION,
+                body: body.into(),
+            },
+            &shape,
+        )
+        .unwrap();
+        assert_eq!(&out.body[4..], b"chan\0to [email]\0");
+        // COPY out under column rules is refused at the server's answer.
+        let copy = Frame {
+            tag: btag::COPY_OUT,
+            body: vec![0, 0, 0].into(),
+        };
+        assert!(mask_frame(&m, copy, &shape).is_err());
         // Rows nobody described: every value refused.
         let out = mask_frame(&m, row(&[Some(b"x"), Some(b"y")]), &Shape::unknown()).unwrap();
         assert_eq!(pg::data_row_slices(&out.body).unwrap(), vec![None, None]);

@@ -83,21 +83,33 @@ impl Caps {
 }
 
 /// What the server owes, in order, for the client messages forwarded so far
-/// (only what tells which columns the next DataRows have).
+/// (only what tells which columns the next DataRows have). Statements and
+/// portals are named by generation (every Parse and Bind makes a new one), so
+/// an answer is matched to the message it answers even when the client
+/// reuses a name in a pipeline.
 #[derive(Debug, Clone, PartialEq)]
 enum Owed {
     /// RowDescription or NoData for a prepared statement.
-    DescribeStatement(String),
+    DescribeStatement(u64),
     /// RowDescription or NoData for a portal.
-    DescribePortal(String),
+    DescribePortal(u64),
     /// A portal's rows, ended by CommandComplete, PortalSuspended,
     /// EmptyQueryResponse or an error.
-    Execute(String),
-    /// A simple query: results, each after its RowDescription, up to
-    /// ReadyForQuery.
+    Execute(Binding),
+    /// A simple query (or function call): results, each after its
+    /// RowDescription, up to ReadyForQuery.
     Query,
     /// ReadyForQuery.
     Sync,
+}
+
+/// A portal as bound: its generation, its statement's, and the result
+/// formats Bind asked for.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct Binding {
+    portal: u64,
+    statement: u64,
+    formats: Vec<i16>,
 }
 
 /// Follows one session.
@@ -111,12 +123,17 @@ pub struct Relay {
     bytes: u64,
     cut: bool,
     owed: VecDeque<Owed>,
-    /// Result columns of described prepared statements.
-    statement_columns: HashMap<String, Vec<pg::Field>>,
-    /// Portal to (statement, result formats from Bind).
-    bound: HashMap<String, (String, Vec<i16>)>,
-    /// Result columns of described portals (formats as the server says).
-    portal_columns: HashMap<String, Vec<pg::Field>>,
+    /// The last generation handed out.
+    generations: u64,
+    /// Statement name to its current generation.
+    statement_gen: HashMap<String, u64>,
+    /// Portal name to its current binding.
+    bound: HashMap<String, Binding>,
+    /// Result columns of described statements, by generation.
+    statement_columns: HashMap<u64, Vec<pg::Field>>,
+    /// Result columns of described portals (formats as the server says), by
+    /// generation.
+    portal_columns: HashMap<u64, Vec<pg::Field>>,
     /// Columns of the DataRows arriving now; `None` when unknown.
     current: Option<Vec<pg::Field>>,
     /// Bumped whenever `current` changes.
@@ -168,11 +185,19 @@ fn command(text: String, params: Vec<String>, verb: &str) -> ev::event::Kind {
 }
 
 impl Relay {
+    /// A relay for a session whose server greeting (ending with
+    /// ReadyForQuery) is still to come.
     pub fn new(caps: Caps) -> Self {
         Self {
             caps,
+            owed: VecDeque::from([Owed::Sync]),
             ..Self::default()
         }
+    }
+
+    fn next_generation(&mut self) -> u64 {
+        self.generations += 1;
+        self.generations
     }
 
     /// Inspects one client message.
@@ -189,7 +214,8 @@ impl Relay {
             ftag::PARSE => {
                 let p = pg::decode_parse(&f.body)?;
                 step.statement = Some(p.query.clone());
-                self.statement_columns.remove(&p.name);
+                let g = self.next_generation();
+                self.statement_gen.insert(p.name.clone(), g);
                 self.statements.insert(p.name, p.query);
             }
             ftag::BIND => {
@@ -205,15 +231,19 @@ impl Relay {
                     .enumerate()
                     .map(|(i, v)| render_param(v, b.param_format(i)))
                     .collect();
-                self.portal_columns.remove(&b.portal);
-                self.bound
-                    .insert(b.portal.clone(), (b.statement, b.result_formats));
+                let binding = Binding {
+                    portal: self.next_generation(),
+                    statement: self.statement_gen.get(&b.statement).copied().unwrap_or(0),
+                    formats: b.result_formats,
+                };
+                self.bound.insert(b.portal.clone(), binding);
                 self.portals.insert(b.portal, (text, params));
             }
             ftag::EXECUTE => {
                 let (portal, _) = pg::decode_execute(&f.body)?;
                 let (text, params) = self.portals.get(&portal).cloned().unwrap_or_default();
-                self.owed.push_back(Owed::Execute(portal));
+                let binding = self.bound.get(&portal).cloned().unwrap_or_default();
+                self.owed.push_back(Owed::Execute(binding));
                 step.events.push(command(text, params, "execute"));
                 step.executes = true;
             }
@@ -221,22 +251,23 @@ impl Relay {
                 let (kind, name) = pg::decode_target(&f.body, "Close")?;
                 if kind == b'S' {
                     self.statements.remove(&name);
-                    self.statement_columns.remove(&name);
+                    self.statement_gen.remove(&name);
                 } else {
                     self.portals.remove(&name);
                     self.bound.remove(&name);
-                    self.portal_columns.remove(&name);
                 }
             }
             ftag::DESCRIBE => {
                 let (kind, name) = pg::decode_target(&f.body, "Describe")?;
                 self.owed.push_back(if kind == b'S' {
-                    Owed::DescribeStatement(name)
+                    Owed::DescribeStatement(self.statement_gen.get(&name).copied().unwrap_or(0))
                 } else {
-                    Owed::DescribePortal(name)
+                    Owed::DescribePortal(self.bound.get(&name).map_or(0, |b| b.portal))
                 });
             }
             ftag::FUNCTION_CALL => {
+                // Answered like a simple query: a result, then ReadyForQuery.
+                self.owed.push_back(Owed::Query);
                 step.events
                     .push(command("(function call)".into(), vec![], "function_call"));
                 step.executes = true;
@@ -262,14 +293,6 @@ impl Relay {
         Ok(step)
     }
 
-    /// The last client message (a Query) was refused by the gateway and
-    /// never reaches the server: the server owes nothing for it.
-    pub fn refused(&mut self) {
-        if self.owed.back() == Some(&Owed::Query) {
-            self.owed.pop_back();
-        }
-    }
-
     /// Columns of the DataRows arriving now (`None`: unknown), and a number
     /// that changes whenever they do.
     pub fn columns(&self) -> (Option<&[pg::Field]>, u64) {
@@ -281,65 +304,106 @@ impl Relay {
         self.generation += 1;
     }
 
-    /// The result columns of an execution of `portal`.
-    fn portal_result(&self, portal: &str) -> Option<Vec<pg::Field>> {
-        if let Some(c) = self.portal_columns.get(portal) {
+    /// The result columns of an execution under `b`.
+    fn portal_result(&self, b: &Binding) -> Option<Vec<pg::Field>> {
+        if let Some(c) = self.portal_columns.get(&b.portal) {
             return Some(c.clone());
         }
-        let (statement, formats) = self.bound.get(portal)?;
-        let mut cols = self.statement_columns.get(statement)?.clone();
+        let mut cols = self.statement_columns.get(&b.statement)?.clone();
         for (i, c) in cols.iter_mut().enumerate() {
-            c.format = match formats.len() {
+            c.format = match b.formats.len() {
                 0 => 0,
-                1 => formats[0],
-                _ => formats.get(i).copied().unwrap_or(0),
+                1 => b.formats[0],
+                _ => b.formats.get(i).copied().unwrap_or(0),
             };
         }
         Some(cols)
     }
 
+    /// Forgets the columns of statements and portals that no name and no
+    /// pending answer refers to any more.
+    fn prune(&mut self) {
+        let mut live: std::collections::HashSet<u64> =
+            self.statement_gen.values().copied().collect();
+        for b in self.bound.values() {
+            live.insert(b.portal);
+            live.insert(b.statement);
+        }
+        for o in &self.owed {
+            match o {
+                Owed::DescribeStatement(g) | Owed::DescribePortal(g) => {
+                    live.insert(*g);
+                }
+                Owed::Execute(b) => {
+                    live.insert(b.portal);
+                    live.insert(b.statement);
+                }
+                Owed::Query | Owed::Sync => {}
+            }
+        }
+        self.statement_columns.retain(|g, _| live.contains(g));
+        self.portal_columns.retain(|g, _| live.contains(g));
+    }
+
     /// Follows one server message (before it is masked or recorded): keeps
     /// track of which columns the DataRows that follow have.
+    ///
+    /// A message that does not fit what the server owes is an error: the
+    /// gateway would no longer know which columns rows have.
     pub fn track(&mut self, f: &Frame) -> Result<(), PgError> {
+        let unexpected = PgError::Malformed {
+            what: "server message out of order",
+        };
         match f.tag {
             btag::ROW_DESCRIPTION => {
                 let fields = pg::decode_row_description(&f.body)?;
                 match self.owed.front().cloned() {
-                    Some(Owed::DescribeStatement(n)) => {
-                        self.statement_columns.insert(n, fields);
+                    Some(Owed::DescribeStatement(g)) => {
+                        self.statement_columns.insert(g, fields);
                         self.owed.pop_front();
                     }
-                    Some(Owed::DescribePortal(p)) => {
-                        self.portal_columns.insert(p, fields);
+                    Some(Owed::DescribePortal(g)) => {
+                        self.portal_columns.insert(g, fields);
                         self.owed.pop_front();
                     }
-                    // A simple query's result (or anything unexpected).
-                    _ => self.set_current(Some(fields)),
+                    Some(Owed::Query) => self.set_current(Some(fields)),
+                    _ => return Err(unexpected),
                 }
             }
             btag::NO_DATA => match self.owed.front().cloned() {
-                Some(Owed::DescribeStatement(n)) => {
-                    self.statement_columns.insert(n, Vec::new());
+                Some(Owed::DescribeStatement(g)) => {
+                    self.statement_columns.insert(g, Vec::new());
                     self.owed.pop_front();
                 }
-                Some(Owed::DescribePortal(p)) => {
-                    self.portal_columns.insert(p, Vec::new());
+                Some(Owed::DescribePortal(g)) => {
+                    self.portal_columns.insert(g, Vec::new());
                     self.owed.pop_front();
                 }
-                _ => {}
+                _ => return Err(unexpected),
             },
-            btag::DATA_ROW => {
-                if let Some(Owed::Execute(p)) = self.owed.front() {
+            btag::DATA_ROW => match self.owed.front().cloned() {
+                Some(Owed::Execute(b)) => {
                     if !self.executing {
                         self.executing = true;
-                        let cols = self.portal_result(&p.clone());
+                        let cols = self.portal_result(&b);
                         self.set_current(cols);
                     }
                 }
+                Some(Owed::Query) => {}
+                _ => return Err(unexpected),
+            },
+            btag::COPY_IN | btag::COPY_OUT | btag::COPY_BOTH
+                if !matches!(self.owed.front(), Some(Owed::Execute(_) | Owed::Query)) =>
+            {
+                return Err(unexpected)
             }
             btag::COMMAND_COMPLETE | btag::PORTAL_SUSPENDED | btag::EMPTY_QUERY => {
-                if matches!(self.owed.front(), Some(Owed::Execute(_))) {
-                    self.owed.pop_front();
+                match self.owed.front() {
+                    Some(Owed::Execute(_)) => {
+                        self.owed.pop_front();
+                    }
+                    Some(Owed::Query) => {}
+                    _ => return Err(unexpected),
                 }
                 self.executing = false;
                 self.set_current(None);
@@ -347,7 +411,9 @@ impl Relay {
             btag::ERROR_RESPONSE => {
                 self.executing = false;
                 self.set_current(None);
-                // The server skips the rest of an extended sequence up to Sync.
+                // After an error in an extended sequence the server skips
+                // everything up to Sync (simple queries never sit inside one:
+                // the gateway refuses that).
                 while let Some(o) = self.owed.front() {
                     if matches!(o, Owed::Sync | Owed::Query) {
                         break;
@@ -356,13 +422,13 @@ impl Relay {
                 }
             }
             btag::READY_FOR_QUERY => {
-                while let Some(o) = self.owed.pop_front() {
-                    if matches!(o, Owed::Sync | Owed::Query) {
-                        break;
-                    }
+                match self.owed.pop_front() {
+                    Some(Owed::Sync | Owed::Query) => {}
+                    _ => return Err(unexpected),
                 }
                 self.executing = false;
                 self.set_current(None);
+                self.prune();
             }
             _ => {}
         }
@@ -644,10 +710,11 @@ mod tests {
         r.track(&tag_only(btag::COMMAND_COMPLETE, b"SELECT 1\0"))
             .unwrap();
         r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
-        // A refused query is never answered by the server.
+        // A refused query goes to the server as a stand-in that fails.
         r.client(&tag_only(ftag::QUERY, b"delete from t\0"))
             .unwrap();
-        r.refused();
+        r.track(&tag_only(btag::ERROR_RESPONSE, b"\0")).unwrap();
+        r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
         r.client(&tag_only(ftag::QUERY, b"select 1\0")).unwrap();
         r.track(&row_description(&[("n", 23, 0)])).unwrap();
         r.track(&data_row()).unwrap();
@@ -655,6 +722,71 @@ mod tests {
             .unwrap();
         r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
         assert!(r.owed.is_empty(), "{:?}", r.owed);
+        assert!(
+            r.statement_columns.is_empty() && r.portal_columns.len() <= 1,
+            "columns nobody refers to are forgotten"
+        );
+    }
+
+    #[test]
+    fn a_reused_name_in_a_pipeline_keeps_each_answer_with_its_message() {
+        let mut r = Relay::default();
+        // Parse A and describe it, then re-parse the same (unnamed) name as B
+        // and execute B, all before the server answers anything.
+        r.client(&parse("", "select 'x' as note")).unwrap();
+        r.client(&target(ftag::DESCRIBE, b'S', "")).unwrap();
+        r.client(&parse("", "select secret from t")).unwrap();
+        r.client(&target(ftag::DESCRIBE, b'S', "")).unwrap();
+        r.client(&bind("", "", &[])).unwrap();
+        r.client(&execute("")).unwrap();
+        r.client(&tag_only(ftag::SYNC, b"")).unwrap();
+        r.track(&row_description(&[("note", 25, 0)])).unwrap();
+        r.track(&row_description(&[("secret", 25, 0)])).unwrap();
+        r.track(&data_row()).unwrap();
+        assert_eq!(names(&r), Some(vec![("secret".into(), 0)]));
+        r.track(&tag_only(btag::COMMAND_COMPLETE, b"SELECT 1\0"))
+            .unwrap();
+        r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        // Two executions of the same portal name bound to different
+        // statements, pipelined: each gets its own binding's columns.
+        for (name, col) in [("a", "secret"), ("b", "harmless")] {
+            r.client(&parse(name, "select")).unwrap();
+            r.client(&target(ftag::DESCRIBE, b'S', name)).unwrap();
+            r.client(&tag_only(ftag::SYNC, b"")).unwrap();
+            r.track(&row_description(&[(col, 25, 0)])).unwrap();
+            r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        }
+        r.client(&bind("p", "a", &[1])).unwrap();
+        r.client(&execute("p")).unwrap();
+        r.client(&bind("p", "b", &[0])).unwrap();
+        r.client(&execute("p")).unwrap();
+        r.client(&tag_only(ftag::SYNC, b"")).unwrap();
+        r.track(&data_row()).unwrap();
+        assert_eq!(names(&r), Some(vec![("secret".into(), 1)]));
+        r.track(&tag_only(btag::COMMAND_COMPLETE, b"SELECT 1\0"))
+            .unwrap();
+        r.track(&data_row()).unwrap();
+        assert_eq!(names(&r), Some(vec![("harmless".into(), 0)]));
+    }
+
+    #[test]
+    fn server_messages_out_of_order_are_refused() {
+        let mut r = Relay::new(Caps::default());
+        // The greeting's ReadyForQuery is expected; a second one is not.
+        r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        assert!(r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).is_err());
+        for f in [
+            data_row(),
+            row_description(&[("x", 25, 0)]),
+            tag_only(btag::NO_DATA, b""),
+            tag_only(btag::COMMAND_COMPLETE, b"SELECT 1\0"),
+        ] {
+            assert!(Relay::default().track(&f).is_err(), "{f:?}");
+        }
+        // Errors may come at any time (a FATAL one, for instance).
+        assert!(Relay::default()
+            .track(&tag_only(btag::ERROR_RESPONSE, b"\0"))
+            .is_ok());
     }
 
     #[test]
