@@ -112,6 +112,9 @@ struct Binding {
     formats: Vec<i16>,
 }
 
+/// Described columns kept before the ones nobody refers to are forgotten.
+const PRUNE_ABOVE: usize = 64;
+
 /// Follows one session.
 #[derive(Debug, Default)]
 pub struct Relay {
@@ -428,7 +431,9 @@ impl Relay {
                 }
                 self.executing = false;
                 self.set_current(None);
-                self.prune();
+                if self.statement_columns.len() + self.portal_columns.len() > PRUNE_ABOVE {
+                    self.prune();
+                }
             }
             _ => {}
         }
@@ -722,6 +727,7 @@ mod tests {
             .unwrap();
         r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
         assert!(r.owed.is_empty(), "{:?}", r.owed);
+        r.prune();
         assert!(
             r.statement_columns.is_empty() && r.portal_columns.len() <= 1,
             "columns nobody refers to are forgotten"
@@ -767,6 +773,19 @@ mod tests {
             .unwrap();
         r.track(&data_row()).unwrap();
         assert_eq!(names(&r), Some(vec![("harmless".into(), 0)]));
+    }
+
+    #[test]
+    fn described_columns_do_not_pile_up() {
+        let mut r = Relay::default();
+        for _ in 0..500 {
+            r.client(&parse("", "select")).unwrap();
+            r.client(&target(ftag::DESCRIBE, b'S', "")).unwrap();
+            r.client(&tag_only(ftag::SYNC, b"")).unwrap();
+            r.track(&row_description(&[("x", 25, 0)])).unwrap();
+            r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        }
+        assert!(r.statement_columns.len() <= PRUNE_ABOVE + 1);
     }
 
     #[test]
