@@ -37,10 +37,47 @@ fn ephemeral_start() -> u16 {
 /// Chosen below the ephemeral range when possible: a port handed out by
 /// `bind(0)` comes from that range, where any outgoing connection may take it
 /// before the node binds it.
+/// How long a port handed out by `gen-config` stays reserved for it.
+const RESERVATION: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Reserves `port` against other `gen-config` runs on this machine (a free
+/// port is only free until someone binds it: two clusters generated at the
+/// same moment, as parallel tests do, could otherwise both pick it). A
+/// reservation is a file in the temp dir, honoured for ten minutes.
+fn reserve(port: u16) -> bool {
+    reserve_in(
+        &std::env::temp_dir().join("custody-port-reservations"),
+        port,
+    )
+}
+
+fn reserve_in(dir: &std::path::Path, port: u16) -> bool {
+    if std::fs::create_dir_all(dir).is_err() {
+        return true; // no shared dir: fall back to the bind check alone
+    }
+    let f = dir.join(port.to_string());
+    if std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&f)
+        .is_ok()
+    {
+        return true;
+    }
+    let stale = std::fs::metadata(&f)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > RESERVATION);
+    // A stale reservation is taken over (rewritten, so its age restarts).
+    stale && std::fs::write(&f, b"").is_ok()
+}
+
 fn pick_port(host: &str, udp: bool) -> anyhow::Result<u16> {
     let free = |port: u16| {
         TcpListener::bind((host, port)).is_ok()
             && (!udp || std::net::UdpSocket::bind((host, port)).is_ok())
+            && reserve(port)
     };
     let top = ephemeral_start();
     if top > 20_001 {
@@ -361,6 +398,26 @@ pub fn generate_joiner(
 mod tests {
     use super::*;
     use crate::config::Config;
+
+    #[test]
+    fn a_reserved_port_is_not_handed_out_again_until_the_reservation_is_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(reserve_in(dir.path(), 20_123));
+        assert!(!reserve_in(dir.path(), 20_123), "reserved by the first run");
+        assert!(reserve_in(dir.path(), 20_124));
+        let old = std::time::SystemTime::now() - RESERVATION - std::time::Duration::from_secs(1);
+        std::fs::File::options()
+            .write(true)
+            .open(dir.path().join("20123"))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert!(
+            reserve_in(dir.path(), 20_123),
+            "a stale reservation is taken over"
+        );
+        assert!(!reserve_in(dir.path(), 20_123));
+    }
 
     #[test]
     fn generated_configs_validate() {
