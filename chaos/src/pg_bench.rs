@@ -126,7 +126,23 @@ fn with_port(env: &[(String, String)], port: u16) -> Vec<(String, String)> {
 }
 
 /// pgbouncer in session mode in front of `pg`, if installed.
-fn pgbouncer(pg: &LocalPostgres, dir: &std::path::Path) -> anyhow::Result<Option<(Killed, u16)>> {
+/// A running pgbouncer: started through `runuser` when root, so the
+/// process to stop is the one its pid file names.
+struct Bouncer {
+    wrapper: Killed,
+    pidfile: std::path::PathBuf,
+}
+
+impl Drop for Bouncer {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(&self.pidfile) {
+            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+        }
+        let _ = self.wrapper.0.kill();
+    }
+}
+
+fn pgbouncer(pg: &LocalPostgres, dir: &std::path::Path) -> anyhow::Result<Option<(Bouncer, u16)>> {
     let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
         .iter()
         .map(std::path::PathBuf::from)
@@ -142,10 +158,11 @@ fn pgbouncer(pg: &LocalPostgres, dir: &std::path::Path) -> anyhow::Result<Option
     std::fs::write(
         &ini,
         format!(
-            "[databases]\npostgres = host=127.0.0.1 port={} dbname=postgres\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = scram-sha-256\nauth_file = {}\npool_mode = session\nmax_client_conn = 200\ndefault_pool_size = 50\nlogfile = {}\n",
+            "[databases]\npostgres = host=127.0.0.1 port={} dbname=postgres\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = scram-sha-256\nauth_file = {}\npool_mode = session\nmax_client_conn = 200\ndefault_pool_size = 50\nlogfile = {}\npidfile = {}\n",
             pg.port,
             users.display(),
-            dir.join("pgbouncer.log").display()
+            dir.join("pgbouncer.log").display(),
+            dir.join("pgbouncer.pid").display()
         ),
     )?;
     if localpg::is_root() {
@@ -161,9 +178,12 @@ fn pgbouncer(pg: &LocalPostgres, dir: &std::path::Path) -> anyhow::Result<Option
         .stderr(Stdio::null())
         .spawn()
         .context("start pgbouncer")?;
-    let k = Killed(child);
+    let b = Bouncer {
+        wrapper: Killed(child),
+        pidfile: dir.join("pgbouncer.pid"),
+    };
     wait_port(port)?;
-    Ok(Some((k, port)))
+    Ok(Some((b, port)))
 }
 
 /// Rows of the result-heavy workload: names, emails, Luhn-valid card numbers
