@@ -702,13 +702,7 @@ async fn results_are_masked_for_the_client_and_in_the_evidence() {
     // execution is masked by its own statement's columns.
     {
         let local = connect(&c, &alice, "db").await;
-        let (client, conn) = tokio_postgres::connect(
-            &format!("host=127.0.0.1 port={} user=x dbname=db", local.1),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .expect("connect through custody connect");
-        tokio::spawn(conn);
+        let client = pg_client(local.1).await;
         let pin = client
             .prepare("select pin from vault.accounts")
             .await
@@ -843,22 +837,26 @@ async fn connect(c: &TestCluster, token: &str, resource: &str) -> Connect {
     Connect(child, port)
 }
 
+/// A tokio-postgres client through `custody connect` on `port` (user and
+/// database names are the connect's business: it injects the resource).
+async fn pg_client(port: u16) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=x dbname=ignored"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect through custody connect");
+    tokio::spawn(conn);
+    client
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_library_works_through_custody_connect_including_cancel() {
     let pg = Postgres::start();
     let c = system(&pg).await;
     let alice = c.mint_token("alice").await.unwrap().token;
     let local = connect(&c, &alice, "db").await;
-    let (client, conn) = tokio_postgres::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=whoever dbname=ignored",
-            local.1
-        ),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .expect("connect through custody connect");
-    tokio::spawn(conn);
+    let client = pg_client(local.1).await;
 
     // Typed parameters and binary results (tokio-postgres uses both).
     let row = client
@@ -1054,13 +1052,7 @@ async fn the_edge_reaches_the_database_over_verified_tls() {
     assert_eq!(text(&out.stdout).trim(), "t");
     // Cancel travels over TLS too.
     let local = connect(&c, &alice, "db").await;
-    let (client, conn) = tokio_postgres::connect(
-        &format!("host=127.0.0.1 port={} user=x dbname=db", local.1),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let client = pg_client(local.1).await;
     let token = client.cancel_token();
     let sleeper = tokio::spawn(async move { client.query("select pg_sleep(30)", &[]).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1261,13 +1253,7 @@ async fn concurrent_large_results_all_arrive() {
     for _ in 0..6 {
         let port = local.1;
         clients.push(tokio::spawn(async move {
-            let (client, conn) = tokio_postgres::connect(
-                &format!("host=127.0.0.1 port={port} user=x dbname=db"),
-                tokio_postgres::NoTls,
-            )
-            .await
-            .unwrap();
-            tokio::spawn(conn);
+            let client = pg_client(port).await;
             let mut rows = 0;
             for i in 0..20i64 {
                 let r = client
