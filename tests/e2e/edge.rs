@@ -673,6 +673,16 @@ async fn edge_certificates_are_renewed_before_expiry() {
     let (_, now_expiry) = custody_edge::identity::validity(&now).unwrap();
     assert!(now_expiry > first_expiry + 3, "certificate was not renewed");
     assert!(custody_edge::identity::now_secs() > first_expiry);
+    // Restart right after a renewal, so the certificate it starts with still
+    // has most of its six seconds (a restart near the end of the lifetime
+    // would rightly find it expired).
+    let renewed = now.clone();
+    eventually(Duration::from_secs(15), "another renewal", || {
+        let fresh = std::fs::read_to_string(&cert).unwrap_or_default();
+        let changed = !fresh.is_empty() && fresh != renewed;
+        async move { changed }
+    })
+    .await;
     // The killed edge's connections count as live until they time out, so
     // wait for the restarted edge's own tunnels (its log is appended to).
     let log = c.edges["e1"].log.clone();

@@ -44,6 +44,9 @@ impl Drop for TestCluster {
         }
         for e in self.cluster.edges.values() {
             let log = std::fs::read_to_string(&e.log).unwrap_or_default();
+            for l in log.lines().filter(|l| l.starts_with("Error:")) {
+                eprintln!("edge {}: {l}", e.name);
+            }
             let tail: Vec<&str> = log.lines().rev().take(30).collect();
             eprintln!(
                 "----- edge {} log (last {} lines) -----",
