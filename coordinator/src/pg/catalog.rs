@@ -159,17 +159,18 @@ type Entry = (Instant, Arc<TableNames>);
 /// Resolved names per resource, shared by the node's sessions.
 #[derive(Debug, Default, Clone)]
 pub struct Cache {
-    inner: Arc<Mutex<HashMap<(String, u32), Entry>>>,
+    inner: Arc<Mutex<HashMap<String, HashMap<u32, Entry>>>>,
 }
 
 impl Cache {
     /// The fresh entries for `oids`, and the OIDs still to look up.
     pub fn get(&self, resource: &str, oids: &[u32]) -> (Resolved, Vec<u32>) {
         let m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let tables = m.get(resource);
         let mut found = Resolved::new();
         let mut missing = Vec::new();
         for &oid in oids {
-            match m.get(&(resource.to_owned(), oid)) {
+            match tables.and_then(|t| t.get(&oid)) {
                 Some((at, t)) if at.elapsed() < TTL => {
                     found.insert(oid, t.clone());
                 }
@@ -181,10 +182,14 @@ impl Cache {
 
     pub fn put(&self, resource: &str, resolved: &Resolved) {
         let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        m.retain(|_, (at, _)| at.elapsed() < TTL);
+        for tables in m.values_mut() {
+            tables.retain(|_, (at, _)| at.elapsed() < TTL);
+        }
+        m.retain(|_, tables| !tables.is_empty());
         let now = Instant::now();
+        let tables = m.entry(resource.to_owned()).or_default();
         for (oid, t) in resolved {
-            m.insert((resource.to_owned(), *oid), (now, t.clone()));
+            tables.insert(*oid, (now, t.clone()));
         }
     }
 }

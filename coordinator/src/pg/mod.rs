@@ -1053,6 +1053,8 @@ enum Change {
     /// Replaced by SQL NULL (a value that cannot carry the replacement, or
     /// cannot be inspected).
     Null,
+    /// The whole value becomes the mask marker.
+    Marker,
     To(Vec<u8>),
 }
 
@@ -1071,7 +1073,7 @@ fn mask_value(
         // The whole value goes; types that cannot hold the marker become NULL
         // (a text type's binary form is its text; jsonb's is not).
         return if text_type && (format == 0 || oid != 3802) {
-            Change::To(crate::policy::mask::MASKED.as_bytes().to_vec())
+            Change::Marker
         } else {
             Change::Null
         };
@@ -1154,6 +1156,7 @@ fn mask_frame(
                 .map(|(v, c)| match c {
                     Change::Keep => *v,
                     Change::Null => None,
+                    Change::Marker => Some(crate::policy::mask::MASKED.as_bytes()),
                     Change::To(b) => Some(&b[..]),
                 })
                 .collect();
