@@ -48,6 +48,69 @@ struct Meta {
     truncated_index: u64,
     truncated_term: u64,
     last_index: u64,
+    /// The newest log entries, as appended (a copy of the stored tail).
+    tail: Tail,
+}
+
+/// Entries most recently appended, kept in memory so that raft-rs's many
+/// `term` lookups and the leader's appends to followers do not read the
+/// log back from the engine. Contiguous; its last entry is the log's last.
+#[derive(Debug, Clone, Default)]
+struct Tail {
+    entries: std::collections::VecDeque<Entry>,
+    bytes: usize,
+}
+
+/// Bounds of the in-memory tail.
+const TAIL_ENTRIES: usize = 4096;
+const TAIL_BYTES: usize = 16 << 20;
+
+impl Tail {
+    fn get(&self, index: u64) -> Option<&Entry> {
+        let first = self.entries.front()?.index;
+        let i = usize::try_from(index.checked_sub(first)?).ok()?;
+        self.entries.get(i)
+    }
+
+    /// Records appended entries: they replace any cached entry at or after
+    /// the first of them.
+    fn append(&mut self, entries: &[Entry]) {
+        let Some(first) = entries.first() else { return };
+        match self.entries.front().map(|e| e.index) {
+            Some(f) if f < first.index && self.get(first.index - 1).is_some() => {
+                while self.entries.back().is_some_and(|e| e.index >= first.index) {
+                    if let Some(e) = self.entries.pop_back() {
+                        self.bytes -= e.data.len();
+                    }
+                }
+            }
+            _ => self.clear(),
+        }
+        for e in entries {
+            self.bytes += e.data.len();
+            self.entries.push_back(e.clone());
+        }
+        while self.entries.len() > TAIL_ENTRIES || self.bytes > TAIL_BYTES {
+            match self.entries.pop_front() {
+                Some(e) => self.bytes -= e.data.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// Forgets entries at or before `index`.
+    fn compact(&mut self, index: u64) {
+        while self.entries.front().is_some_and(|e| e.index <= index) {
+            if let Some(e) = self.entries.pop_front() {
+                self.bytes -= e.data.len();
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
 }
 
 /// A snapshot image ready to be installed: the raft metadata and every
@@ -199,6 +262,7 @@ impl<E: Engine> RaftStore<E> {
         m.truncated_index = BOOTSTRAP_INDEX;
         m.truncated_term = BOOTSTRAP_TERM;
         m.last_index = BOOTSTRAP_INDEX;
+        m.tail.clear();
         Ok(())
     }
 
@@ -260,6 +324,7 @@ impl<E: Engine> RaftStore<E> {
         let mut m = self.meta_mut();
         if let Some(l) = new_last {
             m.last_index = l;
+            m.tail.append(entries);
         }
         if let Some(hs) = hs {
             m.hard_state = hs.clone();
@@ -345,6 +410,7 @@ impl<E: Engine> RaftStore<E> {
         m.truncated_index = meta.index;
         m.truncated_term = meta.term;
         m.last_index = meta.index;
+        m.tail.clear();
         Ok(())
     }
 
@@ -372,6 +438,7 @@ impl<E: Engine> RaftStore<E> {
         let mut m = self.meta_mut();
         m.truncated_index = index;
         m.truncated_term = term;
+        m.tail.compact(index);
         Ok(())
     }
 
@@ -523,6 +590,24 @@ impl<E: Engine> Storage for RaftStore<E> {
         if low >= high {
             return Ok(Vec::new());
         }
+        {
+            let m = self.meta();
+            if m.tail.get(low).is_some() {
+                let mut out = Vec::new();
+                let mut size = 0u64;
+                for idx in low..high {
+                    let Some(e) = m.tail.get(idx) else { break };
+                    size += e.compute_size() as u64;
+                    if max_size.is_some_and(|max| !out.is_empty() && size > max) {
+                        break;
+                    }
+                    out.push(e.clone());
+                }
+                // The tail ends at the log's last entry, so it holds the
+                // whole range unless the size limit cut it.
+                return Ok(out);
+            }
+        }
         let pairs = self
             .engine
             .scan(
@@ -573,6 +658,9 @@ impl<E: Engine> Storage for RaftStore<E> {
             }
             if idx > m.last_index {
                 return Err(raft::Error::Store(raft::StorageError::Unavailable));
+            }
+            if let Some(e) = m.tail.get(idx) {
+                return Ok(e.term);
             }
         }
         let b = self
@@ -639,6 +727,80 @@ mod tests {
         let s = RaftStore::open(MemEngine::new()).unwrap();
         s.bootstrap(&[1, 2, 3], vec![]).unwrap();
         s
+    }
+
+    /// Terms of a range, and (index, term) of its entries.
+    type View = (Vec<u64>, Vec<(u64, u64)>);
+
+    /// Terms and entries as served from the in-memory tail and as read
+    /// back from the engine (tail dropped).
+    fn both_ways(s: &RaftStore<MemEngine>, low: u64, high: u64) -> [View; 2] {
+        let view = |s: &RaftStore<MemEngine>| {
+            let terms = (low..high).map(|i| s.term(i).unwrap()).collect();
+            let entries = s
+                .entries(low, high, None, GetEntriesContext::empty(false))
+                .unwrap()
+                .iter()
+                .map(|e| (e.index, e.term))
+                .collect();
+            (terms, entries)
+        };
+        let cached = view(s);
+        s.meta_mut().tail.clear();
+        [cached, view(s)]
+    }
+
+    #[test]
+    fn the_in_memory_tail_matches_the_stored_log() {
+        let s = store();
+        let batch = |from: u64, to: u64, term: u64| -> Vec<Entry> {
+            (from..=to).map(|i| entry(i, term)).collect()
+        };
+        s.append(&batch(2, 10, 1), None, true).unwrap();
+        // A new leader overwrites a conflicting suffix.
+        s.append(&batch(6, 8, 2), None, true).unwrap();
+        assert!(s.meta().tail.get(6).is_some_and(|e| e.term == 2));
+        let [cached, stored] = both_ways(&s, 2, 9);
+        assert_eq!(cached, stored);
+        assert_eq!(stored.0, vec![1, 1, 1, 1, 2, 2, 2]);
+        assert_eq!(s.last_index().unwrap(), 8);
+        // Appends after a gap in the tail (after it was dropped) restart it.
+        s.append(&batch(9, 12, 3), None, true).unwrap();
+        assert!(s.meta().tail.get(8).is_none() && s.meta().tail.get(9).is_some());
+        s.append(&batch(13, 14, 3), None, true).unwrap();
+        let [cached, stored] = both_ways(&s, 3, 15);
+        assert_eq!(cached, stored);
+        // Compaction drops the tail's front; the rest still matches.
+        s.append(&batch(15, 20, 3), None, true).unwrap();
+        s.apply(vec![], 16, 16, None).unwrap();
+        s.compact(16).unwrap();
+        assert!(s.meta().tail.get(16).is_none());
+        let [cached, stored] = both_ways(&s, 17, 21);
+        assert_eq!(cached, stored);
+        // The size limit still returns at least one entry.
+        s.append(&batch(21, 25, 3), None, true).unwrap();
+        let one = s
+            .entries(21, 26, 1, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(one.len(), 1);
+    }
+
+    #[test]
+    fn the_in_memory_tail_is_bounded() {
+        let s = store();
+        let big: Vec<Entry> = (2..2 + TAIL_ENTRIES as u64 + 10)
+            .map(|i| entry(i, 1))
+            .collect();
+        s.append(&big, None, true).unwrap();
+        let m = s.meta();
+        assert_eq!(m.tail.entries.len(), TAIL_ENTRIES);
+        assert_eq!(m.tail.entries.back().map(|e| e.index), Some(m.last_index));
+        drop(m);
+        // Entries before the tail come from the engine.
+        let e = s
+            .entries(2, 4, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(e.iter().map(|e| e.index).collect::<Vec<_>>(), vec![2, 3]);
     }
 
     #[test]
