@@ -62,8 +62,14 @@ impl Detector {
         Detector::ALL.iter().position(|d| *d == self).unwrap_or(0)
     }
 
-    fn regex(self) -> &'static Regex {
-        &compiled()[self.index()]
+    /// Runs `f` with this thread's copy of the detector's regex. A `Regex`
+    /// shared by threads hands its search cache out through a lock for every
+    /// thread but the first; a copy per thread keeps every search lock-free.
+    fn with_regex<T>(self, f: impl FnOnce(&Regex) -> T) -> T {
+        thread_local! {
+            static LOCAL: Vec<Regex> = compiled().clone();
+        }
+        LOCAL.with(|res| f(&res[self.index()]))
     }
 
     /// Extra validation beyond the pattern (checksums).
@@ -73,6 +79,113 @@ impl Detector {
             Detector::Iban => iban_ok(m),
             _ => true,
         }
+    }
+}
+
+impl Detector {
+    /// The next match of the detector's pattern at or after byte `at` (the
+    /// same match `Regex::find_at` gives). The two detectors that hit most
+    /// values in real results (emails, card numbers) are scanned by hand
+    /// over ASCII text, several times faster than a regex search on short
+    /// values; other text, and the other detectors, use the regex.
+    fn find_at(self, re: &Regex, text: &str, at: usize) -> Option<(usize, usize)> {
+        if text.is_ascii() {
+            match self {
+                Detector::Email => return scan::email(text.as_bytes(), at),
+                Detector::CreditCard => return scan::card(text.as_bytes(), at),
+                _ => {}
+            }
+        }
+        re.find_at(text, at).map(|m| (m.start(), m.end()))
+    }
+}
+
+/// Hand-written equivalents of two detector patterns, for ASCII text only
+/// (where `\b` and case folding are ASCII). Each follows the regex's
+/// leftmost-first, greedy-with-backtracking semantics; property tests check
+/// them against the regex.
+mod scan {
+    fn word(b: Option<&u8>) -> bool {
+        b.is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_')
+    }
+
+    /// `\b` between bytes `i - 1` and `i`.
+    fn boundary(t: &[u8], i: usize) -> bool {
+        let before = i.checked_sub(1).and_then(|j| t.get(j));
+        word(before) != word(t.get(i))
+    }
+
+    /// `(?i)\b[a-z0-9._%+-]+@[a-z0-9.-]+\.[a-z]{2,}\b`
+    pub(super) fn email(t: &[u8], at: usize) -> Option<(usize, usize)> {
+        let local = |c: u8| c.is_ascii_alphanumeric() || b"._%+-".contains(&c);
+        let domain = |c: u8| c.is_ascii_alphanumeric() || c == b'.' || c == b'-';
+        let mut from = at;
+        while let Some(off) = t.get(from..)?.iter().position(|&c| c == b'@') {
+            let p = from + off;
+            from = p + 1;
+            // The domain: the longest run, then the last `.letters\b` in it.
+            let run_end = p + 1 + t[p + 1..].iter().take_while(|&&c| domain(c)).count();
+            let end = (p + 2..run_end).rev().find_map(|q| {
+                if t[q] != b'.' {
+                    return None;
+                }
+                let letters = t[q + 1..]
+                    .iter()
+                    .take_while(|c| c.is_ascii_alphabetic())
+                    .count();
+                let e = q + 1 + letters;
+                (letters >= 2 && boundary(t, e)).then_some(e)
+            });
+            let Some(end) = end else { continue };
+            // The local part: the leftmost start at a word boundary in the
+            // run of local characters before the `@` (not before `at`).
+            let mut l = p;
+            while l > at && local(t[l - 1]) {
+                l -= 1;
+            }
+            if let Some(start) = (l..p).find(|&s| boundary(t, s)) {
+                return Some((start, end));
+            }
+        }
+        None
+    }
+
+    /// `\b[0-9](?:[ -]?[0-9]){12,18}\b`
+    pub(super) fn card(t: &[u8], at: usize) -> Option<(usize, usize)> {
+        let digit = |i: usize| t.get(i).is_some_and(u8::is_ascii_digit);
+        let mut s = at;
+        while s < t.len() {
+            if !(digit(s) && boundary(t, s)) {
+                s += 1;
+                continue;
+            }
+            // Greedy: up to 18 more digits, each after an optional space or
+            // dash; remember where each repetition ends.
+            let mut ends = [0usize; 18];
+            let (mut n, mut i) = (0, s + 1);
+            while n < 18 {
+                if matches!(t.get(i), Some(b' ' | b'-')) && digit(i + 1) {
+                    i += 2;
+                } else if digit(i) {
+                    i += 1;
+                } else {
+                    break;
+                }
+                ends[n] = i;
+                n += 1;
+            }
+            // Backtrack to the longest repetition (at least 12) ending at a
+            // word boundary.
+            if let Some(e) = (12..=n)
+                .rev()
+                .map(|k| ends[k - 1])
+                .find(|&e| boundary(t, e))
+            {
+                return Some((s, e));
+            }
+            s += 1;
+        }
+        None
     }
 }
 
@@ -114,24 +227,27 @@ struct Hints {
 }
 
 impl Hints {
+    /// One simple pass per property: each loop compiles to vector code, which
+    /// is several times faster than one branchy pass over the bytes.
     fn of(text: &str) -> Self {
-        let mut h = Hints {
-            len: text.len(),
-            ..Hints::default()
+        let b = text.as_bytes();
+        // Byte-wide counters over runs of at most 255 bytes (16 or 32 bytes
+        // per vector step instead of 2 with word-wide ones).
+        let count = |pred: fn(u8) -> bool| -> usize {
+            b.chunks(255)
+                .map(|run| usize::from(run.iter().fold(0u8, |n, &c| n + u8::from(pred(c)))))
+                .sum()
         };
-        for b in text.bytes() {
-            match b {
-                b'0'..=b'9' => h.digits += 1,
-                b'A'..=b'Z' => h.upper += 1,
-                b'.' => h.dots += 1,
-                b':' => h.colons += 1,
-                b'@' => h.at = true,
-                b'-' => h.dash = true,
-                b'+' => h.plus = true,
-                _ => {}
-            }
+        Hints {
+            len: b.len(),
+            digits: count(|c| c.is_ascii_digit()),
+            upper: count(|c| c.is_ascii_uppercase()),
+            dots: count(|c| c == b'.'),
+            colons: count(|c| c == b':'),
+            at: b.contains(&b'@'),
+            dash: b.contains(&b'-'),
+            plus: b.contains(&b'+'),
         }
-        h
     }
 }
 
@@ -160,28 +276,26 @@ impl Detector {
 }
 
 fn luhn(s: &str) -> bool {
-    let digits: Vec<u32> = s.chars().filter_map(|c| c.to_digit(10)).collect();
-    if !(13..=19).contains(&digits.len()) {
-        return false;
-    }
-    let sum: u32 = digits
-        .iter()
+    let (mut n, mut sum) = (0u32, 0u32);
+    for d in s
+        .bytes()
         .rev()
-        .enumerate()
-        .map(|(i, d)| {
-            if i % 2 == 1 {
-                let x = d * 2;
-                if x > 9 {
-                    x - 9
-                } else {
-                    x
-                }
+        .filter(u8::is_ascii_digit)
+        .map(|b| u32::from(b - b'0'))
+    {
+        sum += if n % 2 == 1 {
+            let x = d * 2;
+            if x > 9 {
+                x - 9
             } else {
-                *d
+                x
             }
-        })
-        .sum();
-    sum.is_multiple_of(10)
+        } else {
+            d
+        };
+        n += 1;
+    }
+    (13..=19).contains(&n) && sum.is_multiple_of(10)
 }
 
 fn iban_ok(s: &str) -> bool {
@@ -329,20 +443,30 @@ impl Masker {
             if !d.may_match(&hints, text) {
                 continue;
             }
-            let mut replaced = String::new();
-            let mut last = 0;
-            for m in d.regex().find_iter(cur) {
-                if d.confirms(m.as_str()) {
-                    replaced.push_str(&cur[last..m.start()]);
-                    replaced.push('[');
-                    replaced.push_str(d.as_str());
-                    replaced.push(']');
-                    last = m.end();
+            let replaced = d.with_regex(|re| {
+                let mut replaced = String::new();
+                let mut last = 0;
+                let mut at = 0;
+                while let Some((start, end)) = d.find_at(re, cur, at) {
+                    if d.confirms(&cur[start..end]) {
+                        if last == 0 {
+                            replaced.reserve(cur.len());
+                        }
+                        replaced.push_str(&cur[last..start]);
+                        replaced.push('[');
+                        replaced.push_str(d.as_str());
+                        replaced.push(']');
+                        last = end;
+                    }
+                    at = end;
                 }
-            }
-            if last > 0 {
-                replaced.push_str(&cur[last..]);
-                out = Some(replaced);
+                (last > 0).then(|| {
+                    replaced.push_str(&cur[last..]);
+                    replaced
+                })
+            });
+            if replaced.is_some() {
+                out = replaced;
             }
         }
         for re in &self.patterns {
@@ -403,6 +527,28 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// The hand-written scanners find exactly the regex's matches, in
+        /// the same order, over text made of the characters that matter.
+        #[test]
+        fn scanners_match_the_regex(
+            text in "[0-9a-zA-Z._%+@ _-]{0,48}|([a-z0-9._+-]{0,6}@[a-z0-9.-]{0,10}\\.[a-zA-Z0-9_.-]{0,5} ?){1,3}|([0-9]{1,5}[ -]?){1,6}[0-9a-z_ -]{0,3}",
+            at in 0usize..8,
+        ) {
+            for d in [Detector::Email, Detector::CreditCard] {
+                let at = at.min(text.len());
+                let (mut a, mut b) = (at, at);
+                loop {
+                    let want = d.with_regex(|re| re.find_at(&text, a).map(|m| (m.start(), m.end())));
+                    let got = d.with_regex(|re| d.find_at(re, &text, b));
+                    proptest::prop_assert_eq!(got, want, "{:?} on {:?} from {}", d, text, a);
+                    match want {
+                        Some((_, e)) => { a = e; b = e; }
+                        None => break,
+                    }
+                }
+            }
+        }
+
         /// The byte-level prefilter never rules out a detector whose pattern
         /// matches (values built from the characters the patterns care about).
         #[test]
@@ -411,7 +557,7 @@ mod tests {
         ) {
             let h = Hints::of(&text);
             for d in Detector::ALL {
-                if d.regex().is_match(&text) {
+                if d.with_regex(|re| re.is_match(&text)) {
                     proptest::prop_assert!(d.may_match(&h, &text), "{:?} on {:?}", d, text);
                 }
             }
@@ -437,7 +583,7 @@ mod tests {
             let h = Hints::of(text);
             let hit: Vec<_> = Detector::ALL
                 .iter()
-                .filter(|d| d.regex().is_match(text))
+                .filter(|d| d.with_regex(|re| re.is_match(text)))
                 .collect();
             assert!(!hit.is_empty(), "{text}");
             for d in hit {

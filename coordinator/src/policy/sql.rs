@@ -130,6 +130,14 @@ fn classify_statement(s: &Statement, out: &mut BTreeSet<SqlClass>) {
 
 /// Whether the SQL contains a `COPY ... TO` (results leave as COPY data).
 pub fn is_copy_out(sql: &str) -> bool {
+    // Every COPY statement spells the keyword; most statements need no parse.
+    if !sql
+        .as_bytes()
+        .windows(4)
+        .any(|w| w.eq_ignore_ascii_case(b"copy"))
+    {
+        return false;
+    }
     match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
         Ok(stmts) => stmts
             .iter()
