@@ -470,6 +470,50 @@ async fn sql_guardrails_deny_or_hold_statements_for_approval() {
     );
     assert_eq!(text(&out.stdout).trim(), "1");
 
+    // A client that disconnects while its statement is held abandons it:
+    // the session ends at once, and a later approval does not run it.
+    let out = psql(&env, "create table scratch3(x int)");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut held = spawn_psql(&env, "drop table scratch3");
+    let id4 = pending_request(&c, &bob).await;
+    held.kill().unwrap();
+    let _ = held.wait();
+    let audrey = c.mint_token("audrey").await.unwrap().token;
+    crate::harness::eventually(
+        Duration::from_secs(15),
+        "the held session's evidence records the disconnect",
+        || {
+            let found = session_events(&c, &audrey, "db").iter().any(|e| {
+                e["type"] == "outcome"
+                    && e["event"]["error"].as_str().is_some_and(|m| {
+                        m.contains("disconnected while the statement was held")
+                            && m.contains(&format!("request {id4}"))
+                    })
+            });
+            async move { found }
+        },
+    )
+    .await;
+    let out = custody(&c, &[], &bob, &["approvals", "approve", &id4]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = custody(&c, &[], &bob, &["approvals", "show", &id4, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["status"], "approved",
+        "not spent by the abandoned session"
+    );
+    let out = psql(
+        &env,
+        "select count(*) from pg_tables where tablename = 'scratch3'",
+    );
+    assert_eq!(text(&out.stdout).trim(), "1", "abandoned, not run");
+    // The approval is still good for the same statement, once.
+    let out = psql(&env, "drop table scratch3");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = custody(&c, &[], &bob, &["approvals", "show", &id4, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "used");
+
     // A client that does not wait (PGOPTIONS) gets an error with the request
     // id at once; asking again finds the same request; once approved, the
     // same statement runs, once.

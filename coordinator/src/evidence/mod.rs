@@ -44,8 +44,12 @@ pub enum RecordError {
 }
 
 enum Msg {
-    Event(Box<ev::event::Kind>),
-    Commit(oneshot::Sender<Result<(), RecordError>>),
+    Events(Vec<ev::event::Kind>),
+    /// Record these, then flush and reply once committed.
+    Commit(
+        Vec<ev::event::Kind>,
+        oneshot::Sender<Result<(), RecordError>>,
+    ),
     Close(pb::SessionEnd, oneshot::Sender<Result<(), RecordError>>),
 }
 
@@ -89,17 +93,32 @@ impl SessionRecorder {
 
     /// Queues an event (waits while the queue is full).
     pub async fn record(&self, kind: ev::event::Kind) -> Result<(), RecordError> {
+        self.record_all(vec![kind]).await
+    }
+
+    /// Queues events in order, in one message to the recorder (a busy
+    /// session hands over a batch instead of waking the recorder per event).
+    pub async fn record_all(&self, kinds: Vec<ev::event::Kind>) -> Result<(), RecordError> {
+        if kinds.is_empty() {
+            return Ok(());
+        }
         self.tx
-            .send(Msg::Event(Box::new(kind)))
+            .send(Msg::Events(kinds))
             .await
             .map_err(|_| RecordError::Stopped("recorder gone".into()))
     }
 
     /// Flushes everything queued and waits until it is committed.
     pub async fn commit(&self) -> Result<(), RecordError> {
+        self.commit_with(Vec::new()).await
+    }
+
+    /// Queues `kinds`, flushes everything queued and waits until it is
+    /// committed.
+    pub async fn commit_with(&self, kinds: Vec<ev::event::Kind>) -> Result<(), RecordError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Msg::Commit(reply))
+            .send(Msg::Commit(kinds, reply))
             .await
             .map_err(|_| RecordError::Stopped("recorder gone".into()))?;
         rx.await
@@ -149,14 +168,23 @@ impl<E: Engine> Task<E> {
                 }
             };
             match msg {
-                Some(Msg::Event(kind)) => {
-                    self.push(*kind);
-                    if self.buf_bytes >= CHUNK_BYTES {
-                        let _ = self.flush(None).await;
+                Some(Msg::Events(kinds)) => {
+                    for kind in kinds {
+                        self.push(kind);
+                        if self.buf_bytes >= CHUNK_BYTES {
+                            let _ = self.flush(None).await;
+                        }
                     }
                 }
-                Some(Msg::Commit(reply)) => {
-                    let _ = reply.send(self.flush(None).await);
+                Some(Msg::Commit(kinds, reply)) => {
+                    let mut r = Ok(());
+                    for kind in kinds {
+                        self.push(kind);
+                        if self.buf_bytes >= CHUNK_BYTES {
+                            r = r.and(self.flush(None).await);
+                        }
+                    }
+                    let _ = reply.send(r.and(self.flush(None).await));
                 }
                 Some(Msg::Close(end, reply)) => {
                     self.push(ev::event::Kind::Closed(ev::SessionClosed {

@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -545,12 +545,13 @@ impl<E: Engine> PgGateway<E> {
     /// Applies the policy's guardrails to one statement: `Ok` to run it
     /// (after an approval, when one was required and granted), `Err` with
     /// the reason it must not run.
-    async fn check_statement<S: AsyncWrite + Unpin + Send>(
+    async fn check_statement<S: AsyncRead + AsyncWrite + Unpin + Send>(
         &self,
         sql: &str,
         a: &Authorized,
-        rec: &SessionRecorder,
+        evq: &mut Vec<ev::event::Kind>,
         client: &mut S,
+        cbuf: &mut BytesMut,
     ) -> Result<(), String> {
         let node = &self.tunnels.node;
         let policy = self
@@ -590,19 +591,22 @@ impl<E: Engine> PgGateway<E> {
                     .approval
                     .clone()
                     .ok_or("approval required without an approval block")?;
-                self.hold_for_approval(sql, a, rec, client, &d, doc).await
+                self.hold_for_approval(sql, a, evq, client, cbuf, &d, doc)
+                    .await
             }
         }
     }
 
     /// Creates an approval request for `sql`, tells the client (NOTICE) and
     /// waits for the decision; an approval is spent on this execution.
-    async fn hold_for_approval<S: AsyncWrite + Unpin + Send>(
+    #[allow(clippy::too_many_arguments)]
+    async fn hold_for_approval<S: AsyncRead + AsyncWrite + Unpin + Send>(
         &self,
         sql: &str,
         a: &Authorized,
-        rec: &SessionRecorder,
+        evq: &mut Vec<ev::event::Kind>,
         client: &mut S,
+        cbuf: &mut BytesMut,
         d: &crate::policy::Decision,
         doc: crate::policy::ApprovalDoc,
     ) -> Result<(), String> {
@@ -675,7 +679,21 @@ impl<E: Engine> PgGateway<E> {
             let _ = client.write_all(&notice).await;
             let _ = client.flush().await;
             loop {
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                // Meanwhile the client is watched: one that disconnects
+                // abandons the statement (it never runs, even if approved
+                // later; the request stays for a retry). What it sends is
+                // kept, up to a bound, for after the decision.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                    n = client.read_buf(cbuf), if cbuf.len() < HELD_INPUT_BYTES => match n {
+                        Ok(0) | Err(_) => {
+                            return Err(format!(
+                                "the client disconnected while the statement was held for approval (request {id}); the statement was not run"
+                            ))
+                        }
+                        Ok(_) => continue,
+                    },
+                }
                 let Ok(Some(r)) = approval_get(node.store(), id) else {
                     continue;
                 };
@@ -707,7 +725,7 @@ impl<E: Engine> PgGateway<E> {
             return Err(why);
         }
         if let Ok(Some(r)) = approval_get(node.store(), id) {
-            let _ = rec.record(crate::api::sessions::approval_event(&r)).await;
+            evq.push(crate::api::sessions::approval_event(&r));
         }
         Ok(())
     }
@@ -770,10 +788,34 @@ impl<E: Engine> PgGateway<E> {
         &self,
         s: &mut S,
         cbuf: &mut BytesMut,
+        out: BytesMut,
+        tx: &mpsc::Sender<t::SessionFrame>,
+        rx: &mut mpsc::Receiver<t::SessionFrame>,
+        rec: &SessionRecorder,
+        strict: bool,
+        a: &Authorized,
+    ) -> Result<&'static str, Fatal> {
+        // Events are handed to the recorder in batches: one message per read
+        // from either side (or with the commit before a statement runs).
+        let mut evq = Vec::new();
+        let r = self
+            .relay_frames(s, cbuf, out, tx, rx, rec, &mut evq, strict, a)
+            .await;
+        // Whatever ended the session, what it did so far is recorded.
+        let _ = rec.record_all(evq).await;
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn relay_frames<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &self,
+        s: &mut S,
+        cbuf: &mut BytesMut,
         mut out: BytesMut,
         tx: &mpsc::Sender<t::SessionFrame>,
         rx: &mut mpsc::Receiver<t::SessionFrame>,
         rec: &SessionRecorder,
+        evq: &mut Vec<ev::event::Kind>,
         strict: bool,
         a: &Authorized,
     ) -> Result<&'static str, Fatal> {
@@ -832,28 +874,24 @@ impl<E: Engine> PgGateway<E> {
                             return Err(fatal("08P01", "a simple Query inside an unfinished extended-protocol sequence (send Sync first)"));
                         }
                         let step = relay.client(&f).map_err(|e| fatal("08P01", e.to_string()))?;
-                        for e in step.events {
-                            rec.record(e).await.map_err(commit_err)?;
-                        }
+                        evq.extend(step.events);
                         let refusal = if f.tag == pg::ftag::FUNCTION_CALL {
                             // A function call can run any SQL (query_to_xml) with no
                             // statement text to check.
                             Some("the function-call protocol is not available through the gateway; use SELECT".to_string())
                         } else if let Some(sql) = step.statement {
-                            self.check_statement(&sql, a, rec, s).await.err()
+                            self.check_statement(&sql, a, evq, s, cbuf).await.err()
                         } else {
                             None
                         };
                         if let Some(refusal) = refusal {
                             let mut err = BytesMut::new();
                             pg::encode_notice(false, "ERROR", "42501", &refusal, &mut err);
-                            rec.record(ev::event::Kind::Outcome(ev::Outcome {
+                            evq.push(ev::event::Kind::Outcome(ev::Outcome {
                                 exit_code: 1,
                                 error: format!("42501: {refusal}"),
                                 ..Default::default()
-                            }))
-                            .await
-                            .map_err(commit_err)?;
+                            }));
                             if f.tag == pg::ftag::PARSE {
                                 // The server skips the rest of the sequence.
                                 let name = pg::decode_parse(&f.body).map(|p| p.name).unwrap_or_default();
@@ -886,7 +924,7 @@ impl<E: Engine> PgGateway<E> {
                             // Everything before this message goes first; then
                             // its evidence is committed; then it runs.
                             send_data(tx, &mut to_edge).await?;
-                            rec.commit().await.map_err(commit_err)?;
+                            rec.commit_with(std::mem::take(evq)).await.map_err(commit_err)?;
                         }
                         if step.terminate {
                             terminate = true;
@@ -894,6 +932,7 @@ impl<E: Engine> PgGateway<E> {
                         }
                         f.encode(&mut to_edge);
                     }
+                    rec.record_all(std::mem::take(evq)).await.map_err(commit_err)?;
                     send_data(tx, &mut to_edge).await?;
                     if terminate {
                         return Ok("client terminated");
@@ -955,7 +994,7 @@ impl<E: Engine> PgGateway<E> {
                                         .map_err(|e| fatal("08P01", format!("from the server: {e}")))?
                                 };
                                 if let Some(e) = relay.server(&f).map_err(|e| fatal("08P01", format!("from the server: {e}")))? {
-                                    rec.record(e).await.map_err(commit_err)?;
+                                    evq.push(e);
                                 }
                                 f.encode(&mut out);
                                 if out.len() >= 256 << 10 {
@@ -963,6 +1002,7 @@ impl<E: Engine> PgGateway<E> {
                                     out.clear();
                                 }
                             }
+                            rec.record_all(std::mem::take(evq)).await.map_err(commit_err)?;
                         }
                         Some(t::session_frame::Kind::Exit(_)) => {
                             write_flush(s, &out).await?;
@@ -1150,18 +1190,34 @@ fn mask_frame(
             let Some(changes) = changes else {
                 return Ok(f);
             };
-            let out: Vec<Option<&[u8]>> = values
-                .iter()
-                .zip(&changes)
-                .map(|(v, c)| match c {
+            fn value<'a>(v: &Option<&'a [u8]>, c: &'a Change) -> Option<&'a [u8]> {
+                match c {
                     Change::Keep => *v,
                     Change::Null => None,
                     Change::Marker => Some(crate::policy::mask::MASKED.as_bytes()),
                     Change::To(b) => Some(&b[..]),
-                })
-                .collect();
-            let body = pg::data_row_body(&out);
-            Ok(Frame { tag: f.tag, body })
+                }
+            }
+            let len = 2 + values
+                .iter()
+                .zip(&changes)
+                .map(|(v, c)| 4 + value(v, c).map_or(0, <[u8]>::len))
+                .sum::<usize>();
+            let mut body = BytesMut::with_capacity(len);
+            body.put_i16(values.len() as i16);
+            for (v, c) in values.iter().zip(&changes) {
+                match value(v, c) {
+                    None => body.put_i32(-1),
+                    Some(b) => {
+                        body.put_i32(b.len() as i32);
+                        body.put_slice(b);
+                    }
+                }
+            }
+            Ok(Frame {
+                tag: f.tag,
+                body: body.freeze(),
+            })
         }
         // Binary COPY cannot be inspected, and COPY rows carry no column
         // names for column rules: refused (the connection ends). The
@@ -1279,6 +1335,9 @@ fn is_refusal_stand_in(f: &Frame) -> bool {
     pg::decode_notice(&f.body)
         .is_ok_and(|n| n.get(b'M').is_some_and(|m| m.contains(REFUSED_STAND_IN)))
 }
+
+/// Client bytes read and kept while a statement is held for approval.
+const HELD_INPUT_BYTES: usize = 1 << 20;
 
 /// Writes `b` to the client and flushes: a TLS stream may keep the tail of
 /// a write buffered until flushed, which would leave the client waiting for
