@@ -1324,3 +1324,62 @@ async fn concurrent_large_results_all_arrive() {
     .expect("every result within 120 s");
     assert_eq!(all, 6 * (20 * 2000 + 190));
 }
+
+/// A client that pipelines more than every buffer on the path holds — large
+/// statements in, large results out — while reading as it writes (what
+/// libpq's pipeline mode does) gets every answer. A gateway that stopped
+/// relaying the server's answers while it waited to send the client's next
+/// bytes deadlocked here: the server blocked on its output, so it stopped
+/// reading, so the tunnel filled, so the gateway waited forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_pipeline_does_not_deadlock() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let pg = Postgres::start();
+    let c = system(&pg).await;
+    let alice = c.mint_token("alice").await.unwrap().token;
+    let local = connect(&c, &alice, "db").await;
+    let wire = RawPg::connect(local.1).await;
+    let (mut rd, mut wr) = wire.s.into_split();
+    const QUERIES: usize = 120;
+    const RESULT: usize = 400_000;
+    // Each statement carries 128 KiB of comment and returns 400 kB.
+    let padding = "-".repeat(128 << 10);
+    let mut batch = bytes::BytesMut::new();
+    for i in 0..QUERIES {
+        let sql = format!("select {i}, repeat('x', {RESULT}) /* {padding} */\0");
+        pg::encode_frame(pg::ftag::QUERY, sql.as_bytes(), &mut batch);
+    }
+    let writer = tokio::spawn(async move {
+        wr.write_all(&batch).await.unwrap();
+        wr
+    });
+    let reader = tokio::spawn(async move {
+        let mut buf = bytes::BytesMut::new();
+        let (mut rows, mut ready, mut bytes) = (0, 0, 0);
+        while ready < QUERIES {
+            match pg::split_frame(&mut buf, pg::Limits::default()).unwrap() {
+                Some(f) => match f.tag {
+                    b'D' => {
+                        rows += 1;
+                        bytes += f.body.len();
+                    }
+                    b'Z' => ready += 1,
+                    b'E' => panic!("{:?}", pg::decode_notice(&f.body)),
+                    _ => {}
+                },
+                None => {
+                    let n = rd.read_buf(&mut buf).await.unwrap();
+                    assert!(n > 0, "the gateway closed after {ready} answers");
+                }
+            }
+        }
+        (rows, bytes)
+    });
+    let (rows, bytes) = tokio::time::timeout(Duration::from_secs(180), reader)
+        .await
+        .expect("every answer of the pipeline within 180 s")
+        .unwrap();
+    assert_eq!(rows, QUERIES);
+    assert!(bytes >= QUERIES * RESULT);
+    let _ = writer.await.unwrap();
+}

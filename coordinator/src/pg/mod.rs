@@ -811,7 +811,7 @@ impl<E: Engine> PgGateway<E> {
         &self,
         s: &mut S,
         cbuf: &mut BytesMut,
-        mut out: BytesMut,
+        out: BytesMut,
         tx: &mpsc::Sender<t::SessionFrame>,
         rx: &mut mpsc::Receiver<t::SessionFrame>,
         rec: &SessionRecorder,
@@ -819,27 +819,26 @@ impl<E: Engine> PgGateway<E> {
         strict: bool,
         a: &Authorized,
     ) -> Result<&'static str, Fatal> {
-        let mut relay = Relay::new(a.caps);
-        let mut sbuf = BytesMut::new();
-        let mut shape_gen = u64::MAX;
-        let mut shape = Shape::default();
+        let mut st = ServerSide {
+            relay: Relay::new(a.caps),
+            sbuf: BytesMut::new(),
+            shape_gen: u64::MAX,
+            shape: Shape::default(),
+            substituted: Default::default(),
+            rfq_seen: 0,
+            out,
+        };
         let mut unsynced = false; // extended-protocol messages forwarded since Sync
-                                  // Refused statements: each goes to the server as a stand-in that fails
-                                  // in protocol order, and the client gets the refusal in place of that
-                                  // error. (the ReadyForQuery that ends the stand-in's sequence, counted
-                                  // from the session's start; the refusal).
-        let mut substituted: std::collections::VecDeque<(u64, BytesMut)> = Default::default();
-        // ReadyForQuery messages owed so far: the server's greeting ends with one.
+                                  // ReadyForQuery messages owed so far: the server's greeting ends with one.
         let mut rfq_expected: u64 = 1;
-        let mut rfq_seen: u64 = 0; // ... and received
         let mut doomed = false; // the rest of this sequence fails at the server
         let commit_err = |e: crate::evidence::RecordError| {
             fatal("57P03", format!("{e}; the statement was not run"))
         };
         loop {
-            if !out.is_empty() {
-                write_flush(s, &out).await?;
-                out.clear();
+            if !st.out.is_empty() {
+                write_flush(s, &st.out).await?;
+                st.out.clear();
             }
             tokio::select! {
                 n = s.read_buf(cbuf) => {
@@ -873,7 +872,7 @@ impl<E: Engine> PgGateway<E> {
                             // sequence, and answers could no longer be matched.
                             return Err(fatal("08P01", "a simple Query inside an unfinished extended-protocol sequence (send Sync first)"));
                         }
-                        let step = relay.client(&f).map_err(|e| fatal("08P01", e.to_string()))?;
+                        let step = st.relay.client(&f).map_err(|e| fatal("08P01", e.to_string()))?;
                         evq.extend(step.events);
                         let refusal = if f.tag == pg::ftag::FUNCTION_CALL {
                             // A function call can run any SQL (query_to_xml) with no
@@ -898,7 +897,7 @@ impl<E: Engine> PgGateway<E> {
                                 pg::encode_frame(pg::ftag::PARSE, &refused_parse(&name), &mut to_edge);
                                 unsynced = true;
                                 doomed = true;
-                                substituted.push_back((rfq_expected + 1, err));
+                                st.substituted.push_back((rfq_expected + 1, err));
                             } else {
                                 // A Query or a function call: answered with an
                                 // error and ReadyForQuery of its own.
@@ -906,7 +905,7 @@ impl<E: Engine> PgGateway<E> {
                                 q.push(0);
                                 pg::encode_frame(pg::ftag::QUERY, &q, &mut to_edge);
                                 rfq_expected += 1;
-                                substituted.push_back((rfq_expected, err));
+                                st.substituted.push_back((rfq_expected, err));
                             }
                             continue;
                         }
@@ -923,7 +922,9 @@ impl<E: Engine> PgGateway<E> {
                         if step.executes && strict {
                             // Everything before this message goes first; then
                             // its evidence is committed; then it runs.
-                            send_data(tx, &mut to_edge).await?;
+                            if let Some(end) = self.send_to_edge(&mut st, &mut to_edge, tx, rx, s, rec, evq, a).await? {
+                                return Ok(end);
+                            }
                             rec.commit_with(std::mem::take(evq)).await.map_err(commit_err)?;
                         }
                         if step.terminate {
@@ -933,90 +934,196 @@ impl<E: Engine> PgGateway<E> {
                         f.encode(&mut to_edge);
                     }
                     rec.record_all(std::mem::take(evq)).await.map_err(commit_err)?;
-                    send_data(tx, &mut to_edge).await?;
+                    if let Some(end) = self.send_to_edge(&mut st, &mut to_edge, tx, rx, s, rec, evq, a).await? {
+                        return Ok(end);
+                    }
                     if terminate {
                         return Ok("client terminated");
                     }
                 }
                 f = rx.recv() => {
-                    let Some(f) = f else {
-                        return Err(fatal("08006", "the tunnel to the edge was lost"));
-                    };
-                    match f.kind {
-                        Some(t::session_frame::Kind::Data(d)) => {
-                            sbuf.extend_from_slice(&d.data);
-                            loop {
-                                let f = match pg::split_frame(&mut sbuf, self.limits) {
-                                    Ok(Some(f)) => f,
-                                    Ok(None) => break,
-                                    Err(e) => return Err(fatal("08P01", format!("from the server: {e}"))),
-                                };
-                                relay.track(&f).map_err(|e| fatal("08P01", format!("from the server: {e}")))?;
-                                if f.tag == btag::ERROR_RESPONSE
-                                    && substituted.front().is_some_and(|(n, _)| *n == rfq_seen + 1)
-                                    && is_refusal_stand_in(&f)
-                                {
-                                    if let Some((_, err)) = substituted.pop_front() {
-                                        out.extend_from_slice(&err);
-                                    }
-                                    continue;
-                                }
-                                if f.tag == btag::READY_FOR_QUERY {
-                                    rfq_seen += 1;
-                                    // Stand-ins the server skipped (an earlier error
-                                    // in their sequence) are answered by that error.
-                                    while substituted.front().is_some_and(|(n, _)| *n <= rfq_seen) {
-                                        substituted.pop_front();
-                                    }
-                                    f.encode(&mut out);
-                                    continue;
-                                }
-                                if !a.masker.is_empty() && relay.columns().1 != shape_gen {
-                                    let (cols, generation) = relay.columns();
-                                    shape_gen = generation;
-                                    let cols = cols.map(<[pg::Field]>::to_vec);
-                                    shape = match cols {
-                                        None => Shape::unknown(),
-                                        Some(fields) => {
-                                            let tables = if a.masker.has_table_rules() {
-                                                self.tables_of(&fields, a, rec.session_id()).await
-                                            } else {
-                                                Some(catalog::Resolved::new())
-                                            };
-                                            Shape::new(fields, &a.masker, tables.as_ref())
-                                        }
-                                    };
-                                }
-                                let f = if a.masker.is_empty() {
-                                    f
-                                } else {
-                                    mask_frame(&a.masker, f, &shape)
-                                        .map_err(|e| fatal("08P01", format!("from the server: {e}")))?
-                                };
-                                if let Some(e) = relay.server(&f).map_err(|e| fatal("08P01", format!("from the server: {e}")))? {
-                                    evq.push(e);
-                                }
-                                f.encode(&mut out);
-                                if out.len() >= 256 << 10 {
-                                    s.write_all(&out).await.map_err(|e| fatal("08006", e.to_string()))?;
-                                    out.clear();
-                                }
-                            }
-                            rec.record_all(std::mem::take(evq)).await.map_err(commit_err)?;
-                        }
-                        Some(t::session_frame::Kind::Exit(_)) => {
-                            write_flush(s, &out).await?;
-                            return Ok("the server closed the connection");
-                        }
-                        Some(t::session_frame::Kind::Error(e)) => {
-                            return Err(fatal("08006", format!("the edge ended the session: {e}")));
-                        }
-                        _ => {}
+                    if let Some(end) = self.on_edge_frame(&mut st, f, s, rec, evq, a).await? {
+                        return Ok(end);
                     }
                 }
             }
         }
     }
+
+    /// Handles one frame from the edge: the server's bytes are checked
+    /// against what it owes, masked, recorded and queued for the client.
+    /// `Ok(Some(reason))` ends the session.
+    #[allow(clippy::too_many_arguments)]
+    async fn on_edge_frame<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &self,
+        st: &mut ServerSide,
+        f: Option<t::SessionFrame>,
+        s: &mut S,
+        rec: &SessionRecorder,
+        evq: &mut Vec<ev::event::Kind>,
+        a: &Authorized,
+    ) -> Result<Option<&'static str>, Fatal> {
+        let commit_err = |e: crate::evidence::RecordError| {
+            fatal("57P03", format!("{e}; the statement was not run"))
+        };
+        let Some(f) = f else {
+            return Err(fatal("08006", "the tunnel to the edge was lost"));
+        };
+        match f.kind {
+            Some(t::session_frame::Kind::Data(d)) => {
+                st.sbuf.extend_from_slice(&d.data);
+                loop {
+                    let f = match pg::split_frame(&mut st.sbuf, self.limits) {
+                        Ok(Some(f)) => f,
+                        Ok(None) => break,
+                        Err(e) => return Err(fatal("08P01", format!("from the server: {e}"))),
+                    };
+                    st.relay
+                        .track(&f)
+                        .map_err(|e| fatal("08P01", format!("from the server: {e}")))?;
+                    if f.tag == btag::ERROR_RESPONSE
+                        && st
+                            .substituted
+                            .front()
+                            .is_some_and(|(n, _)| *n == st.rfq_seen + 1)
+                        && is_refusal_stand_in(&f)
+                    {
+                        if let Some((_, err)) = st.substituted.pop_front() {
+                            st.out.extend_from_slice(&err);
+                        }
+                        continue;
+                    }
+                    if f.tag == btag::READY_FOR_QUERY {
+                        st.rfq_seen += 1;
+                        // Stand-ins the server skipped (an earlier error
+                        // in their sequence) are answered by that error.
+                        while st
+                            .substituted
+                            .front()
+                            .is_some_and(|(n, _)| *n <= st.rfq_seen)
+                        {
+                            st.substituted.pop_front();
+                        }
+                        f.encode(&mut st.out);
+                        continue;
+                    }
+                    if !a.masker.is_empty() && st.relay.columns().1 != st.shape_gen {
+                        let (cols, generation) = st.relay.columns();
+                        st.shape_gen = generation;
+                        let cols = cols.map(<[pg::Field]>::to_vec);
+                        st.shape = match cols {
+                            None => Shape::unknown(),
+                            Some(fields) => {
+                                let tables = if a.masker.has_table_rules() {
+                                    self.tables_of(&fields, a, rec.session_id()).await
+                                } else {
+                                    Some(catalog::Resolved::new())
+                                };
+                                Shape::new(fields, &a.masker, tables.as_ref())
+                            }
+                        };
+                    }
+                    let f = if a.masker.is_empty() {
+                        f
+                    } else {
+                        mask_frame(&a.masker, f, &st.shape)
+                            .map_err(|e| fatal("08P01", format!("from the server: {e}")))?
+                    };
+                    if let Some(e) = st
+                        .relay
+                        .server(&f)
+                        .map_err(|e| fatal("08P01", format!("from the server: {e}")))?
+                    {
+                        evq.push(e);
+                    }
+                    f.encode(&mut st.out);
+                    if st.out.len() >= 256 << 10 {
+                        s.write_all(&st.out)
+                            .await
+                            .map_err(|e| fatal("08006", e.to_string()))?;
+                        st.out.clear();
+                    }
+                }
+                rec.record_all(std::mem::take(evq))
+                    .await
+                    .map_err(commit_err)?;
+            }
+            Some(t::session_frame::Kind::Exit(_)) => {
+                write_flush(s, &st.out).await?;
+                return Ok(Some("the server closed the connection"));
+            }
+            Some(t::session_frame::Kind::Error(e)) => {
+                return Err(fatal("08006", format!("the edge ended the session: {e}")));
+            }
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    /// Sends client bytes to the edge. While the tunnel is full, the
+    /// server's answers keep flowing to the client: a client that pipelines
+    /// more than the buffers hold (and reads as it writes) must not wait on
+    /// a gateway that waits on it.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_to_edge<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &self,
+        st: &mut ServerSide,
+        buf: &mut BytesMut,
+        tx: &mpsc::Sender<t::SessionFrame>,
+        rx: &mut mpsc::Receiver<t::SessionFrame>,
+        s: &mut S,
+        rec: &SessionRecorder,
+        evq: &mut Vec<ev::event::Kind>,
+        a: &Authorized,
+    ) -> Result<Option<&'static str>, Fatal> {
+        let lost = || fatal("08006", "the tunnel to the edge was lost");
+        while !buf.is_empty() {
+            let permit = match tx.try_reserve() {
+                Ok(p) => p,
+                Err(mpsc::error::TrySendError::Closed(())) => return Err(lost()),
+                Err(mpsc::error::TrySendError::Full(())) => {
+                    tokio::select! {
+                        p = tx.reserve() => p.map_err(|_| lost())?,
+                        f = rx.recv() => {
+                            if let Some(end) = self.on_edge_frame(st, f, s, rec, evq, a).await? {
+                                return Ok(Some(end));
+                            }
+                            if !st.out.is_empty() {
+                                write_flush(s, &st.out).await?;
+                                st.out.clear();
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            let n = buf.len().min(custody_proto::frame::MAX_DATA_CHUNK);
+            permit.send(frame(t::session_frame::Kind::Data(t::Data {
+                channel: t::Channel::Stdin as i32,
+                data: buf.split_to(n).freeze(),
+            })));
+        }
+        Ok(None)
+    }
+}
+
+/// The server-facing half of a relayed session.
+struct ServerSide {
+    relay: Relay,
+    /// Server bytes not yet a whole message.
+    sbuf: BytesMut,
+    /// The columns the current rows are masked by, and their generation.
+    shape_gen: u64,
+    shape: Shape,
+    /// Refused statements: each goes to the server as a stand-in that fails
+    /// in protocol order, and the client gets the refusal in place of that
+    /// error (the ReadyForQuery that ends the stand-in's sequence, counted
+    /// from the session's start; the refusal).
+    substituted: std::collections::VecDeque<(u64, BytesMut)>,
+    /// ReadyForQuery messages received so far.
+    rfq_seen: u64,
+    /// Bytes for the client.
+    out: BytesMut,
 }
 
 /// PostgreSQL types whose text (or binary) form is the text itself.
@@ -1347,20 +1454,6 @@ async fn write_flush<S: AsyncWrite + Unpin>(s: &mut S, b: &[u8]) -> Result<(), F
         .await
         .map_err(|e| fatal("08006", e.to_string()))?;
     s.flush().await.map_err(|e| fatal("08006", e.to_string()))
-}
-
-async fn send_data(tx: &mpsc::Sender<t::SessionFrame>, buf: &mut BytesMut) -> Result<(), Fatal> {
-    while !buf.is_empty() {
-        let n = buf.len().min(custody_proto::frame::MAX_DATA_CHUNK);
-        let chunk = buf.split_to(n).freeze();
-        tx.send(frame(t::session_frame::Kind::Data(t::Data {
-            channel: t::Channel::Stdin as i32,
-            data: chunk,
-        })))
-        .await
-        .map_err(|_| fatal("08006", "the tunnel to the edge was lost"))?;
-    }
-    Ok(())
 }
 
 fn end(reason: &str) -> pb::SessionEnd {
