@@ -688,10 +688,10 @@ impl<E: Engine> PgGateway<E> {
                     n = client.read_buf(cbuf), if cbuf.len() < HELD_INPUT_BYTES => match n {
                         Ok(0) | Err(_) => {
                             return Err(format!(
-                                "the client disconnected while the statement was held for approval (request {id}); the statement was not run"
+                                "{HELD_CLIENT_GONE} (request {id}); the statement was not run"
                             ))
                         }
-                        Ok(_) => continue,
+                        Ok(_) => {}
                     },
                 }
                 let Ok(Some(r)) = approval_get(node.store(), id) else {
@@ -883,6 +883,17 @@ impl<E: Engine> PgGateway<E> {
                         } else {
                             None
                         };
+                        if let Some(gone) = refusal.as_deref().filter(|r| r.starts_with(HELD_CLIENT_GONE)) {
+                            evq.push(ev::event::Kind::Outcome(ev::Outcome {
+                                exit_code: 1,
+                                error: gone.to_owned(),
+                                ..Default::default()
+                            }));
+                            // What came before the held statement was recorded
+                            // as sent: it goes; nothing after it does.
+                            self.send_to_edge(&mut st, &mut to_edge, tx, rx, s, rec, evq, a).await?;
+                            return Ok("the client disconnected while a statement was held for approval");
+                        }
                         if let Some(refusal) = refusal {
                             let mut err = BytesMut::new();
                             pg::encode_notice(false, "ERROR", "42501", &refusal, &mut err);
@@ -1225,6 +1236,11 @@ fn mask_value(
             Change::Null
         };
     }
+    // bool, int2, int4, oid: no built-in detector can match their values
+    // (at most ten digits, no separators); custom patterns still might.
+    if matches!(oid, 16 | 21 | 23 | 26) && !m.has_patterns() {
+        return Change::Keep;
+    }
     if format == 1 {
         if binary_safe(oid) {
             return Change::Keep;
@@ -1446,6 +1462,10 @@ fn is_refusal_stand_in(f: &Frame) -> bool {
 /// Client bytes read and kept while a statement is held for approval.
 const HELD_INPUT_BYTES: usize = 1 << 20;
 
+/// How a refusal says the client left while its statement was held: the
+/// session ends there (nothing after the held statement is sent).
+const HELD_CLIENT_GONE: &str = "the client disconnected while the statement was held for approval";
+
 /// Writes `b` to the client and flushes: a TLS stream may keep the tail of
 /// a write buffered until flushed, which would leave the client waiting for
 /// a response the gateway already "sent".
@@ -1549,6 +1569,35 @@ mod tests {
             tag: btag::DATA_ROW,
             body: pg::data_row_body(values),
         }
+    }
+
+    #[test]
+    fn integer_columns_skip_the_detectors_but_not_custom_patterns() {
+        let f = field("n", 23, 0);
+        // A ten-digit int4 looks like a phone number to nothing: kept.
+        let plain = Masker::new(&[&MaskingDoc {
+            name: "pii".into(),
+            detectors: Detector::ALL.to_vec(),
+            columns: vec![],
+            patterns: vec![],
+        }])
+        .unwrap();
+        assert!(mask_value(&plain, Some(&f), false, b"2147483647") == Change::Keep);
+        let custom = Masker::new(&[&MaskingDoc {
+            name: "ids".into(),
+            detectors: vec![],
+            columns: vec![],
+            patterns: vec!["^21474".into()],
+        }])
+        .unwrap();
+        // (A number cannot hold the marker: it becomes NULL.)
+        assert!(mask_value(&custom, Some(&f), false, b"2147483647") == Change::Null);
+        // Text columns still go through every detector.
+        let t = field("t", 25, 0);
+        assert!(matches!(
+            mask_value(&plain, Some(&t), false, b"call 415-555-0100"),
+            Change::To(_)
+        ));
     }
 
     #[test]
