@@ -483,6 +483,38 @@ pub fn data_row_body<T: AsRef<[u8]>>(values: &[Option<T>]) -> Bytes {
     body.freeze()
 }
 
+/// A DataRow's values as (offset, length) in its body, into a reusable
+/// buffer (`None` for NULL). Same checks as [`data_row_slices`].
+pub fn data_row_spans(body: &[u8], out: &mut Vec<Option<(usize, usize)>>) -> Result<(), PgError> {
+    out.clear();
+    let bad = || PgError::Malformed { what: "DataRow" };
+    let n = body.get(..2).ok_or_else(bad)?;
+    let n = i16::from_be_bytes([n[0], n[1]]);
+    if n < 0 {
+        return Err(bad());
+    }
+    let mut at = 2;
+    for _ in 0..n {
+        let len = body.get(at..at + 4).ok_or_else(bad)?;
+        let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+        at += 4;
+        if len == -1 {
+            out.push(None);
+            continue;
+        }
+        let len = usize::try_from(len).map_err(|_| bad())?;
+        if body.len() - at < len {
+            return Err(bad());
+        }
+        out.push(Some((at, len)));
+        at += len;
+    }
+    if at != body.len() {
+        return Err(bad());
+    }
+    Ok(())
+}
+
 /// A DataRow's values as slices of its body (no copies, no reference
 /// counting: the hot path of masking and recording).
 pub fn data_row_slices(body: &[u8]) -> Result<Vec<Option<&[u8]>>, PgError> {
@@ -800,9 +832,19 @@ mod tests {
             b"\x00\x01\x00\x00\x00\x05ab",
             b"\xff\xff",
             b"\x00\x00x",
+            b"\x00\x01\xff\xff\xff\xfe",
         ] {
             assert!(data_row_slices(bad).is_err(), "{bad:?}");
+            assert!(data_row_spans(bad, &mut Vec::new()).is_err(), "{bad:?}");
         }
+        // Spans point at the same values as the slices (the buffer is reused).
+        let mut spans = vec![Some((9, 9))];
+        data_row_spans(&f.body, &mut spans).unwrap();
+        let from_spans: Vec<Option<&[u8]>> = spans
+            .iter()
+            .map(|s| s.map(|(at, len)| &f.body[at..at + len]))
+            .collect();
+        assert_eq!(from_spans, sl);
     }
 
     #[test]

@@ -1284,6 +1284,16 @@ fn mask_value(
     }
 }
 
+/// Where a DataRow value sits in the row's body (`None`: NULL).
+type Span = Option<(usize, usize)>;
+
+thread_local! {
+    /// Per-thread buffers for masking rows (value positions, changes), so
+    /// that masking a row allocates only for the values it rewrites.
+    static ROW_SCRATCH: std::cell::RefCell<(Vec<Span>, Vec<Change>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
 /// Applies masking to a server message: DataRow values and COPY data.
 fn mask_frame(
     m: &crate::policy::mask::Masker,
@@ -1291,45 +1301,53 @@ fn mask_frame(
     shape: &Shape,
 ) -> Result<Frame, pg::PgError> {
     match f.tag {
-        btag::DATA_ROW => {
-            let values = pg::data_row_slices(&f.body)?;
+        btag::DATA_ROW => ROW_SCRATCH.with(|scratch| {
+            let (spans, changes) = &mut *scratch.borrow_mut();
+            pg::data_row_spans(&f.body, spans)?;
+            let value = |span: Option<(usize, usize)>| span.map(|(at, len)| &f.body[at..at + len]);
             if shape.unknown {
                 return Ok(Frame {
                     tag: f.tag,
-                    body: pg::data_row_body::<&[u8]>(&vec![None; values.len()]),
+                    body: pg::data_row_body::<&[u8]>(&vec![None; spans.len()]),
                 });
             }
             // Rows are rebuilt only when a value changed.
-            let mut changes: Option<Vec<Change>> = None;
-            for (i, v) in values.iter().enumerate() {
-                let Some(v) = v else { continue };
+            changes.clear();
+            for (i, span) in spans.iter().enumerate() {
+                let Some(v) = value(*span) else { continue };
                 let whole = shape.whole.get(i).copied().unwrap_or(false);
                 let c = mask_value(m, shape.fields.get(i), whole, v);
                 if c != Change::Keep {
-                    changes.get_or_insert_with(|| values.iter().map(|_| Change::Keep).collect())
-                        [i] = c;
+                    if changes.is_empty() {
+                        changes.resize_with(spans.len(), || Change::Keep);
+                    }
+                    changes[i] = c;
                 }
             }
-            let Some(changes) = changes else {
+            if changes.is_empty() {
                 return Ok(f);
-            };
-            fn value<'a>(v: &Option<&'a [u8]>, c: &'a Change) -> Option<&'a [u8]> {
+            }
+            fn new<'a>(
+                body: &'a [u8],
+                span: &Option<(usize, usize)>,
+                c: &'a Change,
+            ) -> Option<&'a [u8]> {
                 match c {
-                    Change::Keep => *v,
+                    Change::Keep => span.map(|(at, len)| &body[at..at + len]),
                     Change::Null => None,
                     Change::Marker => Some(crate::policy::mask::MASKED.as_bytes()),
                     Change::To(b) => Some(&b[..]),
                 }
             }
-            let len = 2 + values
+            let len = 2 + spans
                 .iter()
-                .zip(&changes)
-                .map(|(v, c)| 4 + value(v, c).map_or(0, <[u8]>::len))
+                .zip(changes.iter())
+                .map(|(v, c)| 4 + new(&f.body, v, c).map_or(0, <[u8]>::len))
                 .sum::<usize>();
             let mut body = BytesMut::with_capacity(len);
-            body.put_i16(values.len() as i16);
-            for (v, c) in values.iter().zip(&changes) {
-                match value(v, c) {
+            body.put_i16(spans.len() as i16);
+            for (v, c) in spans.iter().zip(changes.iter()) {
+                match new(&f.body, v, c) {
                     None => body.put_i32(-1),
                     Some(b) => {
                         body.put_i32(b.len() as i32);
@@ -1341,7 +1359,7 @@ fn mask_frame(
                 tag: f.tag,
                 body: body.freeze(),
             })
-        }
+        }),
         // Binary COPY cannot be inspected, and COPY rows carry no column
         // names for column rules: refused (the connection ends). The
         // statement check refuses COPY ... TO first; this is the backstop.
