@@ -484,7 +484,7 @@ pub fn data_row_body<T: AsRef<[u8]>>(values: &[Option<T>]) -> Bytes {
 }
 
 /// A DataRow's values as (offset, length) in its body, into a reusable
-/// buffer (`None` for NULL). Same checks as [`data_row_slices`].
+/// buffer (`None` for NULL); a malformed row is an error.
 pub fn data_row_spans(body: &[u8], out: &mut Vec<Option<(usize, usize)>>) -> Result<(), PgError> {
     out.clear();
     let bad = || PgError::Malformed { what: "DataRow" };
@@ -518,31 +518,12 @@ pub fn data_row_spans(body: &[u8], out: &mut Vec<Option<(usize, usize)>>) -> Res
 /// A DataRow's values as slices of its body (no copies, no reference
 /// counting: the hot path of masking and recording).
 pub fn data_row_slices(body: &[u8]) -> Result<Vec<Option<&[u8]>>, PgError> {
-    let bad = PgError::Malformed { what: "DataRow" };
-    let n = body.get(..2).ok_or(bad.clone())?;
-    let n = i16::from_be_bytes([n[0], n[1]]);
-    if n < 0 {
-        return Err(bad);
-    }
-    let mut rest = &body[2..];
-    let mut out = Vec::with_capacity(n as usize);
-    for _ in 0..n {
-        let len = rest.get(..4).ok_or(bad.clone())?;
-        let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
-        rest = &rest[4..];
-        if len == -1 {
-            out.push(None);
-            continue;
-        }
-        let len = usize::try_from(len).map_err(|_| bad.clone())?;
-        let v = rest.get(..len).ok_or(bad.clone())?;
-        out.push(Some(v));
-        rest = &rest[len..];
-    }
-    if !rest.is_empty() {
-        return Err(bad);
-    }
-    Ok(out)
+    let mut spans = Vec::new();
+    data_row_spans(body, &mut spans)?;
+    Ok(spans
+        .into_iter()
+        .map(|s| s.map(|(at, len)| &body[at..at + len]))
+        .collect())
 }
 
 /// `ErrorResponse` / `NoticeResponse` fields by their code byte.

@@ -169,21 +169,11 @@ impl<E: Engine> Task<E> {
             };
             match msg {
                 Some(Msg::Events(kinds)) => {
-                    for kind in kinds {
-                        self.push(kind);
-                        if self.buf_bytes >= CHUNK_BYTES {
-                            let _ = self.flush(None).await;
-                        }
-                    }
+                    // A failure is kept and reported by the next commit.
+                    let _ = self.push_all(kinds).await;
                 }
                 Some(Msg::Commit(kinds, reply)) => {
-                    let mut r = Ok(());
-                    for kind in kinds {
-                        self.push(kind);
-                        if self.buf_bytes >= CHUNK_BYTES {
-                            r = r.and(self.flush(None).await);
-                        }
-                    }
+                    let r = self.push_all(kinds).await;
                     let _ = reply.send(r.and(self.flush(None).await));
                 }
                 Some(Msg::Close(end, reply)) => {
@@ -211,6 +201,18 @@ impl<E: Engine> Task<E> {
                 }
             }
         }
+    }
+
+    /// Buffers events in order, flushing whenever a chunk is full.
+    async fn push_all(&mut self, kinds: Vec<ev::event::Kind>) -> Result<(), RecordError> {
+        let mut r = Ok(());
+        for kind in kinds {
+            self.push(kind);
+            if self.buf_bytes >= CHUNK_BYTES {
+                r = r.and(self.flush(None).await);
+            }
+        }
+        r
     }
 
     fn push(&mut self, kind: ev::event::Kind) {

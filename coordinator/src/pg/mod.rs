@@ -832,9 +832,6 @@ impl<E: Engine> PgGateway<E> {
                                   // ReadyForQuery messages owed so far: the server's greeting ends with one.
         let mut rfq_expected: u64 = 1;
         let mut doomed = false; // the rest of this sequence fails at the server
-        let commit_err = |e: crate::evidence::RecordError| {
-            fatal("57P03", format!("{e}; the statement was not run"))
-        };
         loop {
             if !st.out.is_empty() {
                 write_flush(s, &st.out).await?;
@@ -974,9 +971,6 @@ impl<E: Engine> PgGateway<E> {
         evq: &mut Vec<ev::event::Kind>,
         a: &Authorized,
     ) -> Result<Option<&'static str>, Fatal> {
-        let commit_err = |e: crate::evidence::RecordError| {
-            fatal("57P03", format!("{e}; the statement was not run"))
-        };
         let Some(f) = f else {
             return Err(fatal("08006", "the tunnel to the edge was lost"));
         };
@@ -1475,6 +1469,11 @@ fn refused_parse(name: &str) -> Vec<u8> {
 fn is_refusal_stand_in(f: &Frame) -> bool {
     pg::decode_notice(&f.body)
         .is_ok_and(|n| n.get(b'M').is_some_and(|m| m.contains(REFUSED_STAND_IN)))
+}
+
+/// Evidence that could not be recorded ends the session: nothing more runs.
+fn commit_err(e: crate::evidence::RecordError) -> Fatal {
+    fatal("57P03", format!("{e}; the statement was not run"))
 }
 
 /// Client bytes read and kept while a statement is held for approval.
