@@ -713,7 +713,9 @@ async fn results_are_masked_for_the_client_and_in_the_evidence() {
         "create table customers(id int, name text, email text, card text, customer_ssn text, note text, card_num bigint); \
          insert into customers values (1, 'Alice', 'alice@example.com', '4111 1111 1111 1111', '123-45-6789', 'iban DE89 3704 0044 0532 0130 00 from 10.1.2.3', 4111111111111111); \
          create schema vault; create table vault.accounts(owner text, pin text); \
-         insert into vault.accounts values ('Alice', 'PIN-8876-ZQ')",
+         insert into vault.accounts values ('Alice', 'PIN-8876-ZQ'); \
+         create view vault.codes as select owner, pin as code from vault.accounts; \
+         create view vault.owners as select owner from vault.accounts",
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let policy = POLICY.replace(
@@ -734,14 +736,43 @@ async fn results_are_masked_for_the_client_and_in_the_evidence() {
         "1|Alice|[email]|[credit_card]|****|iban [iban] from [ip]|",
         "text-format results are masked (a card number in a bigint becomes NULL)"
     );
-    // A table column rule follows the column through aliases and
-    // expressions of it are not the column (RowDescription has no table).
+    // A table column rule follows the column through aliases; a computed
+    // column has no table behind it (RowDescription), so it is masked when
+    // its statement reads a masked column, and only then.
     let out = psql(
         &env,
         "select owner, pin, pin as p, 'PIN-0000-AA' as pin from vault.accounts",
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout).trim(), "Alice|****|****|PIN-0000-AA");
+    assert_eq!(text(&out.stdout).trim(), "Alice|****|****|****");
+    for (sql, want) in [
+        (
+            "select 'PIN-0000-AA' as pin, upper(owner) from vault.accounts",
+            "PIN-0000-AA|ALICE",
+        ),
+        (
+            "select upper(pin), owner || '' from vault.accounts",
+            "****|****",
+        ),
+        ("select (select max(pin) from vault.accounts)", "****"),
+        ("select row_to_json(a) from vault.accounts a", "****"),
+        // A column-name rule follows the source column through an alias.
+        ("select customer_ssn as x from customers", "****"),
+        // A view reading a masked column is masked whole; one that does not
+        // is not.
+        ("select * from vault.codes", "****|****"),
+        ("select * from vault.owners", "Alice"),
+    ] {
+        let out = psql(&env, sql);
+        assert!(out.status.success(), "{sql}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim(), want, "{sql}");
+    }
+    // What the client sends is masked in the evidence too.
+    let out = psql(
+        &env,
+        "select id from customers where email = 'alice@example.com'",
+    );
+    assert_eq!(text(&out.stdout).trim(), "1", "{}", text(&out.stderr));
     // Prepared statements with binary results, run out of order: each
     // execution is masked by its own statement's columns.
     {
@@ -830,6 +861,11 @@ async fn results_are_masked_for_the_client_and_in_the_evidence() {
     assert!(
         events.iter().any(|e| e["type"] == "output"),
         "rows are recorded"
+    );
+    assert!(
+        events.iter().any(|e| e["type"] == "command"
+            && e["event"]["text"] == "select id from customers where email = '[email]'"),
+        "the statement is recorded, masked"
     );
     for e in &events {
         let s = e.to_string();

@@ -33,29 +33,52 @@ pub struct TableNames {
     pub schema: String,
     pub table: String,
     pub columns: HashMap<i16, String>,
+    /// For a view (or materialized view): its definition and those of the
+    /// views it reads, transitively (PostgreSQL reports a view's columns
+    /// under the view's OID, not the base table's).
+    pub views: Vec<String>,
 }
 
 /// Resolved tables by OID.
 pub type Resolved = HashMap<u32, Arc<TableNames>>;
 
-/// The catalog query for `oids` (numbers only: nothing from the client is
-/// interpolated).
+/// The catalog queries for `oids` (numbers only: nothing from the client is
+/// interpolated): the relations' columns (five values a row), then the
+/// definitions of the views among them and of every view those read, found
+/// through the views' rewrite rules' dependencies (two values a row).
 pub fn query(oids: &[u32]) -> String {
     let list: Vec<String> = oids.iter().map(u32::to_string).collect();
+    let list = list.join(",");
     format!(
         "SELECT c.oid::int8, n.nspname, c.relname, a.attnum, a.attname \
          FROM pg_catalog.pg_class c \
          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
          JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
-         WHERE c.oid IN ({}) AND a.attnum > 0 AND NOT a.attisdropped",
-        list.join(",")
+         WHERE c.oid IN ({list}) AND a.attnum > 0 AND NOT a.attisdropped; \
+         WITH RECURSIVE reach(top, rel) AS ( \
+           SELECT c.oid, c.oid FROM pg_catalog.pg_class c \
+           WHERE c.oid IN ({list}) AND c.relkind IN ('v', 'm') \
+           UNION \
+           SELECT reach.top, d.refobjid FROM reach \
+           JOIN pg_catalog.pg_rewrite r ON r.ev_class = reach.rel \
+           JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass \
+             AND d.objid = r.oid AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass) \
+         SELECT reach.top::int8, pg_catalog.pg_get_viewdef(reach.rel) FROM reach \
+         JOIN pg_catalog.pg_class c ON c.oid = reach.rel WHERE c.relkind IN ('v', 'm')"
     )
 }
 
 /// Folds the catalog query's text rows into tables.
 pub fn parse_rows(rows: &[Vec<Option<String>>]) -> Resolved {
     let mut out: HashMap<u32, TableNames> = HashMap::new();
+    let mut views: Vec<(u32, String)> = Vec::new();
     for r in rows {
+        if let [Some(oid), Some(def)] = &r[..] {
+            if let Ok(oid) = oid.parse::<u32>() {
+                views.push((oid, def.clone()));
+            }
+            continue;
+        }
         let [Some(oid), Some(schema), Some(table), Some(attnum), Some(name)] = &r[..] else {
             continue;
         };
@@ -66,8 +89,14 @@ pub fn parse_rows(rows: &[Vec<Option<String>>]) -> Resolved {
             schema: schema.clone(),
             table: table.clone(),
             columns: HashMap::new(),
+            views: Vec::new(),
         });
         t.columns.insert(attnum, name.clone());
+    }
+    for (oid, def) in views {
+        if let Some(t) = out.get_mut(&oid) {
+            t.views.push(def);
+        }
     }
     out.into_iter().map(|(k, v)| (k, Arc::new(v))).collect()
 }
@@ -219,6 +248,19 @@ mod tests {
         );
         assert_eq!(c.columns[&3], "email");
         assert_eq!(r[&16390].columns[&2], "number");
+        assert!(c.views.is_empty());
+    }
+
+    #[test]
+    fn view_definitions_join_their_view() {
+        let r = parse_rows(&[
+            row(&["16400", "public", "v", "1", "n"]),
+            row(&["16400", " SELECT upper(card) AS n FROM w;"]),
+            row(&["16400", " SELECT card FROM customers;"]),
+            row(&["99", "no such relation"]),
+        ]);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[&16400].views.len(), 2);
     }
 
     #[test]

@@ -820,7 +820,13 @@ impl<E: Engine> PgGateway<E> {
         a: &Authorized,
     ) -> Result<&'static str, Fatal> {
         let mut st = ServerSide {
-            relay: Relay::new(a.caps),
+            relay: if a.masker.has_column_rules() {
+                let m = a.masker.clone();
+                Relay::new(a.caps)
+                    .with_taint(move |sql| m.reads_masked(&crate::policy::sql::reads(sql)))
+            } else {
+                Relay::new(a.caps)
+            },
             sbuf: BytesMut::new(),
             shape_gen: u64::MAX,
             shape: Shape::default(),
@@ -869,7 +875,10 @@ impl<E: Engine> PgGateway<E> {
                             // sequence, and answers could no longer be matched.
                             return Err(fatal("08P01", "a simple Query inside an unfinished extended-protocol sequence (send Sync first)"));
                         }
-                        let step = st.relay.client(&f).map_err(|e| fatal("08P01", e.to_string()))?;
+                        let mut step = st.relay.client(&f).map_err(|e| fatal("08P01", e.to_string()))?;
+                        for e in &mut step.events {
+                            mask_client_event(&a.masker, e);
+                        }
                         evq.extend(step.events);
                         let refusal = if f.tag == pg::ftag::FUNCTION_CALL {
                             // A function call can run any SQL (query_to_xml) with no
@@ -1019,12 +1028,17 @@ impl<E: Engine> PgGateway<E> {
                         st.shape = match cols {
                             None => Shape::unknown(),
                             Some(fields) => {
-                                let tables = if a.masker.has_table_rules() {
+                                let tables = if a.masker.has_column_rules() {
                                     self.tables_of(&fields, a, rec.session_id()).await
                                 } else {
                                     Some(catalog::Resolved::new())
                                 };
-                                Shape::new(fields, &a.masker, tables.as_ref())
+                                Shape::new(
+                                    fields,
+                                    &a.masker,
+                                    tables.as_ref(),
+                                    st.relay.columns_tainted(),
+                                )
                             }
                         };
                     }
@@ -1163,31 +1177,49 @@ impl Shape {
         }
     }
 
+    /// Which columns column rules mask whole. A column is masked whole when
+    /// its name or alias matches a column-name rule; a table column, when
+    /// its source column (by name or as `schema.table.column`) matches a
+    /// rule, or its relation is a view reading masked columns; a computed
+    /// column (no table column behind it), when `tainted` (its statement
+    /// reads masked columns, [`Relay::with_taint`]).
+    ///
     /// `tables`: the names behind the fields' table OIDs; `None` when they
-    /// could not be resolved, so every table column is masked whole
-    /// (table rules fail closed).
+    /// could not be resolved. Column rules fail closed: a table column whose
+    /// names are unknown is masked whole.
     fn new(
         fields: Vec<pg::Field>,
         m: &crate::policy::mask::Masker,
         tables: Option<&catalog::Resolved>,
+        tainted: bool,
     ) -> Self {
+        let mut views: HashMap<u32, bool> = HashMap::new();
         let whole = fields
             .iter()
             .map(|f| {
                 if m.masks_column(&f.name) {
                     return true;
                 }
-                if !m.has_table_rules() || f.table_oid == 0 {
+                if f.table_oid == 0 {
+                    return tainted;
+                }
+                if !m.has_column_rules() {
                     return false;
                 }
-                let Some(tables) = tables else {
+                let oid = f.table_oid as u32;
+                let Some(t) = tables.and_then(|t| t.get(&oid)) else {
                     return true;
                 };
-                tables.get(&(f.table_oid as u32)).is_some_and(|t| {
-                    t.columns
-                        .get(&f.column)
-                        .is_some_and(|c| m.masks_table_column(&t.schema, &t.table, c))
-                })
+                let Some(c) = t.columns.get(&f.column) else {
+                    return true;
+                };
+                m.masks_column(c)
+                    || m.masks_table_column(&t.schema, &t.table, c)
+                    || *views.entry(oid).or_insert_with(|| {
+                        t.views
+                            .iter()
+                            .any(|d| m.reads_masked(&crate::policy::sql::reads(d)))
+                    })
             })
             .collect();
         Self {
@@ -1195,6 +1227,39 @@ impl Shape {
             whole,
             unknown: false,
         }
+    }
+}
+
+/// Masks what detectors and patterns find in what the client sent, as
+/// recorded: statement text, parameters and COPY FROM data (the evidence
+/// holds only what the session may see). COPY data that is not text cannot
+/// be inspected and is recorded as withheld.
+fn mask_client_event(m: &crate::policy::mask::Masker, e: &mut ev::event::Kind) {
+    if !m.masks_text() {
+        return;
+    }
+    match e {
+        ev::event::Kind::Command(c) => {
+            if let Some(t) = m.mask_text(&c.text) {
+                c.text = t;
+            }
+            for p in &mut c.params {
+                if let Some(t) = m.mask_text(p) {
+                    *p = t;
+                }
+            }
+        }
+        ev::event::Kind::Output(o) => match std::str::from_utf8(&o.data) {
+            Ok(text) => {
+                if let Some(t) = m.mask_text(text) {
+                    o.data = t.into_bytes().into();
+                }
+            }
+            Err(_) => {
+                o.data = bytes::Bytes::from_static(b"[non-text COPY data withheld by masking]")
+            }
+        },
+        _ => {}
     }
 }
 
@@ -1618,6 +1683,103 @@ mod tests {
     }
 
     #[test]
+    fn what_the_client_sends_is_masked_in_the_evidence() {
+        let m = masker();
+        let mut e = ev::event::Kind::Command(ev::CommandEvent {
+            text: "select 1 where 'bob@example.com' = $1".into(),
+            params: vec!["4111 1111 1111 1111".into(), "7".into()],
+            ..Default::default()
+        });
+        mask_client_event(&m, &mut e);
+        let ev::event::Kind::Command(c) = e else {
+            unreachable!()
+        };
+        assert_eq!(c.text, "select 1 where '[email]' = $1");
+        assert_eq!(c.params, ["[credit_card]", "7"]);
+        let copy = |data: &'static [u8]| {
+            let mut e = ev::event::Kind::Output(ev::Output {
+                stream: "copy_in".into(),
+                data: bytes::Bytes::from_static(data),
+                truncated: false,
+            });
+            mask_client_event(&m, &mut e);
+            let ev::event::Kind::Output(o) = e else {
+                unreachable!()
+            };
+            o.data
+        };
+        assert_eq!(&copy(b"1\tbob@example.com\n")[..], b"1\t[email]\n");
+        assert!(!copy(b"PGCOPY\n\xff\r\n\0").starts_with(b"PGCOPY"));
+        // No detectors or patterns: recorded as sent.
+        let mut e = ev::event::Kind::Command(ev::CommandEvent {
+            text: "bob@example.com".into(),
+            ..Default::default()
+        });
+        mask_client_event(&Masker::default(), &mut e);
+        assert!(matches!(e, ev::event::Kind::Command(c) if c.text == "bob@example.com"));
+    }
+
+    #[test]
+    fn column_rules_follow_sources_views_and_computed_columns() {
+        let m = Masker::new(&[&MaskingDoc {
+            name: "cols".into(),
+            detectors: vec![],
+            columns: vec!["customers.card".into(), "*ssn*".into()],
+            patterns: vec![],
+        }])
+        .unwrap();
+        let col = |name: &str, table_oid: i32, column: i16| pg::Field {
+            table_oid,
+            column,
+            ..field(name, 25, 0)
+        };
+        let table = |name: &str, cols: &[&str], views: &[&str]| {
+            Arc::new(catalog::TableNames {
+                schema: "public".into(),
+                table: name.into(),
+                columns: (1..).zip(cols.iter().map(|c| c.to_string())).collect(),
+                views: views.iter().map(|v| v.to_string()).collect(),
+            })
+        };
+        let mut tables = catalog::Resolved::new();
+        tables.insert(10, table("customers", &["id", "card"], &[]));
+        tables.insert(11, table("people", &["name", "tax_ssn"], &[]));
+        tables.insert(
+            12,
+            table(
+                "v",
+                &["id", "x"],
+                &[" SELECT id, card AS x FROM customers;"],
+            ),
+        );
+        tables.insert(13, table("w", &["id"], &[" SELECT id FROM customers;"]));
+        let fields = vec![
+            col("id", 10, 1),
+            col("alias", 10, 2), // customers.card under an alias
+            col("who", 11, 2),   // people.tax_ssn under an alias
+            col("name", 11, 1),  // nothing to mask
+            col("id", 12, 1),    // a view reading card
+            col("id", 13, 1),    // a view that does not
+            col("upper", 0, 0),  // computed
+            col("x", 14, 1),     // a relation the lookup did not return
+        ];
+        let whole = |tables: Option<&catalog::Resolved>, tainted| {
+            Shape::new(fields.clone(), &m, tables, tainted).whole
+        };
+        assert_eq!(
+            whole(Some(&tables), false),
+            [false, true, true, false, true, false, false, true]
+        );
+        // A computed column of a statement reading masked columns.
+        assert!(whole(Some(&tables), true)[6]);
+        // Names unavailable: every table column is masked (fail closed).
+        assert_eq!(
+            whole(None, false),
+            [true, true, true, true, true, true, false, true]
+        );
+    }
+
+    #[test]
     fn rows_are_masked_by_their_columns_types_and_formats() {
         let m = masker();
         let card = 4_111_111_111_111_111i64.to_be_bytes();
@@ -1631,6 +1793,7 @@ mod tests {
             ],
             &m,
             None,
+            false,
         );
         let f = row(&[
             Some(b"mail bob@example.com"),

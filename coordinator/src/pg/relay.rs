@@ -97,8 +97,9 @@ enum Owed {
     /// EmptyQueryResponse or an error.
     Execute(Binding),
     /// A simple query (or function call): results, each after its
-    /// RowDescription, up to ReadyForQuery.
-    Query,
+    /// RowDescription, up to ReadyForQuery. `true`: the text reads masked
+    /// columns (see [`Relay::with_taint`]).
+    Query(bool),
     /// ReadyForQuery.
     Sync,
 }
@@ -110,14 +111,38 @@ struct Binding {
     portal: u64,
     statement: u64,
     formats: Vec<i16>,
+    /// The statement reads masked columns.
+    taint: bool,
 }
 
 /// Described columns kept before the ones nobody refers to are forgotten.
 const PRUNE_ABOVE: usize = 64;
 
+/// Tells whether a statement's text reads masked columns.
+#[derive(Clone)]
+pub struct Taint(std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for Taint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Taint(..)")
+    }
+}
+
+/// Statement texts whose taint is remembered per session (then forgotten
+/// all at once).
+const TAINT_CACHE: usize = 256;
+
 /// Follows one session.
 #[derive(Debug, Default)]
 pub struct Relay {
+    taint: Option<Taint>,
+    /// Statement text to its taint (a session repeats its statements).
+    taint_cache: HashMap<String, bool>,
+    /// Prepared statements (by generation) whose text reads masked columns.
+    statement_taint: HashMap<u64, bool>,
+    /// The DataRows arriving now come from a statement that reads masked
+    /// columns.
+    current_taint: bool,
     statements: HashMap<String, String>,
     /// Portal name to (statement text, rendered parameters).
     portals: HashMap<String, (String, Vec<String>)>,
@@ -198,6 +223,32 @@ impl Relay {
         }
     }
 
+    /// Marks statements whose text `reads_masked` says may compute values
+    /// from masked columns: their computed result columns (no table column
+    /// behind them) are reported as such by [`Relay::columns`].
+    pub fn with_taint(
+        mut self,
+        reads_masked: impl Fn(&str) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.taint = Some(Taint(std::sync::Arc::new(reads_masked)));
+        self
+    }
+
+    fn taint_of(&mut self, sql: &str) -> bool {
+        let Some(t) = &self.taint else {
+            return false;
+        };
+        if let Some(&known) = self.taint_cache.get(sql) {
+            return known;
+        }
+        let tainted = (t.0)(sql);
+        if self.taint_cache.len() >= TAINT_CACHE {
+            self.taint_cache.clear();
+        }
+        self.taint_cache.insert(sql.to_owned(), tainted);
+        tainted
+    }
+
     fn next_generation(&mut self) -> u64 {
         self.generations += 1;
         self.generations
@@ -209,7 +260,8 @@ impl Relay {
         match f.tag {
             ftag::QUERY => {
                 let q = pg::decode_cstring(&f.body, "Query")?;
-                self.owed.push_back(Owed::Query);
+                let taint = self.taint_of(&q);
+                self.owed.push_back(Owed::Query(taint));
                 step.statement = Some(q.clone());
                 step.events.push(command(q, vec![], "query"));
                 step.executes = true;
@@ -218,6 +270,9 @@ impl Relay {
                 let p = pg::decode_parse(&f.body)?;
                 step.statement = Some(p.query.clone());
                 let g = self.next_generation();
+                if self.taint_of(&p.query) {
+                    self.statement_taint.insert(g, true);
+                }
                 self.statement_gen.insert(p.name.clone(), g);
                 self.statements.insert(p.name, p.query);
             }
@@ -234,10 +289,12 @@ impl Relay {
                     .enumerate()
                     .map(|(i, v)| render_param(v, b.param_format(i)))
                     .collect();
+                let statement = self.statement_gen.get(&b.statement).copied().unwrap_or(0);
                 let binding = Binding {
                     portal: self.next_generation(),
-                    statement: self.statement_gen.get(&b.statement).copied().unwrap_or(0),
+                    statement,
                     formats: b.result_formats,
+                    taint: self.statement_taint.contains_key(&statement),
                 };
                 self.bound.insert(b.portal.clone(), binding);
                 self.portals.insert(b.portal, (text, params));
@@ -270,7 +327,7 @@ impl Relay {
             }
             ftag::FUNCTION_CALL => {
                 // Answered like a simple query: a result, then ReadyForQuery.
-                self.owed.push_back(Owed::Query);
+                self.owed.push_back(Owed::Query(false));
                 step.events
                     .push(command("(function call)".into(), vec![], "function_call"));
                 step.executes = true;
@@ -302,8 +359,15 @@ impl Relay {
         (self.current.as_deref(), self.generation)
     }
 
-    fn set_current(&mut self, c: Option<Vec<pg::Field>>) {
+    /// Whether the statement behind the current columns reads masked
+    /// columns (changes only with [`Relay::columns`]' number).
+    pub fn columns_tainted(&self) -> bool {
+        self.current_taint
+    }
+
+    fn set_current(&mut self, c: Option<Vec<pg::Field>>, taint: bool) {
         self.current = c;
+        self.current_taint = taint;
         self.generation += 1;
     }
 
@@ -341,9 +405,10 @@ impl Relay {
                     live.insert(b.portal);
                     live.insert(b.statement);
                 }
-                Owed::Query | Owed::Sync => {}
+                Owed::Query(_) | Owed::Sync => {}
             }
         }
+        self.statement_taint.retain(|g, _| live.contains(g));
         self.statement_columns.retain(|g, _| live.contains(g));
         self.portal_columns.retain(|g, _| live.contains(g));
     }
@@ -369,7 +434,7 @@ impl Relay {
                         self.portal_columns.insert(g, fields);
                         self.owed.pop_front();
                     }
-                    Some(Owed::Query) => self.set_current(Some(fields)),
+                    Some(Owed::Query(taint)) => self.set_current(Some(fields), taint),
                     _ => return Err(unexpected),
                 }
             }
@@ -389,14 +454,14 @@ impl Relay {
                     if !self.executing {
                         self.executing = true;
                         let cols = self.portal_result(&b);
-                        self.set_current(cols);
+                        self.set_current(cols, b.taint);
                     }
                 }
-                Some(Owed::Query) => {}
+                Some(Owed::Query(_)) => {}
                 _ => return Err(unexpected),
             },
             btag::COPY_IN | btag::COPY_OUT | btag::COPY_BOTH
-                if !matches!(self.owed.front(), Some(Owed::Execute(_) | Owed::Query)) =>
+                if !matches!(self.owed.front(), Some(Owed::Execute(_) | Owed::Query(_))) =>
             {
                 return Err(unexpected)
             }
@@ -405,20 +470,20 @@ impl Relay {
                     Some(Owed::Execute(_)) => {
                         self.owed.pop_front();
                     }
-                    Some(Owed::Query) => {}
+                    Some(Owed::Query(_)) => {}
                     _ => return Err(unexpected),
                 }
                 self.executing = false;
-                self.set_current(None);
+                self.set_current(None, false);
             }
             btag::ERROR_RESPONSE => {
                 self.executing = false;
-                self.set_current(None);
+                self.set_current(None, false);
                 // After an error in an extended sequence the server skips
                 // everything up to Sync (simple queries never sit inside one:
                 // the gateway refuses that).
                 while let Some(o) = self.owed.front() {
-                    if matches!(o, Owed::Sync | Owed::Query) {
+                    if matches!(o, Owed::Sync | Owed::Query(_)) {
                         break;
                     }
                     self.owed.pop_front();
@@ -426,11 +491,11 @@ impl Relay {
             }
             btag::READY_FOR_QUERY => {
                 match self.owed.pop_front() {
-                    Some(Owed::Sync | Owed::Query) => {}
+                    Some(Owed::Sync | Owed::Query(_)) => {}
                     _ => return Err(unexpected),
                 }
                 self.executing = false;
-                self.set_current(None);
+                self.set_current(None, false);
                 if self.statement_columns.len() + self.portal_columns.len() > PRUNE_ABOVE {
                     self.prune();
                 }
@@ -690,6 +755,49 @@ mod tests {
         r.track(&row_description(&[("n", 23, 0)])).unwrap();
         r.track(&data_row()).unwrap();
         assert_eq!(names(&r), Some(vec![("n".into(), 0)]));
+    }
+
+    #[test]
+    fn rows_of_statements_reading_masked_columns_are_marked() {
+        let mut r = Relay::default().with_taint(|sql| sql.contains("card"));
+        let rows = |r: &mut Relay| {
+            r.track(&data_row()).unwrap();
+            let tainted = r.columns_tainted();
+            r.track(&tag_only(btag::COMMAND_COMPLETE, b"SELECT 1\0"))
+                .unwrap();
+            tainted
+        };
+        // Simple queries.
+        for (sql, want) in [("select upper(card)\0", true), ("select 1\0", false)] {
+            r.client(&tag_only(ftag::QUERY, sql.as_bytes())).unwrap();
+            r.track(&row_description(&[("x", 25, 0)])).unwrap();
+            assert_eq!(rows(&mut r), want, "{sql}");
+            r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        }
+        // A name reused in a pipeline: each execution keeps its statement's
+        // mark.
+        for sql in ["select md5(card)", "select 2"] {
+            r.client(&parse("s", sql)).unwrap();
+            r.client(&target(ftag::DESCRIBE, b'S', "s")).unwrap();
+            r.client(&bind("", "s", &[])).unwrap();
+            r.client(&execute("")).unwrap();
+        }
+        r.client(&tag_only(ftag::SYNC, b"")).unwrap();
+        for want in [true, false] {
+            r.track(&tag_only(btag::PARSE_COMPLETE, b"")).unwrap();
+            r.track(&row_description(&[("x", 25, 0)])).unwrap();
+            r.track(&tag_only(btag::BIND_COMPLETE, b"")).unwrap();
+            assert_eq!(rows(&mut r), want);
+        }
+        r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        assert!(!r.columns_tainted());
+        // Without a taint check nothing is marked.
+        let mut plain = Relay::default();
+        plain
+            .client(&tag_only(ftag::QUERY, b"select card\0"))
+            .unwrap();
+        plain.track(&row_description(&[("x", 25, 0)])).unwrap();
+        assert!(!rows(&mut plain));
     }
 
     #[test]

@@ -433,6 +433,12 @@ impl Masker {
             && self.patterns.is_empty()
     }
 
+    /// Whether detectors or custom patterns are configured ([`Masker::mask_text`]
+    /// can change something).
+    pub fn masks_text(&self) -> bool {
+        !self.detectors.is_empty() || !self.patterns.is_empty()
+    }
+
     /// Whether custom patterns are configured (they may match any value).
     pub fn has_patterns(&self) -> bool {
         !self.patterns.is_empty()
@@ -468,6 +474,28 @@ impl Masker {
         self.columns
             .iter()
             .any(|p| crate::policy::wildcard(p, &name))
+    }
+
+    /// Whether a statement that reads `r` may compute values from masked
+    /// columns: it names a masked column anywhere, or reads whole rows of a
+    /// table with masked columns (any table, under column-name rules). Its
+    /// computed result columns (no table column behind them) are then masked
+    /// whole, since RowDescription cannot say where they came from.
+    pub fn reads_masked(&self, r: &crate::policy::sql::Reads) -> bool {
+        use crate::policy::wildcard;
+        if !self.has_column_rules() {
+            return false;
+        }
+        let named = r.columns.iter().any(|c| {
+            self.columns.iter().any(|p| wildcard(p, c))
+                || self.qualified.iter().any(|[_, _, q]| wildcard(q, c))
+        });
+        named
+            || (r.whole_rows
+                && (!self.columns.is_empty()
+                    || r.tables
+                        .iter()
+                        .any(|t| self.qualified.iter().any(|[_, q, _]| wildcard(q, t)))))
     }
 
     /// Masks sensitive parts of `text`; `None` when nothing matched.
@@ -646,6 +674,43 @@ mod tests {
             };
             assert!(Masker::new(&[&doc]).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn statements_reading_masked_columns_are_recognised() {
+        use crate::policy::sql::reads;
+        let masker = |columns: &[&str]| {
+            Masker::new(&[&MaskingDoc {
+                name: "m".into(),
+                detectors: vec![],
+                columns: columns.iter().map(|c| c.to_string()).collect(),
+                patterns: vec![],
+            }])
+            .unwrap()
+        };
+        let m = masker(&["customers.card", "*ssn*"]);
+        for sql in [
+            "SELECT upper(card) FROM customers",
+            "SELECT name FROM customers WHERE card LIKE '4%'",
+            "SELECT md5(tax_ssn) FROM people",
+            "SELECT row_to_json(c) FROM customers c",
+            // Whole rows of any table may hold a column named like *ssn*.
+            "SELECT p FROM people p",
+            "SELECT card FROM customers WHERE (",
+        ] {
+            assert!(m.reads_masked(&reads(sql)), "{sql}");
+        }
+        for sql in [
+            "SELECT upper(name) FROM customers",
+            "SELECT count(*) FROM customers",
+            "SELECT * FROM customers",
+            "SELECT 'card'",
+        ] {
+            assert!(!m.reads_masked(&reads(sql)), "{sql}");
+        }
+        let only_table = masker(&["customers.card"]);
+        assert!(!only_table.reads_masked(&reads("SELECT p FROM people p")));
+        assert!(!Masker::default().reads_masked(&reads("SELECT card FROM customers")));
     }
 
     #[test]

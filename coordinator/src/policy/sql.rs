@@ -5,7 +5,12 @@
 use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
-use sqlparser::ast::Statement;
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{
+    Expr, FunctionArg, FunctionArgExpr, FunctionArguments, Ident, ObjectName, Statement,
+    TableFactor, Visit, Visitor,
+};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
@@ -149,6 +154,133 @@ pub fn is_copy_out(sql: &str) -> bool {
     }
 }
 
+/// What a SQL string's expressions can read, as column masking needs to
+/// know it. Names are folded to lowercase (rules are case-insensitive).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reads {
+    /// Names some expression may read as a column (the last part of every
+    /// identifier, wherever it appears: select list, WHERE, subqueries).
+    pub columns: BTreeSet<String>,
+    /// Relations read (the last part of each name).
+    pub tables: BTreeSet<String>,
+    /// Some expression reads whole rows: a table or alias used as a value
+    /// (`row_to_json(c)`, `SELECT c FROM t c`) or `c.*` inside an
+    /// expression.
+    pub whole_rows: bool,
+    /// The text did not parse: `columns` and `tables` hold every word in it
+    /// and `whole_rows` is set (callers fail closed).
+    pub unparsed: bool,
+}
+
+/// Collects [`Reads`] over an AST.
+#[derive(Default)]
+struct ReadsCollector {
+    reads: Reads,
+    /// Single names used as values (columns, or whole rows of a relation).
+    values: BTreeSet<String>,
+    /// Relation names and aliases of every FROM item.
+    relations: BTreeSet<String>,
+}
+
+fn fold(i: &Ident) -> String {
+    i.value.to_lowercase()
+}
+
+fn last_part(n: &ObjectName) -> Option<String> {
+    n.0.last().and_then(|p| p.as_ident()).map(fold)
+}
+
+fn table_factor_alias(t: &TableFactor) -> Option<&Ident> {
+    match t {
+        TableFactor::Table { alias, .. }
+        | TableFactor::Derived { alias, .. }
+        | TableFactor::TableFunction { alias, .. }
+        | TableFactor::Function { alias, .. }
+        | TableFactor::UNNEST { alias, .. }
+        | TableFactor::JsonTable { alias, .. }
+        | TableFactor::OpenJsonTable { alias, .. }
+        | TableFactor::NestedJoin { alias, .. }
+        | TableFactor::Pivot { alias, .. }
+        | TableFactor::Unpivot { alias, .. }
+        | TableFactor::MatchRecognize { alias, .. }
+        | TableFactor::XmlTable { alias, .. } => alias.as_ref().map(|a| &a.name),
+        _ => None,
+    }
+}
+
+impl Visitor for ReadsCollector {
+    type Break = ();
+
+    fn pre_visit_relation(&mut self, r: &ObjectName) -> ControlFlow<()> {
+        if let Some(t) = last_part(r) {
+            self.relations.insert(t.clone());
+            self.reads.tables.insert(t);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, t: &TableFactor) -> ControlFlow<()> {
+        if let Some(a) = table_factor_alias(t) {
+            self.relations.insert(fold(a));
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        match e {
+            Expr::Identifier(i) => {
+                self.reads.columns.insert(fold(i));
+                self.values.insert(fold(i));
+            }
+            // `t.c`, `s.t.c`, or `s.t` as a whole row.
+            Expr::CompoundIdentifier(parts) => {
+                if let Some(i) = parts.last() {
+                    self.reads.columns.insert(fold(i));
+                    self.values.insert(fold(i));
+                }
+            }
+            Expr::QualifiedWildcard(..) | Expr::Wildcard(..) => self.reads.whole_rows = true,
+            Expr::Function(f) => {
+                if let FunctionArguments::List(l) = &f.args {
+                    let whole = l.args.iter().any(|a| {
+                        let arg = match a {
+                            FunctionArg::Unnamed(x) => x,
+                            FunctionArg::Named { arg, .. } | FunctionArg::ExprNamed { arg, .. } => {
+                                arg
+                            }
+                        };
+                        matches!(arg, FunctionArgExpr::QualifiedWildcard(_))
+                    });
+                    self.reads.whole_rows |= whole;
+                }
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// What `sql`'s expressions can read (see [`Reads`]).
+pub fn reads(sql: &str) -> Reads {
+    match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        Ok(stmts) => {
+            let mut c = ReadsCollector::default();
+            let _ = stmts.visit(&mut c);
+            c.reads.whole_rows |= c.values.intersection(&c.relations).next().is_some();
+            c.reads
+        }
+        Err(_) => {
+            let all: BTreeSet<String> = words(sql).into_iter().collect();
+            Reads {
+                columns: all.clone(),
+                tables: all,
+                whole_rows: true,
+                unparsed: true,
+            }
+        }
+    }
+}
+
 /// The classes of a SQL string (possibly several statements).
 pub fn classify(sql: &str) -> BTreeSet<SqlClass> {
     let mut out = BTreeSet::new();
@@ -207,6 +339,53 @@ mod tests {
         assert_eq!(c("begin"), Vec::<SqlClass>::new());
         assert!(is_copy_out("COPY (select 1) TO STDOUT"));
         assert!(!is_copy_out("copy t from stdin"));
+    }
+
+    fn set(v: &[&str]) -> BTreeSet<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn reads_name_every_column_and_table_an_expression_can_see() {
+        let r = reads("SELECT upper(c.Card) AS x, \"Name\" FROM public.customers c WHERE ssn = $1");
+        assert_eq!(r.columns, set(&["card", "name", "ssn"]));
+        assert_eq!(r.tables, set(&["customers"]));
+        assert!(!r.whole_rows && !r.unparsed);
+        // Subqueries, CTEs and set operations are walked too.
+        let r = reads(
+            "WITH k AS (SELECT card FROM customers) SELECT (SELECT max(email) FROM people) FROM k UNION SELECT 'x'",
+        );
+        assert_eq!(r.columns, set(&["card", "email"]));
+        assert_eq!(r.tables, set(&["customers", "k", "people"]));
+        // Literals and comments are not columns; a plain `*` reads no whole
+        // row as a value (its columns come back described).
+        let r = reads("SELECT *, 'card' FROM customers -- card");
+        assert!(r.columns.is_empty() && !r.whole_rows);
+        assert!(!reads("SELECT count(*) FROM customers").whole_rows);
+    }
+
+    #[test]
+    fn whole_row_values_are_seen() {
+        for sql in [
+            "SELECT c FROM customers c",
+            "SELECT row_to_json(c) FROM customers AS c",
+            "SELECT to_jsonb(customers) FROM customers",
+            "SELECT to_jsonb(c.*) FROM customers c",
+            "SELECT json_agg(x) FROM (SELECT * FROM customers) x",
+            "SELECT (c).card FROM customers c",
+            "SELECT array_agg(public.customers) FROM public.customers",
+        ] {
+            assert!(reads(sql).whole_rows, "{sql}");
+        }
+        // A column that merely shares no name with a relation is not a row.
+        assert!(!reads("SELECT name FROM customers c").whole_rows);
+    }
+
+    #[test]
+    fn unparsable_text_reads_every_word() {
+        let r = reads("SELECT card FROM customers WHERE (");
+        assert!(r.unparsed && r.whole_rows);
+        assert!(r.columns.contains("card") && r.tables.contains("customers"));
     }
 
     #[test]
