@@ -42,10 +42,31 @@ pub struct TableNames {
 /// Resolved tables by OID.
 pub type Resolved = HashMap<u32, Arc<TableNames>>;
 
+/// Definitions of the views reached from the views `seed` selects (a
+/// condition on `pg_class c`), through the views' rewrite rules'
+/// dependencies: one row per (starting view, view reached), the first value
+/// being `first` (an expression of the starting view, `t`), the second the
+/// definition.
+fn view_closure(seed: &str, first: &str) -> String {
+    format!(
+        "WITH RECURSIVE reach(top, rel) AS ( \
+           SELECT c.oid, c.oid FROM pg_catalog.pg_class c \
+           WHERE c.relkind IN ('v', 'm') AND {seed} \
+           UNION \
+           SELECT reach.top, d.refobjid FROM reach \
+           JOIN pg_catalog.pg_rewrite r ON r.ev_class = reach.rel \
+           JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass \
+             AND d.objid = r.oid AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass) \
+         SELECT {first}, pg_catalog.pg_get_viewdef(reach.rel) FROM reach \
+         JOIN pg_catalog.pg_class t ON t.oid = reach.top \
+         JOIN pg_catalog.pg_class c ON c.oid = reach.rel WHERE c.relkind IN ('v', 'm')"
+    )
+}
+
 /// The catalog queries for `oids` (numbers only: nothing from the client is
 /// interpolated): the relations' columns (five values a row), then the
-/// definitions of the views among them and of every view those read, found
-/// through the views' rewrite rules' dependencies (two values a row).
+/// definitions of the views among them and of every view those read (two
+/// values a row).
 pub fn query(oids: &[u32]) -> String {
     let list: Vec<String> = oids.iter().map(u32::to_string).collect();
     let list = list.join(",");
@@ -54,18 +75,46 @@ pub fn query(oids: &[u32]) -> String {
          FROM pg_catalog.pg_class c \
          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
          JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
-         WHERE c.oid IN ({list}) AND a.attnum > 0 AND NOT a.attisdropped; \
-         WITH RECURSIVE reach(top, rel) AS ( \
-           SELECT c.oid, c.oid FROM pg_catalog.pg_class c \
-           WHERE c.oid IN ({list}) AND c.relkind IN ('v', 'm') \
-           UNION \
-           SELECT reach.top, d.refobjid FROM reach \
-           JOIN pg_catalog.pg_rewrite r ON r.ev_class = reach.rel \
-           JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass \
-             AND d.objid = r.oid AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass) \
-         SELECT reach.top::int8, pg_catalog.pg_get_viewdef(reach.rel) FROM reach \
-         JOIN pg_catalog.pg_class c ON c.oid = reach.rel WHERE c.relkind IN ('v', 'm')"
+         WHERE c.oid IN ({list}) AND a.attnum > 0 AND NOT a.attisdropped; {}",
+        view_closure(&format!("c.oid IN ({list})"), "t.oid::int8")
     )
+}
+
+/// Relation names (lowercase) that are not looked up: a name the catalog
+/// query cannot carry. Callers treat them as unknown (fail closed).
+pub fn unsearchable(name: &str) -> bool {
+    name.contains('\u{1}') || name.contains('\0')
+}
+
+/// The catalog query for the views (or materialized views) named `names`
+/// (lowercase; in any schema): each one's lowercase name and the definitions
+/// of it and of every view it reads (two values a row). The names travel
+/// hex-encoded, so nothing in them is SQL.
+pub fn views_query(names: &[String]) -> String {
+    let joined = names.join("\u{1}");
+    let hex: String = joined.bytes().map(|b| format!("{b:02x}")).collect();
+    view_closure(
+        &format!(
+            "pg_catalog.lower(c.relname) = ANY (pg_catalog.string_to_array(\
+             pg_catalog.convert_from(pg_catalog.decode('{hex}', 'hex'), 'UTF8'), pg_catalog.chr(1)))"
+        ),
+        "pg_catalog.lower(t.relname)",
+    )
+}
+
+/// View definitions by view name (`names` not among them are no view).
+pub type Views = HashMap<String, Arc<Vec<String>>>;
+
+/// Folds the views query's rows: every name in `names` gets an entry.
+pub fn parse_views(names: &[String], rows: &[Vec<Option<String>>]) -> Views {
+    let mut out: HashMap<String, Vec<String>> =
+        names.iter().map(|n| (n.clone(), Vec::new())).collect();
+    for r in rows {
+        if let [Some(name), Some(def)] = &r[..] {
+            out.entry(name.clone()).or_default().push(def.clone());
+        }
+    }
+    out.into_iter().map(|(k, v)| (k, Arc::new(v))).collect()
 }
 
 /// Folds the catalog query's text rows into tables.
@@ -116,6 +165,17 @@ pub enum CatalogError {
 /// Runs the catalog query for `oids` on a freshly opened session channel
 /// (nothing sent yet) and ends the session.
 pub async fn lookup(ch: SessionChannel, oids: &[u32]) -> Result<Resolved, CatalogError> {
+    Ok(parse_rows(&run(ch, &query(oids)).await?))
+}
+
+/// Runs the views query for `names` like [`lookup`].
+pub async fn lookup_views(ch: SessionChannel, names: &[String]) -> Result<Views, CatalogError> {
+    Ok(parse_views(names, &run(ch, &views_query(names)).await?))
+}
+
+/// Runs `sql` (the gateway's own catalog queries) on a freshly opened
+/// session channel and ends the session: every row's values as text.
+async fn run(ch: SessionChannel, sql: &str) -> Result<Vec<Vec<Option<String>>>, CatalogError> {
     let SessionChannel { tx, mut rx } = ch;
     let send = |k| {
         let tx = tx.clone();
@@ -131,7 +191,7 @@ pub async fn lookup(ch: SessionChannel, oids: &[u32]) -> Result<Resolved, Catalo
         _ => return Err(CatalogError::Closed),
     }
     let mut out = BytesMut::new();
-    let mut body = query(oids).into_bytes();
+    let mut body = sql.as_bytes().to_vec();
     body.push(0);
     pg::encode_frame(pg::ftag::QUERY, &body, &mut out);
     pg::encode_frame(pg::ftag::TERMINATE, &[], &mut out);
@@ -173,7 +233,7 @@ pub async fn lookup(ch: SessionChannel, oids: &[u32]) -> Result<Resolved, Catalo
                     let _ = tx.send(frame(t::session_frame::Kind::Eof(t::Eof {}))).await;
                     return match error {
                         Some(e) => Err(CatalogError::Query(e)),
-                        None => Ok(parse_rows(&rows)),
+                        None => Ok(rows),
                     };
                 }
                 _ => {}
@@ -182,44 +242,84 @@ pub async fn lookup(ch: SessionChannel, oids: &[u32]) -> Result<Resolved, Catalo
     }
 }
 
-/// A cached table: when it was resolved, and its names.
-type Entry = (Instant, Arc<TableNames>);
-
-/// Resolved names per resource, shared by the node's sessions.
-#[derive(Debug, Default, Clone)]
-pub struct Cache {
-    inner: Arc<Mutex<HashMap<String, HashMap<u32, Entry>>>>,
+/// Looked-up values per resource and key, trusted for [`TTL`].
+#[derive(Debug)]
+struct Expiring<K, V> {
+    by_resource: HashMap<String, HashMap<K, (Instant, V)>>,
 }
 
-impl Cache {
-    /// The fresh entries for `oids`, and the OIDs still to look up.
-    pub fn get(&self, resource: &str, oids: &[u32]) -> (Resolved, Vec<u32>) {
-        let m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let tables = m.get(resource);
-        let mut found = Resolved::new();
+impl<K, V> Default for Expiring<K, V> {
+    fn default() -> Self {
+        Self {
+            by_resource: HashMap::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V: Clone> Expiring<K, V> {
+    /// The fresh entries for `keys`, and the keys still to look up.
+    fn get(&self, resource: &str, keys: &[K]) -> (HashMap<K, V>, Vec<K>) {
+        let entries = self.by_resource.get(resource);
+        let mut found = HashMap::new();
         let mut missing = Vec::new();
-        for &oid in oids {
-            match tables.and_then(|t| t.get(&oid)) {
-                Some((at, t)) if at.elapsed() < TTL => {
-                    found.insert(oid, t.clone());
+        for k in keys {
+            match entries.and_then(|e| e.get(k)) {
+                Some((at, v)) if at.elapsed() < TTL => {
+                    found.insert(k.clone(), v.clone());
                 }
-                _ => missing.push(oid),
+                _ => missing.push(k.clone()),
             }
         }
         (found, missing)
     }
 
-    pub fn put(&self, resource: &str, resolved: &Resolved) {
-        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        for tables in m.values_mut() {
-            tables.retain(|_, (at, _)| at.elapsed() < TTL);
+    fn put(&mut self, resource: &str, values: &HashMap<K, V>) {
+        for entries in self.by_resource.values_mut() {
+            entries.retain(|_, (at, _)| at.elapsed() < TTL);
         }
-        m.retain(|_, tables| !tables.is_empty());
+        self.by_resource.retain(|_, e| !e.is_empty());
         let now = Instant::now();
-        let tables = m.entry(resource.to_owned()).or_default();
-        for (oid, t) in resolved {
-            tables.insert(*oid, (now, t.clone()));
+        let entries = self.by_resource.entry(resource.to_owned()).or_default();
+        for (k, v) in values {
+            entries.insert(k.clone(), (now, v.clone()));
         }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Caches {
+    tables: Expiring<u32, Arc<TableNames>>,
+    views: Expiring<String, Arc<Vec<String>>>,
+}
+
+/// Resolved names and view definitions per resource, shared by the node's
+/// sessions.
+#[derive(Debug, Default, Clone)]
+pub struct Cache {
+    inner: Arc<Mutex<Caches>>,
+}
+
+impl Cache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Caches> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The fresh entries for `oids`, and the OIDs still to look up.
+    pub fn get(&self, resource: &str, oids: &[u32]) -> (Resolved, Vec<u32>) {
+        self.lock().tables.get(resource, oids)
+    }
+
+    pub fn put(&self, resource: &str, resolved: &Resolved) {
+        self.lock().tables.put(resource, resolved)
+    }
+
+    /// The fresh view entries for `names`, and the names still to look up.
+    pub fn get_views(&self, resource: &str, names: &[String]) -> (Views, Vec<String>) {
+        self.lock().views.get(resource, names)
+    }
+
+    pub fn put_views(&self, resource: &str, views: &Views) {
+        self.lock().views.put(resource, views)
     }
 }
 
@@ -270,6 +370,20 @@ mod tests {
     }
 
     #[test]
+    fn view_names_travel_hex_encoded() {
+        let q = views_query(&["v".into(), "x'; drop table t; --".into()]);
+        assert!(!q.contains("drop table") && !q.contains("x';"), "{q}");
+        assert!(q.contains(&format!("decode('76{}", "01")), "{q}");
+        let v = parse_views(
+            &["v".into(), "t".into()],
+            &[row(&["v", " SELECT 1;"]), row(&["v", " SELECT 2;"])],
+        );
+        assert_eq!(v["v"].len(), 2);
+        assert!(v["t"].is_empty(), "a name with no view row is no view");
+        assert!(unsearchable("a\u{1}b") && !unsearchable("ab"));
+    }
+
+    #[test]
     fn the_cache_expires_nothing_fresh_and_reports_what_is_missing() {
         let c = Cache::default();
         let mut r = Resolved::new();
@@ -281,5 +395,11 @@ mod tests {
         let (found, missing) = c.get("other", &[1]);
         assert!(found.is_empty());
         assert_eq!(missing, vec![1]);
+        let mut v = Views::new();
+        v.insert("v".into(), Arc::new(vec![]));
+        c.put_views("db", &v);
+        let (found, missing) = c.get_views("db", &["v".into(), "w".into()]);
+        assert!(found.contains_key("v"));
+        assert_eq!(missing, vec!["w".to_string()]);
     }
 }

@@ -749,6 +749,45 @@ impl<E: Engine> PgGateway<E> {
         if missing.is_empty() {
             return Some(found);
         }
+        let r = self
+            .catalog_lookup(a, session, |ch| catalog::lookup(ch, &missing))
+            .await?;
+        self.catalog.put(&a.resource.name, &r);
+        found.extend(r);
+        Some(found)
+    }
+
+    /// The definitions of the views among `names` (from the cache, or looked
+    /// up through the edge); `None` when the lookup failed.
+    async fn views_of(
+        &self,
+        names: &[String],
+        a: &Authorized,
+        session: &str,
+    ) -> Option<catalog::Views> {
+        if names.iter().any(|n| catalog::unsearchable(n)) {
+            return None;
+        }
+        let (mut found, missing) = self.catalog.get_views(&a.resource.name, names);
+        if missing.is_empty() {
+            return Some(found);
+        }
+        let v = self
+            .catalog_lookup(a, session, |ch| catalog::lookup_views(ch, &missing))
+            .await?;
+        self.catalog.put_views(&a.resource.name, &v);
+        found.extend(v);
+        Some(found)
+    }
+
+    /// Runs one of the gateway's own catalog queries over a short-lived
+    /// session through the resource's edge (the edge's credentials, never
+    /// the client's session); `None` (logged) when it fails or times out.
+    async fn catalog_lookup<T, F, Fut>(&self, a: &Authorized, session: &str, run: F) -> Option<T>
+    where
+        F: FnOnce(crate::tunnel::SessionChannel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, catalog::CatalogError>>,
+    {
         let open = t::SessionOpen {
             session_id: format!("{session}-catalog"),
             resource: a.resource.name.clone(),
@@ -760,24 +799,56 @@ impl<E: Engine> PgGateway<E> {
                 .open_session(&a.resource.name, &a.candidates, open)
                 .await
                 .map_err(|e| e.to_string())?;
-            catalog::lookup(routed.channel, &missing)
-                .await
-                .map_err(|e| e.to_string())
+            run(routed.channel).await.map_err(|e| e.to_string())
         };
         match tokio::time::timeout(catalog::LOOKUP_TIMEOUT, looked_up).await {
-            Ok(Ok(r)) => {
-                self.catalog.put(&a.resource.name, &r);
-                found.extend(r);
-                Some(found)
-            }
+            Ok(Ok(r)) => Some(r),
             Ok(Err(e)) => {
-                tracing::warn!(session, resource = %a.resource.name, error = %e, "table names unavailable: table columns are masked whole");
+                tracing::warn!(session, resource = %a.resource.name, error = %e, "catalog lookup failed: columns are masked whole");
                 None
             }
             Err(_) => {
-                tracing::warn!(session, resource = %a.resource.name, "table name lookup timed out: table columns are masked whole");
+                tracing::warn!(session, resource = %a.resource.name, "catalog lookup timed out: columns are masked whole");
                 None
             }
+        }
+    }
+
+    /// For each of `n` result columns, whether it may hold masked values if
+    /// it is computed (no table column behind it): its expression (or, when
+    /// the result columns are not known to be the select list, its
+    /// statement) reads masked columns, or a view the statement reads does
+    /// (or that cannot be known).
+    async fn computed_columns_masked(
+        &self,
+        lineage: Option<&relay::Lineage>,
+        n: usize,
+        a: &Authorized,
+        session: &str,
+    ) -> Vec<bool> {
+        // Column rules are in force (the relay knows every statement's
+        // lineage): a result of no known statement fails closed.
+        let Some(l) = lineage else {
+            return vec![true; n];
+        };
+        let per_column = match &l.items {
+            Some(items) if items.len() == n => items.clone(),
+            _ => vec![l.reads_masked; n],
+        };
+        if per_column.iter().all(|m| *m) || l.relations.is_empty() {
+            return per_column;
+        }
+        let views_read_masked = match self.views_of(&l.relations, a, session).await {
+            None => true,
+            Some(views) => views
+                .values()
+                .flat_map(|defs| defs.iter())
+                .any(|def| a.masker.reads_masked(&crate::policy::sql::reads(def))),
+        };
+        if views_read_masked {
+            vec![true; n]
+        } else {
+            per_column
         }
     }
 
@@ -822,8 +893,17 @@ impl<E: Engine> PgGateway<E> {
         let mut st = ServerSide {
             relay: if a.masker.has_column_rules() {
                 let m = a.masker.clone();
-                Relay::new(a.caps)
-                    .with_taint(move |sql| m.reads_masked(&crate::policy::sql::reads(sql)))
+                Relay::new(a.caps).with_lineage(move |sql| {
+                    let reads = crate::policy::sql::reads(sql);
+                    relay::Lineage {
+                        reads_masked: m.reads_masked(&reads),
+                        items: reads
+                            .items
+                            .as_ref()
+                            .map(|items| items.iter().map(|r| m.reads_masked(r)).collect()),
+                        relations: reads.tables.into_iter().collect(),
+                    }
+                })
             } else {
                 Relay::new(a.caps)
             },
@@ -1028,17 +1108,24 @@ impl<E: Engine> PgGateway<E> {
                         st.shape = match cols {
                             None => Shape::unknown(),
                             Some(fields) => {
-                                let tables = if a.masker.has_column_rules() {
-                                    self.tables_of(&fields, a, rec.session_id()).await
+                                let (tables, computed) = if a.masker.has_column_rules() {
+                                    let tables = self.tables_of(&fields, a, rec.session_id()).await;
+                                    let computed = if fields.iter().any(|f| f.table_oid == 0) {
+                                        self.computed_columns_masked(
+                                            st.relay.columns_lineage(),
+                                            fields.len(),
+                                            a,
+                                            rec.session_id(),
+                                        )
+                                        .await
+                                    } else {
+                                        Vec::new()
+                                    };
+                                    (tables, computed)
                                 } else {
-                                    Some(catalog::Resolved::new())
+                                    (Some(catalog::Resolved::new()), Vec::new())
                                 };
-                                Shape::new(
-                                    fields,
-                                    &a.masker,
-                                    tables.as_ref(),
-                                    st.relay.columns_tainted(),
-                                )
+                                Shape::new(fields, &a.masker, tables.as_ref(), computed)
                             }
                         };
                     }
@@ -1182,26 +1269,29 @@ impl Shape {
     /// its source column (by name or as `schema.table.column`) matches a
     /// rule, or its relation is a view reading masked columns; a computed
     /// column (no table column behind it), when `tainted` (its statement
-    /// reads masked columns, [`Relay::with_taint`]).
+    /// reads masked columns, or a view it reads does: see
+    /// [`Relay::with_lineage`]).
     ///
     /// `tables`: the names behind the fields' table OIDs; `None` when they
     /// could not be resolved. Column rules fail closed: a table column whose
-    /// names are unknown is masked whole.
+    /// names are unknown is masked whole. `computed[i]`: whether field `i`,
+    /// if computed, may hold masked values (missing: no).
     fn new(
         fields: Vec<pg::Field>,
         m: &crate::policy::mask::Masker,
         tables: Option<&catalog::Resolved>,
-        tainted: bool,
+        computed: Vec<bool>,
     ) -> Self {
         let mut views: HashMap<u32, bool> = HashMap::new();
         let whole = fields
             .iter()
-            .map(|f| {
+            .enumerate()
+            .map(|(i, f)| {
                 if m.masks_column(&f.name) {
                     return true;
                 }
                 if f.table_oid == 0 {
-                    return tainted;
+                    return computed.get(i).copied().unwrap_or(false);
                 }
                 if !m.has_column_rules() {
                     return false;
@@ -1763,18 +1853,25 @@ mod tests {
             col("upper", 0, 0),  // computed
             col("x", 14, 1),     // a relation the lookup did not return
         ];
-        let whole = |tables: Option<&catalog::Resolved>, tainted| {
-            Shape::new(fields.clone(), &m, tables, tainted).whole
+        let whole = |tables: Option<&catalog::Resolved>, computed: Vec<bool>| {
+            Shape::new(fields.clone(), &m, tables, computed).whole
         };
         assert_eq!(
-            whole(Some(&tables), false),
+            whole(Some(&tables), vec![]),
             [false, true, true, false, true, false, false, true]
         );
-        // A computed column of a statement reading masked columns.
-        assert!(whole(Some(&tables), true)[6]);
+        // A computed column that may hold masked values; the flags apply to
+        // computed columns only.
+        assert_eq!(
+            whole(
+                Some(&tables),
+                vec![false, false, false, true, false, false, true, false]
+            ),
+            [false, true, true, false, true, false, true, true]
+        );
         // Names unavailable: every table column is masked (fail closed).
         assert_eq!(
-            whole(None, false),
+            whole(None, vec![]),
             [true, true, true, true, true, true, false, true]
         );
     }
@@ -1793,7 +1890,7 @@ mod tests {
             ],
             &m,
             None,
-            false,
+            vec![],
         );
         let f = row(&[
             Some(b"mail bob@example.com"),

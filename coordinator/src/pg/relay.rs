@@ -7,6 +7,7 @@
 //! (CommandComplete tag and rows, or the error).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -97,9 +98,9 @@ enum Owed {
     /// EmptyQueryResponse or an error.
     Execute(Binding),
     /// A simple query (or function call): results, each after its
-    /// RowDescription, up to ReadyForQuery. `true`: the text reads masked
-    /// columns (see [`Relay::with_taint`]).
-    Query(bool),
+    /// RowDescription, up to ReadyForQuery; with what its text reads (see
+    /// [`Relay::with_lineage`]).
+    Query(Option<Arc<Lineage>>),
     /// ReadyForQuery.
     Sync,
 }
@@ -111,38 +112,53 @@ struct Binding {
     portal: u64,
     statement: u64,
     formats: Vec<i16>,
-    /// The statement reads masked columns.
-    taint: bool,
+    /// What the statement reads.
+    lineage: Option<Arc<Lineage>>,
 }
 
 /// Described columns kept before the ones nobody refers to are forgotten.
 const PRUNE_ABOVE: usize = 64;
 
-/// Tells whether a statement's text reads masked columns.
-#[derive(Clone)]
-pub struct Taint(std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>);
+/// What a statement's expressions read, as column masking needs to know it
+/// (RowDescription does not say where a computed column came from).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Lineage {
+    /// It names a masked column, or reads whole rows of a table with masked
+    /// columns.
+    pub reads_masked: bool,
+    /// The relations it reads (lowercase names); views among them may read
+    /// masked columns themselves.
+    pub relations: Vec<String>,
+    /// `reads_masked` for each result column, when those are known to be
+    /// exactly the select list's expressions (`None`: use `reads_masked`
+    /// for all).
+    pub items: Option<Vec<bool>>,
+}
 
-impl std::fmt::Debug for Taint {
+/// Works out a statement text's [`Lineage`].
+#[derive(Clone)]
+struct LineageOf(Arc<dyn Fn(&str) -> Lineage + Send + Sync>);
+
+impl std::fmt::Debug for LineageOf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Taint(..)")
+        f.write_str("LineageOf(..)")
     }
 }
 
-/// Statement texts whose taint is remembered per session (then forgotten
+/// Statement texts whose lineage is remembered per session (then forgotten
 /// all at once).
-const TAINT_CACHE: usize = 256;
+const LINEAGE_CACHE: usize = 256;
 
 /// Follows one session.
 #[derive(Debug, Default)]
 pub struct Relay {
-    taint: Option<Taint>,
-    /// Statement text to its taint (a session repeats its statements).
-    taint_cache: HashMap<String, bool>,
-    /// Prepared statements (by generation) whose text reads masked columns.
-    statement_taint: HashMap<u64, bool>,
-    /// The DataRows arriving now come from a statement that reads masked
-    /// columns.
-    current_taint: bool,
+    lineage_of: Option<LineageOf>,
+    /// Statement text to its lineage (a session repeats its statements).
+    lineage_cache: HashMap<String, Arc<Lineage>>,
+    /// Lineage of prepared statements, by generation.
+    statement_lineage: HashMap<u64, Arc<Lineage>>,
+    /// Lineage of the statement whose DataRows arrive now.
+    current_lineage: Option<Arc<Lineage>>,
     statements: HashMap<String, String>,
     /// Portal name to (statement text, rendered parameters).
     portals: HashMap<String, (String, Vec<String>)>,
@@ -223,30 +239,27 @@ impl Relay {
         }
     }
 
-    /// Marks statements whose text `reads_masked` says may compute values
-    /// from masked columns: their computed result columns (no table column
-    /// behind them) are reported as such by [`Relay::columns`].
-    pub fn with_taint(
+    /// Works out what each statement reads with `lineage_of`, and reports
+    /// it with the columns of its results ([`Relay::columns_lineage`]).
+    pub fn with_lineage(
         mut self,
-        reads_masked: impl Fn(&str) -> bool + Send + Sync + 'static,
+        lineage_of: impl Fn(&str) -> Lineage + Send + Sync + 'static,
     ) -> Self {
-        self.taint = Some(Taint(std::sync::Arc::new(reads_masked)));
+        self.lineage_of = Some(LineageOf(Arc::new(lineage_of)));
         self
     }
 
-    fn taint_of(&mut self, sql: &str) -> bool {
-        let Some(t) = &self.taint else {
-            return false;
-        };
-        if let Some(&known) = self.taint_cache.get(sql) {
-            return known;
+    fn lineage(&mut self, sql: &str) -> Option<Arc<Lineage>> {
+        let f = self.lineage_of.as_ref()?;
+        if let Some(known) = self.lineage_cache.get(sql) {
+            return Some(known.clone());
         }
-        let tainted = (t.0)(sql);
-        if self.taint_cache.len() >= TAINT_CACHE {
-            self.taint_cache.clear();
+        let l = Arc::new((f.0)(sql));
+        if self.lineage_cache.len() >= LINEAGE_CACHE {
+            self.lineage_cache.clear();
         }
-        self.taint_cache.insert(sql.to_owned(), tainted);
-        tainted
+        self.lineage_cache.insert(sql.to_owned(), l.clone());
+        Some(l)
     }
 
     fn next_generation(&mut self) -> u64 {
@@ -260,8 +273,8 @@ impl Relay {
         match f.tag {
             ftag::QUERY => {
                 let q = pg::decode_cstring(&f.body, "Query")?;
-                let taint = self.taint_of(&q);
-                self.owed.push_back(Owed::Query(taint));
+                let lineage = self.lineage(&q);
+                self.owed.push_back(Owed::Query(lineage));
                 step.statement = Some(q.clone());
                 step.events.push(command(q, vec![], "query"));
                 step.executes = true;
@@ -270,8 +283,8 @@ impl Relay {
                 let p = pg::decode_parse(&f.body)?;
                 step.statement = Some(p.query.clone());
                 let g = self.next_generation();
-                if self.taint_of(&p.query) {
-                    self.statement_taint.insert(g, true);
+                if let Some(l) = self.lineage(&p.query) {
+                    self.statement_lineage.insert(g, l);
                 }
                 self.statement_gen.insert(p.name.clone(), g);
                 self.statements.insert(p.name, p.query);
@@ -294,7 +307,7 @@ impl Relay {
                     portal: self.next_generation(),
                     statement,
                     formats: b.result_formats,
-                    taint: self.statement_taint.contains_key(&statement),
+                    lineage: self.statement_lineage.get(&statement).cloned(),
                 };
                 self.bound.insert(b.portal.clone(), binding);
                 self.portals.insert(b.portal, (text, params));
@@ -327,7 +340,7 @@ impl Relay {
             }
             ftag::FUNCTION_CALL => {
                 // Answered like a simple query: a result, then ReadyForQuery.
-                self.owed.push_back(Owed::Query(false));
+                self.owed.push_back(Owed::Query(None));
                 step.events
                     .push(command("(function call)".into(), vec![], "function_call"));
                 step.executes = true;
@@ -359,15 +372,15 @@ impl Relay {
         (self.current.as_deref(), self.generation)
     }
 
-    /// Whether the statement behind the current columns reads masked
-    /// columns (changes only with [`Relay::columns`]' number).
-    pub fn columns_tainted(&self) -> bool {
-        self.current_taint
+    /// What the statement behind the current columns reads (`None` without
+    /// [`Relay::with_lineage`]); changes only with [`Relay::columns`]' number.
+    pub fn columns_lineage(&self) -> Option<&Lineage> {
+        self.current_lineage.as_deref()
     }
 
-    fn set_current(&mut self, c: Option<Vec<pg::Field>>, taint: bool) {
+    fn set_current(&mut self, c: Option<Vec<pg::Field>>, lineage: Option<Arc<Lineage>>) {
         self.current = c;
-        self.current_taint = taint;
+        self.current_lineage = lineage;
         self.generation += 1;
     }
 
@@ -408,7 +421,7 @@ impl Relay {
                 Owed::Query(_) | Owed::Sync => {}
             }
         }
-        self.statement_taint.retain(|g, _| live.contains(g));
+        self.statement_lineage.retain(|g, _| live.contains(g));
         self.statement_columns.retain(|g, _| live.contains(g));
         self.portal_columns.retain(|g, _| live.contains(g));
     }
@@ -434,7 +447,7 @@ impl Relay {
                         self.portal_columns.insert(g, fields);
                         self.owed.pop_front();
                     }
-                    Some(Owed::Query(taint)) => self.set_current(Some(fields), taint),
+                    Some(Owed::Query(lineage)) => self.set_current(Some(fields), lineage),
                     _ => return Err(unexpected),
                 }
             }
@@ -454,7 +467,7 @@ impl Relay {
                     if !self.executing {
                         self.executing = true;
                         let cols = self.portal_result(&b);
-                        self.set_current(cols, b.taint);
+                        self.set_current(cols, b.lineage.clone());
                     }
                 }
                 Some(Owed::Query(_)) => {}
@@ -474,11 +487,11 @@ impl Relay {
                     _ => return Err(unexpected),
                 }
                 self.executing = false;
-                self.set_current(None, false);
+                self.set_current(None, None);
             }
             btag::ERROR_RESPONSE => {
                 self.executing = false;
-                self.set_current(None, false);
+                self.set_current(None, None);
                 // After an error in an extended sequence the server skips
                 // everything up to Sync (simple queries never sit inside one:
                 // the gateway refuses that).
@@ -495,7 +508,7 @@ impl Relay {
                     _ => return Err(unexpected),
                 }
                 self.executing = false;
-                self.set_current(None, false);
+                self.set_current(None, None);
                 if self.statement_columns.len() + self.portal_columns.len() > PRUNE_ABOVE {
                     self.prune();
                 }
@@ -759,10 +772,13 @@ mod tests {
 
     #[test]
     fn rows_of_statements_reading_masked_columns_are_marked() {
-        let mut r = Relay::default().with_taint(|sql| sql.contains("card"));
+        let mut r = Relay::default().with_lineage(|sql| Lineage {
+            reads_masked: sql.contains("card"),
+            ..Default::default()
+        });
         let rows = |r: &mut Relay| {
             r.track(&data_row()).unwrap();
-            let tainted = r.columns_tainted();
+            let tainted = r.columns_lineage().unwrap().reads_masked;
             r.track(&tag_only(btag::COMMAND_COMPLETE, b"SELECT 1\0"))
                 .unwrap();
             tainted
@@ -790,14 +806,15 @@ mod tests {
             assert_eq!(rows(&mut r), want);
         }
         r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
-        assert!(!r.columns_tainted());
-        // Without a taint check nothing is marked.
+        assert!(r.columns_lineage().is_none());
+        // Without a lineage check nothing is known.
         let mut plain = Relay::default();
         plain
             .client(&tag_only(ftag::QUERY, b"select card\0"))
             .unwrap();
         plain.track(&row_description(&[("x", 25, 0)])).unwrap();
-        assert!(!rows(&mut plain));
+        plain.track(&data_row()).unwrap();
+        assert!(plain.columns_lineage().is_none());
     }
 
     #[test]

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    Expr, FunctionArg, FunctionArgExpr, FunctionArguments, Ident, ObjectName, Statement,
-    TableFactor, Visit, Visitor,
+    Expr, FunctionArg, FunctionArgExpr, FunctionArguments, Ident, ObjectName, Query, SelectItem,
+    SetExpr, Statement, TableFactor, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -170,6 +170,11 @@ pub struct Reads {
     /// The text did not parse: `columns` and `tables` hold every word in it
     /// and `whole_rows` is set (callers fail closed).
     pub unparsed: bool,
+    /// What each result column's expression reads, when the result columns
+    /// are exactly the select list: one plain `SELECT` (no `WITH`, set
+    /// operation or `*`) over plain tables. `tables` is the statement's in
+    /// each.
+    pub items: Option<Vec<Reads>>,
 }
 
 /// Collects [`Reads`] over an AST.
@@ -260,6 +265,38 @@ impl Visitor for ReadsCollector {
     }
 }
 
+/// The select list's expressions, when they are exactly the result
+/// columns of `stmts` (see [`Reads::items`]).
+fn select_items(stmts: &[Statement]) -> Option<Vec<&Expr>> {
+    let [Statement::Query(q)] = stmts else {
+        return None;
+    };
+    let Query {
+        with: None, body, ..
+    } = q.as_ref()
+    else {
+        return None;
+    };
+    let SetExpr::Select(sel) = body.as_ref() else {
+        return None;
+    };
+    let plain = |t: &TableFactor| matches!(t, TableFactor::Table { args: None, .. });
+    if !sel
+        .from
+        .iter()
+        .all(|f| plain(&f.relation) && f.joins.iter().all(|j| plain(&j.relation)))
+    {
+        return None;
+    }
+    sel.projection
+        .iter()
+        .map(|item| match item {
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => Some(e),
+            _ => None,
+        })
+        .collect()
+}
+
 /// What `sql`'s expressions can read (see [`Reads`]).
 pub fn reads(sql: &str) -> Reads {
     match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
@@ -267,6 +304,22 @@ pub fn reads(sql: &str) -> Reads {
             let mut c = ReadsCollector::default();
             let _ = stmts.visit(&mut c);
             c.reads.whole_rows |= c.values.intersection(&c.relations).next().is_some();
+            c.reads.items = select_items(&stmts).map(|exprs| {
+                exprs
+                    .into_iter()
+                    .map(|e| {
+                        let mut item = ReadsCollector {
+                            relations: c.relations.clone(),
+                            ..Default::default()
+                        };
+                        let _ = e.visit(&mut item);
+                        item.reads.whole_rows |=
+                            item.values.intersection(&item.relations).next().is_some();
+                        item.reads.tables = c.reads.tables.clone();
+                        item.reads
+                    })
+                    .collect()
+            });
             c.reads
         }
         Err(_) => {
@@ -276,6 +329,7 @@ pub fn reads(sql: &str) -> Reads {
                 tables: all,
                 whole_rows: true,
                 unparsed: true,
+                items: None,
             }
         }
     }
@@ -362,6 +416,30 @@ mod tests {
         let r = reads("SELECT *, 'card' FROM customers -- card");
         assert!(r.columns.is_empty() && !r.whole_rows);
         assert!(!reads("SELECT count(*) FROM customers").whole_rows);
+    }
+
+    #[test]
+    fn result_columns_map_to_select_items_only_when_they_are_the_select_list() {
+        let r = reads("SELECT count(*), upper(c.card) AS u, (SELECT max(ssn) FROM p), row_to_json(c) FROM customers c JOIN t ON t.id = c.id WHERE name = 'x'");
+        let items = r.items.expect("a plain select");
+        assert_eq!(items.len(), 4);
+        assert!(items[0].columns.is_empty() && !items[0].whole_rows);
+        assert_eq!(items[1].columns, set(&["card"]));
+        assert_eq!(items[2].columns, set(&["ssn"]));
+        assert!(items[3].whole_rows && !items[1].whole_rows);
+        assert_eq!(items[0].tables, set(&["customers", "p", "t"]));
+        for sql in [
+            "SELECT *, upper(name) FROM customers",
+            "SELECT c.*, 1 FROM customers c",
+            "SELECT u FROM (SELECT upper(card) AS u FROM customers) s",
+            "WITH k AS (SELECT card FROM customers) SELECT card FROM k",
+            "SELECT name FROM customers UNION SELECT card FROM customers",
+            "SELECT g FROM generate_series(1, 3) g",
+            "SELECT 1; SELECT 2",
+            "INSERT INTO t SELECT 1 RETURNING *",
+        ] {
+            assert!(reads(sql).items.is_none(), "{sql}");
+        }
     }
 
     #[test]
