@@ -544,7 +544,7 @@ impl<E: Engine> PgGateway<E> {
 
     /// Applies the policy's guardrails to one statement: `Ok` to run it
     /// (after an approval, when one was required and granted), `Err` with
-    /// the reason it must not run.
+    /// why it must not run.
     async fn check_statement<S: AsyncRead + AsyncWrite + Unpin + Send>(
         &self,
         sql: &str,
@@ -552,7 +552,7 @@ impl<E: Engine> PgGateway<E> {
         evq: &mut Vec<ev::event::Kind>,
         client: &mut S,
         cbuf: &mut BytesMut,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refusal> {
         let node = &self.tunnels.node;
         let policy = self
             .guard
@@ -574,7 +574,7 @@ impl<E: Engine> PgGateway<E> {
             Effect::Allow => Ok(()),
             Effect::Deny => {
                 tracing::warn!(target: "audit", event = "statement_denied", subject = %a.id.subject, resource = %a.resource.name, rule = ?d.rule, "statement refused");
-                Err(d.reason)
+                Err(d.reason.into())
             }
             // The connection itself was approved through an access grant;
             // only guardrails hold single statements.
@@ -609,7 +609,7 @@ impl<E: Engine> PgGateway<E> {
         cbuf: &mut BytesMut,
         d: &crate::policy::Decision,
         doc: crate::policy::ApprovalDoc,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refusal> {
         use crate::state::approvals::{
             approval_get, approvals_list, effective_status, ApprovalCommand,
         };
@@ -665,7 +665,8 @@ impl<E: Engine> PgGateway<E> {
             return Err(format!(
                 "approval required: request {id} ({}); not waiting (custody.no_wait): run the statement again once it is approved (custody approvals approve {id})",
                 d.reason
-            ));
+            )
+            .into());
         }
         if !already {
             let mut notice = BytesMut::new();
@@ -687,9 +688,9 @@ impl<E: Engine> PgGateway<E> {
                     _ = tokio::time::sleep(Duration::from_millis(300)) => {}
                     n = client.read_buf(cbuf), if cbuf.len() < HELD_INPUT_BYTES => match n {
                         Ok(0) | Err(_) => {
-                            return Err(format!(
-                                "{HELD_CLIENT_GONE} (request {id}); the statement was not run"
-                            ))
+                            return Err(Refusal::ClientGone(format!(
+                                "the client disconnected while the statement was held for approval (request {id}); the statement was not run"
+                            )))
                         }
                         Ok(_) => {}
                     },
@@ -703,7 +704,8 @@ impl<E: Engine> PgGateway<E> {
                     other => {
                         return Err(format!(
                             "approval request {id} is {other}; the statement was not run"
-                        ))
+                        )
+                        .into())
                     }
                 }
             }
@@ -722,7 +724,7 @@ impl<E: Engine> PgGateway<E> {
             .await
             .map_err(|e| e.to_string())?;
         if let Some(why) = spent.rejected {
-            return Err(why);
+            return Err(why.into());
         }
         if let Ok(Some(r)) = approval_get(node.store(), id) {
             evq.push(crate::api::sessions::approval_event(&r));
@@ -963,23 +965,28 @@ impl<E: Engine> PgGateway<E> {
                         let refusal = if f.tag == pg::ftag::FUNCTION_CALL {
                             // A function call can run any SQL (query_to_xml) with no
                             // statement text to check.
-                            Some("the function-call protocol is not available through the gateway; use SELECT".to_string())
+                            Some(Refusal::from("the function-call protocol is not available through the gateway; use SELECT"))
                         } else if let Some(sql) = step.statement {
                             self.check_statement(&sql, a, evq, s, cbuf).await.err()
                         } else {
                             None
                         };
-                        if let Some(gone) = refusal.as_deref().filter(|r| r.starts_with(HELD_CLIENT_GONE)) {
-                            evq.push(ev::event::Kind::Outcome(ev::Outcome {
-                                exit_code: 1,
-                                error: gone.to_owned(),
-                                ..Default::default()
-                            }));
-                            // What came before the held statement was recorded
-                            // as sent: it goes; nothing after it does.
-                            self.send_to_edge(&mut st, &mut to_edge, tx, rx, s, rec, evq, a).await?;
-                            return Ok("the client disconnected while a statement was held for approval");
-                        }
+                        let refusal = match refusal {
+                            Some(Refusal::ClientGone(gone)) => {
+                                evq.push(ev::event::Kind::Outcome(ev::Outcome {
+                                    exit_code: 1,
+                                    error: gone,
+                                    ..Default::default()
+                                }));
+                                // What came before the held statement was
+                                // recorded as sent: it goes; nothing after it
+                                // does.
+                                self.send_to_edge(&mut st, &mut to_edge, tx, rx, s, rec, evq, a).await?;
+                                return Ok("the client disconnected while a statement was held for approval");
+                            }
+                            Some(Refusal::Denied(why)) => Some(why),
+                            None => None,
+                        };
                         if let Some(refusal) = refusal {
                             let mut err = BytesMut::new();
                             pg::encode_notice(false, "ERROR", "42501", &refusal, &mut err);
@@ -1634,9 +1641,28 @@ fn commit_err(e: crate::evidence::RecordError) -> Fatal {
 /// Client bytes read and kept while a statement is held for approval.
 const HELD_INPUT_BYTES: usize = 1 << 20;
 
-/// How a refusal says the client left while its statement was held: the
-/// session ends there (nothing after the held statement is sent).
-const HELD_CLIENT_GONE: &str = "the client disconnected while the statement was held for approval";
+/// Why a statement does not run.
+#[derive(Debug)]
+enum Refusal {
+    /// Policy, an approval's outcome, or an error: the client gets an
+    /// ErrorResponse (42501) saying so, and the session goes on.
+    Denied(String),
+    /// The client disconnected while the statement was held for approval:
+    /// the session ends there (nothing after the held statement is sent).
+    ClientGone(String),
+}
+
+impl From<String> for Refusal {
+    fn from(why: String) -> Self {
+        Refusal::Denied(why)
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(why: &str) -> Self {
+        Refusal::Denied(why.to_owned())
+    }
+}
 
 /// Writes `b` to the client and flushes: a TLS stream may keep the tail of
 /// a write buffered until flushed, which would leave the client waiting for
