@@ -823,7 +823,7 @@ impl<E: Engine> PgGateway<E> {
     /// (or that cannot be known).
     async fn computed_columns_masked(
         &self,
-        lineage: Option<&relay::Lineage>,
+        lineage: Option<Arc<relay::Lineage>>,
         n: usize,
         a: &Authorized,
         session: &str,

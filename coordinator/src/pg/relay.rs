@@ -98,9 +98,9 @@ enum Owed {
     /// EmptyQueryResponse or an error.
     Execute(Binding),
     /// A simple query (or function call): results, each after its
-    /// RowDescription, up to ReadyForQuery; with what its text reads (see
-    /// [`Relay::with_lineage`]).
-    Query(Option<Arc<Lineage>>),
+    /// RowDescription, up to ReadyForQuery; with its text when lineage is
+    /// followed (see [`Relay::with_lineage`]).
+    Query(Option<Arc<str>>),
     /// ReadyForQuery.
     Sync,
 }
@@ -112,8 +112,8 @@ struct Binding {
     portal: u64,
     statement: u64,
     formats: Vec<i16>,
-    /// What the statement reads.
-    lineage: Option<Arc<Lineage>>,
+    /// The statement's text, when lineage is followed.
+    source: Option<Arc<str>>,
 }
 
 /// Described columns kept before the ones nobody refers to are forgotten.
@@ -155,10 +155,10 @@ pub struct Relay {
     lineage_of: Option<LineageOf>,
     /// Statement text to its lineage (a session repeats its statements).
     lineage_cache: HashMap<String, Arc<Lineage>>,
-    /// Lineage of prepared statements, by generation.
-    statement_lineage: HashMap<u64, Arc<Lineage>>,
-    /// Lineage of the statement whose DataRows arrive now.
-    current_lineage: Option<Arc<Lineage>>,
+    /// Text of prepared statements, by generation, when lineage is followed.
+    statement_source: HashMap<u64, Arc<str>>,
+    /// Text of the statement whose DataRows arrive now.
+    current_source: Option<Arc<str>>,
     statements: HashMap<String, String>,
     /// Portal name to (statement text, rendered parameters).
     portals: HashMap<String, (String, Vec<String>)>,
@@ -239,14 +239,20 @@ impl Relay {
         }
     }
 
-    /// Works out what each statement reads with `lineage_of`, and reports
-    /// it with the columns of its results ([`Relay::columns_lineage`]).
+    /// Keeps each statement's text with its results, so what it reads can
+    /// be worked out with `lineage_of` when asked ([`Relay::columns_lineage`]:
+    /// only results with computed columns need it).
     pub fn with_lineage(
         mut self,
         lineage_of: impl Fn(&str) -> Lineage + Send + Sync + 'static,
     ) -> Self {
         self.lineage_of = Some(LineageOf(Arc::new(lineage_of)));
         self
+    }
+
+    /// `sql` kept for [`Relay::columns_lineage`], when lineage is followed.
+    fn source(&self, sql: &str) -> Option<Arc<str>> {
+        self.lineage_of.as_ref().map(|_| Arc::from(sql))
     }
 
     fn lineage(&mut self, sql: &str) -> Option<Arc<Lineage>> {
@@ -273,8 +279,8 @@ impl Relay {
         match f.tag {
             ftag::QUERY => {
                 let q = pg::decode_cstring(&f.body, "Query")?;
-                let lineage = self.lineage(&q);
-                self.owed.push_back(Owed::Query(lineage));
+                let source = self.source(&q);
+                self.owed.push_back(Owed::Query(source));
                 step.statement = Some(q.clone());
                 step.events.push(command(q, vec![], "query"));
                 step.executes = true;
@@ -283,8 +289,8 @@ impl Relay {
                 let p = pg::decode_parse(&f.body)?;
                 step.statement = Some(p.query.clone());
                 let g = self.next_generation();
-                if let Some(l) = self.lineage(&p.query) {
-                    self.statement_lineage.insert(g, l);
+                if let Some(src) = self.source(&p.query) {
+                    self.statement_source.insert(g, src);
                 }
                 self.statement_gen.insert(p.name.clone(), g);
                 self.statements.insert(p.name, p.query);
@@ -307,7 +313,7 @@ impl Relay {
                     portal: self.next_generation(),
                     statement,
                     formats: b.result_formats,
-                    lineage: self.statement_lineage.get(&statement).cloned(),
+                    source: self.statement_source.get(&statement).cloned(),
                 };
                 self.bound.insert(b.portal.clone(), binding);
                 self.portals.insert(b.portal, (text, params));
@@ -374,13 +380,14 @@ impl Relay {
 
     /// What the statement behind the current columns reads (`None` without
     /// [`Relay::with_lineage`]); changes only with [`Relay::columns`]' number.
-    pub fn columns_lineage(&self) -> Option<&Lineage> {
-        self.current_lineage.as_deref()
+    pub fn columns_lineage(&mut self) -> Option<Arc<Lineage>> {
+        let src = self.current_source.clone()?;
+        self.lineage(&src)
     }
 
-    fn set_current(&mut self, c: Option<Vec<pg::Field>>, lineage: Option<Arc<Lineage>>) {
+    fn set_current(&mut self, c: Option<Vec<pg::Field>>, source: Option<Arc<str>>) {
         self.current = c;
-        self.current_lineage = lineage;
+        self.current_source = source;
         self.generation += 1;
     }
 
@@ -421,7 +428,7 @@ impl Relay {
                 Owed::Query(_) | Owed::Sync => {}
             }
         }
-        self.statement_lineage.retain(|g, _| live.contains(g));
+        self.statement_source.retain(|g, _| live.contains(g));
         self.statement_columns.retain(|g, _| live.contains(g));
         self.portal_columns.retain(|g, _| live.contains(g));
     }
@@ -447,7 +454,7 @@ impl Relay {
                         self.portal_columns.insert(g, fields);
                         self.owed.pop_front();
                     }
-                    Some(Owed::Query(lineage)) => self.set_current(Some(fields), lineage),
+                    Some(Owed::Query(source)) => self.set_current(Some(fields), source),
                     _ => return Err(unexpected),
                 }
             }
@@ -467,7 +474,7 @@ impl Relay {
                     if !self.executing {
                         self.executing = true;
                         let cols = self.portal_result(&b);
-                        self.set_current(cols, b.lineage.clone());
+                        self.set_current(cols, b.source.clone());
                     }
                 }
                 Some(Owed::Query(_)) => {}
