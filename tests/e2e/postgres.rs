@@ -777,6 +777,34 @@ async fn results_are_masked_for_the_client_and_in_the_evidence() {
         assert!(out.status.success(), "{sql}: {}", text(&out.stderr));
         assert_eq!(text(&out.stdout).trim(), want, "{sql}");
     }
+    // Masked data may not be copied out of its columns (a copy under another
+    // name would no longer be masked), nor its table reshaped.
+    for sql in [
+        "create table vault.copy as select * from vault.accounts",
+        "create table vault.copy as select upper(pin) as x from vault.accounts",
+        "select owner, pin into vault.copy from vault.accounts",
+        "alter table vault.accounts rename column pin to p",
+        "with m as (insert into vault.accounts select pin, pin from vault.accounts returning 1) select count(*) from m",
+    ] {
+        let out = psql(&env, sql);
+        let err = text(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("refused under column masking"),
+            "{sql}: {err}"
+        );
+    }
+    let out = psql(
+        &env,
+        "create table vault.names as select owner from vault.accounts",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = psql(&env, "select * from vault.names");
+    assert_eq!(text(&out.stdout).trim(), "Alice", "{}", text(&out.stderr));
+    let out = psql_direct(
+        &pg,
+        "select count(*) from pg_tables where tablename = 'copy'",
+    );
+    assert_eq!(text(&out.stdout).trim(), "0", "nothing was copied");
     // What the client sends is masked in the evidence too.
     let out = psql(
         &env,

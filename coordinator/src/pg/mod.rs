@@ -558,11 +558,28 @@ impl<E: Engine> PgGateway<E> {
             .guard
             .local_policy(node)
             .map_err(|e| format!("policy unavailable: {}", e.message()))?;
-        if a.masker.has_column_rules() && crate::policy::sql::is_copy_out(sql) {
-            return Err(
-                "COPY ... TO is refused under column masking; use SELECT (results are masked)"
-                    .into(),
-            );
+        if a.masker.has_column_rules() {
+            use crate::policy::sql;
+            if sql::is_copy_out(sql) {
+                return Err(
+                    "COPY ... TO is refused under column masking; use SELECT (results are masked)"
+                        .into(),
+                );
+            }
+            // A copy of a masked column under another name (or a renamed
+            // one) would no longer be masked.
+            let refused = match sql::writes(sql) {
+                Some(w) => a.masker.writes_masked(&w).then_some(
+                    "the statement stores or reshapes data from masked columns, which is refused under column masking",
+                ),
+                None => a.masker.reads_masked(&sql::reads(sql)).then_some(
+                    "the statement does not parse and names masked columns or their tables, which is refused under column masking",
+                ),
+            };
+            if let Some(why) = refused {
+                tracing::warn!(target: "audit", event = "statement_denied", subject = %a.id.subject, resource = %a.resource.name, "statement refused: masked data would leave its columns");
+                return Err(why.into());
+            }
         }
         let d = policy.evaluate(&PolicyRequest {
             identity: &a.id,

@@ -498,6 +498,21 @@ impl Masker {
                         .any(|t| self.qualified.iter().any(|[_, q, _]| wildcard(q, t)))))
     }
 
+    /// Whether a statement that stores or reshapes `w` would put masked
+    /// values where no rule covers them: the values it stores read masked
+    /// columns (or whole rows, or `*`, of a table with masked columns), or it
+    /// alters a table with masked columns or renames a masked column.
+    pub fn writes_masked(&self, w: &crate::policy::sql::Writes) -> bool {
+        use crate::policy::wildcard;
+        if !self.has_column_rules() {
+            return false;
+        }
+        let protected = |t: &String| self.qualified.iter().any(|[_, q, _]| wildcard(q, t));
+        self.reads_masked(&w.values)
+            || (w.values.star && w.values.tables.iter().any(protected))
+            || w.altered.iter().any(protected)
+    }
+
     /// Masks sensitive parts of `text`; `None` when nothing matched.
     pub fn mask_text(&self, text: &str) -> Option<String> {
         // One pass over the bytes rules out the detectors that cannot match;
@@ -711,6 +726,39 @@ mod tests {
         let only_table = masker(&["customers.card"]);
         assert!(!only_table.reads_masked(&reads("SELECT p FROM people p")));
         assert!(!Masker::default().reads_masked(&reads("SELECT card FROM customers")));
+    }
+
+    #[test]
+    fn statements_copying_masked_columns_elsewhere_are_recognised() {
+        use crate::policy::sql::writes;
+        let m = Masker::new(&[&MaskingDoc {
+            name: "m".into(),
+            detectors: vec![],
+            columns: vec!["customers.card".into(), "*ssn*".into()],
+            patterns: vec![],
+        }])
+        .unwrap();
+        for sql in [
+            "INSERT INTO c2 SELECT upper(card) FROM customers",
+            "CREATE TABLE c2 AS SELECT * FROM customers",
+            "SELECT * INTO c2 FROM customers",
+            "UPDATE people SET note = tax_ssn",
+            "ALTER TABLE customers RENAME COLUMN card TO c",
+            "ALTER TABLE people RENAME COLUMN tax_ssn TO t",
+            "ALTER TABLE customers ADD COLUMN x int",
+        ] {
+            assert!(m.writes_masked(&writes(sql).unwrap()), "{sql}");
+        }
+        for sql in [
+            "INSERT INTO c2 SELECT name FROM customers",
+            "CREATE TABLE p2 AS SELECT * FROM people",
+            "UPDATE customers SET name = 'x' WHERE card = '1'",
+            "DELETE FROM customers WHERE card = '1'",
+            "ALTER TABLE people RENAME COLUMN name TO n",
+            "SELECT card FROM customers",
+        ] {
+            assert!(!m.writes_masked(&writes(sql).unwrap()), "{sql}");
+        }
     }
 
     #[test]

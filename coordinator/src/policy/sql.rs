@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    Expr, FunctionArg, FunctionArgExpr, FunctionArguments, Ident, ObjectName, Query, SelectItem,
-    SetExpr, Statement, TableFactor, Visit, Visitor,
+    AlterTableOperation, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, Ident, ObjectName,
+    Query, SelectItem, SetExpr, Statement, TableFactor, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -175,6 +175,23 @@ pub struct Reads {
     /// operation or `*`) over plain tables. `tables` is the statement's in
     /// each.
     pub items: Option<Vec<Reads>>,
+    /// Some select list has `*` or `t.*` (whose columns keep no name a rule
+    /// could see once copied elsewhere).
+    pub star: bool,
+}
+
+/// What a statement stores elsewhere or reshapes, as column masking needs to
+/// know it (a copy of a masked column under another name is no longer
+/// masked).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Writes {
+    /// What the written values read: INSERT's source and `ON CONFLICT`
+    /// assignments, UPDATE's `SET` values, `CREATE TABLE … AS` and
+    /// `SELECT … INTO` queries, MERGE (all of it). `columns` also holds the
+    /// old name of every column renamed.
+    pub values: Reads,
+    /// Tables whose definition changes (`ALTER TABLE`), lowercase.
+    pub altered: BTreeSet<String>,
 }
 
 /// Collects [`Reads`] over an AST.
@@ -213,8 +230,43 @@ fn table_factor_alias(t: &TableFactor) -> Option<&Ident> {
     }
 }
 
+/// Whether a select list in `body` (through set operations) has a `*`.
+fn has_star(body: &SetExpr) -> bool {
+    match body {
+        SetExpr::Select(sel) => sel.projection.iter().any(|i| {
+            matches!(
+                i,
+                SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..)
+            )
+        }),
+        SetExpr::SetOperation { left, right, .. } => has_star(left) || has_star(right),
+        _ => false,
+    }
+}
+
+impl ReadsCollector {
+    /// A collector that already knows the relation names and aliases of the
+    /// statement around what it visits.
+    fn within(relations: &BTreeSet<String>) -> Self {
+        Self {
+            relations: relations.clone(),
+            ..Self::default()
+        }
+    }
+
+    fn finish(mut self) -> Reads {
+        self.reads.whole_rows |= self.values.intersection(&self.relations).next().is_some();
+        self.reads
+    }
+}
+
 impl Visitor for ReadsCollector {
     type Break = ();
+
+    fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+        self.reads.star |= has_star(&q.body);
+        ControlFlow::Continue(())
+    }
 
     fn pre_visit_relation(&mut self, r: &ObjectName) -> ControlFlow<()> {
         if let Some(t) = last_part(r) {
@@ -303,24 +355,21 @@ pub fn reads(sql: &str) -> Reads {
         Ok(stmts) => {
             let mut c = ReadsCollector::default();
             let _ = stmts.visit(&mut c);
-            c.reads.whole_rows |= c.values.intersection(&c.relations).next().is_some();
-            c.reads.items = select_items(&stmts).map(|exprs| {
+            let items = select_items(&stmts).map(|exprs| {
                 exprs
                     .into_iter()
                     .map(|e| {
-                        let mut item = ReadsCollector {
-                            relations: c.relations.clone(),
-                            ..Default::default()
-                        };
+                        let mut item = ReadsCollector::within(&c.relations);
                         let _ = e.visit(&mut item);
-                        item.reads.whole_rows |=
-                            item.values.intersection(&item.relations).next().is_some();
-                        item.reads.tables = c.reads.tables.clone();
-                        item.reads
+                        let mut item = item.finish();
+                        item.tables = c.reads.tables.clone();
+                        item
                     })
                     .collect()
             });
-            c.reads
+            let mut r = c.finish();
+            r.items = items;
+            r
         }
         Err(_) => {
             let all: BTreeSet<String> = words(sql).into_iter().collect();
@@ -330,8 +379,106 @@ pub fn reads(sql: &str) -> Reads {
                 whole_rows: true,
                 unparsed: true,
                 items: None,
+                star: true,
             }
         }
+    }
+}
+
+/// Collects [`Writes`] from every statement, nested ones too (a data-
+/// modifying `WITH`).
+struct WritesCollector {
+    values: ReadsCollector,
+    altered: BTreeSet<String>,
+}
+
+impl Visitor for WritesCollector {
+    type Break = ();
+
+    fn pre_visit_statement(&mut self, s: &Statement) -> ControlFlow<()> {
+        let v = &mut self.values;
+        match s {
+            Statement::Insert(i) => {
+                let _ = i.source.visit(v);
+                let _ = i.assignments.visit(v);
+                let _ = i.on.visit(v);
+            }
+            Statement::Update { assignments, .. } => {
+                // Only the values stored; WHERE and FROM feed none by
+                // themselves (a FROM row used as a value is a whole row).
+                for a in assignments {
+                    let _ = a.value.visit(v);
+                }
+            }
+            Statement::CreateTable(ct) => {
+                let _ = ct.query.visit(v);
+            }
+            Statement::Query(q) if select_into(&q.body) => {
+                let _ = q.visit(v);
+            }
+            Statement::Merge { .. } => {
+                let _ = s.visit(v);
+            }
+            Statement::AlterTable {
+                name, operations, ..
+            } => {
+                if let Some(t) = last_part(name) {
+                    self.altered.insert(t);
+                }
+                for op in operations {
+                    if let AlterTableOperation::RenameColumn {
+                        old_column_name, ..
+                    } = op
+                    {
+                        v.reads.columns.insert(fold(old_column_name));
+                    }
+                }
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// Whether `sql` may store or reshape data: it spells a keyword every such
+/// statement needs (most reads need no parse for [`writes`]).
+fn may_write(sql: &str) -> bool {
+    const KEYWORDS: [&[u8]; 6] = [b"insert", b"update", b"create", b"into", b"alter", b"merge"];
+    let b = sql.as_bytes();
+    KEYWORDS
+        .iter()
+        .any(|k| b.windows(k.len()).any(|w| w.eq_ignore_ascii_case(k)))
+}
+
+/// What `sql` stores elsewhere or reshapes (see [`Writes`]); `None` when it
+/// does not parse.
+pub fn writes(sql: &str) -> Option<Writes> {
+    if !may_write(sql) {
+        // Nothing stored; whether it parses is the reader's concern.
+        return Some(Writes::default());
+    }
+    let stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
+    let mut all = ReadsCollector::default();
+    let _ = stmts.visit(&mut all);
+    let mut w = WritesCollector {
+        values: ReadsCollector::within(&all.relations),
+        altered: BTreeSet::new(),
+    };
+    let _ = stmts.visit(&mut w);
+    let mut values = w.values.finish();
+    values.tables = all.reads.tables;
+    Some(Writes {
+        values,
+        altered: w.altered,
+    })
+}
+
+/// Whether a select in `body` stores its rows (`SELECT … INTO`).
+fn select_into(body: &SetExpr) -> bool {
+    match body {
+        SetExpr::Select(sel) => sel.into.is_some(),
+        SetExpr::SetOperation { left, right, .. } => select_into(left) || select_into(right),
+        _ => false,
     }
 }
 
@@ -440,6 +587,48 @@ mod tests {
         ] {
             assert!(reads(sql).items.is_none(), "{sql}");
         }
+    }
+
+    #[test]
+    fn writes_name_what_the_stored_values_read() {
+        let w = writes("INSERT INTO copy SELECT id, upper(card) FROM customers WHERE ssn = '1'")
+            .unwrap();
+        assert_eq!(w.values.columns, set(&["card", "id", "ssn"]));
+        assert!(!w.values.star && w.altered.is_empty());
+        let w = writes("CREATE TABLE c2 AS SELECT * FROM customers").unwrap();
+        assert!(w.values.star && w.values.tables.contains("customers"));
+        let w = writes("SELECT * INTO c3 FROM customers").unwrap();
+        assert!(w.values.star);
+        let w = writes("UPDATE t SET a = c.card FROM customers c WHERE t.id = c.id").unwrap();
+        assert_eq!(w.values.columns, set(&["card"]), "WHERE feeds no value");
+        let w = writes("UPDATE t SET a = c FROM customers c").unwrap();
+        assert!(w.values.whole_rows);
+        let w = writes("ALTER TABLE public.customers RENAME COLUMN card TO c").unwrap();
+        assert_eq!(w.altered, set(&["customers"]));
+        assert!(w.values.columns.contains("card"));
+        // Reads and deletes store nothing.
+        for sql in [
+            "SELECT card FROM customers",
+            "DELETE FROM customers WHERE card = '1'",
+            "CREATE VIEW v AS SELECT card FROM customers",
+        ] {
+            let w = writes(sql).unwrap();
+            assert!(w.values.columns.is_empty() && !w.values.star, "{sql}");
+        }
+        // A data-modifying WITH.
+        let w = writes(
+            "WITH m AS (INSERT INTO copy SELECT card FROM customers RETURNING 1) SELECT count(*) FROM m",
+        );
+        assert!(
+            w.as_ref().is_none_or(|w| w.values.columns.contains("card")),
+            "{w:?}"
+        );
+        assert!(writes("DO $$ insert nonsense").is_none());
+        // No keyword that storing needs: nothing to parse.
+        assert_eq!(
+            writes("SELECT card FROM customers WHERE ("),
+            Some(Writes::default())
+        );
     }
 
     #[test]
