@@ -147,6 +147,22 @@ fn dev_up_detach_writes_dev_json_and_dev_down_stops_everything() {
         rows["rows"][0],
         serde_json::json!({"name": "Ada Lovelace", "email": "[email]", "card_number": "[credit_card]", "customer_ssn": "****", "remark": "****"})
     );
+    // Schema changes wait for an approver (a client that does not wait is
+    // told the request id).
+    let out = custody(
+        &bins,
+        &[
+            "exec",
+            "local-postgres",
+            "--sql",
+            "create table scratch (a int)",
+            "--no-wait",
+        ],
+        &alice,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(254), "{err}");
+    assert!(err.contains("approval required"), "{err}");
     let pg_data = std::path::PathBuf::from(pg["data_dir"].as_str().unwrap());
     assert!(pg_data.join("postmaster.pid").exists());
 
