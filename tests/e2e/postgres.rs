@@ -772,11 +772,34 @@ async fn results_are_masked_for_the_client_and_in_the_evidence() {
         ("select upper(code) from vault.codes", "****"),
         ("select lower(code) from nested", "****"),
         ("select upper(owner) from vault.owners", "ALICE"),
+        // Columns renamed by an alias list, `TABLE`, and rows from a prepared
+        // statement or a cursor (whose text the gateway does not see there).
+        ("select upper(x) from vault.accounts a(o, x)", "****"),
+        ("select row_to_json(t) from (table vault.accounts) t", "****"),
+        ("prepare p as select upper(pin) from vault.accounts; execute p", "PREPARE\n****"),
+        ("begin; declare c cursor for select upper(pin) from vault.accounts; fetch all c; commit", "BEGIN\nDECLARE CURSOR\n****\nCOMMIT"),
     ] {
         let out = psql(&env, sql);
         assert!(out.status.success(), "{sql}: {}", text(&out.stderr));
         assert_eq!(text(&out.stdout).trim(), want, "{sql}");
     }
+    // Errors and notifications answering a statement that reads masked
+    // columns may quote their values: their texts are withheld.
+    let out = psql(&env, "select pin::int from vault.accounts");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("withheld under column masking") && !err.contains("PIN-8876"),
+        "{err}"
+    );
+    let out = psql(
+        &env,
+        "listen c; select pg_notify('c', pin) from vault.accounts; select 1",
+    );
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        all.contains("withheld under column masking") && !all.contains("PIN-8876"),
+        "{all}"
+    );
     // Masked data may not be copied out of its columns (a copy under another
     // name would no longer be masked), nor its table reshaped.
     for sql in [
@@ -784,6 +807,10 @@ async fn results_are_masked_for_the_client_and_in_the_evidence() {
         "create table vault.copy as select upper(pin) as x from vault.accounts",
         "select owner, pin into vault.copy from vault.accounts",
         "alter table vault.accounts rename column pin to p",
+        "create table vault.copy as select * from vault.codes",
+        "create table vault.copy as table vault.accounts",
+        "create view vault.v2 as select owner from vault.accounts",
+        "alter schema vault rename to v2",
         "with m as (insert into vault.accounts select pin, pin from vault.accounts returning 1) select count(*) from m",
     ] {
         let out = psql(&env, sql);

@@ -545,9 +545,11 @@ impl<E: Engine> PgGateway<E> {
     /// Applies the policy's guardrails to one statement: `Ok` to run it
     /// (after an approval, when one was required and granted), `Err` with
     /// why it must not run.
+    #[allow(clippy::too_many_arguments)]
     async fn check_statement<S: AsyncRead + AsyncWrite + Unpin + Send>(
         &self,
         sql: &str,
+        session: &str,
         a: &Authorized,
         evq: &mut Vec<ev::event::Kind>,
         client: &mut S,
@@ -567,14 +569,29 @@ impl<E: Engine> PgGateway<E> {
                 );
             }
             // A copy of a masked column under another name (or a renamed
-            // one) would no longer be masked.
-            let refused = match sql::writes(sql) {
-                Some(w) => a.masker.writes_masked(&w).then_some(
-                    "the statement stores or reshapes data from masked columns, which is refused under column masking",
-                ),
-                None => a.masker.reads_masked(&sql::reads(sql)).then_some(
-                    "the statement does not parse and names masked columns or their tables, which is refused under column masking",
-                ),
+            // one, or a view or function over it) would no longer be masked.
+            let refused = if sql::reshapes_schema(sql) {
+                Some("schema changes other than CREATE TABLE, CREATE INDEX and DROP (views, functions, renames, ALTER, DO) are refused under column masking")
+            } else {
+                match sql::writes(sql) {
+                    Some(w) if a.masker.writes_masked(&w) => Some(
+                        "the statement stores data from masked columns elsewhere, which is refused under column masking",
+                    ),
+                    Some(w)
+                        if w.stores
+                            && self
+                                .views_read_masked(&w.values.tables.iter().cloned().collect::<Vec<_>>(), a, session)
+                                .await =>
+                    {
+                        Some(
+                        "the statement stores data from a view over masked columns elsewhere, which is refused under column masking",
+                    )
+                    }
+                    Some(_) => None,
+                    None => a.masker.reads_masked(&sql::reads(sql)).then_some(
+                        "the statement does not parse and may store data, which is refused under column masking",
+                    ),
+                }
             };
             if let Some(why) = refused {
                 tracing::warn!(target: "audit", event = "statement_denied", subject = %a.id.subject, resource = %a.resource.name, "statement refused: masked data would leave its columns");
@@ -833,6 +850,36 @@ impl<E: Engine> PgGateway<E> {
         }
     }
 
+    /// Whether a view among the relations `names` reads masked columns
+    /// (`true` too when that cannot be looked up).
+    async fn views_read_masked(&self, names: &[String], a: &Authorized, session: &str) -> bool {
+        if names.is_empty() {
+            return false;
+        }
+        match self.views_of(names, a, session).await {
+            None => true,
+            Some(views) => views
+                .values()
+                .flat_map(|defs| defs.iter())
+                .any(|def| a.masker.reads_masked(&crate::policy::sql::reads(def))),
+        }
+    }
+
+    /// Whether the statement being answered reads masked columns, itself
+    /// or through a view (its errors and notices may quote their values:
+    /// `select card::int`).
+    async fn answer_reads_masked(
+        &self,
+        lineage: Option<Arc<relay::Lineage>>,
+        a: &Authorized,
+        session: &str,
+    ) -> bool {
+        match lineage {
+            None => false,
+            Some(l) => l.reads_masked || self.views_read_masked(&l.relations, a, session).await,
+        }
+    }
+
     /// For each of `n` result columns, whether it may hold masked values if
     /// it is computed (no table column behind it): its expression (or, when
     /// the result columns are not known to be the select list, its
@@ -854,17 +901,10 @@ impl<E: Engine> PgGateway<E> {
             Some(items) if items.len() == n => items.clone(),
             _ => vec![l.reads_masked; n],
         };
-        if per_column.iter().all(|m| *m) || l.relations.is_empty() {
+        if per_column.iter().all(|m| *m) {
             return per_column;
         }
-        let views_read_masked = match self.views_of(&l.relations, a, session).await {
-            None => true,
-            Some(views) => views
-                .values()
-                .flat_map(|defs| defs.iter())
-                .any(|def| a.masker.reads_masked(&crate::policy::sql::reads(def))),
-        };
-        if views_read_masked {
+        if self.views_read_masked(&l.relations, a, session).await {
             vec![true; n]
         } else {
             per_column
@@ -984,7 +1024,7 @@ impl<E: Engine> PgGateway<E> {
                             // statement text to check.
                             Some(Refusal::from("the function-call protocol is not available through the gateway; use SELECT"))
                         } else if let Some(sql) = step.statement {
-                            self.check_statement(&sql, a, evq, s, cbuf).await.err()
+                            self.check_statement(&sql, rec.session_id(), a, evq, s, cbuf).await.err()
                         } else {
                             None
                         };
@@ -1096,6 +1136,14 @@ impl<E: Engine> PgGateway<E> {
                         Ok(None) => break,
                         Err(e) => return Err(fatal("08P01", format!("from the server: {e}"))),
                     };
+                    let withhold = a.masker.has_column_rules()
+                        && matches!(
+                            f.tag,
+                            btag::ERROR_RESPONSE | btag::NOTICE_RESPONSE | btag::NOTIFICATION
+                        )
+                        && self
+                            .answer_reads_masked(st.relay.answering_lineage(), a, rec.session_id())
+                            .await;
                     st.relay
                         .track(&f)
                         .map_err(|e| fatal("08P01", format!("from the server: {e}")))?;
@@ -1111,6 +1159,14 @@ impl<E: Engine> PgGateway<E> {
                         }
                         continue;
                     }
+                    // (After the stand-ins: the gateway's own refusals go as
+                    // they are.)
+                    let f = if withhold {
+                        withhold_text(f)
+                            .map_err(|e| fatal("08P01", format!("from the server: {e}")))?
+                    } else {
+                        f
+                    };
                     if f.tag == btag::READY_FOR_QUERY {
                         st.rfq_seen += 1;
                         // Stand-ins the server skipped (an earlier error
@@ -1568,6 +1624,49 @@ fn mask_frame(
     }
 }
 
+/// What replaces the texts of errors, notices and notifications that
+/// answer a statement reading masked columns.
+const WITHHELD: &str = "(text withheld under column masking: the statement reads masked columns)";
+
+/// An ErrorResponse or NoticeResponse with its message replaced by
+/// [`WITHHELD`] and its other free-text fields (detail, hint, context,
+/// internal query and positions) dropped, or a NotificationResponse with its
+/// payload withheld; severity, SQLSTATE and object names stay.
+fn withhold_text(f: Frame) -> Result<Frame, pg::PgError> {
+    if f.tag == btag::NOTIFICATION {
+        let bad = pg::PgError::Malformed {
+            what: "NotificationResponse",
+        };
+        let rest = f.body.get(4..).ok_or(bad.clone())?;
+        let c_end = rest.iter().position(|b| *b == 0).ok_or(bad)?;
+        let mut body = BytesMut::with_capacity(f.body.len());
+        body.extend_from_slice(&f.body[..4 + c_end + 1]);
+        body.extend_from_slice(WITHHELD.as_bytes());
+        body.extend_from_slice(&[0]);
+        return Ok(Frame {
+            tag: f.tag,
+            body: body.freeze(),
+        });
+    }
+    let n = pg::decode_notice(&f.body)?;
+    let mut body = BytesMut::new();
+    for (code, value) in &n.fields {
+        let value = match code {
+            b'M' => WITHHELD,
+            b'S' | b'V' | b'C' | b's' | b't' | b'c' | b'd' | b'n' => value.as_str(),
+            _ => continue,
+        };
+        body.extend_from_slice(&[*code]);
+        body.extend_from_slice(value.as_bytes());
+        body.extend_from_slice(&[0]);
+    }
+    body.extend_from_slice(&[0]);
+    Ok(Frame {
+        tag: f.tag,
+        body: body.freeze(),
+    })
+}
+
 /// Masks the text fields of an ErrorResponse or NoticeResponse (message,
 /// detail, hint, context, internal query); `None` when nothing matched.
 fn mask_notice(
@@ -1813,6 +1912,36 @@ mod tests {
             mask_value(&plain, Some(&t), false, b"call 415-555-0100"),
             Change::To(_)
         ));
+    }
+
+    #[test]
+    fn withheld_errors_keep_their_code_and_lose_their_texts() {
+        let mut b = BytesMut::new();
+        pg::encode_notice(
+            false,
+            "ERROR",
+            "22P02",
+            "invalid input syntax for type integer: \"PIN-1\"",
+            &mut b,
+        );
+        let err = pg::split_frame(&mut b, Limits::default()).unwrap().unwrap();
+        let out = withhold_text(err).unwrap();
+        let n = pg::decode_notice(&out.body).unwrap();
+        assert_eq!(n.get(b'C'), Some("22P02"));
+        assert_eq!(n.get(b'S'), Some("ERROR"));
+        assert_eq!(n.get(b'M'), Some(WITHHELD));
+        assert!(!String::from_utf8_lossy(&out.body).contains("PIN-1"));
+        let mut body = 7i32.to_be_bytes().to_vec();
+        body.extend_from_slice(b"chan\0PIN-1\0");
+        let out = withhold_text(Frame {
+            tag: btag::NOTIFICATION,
+            body: body.into(),
+        })
+        .unwrap();
+        assert!(out
+            .body
+            .starts_with(&[0, 0, 0, 7, b'c', b'h', b'a', b'n', 0]));
+        assert!(!String::from_utf8_lossy(&out.body).contains("PIN-1"));
     }
 
     #[test]

@@ -385,6 +385,19 @@ impl Relay {
         self.lineage(&src)
     }
 
+    /// What the statement the server is answering now reads (`None`
+    /// without [`Relay::with_lineage`], or between statements): errors,
+    /// notices and notifications arriving now belong to it.
+    pub fn answering_lineage(&mut self) -> Option<Arc<Lineage>> {
+        let src = match self.owed.front()? {
+            Owed::Query(src) => src.clone(),
+            Owed::Execute(b) => b.source.clone(),
+            Owed::DescribeStatement(g) => self.statement_source.get(g).cloned(),
+            Owed::DescribePortal(_) | Owed::Sync => None,
+        }?;
+        self.lineage(&src)
+    }
+
     fn set_current(&mut self, c: Option<Vec<pg::Field>>, source: Option<Arc<str>>) {
         self.current = c;
         self.current_source = source;
@@ -516,7 +529,11 @@ impl Relay {
                 }
                 self.executing = false;
                 self.set_current(None, None);
-                if self.statement_columns.len() + self.portal_columns.len() > PRUNE_ABOVE {
+                if self.statement_columns.len()
+                    + self.portal_columns.len()
+                    + self.statement_source.len()
+                    > PRUNE_ABOVE
+                {
                     self.prune();
                 }
             }
@@ -814,6 +831,13 @@ mod tests {
         }
         r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
         assert!(r.columns_lineage().is_none());
+        // Errors belong to the statement being answered.
+        r.client(&tag_only(ftag::QUERY, b"select card::int\0"))
+            .unwrap();
+        assert!(r.answering_lineage().is_some_and(|l| l.reads_masked));
+        r.track(&tag_only(btag::ERROR_RESPONSE, b"\0")).unwrap();
+        r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        assert!(r.answering_lineage().is_none());
         // Without a lineage check nothing is known.
         let mut plain = Relay::default();
         plain
@@ -905,6 +929,23 @@ mod tests {
             .unwrap();
         r.track(&data_row()).unwrap();
         assert_eq!(names(&r), Some(vec![("harmless".into(), 0)]));
+    }
+
+    #[test]
+    fn statement_texts_do_not_pile_up() {
+        let mut r = Relay::default().with_lineage(|_| Lineage::default());
+        for i in 0..1000 {
+            // Parse/Bind/Execute/Sync with no Describe, a new name each time.
+            let name = format!("s{i}");
+            r.client(&parse(&name, "select 1")).unwrap();
+            r.client(&tag_only(ftag::CLOSE, format!("S{name}\0").as_bytes()))
+                .unwrap();
+            r.client(&tag_only(ftag::SYNC, b"")).unwrap();
+            r.track(&tag_only(btag::PARSE_COMPLETE, b"")).unwrap();
+            r.track(&tag_only(btag::CLOSE_COMPLETE, b"")).unwrap();
+            r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        }
+        assert!(r.statement_source.len() <= PRUNE_ABOVE + 1);
     }
 
     #[test]

@@ -477,14 +477,18 @@ impl Masker {
     }
 
     /// Whether a statement that reads `r` may compute values from masked
-    /// columns: it names a masked column anywhere, or reads whole rows of a
-    /// table with masked columns (any table, under column-name rules). Its
+    /// columns: it names a masked column anywhere, reads whole rows of a
+    /// table with masked columns (any table, under column-name rules), or
+    /// its rows come from somewhere its text does not show. Its
     /// computed result columns (no table column behind them) are then masked
     /// whole, since RowDescription cannot say where they came from.
     pub fn reads_masked(&self, r: &crate::policy::sql::Reads) -> bool {
         use crate::policy::wildcard;
         if !self.has_column_rules() {
             return false;
+        }
+        if r.opaque {
+            return true;
         }
         let named = r.columns.iter().any(|c| {
             self.columns.iter().any(|p| wildcard(p, c))
@@ -712,6 +716,9 @@ mod tests {
             // Whole rows of any table may hold a column named like *ssn*.
             "SELECT p FROM people p",
             "SELECT card FROM customers WHERE (",
+            // Rows from where the text does not show.
+            "EXECUTE p",
+            "FETCH ALL FROM c",
         ] {
             assert!(m.reads_masked(&reads(sql)), "{sql}");
         }
@@ -746,6 +753,7 @@ mod tests {
             "ALTER TABLE customers RENAME COLUMN card TO c",
             "ALTER TABLE people RENAME COLUMN tax_ssn TO t",
             "ALTER TABLE customers ADD COLUMN x int",
+            "CREATE TABLE c AS TABLE customers",
         ] {
             assert!(m.writes_masked(&writes(sql).unwrap()), "{sql}");
         }

@@ -9,7 +9,7 @@ use std::ops::ControlFlow;
 
 use sqlparser::ast::{
     AlterTableOperation, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, Ident, ObjectName,
-    Query, SelectItem, SetExpr, Statement, TableFactor, Visit, Visitor,
+    Query, SelectItem, SetExpr, Statement, TableAlias, TableFactor, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -78,6 +78,11 @@ fn by_keyword(words: &[String], out: &mut BTreeSet<SqlClass>) {
         "truncate" => {
             out.insert(SqlClass::Truncate);
             out.insert(SqlClass::Write);
+        }
+        // An anonymous code block can do anything.
+        "do" => {
+            out.insert(SqlClass::Write);
+            out.insert(SqlClass::Ddl);
         }
         "delete" => {
             out.insert(SqlClass::Write);
@@ -175,9 +180,13 @@ pub struct Reads {
     /// operation or `*`) over plain tables. `tables` is the statement's in
     /// each.
     pub items: Option<Vec<Reads>>,
-    /// Some select list has `*` or `t.*` (whose columns keep no name a rule
-    /// could see once copied elsewhere).
+    /// Some select list has `*` or `t.*`, or a query is `TABLE t` (columns
+    /// that keep no name a rule could see once copied elsewhere).
     pub star: bool,
+    /// Rows come from somewhere the text does not show (`EXECUTE` of a
+    /// prepared statement, `FETCH` from a cursor, `CALL`), or the text did
+    /// not parse: nothing can be said about what they read.
+    pub opaque: bool,
 }
 
 /// What a statement stores elsewhere or reshapes, as column masking needs to
@@ -192,6 +201,9 @@ pub struct Writes {
     pub values: Reads,
     /// Tables whose definition changes (`ALTER TABLE`), lowercase.
     pub altered: BTreeSet<String>,
+    /// It stores rows or values (INSERT, UPDATE, MERGE, `CREATE TABLE … AS`,
+    /// `SELECT … INTO`); `values.tables` are then every relation it reads.
+    pub stores: bool,
 }
 
 /// Collects [`Reads`] over an AST.
@@ -212,7 +224,7 @@ fn last_part(n: &ObjectName) -> Option<String> {
     n.0.last().and_then(|p| p.as_ident()).map(fold)
 }
 
-fn table_factor_alias(t: &TableFactor) -> Option<&Ident> {
+fn table_factor_alias_full(t: &TableFactor) -> Option<&TableAlias> {
     match t {
         TableFactor::Table { alias, .. }
         | TableFactor::Derived { alias, .. }
@@ -225,13 +237,14 @@ fn table_factor_alias(t: &TableFactor) -> Option<&Ident> {
         | TableFactor::Pivot { alias, .. }
         | TableFactor::Unpivot { alias, .. }
         | TableFactor::MatchRecognize { alias, .. }
-        | TableFactor::XmlTable { alias, .. } => alias.as_ref().map(|a| &a.name),
+        | TableFactor::XmlTable { alias, .. } => alias.as_ref(),
         _ => None,
     }
 }
 
-/// Whether a select list in `body` (through set operations) has a `*`.
-fn has_star(body: &SetExpr) -> bool {
+/// Whether a select list in `body` (through set operations) has a `*`, or
+/// a part is `TABLE t` (whose name, lowercase, goes to `tables`).
+fn has_star(body: &SetExpr, tables: &mut Vec<String>) -> bool {
     match body {
         SetExpr::Select(sel) => sel.projection.iter().any(|i| {
             matches!(
@@ -239,7 +252,15 @@ fn has_star(body: &SetExpr) -> bool {
                 SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..)
             )
         }),
-        SetExpr::SetOperation { left, right, .. } => has_star(left) || has_star(right),
+        SetExpr::SetOperation { left, right, .. } => {
+            // Both sides: each may name a table.
+            let l = has_star(left, tables);
+            has_star(right, tables) || l
+        }
+        SetExpr::Table(t) => {
+            tables.extend(t.table_name.as_deref().map(str::to_lowercase));
+            true
+        }
         _ => false,
     }
 }
@@ -264,7 +285,22 @@ impl Visitor for ReadsCollector {
     type Break = ();
 
     fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
-        self.reads.star |= has_star(&q.body);
+        let mut tables = Vec::new();
+        self.reads.star |= has_star(&q.body, &mut tables);
+        for t in tables {
+            self.relations.insert(t.clone());
+            self.reads.tables.insert(t);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_statement(&mut self, s: &Statement) -> ControlFlow<()> {
+        if matches!(
+            s,
+            Statement::Execute { .. } | Statement::Fetch { .. } | Statement::Call(_)
+        ) {
+            self.reads.opaque = true;
+        }
         ControlFlow::Continue(())
     }
 
@@ -277,8 +313,13 @@ impl Visitor for ReadsCollector {
     }
 
     fn pre_visit_table_factor(&mut self, t: &TableFactor) -> ControlFlow<()> {
-        if let Some(a) = table_factor_alias(t) {
-            self.relations.insert(fold(a));
+        if let Some(a) = table_factor_alias_full(t) {
+            self.relations.insert(fold(&a.name));
+            // `t AS a(x, y)` renames columns: names no longer tell what is
+            // read, so the rows count as read whole.
+            if !a.columns.is_empty() {
+                self.reads.whole_rows = true;
+            }
         }
         ControlFlow::Continue(())
     }
@@ -332,7 +373,10 @@ fn select_items(stmts: &[Statement]) -> Option<Vec<&Expr>> {
     let SetExpr::Select(sel) = body.as_ref() else {
         return None;
     };
-    let plain = |t: &TableFactor| matches!(t, TableFactor::Table { args: None, .. });
+    let plain = |t: &TableFactor| {
+        matches!(t, TableFactor::Table { args: None, alias, .. }
+            if alias.as_ref().is_none_or(|a| a.columns.is_empty()))
+    };
     if !sel
         .from
         .iter()
@@ -380,6 +424,7 @@ pub fn reads(sql: &str) -> Reads {
                 unparsed: true,
                 items: None,
                 star: true,
+                opaque: true,
             }
         }
     }
@@ -390,6 +435,7 @@ pub fn reads(sql: &str) -> Reads {
 struct WritesCollector {
     values: ReadsCollector,
     altered: BTreeSet<String>,
+    stores: bool,
 }
 
 impl Visitor for WritesCollector {
@@ -397,23 +443,34 @@ impl Visitor for WritesCollector {
 
     fn pre_visit_statement(&mut self, s: &Statement) -> ControlFlow<()> {
         let v = &mut self.values;
+        self.stores |= match s {
+            Statement::CreateTable(ct) => ct.query.is_some(),
+            Statement::Query(q) => stores(&q.body),
+            Statement::Insert(_) | Statement::Update { .. } | Statement::Merge { .. } => true,
+            _ => false,
+        };
         match s {
             Statement::Insert(i) => {
                 let _ = i.source.visit(v);
                 let _ = i.assignments.visit(v);
                 let _ = i.on.visit(v);
             }
-            Statement::Update { assignments, .. } => {
-                // Only the values stored; WHERE and FROM feed none by
-                // themselves (a FROM row used as a value is a whole row).
+            Statement::Update {
+                assignments, from, ..
+            } => {
+                // The values stored and what they may come from (WHERE feeds
+                // none by itself).
                 for a in assignments {
                     let _ = a.value.visit(v);
                 }
+                let _ = from.visit(v);
             }
             Statement::CreateTable(ct) => {
                 let _ = ct.query.visit(v);
             }
-            Statement::Query(q) if select_into(&q.body) => {
+            // `SELECT … INTO`, or `WITH … INSERT/UPDATE/MERGE`: the whole
+            // query (its WITH feeds what is stored).
+            Statement::Query(q) if stores(&q.body) => {
                 let _ = q.visit(v);
             }
             Statement::Merge { .. } => {
@@ -463,6 +520,7 @@ pub fn writes(sql: &str) -> Option<Writes> {
     let mut w = WritesCollector {
         values: ReadsCollector::within(&all.relations),
         altered: BTreeSet::new(),
+        stores: false,
     };
     let _ = stmts.visit(&mut w);
     let mut values = w.values.finish();
@@ -470,15 +528,60 @@ pub fn writes(sql: &str) -> Option<Writes> {
     Some(Writes {
         values,
         altered: w.altered,
+        stores: w.stores,
     })
 }
 
-/// Whether a select in `body` stores its rows (`SELECT … INTO`).
-fn select_into(body: &SetExpr) -> bool {
+/// Whether `body` stores rows: `SELECT … INTO`, or a data-modifying
+/// statement as the body of a `WITH`.
+fn stores(body: &SetExpr) -> bool {
     match body {
         SetExpr::Select(sel) => sel.into.is_some(),
-        SetExpr::SetOperation { left, right, .. } => select_into(left) || select_into(right),
+        SetExpr::SetOperation { left, right, .. } => stores(left) || stores(right),
+        SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Merge(_) => true,
         _ => false,
+    }
+}
+
+/// Whether `sql` changes the schema beyond what column masking can follow:
+/// any DDL but `CREATE TABLE` (without `INHERITS`), `CREATE INDEX`, `DROP`,
+/// `COMMENT` and maintenance (`VACUUM`, `REINDEX`, `CLUSTER`, `ANALYZE`). Views,
+/// functions, triggers, rules, renames and `ALTER` can route masked values to
+/// names no rule covers. Text that does not parse counts when its keywords
+/// say DDL (or `DO`).
+pub fn reshapes_schema(sql: &str) -> bool {
+    struct Ddl(bool);
+    impl Visitor for Ddl {
+        type Break = ();
+        fn pre_visit_statement(&mut self, s: &Statement) -> ControlFlow<()> {
+            let allowed = match s {
+                Statement::CreateTable(ct) => ct.inherits.is_none(),
+                Statement::CreateIndex(_)
+                | Statement::Drop { .. }
+                | Statement::Comment { .. }
+                | Statement::Analyze { .. } => true,
+                _ => false,
+            };
+            if !allowed {
+                let mut classes = BTreeSet::new();
+                classify_statement(s, &mut classes);
+                let w = words(&s.to_string());
+                let maintenance = matches!(
+                    w.first().map(String::as_str),
+                    Some("vacuum" | "reindex" | "cluster")
+                );
+                self.0 |= classes.contains(&SqlClass::Ddl) && !maintenance;
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        Ok(stmts) => {
+            let mut d = Ddl(false);
+            let _ = stmts.visit(&mut d);
+            d.0
+        }
+        Err(_) => classify(sql).contains(&SqlClass::Ddl),
     }
 }
 
@@ -615,20 +718,67 @@ mod tests {
             let w = writes(sql).unwrap();
             assert!(w.values.columns.is_empty() && !w.values.star, "{sql}");
         }
-        // A data-modifying WITH.
-        let w = writes(
+        // Data-modifying WITHs, and WITH or FROM feeding what is stored.
+        for sql in [
             "WITH m AS (INSERT INTO copy SELECT card FROM customers RETURNING 1) SELECT count(*) FROM m",
-        );
-        assert!(
-            w.as_ref().is_none_or(|w| w.values.columns.contains("card")),
-            "{w:?}"
-        );
+            "WITH s AS (SELECT card x FROM customers) INSERT INTO t SELECT x FROM s",
+            "UPDATE t SET a = s.x FROM (SELECT id, card x FROM customers) s WHERE t.id = s.id",
+        ] {
+            let w = writes(sql).unwrap();
+            assert!(w.stores && w.values.columns.contains("card"), "{sql}: {w:?}");
+        }
+        // `TABLE t` stores every column of t.
+        let w = writes("CREATE TABLE c AS TABLE customers").unwrap();
+        assert!(w.stores && w.values.star && w.values.tables.contains("customers"));
+        assert!(!writes("DELETE FROM customers").unwrap().stores);
         assert!(writes("DO $$ insert nonsense").is_none());
         // No keyword that storing needs: nothing to parse.
         assert_eq!(
             writes("SELECT card FROM customers WHERE ("),
             Some(Writes::default())
         );
+    }
+
+    #[test]
+    fn renamed_columns_table_queries_and_hidden_sources_are_seen() {
+        let r = reads("SELECT upper(x) FROM accounts a(o, x)");
+        assert!(r.whole_rows && r.items.is_none());
+        let r = reads("SELECT row_to_json(t) FROM (TABLE customers) t");
+        assert!(r.whole_rows && r.star && r.tables.contains("customers"));
+        for sql in ["EXECUTE p", "FETCH ALL FROM c", "FETCH ALL c", "CALL p()"] {
+            assert!(reads(sql).opaque, "{sql}");
+        }
+        assert!(!reads("SELECT 1").opaque);
+    }
+
+    #[test]
+    fn schema_changes_masking_cannot_follow_are_recognised() {
+        for sql in [
+            "CREATE VIEW v AS SELECT card FROM customers",
+            "CREATE OR REPLACE VIEW v AS SELECT 1",
+            "CREATE MATERIALIZED VIEW v AS SELECT 1",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'select 1'",
+            "ALTER TABLE customers ADD COLUMN x text",
+            "ALTER SCHEMA vault RENAME TO v2",
+            "DO $$ BEGIN END $$",
+            "CREATE TABLE c AS EXECUTE p",
+            "CREATE TABLE c (a int) INHERITS (customers)",
+            "SELECT 1; CREATE VIEW v AS SELECT 1",
+        ] {
+            assert!(reshapes_schema(sql), "{sql}");
+        }
+        for sql in [
+            "CREATE TABLE t (a int)",
+            "CREATE TABLE c AS SELECT 1",
+            "CREATE INDEX i ON t (a)",
+            "DROP TABLE t",
+            "COMMENT ON TABLE t IS 'x'",
+            "VACUUM t",
+            "SELECT 1",
+            "INSERT INTO t VALUES (1)",
+        ] {
+            assert!(!reshapes_schema(sql), "{sql}");
+        }
     }
 
     #[test]
