@@ -550,6 +550,7 @@ impl<E: Engine> PgGateway<E> {
         &self,
         sql: &str,
         session: &str,
+        strings_conform: bool,
         a: &Authorized,
         evq: &mut Vec<ev::event::Kind>,
         client: &mut S,
@@ -569,29 +570,31 @@ impl<E: Engine> PgGateway<E> {
                 );
             }
             // A copy of a masked column under another name (or a renamed
-            // one, or a view or function over it) would no longer be masked.
-            let refused = if sql::reshapes_schema(sql) {
-                Some("schema changes other than CREATE TABLE, CREATE INDEX and DROP (views, functions, renames, ALTER, DO) are refused under column masking")
-            } else {
-                match sql::writes(sql) {
-                    Some(w) if a.masker.writes_masked(&w) => Some(
-                        "the statement stores data from masked columns elsewhere, which is refused under column masking",
-                    ),
-                    Some(w)
-                        if w.stores
-                            && self
-                                .views_read_masked(&w.values.tables.iter().cloned().collect::<Vec<_>>(), a, session)
-                                .await =>
-                    {
-                        Some(
-                        "the statement stores data from a view over masked columns elsewhere, which is refused under column masking",
+            // one, or a view or function over it) would no longer be masked;
+            // text the gateway cannot read reliably could hide either.
+            let an = sql::analyze(sql);
+            let refused = if !strings_conform {
+                Some("standard_conforming_strings is off, so statements cannot be read reliably; it must stay on under column masking")
+            } else if an.escaped_names {
+                Some("Unicode-escaped identifiers (U&\"…\") are refused under column masking")
+            } else if !an.parsed && !an.plain_read {
+                Some("the statement does not parse and is not a plain read, which is refused under column masking")
+            } else if an.reshapes {
+                Some("schema changes other than creating tables, indexes, schemas and sequences, and DROP (views, functions, triggers, ALTER, renames, DO) are refused under column masking")
+            } else if a.masker.writes_masked(&an.writes) {
+                Some("the statement stores data from masked columns elsewhere, which is refused under column masking")
+            } else if an.writes.stores
+                && self
+                    .views_read_masked(
+                        &an.writes.values.tables.iter().cloned().collect::<Vec<_>>(),
+                        a,
+                        session,
                     )
-                    }
-                    Some(_) => None,
-                    None => a.masker.reads_masked(&sql::reads(sql)).then_some(
-                        "the statement does not parse and may store data, which is refused under column masking",
-                    ),
-                }
+                    .await
+            {
+                Some("the statement stores data from a view over masked columns elsewhere, which is refused under column masking")
+            } else {
+                None
             };
             if let Some(why) = refused {
                 tracing::warn!(target: "audit", event = "statement_denied", subject = %a.id.subject, resource = %a.resource.name, "statement refused: masked data would leave its columns");
@@ -866,8 +869,8 @@ impl<E: Engine> PgGateway<E> {
     }
 
     /// Whether the statement being answered reads masked columns, itself
-    /// or through a view (its errors and notices may quote their values:
-    /// `select card::int`).
+    /// or through a view, or is unknown (a deferred error at Sync): its
+    /// errors and notices may quote their values (`select card::int`).
     async fn answer_reads_masked(
         &self,
         lineage: Option<Arc<relay::Lineage>>,
@@ -875,7 +878,7 @@ impl<E: Engine> PgGateway<E> {
         session: &str,
     ) -> bool {
         match lineage {
-            None => false,
+            None => true,
             Some(l) => l.reads_masked || self.views_read_masked(&l.relations, a, session).await,
         }
     }
@@ -971,6 +974,7 @@ impl<E: Engine> PgGateway<E> {
             shape: Shape::default(),
             substituted: Default::default(),
             rfq_seen: 0,
+            strings_conform: true,
             out,
         };
         let mut unsynced = false; // extended-protocol messages forwarded since Sync
@@ -1024,7 +1028,7 @@ impl<E: Engine> PgGateway<E> {
                             // statement text to check.
                             Some(Refusal::from("the function-call protocol is not available through the gateway; use SELECT"))
                         } else if let Some(sql) = step.statement {
-                            self.check_statement(&sql, rec.session_id(), a, evq, s, cbuf).await.err()
+                            self.check_statement(&sql, rec.session_id(), st.strings_conform, a, evq, s, cbuf).await.err()
                         } else {
                             None
                         };
@@ -1136,14 +1140,32 @@ impl<E: Engine> PgGateway<E> {
                         Ok(None) => break,
                         Err(e) => return Err(fatal("08P01", format!("from the server: {e}"))),
                     };
-                    let withhold = a.masker.has_column_rules()
-                        && matches!(
-                            f.tag,
-                            btag::ERROR_RESPONSE | btag::NOTICE_RESPONSE | btag::NOTIFICATION
+                    if f.tag == btag::PARAMETER_STATUS {
+                        let mut fields = f.body.split(|b| *b == 0);
+                        if fields.next() == Some(b"standard_conforming_strings") {
+                            st.strings_conform = fields.next() == Some(b"on");
+                        }
+                    }
+                    // Under column rules: texts that may quote masked values
+                    // are withheld (see `withhold_text`).
+                    let withhold = if !a.masker.has_column_rules() {
+                        None
+                    } else if f.tag == btag::NOTIFICATION {
+                        // Payloads arrive at commits, or from other sessions:
+                        // no statement tells what they hold.
+                        Some(true)
+                    } else if matches!(f.tag, btag::ERROR_RESPONSE | btag::NOTICE_RESPONSE) {
+                        Some(
+                            self.answer_reads_masked(
+                                st.relay.answering_lineage(),
+                                a,
+                                rec.session_id(),
+                            )
+                            .await,
                         )
-                        && self
-                            .answer_reads_masked(st.relay.answering_lineage(), a, rec.session_id())
-                            .await;
+                    } else {
+                        None
+                    };
                     st.relay
                         .track(&f)
                         .map_err(|e| fatal("08P01", format!("from the server: {e}")))?;
@@ -1161,11 +1183,10 @@ impl<E: Engine> PgGateway<E> {
                     }
                     // (After the stand-ins: the gateway's own refusals go as
                     // they are.)
-                    let f = if withhold {
-                        withhold_text(f)
-                            .map_err(|e| fatal("08P01", format!("from the server: {e}")))?
-                    } else {
-                        f
+                    let f = match withhold {
+                        Some(message) => withhold_text(f, message)
+                            .map_err(|e| fatal("08P01", format!("from the server: {e}")))?,
+                        None => f,
                     };
                     if f.tag == btag::READY_FOR_QUERY {
                         st.rfq_seen += 1;
@@ -1308,6 +1329,10 @@ struct ServerSide {
     substituted: std::collections::VecDeque<(u64, BytesMut)>,
     /// ReadyForQuery messages received so far.
     rfq_seen: u64,
+    /// The server's `standard_conforming_strings` is on (from its
+    /// ParameterStatus): backslashes in string literals are plain characters,
+    /// as the gateway's SQL parser reads them.
+    strings_conform: bool,
     /// Bytes for the client.
     out: BytesMut,
 }
@@ -1628,11 +1653,12 @@ fn mask_frame(
 /// answer a statement reading masked columns.
 const WITHHELD: &str = "(text withheld under column masking: the statement reads masked columns)";
 
-/// An ErrorResponse or NoticeResponse with its message replaced by
-/// [`WITHHELD`] and its other free-text fields (detail, hint, context,
-/// internal query and positions) dropped, or a NotificationResponse with its
-/// payload withheld; severity, SQLSTATE and object names stay.
-fn withhold_text(f: Frame) -> Result<Frame, pg::PgError> {
+/// Under column rules: an ErrorResponse or NoticeResponse loses the free-text
+/// fields that can quote rows (detail, hint, context, internal query and
+/// positions), and with `message` its message becomes [`WITHHELD`]; a
+/// NotificationResponse's payload is withheld. Severity, SQLSTATE and object
+/// names stay.
+fn withhold_text(f: Frame, message: bool) -> Result<Frame, pg::PgError> {
     if f.tag == btag::NOTIFICATION {
         let bad = pg::PgError::Malformed {
             what: "NotificationResponse",
@@ -1652,7 +1678,8 @@ fn withhold_text(f: Frame) -> Result<Frame, pg::PgError> {
     let mut body = BytesMut::new();
     for (code, value) in &n.fields {
         let value = match code {
-            b'M' => WITHHELD,
+            b'M' if message => WITHHELD,
+            b'M' => value.as_str(),
             b'S' | b'V' | b'C' | b's' | b't' | b'c' | b'd' | b'n' => value.as_str(),
             _ => continue,
         };
@@ -1925,18 +1952,26 @@ mod tests {
             &mut b,
         );
         let err = pg::split_frame(&mut b, Limits::default()).unwrap().unwrap();
-        let out = withhold_text(err).unwrap();
+        let out = withhold_text(err.clone(), true).unwrap();
         let n = pg::decode_notice(&out.body).unwrap();
         assert_eq!(n.get(b'C'), Some("22P02"));
         assert_eq!(n.get(b'S'), Some("ERROR"));
         assert_eq!(n.get(b'M'), Some(WITHHELD));
         assert!(!String::from_utf8_lossy(&out.body).contains("PIN-1"));
+        // Without `message`, the message stays and only details go.
+        let out = withhold_text(err, false).unwrap();
+        let n = pg::decode_notice(&out.body).unwrap();
+        assert!(n.get(b'M').is_some_and(|m| m.contains("PIN-1")));
+        assert_eq!(n.get(b'D'), None);
         let mut body = 7i32.to_be_bytes().to_vec();
         body.extend_from_slice(b"chan\0PIN-1\0");
-        let out = withhold_text(Frame {
-            tag: btag::NOTIFICATION,
-            body: body.into(),
-        })
+        let out = withhold_text(
+            Frame {
+                tag: btag::NOTIFICATION,
+                body: body.into(),
+            },
+            true,
+        )
         .unwrap();
         assert!(out
             .body

@@ -494,8 +494,10 @@ impl Masker {
             self.columns.iter().any(|p| wildcard(p, c))
                 || self.qualified.iter().any(|[_, _, q]| wildcard(q, c))
         });
+        // A `*` or `TABLE t` also reads every column, under whatever names a
+        // set operation or column list gives them.
         named
-            || (r.whole_rows
+            || ((r.whole_rows || r.star)
                 && (!self.columns.is_empty()
                     || r.tables
                         .iter()
@@ -513,7 +515,8 @@ impl Masker {
         }
         let protected = |t: &String| self.qualified.iter().any(|[_, q, _]| wildcard(q, t));
         self.reads_masked(&w.values)
-            || (w.values.star && w.values.tables.iter().any(protected))
+            || (w.values.star
+                && (!self.columns.is_empty() || w.values.tables.iter().any(protected)))
             || w.altered.iter().any(protected)
     }
 
@@ -716,6 +719,8 @@ mod tests {
             // Whole rows of any table may hold a column named like *ssn*.
             "SELECT p FROM people p",
             "SELECT card FROM customers WHERE (",
+            // Every column, renamed by a set operation.
+            "SELECT 'a', 'b' UNION ALL TABLE customers",
             // Rows from where the text does not show.
             "EXECUTE p",
             "FETCH ALL FROM c",
@@ -725,7 +730,6 @@ mod tests {
         for sql in [
             "SELECT upper(name) FROM customers",
             "SELECT count(*) FROM customers",
-            "SELECT * FROM customers",
             "SELECT 'card'",
         ] {
             assert!(!m.reads_masked(&reads(sql)), "{sql}");
@@ -754,12 +758,12 @@ mod tests {
             "ALTER TABLE people RENAME COLUMN tax_ssn TO t",
             "ALTER TABLE customers ADD COLUMN x int",
             "CREATE TABLE c AS TABLE customers",
+            "INSERT INTO mine SELECT * FROM people",
         ] {
             assert!(m.writes_masked(&writes(sql).unwrap()), "{sql}");
         }
         for sql in [
             "INSERT INTO c2 SELECT name FROM customers",
-            "CREATE TABLE p2 AS SELECT * FROM people",
             "UPDATE customers SET name = 'x' WHERE card = '1'",
             "DELETE FROM customers WHERE card = '1'",
             "ALTER TABLE people RENAME COLUMN name TO n",

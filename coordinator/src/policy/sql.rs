@@ -100,11 +100,25 @@ fn by_keyword(words: &[String], out: &mut BTreeSet<SqlClass>) {
     }
 }
 
+/// The words of `text`, lowercase, outside comments and string literals
+/// (sqlparser's tokenizer; a plain split when even that fails), so a comment
+/// cannot pose as the first keyword.
 fn words(text: &str) -> Vec<String> {
-    text.split(|c: char| !(c.is_alphanumeric() || c == '_'))
-        .filter(|w| !w.is_empty())
-        .map(str::to_lowercase)
-        .collect()
+    use sqlparser::tokenizer::{Token, Tokenizer};
+    match Tokenizer::new(&PostgreSqlDialect {}, text).tokenize() {
+        Ok(tokens) => tokens
+            .into_iter()
+            .filter_map(|t| match t {
+                Token::Word(w) => Some(w.value.to_lowercase()),
+                _ => None,
+            })
+            .collect(),
+        Err(_) => text
+            .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .filter(|w| !w.is_empty())
+            .map(str::to_lowercase)
+            .collect(),
+    }
 }
 
 fn classify_statement(s: &Statement, out: &mut BTreeSet<SqlClass>) {
@@ -285,6 +299,13 @@ impl Visitor for ReadsCollector {
     type Break = ();
 
     fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+        // `WITH s(a, b) AS (…)` renames columns like an alias list does.
+        if q.with
+            .as_ref()
+            .is_some_and(|w| w.cte_tables.iter().any(|c| !c.alias.columns.is_empty()))
+        {
+            self.reads.whole_rows = true;
+        }
         let mut tables = Vec::new();
         self.reads.star |= has_star(&q.body, &mut tables);
         for t in tables {
@@ -497,39 +518,128 @@ impl Visitor for WritesCollector {
     }
 }
 
-/// Whether `sql` may store or reshape data: it spells a keyword every such
-/// statement needs (most reads need no parse for [`writes`]).
-fn may_write(sql: &str) -> bool {
-    const KEYWORDS: [&[u8]; 6] = [b"insert", b"update", b"create", b"into", b"alter", b"merge"];
+/// What column masking needs to know about a statement before it runs.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Analysis {
+    /// sqlparser parsed it.
+    pub parsed: bool,
+    /// It spells a Unicode-escaped identifier (`U&"…"`), which sqlparser
+    /// reads as an `&` operator: a name hidden from every check.
+    pub escaped_names: bool,
+    /// It did not parse, but its words say a plain read (`SELECT`, `TABLE`,
+    /// `VALUES` or `SHOW` first, no `INTO`): it stores nothing.
+    pub plain_read: bool,
+    /// See [`reshapes_schema`].
+    pub reshapes: bool,
+    /// See [`writes`] (default when it did not parse).
+    pub writes: Writes,
+}
+
+/// Whether `sql` spells a Unicode-escaped identifier (`U&"…"`).
+fn unicode_escaped_identifier(sql: &str) -> bool {
     let b = sql.as_bytes();
-    KEYWORDS
-        .iter()
-        .any(|k| b.windows(k.len()).any(|w| w.eq_ignore_ascii_case(k)))
+    b.windows(3).enumerate().any(|(i, w)| {
+        w[0].eq_ignore_ascii_case(&b'u')
+            && w[1] == b'&'
+            && w[2] == b'"'
+            && (i == 0 || !(b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_'))
+    })
+}
+
+/// Whether every statement in `sql` starts with a keyword of a plain read
+/// or of session and transaction control (cursors included), and no word is
+/// `INTO`: text sqlparser does not parse that stores nothing. Tokens come
+/// from sqlparser's tokenizer (comments and literals are not words); text it
+/// cannot tokenize is no plain read.
+fn plain_read(sql: &str) -> bool {
+    use sqlparser::tokenizer::{Token, Tokenizer};
+    const FIRST: [&str; 19] = [
+        "select",
+        "table",
+        "values",
+        "show",
+        "fetch",
+        "move",
+        "declare",
+        "close",
+        "begin",
+        "start",
+        "commit",
+        "end",
+        "rollback",
+        "abort",
+        "savepoint",
+        "release",
+        "listen",
+        "unlisten",
+        "set",
+    ];
+    let Ok(tokens) = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize() else {
+        return false;
+    };
+    let mut first = true;
+    for t in tokens {
+        match t {
+            Token::SemiColon => first = true,
+            Token::Word(w) => {
+                let w = w.value.to_lowercase();
+                if w == "into" || (first && !FIRST.contains(&w.as_str())) {
+                    return false;
+                }
+                first = false;
+            }
+            _ => {}
+        }
+    }
+    true
+}
+
+/// Parses `sql` once for [`Analysis`].
+pub fn analyze(sql: &str) -> Analysis {
+    let escaped_names = unicode_escaped_identifier(sql);
+    match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        Ok(stmts) => Analysis {
+            parsed: true,
+            escaped_names,
+            plain_read: false,
+            reshapes: reshapes_of(&stmts),
+            writes: writes_of(&stmts),
+        },
+        Err(_) => Analysis {
+            escaped_names,
+            plain_read: plain_read(sql),
+            ..Analysis::default()
+        },
+    }
 }
 
 /// What `sql` stores elsewhere or reshapes (see [`Writes`]); `None` when it
 /// does not parse.
 pub fn writes(sql: &str) -> Option<Writes> {
-    if !may_write(sql) {
-        // Nothing stored; whether it parses is the reader's concern.
-        return Some(Writes::default());
-    }
     let stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
+    Some(writes_of(&stmts))
+}
+
+fn writes_of(stmts: &[Statement]) -> Writes {
     let mut all = ReadsCollector::default();
-    let _ = stmts.visit(&mut all);
+    for st in stmts {
+        let _ = st.visit(&mut all);
+    }
     let mut w = WritesCollector {
         values: ReadsCollector::within(&all.relations),
         altered: BTreeSet::new(),
         stores: false,
     };
-    let _ = stmts.visit(&mut w);
+    for st in stmts {
+        let _ = st.visit(&mut w);
+    }
     let mut values = w.values.finish();
     values.tables = all.reads.tables;
-    Some(Writes {
+    Writes {
         values,
         altered: w.altered,
         stores: w.stores,
-    })
+    }
 }
 
 /// Whether `body` stores rows: `SELECT … INTO`, or a data-modifying
@@ -544,45 +654,52 @@ fn stores(body: &SetExpr) -> bool {
 }
 
 /// Whether `sql` changes the schema beyond what column masking can follow:
-/// any DDL but `CREATE TABLE` (without `INHERITS`), `CREATE INDEX`, `DROP`,
-/// `COMMENT` and maintenance (`VACUUM`, `REINDEX`, `CLUSTER`, `ANALYZE`). Views,
-/// functions, triggers, rules, renames and `ALTER` can route masked values to
-/// names no rule covers. Text that does not parse counts when its keywords
-/// say DDL (or `DO`).
+/// any DDL but creating tables (without `INHERITS`), indexes, schemas and
+/// sequences, dropping anything, `COMMENT` and maintenance (`VACUUM`,
+/// `ANALYZE`, `REINDEX`, `CLUSTER`). Views, functions, triggers, rules,
+/// renames and `ALTER` can route masked values to names no rule covers. Text
+/// that does not parse counts when its keywords say DDL (or `DO`).
 pub fn reshapes_schema(sql: &str) -> bool {
+    match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        Ok(stmts) => reshapes_of(&stmts),
+        Err(_) => classify(sql).contains(&SqlClass::Ddl),
+    }
+}
+
+fn reshapes_of(stmts: &[Statement]) -> bool {
     struct Ddl(bool);
     impl Visitor for Ddl {
         type Break = ();
         fn pre_visit_statement(&mut self, s: &Statement) -> ControlFlow<()> {
-            let allowed = match s {
-                Statement::CreateTable(ct) => ct.inherits.is_none(),
-                Statement::CreateIndex(_)
-                | Statement::Drop { .. }
-                | Statement::Comment { .. }
-                | Statement::Analyze { .. } => true,
-                _ => false,
-            };
-            if !allowed {
-                let mut classes = BTreeSet::new();
-                classify_statement(s, &mut classes);
+            if let Statement::CreateTable(ct) = s {
+                self.0 |= ct.inherits.is_some();
+                return ControlFlow::Continue(());
+            }
+            let mut classes = BTreeSet::new();
+            classify_statement(s, &mut classes);
+            if classes.contains(&SqlClass::Ddl) {
                 let w = words(&s.to_string());
-                let maintenance = matches!(
-                    w.first().map(String::as_str),
-                    Some("vacuum" | "reindex" | "cluster")
-                );
-                self.0 |= classes.contains(&SqlClass::Ddl) && !maintenance;
+                let w = |i: usize| w.get(i).map(String::as_str).unwrap_or("");
+                let harmless = match w(0) {
+                    "drop" | "comment" | "vacuum" | "analyze" | "reindex" | "cluster" => true,
+                    "create" => {
+                        matches!(
+                            w(1),
+                            "index" | "unique" | "schema" | "sequence" | "temp" | "temporary"
+                        ) && w(2) != "view"
+                    }
+                    _ => false,
+                };
+                self.0 |= !harmless;
             }
             ControlFlow::Continue(())
         }
     }
-    match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
-        Ok(stmts) => {
-            let mut d = Ddl(false);
-            let _ = stmts.visit(&mut d);
-            d.0
-        }
-        Err(_) => classify(sql).contains(&SqlClass::Ddl),
+    let mut d = Ddl(false);
+    for st in stmts {
+        let _ = st.visit(&mut d);
     }
+    d.0
 }
 
 /// The classes of a SQL string (possibly several statements).
@@ -732,11 +849,6 @@ mod tests {
         assert!(w.stores && w.values.star && w.values.tables.contains("customers"));
         assert!(!writes("DELETE FROM customers").unwrap().stores);
         assert!(writes("DO $$ insert nonsense").is_none());
-        // No keyword that storing needs: nothing to parse.
-        assert_eq!(
-            writes("SELECT card FROM customers WHERE ("),
-            Some(Writes::default())
-        );
     }
 
     #[test]
@@ -745,6 +857,8 @@ mod tests {
         assert!(r.whole_rows && r.items.is_none());
         let r = reads("SELECT row_to_json(t) FROM (TABLE customers) t");
         assert!(r.whole_rows && r.star && r.tables.contains("customers"));
+        let r = reads("WITH s(o, x) AS (SELECT 1, 2) SELECT upper(x) FROM s");
+        assert!(r.whole_rows);
         for sql in ["EXECUTE p", "FETCH ALL FROM c", "FETCH ALL c", "CALL p()"] {
             assert!(reads(sql).opaque, "{sql}");
         }
@@ -764,6 +878,8 @@ mod tests {
             "CREATE TABLE c AS EXECUTE p",
             "CREATE TABLE c (a int) INHERITS (customers)",
             "SELECT 1; CREATE VIEW v AS SELECT 1",
+            "CREATE TEMP VIEW v AS SELECT 1",
+            "/* x */ DO $$ BEGIN END $$",
         ] {
             assert!(reshapes_schema(sql), "{sql}");
         }
@@ -776,8 +892,31 @@ mod tests {
             "VACUUM t",
             "SELECT 1",
             "INSERT INTO t VALUES (1)",
+            "DROP FUNCTION f",
+            "DROP TRIGGER tr ON t",
+            "CREATE SCHEMA s",
+            "CREATE SEQUENCE q",
+            "CREATE TEMP TABLE t (a int)",
+            "BEGIN",
+            "SET search_path = s",
+            "GRANT SELECT ON t TO bob",
         ] {
             assert!(!reshapes_schema(sql), "{sql}");
+        }
+        // Names sqlparser cannot see.
+        assert!(analyze("SELECT U&\"p\\0069n\" FROM t").escaped_names);
+        assert!(!analyze("SELECT u FROM t WHERE a & 1 = 0").escaped_names);
+        // What does not parse: a plain read, or not.
+        let a = analyze("SELECT a OPERATOR(pg_catalog.~) 'x' FROM t (");
+        assert!(!a.parsed && a.plain_read);
+        assert!(analyze("begin; declare c cursor for select 1; fetch all c; commit").plain_read);
+        for sql in [
+            "SELECT * INTO c FROM t (",
+            "/* select */ DO $$ BEGIN END $$",
+            "WITH x AS (",
+            "select 1; do $$ begin end $$",
+        ] {
+            assert!(!analyze(sql).plain_read, "{sql}");
         }
     }
 
