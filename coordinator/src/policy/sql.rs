@@ -521,13 +521,14 @@ impl Visitor for WritesCollector {
 /// What column masking needs to know about a statement before it runs.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Analysis {
-    /// sqlparser parsed it.
+    /// sqlparser parsed it (not tried for a plain read: nothing else here
+    /// needs the parse).
     pub parsed: bool,
     /// It spells a Unicode-escaped identifier (`U&"…"`), which sqlparser
     /// reads as an `&` operator: a name hidden from every check.
     pub escaped_names: bool,
-    /// It did not parse, but its words say a plain read (`SELECT`, `TABLE`,
-    /// `VALUES` or `SHOW` first, no `INTO`): it stores nothing.
+    /// Its words say a plain read or session control (see [`plain_read`]):
+    /// it stores and reshapes nothing.
     pub plain_read: bool,
     /// See [`reshapes_schema`].
     pub reshapes: bool,
@@ -548,7 +549,7 @@ fn unicode_escaped_identifier(sql: &str) -> bool {
 
 /// Whether every statement in `sql` starts with a keyword of a plain read
 /// or of session and transaction control (cursors included), and no word is
-/// `INTO`: text sqlparser does not parse that stores nothing. Tokens come
+/// `INTO`: text that stores and reshapes nothing, parsed or not. Tokens come
 /// from sqlparser's tokenizer (comments and literals are not words); text it
 /// cannot tokenize is no plain read.
 fn plain_read(sql: &str) -> bool {
@@ -597,6 +598,14 @@ fn plain_read(sql: &str) -> bool {
 /// Parses `sql` once for [`Analysis`].
 pub fn analyze(sql: &str) -> Analysis {
     let escaped_names = unicode_escaped_identifier(sql);
+    if plain_read(sql) {
+        // Most statements: one pass of the tokenizer, no parse.
+        return Analysis {
+            escaped_names,
+            plain_read: true,
+            ..Analysis::default()
+        };
+    }
     match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
         Ok(stmts) => Analysis {
             parsed: true,
@@ -607,7 +616,6 @@ pub fn analyze(sql: &str) -> Analysis {
         },
         Err(_) => Analysis {
             escaped_names,
-            plain_read: plain_read(sql),
             ..Analysis::default()
         },
     }
