@@ -575,6 +575,17 @@ fn plain_read(sql: &str) -> bool {
         "unlisten",
         "set",
     ];
+    // The common case without the tokenizer: one statement that starts
+    // with SELECT and spells no INTO anywhere.
+    let b = sql.trim_start().as_bytes();
+    if b.len() > 6
+        && b[..6].eq_ignore_ascii_case(b"select")
+        && !(b[6].is_ascii_alphanumeric() || b[6] == b'_')
+        && !b.contains(&b';')
+        && !b.windows(4).any(|w| w.eq_ignore_ascii_case(b"into"))
+    {
+        return true;
+    }
     let Ok(tokens) = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize() else {
         return false;
     };
@@ -918,6 +929,8 @@ mod tests {
         let a = analyze("SELECT a OPERATOR(pg_catalog.~) 'x' FROM t (");
         assert!(!a.parsed && a.plain_read);
         assert!(analyze("begin; declare c cursor for select 1; fetch all c; commit").plain_read);
+        assert!(analyze("  SELECT a FROM t WHERE b = 1").plain_read);
+        assert!(!analyze("selectx()").plain_read);
         for sql in [
             "SELECT * INTO c FROM t (",
             "/* select */ DO $$ BEGIN END $$",
