@@ -20,6 +20,19 @@ fn alive(pid: u64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
 }
 
+/// Runs `custody dev down` when dropped, so a failing assertion does not
+/// leave a detached dev system running.
+struct DownOnDrop<'a> {
+    bins: &'a Binaries,
+    dir: String,
+}
+
+impl Drop for DownOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = custody(self.bins, &["dev", "down", "--dir", &self.dir], &[]);
+    }
+}
+
 #[test]
 fn dev_up_detach_writes_dev_json_and_dev_down_stops_everything() {
     crate::harness::init();
@@ -27,6 +40,10 @@ fn dev_up_detach_writes_dev_json_and_dev_down_stops_everything() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("dev");
     let d = dir.to_str().unwrap();
+    let _down = DownOnDrop {
+        bins: &bins,
+        dir: d.to_owned(),
+    };
     let out = custody(&bins, &["dev", "up", "--dir", d, "--detach"], &[]);
     assert!(
         out.status.success(),
