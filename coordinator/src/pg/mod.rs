@@ -864,7 +864,7 @@ impl<E: Engine> PgGateway<E> {
             Some(views) => views
                 .values()
                 .flat_map(|defs| defs.iter())
-                .any(|def| a.masker.reads_masked(&crate::policy::sql::reads(def))),
+                .any(|def| a.masker.definition_reads_masked(def)),
         }
     }
 
@@ -1410,11 +1410,9 @@ impl Shape {
                 };
                 m.masks_column(c)
                     || m.masks_table_column(&t.schema, &t.table, c)
-                    || *views.entry(oid).or_insert_with(|| {
-                        t.views
-                            .iter()
-                            .any(|d| m.reads_masked(&crate::policy::sql::reads(d)))
-                    })
+                    || *views
+                        .entry(oid)
+                        .or_insert_with(|| t.views.iter().any(|d| m.definition_reads_masked(d)))
             })
             .collect();
         Self {

@@ -378,7 +378,13 @@ pub struct Masker {
     /// `schema.table.column` rules (`*` for the schema of `table.column`).
     qualified: Vec<[String; 3]>,
     patterns: Vec<Regex>,
+    /// View definitions already judged by [`Masker::definition_reads_masked`]
+    /// (shared by the session's clones; forgotten all at once when full).
+    definitions: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, bool>>>,
 }
+
+/// View definitions remembered per session.
+const DEFINITIONS_KEPT: usize = 256;
 
 /// What replaces a whole masked column value.
 pub const MASKED: &str = "****";
@@ -518,6 +524,22 @@ impl Masker {
             || (w.values.star
                 && (!self.columns.is_empty() || w.values.tables.iter().any(protected)))
             || w.altered.iter().any(protected)
+    }
+
+    /// [`Masker::reads_masked`] for a view definition, parsed once per
+    /// session (views are read again and again; their definitions rarely
+    /// change).
+    pub fn definition_reads_masked(&self, def: &str) -> bool {
+        let mut memo = self.definitions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&known) = memo.get(def) {
+            return known;
+        }
+        let masked = self.reads_masked(&crate::policy::sql::reads(def));
+        if memo.len() >= DEFINITIONS_KEPT {
+            memo.clear();
+        }
+        memo.insert(def.to_owned(), masked);
+        masked
     }
 
     /// Masks sensitive parts of `text`; `None` when nothing matched.
@@ -735,6 +757,11 @@ mod tests {
             assert!(!m.reads_masked(&reads(sql)), "{sql}");
         }
         let only_table = masker(&["customers.card"]);
+        // View definitions: judged like statements, and remembered.
+        for _ in 0..2 {
+            assert!(m.definition_reads_masked(" SELECT card AS x FROM customers;"));
+            assert!(!m.definition_reads_masked(" SELECT name FROM customers;"));
+        }
         assert!(!only_table.reads_masked(&reads("SELECT p FROM people p")));
         assert!(!Masker::default().reads_masked(&reads("SELECT card FROM customers")));
     }
