@@ -1524,10 +1524,7 @@ fn mask_value(
             Some(_) => Change::Null,
         };
     }
-    let masked = match std::str::from_utf8(v) {
-        Ok(text) => m.mask_text(text),
-        Err(_) => m.mask_text(&String::from_utf8_lossy(v)),
-    };
+    let masked = m.mask_bytes(v);
     match masked {
         None => Change::Keep,
         Some(masked) if text_type => Change::To(masked.into_bytes()),

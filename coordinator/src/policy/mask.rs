@@ -89,8 +89,8 @@ impl Detector {
     /// results (emails, card numbers) have one for ASCII text, several times
     /// faster than a regex search on short values; other text, and the other
     /// detectors, use the regex.
-    fn scanner(self, text: &str) -> Option<Scanner> {
-        if !text.is_ascii() {
+    fn scanner(self, h: &Hints) -> Option<Scanner> {
+        if !h.ascii {
             return None;
         }
         match self {
@@ -257,29 +257,62 @@ struct Hints {
     at: bool,
     dash: bool,
     plus: bool,
+    ascii: bool,
 }
 
-impl Hints {
-    /// One simple pass per property: each loop compiles to vector code, which
-    /// is several times faster than one branchy pass over the bytes.
-    fn of(text: &str) -> Self {
-        let b = text.as_bytes();
-        // Byte-wide counters over runs of at most 255 bytes (16 or 32 bytes
-        // per vector step instead of 2 with word-wide ones).
-        let count = |pred: fn(u8) -> bool| -> usize {
-            b.chunks(255)
-                .map(|run| usize::from(run.iter().fold(0u8, |n, &c| n + u8::from(pred(c)))))
-                .sum()
+/// Per byte value, one count in each byte lane of a `u64`: lane 0 ASCII
+/// digits, 1 ASCII upper case, 2 `.`, 3 `:`, 4 `@`, 5 `-`, 6 `+`, 7 bytes
+/// outside ASCII.
+const CLASS: [u64; 256] = {
+    let mut t = [0u64; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = if !c.is_ascii() {
+            1 << 56
+        } else if c.is_ascii_digit() {
+            1
+        } else if c.is_ascii_uppercase() {
+            1 << 8
+        } else {
+            match c {
+                b'.' => 1 << 16,
+                b':' => 1 << 24,
+                b'@' => 1 << 32,
+                b'-' => 1 << 40,
+                b'+' => 1 << 48,
+                _ => 0,
+            }
         };
+        b += 1;
+    }
+    t
+};
+
+impl Hints {
+    /// One pass with a table lookup and one add per byte: the counts sit
+    /// in byte lanes of a `u64`, summed over runs of at most 255 bytes so
+    /// that no lane overflows into the next.
+    #[inline]
+    fn of(text: &(impl AsRef<[u8]> + ?Sized)) -> Self {
+        let b = text.as_ref();
+        let mut lanes = [0usize; 8];
+        for run in b.chunks(255) {
+            let sum = run.iter().fold(0u64, |n, &c| n + CLASS[usize::from(c)]);
+            for (i, lane) in lanes.iter_mut().enumerate() {
+                *lane += ((sum >> (8 * i)) & 0xff) as usize;
+            }
+        }
         Hints {
             len: b.len(),
-            digits: count(|c| c.is_ascii_digit()),
-            upper: count(|c| c.is_ascii_uppercase()),
-            dots: count(|c| c == b'.'),
-            colons: count(|c| c == b':'),
-            at: b.contains(&b'@'),
-            dash: b.contains(&b'-'),
-            plus: b.contains(&b'+'),
+            digits: lanes[0],
+            upper: lanes[1],
+            dots: lanes[2],
+            colons: lanes[3],
+            at: lanes[4] > 0,
+            dash: lanes[5] > 0,
+            plus: lanes[6] > 0,
+            ascii: lanes[7] == 0,
         }
     }
 }
@@ -287,16 +320,16 @@ impl Hints {
 impl Detector {
     /// Whether the detector's pattern could match a value with these hints
     /// (never false when it could: each test follows from the pattern).
-    fn may_match(self, h: &Hints, text: &str) -> bool {
+    #[inline]
+    fn may_match(self, h: &Hints, text: &[u8]) -> bool {
+        let has = |needle: &[u8]| text.windows(needle.len()).any(|w| w == needle);
         match self {
-            Detector::PrivateKey => h.dash && text.contains("-----BEGIN "),
-            Detector::Jwt => h.dots >= 2 && text.contains("eyJ"),
+            Detector::PrivateKey => h.dash && has(b"-----BEGIN "),
+            Detector::Jwt => h.dots >= 2 && has(b"eyJ"),
             Detector::AwsAccessKey => {
                 h.len >= 20
                     && h.upper >= 4
-                    && ["AKIA", "ASIA", "AIDA", "AROA"]
-                        .iter()
-                        .any(|p| text.contains(p))
+                    && [b"AKIA", b"ASIA", b"AIDA", b"AROA"].iter().any(|p| has(*p))
             }
             Detector::Iban => h.len >= 12 && h.upper >= 2 && h.digits >= 2,
             Detector::CreditCard => h.digits >= 13,
@@ -544,16 +577,35 @@ impl Masker {
 
     /// Masks sensitive parts of `text`; `None` when nothing matched.
     pub fn mask_text(&self, text: &str) -> Option<String> {
+        self.mask_with(text, Hints::of(text))
+    }
+
+    /// Masks a value given as bytes (UTF-8; other bytes are read as U+FFFD
+    /// and the result is the masked lossy text); `None` when nothing
+    /// matched. A value no detector can match costs one pass over its
+    /// bytes and no UTF-8 validation.
+    pub fn mask_bytes(&self, v: &[u8]) -> Option<String> {
+        let hints = Hints::of(v);
+        if self.patterns.is_empty() && !self.detectors.iter().any(|d| d.may_match(&hints, v)) {
+            return None;
+        }
+        match std::str::from_utf8(v) {
+            Ok(text) => self.mask_with(text, hints),
+            Err(_) => self.mask_text(&String::from_utf8_lossy(v)),
+        }
+    }
+
+    /// [`Masker::mask_text`] with the hints of `text` already known.
+    fn mask_with(&self, text: &str, mut hints: Hints) -> Option<String> {
         // One pass over the bytes rules out the detectors that cannot match;
         // most values then cost no regex and no allocation.
-        let mut hints = Hints::of(text);
         let mut out: Option<String> = None;
         for d in &self.detectors {
             let cur = out.as_deref().unwrap_or(text);
-            if !d.may_match(&hints, cur) {
+            if !d.may_match(&hints, cur.as_bytes()) {
                 continue;
             }
-            let replaced = if let Some(scan) = d.scanner(cur) {
+            let replaced = if let Some(scan) = d.scanner(&hints) {
                 replace_matches(*d, cur, |at| scan(cur.as_bytes(), at))
             } else {
                 d.with_regex(|re| {
@@ -638,7 +690,7 @@ mod tests {
                 let (mut a, mut b) = (at, at);
                 loop {
                     let want = d.with_regex(|re| re.find_at(&text, a).map(|m| (m.start(), m.end())));
-                    let scan = d.scanner(&text).expect("ASCII text has a scanner");
+                    let scan = d.scanner(&Hints::of(&text)).expect("ASCII text has a scanner");
                     let got = scan(text.as_bytes(), b);
                     proptest::prop_assert_eq!(got, want, "{:?} on {:?} from {}", d, text, a);
                     match want {
@@ -647,6 +699,40 @@ mod tests {
                     }
                 }
             }
+        }
+
+        /// The one-pass counts equal counting each property on its own,
+        /// also past the 255-byte runs the lanes are summed over.
+        #[test]
+        fn hints_count_what_they_say(text in "[0-9A-Za-z .:@+\u{e9}-]{0,700}") {
+            let h = Hints::of(&text);
+            let b = text.as_bytes();
+            let n = |p: fn(&u8) -> bool| b.iter().filter(|c| p(c)).count();
+            proptest::prop_assert_eq!(h.len, b.len());
+            proptest::prop_assert_eq!(h.digits, n(u8::is_ascii_digit));
+            proptest::prop_assert_eq!(h.upper, n(u8::is_ascii_uppercase));
+            proptest::prop_assert_eq!(h.dots, n(|c| *c == b'.'));
+            proptest::prop_assert_eq!(h.colons, n(|c| *c == b':'));
+            proptest::prop_assert_eq!(h.at, b.contains(&b'@'));
+            proptest::prop_assert_eq!(h.dash, b.contains(&b'-'));
+            proptest::prop_assert_eq!(h.plus, b.contains(&b'+'));
+            proptest::prop_assert_eq!(h.ascii, text.is_ascii());
+        }
+
+        /// Masking a value's bytes is masking its (lossy) text.
+        #[test]
+        fn bytes_mask_as_their_text(
+            v in proptest::collection::vec(proptest::prop_oneof![
+                proptest::sample::select(b"0123456789 .-@+:ABCxyz".to_vec()),
+                proptest::sample::select(vec![0xc3u8, 0xa9, 0xff]),
+            ], 0..60),
+            s in "(card 4111 1111 1111 1111|bob@example.com|123-45-6789|10.1.2.3| )*"
+        ) {
+            let m = all();
+            let mut with = s.into_bytes();
+            with.extend_from_slice(&v);
+            let text = String::from_utf8_lossy(&with);
+            proptest::prop_assert_eq!(m.mask_bytes(&with), m.mask_text(&text));
         }
 
         /// The byte-level prefilter never rules out a detector whose pattern
@@ -658,7 +744,7 @@ mod tests {
             let h = Hints::of(&text);
             for d in Detector::ALL {
                 if d.with_regex(|re| re.is_match(&text)) {
-                    proptest::prop_assert!(d.may_match(&h, &text), "{:?} on {:?}", d, text);
+                    proptest::prop_assert!(d.may_match(&h, text.as_bytes()), "{:?} on {:?}", d, text);
                 }
             }
         }
@@ -687,7 +773,7 @@ mod tests {
                 .collect();
             assert!(!hit.is_empty(), "{text}");
             for d in hit {
-                assert!(d.may_match(&h, text), "{d:?} on {text}");
+                assert!(d.may_match(&h, text.as_bytes()), "{d:?} on {text}");
             }
         }
     }
