@@ -942,6 +942,28 @@ async fn results_are_masked_for_the_client_and_in_the_evidence() {
         text(&out.stderr)
     );
 
+    // A statement held for approval reaches the approver masked, as the
+    // evidence holds it.
+    let mut nowait = env.clone();
+    nowait.push(("PGOPTIONS".into(), "-c custody.no_wait=on".into()));
+    let out = psql(
+        &nowait,
+        "drop table if exists old_customers -- asked for by alice@example.com",
+    );
+    assert!(
+        text(&out.stderr).contains("approval required: request"),
+        "{}",
+        text(&out.stderr)
+    );
+    let bob = c.mint_token("bob").await.unwrap().token;
+    let id = pending_request(&c, &bob).await;
+    let out = custody(&c, &[], &bob, &["approvals", "show", &id, "--json"]);
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        shown["command"], "drop table if exists old_customers -- asked for by [email]",
+        "{shown}"
+    );
+
     let secrets = [
         "alice@example.com",
         "4111 1111 1111 1111",

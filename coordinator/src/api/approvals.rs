@@ -18,9 +18,7 @@ use crate::consensus::node::now_ms;
 use crate::consensus::NodeHandle;
 use crate::notify::Notifier;
 use crate::policy::{Effect, Request as PolicyRequest, ResourceInfo};
-use crate::state::approvals::{
-    self, approval_get, approvals_list, with_effective_status, ApprovalCommand, MAX_ACCESS_MS,
-};
+use crate::state::approvals::{self, approval_get, approvals_list, ApprovalCommand, MAX_ACCESS_MS};
 use crate::state::{edges, Command};
 use crate::storage::Engine;
 
@@ -61,7 +59,7 @@ impl<E: Engine> ApprovalsService<E> {
         approval_get(self.node.store(), request)
             .map_err(storage_status)?
             .filter(|r| Self::visible(r, id, all))
-            .map(|r| with_effective_status(r, now_ms()))
+            .map(|r| shown(r, now_ms()))
             .ok_or_else(|| Status::not_found(format!("no approval request {request}")))
     }
 
@@ -98,6 +96,17 @@ impl<E: Engine> ApprovalsService<E> {
     }
 }
 
+/// A stored request as the API shows it: with its effective status, and
+/// without the digest of the command as sent. The command itself may be
+/// masked (PostgreSQL statements under a masking profile); its digest could
+/// give a masked low-entropy value (an SSN) away to anyone who tries every
+/// candidate.
+fn shown(r: pb::ApprovalRequest, now_ms: u64) -> pb::ApprovalRequest {
+    let mut r = approvals::with_effective_status(r, now_ms);
+    r.command_sha256 = Default::default();
+    r
+}
+
 #[tonic::async_trait]
 impl<E: Engine> Approvals for ApprovalsService<E> {
     async fn list(
@@ -117,7 +126,7 @@ impl<E: Engine> Approvals for ApprovalsService<E> {
         })
         .map_err(storage_status)?
         .into_iter()
-        .map(|a| with_effective_status(a, now))
+        .map(|a| shown(a, now))
         .collect();
         Ok(Response::new(api::ListApprovalsResponse { requests }))
     }
@@ -176,7 +185,7 @@ impl<E: Engine> Approvals for ApprovalsService<E> {
             approvals::DENIED => self.notifier.approval("approval_denied", &stored),
             _ => {}
         }
-        Ok(Response::new(with_effective_status(stored, now_ms())))
+        Ok(Response::new(shown(stored, now_ms())))
     }
 
     async fn cancel(
@@ -287,6 +296,24 @@ impl<E: Engine> Approvals for ApprovalsService<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_api_shows_no_command_digest_and_the_effective_status() {
+        let r = pb::ApprovalRequest {
+            id: 1,
+            kind: "command".into(),
+            command: "delete from t where ssn = '[us_ssn]'".into(),
+            command_sha256: vec![7; 32].into(),
+            status: approvals::PENDING.into(),
+            expires_at_ms: 10,
+            ..Default::default()
+        };
+        let s = shown(r.clone(), 1_000);
+        assert!(s.command_sha256.is_empty());
+        assert_eq!(s.command, r.command);
+        assert_eq!(s.status, approvals::effective_status(&r, 1_000));
+        assert_ne!(s.status, approvals::PENDING, "timed out");
+    }
 
     #[test]
     fn requesters_and_their_reviewers_see_a_request() {

@@ -677,7 +677,10 @@ impl<E: Engine> PgGateway<E> {
                     requester_label: a.id.label().to_owned(),
                     resource: a.resource.name.clone(),
                     kind: "command".into(),
-                    command: sql.to_owned(),
+                    // Approvers see the statement as the evidence holds it:
+                    // masked. The digest of the text as sent binds the
+                    // approval to that exact statement.
+                    command: a.masker.mask_text(sql).unwrap_or_else(|| sql.to_owned()),
                     command_sha256: digest.to_vec().into(),
                     approver_groups: doc.groups.clone(),
                     required: doc.count,
