@@ -832,9 +832,18 @@ mod tests {
             // Rows from where the text does not show.
             "EXECUTE p",
             "FETCH ALL FROM c",
+            // Functions that run SQL text or read relations named by value.
+            "SELECT query_to_xml('select card from customers', true, false, '')",
+            "SELECT pg_catalog.table_to_xml('customers', true, false, '')",
+            "SELECT * FROM ts_stat('select to_tsvector(card) from customers')",
+            "SELECT * FROM dblink('db', 'select card from customers') AS t(c text)",
         ] {
             assert!(m.reads_masked(&reads(sql)), "{sql}");
         }
+        // Per result column too.
+        let r = reads("SELECT name, TABLE_TO_XML('customers', true, false, '') FROM customers");
+        let items: Vec<bool> = r.items.unwrap().iter().map(|i| m.reads_masked(i)).collect();
+        assert_eq!(items, [false, true]);
         for sql in [
             "SELECT upper(name) FROM customers",
             "SELECT count(*) FROM customers",
@@ -872,6 +881,12 @@ mod tests {
             "ALTER TABLE customers ADD COLUMN x int",
             "CREATE TABLE c AS TABLE customers",
             "INSERT INTO mine SELECT * FROM people",
+            // Functions that keep their arguments for a later read.
+            "SELECT set_config('my.x', card, false) FROM customers",
+            "SELECT pg_catalog.SET_CONFIG('my.x', c::text, false) FROM customers c",
+            "SELECT lo_from_bytea(0, convert_to(tax_ssn, 'UTF8')) FROM people",
+            "SELECT pg_notify('c', card) FROM customers",
+            "SELECT 1 FROM customers WHERE set_config('my.x', card, false) IS NOT NULL",
         ] {
             assert!(m.writes_masked(&writes(sql).unwrap()), "{sql}");
         }
@@ -881,6 +896,8 @@ mod tests {
             "DELETE FROM customers WHERE card = '1'",
             "ALTER TABLE people RENAME COLUMN name TO n",
             "SELECT card FROM customers",
+            "SELECT set_config('search_path', 'public', false)",
+            "SELECT set_config('my.x', name, false), card FROM customers",
         ] {
             assert!(!m.writes_masked(&writes(sql).unwrap()), "{sql}");
         }

@@ -198,8 +198,10 @@ pub struct Reads {
     /// that keep no name a rule could see once copied elsewhere).
     pub star: bool,
     /// Rows come from somewhere the text does not show (`EXECUTE` of a
-    /// prepared statement, `FETCH` from a cursor, `CALL`), or the text did
-    /// not parse: nothing can be said about what they read.
+    /// prepared statement, `FETCH` from a cursor, `CALL`, a function that
+    /// runs SQL text or reads a relation named by a value: `query_to_xml`,
+    /// `table_to_xml`, `ts_stat`, `dblink`, …), or the text did not parse:
+    /// nothing can be said about what they read.
     pub opaque: bool,
 }
 
@@ -210,13 +212,16 @@ pub struct Reads {
 pub struct Writes {
     /// What the written values read: INSERT's source and `ON CONFLICT`
     /// assignments, UPDATE's `SET` values, `CREATE TABLE … AS` and
-    /// `SELECT … INTO` queries, MERGE (all of it). `columns` also holds the
-    /// old name of every column renamed.
+    /// `SELECT … INTO` queries, MERGE (all of it), the arguments of a
+    /// function that keeps them. `columns` also holds the old name of every
+    /// column renamed.
     pub values: Reads,
     /// Tables whose definition changes (`ALTER TABLE`), lowercase.
     pub altered: BTreeSet<String>,
     /// It stores rows or values (INSERT, UPDATE, MERGE, `CREATE TABLE … AS`,
-    /// `SELECT … INTO`); `values.tables` are then every relation it reads.
+    /// `SELECT … INTO`, or a call of a function that keeps its arguments:
+    /// `set_config`, large objects, `pg_notify`, `setval`, `dblink`, …);
+    /// `values.tables` are then every relation it reads.
     pub stores: bool,
 }
 
@@ -237,6 +242,55 @@ fn fold(i: &Ident) -> String {
 fn last_part(n: &ObjectName) -> Option<String> {
     n.0.last().and_then(|p| p.as_ident()).map(fold)
 }
+
+/// Built-in (and common extension) functions that run SQL given as text,
+/// or read whole relations or cursors named by a value: what their results
+/// hold cannot be told from the statement.
+const RUNS_SQL: [&str; 25] = [
+    "query_to_xml",
+    "query_to_xmlschema",
+    "query_to_xml_and_xmlschema",
+    "table_to_xml",
+    "table_to_xmlschema",
+    "table_to_xml_and_xmlschema",
+    "cursor_to_xml",
+    "cursor_to_xmlschema",
+    "schema_to_xml",
+    "schema_to_xmlschema",
+    "schema_to_xml_and_xmlschema",
+    "database_to_xml",
+    "database_to_xmlschema",
+    "database_to_xml_and_xmlschema",
+    "ts_stat",
+    "ts_rewrite",
+    "dblink",
+    "dblink_fetch",
+    "dblink_get_result",
+    "dblink_exec",
+    "crosstab",
+    "crosstab2",
+    "crosstab3",
+    "crosstab4",
+    "connectby",
+];
+
+/// Functions that keep their arguments somewhere a later statement, another
+/// session or another server can read them back: settings, large objects,
+/// notifications, sequences, logical decoding messages, remote servers.
+const STORING: [&str; 12] = [
+    "set_config",
+    "lo_from_bytea",
+    "lo_put",
+    "lowrite",
+    "lo_import",
+    "pg_notify",
+    "setval",
+    "pg_logical_emit_message",
+    "dblink",
+    "dblink_exec",
+    "dblink_send_query",
+    "dblink_open",
+];
 
 fn table_factor_alias_full(t: &TableFactor) -> Option<&TableAlias> {
     match t {
@@ -327,6 +381,8 @@ impl Visitor for ReadsCollector {
 
     fn pre_visit_relation(&mut self, r: &ObjectName) -> ControlFlow<()> {
         if let Some(t) = last_part(r) {
+            // `FROM dblink(…)`, `FROM ts_stat(…)`: a function in FROM.
+            self.reads.opaque |= RUNS_SQL.contains(&t.as_str());
             self.relations.insert(t.clone());
             self.reads.tables.insert(t);
         }
@@ -360,6 +416,8 @@ impl Visitor for ReadsCollector {
             }
             Expr::QualifiedWildcard(..) | Expr::Wildcard(..) => self.reads.whole_rows = true,
             Expr::Function(f) => {
+                self.reads.opaque |=
+                    last_part(&f.name).is_some_and(|n| RUNS_SQL.contains(&n.as_str()));
                 if let FunctionArguments::List(l) = &f.args {
                     let whole = l.args.iter().any(|a| {
                         let arg = match a {
@@ -516,6 +574,16 @@ impl Visitor for WritesCollector {
         }
         ControlFlow::Continue(())
     }
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        if let Expr::Function(f) = e {
+            if last_part(&f.name).is_some_and(|n| STORING.contains(&n.as_str())) {
+                self.stores = true;
+                let _ = f.args.visit(&mut self.values);
+            }
+        }
+        ControlFlow::Continue(())
+    }
 }
 
 /// What column masking needs to know about a statement before it runs.
@@ -577,13 +645,16 @@ fn plain_read(sql: &str) -> bool {
         "set",
     ];
     // The common case without the tokenizer: one statement that starts
-    // with SELECT and spells no INTO anywhere.
+    // with SELECT and spells no INTO anywhere, and no function that stores
+    // its arguments.
     let b = sql.trim_start().as_bytes();
+    let spells = |word: &[u8]| b.windows(word.len()).any(|w| w.eq_ignore_ascii_case(word));
     if b.len() > 6
         && b[..6].eq_ignore_ascii_case(b"select")
         && !(b[6].is_ascii_alphanumeric() || b[6] == b'_')
         && !b.contains(&b';')
-        && !b.windows(4).any(|w| w.eq_ignore_ascii_case(b"into"))
+        && !spells(b"into")
+        && !(b.contains(&b'(') && STORING.iter().any(|f| spells(f.as_bytes())))
     {
         return true;
     }
@@ -596,7 +667,10 @@ fn plain_read(sql: &str) -> bool {
             Token::SemiColon => first = true,
             Token::Word(w) => {
                 let w = w.value.to_lowercase();
-                if w == "into" || (first && !FIRST.contains(&w.as_str())) {
+                if w == "into"
+                    || (first && !FIRST.contains(&w.as_str()))
+                    || STORING.contains(&w.as_str())
+                {
                     return false;
                 }
                 first = false;
@@ -937,9 +1011,16 @@ mod tests {
             "/* select */ DO $$ BEGIN END $$",
             "WITH x AS (",
             "select 1; do $$ begin end $$",
+            // A call that keeps its arguments is parsed and judged.
+            "SELECT set_config('a', card, false) FROM t",
+            "select 1; SELECT PG_NOTIFY('c', card) FROM t",
         ] {
             assert!(!analyze(sql).plain_read, "{sql}");
         }
+        let a = analyze("SELECT set_config('a', card, false) FROM t");
+        assert!(a.parsed && a.writes.stores);
+        assert!(a.writes.values.columns.contains("card"));
+        assert!(!analyze("SELECT lower(card) FROM t").writes.stores);
     }
 
     #[test]
