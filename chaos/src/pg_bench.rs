@@ -4,7 +4,8 @@
 //! for `-S` (select only) and `-M prepared` (TPC-B-like), with the
 //! custody/direct and custody/pgbouncer ratios; then the masking overhead: a
 //! result-heavy query through two strict resources that differ only in their
-//! masking profile.
+//! masking profile. Each custody run also reports the CPU time custody's
+//! processes used per transaction (from `/proc`).
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -72,15 +73,18 @@ fn parse(out: &str) -> anyhow::Result<(f64, f64)> {
     Ok((tps, lat))
 }
 
-/// Runs pgbench; a run that outlives its `-T` by a minute is killed and
-/// reported (a hung path must fail the benchmark, not stall it).
-fn pgbench(env: &[(String, String)], args: &[&str]) -> anyhow::Result<(f64, f64)> {
-    let secs: u64 = args
-        .iter()
+/// The duration pgbench's `args` ask for (`-T`), in seconds.
+fn duration(args: &[&str]) -> Option<u64> {
+    args.iter()
         .position(|a| *a == "-T")
         .and_then(|i| args.get(i + 1))
         .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+}
+
+/// Runs pgbench; a run that outlives its `-T` by a minute is killed and
+/// reported (a hung path must fail the benchmark, not stall it).
+fn pgbench(env: &[(String, String)], args: &[&str]) -> anyhow::Result<(f64, f64)> {
+    let secs = duration(args).unwrap_or(60);
     let mut child = Command::new("pgbench")
         .args(args)
         .envs(env.iter().cloned())
@@ -228,6 +232,34 @@ fn connect(
     Ok((k, port))
 }
 
+/// CPU time (user + system, in clock ticks) used so far by process `pid`,
+/// from `/proc/<pid>/stat`; 0 when it is gone.
+fn cpu_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // The fields after the command name (which may hold spaces and
+    // parentheses) start with the state; utime and stime are the 12th and
+    // 13th of them.
+    let Some(close) = stat.rfind(')') else {
+        return 0;
+    };
+    let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    tick(11) + tick(12)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 when that fails).
+fn clock_ticks() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100)
+}
+
 fn row(name: &str, path: &str, r: (f64, f64)) {
     println!("{name:<22} {path:<16} {:>10.0} {:>12.3}", r.0, r.1);
 }
@@ -307,11 +339,23 @@ pub async fn postgres(
         c.wait_for_resource(r, 3, Duration::from_secs(30)).await?;
     }
     let alice = c.mint_token("alice").await?.token;
-    let (_strict, strict_port) = connect(&c, &alice, "bench-db", gateway)?;
-    let (_async, async_port) = connect(&c, &alice, "bench-db-async", gateway)?;
-    let (_masked, masked_port) = connect(&c, &alice, "bench-db-masked", gateway)?;
-    let (_all, all_port) = connect(&c, &alice, "bench-db-all", gateway)?;
-    let (_all_masked, all_masked_port) = connect(&c, &alice, "bench-db-all-masked", gateway)?;
+    let (strict_proc, strict_port) = connect(&c, &alice, "bench-db", gateway)?;
+    let (async_proc, async_port) = connect(&c, &alice, "bench-db-async", gateway)?;
+    let (masked_proc, masked_port) = connect(&c, &alice, "bench-db-masked", gateway)?;
+    let (all_proc, all_port) = connect(&c, &alice, "bench-db-all", gateway)?;
+    let (all_masked_proc, all_masked_port) = connect(&c, &alice, "bench-db-all-masked", gateway)?;
+    // Custody's own processes: the coordinators and the edge (each run adds
+    // its `custody connect`), for CPU time per statement.
+    let custody_pids: Vec<(String, u32)> = c
+        .nodes
+        .iter()
+        .filter_map(|(id, n)| Some((format!("node {id}"), n.pid()?)))
+        .chain(
+            c.edges
+                .values()
+                .filter_map(|e| Some(("edge".to_string(), e.pid()?))),
+        )
+        .collect();
 
     println!(
         "pgbench, {clients} clients, {seconds}s per run, scale {scale}; custody = custody connect -> gateway -> edge; gateway on {}, Raft leader node {leader}",
@@ -321,6 +365,46 @@ pub async fn postgres(
         "{:<22} {:<16} {:>10} {:>12}",
         "workload", "path", "tps", "latency ms"
     );
+    let tick_us = 1e6 / clock_ticks() as f64;
+    // One pgbench run on `port`, with the CPU time custody's processes (and
+    // that port's `custody connect`) used per transaction, in µs: in all,
+    // and per process. It includes work done per second rather than per
+    // statement (heartbeats, compactions), so the slower path is charged a
+    // little more of it.
+    type Cpu = (f64, Vec<(String, f64)>);
+    let measured =
+        |port: u16, connect: &Killed, args: &[&str]| -> anyhow::Result<((f64, f64), Cpu)> {
+            let mut procs = custody_pids.clone();
+            procs.push(("connect".into(), connect.0.id()));
+            let before: Vec<u64> = procs.iter().map(|(_, p)| cpu_ticks(*p)).collect();
+            let r = pgbench(&with_port(&direct, port), args)?;
+            let statements = (r.0 * duration(args).unwrap_or(1) as f64).max(1.0);
+            let per: Vec<(String, f64)> = procs
+                .iter()
+                .zip(before)
+                .map(|((name, pid), b)| {
+                    let used = cpu_ticks(*pid).saturating_sub(b) as f64 * tick_us;
+                    (name.clone(), used / statements)
+                })
+                .collect();
+            Ok((r, (per.iter().map(|(_, u)| u).sum(), per)))
+        };
+    const ROUNDS: u64 = 5;
+    let add = |sum: &mut Cpu, c: &Cpu| {
+        sum.0 += c.0 / ROUNDS as f64;
+        if sum.1.is_empty() {
+            sum.1 = c.1.iter().map(|(n, _)| (n.clone(), 0.0)).collect();
+        }
+        for (s, (_, u)) in sum.1.iter_mut().zip(&c.1) {
+            s.1 += u / ROUNDS as f64;
+        }
+    };
+    let show = |c: &Cpu| -> String {
+        c.1.iter()
+            .map(|(n, u)| format!("{n} {u:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let secs = seconds.to_string();
     let c_s = clients.to_string();
     let jobs = clients.min(4).to_string();
@@ -342,10 +426,17 @@ pub async fn postgres(
         if let Some(b) = b {
             row(name, "pgbouncer", b);
         }
-        let cu = pgbench(&with_port(&direct, strict_port), &all)?;
+        let (cu, cu_cpu) = measured(strict_port, &strict_proc, &all)?;
         row(name, "custody strict", cu);
-        let ca = pgbench(&with_port(&direct, async_port), &all)?;
+        let (ca, ca_cpu) = measured(async_port, &async_proc, &all)?;
         row(name, "custody async", ca);
+        println!(
+            "{name:<22} custody CPU per transaction: strict {:.0} µs ({}), async {:.0} µs ({})",
+            cu_cpu.0,
+            show(&cu_cpu),
+            ca_cpu.0,
+            show(&ca_cpu)
+        );
         print!(
             "{name:<22} custody/direct: strict {:.2}, async {:.2}",
             cu.0 / d.0,
@@ -377,7 +468,6 @@ pub async fn postgres(
     // machine (compactions, other load) hits both alike; TPS is the mean
     // over the rounds, and the median of the per-round overheads is printed
     // too (one disturbed round moves it least).
-    const ROUNDS: u64 = 5;
     let short = (seconds / ROUNDS).max(5).to_string();
     let quick: Vec<&str> = std::iter::once(script_arg.as_str())
         .chain(["-n", "-c", &c_s, "-j", &jobs, "-T", &short])
@@ -385,15 +475,30 @@ pub async fn postgres(
     // Default caps: a session stops recording rows after 100 000, so most of
     // the run relays rows without recording them. Then with every row
     // recorded (caps raised on the resource).
-    for (label, plain_port, masked_port) in [
-        ("default caps", strict_port, masked_port),
-        ("every row recorded", all_port, all_masked_port),
+    for (label, plain_port, plain_proc, masked_port, masked_proc) in [
+        (
+            "default caps",
+            strict_port,
+            &strict_proc,
+            masked_port,
+            &masked_proc,
+        ),
+        (
+            "every row recorded",
+            all_port,
+            &all_proc,
+            all_masked_port,
+            &all_masked_proc,
+        ),
     ] {
         let (mut plain, mut masked) = ((0.0, 0.0), (0.0, 0.0));
+        let (mut plain_cpu, mut masked_cpu): (Cpu, Cpu) = Default::default();
         let mut overheads = Vec::new();
         for _ in 0..ROUNDS {
-            let p = pgbench(&with_port(&direct, plain_port), &quick)?;
-            let m = pgbench(&with_port(&direct, masked_port), &quick)?;
+            let (p, pc) = measured(plain_port, plain_proc, &quick)?;
+            let (m, mc) = measured(masked_port, masked_proc, &quick)?;
+            add(&mut plain_cpu, &pc);
+            add(&mut masked_cpu, &mc);
             overheads.push((1.0 - m.0 / p.0) * 100.0);
             plain = (plain.0 + p.0 / ROUNDS as f64, plain.1 + p.1 / ROUNDS as f64);
             masked = (
@@ -411,6 +516,14 @@ pub async fn postgres(
             (1.0 - masked.0 / plain.0) * 100.0,
             overheads[overheads.len() / 2],
             rounds.join("%, ")
+        );
+        println!(
+            "{name:<22} {label}: custody CPU per statement {:.0} µs unmasked ({}), {:.0} µs masked ({}): {:+.1}%",
+            plain_cpu.0,
+            show(&plain_cpu),
+            masked_cpu.0,
+            show(&masked_cpu),
+            (masked_cpu.0 / plain_cpu.0 - 1.0) * 100.0
         );
     }
     drop(bouncer);
