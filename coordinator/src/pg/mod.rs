@@ -1468,16 +1468,20 @@ enum Change {
     Null,
     /// The whole value becomes the mask marker.
     Marker,
-    To(Vec<u8>),
+    /// These bytes of the row's rewritten values.
+    To(std::ops::Range<usize>),
 }
 
 /// Masks one value of column `field` (`whole`: the column is masked
 /// entirely).
+///
+/// A rewritten value is appended to `out` (`Change::To` gives where).
 fn mask_value(
     m: &crate::policy::mask::Masker,
     field: Option<&pg::Field>,
     whole: bool,
     v: &[u8],
+    out: &mut String,
 ) -> Change {
     use std::borrow::Cow;
     let (oid, format) = field.map_or((25, 0), |f| (f.type_oid, f.format));
@@ -1516,34 +1520,48 @@ fn mask_value(
             // Cannot be inspected: refused (NULL), never passed through.
             _ => return Change::Null,
         };
-        return match m.mask_text(&as_text) {
-            None => Change::Keep,
-            Some(masked) if oid == 3802 => {
-                let mut b = vec![1u8];
-                b.extend_from_slice(masked.as_bytes());
-                Change::To(b)
-            }
-            Some(masked) if text_type => Change::To(masked.into_bytes()),
-            Some(_) => Change::Null,
+        let start = out.len();
+        if oid == 3802 {
+            out.push('\u{1}');
+        }
+        if !m.mask_bytes_into(as_text.as_bytes(), out) {
+            out.truncate(start);
+            return Change::Keep;
+        }
+        return if text_type {
+            Change::To(start..out.len())
+        } else {
+            out.truncate(start);
+            Change::Null
         };
     }
-    let masked = m.mask_bytes(v);
-    match masked {
-        None => Change::Keep,
-        Some(masked) if text_type => Change::To(masked.into_bytes()),
+    let start = out.len();
+    if !m.mask_bytes_into(v, out) {
+        return Change::Keep;
+    }
+    if text_type {
+        Change::To(start..out.len())
+    } else {
         // A number that looks like a card or phone number: NULL.
-        Some(_) => Change::Null,
+        out.truncate(start);
+        Change::Null
     }
 }
 
 /// Where a DataRow value sits in the row's body (`None`: NULL).
 type Span = Option<(usize, usize)>;
 
+/// Rewritten rows are carved out of shared blocks of this size (one
+/// allocation for many rows; a block is freed with the last row in it).
+const ROW_BLOCK: usize = 64 << 10;
+
 thread_local! {
-    /// Per-thread buffers for masking rows (value positions, changes), so
-    /// that masking a row allocates only for the values it rewrites.
-    static ROW_SCRATCH: std::cell::RefCell<(Vec<Span>, Vec<Change>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// Per-thread buffers for masking rows (value positions, changes, and
+    /// the block rewritten rows are carved from), so that masking a row
+    /// allocates only for the values it rewrites.
+    #[allow(clippy::type_complexity)]
+    static ROW_SCRATCH: std::cell::RefCell<(Vec<Span>, Vec<Change>, String, BytesMut)> =
+        std::cell::RefCell::new((Vec::new(), Vec::new(), String::new(), BytesMut::new()));
 }
 
 /// Applies masking to a server message: DataRow values and COPY data.
@@ -1554,7 +1572,7 @@ fn mask_frame(
 ) -> Result<Frame, pg::PgError> {
     match f.tag {
         btag::DATA_ROW => ROW_SCRATCH.with(|scratch| {
-            let (spans, changes) = &mut *scratch.borrow_mut();
+            let (spans, changes, rewritten, block) = &mut *scratch.borrow_mut();
             pg::data_row_spans(&f.body, spans)?;
             let value = |span: Option<(usize, usize)>| span.map(|(at, len)| &f.body[at..at + len]);
             if shape.unknown {
@@ -1565,10 +1583,11 @@ fn mask_frame(
             }
             // Rows are rebuilt only when a value changed.
             changes.clear();
+            rewritten.clear();
             for (i, span) in spans.iter().enumerate() {
                 let Some(v) = value(*span) else { continue };
                 let whole = shape.whole.get(i).copied().unwrap_or(false);
-                let c = mask_value(m, shape.fields.get(i), whole, v);
+                let c = mask_value(m, shape.fields.get(i), whole, v, rewritten);
                 if c != Change::Keep {
                     if changes.is_empty() {
                         changes.resize_with(spans.len(), || Change::Keep);
@@ -1579,37 +1598,36 @@ fn mask_frame(
             if changes.is_empty() {
                 return Ok(f);
             }
-            fn new<'a>(
-                body: &'a [u8],
-                span: &Option<(usize, usize)>,
-                c: &'a Change,
-            ) -> Option<&'a [u8]> {
+            let rewritten = rewritten.as_bytes();
+            let new = |span: &Option<(usize, usize)>, c: &Change| -> Option<&[u8]> {
                 match c {
-                    Change::Keep => span.map(|(at, len)| &body[at..at + len]),
+                    Change::Keep => span.map(|(at, len)| &f.body[at..at + len]),
                     Change::Null => None,
                     Change::Marker => Some(crate::policy::mask::MASKED.as_bytes()),
-                    Change::To(b) => Some(&b[..]),
+                    Change::To(r) => Some(&rewritten[r.clone()]),
                 }
-            }
+            };
             let len = 2 + spans
                 .iter()
                 .zip(changes.iter())
-                .map(|(v, c)| 4 + new(&f.body, v, c).map_or(0, <[u8]>::len))
+                .map(|(v, c)| 4 + new(v, c).map_or(0, <[u8]>::len))
                 .sum::<usize>();
-            let mut body = BytesMut::with_capacity(len);
-            body.put_i16(spans.len() as i16);
+            if block.capacity() < len {
+                *block = BytesMut::with_capacity(len.max(ROW_BLOCK));
+            }
+            block.put_i16(spans.len() as i16);
             for (v, c) in spans.iter().zip(changes.iter()) {
-                match new(&f.body, v, c) {
-                    None => body.put_i32(-1),
+                match new(v, c) {
+                    None => block.put_i32(-1),
                     Some(b) => {
-                        body.put_i32(b.len() as i32);
-                        body.put_slice(b);
+                        block.put_i32(b.len() as i32);
+                        block.put_slice(b);
                     }
                 }
             }
             Ok(Frame {
                 tag: f.tag,
-                body: body.freeze(),
+                body: block.split().freeze(),
             })
         }),
         // Binary COPY cannot be inspected, and COPY rows carry no column
@@ -1921,7 +1939,9 @@ mod tests {
             patterns: vec![],
         }])
         .unwrap();
-        assert!(mask_value(&plain, Some(&f), false, b"2147483647") == Change::Keep);
+        assert!(
+            mask_value(&plain, Some(&f), false, b"2147483647", &mut String::new()) == Change::Keep
+        );
         let custom = Masker::new(&[&MaskingDoc {
             name: "ids".into(),
             detectors: vec![],
@@ -1930,11 +1950,19 @@ mod tests {
         }])
         .unwrap();
         // (A number cannot hold the marker: it becomes NULL.)
-        assert!(mask_value(&custom, Some(&f), false, b"2147483647") == Change::Null);
+        assert!(
+            mask_value(&custom, Some(&f), false, b"2147483647", &mut String::new()) == Change::Null
+        );
         // Text columns still go through every detector.
         let t = field("t", 25, 0);
         assert!(matches!(
-            mask_value(&plain, Some(&t), false, b"call 415-555-0100"),
+            mask_value(
+                &plain,
+                Some(&t),
+                false,
+                b"call 415-555-0100",
+                &mut String::new()
+            ),
             Change::To(_)
         ));
     }

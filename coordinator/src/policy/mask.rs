@@ -104,33 +104,36 @@ impl Detector {
 /// Finds the next match at or after a byte offset: (start, end).
 type Scanner = fn(&[u8], usize) -> Option<(usize, usize)>;
 
-/// `cur` with every confirmed match of `d` (found by `find`, from a byte
-/// offset) replaced by the detector's marker; `None` when nothing matched.
+/// Appends `cur`, with every confirmed match of `d` (found by `find`, from
+/// a byte offset) replaced by the detector's marker, to `out`; false (and
+/// `out` unchanged) when nothing matched.
 fn replace_matches(
     d: Detector,
     cur: &str,
     mut find: impl FnMut(usize) -> Option<(usize, usize)>,
-) -> Option<String> {
-    let mut replaced = String::new();
+    out: &mut String,
+) -> bool {
+    let mut any = false;
     let mut last = 0;
     let mut at = 0;
     while let Some((start, end)) = find(at) {
         if d.confirms(&cur[start..end]) {
-            if last == 0 {
-                replaced.reserve(cur.len());
+            if !any {
+                out.reserve(cur.len());
+                any = true;
             }
-            replaced.push_str(&cur[last..start]);
-            replaced.push('[');
-            replaced.push_str(d.as_str());
-            replaced.push(']');
+            out.push_str(&cur[last..start]);
+            out.push('[');
+            out.push_str(d.as_str());
+            out.push(']');
             last = end;
         }
         at = end;
     }
-    (last > 0).then(|| {
-        replaced.push_str(&cur[last..]);
-        replaced
-    })
+    if any {
+        out.push_str(&cur[last..]);
+    }
+    any
 }
 
 /// Hand-written equivalents of two detector patterns, for ASCII text only
@@ -577,56 +580,91 @@ impl Masker {
 
     /// Masks sensitive parts of `text`; `None` when nothing matched.
     pub fn mask_text(&self, text: &str) -> Option<String> {
-        self.mask_with(text, Hints::of(text))
+        let mut out = String::new();
+        self.mask_with(text, Hints::of(text), &mut out)
+            .then_some(out)
     }
 
-    /// Masks a value given as bytes (UTF-8; other bytes are read as U+FFFD
-    /// and the result is the masked lossy text); `None` when nothing
-    /// matched. A value no detector can match costs one pass over its
-    /// bytes and no UTF-8 validation.
-    pub fn mask_bytes(&self, v: &[u8]) -> Option<String> {
+    /// Appends a value given as bytes, masked, to `out` (UTF-8; other bytes
+    /// are read as U+FFFD and the lossy text is what is masked); false, and
+    /// `out` unchanged, when nothing matched. A value no detector can match
+    /// costs one pass over its bytes and no UTF-8 validation; a masked one
+    /// allocates only when `out` must grow.
+    pub fn mask_bytes_into(&self, v: &[u8], out: &mut String) -> bool {
         let hints = Hints::of(v);
         if self.patterns.is_empty() && !self.detectors.iter().any(|d| d.may_match(&hints, v)) {
-            return None;
+            return false;
         }
         match std::str::from_utf8(v) {
-            Ok(text) => self.mask_with(text, hints),
-            Err(_) => self.mask_text(&String::from_utf8_lossy(v)),
+            Ok(text) => self.mask_with(text, hints, out),
+            Err(_) => {
+                let text = String::from_utf8_lossy(v);
+                self.mask_with(&text, Hints::of(text.as_ref()), out)
+            }
         }
     }
 
-    /// [`Masker::mask_text`] with the hints of `text` already known.
-    fn mask_with(&self, text: &str, mut hints: Hints) -> Option<String> {
-        // One pass over the bytes rules out the detectors that cannot match;
-        // most values then cost no regex and no allocation.
-        let mut out: Option<String> = None;
+    /// Appends `text` masked to `out`, given its hints; false (and `out`
+    /// unchanged) when nothing matched.
+    fn mask_with(&self, text: &str, mut hints: Hints, out: &mut String) -> bool {
+        // The hints rule out the detectors that cannot match; most values
+        // then cost no regex and no allocation. Once a detector matched,
+        // `out[base..]` holds the text so far.
+        let base = out.len();
+        let mut masked = false;
+        let mut next = String::new();
         for d in &self.detectors {
-            let cur = out.as_deref().unwrap_or(text);
-            if !d.may_match(&hints, cur.as_bytes()) {
-                continue;
-            }
-            let replaced = if let Some(scan) = d.scanner(&hints) {
-                replace_matches(*d, cur, |at| scan(cur.as_bytes(), at))
+            let replaced = if masked {
+                let cur = &out[base..];
+                if !d.may_match(&hints, cur.as_bytes()) {
+                    continue;
+                }
+                next.clear();
+                let hit = replace_once(*d, cur, &hints, &mut next);
+                if hit {
+                    out.truncate(base);
+                    out.push_str(&next);
+                }
+                hit
             } else {
-                d.with_regex(|re| {
-                    replace_matches(*d, cur, |at| {
-                        re.find_at(cur, at).map(|m| (m.start(), m.end()))
-                    })
-                })
+                if !d.may_match(&hints, text.as_bytes()) {
+                    continue;
+                }
+                replace_once(*d, text, &hints, out)
             };
-            if let Some(r) = replaced {
+            if replaced {
+                masked = true;
                 // What the next detectors may match is that of the new text.
-                hints = Hints::of(&r);
-                out = Some(r);
+                hints = Hints::of(&out[base..]);
             }
         }
         for re in &self.patterns {
-            let cur = out.as_deref().unwrap_or(text);
+            let cur = if masked { &out[base..] } else { text };
             if re.is_match(cur) {
-                out = Some(re.replace_all(cur, "[masked]").into_owned());
+                let r = re.replace_all(cur, "[masked]").into_owned();
+                out.truncate(base);
+                out.push_str(&r);
+                masked = true;
             }
         }
-        out
+        masked
+    }
+}
+
+/// [`replace_matches`] with the detector's scanner for ASCII text, or its
+/// regex.
+fn replace_once(d: Detector, cur: &str, hints: &Hints, out: &mut String) -> bool {
+    if let Some(scan) = d.scanner(hints) {
+        replace_matches(d, cur, |at| scan(cur.as_bytes(), at), out)
+    } else {
+        d.with_regex(|re| {
+            replace_matches(
+                d,
+                cur,
+                |at| re.find_at(cur, at).map(|m| (m.start(), m.end())),
+                out,
+            )
+        })
     }
 }
 
@@ -732,7 +770,12 @@ mod tests {
             let mut with = s.into_bytes();
             with.extend_from_slice(&v);
             let text = String::from_utf8_lossy(&with);
-            proptest::prop_assert_eq!(m.mask_bytes(&with), m.mask_text(&text));
+            // Appended after what the buffer holds, or nothing appended.
+            let mut out = String::from("kept|");
+            let hit = m.mask_bytes_into(&with, &mut out);
+            let want = m.mask_text(&text);
+            proptest::prop_assert_eq!(hit, want.is_some());
+            proptest::prop_assert_eq!(out, format!("kept|{}", want.unwrap_or_default()));
         }
 
         /// The byte-level prefilter never rules out a detector whose pattern
