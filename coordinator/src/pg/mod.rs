@@ -652,6 +652,16 @@ impl<E: Engine> PgGateway<E> {
         };
         let node = &self.tunnels.node;
         let digest = crate::api::sessions::command_digest(sql);
+        // Approvers see the statement as the evidence holds it: masked, but
+        // token by token, so that no match hides SQL around it. The digest
+        // of the text as sent binds the approval to that exact statement.
+        let shown = if a.masker.masks_text() {
+            crate::policy::sql::mask_tokens(sql, &|t| a.masker.mask_text(t)).ok_or(
+                "the statement cannot be shown to approvers with its sensitive values masked (they span several SQL tokens, or masking would change how it reads); write them as plain string literals",
+            )?
+        } else {
+            sql.to_owned()
+        };
         let principal = a.id.principal();
         // The same statement asked again (a client that did not wait, or a
         // reconnect) finds its own request: approved and unused runs now,
@@ -677,10 +687,7 @@ impl<E: Engine> PgGateway<E> {
                     requester_label: a.id.label().to_owned(),
                     resource: a.resource.name.clone(),
                     kind: "command".into(),
-                    // Approvers see the statement as the evidence holds it:
-                    // masked. The digest of the text as sent binds the
-                    // approval to that exact statement.
-                    command: a.masker.mask_text(sql).unwrap_or_else(|| sql.to_owned()),
+                    command: shown,
                     command_sha256: digest.to_vec().into(),
                     approver_groups: doc.groups.clone(),
                     required: doc.count,

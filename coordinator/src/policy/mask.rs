@@ -880,6 +880,8 @@ mod tests {
             "SELECT pg_catalog.table_to_xml('customers', true, false, '')",
             "SELECT * FROM ts_stat('select to_tsvector(card) from customers')",
             "SELECT * FROM dblink('db', 'select card from customers') AS t(c text)",
+            "SELECT query_to_xml FROM LATERAL query_to_xml('select ssn from p', true, false, '')",
+            "SELECT word FROM LATERAL ts_stat('select to_tsvector(card) from customers')",
         ] {
             assert!(m.reads_masked(&reads(sql)), "{sql}");
         }
@@ -930,6 +932,9 @@ mod tests {
             "SELECT lo_from_bytea(0, convert_to(tax_ssn, 'UTF8')) FROM people",
             "SELECT pg_notify('c', card) FROM customers",
             "SELECT 1 FROM customers WHERE set_config('my.x', card, false) IS NOT NULL",
+            "SELECT 1 FROM customers c, set_config('my.x', c.card, false)",
+            "SELECT 1 FROM customers c, LATERAL pg_notify('c', c.card)",
+            "SELECT pg_try_advisory_lock(card::bigint) FROM customers",
         ] {
             assert!(m.writes_masked(&writes(sql).unwrap()), "{sql}");
         }
@@ -944,6 +949,52 @@ mod tests {
         ] {
             assert!(!m.writes_masked(&writes(sql).unwrap()), "{sql}");
         }
+    }
+
+    #[test]
+    fn statements_for_approvers_are_masked_token_by_token() {
+        let m = all();
+        let f = |t: &str| m.mask_text(t);
+        let shown = |sql: &str| crate::policy::sql::mask_tokens(sql, &f);
+        assert_eq!(
+            shown("delete from t where email = 'bob@example.com' -- for alice@example.com")
+                .as_deref(),
+            Some("delete from t where email = '[email]' -- for [email]")
+        );
+        // A match cannot swallow the SQL after it (the private-key detector
+        // runs to the end of its text).
+        assert_eq!(
+            shown("delete from t where id = 1 -- -----BEGIN PRIVATE KEY-----\n or true").as_deref(),
+            Some("delete from t where id = 1 -- [private_key]\n or true")
+        );
+        assert_eq!(
+            shown("do $$ begin perform 'x@example.com'; /* -----BEGIN PRIVATE KEY----- */ delete from t; end $$").as_deref(),
+            Some("do $$ begin perform '[email]'; /* [private_key]*/ delete from t; end $$")
+        );
+        assert_eq!(
+            shown("select E'a\\'b', \"ACCT-123456\", 4111111111111111, U&'x'").as_deref(),
+            Some("select E'a\\'b', \"[masked]\", [credit_card], U&'x'")
+        );
+        assert_eq!(shown("select 1").as_deref(), Some("select 1"));
+        // What masking cannot show faithfully is not shown: a value spread
+        // over tokens, or a quote removed by a custom pattern.
+        assert_eq!(shown("select $$bob@example.com$$"), None);
+        let quotes = Masker::new(&[&MaskingDoc {
+            name: "q".into(),
+            detectors: vec![],
+            columns: vec![],
+            patterns: vec!["x''".into()],
+        }])
+        .unwrap();
+        let fq = |t: &str| quotes.mask_text(t);
+        assert_eq!(
+            crate::policy::sql::mask_tokens("select 'ax''' or true", &fq),
+            None
+        );
+        assert_eq!(
+            crate::policy::sql::mask_tokens("select 'unterminated", &f),
+            None
+        );
     }
 
     #[test]

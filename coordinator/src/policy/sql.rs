@@ -275,10 +275,21 @@ const RUNS_SQL: [&str; 25] = [
 ];
 
 /// Functions that keep their arguments somewhere a later statement, another
-/// session or another server can read them back: settings, large objects,
-/// notifications, sequences, logical decoding messages, remote servers.
-const STORING: [&str; 12] = [
+/// session or another server can read them back: settings, advisory locks
+/// (`pg_locks`), large objects, notifications, sequences, logical decoding
+/// messages, remote servers.
+const STORING: [&str; 22] = [
     "set_config",
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_advisory_xact_lock",
+    "pg_advisory_xact_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+    "pg_try_advisory_xact_lock",
+    "pg_try_advisory_xact_lock_shared",
+    "dblink_connect",
+    "dblink_connect_u",
     "lo_from_bytea",
     "lo_put",
     "lowrite",
@@ -390,6 +401,10 @@ impl Visitor for ReadsCollector {
     }
 
     fn pre_visit_table_factor(&mut self, t: &TableFactor) -> ControlFlow<()> {
+        // `FROM LATERAL f(…)` (its name is not visited as a relation).
+        if let TableFactor::Function { name, .. } = t {
+            self.reads.opaque |= last_part(name).is_some_and(|n| RUNS_SQL.contains(&n.as_str()));
+        }
         if let Some(a) = table_factor_alias_full(t) {
             self.relations.insert(fold(&a.name));
             // `t AS a(x, y)` renames columns: names no longer tell what is
@@ -577,13 +592,39 @@ impl Visitor for WritesCollector {
 
     fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
         if let Expr::Function(f) = e {
-            if last_part(&f.name).is_some_and(|n| STORING.contains(&n.as_str())) {
+            if storing(&f.name) {
                 self.stores = true;
                 let _ = f.args.visit(&mut self.values);
             }
         }
         ControlFlow::Continue(())
     }
+
+    /// The same functions called in FROM (`FROM set_config(…)`, `FROM
+    /// LATERAL pg_notify(…)`).
+    fn pre_visit_table_factor(&mut self, t: &TableFactor) -> ControlFlow<()> {
+        match t {
+            TableFactor::Table {
+                name,
+                args: Some(args),
+                ..
+            } if storing(name) => {
+                self.stores = true;
+                let _ = args.visit(&mut self.values);
+            }
+            TableFactor::Function { name, args, .. } if storing(name) => {
+                self.stores = true;
+                let _ = args.visit(&mut self.values);
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// Whether `name` is one of the [`STORING`] functions.
+fn storing(name: &ObjectName) -> bool {
+    last_part(name).is_some_and(|n| STORING.contains(&n.as_str()))
 }
 
 /// What column masking needs to know about a statement before it runs.
@@ -679,6 +720,109 @@ fn plain_read(sql: &str) -> bool {
         }
     }
     true
+}
+
+/// `sql` as approvers may see it: `mask` applied to each token on its own
+/// (string literals, comments, numbers, names), so that no match reaches
+/// across SQL around it (a custom pattern or the private-key detector
+/// would otherwise swallow the rest of the statement); the bodies of
+/// dollar-quoted strings (`DO` blocks, function bodies) token by token too.
+/// `None` when the text does not tokenize, or when `mask` still finds
+/// something in the result (a value spread over several tokens).
+pub fn mask_tokens(sql: &str, mask: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    let out = mask_each_token(sql, mask)?;
+    mask(&out).is_none().then_some(out)
+}
+
+fn mask_each_token(sql: &str, mask: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    use sqlparser::tokenizer::{Token, Tokenizer, Whitespace};
+    let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql)
+        .tokenize_with_location()
+        .ok()?;
+    let mut out = String::with_capacity(sql.len());
+    // Token spans are (line, column) positions, counted as the tokenizer
+    // does; walk the text alongside them for byte offsets.
+    let mut chars = sql.char_indices().peekable();
+    let (mut line, mut col) = (1u64, 1u64);
+    let mut start = 0;
+    for t in tokens {
+        let to = (t.span.end.line, t.span.end.column);
+        while (line, col) != to {
+            let (_, c) = chars.next()?;
+            if c == '\n' {
+                line += 1;
+                col = 1;
+            } else {
+                col += 1;
+            }
+        }
+        let end = chars.peek().map_or(sql.len(), |(i, _)| *i);
+        let piece = &sql[start..end];
+        match &t.token {
+            Token::Whitespace(Whitespace::SingleLineComment { prefix, .. }) => {
+                // The line end stays outside: what follows is not comment.
+                let body = piece.trim_end_matches(['\n', '\r']).len();
+                let text = piece.get(prefix.len()..body)?;
+                out.push_str(&piece[..prefix.len()]);
+                out.push_str(&masked_inside(text, mask, &[])?);
+                out.push_str(&piece[body..]);
+            }
+            Token::Whitespace(Whitespace::MultiLineComment(_)) => {
+                let text = piece.get(2..piece.len().checked_sub(2)?)?;
+                out.push_str("/*");
+                out.push_str(&masked_inside(text, mask, &["/*", "*/"])?);
+                out.push_str("*/");
+            }
+            Token::Whitespace(_) => out.push_str(piece),
+            Token::DollarQuotedString(d) => {
+                let delimiter = d.tag.as_deref().map_or(2, |tag| tag.len() + 2);
+                let body = piece.get(delimiter..piece.len().checked_sub(delimiter)?)?;
+                if body != d.value {
+                    return None;
+                }
+                out.push_str(&piece[..delimiter]);
+                out.push_str(&mask_each_token(body, mask)?);
+                out.push_str(&piece[piece.len() - delimiter..]);
+            }
+            // Names and numbers: a value by themselves.
+            Token::Word(w) if w.quote_style.is_none() => {
+                out.push_str(&masked_inside(piece, mask, &[])?)
+            }
+            Token::Number(..) => out.push_str(&masked_inside(piece, mask, &[])?),
+            // Quoted names and literals of every kind (with a prefix such as
+            // `E`, `N`, `U&` or `X`): the inside masked, the quotes kept.
+            _ => match piece.find(['\'', '"']) {
+                Some(open) if piece.len() >= open + 2 && piece.ends_with(&piece[open..=open]) => {
+                    let quote = &piece[open..=open];
+                    let text = &piece[open + 1..piece.len() - 1];
+                    out.push_str(&piece[..=open]);
+                    out.push_str(&masked_inside(text, mask, &[quote, "\\"])?);
+                    out.push_str(quote);
+                }
+                // Operators and punctuation.
+                _ => out.push_str(piece),
+            },
+        }
+        start = end;
+    }
+    out.push_str(&sql[start..]);
+    Some(out)
+}
+
+/// `text` (the inside of one token) masked; `None` when masking changed how
+/// often one of `kept` occurs in it (a quote or escape removed could make
+/// the SQL around it read differently).
+fn masked_inside(
+    text: &str,
+    mask: &dyn Fn(&str) -> Option<String>,
+    kept: &[&str],
+) -> Option<String> {
+    let Some(masked) = mask(text) else {
+        return Some(text.to_owned());
+    };
+    kept.iter()
+        .all(|k| masked.matches(k).count() == text.matches(k).count())
+        .then_some(masked)
 }
 
 /// Parses `sql` once for [`Analysis`].
