@@ -1443,8 +1443,16 @@ fn mask_client_event(m: &crate::policy::mask::Masker, e: &mut ev::event::Kind) {
     }
     match e {
         ev::event::Kind::Command(c) => {
-            if let Some(t) = m.mask_text(&c.text) {
-                c.text = t;
+            // Token by token, so that no match hides the SQL around it from
+            // whoever reads the evidence; as one text when that cannot be
+            // done faithfully (it must be recorded masked either way).
+            match crate::policy::sql::mask_tokens(&c.text, &|t| m.mask_text(t)) {
+                Some(t) => c.text = t,
+                None => {
+                    if let Some(t) = m.mask_text(&c.text) {
+                        c.text = t;
+                    }
+                }
             }
             for p in &mut c.params {
                 if let Some(t) = m.mask_text(p) {
@@ -1591,6 +1599,10 @@ fn mask_frame(
             // Rows are rebuilt only when a value changed.
             changes.clear();
             rewritten.clear();
+            // A rare huge value does not keep its buffer for the thread's life.
+            if rewritten.capacity() > ROW_BLOCK {
+                *rewritten = String::new();
+            }
             for (i, span) in spans.iter().enumerate() {
                 let Some(v) = value(*span) else { continue };
                 let whole = shape.whole.get(i).copied().unwrap_or(false);
@@ -2039,6 +2051,32 @@ mod tests {
             o.data
         };
         assert_eq!(&copy(b"1\tbob@example.com\n")[..], b"1\t[email]\n");
+        // A broad pattern in a comment cannot hide the statement after it.
+        let broad = Masker::new(&[&MaskingDoc {
+            name: "broad".into(),
+            detectors: vec![Detector::Email],
+            columns: vec![],
+            patterns: vec!["secret.*".into()],
+        }])
+        .unwrap();
+        for (sent, recorded) in [
+            (
+                "delete from t where id = 1 -- secret\n or true",
+                "delete from t where id = 1 -- [masked]\n or true",
+            ),
+            // Not faithfully possible token by token: masked as one text.
+            ("select $$bob@example.com$$", "select $$[email]$$"),
+        ] {
+            let mut e = ev::event::Kind::Command(ev::CommandEvent {
+                text: sent.into(),
+                ..Default::default()
+            });
+            mask_client_event(&broad, &mut e);
+            assert!(
+                matches!(&e, ev::event::Kind::Command(c) if c.text == recorded),
+                "{e:?}"
+            );
+        }
         assert!(!copy(b"PGCOPY\n\xff\r\n\0").starts_with(b"PGCOPY"));
         // No detectors or patterns: recorded as sent.
         let mut e = ev::event::Kind::Command(ev::CommandEvent {
