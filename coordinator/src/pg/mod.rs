@@ -561,6 +561,16 @@ impl<E: Engine> PgGateway<E> {
             .guard
             .local_policy(node)
             .map_err(|e| format!("policy unavailable: {}", e.message()))?;
+        // Guardrails and masking read the statement with sqlparser; where it
+        // would split the text differently from PostgreSQL they could judge
+        // another statement than the one that runs.
+        if let Some(what) = crate::policy::sql::lexer_divergence(sql, strings_conform) {
+            tracing::warn!(target: "audit", event = "statement_denied", subject = %a.id.subject, resource = %a.resource.name, "statement refused: the gateway cannot read it as PostgreSQL does");
+            return Err(format!(
+                "the statement is refused: it holds {what}, which the gateway cannot read the way PostgreSQL does (add a space, or turn standard_conforming_strings on)"
+            )
+            .into());
+        }
         if a.masker.has_column_rules() {
             use crate::policy::sql;
             if sql::is_copy_out(sql) {
@@ -652,16 +662,12 @@ impl<E: Engine> PgGateway<E> {
         };
         let node = &self.tunnels.node;
         let digest = crate::api::sessions::command_digest(sql);
-        // Approvers see the statement as the evidence holds it: masked, but
-        // token by token, so that no match hides SQL around it. The digest
-        // of the text as sent binds the approval to that exact statement.
-        let shown = if a.masker.masks_text() {
-            crate::policy::sql::mask_tokens(sql, &|t| a.masker.mask_text(t)).ok_or(
-                "the statement cannot be shown to approvers with its sensitive values masked (they span several SQL tokens, or masking would change how it reads); write them as plain string literals",
-            )?
-        } else {
-            sql.to_owned()
-        };
+        // Approvers see the statement as the evidence holds it: masked, where
+        // masking cannot change how it reads. The digest of the text as
+        // sent binds the approval to that exact statement.
+        let shown = a.masker.mask_statement(sql).ok_or(
+            "the statement cannot be shown to approvers with its sensitive values masked: masking would take away a line end, quote, `$`, `;` or comment delimiter and change how it reads",
+        )?;
         let principal = a.id.principal();
         // The same statement asked again (a client that did not wait, or a
         // reconnect) finds its own request: approved and unused runs now,
@@ -1443,17 +1449,12 @@ fn mask_client_event(m: &crate::policy::mask::Masker, e: &mut ev::event::Kind) {
     }
     match e {
         ev::event::Kind::Command(c) => {
-            // Token by token, so that no match hides the SQL around it from
-            // whoever reads the evidence; as one text when that cannot be
-            // done faithfully (it must be recorded masked either way).
-            match crate::policy::sql::mask_tokens(&c.text, &|t| m.mask_text(t)) {
-                Some(t) => c.text = t,
-                None => {
-                    if let Some(t) = m.mask_text(&c.text) {
-                        c.text = t;
-                    }
-                }
-            }
+            // Masked only where that cannot change how it reads (a match
+            // must not hide SQL from whoever reads the evidence); otherwise
+            // the text is withheld.
+            c.text = m.mask_statement(&c.text).unwrap_or_else(|| {
+                "[statement withheld: masking would change how it reads]".into()
+            });
             for p in &mut c.params {
                 if let Some(t) = m.mask_text(p) {
                     *p = t;
@@ -2051,20 +2052,20 @@ mod tests {
             o.data
         };
         assert_eq!(&copy(b"1\tbob@example.com\n")[..], b"1\t[email]\n");
-        // A broad pattern in a comment cannot hide the statement after it.
+        // A pattern that reaches past a line end cannot hide the statement
+        // after a comment: the text is withheld.
         let broad = Masker::new(&[&MaskingDoc {
             name: "broad".into(),
             detectors: vec![Detector::Email],
             columns: vec![],
-            patterns: vec!["secret.*".into()],
+            patterns: vec!["(?s)secret.*".into()],
         }])
         .unwrap();
         for (sent, recorded) in [
             (
                 "delete from t where id = 1 -- secret\n or true",
-                "delete from t where id = 1 -- [masked]\n or true",
+                "[statement withheld: masking would change how it reads]",
             ),
-            // Not faithfully possible token by token: masked as one text.
             ("select $$bob@example.com$$", "select $$[email]$$"),
         ] {
             let mut e = ev::event::Kind::Command(ev::CommandEvent {

@@ -585,6 +585,22 @@ impl Masker {
             .then_some(out)
     }
 
+    /// A statement's text masked, for approvers and the evidence; `None`
+    /// when a match would take away a character that decides how SQL reads
+    /// (a line end, quote, `$`, backslash, `;` or comment delimiter): the
+    /// masked text could then show code as a comment or a string, or hide
+    /// it. (The markers hold none of these, so equal counts mean no match
+    /// took one.)
+    pub fn mask_statement(&self, sql: &str) -> Option<String> {
+        const KEPT: [&str; 9] = ["\n", "\r", "'", "\"", "$", "\\", ";", "/*", "*/"];
+        let Some(masked) = self.mask_text(sql) else {
+            return Some(sql.to_owned());
+        };
+        KEPT.iter()
+            .all(|k| masked.matches(k).count() == sql.matches(k).count())
+            .then_some(masked)
+    }
+
     /// Appends a value given as bytes, masked, to `out` (UTF-8; other bytes
     /// are read as U+FFFD and the lossy text is what is masked); false, and
     /// `out` unchanged, when nothing matched. A value no detector can match
@@ -952,48 +968,49 @@ mod tests {
     }
 
     #[test]
-    fn statements_for_approvers_are_masked_token_by_token() {
+    fn statements_are_masked_only_where_that_cannot_change_how_they_read() {
         let m = all();
-        let f = |t: &str| m.mask_text(t);
-        let shown = |sql: &str| crate::policy::sql::mask_tokens(sql, &f);
         assert_eq!(
-            shown("delete from t where email = 'bob@example.com' -- for alice@example.com")
-                .as_deref(),
+            m.mask_statement(
+                "delete from t where email = 'bob@example.com' -- for alice@example.com"
+            )
+            .as_deref(),
             Some("delete from t where email = '[email]' -- for [email]")
         );
-        // A match cannot swallow the SQL after it (the private-key detector
-        // runs to the end of its text).
+        assert_eq!(m.mask_statement("select 1").as_deref(), Some("select 1"));
+        // The private-key detector runs to the end of the text: it would
+        // take the line end that closes the comment, and hide `or true`.
         assert_eq!(
-            shown("delete from t where id = 1 -- -----BEGIN PRIVATE KEY-----\n or true").as_deref(),
-            Some("delete from t where id = 1 -- [private_key]\n or true")
-        );
-        assert_eq!(
-            shown("do $$ begin perform 'x@example.com'; /* -----BEGIN PRIVATE KEY----- */ delete from t; end $$").as_deref(),
-            Some("do $$ begin perform '[email]'; /* [private_key]*/ delete from t; end $$")
-        );
-        assert_eq!(
-            shown("select E'a\\'b', \"ACCT-123456\", 4111111111111111, U&'x'").as_deref(),
-            Some("select E'a\\'b', \"[masked]\", [credit_card], U&'x'")
-        );
-        assert_eq!(shown("select 1").as_deref(), Some("select 1"));
-        // What masking cannot show faithfully is not shown: a value spread
-        // over tokens, or a quote removed by a custom pattern.
-        assert_eq!(shown("select $$bob@example.com$$"), None);
-        let quotes = Masker::new(&[&MaskingDoc {
-            name: "q".into(),
-            detectors: vec![],
-            columns: vec![],
-            patterns: vec!["x''".into()],
-        }])
-        .unwrap();
-        let fq = |t: &str| quotes.mask_text(t);
-        assert_eq!(
-            crate::policy::sql::mask_tokens("select 'ax''' or true", &fq),
+            m.mask_statement("delete from t where id = 1 -- -----BEGIN PRIVATE KEY-----\n or true"),
             None
         );
+        // A custom pattern that would take a quote, `;` or a comment end.
+        let broad = |p: &str| {
+            Masker::new(&[&MaskingDoc {
+                name: "b".into(),
+                detectors: vec![],
+                columns: vec![],
+                patterns: vec![p.into()],
+            }])
+            .unwrap()
+        };
+        for (pattern, sql) in [
+            ("x'+", "select 'ax''' or true"),
+            ("secret.*", "select 1; /* secret */ delete from t"),
+            ("secret.*", "select $$secret$$, 1"),
+            ("1;.*", "select 1; delete from t"),
+        ] {
+            assert_eq!(
+                broad(pattern).mask_statement(sql),
+                None,
+                "{pattern} on {sql}"
+            );
+        }
         assert_eq!(
-            crate::policy::sql::mask_tokens("select 'unterminated", &f),
-            None
+            broad("secret[a-z]*")
+                .mask_statement("select 'secretive' -- secrets\n, 1")
+                .as_deref(),
+            Some("select '[masked]' -- [masked]\n, 1")
         );
     }
 

@@ -152,6 +152,37 @@ fn classify_statement(s: &Statement, out: &mut BTreeSet<SqlClass>) {
     }
 }
 
+/// Where PostgreSQL's lexer and sqlparser's tokenizer split `sql`
+/// differently, so that guardrails and masking could read another statement
+/// than the one PostgreSQL runs: `--` or `/*` right after an operator
+/// character (PostgreSQL ends the operator there and starts a comment;
+/// sqlparser reads one operator), a dollar quote whose tag starts with a
+/// character sqlparser does not take, and, when `standard_conforming_strings`
+/// is off (`strings_conform` false), any backslash (an escape to PostgreSQL,
+/// not to sqlparser). `None` when they agree, as far as these rules see.
+pub fn lexer_divergence(sql: &str, strings_conform: bool) -> Option<&'static str> {
+    const OPERATOR: &[u8] = b"+*/<>=~!@#%^&|`?";
+    // (`//*` is a comment start either way.)
+    if sql
+        .as_bytes()
+        .windows(3)
+        .any(|w| (&w[1..] == b"--" || &w[1..] == b"/*") && OPERATOR.contains(&w[0]) && w[0] != w[1])
+    {
+        return Some("an operator directly followed by `--` or `/*`");
+    }
+    let chars: Vec<char> = sql.chars().collect();
+    if chars
+        .windows(2)
+        .any(|w| w[0] == '$' && !w[1].is_ascii() && !w[1].is_alphanumeric())
+    {
+        return Some("a dollar quote whose tag starts with a non-ASCII symbol");
+    }
+    if !strings_conform && sql.contains('\\') {
+        return Some("a backslash while standard_conforming_strings is off");
+    }
+    None
+}
+
 /// Whether the SQL contains a `COPY ... TO` (results leave as COPY data).
 pub fn is_copy_out(sql: &str) -> bool {
     // Every COPY statement spells the keyword; most statements need no parse.
@@ -722,109 +753,6 @@ fn plain_read(sql: &str) -> bool {
     true
 }
 
-/// `sql` as approvers may see it: `mask` applied to each token on its own
-/// (string literals, comments, numbers, names), so that no match reaches
-/// across SQL around it (a custom pattern or the private-key detector
-/// would otherwise swallow the rest of the statement); the bodies of
-/// dollar-quoted strings (`DO` blocks, function bodies) token by token too.
-/// `None` when the text does not tokenize, or when `mask` still finds
-/// something in the result (a value spread over several tokens).
-pub fn mask_tokens(sql: &str, mask: &dyn Fn(&str) -> Option<String>) -> Option<String> {
-    let out = mask_each_token(sql, mask)?;
-    mask(&out).is_none().then_some(out)
-}
-
-fn mask_each_token(sql: &str, mask: &dyn Fn(&str) -> Option<String>) -> Option<String> {
-    use sqlparser::tokenizer::{Token, Tokenizer, Whitespace};
-    let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql)
-        .tokenize_with_location()
-        .ok()?;
-    let mut out = String::with_capacity(sql.len());
-    // Token spans are (line, column) positions, counted as the tokenizer
-    // does; walk the text alongside them for byte offsets.
-    let mut chars = sql.char_indices().peekable();
-    let (mut line, mut col) = (1u64, 1u64);
-    let mut start = 0;
-    for t in tokens {
-        let to = (t.span.end.line, t.span.end.column);
-        while (line, col) != to {
-            let (_, c) = chars.next()?;
-            if c == '\n' {
-                line += 1;
-                col = 1;
-            } else {
-                col += 1;
-            }
-        }
-        let end = chars.peek().map_or(sql.len(), |(i, _)| *i);
-        let piece = &sql[start..end];
-        match &t.token {
-            Token::Whitespace(Whitespace::SingleLineComment { prefix, .. }) => {
-                // The line end stays outside: what follows is not comment.
-                let body = piece.trim_end_matches(['\n', '\r']).len();
-                let text = piece.get(prefix.len()..body)?;
-                out.push_str(&piece[..prefix.len()]);
-                out.push_str(&masked_inside(text, mask, &[])?);
-                out.push_str(&piece[body..]);
-            }
-            Token::Whitespace(Whitespace::MultiLineComment(_)) => {
-                let text = piece.get(2..piece.len().checked_sub(2)?)?;
-                out.push_str("/*");
-                out.push_str(&masked_inside(text, mask, &["/*", "*/"])?);
-                out.push_str("*/");
-            }
-            Token::Whitespace(_) => out.push_str(piece),
-            Token::DollarQuotedString(d) => {
-                let delimiter = d.tag.as_deref().map_or(2, |tag| tag.len() + 2);
-                let body = piece.get(delimiter..piece.len().checked_sub(delimiter)?)?;
-                if body != d.value {
-                    return None;
-                }
-                out.push_str(&piece[..delimiter]);
-                out.push_str(&mask_each_token(body, mask)?);
-                out.push_str(&piece[piece.len() - delimiter..]);
-            }
-            // Names and numbers: a value by themselves.
-            Token::Word(w) if w.quote_style.is_none() => {
-                out.push_str(&masked_inside(piece, mask, &[])?)
-            }
-            Token::Number(..) => out.push_str(&masked_inside(piece, mask, &[])?),
-            // Quoted names and literals of every kind (with a prefix such as
-            // `E`, `N`, `U&` or `X`): the inside masked, the quotes kept.
-            _ => match piece.find(['\'', '"']) {
-                Some(open) if piece.len() >= open + 2 && piece.ends_with(&piece[open..=open]) => {
-                    let quote = &piece[open..=open];
-                    let text = &piece[open + 1..piece.len() - 1];
-                    out.push_str(&piece[..=open]);
-                    out.push_str(&masked_inside(text, mask, &[quote, "\\"])?);
-                    out.push_str(quote);
-                }
-                // Operators and punctuation.
-                _ => out.push_str(piece),
-            },
-        }
-        start = end;
-    }
-    out.push_str(&sql[start..]);
-    Some(out)
-}
-
-/// `text` (the inside of one token) masked; `None` when masking changed how
-/// often one of `kept` occurs in it (a quote or escape removed could make
-/// the SQL around it read differently).
-fn masked_inside(
-    text: &str,
-    mask: &dyn Fn(&str) -> Option<String>,
-    kept: &[&str],
-) -> Option<String> {
-    let Some(masked) = mask(text) else {
-        return Some(text.to_owned());
-    };
-    kept.iter()
-        .all(|k| masked.matches(k).count() == text.matches(k).count())
-        .then_some(masked)
-}
-
 /// Parses `sql` once for [`Analysis`].
 pub fn analyze(sql: &str) -> Analysis {
     let escaped_names = unicode_escaped_identifier(sql);
@@ -1165,6 +1093,29 @@ mod tests {
         assert!(a.parsed && a.writes.stores);
         assert!(a.writes.values.columns.contains("card"));
         assert!(!analyze("SELECT lower(card) FROM t").writes.stores);
+    }
+
+    #[test]
+    fn where_postgres_and_sqlparser_split_text_differently_is_seen() {
+        for (sql, conform) in [
+            ("select 1 >-- '\n0; delete from t --'", true),
+            ("select 1 %/* */ 2", true),
+            ("select $\u{20ac}$'$\u{20ac}$ x", true),
+            ("select '\\'' ; delete from t; select '\\''", false),
+        ] {
+            assert!(lexer_divergence(sql, conform).is_some(), "{sql}");
+        }
+        for (sql, conform) in [
+            ("select 1 -- note\n, 2 /* c */ -- ---- \n", true),
+            (
+                "select 1 > -1, $$x$$, $tag$y$tag$, $\u{e9}t\u{e9}$z$\u{e9}t\u{e9}$",
+                true,
+            ),
+            ("select 'a\\b'", true),
+            ("select 'ab'", false),
+        ] {
+            assert_eq!(lexer_divergence(sql, conform), None, "{sql}");
+        }
     }
 
     #[test]
