@@ -666,7 +666,7 @@ impl<E: Engine> PgGateway<E> {
         // masking cannot change how it reads. The digest of the text as
         // sent binds the approval to that exact statement.
         let shown = a.masker.mask_statement(sql).ok_or(
-            "the statement cannot be shown to approvers with its sensitive values masked: masking would take away a line end, quote, `$`, `;` or comment delimiter and change how it reads",
+            "the statement cannot be shown to approvers with its sensitive values masked: masking would take away a line end, quote, `$`, backslash, `;` or comment delimiter and change how it reads",
         )?;
         let principal = a.id.principal();
         // The same statement asked again (a client that did not wait, or a

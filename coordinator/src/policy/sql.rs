@@ -170,10 +170,11 @@ pub fn lexer_divergence(sql: &str, strings_conform: bool) -> Option<&'static str
     {
         return Some("an operator directly followed by `--` or `/*`");
     }
-    let chars: Vec<char> = sql.chars().collect();
-    if chars
-        .windows(2)
-        .any(|w| w[0] == '$' && !w[1].is_ascii() && !w[1].is_alphanumeric())
+    if sql.contains('$')
+        && sql
+            .chars()
+            .zip(sql.chars().skip(1))
+            .any(|(d, c)| d == '$' && !c.is_ascii() && !c.is_alphanumeric())
     {
         return Some("a dollar quote whose tag starts with a non-ASCII symbol");
     }
