@@ -416,6 +416,16 @@ async fn sql_guardrails_deny_or_hold_statements_for_approval() {
     );
     let out = psql(&env, "delete from t where id = 3");
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // Text PostgreSQL would read differently from the guardrails (here a
+    // comment that hides an unbounded delete from sqlparser) is refused.
+    let out = psql(&env, "select 1 >-- '\n0; delete from t --'");
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cannot read the way PostgreSQL does"),
+        "{err}"
+    );
+    let out = psql(&env, "select count(*) from t");
+    assert_eq!(text(&out.stdout).trim(), "2", "nothing was deleted");
 
     // A drop is held until an approver approves it, then runs once.
     let held = spawn_psql(&env, "drop table scratch");
