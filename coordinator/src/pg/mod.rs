@@ -1575,9 +1575,20 @@ thread_local! {
     /// Per-thread buffers for masking rows (value positions, changes, and
     /// the block rewritten rows are carved from), so that masking a row
     /// allocates only for the values it rewrites.
-    #[allow(clippy::type_complexity)]
-    static ROW_SCRATCH: std::cell::RefCell<(Vec<Span>, Vec<Change>, String, BytesMut)> =
-        std::cell::RefCell::new((Vec::new(), Vec::new(), String::new(), BytesMut::new()));
+    static ROW_SCRATCH: std::cell::RefCell<RowScratch> = std::cell::RefCell::default();
+}
+
+/// See [`ROW_SCRATCH`].
+#[derive(Default)]
+struct RowScratch {
+    /// Where each value of the row sits.
+    spans: Vec<Span>,
+    /// What masking does to each value (empty: nothing changed).
+    changes: Vec<Change>,
+    /// The row's rewritten values, which `Change::To` points into.
+    rewritten: String,
+    /// The block rewritten rows are carved from.
+    block: BytesMut,
 }
 
 /// Applies masking to a server message: DataRow values and COPY data.
@@ -1588,7 +1599,12 @@ fn mask_frame(
 ) -> Result<Frame, pg::PgError> {
     match f.tag {
         btag::DATA_ROW => ROW_SCRATCH.with(|scratch| {
-            let (spans, changes, rewritten, block) = &mut *scratch.borrow_mut();
+            let RowScratch {
+                spans,
+                changes,
+                rewritten,
+                block,
+            } = &mut *scratch.borrow_mut();
             pg::data_row_spans(&f.body, spans)?;
             let value = |span: Option<(usize, usize)>| span.map(|(at, len)| &f.body[at..at + len]);
             if shape.unknown {
