@@ -67,10 +67,10 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// Three etcd processes on loopback, killed on drop. Like Custody they use TLS
 /// on every link (client and peer), so the comparison carries the same costs.
-struct Etcd {
+pub(crate) struct Etcd {
     children: Vec<Child>,
-    clients: Vec<String>,
-    ca_pem: String,
+    pub(crate) clients: Vec<String>,
+    pub(crate) ca_pem: String,
 }
 
 /// A CA and one certificate for 127.0.0.1 (etcd's client and peer ports).
@@ -99,7 +99,7 @@ impl Drop for Etcd {
     }
 }
 
-fn start_etcd(dir: &Path) -> anyhow::Result<Etcd> {
+pub(crate) fn start_etcd(dir: &Path) -> anyhow::Result<Etcd> {
     which("etcd")?;
     let peers: Vec<u16> = (0..3).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
     let clients: Vec<u16> = (0..3).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
@@ -161,7 +161,7 @@ fn start_etcd(dir: &Path) -> anyhow::Result<Etcd> {
     })
 }
 
-fn which(bin: &str) -> anyhow::Result<()> {
+pub(crate) fn which(bin: &str) -> anyhow::Result<()> {
     let ok = Command::new("sh")
         .arg("-c")
         .arg(format!("command -v {bin}"))
@@ -174,14 +174,14 @@ fn which(bin: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn etcd_options(ca_pem: &str) -> etcd_client::ConnectOptions {
+pub(crate) fn etcd_options(ca_pem: &str) -> etcd_client::ConnectOptions {
     etcd_client::ConnectOptions::new().with_tls(
         etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(ca_pem)),
     )
 }
 
 /// The etcd member that leads, as a client URL.
-async fn etcd_leader(urls: &[String], ca_pem: &str) -> anyhow::Result<String> {
+pub(crate) async fn etcd_leader(urls: &[String], ca_pem: &str) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         for u in urls {

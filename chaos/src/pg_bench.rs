@@ -264,6 +264,89 @@ fn row(name: &str, path: &str, r: (f64, f64)) {
     println!("{name:<22} {path:<16} {:>10.0} {:>12.3}", r.0, r.1);
 }
 
+/// The select-only statement over tokio-postgres, in `clients` loops for
+/// `seconds`, each statement preceded by `before` (a no-op, or a commit to
+/// etcd): (tps, average latency ms), as pgbench reports them.
+async fn select_loop<F, Fut>(
+    conninfo: &str,
+    clients: usize,
+    seconds: u64,
+    accounts: u32,
+    before: F,
+) -> anyhow::Result<(f64, f64)>
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let start = std::time::Instant::now();
+    let run = Duration::from_secs(seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..clients {
+        let (pg, conn) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls)
+            .await
+            .context("connect to PostgreSQL")?;
+        tokio::spawn(conn);
+        let before = before.clone();
+        tasks.spawn(async move {
+            let mut done = 0u64;
+            while start.elapsed() < run {
+                before(w, done).await?;
+                let aid = rand::random::<u32>() % accounts + 1;
+                pg.simple_query(&format!(
+                    "SELECT abalance FROM pgbench_accounts WHERE aid = {aid}"
+                ))
+                .await?;
+                done += 1;
+            }
+            anyhow::Ok(done)
+        });
+    }
+    let mut total = 0u64;
+    while let Some(r) = tasks.join_next().await {
+        total += r??;
+    }
+    let tps = total as f64 / start.elapsed().as_secs_f64();
+    Ok((tps, clients as f64 / tps * 1000.0))
+}
+
+/// The floor strict evidence puts under any gateway on this machine: the
+/// select-only loop direct, then with each statement first committed (a
+/// 256-byte put) to a 3-node etcd with fsync and TLS, as a strict gateway
+/// must commit its evidence before forwarding. `None` when etcd is not
+/// installed.
+async fn commit_floor(
+    dir: &std::path::Path,
+    conninfo: &str,
+    clients: usize,
+    seconds: u64,
+    accounts: u32,
+) -> anyhow::Result<Option<((f64, f64), (f64, f64))>> {
+    if crate::bench::which("etcd").is_err() {
+        return Ok(None);
+    }
+    let plain = select_loop(conninfo, clients, seconds, accounts, |_, _| async {
+        anyhow::Ok(())
+    })
+    .await?;
+    std::fs::create_dir_all(dir)?;
+    let etcd = crate::bench::start_etcd(dir)?;
+    let url = crate::bench::etcd_leader(&etcd.clients, &etcd.ca_pem).await?;
+    let kv = etcd_client::Client::connect([url], Some(crate::bench::etcd_options(&etcd.ca_pem)))
+        .await?
+        .kv_client();
+    let record = vec![b'e'; 256];
+    let committed = select_loop(conninfo, clients, seconds, accounts, move |w, i| {
+        let (mut kv, record) = (kv.clone(), record.clone());
+        async move {
+            kv.put(format!("evidence/{w}/{i}"), record, None).await?;
+            anyhow::Ok(())
+        }
+    })
+    .await?;
+    drop(etcd);
+    Ok(Some((plain, committed)))
+}
+
 /// `only`: the workloads to run (`select`, `tpcb`, `masking`); empty = all.
 /// `gateway`: the node whose gateway the clients use — an id, `leader` or
 /// `follower` (`None`: the first that answers, as the CLI picks).
@@ -283,6 +366,21 @@ pub async fn postgres(
     let tmp = tempfile::tempdir()?;
     let pg = LocalPostgres::start(&tmp.path().join("pg"))?;
     let direct = pg.direct_env();
+    let var = |k: &str| {
+        direct
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let conninfo = format!(
+        "host={} port={} user={} password={} dbname={}",
+        var("PGHOST"),
+        var("PGPORT"),
+        var("PGUSER"),
+        var("PGPASSWORD"),
+        var("PGDATABASE")
+    );
     let out = Command::new("pgbench")
         .args(["-i", "-q", "-s", &scale.to_string()])
         .envs(direct.iter().cloned())
@@ -426,6 +524,28 @@ pub async fn postgres(
         if let Some(b) = b {
             row(name, "pgbouncer", b);
         }
+        let floor = if key == "select" {
+            commit_floor(
+                &tmp.path().join("etcd"),
+                &conninfo,
+                clients,
+                seconds,
+                scale * 100_000,
+            )
+            .await?
+        } else {
+            None
+        };
+        match floor {
+            Some((plain, committed)) => {
+                row(name, "loop direct", plain);
+                row(name, "loop etcd+select", committed);
+            }
+            None if key == "select" => {
+                println!("{name:<22} (etcd not installed: no commit-floor baseline)")
+            }
+            None => {}
+        }
         let (cu, cu_cpu) = measured(strict_port, &strict_proc, &all)?;
         row(name, "custody strict", cu);
         let (ca, ca_cpu) = measured(async_port, &async_proc, &all)?;
@@ -449,6 +569,13 @@ pub async fn postgres(
                 ca.0 / b.0
             ),
             None => println!(" (pgbouncer not installed: no baseline)"),
+        }
+        if let Some((plain, committed)) = floor {
+            println!(
+                "{name:<22} commit floor: an etcd commit before each statement leaves {:.2} of the direct loop; custody strict/that floor {:.2}",
+                committed.0 / plain.0,
+                cu.0 / committed.0
+            );
         }
     }
 
