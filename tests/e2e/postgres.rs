@@ -621,6 +621,90 @@ async fn sql_guardrails_deny_or_hold_statements_for_approval() {
             .any(|e| e["event"]["verb"] == "execute" && e["event"]["text"] == "delete from t"),
         "a refused statement recorded as executed"
     );
+
+    // Statements that run other statements are judged by what they run: a
+    // data-modifying WITH, EXPLAIN ANALYZE, and a PREPARE that would need
+    // an approval for each later EXECUTE.
+    for sql in [
+        "WITH x AS (SELECT 1) DELETE FROM t",
+        "with d as (delete from t returning *) select count(*) from d",
+        "EXPLAIN ANALYZE DELETE FROM t",
+    ] {
+        let out = psql(&env, sql);
+        let err = text(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("no-unbounded-deletes"),
+            "{sql}: {err}"
+        );
+    }
+    let out = psql(&env, "PREPARE p AS DROP TABLE t");
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cannot be prepared with PREPARE"),
+        "{err}"
+    );
+    let out = psql(&env, "select count(*) from t");
+    assert_eq!(text(&out.stdout).trim(), "2", "nothing was deleted");
+
+    // One approval, one execution: a statement prepared (protocol Parse) on
+    // an approval runs once; executing it again is refused, so the table
+    // made again after the first run stays.
+    let out = psql(&env, "create table scratch5(x int)");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let local = connect(&c, &alice, "db").await;
+    let mut wire = RawPg::connect_with(local.1, &[("options", "-c custody.no_wait=on")]).await;
+    let prepare = [
+        RawPg::parse_named("d", "drop table if exists scratch5"),
+        (pg::ftag::SYNC, vec![]),
+    ];
+    let got = wire.exchange(&prepare).await;
+    let err = pg::decode_notice(&got[0].body).unwrap();
+    let msg = err.get(b'M').unwrap_or_default().to_owned();
+    let id5 = msg
+        .split("approval required: request ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("a request id in {msg:?}"))
+        .to_owned();
+    let out = custody(&c, &[], &bob, &["approvals", "approve", &id5]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got = wire.exchange(&prepare).await;
+    let tags: Vec<char> = got.iter().map(|f| f.tag as char).collect();
+    assert_eq!(tags, ['1', 'Z'], "{got:?}");
+    let run = [
+        RawPg::bind_named("d"),
+        RawPg::execute(),
+        (pg::ftag::SYNC, vec![]),
+    ];
+    let got = wire.exchange(&run).await;
+    let tags: Vec<char> = got.iter().map(|f| f.tag as char).collect();
+    assert_eq!(tags, ['2', 'C', 'Z'], "{got:?}");
+    let out = psql(&env, "create table scratch5(x int)");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got = wire.exchange(&run).await;
+    let tags: Vec<char> = got.iter().map(|f| f.tag as char).collect();
+    assert_eq!(tags, ['2', 'E', 'Z'], "{got:?}");
+    let err = pg::decode_notice(&got[1].body).unwrap();
+    assert_eq!(err.get(b'C'), Some("42501"));
+    assert!(
+        err.get(b'M')
+            .is_some_and(|m| m.contains(&format!("approval request {id5} covered one execution"))),
+        "{err:?}"
+    );
+    let out = psql(
+        &env,
+        "select count(*) from pg_tables where tablename = 'scratch5'",
+    );
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "1",
+        "the second execution did not run"
+    );
+    // The session goes on.
+    let got = wire
+        .exchange(&[(pg::ftag::QUERY, b"select 1\0".to_vec())])
+        .await;
+    assert!(got.iter().any(|f| f.tag == b'D'), "{got:?}");
 }
 
 /// A hand-driven protocol client (plaintext, for `custody connect`).
@@ -631,6 +715,11 @@ struct RawPg {
 
 impl RawPg {
     async fn connect(port: u16) -> Self {
+        Self::connect_with(port, &[]).await
+    }
+
+    /// Connects with more startup parameters.
+    async fn connect_with(port: u16, extra: &[(&str, &str)]) -> Self {
         use tokio::io::AsyncWriteExt as _;
         let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
@@ -640,7 +729,9 @@ impl RawPg {
             buf: bytes::BytesMut::new(),
         };
         let mut out = bytes::BytesMut::new();
-        pg::encode_startup(&[("user", "x"), ("database", "db")], &mut out);
+        let mut params = vec![("user", "x"), ("database", "db")];
+        params.extend_from_slice(extra);
+        pg::encode_startup(&params, &mut out);
         me.s.write_all(&out).await.unwrap();
         me.until_ready().await;
         me
@@ -655,6 +746,22 @@ impl RawPg {
 
     fn bind() -> (u8, Vec<u8>) {
         (pg::ftag::BIND, vec![0, 0, 0, 0, 0, 0, 0, 0])
+    }
+
+    fn parse_named(name: &str, sql: &str) -> (u8, Vec<u8>) {
+        let mut b = name.as_bytes().to_vec();
+        b.push(0);
+        b.extend_from_slice(sql.as_bytes());
+        b.extend_from_slice(&[0, 0, 0]);
+        (pg::ftag::PARSE, b)
+    }
+
+    /// Binds the unnamed portal to `statement`.
+    fn bind_named(statement: &str) -> (u8, Vec<u8>) {
+        let mut b = vec![0];
+        b.extend_from_slice(statement.as_bytes());
+        b.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0]);
+        (pg::ftag::BIND, b)
     }
 
     fn execute() -> (u8, Vec<u8>) {

@@ -543,8 +543,8 @@ impl<E: Engine> PgGateway<E> {
     }
 
     /// Applies the policy's guardrails to one statement: `Ok` to run it
-    /// (after an approval, when one was required and granted), `Err` with
-    /// why it must not run.
+    /// (with the id of the approval request it runs on, when one was
+    /// required and granted), `Err` with why it must not run.
     #[allow(clippy::too_many_arguments)]
     async fn check_statement<S: AsyncRead + AsyncWrite + Unpin + Send>(
         &self,
@@ -555,7 +555,7 @@ impl<E: Engine> PgGateway<E> {
         evq: &mut Vec<ev::event::Kind>,
         client: &mut S,
         cbuf: &mut BytesMut,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Option<u64>, Refusal> {
         let node = &self.tunnels.node;
         let policy = self
             .guard
@@ -618,7 +618,7 @@ impl<E: Engine> PgGateway<E> {
             command: Some(sql),
         });
         match d.effect {
-            Effect::Allow => Ok(()),
+            Effect::Allow => Ok(None),
             Effect::Deny => {
                 tracing::warn!(target: "audit", event = "statement_denied", subject = %a.id.subject, resource = %a.resource.name, rule = ?d.rule, "statement refused");
                 Err(d.reason.into())
@@ -631,32 +631,38 @@ impl<E: Engine> PgGateway<E> {
                     .as_deref()
                     .is_some_and(|r| r.starts_with("guardrail:")) =>
             {
-                Ok(())
+                Ok(None)
             }
             Effect::RequireApproval => {
+                if crate::policy::sql::prepares(sql) {
+                    return Err("a statement that needs approval cannot be prepared with PREPARE (each EXECUTE would run it again on one approval); run it directly".into());
+                }
                 let doc = d
                     .approval
                     .clone()
                     .ok_or("approval required without an approval block")?;
-                self.hold_for_approval(sql, a, evq, client, cbuf, &d, doc)
+                self.hold_for_approval(sql, session, a, evq, client, cbuf, &d, doc)
                     .await
+                    .map(Some)
             }
         }
     }
 
     /// Creates an approval request for `sql`, tells the client (NOTICE) and
-    /// waits for the decision; an approval is spent on this execution.
+    /// waits for the decision; an approval is spent on this execution (its
+    /// request id is returned).
     #[allow(clippy::too_many_arguments)]
     async fn hold_for_approval<S: AsyncRead + AsyncWrite + Unpin + Send>(
         &self,
         sql: &str,
+        session: &str,
         a: &Authorized,
         evq: &mut Vec<ev::event::Kind>,
         client: &mut S,
         cbuf: &mut BytesMut,
         d: &crate::policy::Decision,
         doc: crate::policy::ApprovalDoc,
-    ) -> Result<(), Refusal> {
+    ) -> Result<u64, Refusal> {
         use crate::state::approvals::{
             approval_get, approvals_list, effective_status, ApprovalCommand,
         };
@@ -770,7 +776,7 @@ impl<E: Engine> PgGateway<E> {
                     requester: a.id.principal(),
                     resource: a.resource.name.clone(),
                     command_sha256: digest.to_vec().into(),
-                    session_id: String::new(),
+                    session_id: session.to_owned(),
                 }))),
                 None,
             )
@@ -782,7 +788,7 @@ impl<E: Engine> PgGateway<E> {
         if let Ok(Some(r)) = approval_get(node.store(), id) {
             evq.push(crate::api::sessions::approval_event(&r));
         }
-        Ok(())
+        Ok(id)
     }
 
     /// The names of the tables behind `fields` (from the cache, or looked up
@@ -1043,8 +1049,20 @@ impl<E: Engine> PgGateway<E> {
                             // A function call can run any SQL (query_to_xml) with no
                             // statement text to check.
                             Some(Refusal::from("the function-call protocol is not available through the gateway; use SELECT"))
+                        } else if let Some(why) = step.refused {
+                            Some(Refusal::from(why))
                         } else if let Some(sql) = step.statement {
-                            self.check_statement(&sql, rec.session_id(), st.strings_conform, a, evq, s, cbuf).await.err()
+                            match self.check_statement(&sql, rec.session_id(), st.strings_conform, a, evq, s, cbuf).await {
+                                Ok(Some(request)) if f.tag == pg::ftag::PARSE => {
+                                    // One approval, one execution: later
+                                    // Executes of this statement are refused.
+                                    let name = pg::decode_parse(&f.body).map(|p| p.name).unwrap_or_default();
+                                    st.relay.runs_once(&name, request);
+                                    None
+                                }
+                                Ok(_) => None,
+                                Err(r) => Some(r),
+                            }
                         } else {
                             None
                         };
@@ -1072,9 +1090,15 @@ impl<E: Engine> PgGateway<E> {
                                 error: format!("42501: {refusal}"),
                                 ..Default::default()
                             }));
-                            if f.tag == pg::ftag::PARSE {
-                                // The server skips the rest of the sequence.
-                                let name = pg::decode_parse(&f.body).map(|p| p.name).unwrap_or_default();
+                            if matches!(f.tag, pg::ftag::PARSE | pg::ftag::EXECUTE) {
+                                // A Parse that fails at the server stands in
+                                // (for an Execute, under a name of its own);
+                                // the server skips the rest of the sequence.
+                                let name = if f.tag == pg::ftag::PARSE {
+                                    pg::decode_parse(&f.body).map(|p| p.name).unwrap_or_default()
+                                } else {
+                                    REFUSED_STAND_IN.to_owned()
+                                };
                                 pg::encode_frame(pg::ftag::PARSE, &refused_parse(&name), &mut to_edge);
                                 unsynced = true;
                                 doomed = true;

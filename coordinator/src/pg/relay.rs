@@ -28,6 +28,9 @@ pub struct ClientStep {
     /// SQL the message asks the server to prepare or run (Query, Parse),
     /// for guardrails.
     pub statement: Option<String>,
+    /// The message must not run: an Execute of a statement prepared on an
+    /// approval that an earlier execution spent.
+    pub refused: Option<String>,
 }
 
 /// Per-session recording caps for results.
@@ -178,6 +181,9 @@ pub struct Relay {
     /// Result columns of described portals (formats as the server says), by
     /// generation.
     portal_columns: HashMap<u64, Vec<pg::Field>>,
+    /// Statements prepared on an approval (by generation): the approval's
+    /// request id, and whether an execution spent it.
+    approved_once: HashMap<u64, (u64, bool)>,
     /// Columns of the DataRows arriving now; `None` when unknown.
     current: Option<Vec<pg::Field>>,
     /// Bumped whenever `current` changes.
@@ -268,6 +274,15 @@ impl Relay {
         Some(l)
     }
 
+    /// The statement `name` (as last parsed) was allowed on approval
+    /// `request`, which covers one execution: the first Execute of a portal
+    /// bound from it runs, later ones are refused.
+    pub fn runs_once(&mut self, name: &str, request: u64) {
+        if let Some(g) = self.statement_gen.get(name) {
+            self.approved_once.insert(*g, (request, false));
+        }
+    }
+
     fn next_generation(&mut self) -> u64 {
         self.generations += 1;
         self.generations
@@ -322,6 +337,14 @@ impl Relay {
                 let (portal, _) = pg::decode_execute(&f.body)?;
                 let (text, params) = self.portals.get(&portal).cloned().unwrap_or_default();
                 let binding = self.bound.get(&portal).cloned().unwrap_or_default();
+                if let Some((request, spent)) = self.approved_once.get_mut(&binding.statement) {
+                    if *spent {
+                        step.refused = Some(format!(
+                            "approval request {request} covered one execution of this prepared statement, which has run; prepare it again to ask for another approval"
+                        ));
+                    }
+                    *spent = true;
+                }
                 self.owed.push_back(Owed::Execute(binding));
                 step.events.push(command(text, params, "execute"));
                 step.executes = true;
@@ -444,6 +467,7 @@ impl Relay {
         self.statement_source.retain(|g, _| live.contains(g));
         self.statement_columns.retain(|g, _| live.contains(g));
         self.portal_columns.retain(|g, _| live.contains(g));
+        self.approved_once.retain(|g, _| live.contains(g));
     }
 
     /// Follows one server message (before it is masked or recorded): keeps
@@ -658,6 +682,29 @@ mod tests {
                 "execute"
             )]
         );
+    }
+
+    #[test]
+    fn a_statement_prepared_on_an_approval_runs_once() {
+        let mut r = Relay::default();
+        r.client(&parse("held", "delete from t")).unwrap();
+        r.runs_once("held", 7);
+        r.client(&parse("other", "select 1")).unwrap();
+        let run = |r: &mut Relay, statement: &str, portal: &str| {
+            r.client(&bind(portal, statement, &[])).unwrap();
+            r.client(&execute(portal)).unwrap().refused
+        };
+        assert_eq!(run(&mut r, "held", ""), None);
+        // Again, through another portal too: refused, with the request named.
+        let again = run(&mut r, "held", "p2").expect("a second execution is refused");
+        assert!(again.contains("approval request 7"), "{again}");
+        assert!(run(&mut r, "held", "").is_some());
+        // Other statements are not limited.
+        assert_eq!(run(&mut r, "other", ""), None);
+        assert_eq!(run(&mut r, "other", ""), None);
+        // Parsed again (checked again by the gateway), the name starts over.
+        r.client(&parse("held", "delete from t")).unwrap();
+        assert_eq!(run(&mut r, "held", ""), None);
     }
 
     #[test]

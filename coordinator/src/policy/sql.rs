@@ -100,6 +100,26 @@ fn by_keyword(words: &[String], out: &mut BTreeSet<SqlClass>) {
     }
 }
 
+/// Keyword classes of an unparsed statement, and of the statements it may
+/// run: after `WITH`, `EXPLAIN`, `PREPARE` or `COPY (`, each DML keyword
+/// starts one (`WITH x AS (…) DELETE FROM t`).
+fn by_keywords(words: &[String], out: &mut BTreeSet<SqlClass>) {
+    by_keyword(words, out);
+    if matches!(
+        words.first().map(String::as_str),
+        Some("with" | "explain" | "prepare" | "copy")
+    ) {
+        for (i, w) in words.iter().enumerate().skip(1) {
+            if matches!(
+                w.as_str(),
+                "insert" | "update" | "delete" | "merge" | "truncate"
+            ) {
+                by_keyword(&words[i..], out);
+            }
+        }
+    }
+}
+
 /// The words of `text`, lowercase, outside comments and string literals
 /// (sqlparser's tokenizer; a plain split when even that fails), so a comment
 /// cannot pose as the first keyword.
@@ -121,7 +141,79 @@ fn words(text: &str) -> Vec<String> {
     }
 }
 
+/// Classes of `s` and of every statement it runs: the DML of a `WITH`
+/// clause or of `WITH … DELETE`, `COPY (DELETE … RETURNING …) TO`, what
+/// `EXPLAIN ANALYZE` runs, and what `PREPARE` prepares (what a later
+/// `EXECUTE` runs).
 fn classify_statement(s: &Statement, out: &mut BTreeSet<SqlClass>) {
+    match s {
+        Statement::Explain {
+            analyze,
+            statement,
+            options,
+            ..
+        } => {
+            out.insert(SqlClass::Read);
+            // Plain EXPLAIN only plans; with ANALYZE it runs the statement.
+            let runs = *analyze
+                || options.iter().flatten().any(|o| {
+                    o.name.value.eq_ignore_ascii_case("analyze")
+                        && !o.arg.as_ref().is_some_and(|a| {
+                            let v = a.to_string().to_ascii_lowercase();
+                            matches!(v.as_str(), "false" | "off" | "0" | "'false'" | "'off'")
+                        })
+                });
+            if runs {
+                classify_statement(statement, out);
+            }
+        }
+        Statement::Prepare { statement, .. } => classify_statement(statement, out),
+        _ => {
+            classify_one(s, out);
+            let _ = s.visit(&mut NestedStatements { out });
+        }
+    }
+}
+
+/// Finds the statements a query runs besides reading: `SetExpr` DML
+/// (`WITH x AS (DELETE …) SELECT …`, `WITH … UPDATE …`, `COPY (DELETE …
+/// RETURNING …) TO`) and `SELECT … INTO` (creates and fills a table).
+struct NestedStatements<'a> {
+    out: &'a mut BTreeSet<SqlClass>,
+}
+
+impl NestedStatements<'_> {
+    fn set_expr(&mut self, e: &SetExpr) {
+        match e {
+            SetExpr::Select(s) if s.into.is_some() => {
+                self.out.insert(SqlClass::Write);
+                self.out.insert(SqlClass::Ddl);
+            }
+            SetExpr::Insert(s) | SetExpr::Update(s) | SetExpr::Delete(s) | SetExpr::Merge(s) => {
+                classify_one(s, self.out)
+            }
+            SetExpr::SetOperation { left, right, .. } => {
+                self.set_expr(left);
+                self.set_expr(right);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Visitor for NestedStatements<'_> {
+    type Break = ();
+
+    // Every query, however deeply nested (CTEs, subqueries, COPY sources),
+    // comes through here; statements inside them are visited too.
+    fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+        self.set_expr(&q.body);
+        ControlFlow::Continue(())
+    }
+}
+
+/// The classes of `s` itself, not of the statements inside it.
+fn classify_one(s: &Statement, out: &mut BTreeSet<SqlClass>) {
     match s {
         Statement::Query(_) => {
             out.insert(SqlClass::Read);
@@ -182,6 +274,17 @@ pub fn lexer_divergence(sql: &str, strings_conform: bool) -> Option<&'static str
         return Some("a backslash while standard_conforming_strings is off");
     }
     None
+}
+
+/// Whether the SQL holds an SQL-level `PREPARE` (whose statement each later
+/// `EXECUTE` runs again).
+pub fn prepares(sql: &str) -> bool {
+    match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        Ok(stmts) => stmts.iter().any(|s| matches!(s, Statement::Prepare { .. })),
+        Err(_) => sql
+            .split(';')
+            .any(|p| words(p).first().map(String::as_str) == Some("prepare")),
+    }
 }
 
 /// Whether the SQL contains a `COPY ... TO` (results leave as COPY data).
@@ -881,7 +984,7 @@ pub fn classify(sql: &str) -> BTreeSet<SqlClass> {
                 out.insert(SqlClass::MultiStatement);
             }
             for p in parts {
-                by_keyword(&words(p), &mut out);
+                by_keywords(&words(p), &mut out);
             }
         }
     }
@@ -919,6 +1022,57 @@ mod tests {
         );
         assert_eq!(c("begin"), Vec::<SqlClass>::new());
         assert!(is_copy_out("COPY (select 1) TO STDOUT"));
+    }
+
+    #[test]
+    fn statements_run_by_other_statements_are_classified_too() {
+        // Data-modifying WITH, in either place PostgreSQL takes it.
+        assert_eq!(
+            c("WITH x AS (SELECT 1) DELETE FROM orders"),
+            [Read, Write, DeleteWithoutWhere]
+        );
+        assert_eq!(
+            c("with d as (delete from orders returning *) select * from d"),
+            [Read, Write, DeleteWithoutWhere]
+        );
+        assert_eq!(
+            c("WITH u AS (UPDATE t SET a = 0 RETURNING a) SELECT 1 UNION SELECT a FROM u"),
+            [Read, Write, UpdateWithoutWhere]
+        );
+        assert_eq!(
+            c("with d as (delete from t where id = 1 returning *) select * from d"),
+            [Read, Write]
+        );
+        // EXPLAIN ANALYZE runs the statement; plain EXPLAIN does not.
+        assert_eq!(
+            c("EXPLAIN ANALYZE DELETE FROM orders"),
+            [Read, Write, DeleteWithoutWhere]
+        );
+        assert_eq!(
+            c("explain (analyze, buffers) update t set a = 1"),
+            [Read, Write, UpdateWithoutWhere]
+        );
+        assert_eq!(c("explain (analyze false) delete from orders"), [Read]);
+        assert_eq!(c("EXPLAIN DELETE FROM orders"), [Read]);
+        // What PREPARE prepares is what EXECUTE runs.
+        assert_eq!(
+            c("PREPARE p AS UPDATE t SET a = 0"),
+            [Write, UpdateWithoutWhere]
+        );
+        assert_eq!(c("prepare p (int) as drop table t"), [Ddl, Drop]);
+        // COPY of a data-modifying query, and SELECT INTO (a new table).
+        assert_eq!(
+            c("COPY (DELETE FROM t RETURNING *) TO STDOUT"),
+            [Read, Write, DeleteWithoutWhere]
+        );
+        assert_eq!(c("SELECT * INTO t2 FROM t"), [Read, Write, Ddl]);
+        // Text that does not parse still shows its DML after WITH.
+        let odd = c("WITH x AS (SELECT xmlelement(name foo)) DELETE FROM t");
+        assert!(odd.contains(&Unparsed) && odd.contains(&DeleteWithoutWhere));
+        assert!(prepares("select 1; PREPARE p AS DELETE FROM t"));
+        assert!(prepares("prepare p as select xmlelement(name foo)"));
+        assert!(!prepares("execute p"));
+        assert!(!prepares("select 'prepare'"));
         assert!(!is_copy_out("copy t from stdin"));
     }
 
