@@ -705,6 +705,89 @@ async fn sql_guardrails_deny_or_hold_statements_for_approval() {
         .exchange(&[(pg::ftag::QUERY, b"select 1\0".to_vec())])
         .await;
     assert!(got.iter().any(|f| f.tag == b'D'), "{got:?}");
+
+    // Names the gateway did not see prepared (SQL DEALLOCATE, then PREPARE
+    // under the same name) are refused at Bind: what they return cannot be
+    // told.
+    let got = wire
+        .exchange(&[
+            RawPg::parse_named("s", "select 1"),
+            (pg::ftag::SYNC, vec![]),
+        ])
+        .await;
+    assert_eq!(got[0].tag, b'1', "{got:?}");
+    for q in ["DEALLOCATE s", "PREPARE s AS SELECT count(*) FROM t"] {
+        let got = wire
+            .exchange(&[(pg::ftag::QUERY, format!("{q}\0").into_bytes())])
+            .await;
+        assert!(got.iter().all(|f| f.tag != b'E'), "{q}: {got:?}");
+    }
+    let got = wire
+        .exchange(&[
+            RawPg::bind_named("s"),
+            RawPg::execute(),
+            (pg::ftag::SYNC, vec![]),
+        ])
+        .await;
+    let err = pg::decode_notice(&got[0].body).unwrap();
+    assert_eq!(err.get(b'C'), Some("42501"), "{got:?}");
+    assert!(
+        err.get(b'M')
+            .is_some_and(|m| m.contains("unknown to the gateway")),
+        "{err:?}"
+    );
+
+    // A setting changed by a statement sent in the same write is in force
+    // when the next statement is read: with standard_conforming_strings
+    // turned off first, the backslash that would hide a delete from the
+    // guardrails is refused, and nothing is deleted.
+    use tokio::io::AsyncWriteExt as _;
+    let mut out = bytes::BytesMut::new();
+    for q in [
+        "SET standard_conforming_strings = off",
+        "SELECT '\\' AS a, ' ; DELETE FROM t; --'",
+    ] {
+        pg::encode_frame(pg::ftag::QUERY, format!("{q}\0").as_bytes(), &mut out);
+    }
+    wire.s.write_all(&out).await.unwrap();
+    let first = wire.until_ready().await;
+    assert!(first.iter().all(|f| f.tag != b'E'), "{first:?}");
+    let second = wire.until_ready().await;
+    let err = second
+        .iter()
+        .find(|f| f.tag == b'E')
+        .map(|f| pg::decode_notice(&f.body).unwrap())
+        .unwrap_or_else(|| panic!("refused: {second:?}"));
+    assert!(
+        err.get(b'M')
+            .is_some_and(|m| m.contains("standard_conforming_strings")),
+        "{err:?}"
+    );
+    // A client encoding whose characters can hold ASCII bytes (SJIS) would
+    // let PostgreSQL read non-ASCII text differently: refused until UTF8.
+    for (q, refused) in [
+        ("SET client_encoding = 'SJIS'", false),
+        ("select 'caf\u{e9}'", true),
+        ("select 1", false),
+        ("SET client_encoding = 'UTF8'", false),
+        ("select 'caf\u{e9}'", false),
+    ] {
+        let got = wire
+            .exchange(&[(pg::ftag::QUERY, format!("{q}\0").into_bytes())])
+            .await;
+        let err = got.iter().find(|f| f.tag == b'E');
+        assert_eq!(err.is_some(), refused, "{q}: {got:?}");
+        if let Some(e) = err {
+            let n = pg::decode_notice(&e.body).unwrap();
+            assert!(
+                n.get(b'M')
+                    .is_some_and(|m| m.contains("client_encoding SJIS")),
+                "{n:?}"
+            );
+        }
+    }
+    let out = psql(&env, "select count(*) from t");
+    assert_eq!(text(&out.stdout).trim(), "2", "nothing was deleted");
 }
 
 /// A hand-driven protocol client (plaintext, for `custody connect`).

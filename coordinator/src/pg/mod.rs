@@ -551,6 +551,7 @@ impl<E: Engine> PgGateway<E> {
         sql: &str,
         session: &str,
         strings_conform: bool,
+        unsafe_encoding: Option<&str>,
         a: &Authorized,
         evq: &mut Vec<ev::event::Kind>,
         client: &mut S,
@@ -564,6 +565,13 @@ impl<E: Engine> PgGateway<E> {
         // Guardrails and masking read the statement with sqlparser; where it
         // would split the text differently from PostgreSQL they could judge
         // another statement than the one that runs.
+        if let Some(enc) = unsafe_encoding.filter(|_| !sql.is_ascii()) {
+            tracing::warn!(target: "audit", event = "statement_denied", subject = %a.id.subject, resource = %a.resource.name, "statement refused: the gateway cannot read it as PostgreSQL does");
+            return Err(format!(
+                "the statement is refused: client_encoding {enc} can make PostgreSQL read its non-ASCII text differently from the gateway (use UTF8)"
+            )
+            .into());
+        }
         if let Some(what) = crate::policy::sql::lexer_divergence(sql, strings_conform) {
             tracing::warn!(target: "audit", event = "statement_denied", subject = %a.id.subject, resource = %a.resource.name, "statement refused: the gateway cannot read it as PostgreSQL does");
             return Err(format!(
@@ -997,12 +1005,14 @@ impl<E: Engine> PgGateway<E> {
             substituted: Default::default(),
             rfq_seen: 0,
             strings_conform: true,
+            unsafe_encoding: None,
             out,
         };
         let mut unsynced = false; // extended-protocol messages forwarded since Sync
                                   // ReadyForQuery messages owed so far: the server's greeting ends with one.
         let mut rfq_expected: u64 = 1;
         let mut doomed = false; // the rest of this sequence fails at the server
+        let mut executed_unsynced = false; // an Execute went out since Sync
         loop {
             if !st.out.is_empty() {
                 write_flush(s, &st.out).await?;
@@ -1040,6 +1050,32 @@ impl<E: Engine> PgGateway<E> {
                             // sequence, and answers could no longer be matched.
                             return Err(fatal("08P01", "a simple Query inside an unfinished extended-protocol sequence (send Sync first)"));
                         }
+                        // How a statement with a backslash or non-ASCII text
+                        // reads depends on settings (standard_conforming_strings,
+                        // client_encoding) that statements still running may
+                        // change: it is checked once they have finished.
+                        let mut out_of_order = false;
+                        if matches!(f.tag, pg::ftag::QUERY | pg::ftag::PARSE)
+                            && f.body.iter().any(|b| *b == b'\\' || !b.is_ascii())
+                        {
+                            if executed_unsynced {
+                                out_of_order = true;
+                            } else if st.rfq_seen < rfq_expected {
+                                rec.record_all(std::mem::take(evq)).await.map_err(commit_err)?;
+                                if let Some(end) = self.send_to_edge(&mut st, &mut to_edge, tx, rx, s, rec, evq, a).await? {
+                                    return Ok(end);
+                                }
+                                while st.rfq_seen < rfq_expected {
+                                    if !st.out.is_empty() {
+                                        write_flush(s, &st.out).await?;
+                                        st.out.clear();
+                                    }
+                                    if let Some(end) = self.on_edge_frame(&mut st, rx.recv().await, s, rec, evq, a).await? {
+                                        return Ok(end);
+                                    }
+                                }
+                            }
+                        }
                         let mut step = st.relay.client(&f).map_err(|e| fatal("08P01", e.to_string()))?;
                         for e in &mut step.events {
                             mask_client_event(&a.masker, e);
@@ -1049,10 +1085,16 @@ impl<E: Engine> PgGateway<E> {
                             // A function call can run any SQL (query_to_xml) with no
                             // statement text to check.
                             Some(Refusal::from("the function-call protocol is not available through the gateway; use SELECT"))
+                        } else if out_of_order {
+                            Some(Refusal::from("a statement with a backslash or non-ASCII text must not follow an Execute in the same sequence: the gateway reads it with settings that Execute may change (send Sync before it)"))
                         } else if let Some(why) = step.refused {
                             Some(Refusal::from(why))
+                        } else if let Some(request) = step.statement.as_deref().filter(|_| f.tag == pg::ftag::QUERY).and_then(|sql| {
+                            st.relay.approved_among(crate::policy::sql::executes_prepared(sql).as_deref())
+                        }) {
+                            Some(Refusal::from(format!("a statement prepared on approval request {request} runs once, through the protocol's Execute; SQL EXECUTE of it is refused")))
                         } else if let Some(sql) = step.statement {
-                            match self.check_statement(&sql, rec.session_id(), st.strings_conform, a, evq, s, cbuf).await {
+                            match self.check_statement(&sql, rec.session_id(), st.strings_conform, st.unsafe_encoding.as_deref(), a, evq, s, cbuf).await {
                                 Ok(Some(request)) if f.tag == pg::ftag::PARSE => {
                                     // One approval, one execution: later
                                     // Executes of this statement are refused.
@@ -1090,10 +1132,11 @@ impl<E: Engine> PgGateway<E> {
                                 error: format!("42501: {refusal}"),
                                 ..Default::default()
                             }));
-                            if matches!(f.tag, pg::ftag::PARSE | pg::ftag::EXECUTE) {
+                            if matches!(f.tag, pg::ftag::PARSE | pg::ftag::BIND | pg::ftag::EXECUTE) {
                                 // A Parse that fails at the server stands in
-                                // (for an Execute, under a name of its own);
-                                // the server skips the rest of the sequence.
+                                // (for a Bind or Execute, under a name of its
+                                // own); the server skips the rest of the
+                                // sequence.
                                 let name = if f.tag == pg::ftag::PARSE {
                                     pg::decode_parse(&f.body).map(|p| p.name).unwrap_or_default()
                                 } else {
@@ -1119,9 +1162,14 @@ impl<E: Engine> PgGateway<E> {
                             pg::ftag::SYNC => {
                                 rfq_expected += 1;
                                 unsynced = false;
+                                executed_unsynced = false;
                             }
-                            pg::ftag::PARSE | pg::ftag::BIND | pg::ftag::EXECUTE
-                            | pg::ftag::DESCRIBE | pg::ftag::CLOSE => unsynced = true,
+                            pg::ftag::EXECUTE => {
+                                unsynced = true;
+                                executed_unsynced = true;
+                            }
+                            pg::ftag::PARSE | pg::ftag::BIND | pg::ftag::DESCRIBE
+                            | pg::ftag::CLOSE => unsynced = true,
                             _ => {}
                         }
                         if step.executes && strict {
@@ -1135,6 +1183,13 @@ impl<E: Engine> PgGateway<E> {
                         if step.terminate {
                             terminate = true;
                             break;
+                        }
+                        if f.tag == pg::ftag::EXECUTE && !a.masker.is_empty() {
+                            // Rows are masked by the columns the server says
+                            // this portal returns, not by what the gateway
+                            // followed of names (SQL can change those).
+                            let body = st.relay.describe_before_execute(&f).map_err(|e| fatal("08P01", e.to_string()))?;
+                            pg::encode_frame(pg::ftag::DESCRIBE, &body, &mut to_edge);
                         }
                         f.encode(&mut to_edge);
                     }
@@ -1182,8 +1237,17 @@ impl<E: Engine> PgGateway<E> {
                     };
                     if f.tag == btag::PARAMETER_STATUS {
                         let mut fields = f.body.split(|b| *b == 0);
-                        if fields.next() == Some(b"standard_conforming_strings") {
-                            st.strings_conform = fields.next() == Some(b"on");
+                        match fields.next() {
+                            Some(b"standard_conforming_strings") => {
+                                st.strings_conform = fields.next() == Some(b"on");
+                            }
+                            Some(b"client_encoding") => {
+                                let name =
+                                    String::from_utf8_lossy(fields.next().unwrap_or_default());
+                                st.unsafe_encoding = crate::policy::sql::hides_ascii(&name)
+                                    .then(|| name.into_owned());
+                            }
+                            _ => {}
                         }
                     }
                     // Under column rules: texts that may quote masked values
@@ -1206,9 +1270,14 @@ impl<E: Engine> PgGateway<E> {
                     } else {
                         None
                     };
-                    st.relay
+                    if st
+                        .relay
                         .track(&f)
-                        .map_err(|e| fatal("08P01", format!("from the server: {e}")))?;
+                        .map_err(|e| fatal("08P01", format!("from the server: {e}")))?
+                    {
+                        // The answer to the gateway's own Describe.
+                        continue;
+                    }
                     if f.tag == btag::ERROR_RESPONSE
                         && st
                             .substituted
@@ -1373,6 +1442,11 @@ struct ServerSide {
     /// ParameterStatus): backslashes in string literals are plain characters,
     /// as the gateway's SQL parser reads them.
     strings_conform: bool,
+    /// The server's `client_encoding` (from its ParameterStatus), when it is
+    /// one whose multibyte characters may hold ASCII bytes (SJIS, BIG5, GBK,
+    /// …): PostgreSQL then reads such bytes as part of a character, while the
+    /// gateway reads the statement as UTF-8.
+    unsafe_encoding: Option<String>,
     /// Bytes for the client.
     out: BytesMut,
 }

@@ -97,6 +97,10 @@ enum Owed {
     DescribeStatement(u64),
     /// RowDescription or NoData for a portal.
     DescribePortal(u64),
+    /// The same, for a Describe the gateway sent itself before an Execute
+    /// (the rows' true columns, for masking): the answer is not the
+    /// client's.
+    Shape(u64),
     /// A portal's rows, ended by CommandComplete, PortalSuspended,
     /// EmptyQueryResponse or an error.
     Execute(Binding),
@@ -106,7 +110,50 @@ enum Owed {
     Query(Option<Arc<str>>),
     /// ReadyForQuery.
     Sync,
+    /// ParseComplete, BindComplete or CloseComplete (the tag): the server
+    /// applied the message. Skipped after an error, it did not, and `Undo`
+    /// puts the name back as it was.
+    Done(u8, Undo),
 }
+
+/// A name as it was before a Parse, Bind or Close changed it, and what
+/// that message put there (a generation; `None`: nothing).
+#[derive(Debug, Clone, PartialEq)]
+enum Undo {
+    Statement {
+        name: String,
+        before: Option<Prepared>,
+        installed: Option<u64>,
+    },
+    Portal {
+        name: String,
+        before: Option<Portal>,
+        installed: Option<u64>,
+    },
+}
+
+/// A prepared statement as the server has it: its generation and text.
+#[derive(Debug, Clone, PartialEq)]
+struct Prepared {
+    generation: u64,
+    text: Arc<str>,
+}
+
+/// A portal: its binding, its statement's text and its rendered parameters.
+#[derive(Debug, Clone, PartialEq)]
+struct Portal {
+    binding: Binding,
+    text: Arc<str>,
+    params: Vec<String>,
+}
+
+/// Prepared statements, and portals, a session may hold at once through the
+/// gateway (each is kept with its text; PostgreSQL itself sets no limit).
+pub const MAX_NAMES: usize = 10_000;
+
+/// Evidence text of an execution whose statement the gateway did not see
+/// prepared (SQL `PREPARE`, or a name the server does not have).
+const UNSEEN: &str = "(a statement the gateway did not see prepared)";
 
 /// A portal as bound: its generation, its statement's, and the result
 /// formats Bind asked for.
@@ -162,9 +209,11 @@ pub struct Relay {
     statement_source: HashMap<u64, Arc<str>>,
     /// Text of the statement whose DataRows arrive now.
     current_source: Option<Arc<str>>,
-    statements: HashMap<String, String>,
-    /// Portal name to (statement text, rendered parameters).
-    portals: HashMap<String, (String, Vec<String>)>,
+    /// Prepared statements by name, as the server has them once what it
+    /// owes is answered.
+    statements: HashMap<String, Prepared>,
+    /// Portals by name.
+    portals: HashMap<String, Portal>,
     caps: Caps,
     rows: u64,
     bytes: u64,
@@ -172,10 +221,6 @@ pub struct Relay {
     owed: VecDeque<Owed>,
     /// The last generation handed out.
     generations: u64,
-    /// Statement name to its current generation.
-    statement_gen: HashMap<String, u64>,
-    /// Portal name to its current binding.
-    bound: HashMap<String, Binding>,
     /// Result columns of described statements, by generation.
     statement_columns: HashMap<u64, Vec<pg::Field>>,
     /// Result columns of described portals (formats as the server says), by
@@ -184,6 +229,9 @@ pub struct Relay {
     /// Statements prepared on an approval (by generation): the approval's
     /// request id, and whether an execution spent it.
     approved_once: HashMap<u64, (u64, bool)>,
+    /// The generation the last Parse gave its name (`None`: it changes
+    /// nothing, the server refuses it).
+    last_parsed: Option<u64>,
     /// Columns of the DataRows arriving now; `None` when unknown.
     current: Option<Vec<pg::Field>>,
     /// Bumped whenever `current` changes.
@@ -274,12 +322,66 @@ impl Relay {
         Some(l)
     }
 
+    /// Forgets prepared statements SQL removed (`DEALLOCATE`, `DISCARD`):
+    /// `None` forgets them all, with every portal when `portals` is set.
+    /// Binding a forgotten name is refused until it is parsed again.
+    pub fn forget(&mut self, name: Option<&str>, portals: bool) {
+        match name {
+            Some(n) => {
+                self.statements.remove(n);
+            }
+            None => self.statements.clear(),
+        }
+        if portals {
+            self.portals.clear();
+        }
+    }
+
+    /// Sends the gateway's own Describe of the portal the last Execute runs,
+    /// just before it: its answer (not forwarded) gives the rows' columns.
+    /// Returns the Describe's body.
+    pub fn describe_before_execute(&mut self, execute: &Frame) -> Result<Vec<u8>, PgError> {
+        let (portal, _) = pg::decode_execute(&execute.body)?;
+        let g = match self.owed.back() {
+            Some(Owed::Execute(b)) => b.portal,
+            _ => {
+                return Err(PgError::Malformed {
+                    what: "Describe before an Execute not tracked",
+                })
+            }
+        };
+        // It goes before the Execute it describes.
+        let at = self.owed.len() - 1;
+        self.owed.insert(at, Owed::Shape(g));
+        let mut body = Vec::with_capacity(portal.len() + 2);
+        body.push(b'P');
+        body.extend_from_slice(portal.as_bytes());
+        body.push(0);
+        Ok(body)
+    }
+
     /// The statement `name` (as last parsed) was allowed on approval
     /// `request`, which covers one execution: the first Execute of a portal
     /// bound from it runs, later ones are refused.
     pub fn runs_once(&mut self, name: &str, request: u64) {
-        if let Some(g) = self.statement_gen.get(name) {
-            self.approved_once.insert(*g, (request, false));
+        if let Some(p) = self.statements.get(name) {
+            if Some(p.generation) == self.last_parsed {
+                self.approved_once.insert(p.generation, (request, false));
+            }
+        }
+    }
+
+    /// The approval request of a statement among `names` that was prepared
+    /// on an approval (`None` for names: of any): SQL `EXECUTE` must not
+    /// run it again.
+    pub fn approved_among(&self, names: Option<&[String]>) -> Option<u64> {
+        let once = |g: &u64| self.approved_once.get(g).map(|(r, _)| *r);
+        match names {
+            Some(names) => names
+                .iter()
+                .filter_map(|n| self.statements.get(n))
+                .find_map(|p| once(&p.generation)),
+            None => self.statements.values().find_map(|p| once(&p.generation)),
         }
     }
 
@@ -294,6 +396,9 @@ impl Relay {
         match f.tag {
             ftag::QUERY => {
                 let q = pg::decode_cstring(&f.body, "Query")?;
+                for (name, portals) in crate::policy::sql::deallocations(&q) {
+                    self.forget(name.as_deref(), portals);
+                }
                 let source = self.source(&q);
                 self.owed.push_back(Owed::Query(source));
                 step.statement = Some(q.clone());
@@ -302,41 +407,120 @@ impl Relay {
             }
             ftag::PARSE => {
                 let p = pg::decode_parse(&f.body)?;
+                if self.statements.len() >= MAX_NAMES && !self.statements.contains_key(&p.name) {
+                    return Err(PgError::Malformed {
+                        what: "Parse beyond the gateway's limit of prepared statements per session",
+                    });
+                }
                 step.statement = Some(p.query.clone());
                 let g = self.next_generation();
                 if let Some(src) = self.source(&p.query) {
                     self.statement_source.insert(g, src);
                 }
-                self.statement_gen.insert(p.name.clone(), g);
-                self.statements.insert(p.name, p.query);
+                let text: Arc<str> = Arc::from(p.query);
+                let undo = if !p.name.is_empty() && self.statements.contains_key(&p.name) {
+                    // The server refuses to redefine a named statement.
+                    self.last_parsed = None;
+                    Undo::Statement {
+                        installed: self.statements.get(&p.name).map(|s| s.generation),
+                        before: self.statements.get(&p.name).cloned(),
+                        name: p.name,
+                    }
+                } else {
+                    let before = self.statements.insert(
+                        p.name.clone(),
+                        Prepared {
+                            generation: g,
+                            text,
+                        },
+                    );
+                    self.last_parsed = Some(g);
+                    // A failed Parse of the unnamed statement has already
+                    // dropped the old one at the server.
+                    Undo::Statement {
+                        before: before.filter(|_| !p.name.is_empty()),
+                        installed: Some(g),
+                        name: p.name,
+                    }
+                };
+                self.owed.push_back(Owed::Done(btag::PARSE_COMPLETE, undo));
             }
             ftag::BIND => {
                 let b = pg::decode_bind(&f.body)?;
-                let text = self
-                    .statements
-                    .get(&b.statement)
-                    .cloned()
-                    .unwrap_or_default();
+                if self.portals.len() >= MAX_NAMES && !self.portals.contains_key(&b.portal) {
+                    return Err(PgError::Malformed {
+                        what: "Bind beyond the gateway's limit of open portals per session",
+                    });
+                }
+                let (text, statement) = match self.statements.get(&b.statement) {
+                    Some(p) => (p.text.clone(), p.generation),
+                    None => {
+                        // SQL PREPARE, or a name the gateway saw removed:
+                        // what it runs and returns cannot be told.
+                        step.refused = Some(format!(
+                            "prepared statement {:?} is unknown to the gateway (statements prepared with SQL PREPARE cannot be bound through it); prepare it with the protocol",
+                            b.statement
+                        ));
+                        (Arc::from(UNSEEN), self.next_generation())
+                    }
+                };
                 let params = b
                     .params
                     .iter()
                     .enumerate()
                     .map(|(i, v)| render_param(v, b.param_format(i)))
                     .collect();
-                let statement = self.statement_gen.get(&b.statement).copied().unwrap_or(0);
                 let binding = Binding {
                     portal: self.next_generation(),
                     statement,
                     formats: b.result_formats,
                     source: self.statement_source.get(&statement).cloned(),
                 };
-                self.bound.insert(b.portal.clone(), binding);
-                self.portals.insert(b.portal, (text, params));
+                let installed = Some(binding.portal);
+                let undo = if !b.portal.is_empty() && self.portals.contains_key(&b.portal) {
+                    // The server refuses to redefine a named portal.
+                    Undo::Portal {
+                        installed: self.portals.get(&b.portal).map(|p| p.binding.portal),
+                        before: self.portals.get(&b.portal).cloned(),
+                        name: b.portal,
+                    }
+                } else {
+                    let before = self.portals.insert(
+                        b.portal.clone(),
+                        Portal {
+                            binding,
+                            text,
+                            params,
+                        },
+                    );
+                    Undo::Portal {
+                        before: before.filter(|_| !b.portal.is_empty()),
+                        installed,
+                        name: b.portal,
+                    }
+                };
+                self.owed.push_back(Owed::Done(btag::BIND_COMPLETE, undo));
             }
             ftag::EXECUTE => {
                 let (portal, _) = pg::decode_execute(&f.body)?;
-                let (text, params) = self.portals.get(&portal).cloned().unwrap_or_default();
-                let binding = self.bound.get(&portal).cloned().unwrap_or_default();
+                let (binding, text, params) = match self.portals.get(&portal) {
+                    Some(p) => (p.binding.clone(), p.text.to_string(), p.params.clone()),
+                    None => {
+                        // A cursor declared in SQL, or a name the gateway
+                        // saw closed.
+                        step.refused = Some(format!(
+                            "portal {portal:?} is unknown to the gateway (cursors declared in SQL are read with FETCH); bind it with the protocol"
+                        ));
+                        let portal = self.next_generation();
+                        let statement = self.next_generation();
+                        let b = Binding {
+                            portal,
+                            statement,
+                            ..Binding::default()
+                        };
+                        (b, UNSEEN.to_owned(), Vec::new())
+                    }
+                };
                 if let Some((request, spent)) = self.approved_once.get_mut(&binding.statement) {
                     if *spent {
                         step.refused = Some(format!(
@@ -351,21 +535,39 @@ impl Relay {
             }
             ftag::CLOSE => {
                 let (kind, name) = pg::decode_target(&f.body, "Close")?;
-                if kind == b'S' {
-                    self.statements.remove(&name);
-                    self.statement_gen.remove(&name);
+                let undo = if kind == b'S' {
+                    let before = self.statements.remove(&name);
+                    Undo::Statement {
+                        name,
+                        before,
+                        installed: None,
+                    }
                 } else {
-                    self.portals.remove(&name);
-                    self.bound.remove(&name);
-                }
+                    let before = self.portals.remove(&name);
+                    Undo::Portal {
+                        name,
+                        before,
+                        installed: None,
+                    }
+                };
+                self.owed.push_back(Owed::Done(btag::CLOSE_COMPLETE, undo));
             }
             ftag::DESCRIBE => {
                 let (kind, name) = pg::decode_target(&f.body, "Describe")?;
-                self.owed.push_back(if kind == b'S' {
-                    Owed::DescribeStatement(self.statement_gen.get(&name).copied().unwrap_or(0))
+                // A name the gateway does not know gets a generation of its
+                // own: its answer can describe nothing else.
+                let owed = if kind == b'S' {
+                    match self.statements.get(&name) {
+                        Some(p) => Owed::DescribeStatement(p.generation),
+                        None => Owed::DescribeStatement(self.next_generation()),
+                    }
                 } else {
-                    Owed::DescribePortal(self.bound.get(&name).map_or(0, |b| b.portal))
-                });
+                    match self.portals.get(&name) {
+                        Some(p) => Owed::DescribePortal(p.binding.portal),
+                        None => Owed::DescribePortal(self.next_generation()),
+                    }
+                };
+                self.owed.push_back(owed);
             }
             ftag::FUNCTION_CALL => {
                 // Answered like a simple query: a result, then ReadyForQuery.
@@ -416,7 +618,7 @@ impl Relay {
             Owed::Query(src) => src.clone(),
             Owed::Execute(b) => b.source.clone(),
             Owed::DescribeStatement(g) => self.statement_source.get(g).cloned(),
-            Owed::DescribePortal(_) | Owed::Sync => None,
+            Owed::DescribePortal(_) | Owed::Shape(_) | Owed::Sync | Owed::Done(..) => None,
         }?;
         self.lineage(&src)
     }
@@ -443,25 +645,87 @@ impl Relay {
         Some(cols)
     }
 
+    /// Puts back a name a skipped message changed. When a later message
+    /// (of a sequence already sent) changed it again, that one found what
+    /// this one found.
+    fn undo(&mut self, u: Undo) {
+        match u {
+            Undo::Statement {
+                name,
+                before,
+                installed,
+            } => {
+                if self.statements.get(&name).map(|p| p.generation) == installed {
+                    match before {
+                        Some(p) => self.statements.insert(name, p),
+                        None => self.statements.remove(&name),
+                    };
+                    return;
+                }
+                for o in &mut self.owed {
+                    if let Owed::Done(
+                        _,
+                        Undo::Statement {
+                            name: n, before: b, ..
+                        },
+                    ) = o
+                    {
+                        if *n == name {
+                            *b = before;
+                            return;
+                        }
+                    }
+                }
+            }
+            Undo::Portal {
+                name,
+                before,
+                installed,
+            } => {
+                if self.portals.get(&name).map(|p| p.binding.portal) == installed {
+                    match before {
+                        Some(p) => self.portals.insert(name, p),
+                        None => self.portals.remove(&name),
+                    };
+                    return;
+                }
+                for o in &mut self.owed {
+                    if let Owed::Done(
+                        _,
+                        Undo::Portal {
+                            name: n, before: b, ..
+                        },
+                    ) = o
+                    {
+                        if *n == name {
+                            *b = before;
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Forgets the columns of statements and portals that no name and no
     /// pending answer refers to any more.
     fn prune(&mut self) {
         let mut live: std::collections::HashSet<u64> =
-            self.statement_gen.values().copied().collect();
-        for b in self.bound.values() {
-            live.insert(b.portal);
-            live.insert(b.statement);
+            self.statements.values().map(|p| p.generation).collect();
+        for p in self.portals.values() {
+            live.insert(p.binding.portal);
+            live.insert(p.binding.statement);
         }
         for o in &self.owed {
             match o {
-                Owed::DescribeStatement(g) | Owed::DescribePortal(g) => {
+                Owed::DescribeStatement(g) | Owed::DescribePortal(g) | Owed::Shape(g) => {
                     live.insert(*g);
                 }
                 Owed::Execute(b) => {
                     live.insert(b.portal);
                     live.insert(b.statement);
                 }
-                Owed::Query(_) | Owed::Sync => {}
+                Owed::Query(_) | Owed::Sync | Owed::Done(..) => {}
             }
         }
         self.statement_source.retain(|g, _| live.contains(g));
@@ -474,8 +738,10 @@ impl Relay {
     /// track of which columns the DataRows that follow have.
     ///
     /// A message that does not fit what the server owes is an error: the
-    /// gateway would no longer know which columns rows have.
-    pub fn track(&mut self, f: &Frame) -> Result<(), PgError> {
+    /// gateway would no longer know which columns rows have. `Ok(true)`: the
+    /// message answers the gateway's own Describe
+    /// ([`Relay::describe_before_execute`]) and is not the client's.
+    pub fn track(&mut self, f: &Frame) -> Result<bool, PgError> {
         let unexpected = PgError::Malformed {
             what: "server message out of order",
         };
@@ -491,6 +757,11 @@ impl Relay {
                         self.portal_columns.insert(g, fields);
                         self.owed.pop_front();
                     }
+                    Some(Owed::Shape(g)) => {
+                        self.portal_columns.insert(g, fields);
+                        self.owed.pop_front();
+                        return Ok(true);
+                    }
                     Some(Owed::Query(source)) => self.set_current(Some(fields), source),
                     _ => return Err(unexpected),
                 }
@@ -503,6 +774,11 @@ impl Relay {
                 Some(Owed::DescribePortal(g)) => {
                     self.portal_columns.insert(g, Vec::new());
                     self.owed.pop_front();
+                }
+                Some(Owed::Shape(g)) => {
+                    self.portal_columns.insert(g, Vec::new());
+                    self.owed.pop_front();
+                    return Ok(true);
                 }
                 _ => return Err(unexpected),
             },
@@ -533,17 +809,32 @@ impl Relay {
                 self.executing = false;
                 self.set_current(None, None);
             }
+            btag::PARSE_COMPLETE | btag::BIND_COMPLETE | btag::CLOSE_COMPLETE => {
+                match self.owed.front() {
+                    Some(Owed::Done(tag, _)) if *tag == f.tag => {
+                        self.owed.pop_front();
+                    }
+                    _ => return Err(unexpected),
+                }
+            }
             btag::ERROR_RESPONSE => {
                 self.executing = false;
                 self.set_current(None, None);
                 // After an error in an extended sequence the server skips
                 // everything up to Sync (simple queries never sit inside one:
-                // the gateway refuses that).
+                // the gateway refuses that). The names that skipped Parse,
+                // Bind and Close messages changed go back, latest first.
+                let mut undo = Vec::new();
                 while let Some(o) = self.owed.front() {
                     if matches!(o, Owed::Sync | Owed::Query(_)) {
                         break;
                     }
-                    self.owed.pop_front();
+                    if let Some(Owed::Done(_, u)) = self.owed.pop_front() {
+                        undo.push(u);
+                    }
+                }
+                for u in undo.into_iter().rev() {
+                    self.undo(u);
                 }
             }
             btag::READY_FOR_QUERY => {
@@ -553,6 +844,11 @@ impl Relay {
                 }
                 self.executing = false;
                 self.set_current(None, None);
+                // Outside a transaction block no portal exists any more
+                // (unless a later sequence, already sent, bound one).
+                if f.body.first() == Some(&b'I') && self.owed.is_empty() {
+                    self.portals.clear();
+                }
                 if self.statement_columns.len()
                     + self.portal_columns.len()
                     + self.statement_source.len()
@@ -563,7 +859,7 @@ impl Relay {
             }
             _ => {}
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Records `data` as output unless the cap is reached (the cut is
@@ -702,9 +998,91 @@ mod tests {
         // Other statements are not limited.
         assert_eq!(run(&mut r, "other", ""), None);
         assert_eq!(run(&mut r, "other", ""), None);
-        // Parsed again (checked again by the gateway), the name starts over.
+        // Parsed again under its name, which the server refuses: an
+        // approval for that Parse does not renew the statement.
         r.client(&parse("held", "delete from t")).unwrap();
+        r.runs_once("held", 8);
+        assert!(run(&mut r, "held", "").is_some_and(|m| m.contains("request 7")));
+        // SQL EXECUTE of it is recognised.
+        assert_eq!(r.approved_among(Some(&["held".into()])), Some(7));
+        assert_eq!(r.approved_among(Some(&["other".into()])), None);
+        assert_eq!(r.approved_among(None), Some(7));
+        // Closed and parsed again (checked again by the gateway), it starts
+        // over.
+        r.client(&target(ftag::CLOSE, b'S', "held")).unwrap();
+        r.client(&parse("held", "delete from t")).unwrap();
+        r.runs_once("held", 9);
         assert_eq!(run(&mut r, "held", ""), None);
+        assert!(run(&mut r, "held", "").is_some_and(|m| m.contains("request 9")));
+    }
+
+    #[test]
+    fn names_follow_what_the_server_applied() {
+        let mut r = Relay::new(Caps::default());
+        r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        r.client(&parse("s", "select card from customers")).unwrap();
+        r.client(&tag_only(ftag::SYNC, b"")).unwrap();
+        r.track(&tag_only(btag::PARSE_COMPLETE, b"")).unwrap();
+        r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        let g = r.statements["s"].generation;
+        // A sequence that fails before its Close and Parse: the server keeps
+        // "s" as it was, and so does the gateway.
+        r.client(&parse("", "select 1/0")).unwrap();
+        r.client(&bind("", "", &[])).unwrap();
+        r.client(&execute("")).unwrap();
+        r.client(&target(ftag::CLOSE, b'S', "s")).unwrap();
+        r.client(&parse("s", "select 1")).unwrap();
+        r.client(&tag_only(ftag::SYNC, b"")).unwrap();
+        assert!(!r.statements.contains_key("s") || r.statements["s"].generation != g);
+        r.track(&tag_only(btag::PARSE_COMPLETE, b"")).unwrap();
+        r.track(&tag_only(btag::BIND_COMPLETE, b"")).unwrap();
+        r.track(&tag_only(btag::ERROR_RESPONSE, b"\0")).unwrap();
+        r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        assert_eq!(r.statements["s"].generation, g);
+        assert_eq!(&*r.statements["s"].text, "select card from customers");
+        // Parse of a name that exists changes nothing (the server refuses it).
+        r.client(&parse("s", "select 2")).unwrap();
+        assert_eq!(r.statements["s"].generation, g);
+        // Names the gateway does not know (SQL PREPARE, DEALLOCATE) are
+        // refused at Bind and Execute.
+        r.client(&tag_only(ftag::QUERY, b"DEALLOCATE s\0")).unwrap();
+        assert!(!r.statements.contains_key("s"));
+        assert!(r.client(&bind("", "s", &[])).unwrap().refused.is_some());
+        assert!(r.client(&execute("cursor1")).unwrap().refused.is_some());
+        // A sequence already sent after the failed one keeps its own change.
+        let mut r = Relay::new(Caps::default());
+        r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        r.client(&parse("a", "select 1/0")).unwrap();
+        r.client(&tag_only(ftag::SYNC, b"")).unwrap();
+        r.client(&target(ftag::CLOSE, b'S', "a")).unwrap();
+        r.client(&parse("a", "select 2")).unwrap();
+        r.client(&tag_only(ftag::SYNC, b"")).unwrap();
+        let second = r.statements["a"].generation;
+        r.track(&tag_only(btag::ERROR_RESPONSE, b"\0")).unwrap();
+        r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        assert_eq!(r.statements["a"].generation, second);
+        r.track(&tag_only(btag::CLOSE_COMPLETE, b"")).unwrap();
+        r.track(&tag_only(btag::PARSE_COMPLETE, b"")).unwrap();
+        r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        assert_eq!(&*r.statements["a"].text, "select 2");
+    }
+
+    #[test]
+    fn the_gateways_own_describe_gives_the_rows_columns() {
+        let mut r = Relay::new(Caps::default());
+        r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        r.client(&parse("s", "select x")).unwrap();
+        r.client(&bind("", "s", &[])).unwrap();
+        let e = execute("");
+        r.client(&e).unwrap();
+        let body = r.describe_before_execute(&e).unwrap();
+        assert_eq!(body, b"P\0");
+        r.client(&tag_only(ftag::SYNC, b"")).unwrap();
+        assert!(!r.track(&tag_only(btag::PARSE_COMPLETE, b"")).unwrap());
+        assert!(!r.track(&tag_only(btag::BIND_COMPLETE, b"")).unwrap());
+        assert!(r.track(&row_description(&[("card", 25, 1)])).unwrap());
+        r.track(&data_row()).unwrap();
+        assert_eq!(names(&r), Some(vec![("card".into(), 1)]));
     }
 
     #[test]
@@ -864,9 +1242,9 @@ mod tests {
         // A name reused in a pipeline: each execution keeps its statement's
         // mark.
         for sql in ["select md5(card)", "select 2"] {
-            r.client(&parse("s", sql)).unwrap();
-            r.client(&target(ftag::DESCRIBE, b'S', "s")).unwrap();
-            r.client(&bind("", "s", &[])).unwrap();
+            r.client(&parse("", sql)).unwrap();
+            r.client(&target(ftag::DESCRIBE, b'S', "")).unwrap();
+            r.client(&bind("", "", &[])).unwrap();
             r.client(&execute("")).unwrap();
         }
         r.client(&tag_only(ftag::SYNC, b"")).unwrap();
@@ -912,6 +1290,8 @@ mod tests {
         // skipped by the server.
         r.track(&tag_only(btag::ERROR_RESPONSE, b"\0")).unwrap();
         r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        r.track(&tag_only(btag::PARSE_COMPLETE, b"")).unwrap();
+        r.track(&tag_only(btag::BIND_COMPLETE, b"")).unwrap();
         r.track(&row_description(&[("second", 25, 0)])).unwrap();
         r.track(&data_row()).unwrap();
         assert_eq!(names(&r), Some(vec![("second".into(), 0)]));
@@ -949,8 +1329,11 @@ mod tests {
         r.client(&bind("", "", &[])).unwrap();
         r.client(&execute("")).unwrap();
         r.client(&tag_only(ftag::SYNC, b"")).unwrap();
+        r.track(&tag_only(btag::PARSE_COMPLETE, b"")).unwrap();
         r.track(&row_description(&[("note", 25, 0)])).unwrap();
+        r.track(&tag_only(btag::PARSE_COMPLETE, b"")).unwrap();
         r.track(&row_description(&[("secret", 25, 0)])).unwrap();
+        r.track(&tag_only(btag::BIND_COMPLETE, b"")).unwrap();
         r.track(&data_row()).unwrap();
         assert_eq!(names(&r), Some(vec![("secret".into(), 0)]));
         r.track(&tag_only(btag::COMMAND_COMPLETE, b"SELECT 1\0"))
@@ -962,18 +1345,21 @@ mod tests {
             r.client(&parse(name, "select")).unwrap();
             r.client(&target(ftag::DESCRIBE, b'S', name)).unwrap();
             r.client(&tag_only(ftag::SYNC, b"")).unwrap();
+            r.track(&tag_only(btag::PARSE_COMPLETE, b"")).unwrap();
             r.track(&row_description(&[(col, 25, 0)])).unwrap();
             r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
         }
-        r.client(&bind("p", "a", &[1])).unwrap();
-        r.client(&execute("p")).unwrap();
-        r.client(&bind("p", "b", &[0])).unwrap();
-        r.client(&execute("p")).unwrap();
+        r.client(&bind("", "a", &[1])).unwrap();
+        r.client(&execute("")).unwrap();
+        r.client(&bind("", "b", &[0])).unwrap();
+        r.client(&execute("")).unwrap();
         r.client(&tag_only(ftag::SYNC, b"")).unwrap();
+        r.track(&tag_only(btag::BIND_COMPLETE, b"")).unwrap();
         r.track(&data_row()).unwrap();
         assert_eq!(names(&r), Some(vec![("secret".into(), 1)]));
         r.track(&tag_only(btag::COMMAND_COMPLETE, b"SELECT 1\0"))
             .unwrap();
+        r.track(&tag_only(btag::BIND_COMPLETE, b"")).unwrap();
         r.track(&data_row()).unwrap();
         assert_eq!(names(&r), Some(vec![("harmless".into(), 0)]));
     }
@@ -1002,6 +1388,7 @@ mod tests {
             r.client(&parse("", "select")).unwrap();
             r.client(&target(ftag::DESCRIBE, b'S', "")).unwrap();
             r.client(&tag_only(ftag::SYNC, b"")).unwrap();
+            r.track(&tag_only(btag::PARSE_COMPLETE, b"")).unwrap();
             r.track(&row_description(&[("x", 25, 0)])).unwrap();
             r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
         }

@@ -287,6 +287,96 @@ pub fn prepares(sql: &str) -> bool {
     }
 }
 
+/// What SQL `DEALLOCATE` and `DISCARD ALL` in `sql` remove: a prepared
+/// statement by name, or all of them (`None`), and whether portals go too.
+/// Text that does not parse but spells either word removes everything.
+pub fn deallocations(sql: &str) -> Vec<(Option<String>, bool)> {
+    let spells = |w: &[u8]| {
+        sql.as_bytes()
+            .windows(w.len())
+            .any(|x| x.eq_ignore_ascii_case(w))
+    };
+    if !spells(b"dealloc") && !spells(b"discard") {
+        return Vec::new();
+    }
+    match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        Ok(stmts) => stmts
+            .iter()
+            .filter_map(|s| match s {
+                Statement::Deallocate { name, .. } => Some(match name.quote_style {
+                    None if name.value.eq_ignore_ascii_case("all") => (None, false),
+                    None => (Some(name.value.to_lowercase()), false),
+                    Some(_) => (Some(name.value.clone()), false),
+                }),
+                Statement::Discard {
+                    object_type: sqlparser::ast::DiscardObject::ALL,
+                } => Some((None, true)),
+                _ => None,
+            })
+            .collect(),
+        Err(_) => vec![(None, true)],
+    }
+}
+
+/// The prepared statements SQL `EXECUTE` in `sql` runs (names as
+/// PostgreSQL folds them); `None` when the text does not parse but spells
+/// `execute`.
+pub fn executes_prepared(sql: &str) -> Option<Vec<String>> {
+    if !sql
+        .as_bytes()
+        .windows(7)
+        .any(|w| w.eq_ignore_ascii_case(b"execute"))
+    {
+        return Some(Vec::new());
+    }
+    let stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
+    Some(
+        stmts
+            .iter()
+            .filter_map(|s| match s {
+                Statement::Execute { name: Some(n), .. } => {
+                    n.0.last().and_then(|p| p.as_ident()).map(|i| {
+                        if i.quote_style.is_none() {
+                            i.value.to_lowercase()
+                        } else {
+                            i.value.clone()
+                        }
+                    })
+                }
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+/// Whether a `client_encoding` has multibyte characters that may hold
+/// ASCII bytes (PostgreSQL's client-only encodings: a backslash or a letter
+/// can be the second byte of a character there).
+pub fn hides_ascii(encoding: &str) -> bool {
+    let e: String = encoding
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect::<String>()
+        .to_ascii_uppercase();
+    matches!(
+        e.as_str(),
+        "SJIS"
+            | "SHIFTJIS"
+            | "SHIFTJIS2004"
+            | "MSKANJI"
+            | "WIN932"
+            | "BIG5"
+            | "WIN950"
+            | "GBK"
+            | "WIN936"
+            | "CP936"
+            | "UHC"
+            | "WIN949"
+            | "GB18030"
+            | "JOHAB"
+    )
+}
+
 /// Whether the SQL contains a `COPY ... TO` (results leave as COPY data).
 pub fn is_copy_out(sql: &str) -> bool {
     // Every COPY statement spells the keyword; most statements need no parse.
@@ -1069,6 +1159,25 @@ mod tests {
         // Text that does not parse still shows its DML after WITH.
         let odd = c("WITH x AS (SELECT xmlelement(name foo)) DELETE FROM t");
         assert!(odd.contains(&Unparsed) && odd.contains(&DeleteWithoutWhere));
+        assert!(hides_ascii("SJIS") && hides_ascii("Shift_JIS_2004") && hides_ascii("gb18030"));
+        assert!(!hides_ascii("UTF8") && !hides_ascii("SQL_ASCII") && !hides_ascii("LATIN1"));
+        assert_eq!(
+            deallocations(
+                "DEALLOCATE S1; deallocate \"Q\"; DEALLOCATE ALL; discard all; discard plans"
+            ),
+            [
+                (Some("s1".into()), false),
+                (Some("Q".into()), false),
+                (None, false),
+                (None, true)
+            ]
+        );
+        assert!(deallocations("select 1").is_empty());
+        assert_eq!(
+            executes_prepared("EXECUTE Held(1)"),
+            Some(vec!["held".into()])
+        );
+        assert_eq!(executes_prepared("select 2"), Some(vec![]));
         assert!(prepares("select 1; PREPARE p AS DELETE FROM t"));
         assert!(prepares("prepare p as select xmlelement(name foo)"));
         assert!(!prepares("execute p"));
