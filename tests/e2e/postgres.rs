@@ -319,6 +319,31 @@ async fn bad_tokens_unknown_resources_denials_and_plaintext_never_reach_the_edge
         let mut sink = Vec::new();
         let _ = s.read_to_end(&mut sink);
     }
+    // A client that goes quiet where the password is due is cut off (it
+    // would hold a connection slot), with an error saying why.
+    {
+        use bytes::BufMut as _;
+        use tokio::io::AsyncReadExt as _;
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let tls = custody_cli::pg::tls_config(&c.ca_path()).unwrap();
+        let mut s = custody_cli::pg::dial_tls(addr, tls).await.unwrap();
+        let mut out = bytes::BytesMut::new();
+        pg::encode_startup(&[("user", "x"), ("database", "db")], &mut out);
+        write_all_flush(&mut s, &out).await;
+        let mut buf = bytes::BytesMut::new();
+        let asked = read_message(&mut s, &mut buf).await;
+        assert_eq!((asked.tag, &asked.body[..]), (b'R', &[0, 0, 0, 3][..]));
+        let started = std::time::Instant::now();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(40), s.read_to_end(&mut rest))
+            .await
+            .expect("the gateway closes a silent connection");
+        assert!(started.elapsed() >= Duration::from_secs(10));
+        buf.put_slice(&rest);
+        let f = pg::split_frame(&mut buf, pg::Limits::default()).unwrap().unwrap();
+        let n = pg::decode_notice(&f.body).unwrap();
+        assert!(n.get(b'M').is_some_and(|m| m.contains("no password")), "{n:?}");
+    }
     let out = psql(&libpq(&c, 1, &alice, "db", "require"), "select 41 + 1");
     assert_eq!(text(&out.stdout).trim(), "42", "{}", text(&out.stderr));
 }

@@ -289,14 +289,20 @@ impl<E: Engine> PgGateway<E> {
         }
         pg::encode_auth(pg::AUTH_CLEARTEXT, &[], &mut out);
         write_flush(s, &out).await?;
-        let f = read_frame(
-            s,
-            buf,
-            Limits {
-                max_message: 64 << 10,
-            },
+        // A client that goes quiet here holds a connection slot: it gets as
+        // long as the startup did.
+        let f = tokio::time::timeout(
+            STARTUP_TIMEOUT,
+            read_frame(
+                s,
+                buf,
+                Limits {
+                    max_message: 64 << 10,
+                },
+            ),
         )
-        .await?
+        .await
+        .map_err(|_| fatal("08006", "no password within the startup timeout"))??
         .ok_or_else(|| fatal("08006", "connection closed before the password"))?;
         if f.tag != pg::ftag::PASSWORD {
             return Err(fatal("08P01", "expected a password message"));
