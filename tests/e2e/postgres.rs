@@ -340,12 +340,111 @@ async fn bad_tokens_unknown_resources_denials_and_plaintext_never_reach_the_edge
             .expect("the gateway closes a silent connection");
         assert!(started.elapsed() >= Duration::from_secs(10));
         buf.put_slice(&rest);
-        let f = pg::split_frame(&mut buf, pg::Limits::default()).unwrap().unwrap();
+        let f = pg::split_frame(&mut buf, pg::Limits::default())
+            .unwrap()
+            .unwrap();
         let n = pg::decode_notice(&f.body).unwrap();
-        assert!(n.get(b'M').is_some_and(|m| m.contains("no password")), "{n:?}");
+        assert!(
+            n.get(b'M').is_some_and(|m| m.contains("no password")),
+            "{n:?}"
+        );
     }
     let out = psql(&libpq(&c, 1, &alice, "db", "require"), "select 41 + 1");
     assert_eq!(text(&out.stdout).trim(), "42", "{}", text(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_under_an_access_grant_end_with_it() {
+    let pg = Postgres::start();
+    let c = system_with(
+        &pg,
+        r#"
+roles:
+  admin: { groups: [custody-admins] }
+  approver: { groups: [approvers] }
+rules:
+  - name: db-on-request
+    identity: { groups: [engineers] }
+    resource: { kinds: [postgres] }
+    actions: [connect]
+    decision: require_approval
+    approval: { groups: [approvers], count: 1 }
+"#,
+    )
+    .await;
+    let alice = c.mint_token("alice").await.unwrap().token;
+    let bob = c.mint_token("bob").await.unwrap().token;
+    let out = psql(&libpq(&c, 1, &alice, "db", "require"), "select 1");
+    assert!(
+        text(&out.stderr).contains("requires approval to connect"),
+        "{}",
+        text(&out.stderr)
+    );
+    let grant = |secs: &str| {
+        let out = custody(
+            &c,
+            &[],
+            &alice,
+            &[
+                "access",
+                "request",
+                "db",
+                "--for",
+                secs,
+                "--reason",
+                "incident 7",
+            ],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let id = text(&out.stdout).trim().to_owned();
+        let out = custody(&c, &[], &bob, &["approvals", "approve", &id]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        id
+    };
+    let query = |sql: &str| {
+        let mut out = bytes::BytesMut::new();
+        pg::encode_frame(pg::ftag::QUERY, format!("{sql}\0").as_bytes(), &mut out);
+        out
+    };
+    // A session under a 4-second grant works, then is ended when it expires.
+    let short = grant("4s");
+    let (mut s, mut buf, _) = raw_gateway_session(&c, &alice, 0, &[]).await;
+    write_all_flush(&mut s, &query("select 1")).await;
+    let mut got = Vec::new();
+    while got.last().map(|f: &pg::Frame| f.tag) != Some(b'Z') {
+        got.push(read_message(&mut s, &mut buf).await);
+    }
+    assert!(got.iter().any(|f| f.tag == b'D'), "{got:?}");
+    let ended = tokio::time::timeout(Duration::from_secs(15), read_message(&mut s, &mut buf))
+        .await
+        .expect("the session ends with its grant");
+    let n = pg::decode_notice(&ended.body).unwrap();
+    assert!(
+        n.get(b'M')
+            .is_some_and(|m| m.contains(&format!("access grant {short} expired"))),
+        "{n:?}"
+    );
+    // Under a long grant that its requester cancels, the next statement is
+    // refused.
+    let long = grant("1h");
+    let (mut s, mut buf, _) = raw_gateway_session(&c, &alice, 0, &[]).await;
+    let out = custody(&c, &[], &alice, &["approvals", "cancel", &long]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    write_all_flush(&mut s, &query("select 1")).await;
+    let mut got = Vec::new();
+    while got.last().map(|f: &pg::Frame| f.tag) != Some(b'Z') {
+        got.push(read_message(&mut s, &mut buf).await);
+    }
+    let err = got
+        .iter()
+        .find(|f| f.tag == b'E')
+        .map(|f| pg::decode_notice(&f.body).unwrap())
+        .unwrap_or_else(|| panic!("refused: {got:?}"));
+    assert!(
+        err.get(b'M')
+            .is_some_and(|m| m.contains("no access grant is in force")),
+        "{err:?}"
+    );
 }
 
 /// psql running `sql` in the background (for statements held for approval).

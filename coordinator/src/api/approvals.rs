@@ -241,10 +241,17 @@ impl<E: Engine> Approvals for ApprovalsService<E> {
             kind: def.kind.clone(),
             labels: def.labels.clone(),
         };
+        // The grant covers what this kind of resource is used for: a database
+        // is connected to, anything else runs commands.
+        let action = if def.kind == "postgres" {
+            "connect"
+        } else {
+            "exec"
+        };
         let d = policy.evaluate(&PolicyRequest {
             identity: &id,
             resource: &resource,
-            action: "exec",
+            action,
             command: None,
         });
         let rule = d.rule.clone().unwrap_or_else(|| "default-deny".into());

@@ -637,7 +637,8 @@ impl<E: Engine> PgGateway<E> {
                 tracing::warn!(target: "audit", event = "statement_denied", subject = %a.id.subject, resource = %a.resource.name, rule = ?d.rule, "statement refused");
                 Err(d.reason.into())
             }
-            // The connection itself was approved through an access grant;
+            // The connection itself was approved through an access grant,
+            // which must still be in force (it may have been cancelled);
             // only guardrails hold single statements.
             Effect::RequireApproval
                 if !d
@@ -645,7 +646,20 @@ impl<E: Engine> PgGateway<E> {
                     .as_deref()
                     .is_some_and(|r| r.starts_with("guardrail:")) =>
             {
-                Ok(None)
+                match approvals::active_grant(
+                    node.store(),
+                    &a.resource.name,
+                    &a.id.principal(),
+                    now_ms(),
+                ) {
+                    Ok(Some(_)) => Ok(None),
+                    Ok(None) => Err(format!(
+                        "{}: no access grant is in force any more (`custody access request {}`)",
+                        d.reason, a.resource.name
+                    )
+                    .into()),
+                    Err(e) => Err(format!("cannot read access grants: {e}").into()),
+                }
             }
             Effect::RequireApproval => {
                 if crate::policy::sql::prepares(sql) {
@@ -1019,6 +1033,19 @@ impl<E: Engine> PgGateway<E> {
         let mut rfq_expected: u64 = 1;
         let mut doomed = false; // the rest of this sequence fails at the server
         let mut executed_unsynced = false; // an Execute went out since Sync
+                                           // A session opened under an access grant ends when the grant does.
+        let grant_end = async {
+            match &a.grant {
+                Some(g) => {
+                    tokio::time::sleep(Duration::from_millis(
+                        g.access_until_ms.saturating_sub(now_ms()),
+                    ))
+                    .await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(grant_end);
         loop {
             if !st.out.is_empty() {
                 write_flush(s, &st.out).await?;
@@ -1211,6 +1238,12 @@ impl<E: Engine> PgGateway<E> {
                     if let Some(end) = self.on_edge_frame(&mut st, f, s, rec, evq, a).await? {
                         return Ok(end);
                     }
+                }
+                _ = &mut grant_end => {
+                    return Err(fatal("57P01", format!(
+                        "access grant {} expired; the session was ended",
+                        a.grant.as_ref().map_or(0, |g| g.id)
+                    )));
                 }
             }
         }
