@@ -5,7 +5,9 @@
 //! header never chooses it, so `none` and RS→HS key confusion are refused.
 //! `iss`, `aud`, `exp`, `nbf` (with leeway) and, where configured, `typ` are
 //! checked; `aud` must be present. An unknown `kid` triggers one JWKS refresh,
-//! at most once per `jwks_min_refresh` per issuer.
+//! at most once per `jwks_min_refresh` per issuer; a JWKS older than
+//! `jwks_max_age` is fetched again before it is used, so a key the issuer
+//! withdrew stops being trusted (if that fetch fails the old set is kept).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -84,6 +86,7 @@ pub struct IssuerConfig {
     pub required_typ: Option<String>,
     pub leeway: Duration,
     pub jwks_min_refresh: Duration,
+    pub jwks_max_age: Duration,
 }
 
 impl IssuerConfig {
@@ -96,6 +99,7 @@ impl IssuerConfig {
             required_typ: None,
             leeway: Duration::from_secs(30),
             jwks_min_refresh: Duration::from_secs(60),
+            jwks_max_age: Duration::from_secs(600),
         }
     }
 
@@ -295,12 +299,18 @@ impl Verifier {
             }
         };
         let mut cache = st.cache.lock().await;
-        if let Some(k) = cache.set.as_ref().and_then(pick) {
-            return Ok(k);
-        }
-        let may_refresh = cache
+        let stale = cache
             .last_fetch
-            .is_none_or(|t| t.elapsed() >= st.cfg.jwks_min_refresh);
+            .is_some_and(|t| t.elapsed() >= st.cfg.jwks_max_age);
+        if !stale {
+            if let Some(k) = cache.set.as_ref().and_then(pick) {
+                return Ok(k);
+            }
+        }
+        let may_refresh = stale
+            || cache
+                .last_fetch
+                .is_none_or(|t| t.elapsed() >= st.cfg.jwks_min_refresh);
         if may_refresh {
             cache.last_fetch = Some(Instant::now());
             match self.source.fetch(&st.cfg).await {
@@ -635,6 +645,39 @@ mod tests {
         }
         // The first fetch was just now: no refresh storm.
         assert_eq!(src.fetches.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_withdrawn_key_stops_working_once_the_set_is_old() {
+        let key = test_key("k1");
+        let other = test_key("k2");
+        let src = Arc::new(FixedJwks {
+            set: StdMutex::new(JwkSet {
+                keys: vec![key.jwk.clone(), other.jwk.clone()],
+            }),
+            fetches: AtomicUsize::new(0),
+        });
+        let mut cfg = IssuerConfig::new(ISS, AUD);
+        cfg.jwks_min_refresh = Duration::from_secs(3600);
+        cfg.jwks_max_age = Duration::from_millis(200);
+        cfg.required_typ = Some("at+jwt".into());
+        let v = Verifier::new(vec![cfg], src.clone());
+        v.verify(&sign(&key, &claims())).await.unwrap();
+        // The issuer withdraws k1 but keeps signing with k2, which is cached.
+        *src.set.lock().unwrap() = JwkSet {
+            keys: vec![other.jwk.clone()],
+        };
+        let mut c = claims();
+        c["jti"] = json!("another token");
+        assert!(v.verify(&sign(&key, &c)).await.is_ok(), "the set is fresh");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c["jti"] = json!("a third token");
+        assert_eq!(
+            v.verify(&sign(&key, &c)).await.unwrap_err().code(),
+            "unknown_key"
+        );
+        v.verify(&sign(&other, &c)).await.unwrap();
+        assert_eq!(src.fetches.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
