@@ -250,3 +250,72 @@ pub async fn query(
     let _ = s.shutdown().await;
     Ok(r)
 }
+
+/// The uid owning the loopback TCP connection whose near end is `peer` and
+/// far end `local` (Linux `/proc/net/tcp*`); `None` when it cannot be told.
+pub fn loopback_peer_uid(peer: SocketAddr, local: SocketAddr) -> Option<u32> {
+    let table = if peer.is_ipv4() {
+        "/proc/net/tcp"
+    } else {
+        "/proc/net/tcp6"
+    };
+    let text = std::fs::read_to_string(table).ok()?;
+    text.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (near, far, uid) = (f.get(1)?, f.get(2)?, f.get(7)?);
+        (proc_addr(near)? == peer && proc_addr(far)? == local)
+            .then(|| uid.parse().ok())
+            .flatten()
+    })
+}
+
+/// `0100007F:1F90` (IPv4) or 32 hex digits and a port (IPv6), as
+/// `/proc/net/tcp*` print them: each 32-bit word in host byte order.
+fn proc_addr(s: &str) -> Option<SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Vec<[u8; 4]> = (0..ip.len() / 8)
+        .map(|i| {
+            u32::from_str_radix(ip.get(8 * i..8 * i + 8)?, 16)
+                .ok()
+                .map(u32::to_ne_bytes)
+        })
+        .collect::<Option<_>>()?;
+    let ip = match words.len() {
+        1 => std::net::IpAddr::from(words[0]),
+        4 => std::net::IpAddr::from(<[u8; 16]>::try_from(words.concat()).ok()?),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// This process's uid (the owner of `/proc/self`).
+pub fn my_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loopback_peer_is_found_with_its_uid() {
+        for host in ["127.0.0.1", "::1"] {
+            let Ok(l) = std::net::TcpListener::bind((host, 0)) else {
+                assert_eq!(host, "::1", "IPv4 loopback must work");
+                continue;
+            };
+            let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (_s, peer) = l.accept().unwrap();
+            assert_eq!(peer, c.local_addr().unwrap());
+            let uid = loopback_peer_uid(peer, l.local_addr().unwrap());
+            assert_eq!(uid, my_uid(), "{host}");
+            assert!(uid.is_some());
+        }
+        assert_eq!(
+            proc_addr("0100007F:1F90"),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+    }
+}

@@ -1383,6 +1383,28 @@ async fn a_client_library_works_through_custody_connect_including_cancel() {
     let local = connect(&c, &alice, "db").await;
     let client = pg_client(local.1).await;
 
+    // Another local user cannot use the listener (it would act with
+    // alice's token). Running a client as another user needs root, which CI
+    // has; elsewhere this check says so and moves on.
+    if custody_cli::pg::my_uid() == Some(0) {
+        let out = Command::new("runuser")
+            .args(["-u", "postgres", "--", "psql", "-X", "-A", "-t"])
+            .arg(format!(
+                "host=127.0.0.1 port={} dbname=db sslmode=disable",
+                local.1
+            ))
+            .args(["-c", "select 1"])
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("serves only the user who started it"),
+            "{err}"
+        );
+    } else {
+        eprintln!("not root: the other-user check of custody connect is not run here");
+    }
+
     // Typed parameters and binary results (tokio-postgres uses both).
     let row = client
         .query_one(

@@ -19,8 +19,9 @@ pub struct ConnectArgs {
     /// Local port to listen on.
     #[arg(long, default_value_t = 5433)]
     port: u16,
-    /// Local address to listen on (loopback by default: anyone who can reach
-    /// it acts with your token).
+    /// Local address to listen on. On loopback (the default) only your own
+    /// user's connections are served; on any other address anyone who can
+    /// reach it acts with your token.
     #[arg(long, default_value = "127.0.0.1")]
     bind: IpAddr,
 }
@@ -79,9 +80,30 @@ pub async fn run(a: ConnectArgs) -> anyhow::Result<()> {
             r = listener.accept() => r.context("accept")?,
             _ = tokio::signal::ctrl_c() => return Ok(()),
         };
+        // Another local user's connection would act with this user's token.
+        let stranger = match (peer.ip().is_loopback(), local.local_addr()) {
+            (true, Ok(me)) => {
+                match (gw::loopback_peer_uid(peer, me), gw::my_uid()) {
+                    (Some(theirs), Some(mine)) if theirs == mine => None,
+                    (Some(theirs), _) => Some(format!(
+                        "custody connect serves only the user who started it; this connection is from uid {theirs}"
+                    )),
+                    (None, _) => Some("custody connect cannot tell which user this connection is from; refused".to_owned()),
+                }
+            }
+            _ => None,
+        };
         let tls = tls.clone();
         let resource = resource.clone();
         tokio::spawn(async move {
+            if let Some(why) = stranger {
+                eprintln!("custody connect: {peer}: {why}");
+                let mut out = BytesMut::new();
+                pg::encode_fatal("28000", &why, &mut out);
+                let mut local = local;
+                let _ = local.write_all(&out).await;
+                return;
+            }
             if let Err(e) = forward(local, gateway, tls, &resource).await {
                 eprintln!("custody connect: {peer}: {e:#}");
             }
