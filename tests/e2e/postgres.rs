@@ -1322,6 +1322,48 @@ async fn results_are_masked_for_the_client_and_in_the_evidence() {
         let hits = grep_dir(&c.dir, secret.as_bytes());
         assert!(hits.is_empty(), "{secret:?} found in {hits:?}");
     }
+
+    // A session masks by the profiles it started with: once the policy
+    // masks more (here the name column), its statements are refused until
+    // it reconnects, and a new session masks by the new profile.
+    let local = connect(&c, &alice, "db").await;
+    let mut wire = RawPg::connect(local.1).await;
+    let name_of_1 = (
+        pg::ftag::QUERY,
+        b"select name from customers where id = 1\0".to_vec(),
+    );
+    let got = wire.exchange(std::slice::from_ref(&name_of_1)).await;
+    let row = got.iter().find(|f| f.tag == b'D').expect("a row");
+    assert_eq!(
+        pg::decode_data_row(&row.body).unwrap()[0].as_deref(),
+        Some(&b"Alice"[..])
+    );
+    c.client(&[])
+        .unwrap()
+        .policy_apply(&policy.replace("\"*ssn*\"", "\"*ssn*\", \"name\""), "yaml")
+        .await
+        .unwrap();
+    crate::harness::eventually(
+        Duration::from_secs(15),
+        "the policy change reaches the gateway",
+        || {
+            let out = psql(&env, "select name from customers where id = 1");
+            let masked = text(&out.stdout).trim() == "****";
+            async move { masked }
+        },
+    )
+    .await;
+    let got = wire.exchange(&[name_of_1]).await;
+    assert!(got.iter().all(|f| f.tag != b'D'), "{got:?}");
+    let err = got
+        .iter()
+        .find(|f| f.tag == b'E')
+        .map(|f| pg::decode_notice(&f.body).unwrap())
+        .unwrap_or_else(|| panic!("refused: {got:?}"));
+    assert!(
+        err.get(b'M').is_some_and(|m| m.contains("reconnect")),
+        "{err:?}"
+    );
 }
 
 /// `custody connect` on a free local port, as `token`; killed on drop.

@@ -389,6 +389,8 @@ impl<E: Engine> PgGateway<E> {
             caps,
             no_wait: wants_no_wait(startup),
             masker,
+            mask: d.mask.clone(),
+            policy: policy.clone(),
             id,
             resource: info,
             candidates: serving.into_iter().map(|(e, _)| e).collect(),
@@ -631,6 +633,16 @@ impl<E: Engine> PgGateway<E> {
             action: "connect",
             command: Some(sql),
         });
+        // Results are masked by the profiles the session started with: a
+        // statement the policy now masks otherwise (the policy changed, or
+        // a rule for this statement names other profiles) does not run.
+        if d.effect != Effect::Deny
+            && !(std::sync::Arc::ptr_eq(&policy, &a.policy) && d.mask == a.mask)
+            && policy.masking_docs(&d.mask) != a.policy.masking_docs(&a.mask)
+        {
+            tracing::warn!(target: "audit", event = "statement_denied", subject = %a.id.subject, resource = %a.resource.name, "statement refused: masking changed");
+            return Err("the masking that applies to this statement differs from the one this session started with (the policy changed); reconnect".into());
+        }
         match d.effect {
             Effect::Allow => Ok(None),
             Effect::Deny => {
@@ -2059,6 +2071,9 @@ struct Authorized {
     no_wait: bool,
     /// Masking for this session's results (from the deciding rules).
     masker: crate::policy::mask::Masker,
+    /// The policy and masking profiles the masker was built from.
+    policy: std::sync::Arc<crate::policy::Policy>,
+    mask: Vec<String>,
     id: Identity,
     resource: ResourceInfo,
     candidates: Vec<edges::Edge>,

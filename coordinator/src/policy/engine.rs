@@ -215,16 +215,19 @@ impl Policy {
         &self.doc
     }
 
-    /// The masking for a decision's profile names.
-    pub fn masker(&self, names: &[String]) -> super::mask::Masker {
-        let docs: Vec<&super::mask::MaskingDoc> = self
-            .doc
+    /// The masking profiles named, in the policy's order.
+    pub fn masking_docs(&self, names: &[String]) -> Vec<&super::mask::MaskingDoc> {
+        self.doc
             .masking
             .iter()
             .filter(|m| names.contains(&m.name))
-            .collect();
+            .collect()
+    }
+
+    /// The masking for a decision's profile names.
+    pub fn masker(&self, names: &[String]) -> super::mask::Masker {
         // Profiles were validated when the policy was compiled.
-        super::mask::Masker::new(&docs).unwrap_or_default()
+        super::mask::Masker::new(&self.masking_docs(names)).unwrap_or_default()
     }
 
     /// The retention rule for sessions on a resource: its name and how long
