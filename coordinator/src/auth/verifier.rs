@@ -436,8 +436,16 @@ impl Verifier {
         let subject = s("sub")
             .filter(|x| !x.is_empty())
             .ok_or_else(|| AuthError::Malformed("empty sub".into()))?;
-        let client_id = s("client_id").or_else(|| s("azp"));
-        let client_kind = if client_id.as_deref() == Some(subject.as_str()) {
+        let client_id = s("client_id").or_else(|| s("azp")).or_else(|| s("cid"));
+        // A token a client got for itself, by the signs the common providers
+        // put in it: the subject is the client (the OAuth convention, Okta),
+        // Auth0's `gty: client-credentials`, Entra ID's `idtyp: app`,
+        // Keycloak's `service-account-…` user.
+        let machine = client_id.as_deref() == Some(subject.as_str())
+            || s("gty").as_deref() == Some("client-credentials")
+            || s("idtyp").as_deref() == Some("app")
+            || s("preferred_username").is_some_and(|u| u.starts_with("service-account-"));
+        let client_kind = if machine {
             ClientKind::Machine
         } else {
             ClientKind::Human
@@ -569,6 +577,27 @@ mod tests {
         assert_eq!(
             v.verify(&sign(&key, &c)).await.unwrap().client_kind,
             ClientKind::Machine
+        );
+        for (claim, value) in [
+            ("gty", "client-credentials"),
+            ("idtyp", "app"),
+            ("preferred_username", "service-account-ci"),
+        ] {
+            let mut c = claims();
+            c[claim] = json!(value);
+            c["jti"] = json!(claim);
+            assert_eq!(
+                v.verify(&sign(&key, &c)).await.unwrap().client_kind,
+                ClientKind::Machine,
+                "{claim}"
+            );
+        }
+        let mut c = claims();
+        c["preferred_username"] = json!("alice");
+        c["jti"] = json!("human");
+        assert_eq!(
+            v.verify(&sign(&key, &c)).await.unwrap().client_kind,
+            ClientKind::Human
         );
     }
 
