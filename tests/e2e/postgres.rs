@@ -795,6 +795,21 @@ async fn sql_guardrails_deny_or_hold_statements_for_approval() {
     let got = wire.exchange(&prepare).await;
     let tags: Vec<char> = got.iter().map(|f| f.tag as char).collect();
     assert_eq!(tags, ['1', 'Z'], "{got:?}");
+    // Not through SQL EXECUTE, not even under EXPLAIN ANALYZE.
+    for q in ["EXECUTE d", "EXPLAIN ANALYZE EXECUTE d"] {
+        let got = wire
+            .exchange(&[(pg::ftag::QUERY, format!("{q}\0").into_bytes())])
+            .await;
+        let err = got
+            .iter()
+            .find(|f| f.tag == b'E')
+            .map(|f| pg::decode_notice(&f.body).unwrap())
+            .unwrap_or_else(|| panic!("{q} refused: {got:?}"));
+        assert!(
+            err.get(b'M').is_some_and(|m| m.contains("runs once")),
+            "{err:?}"
+        );
+    }
     let run = [
         RawPg::bind_named("d"),
         RawPg::execute(),
@@ -807,8 +822,8 @@ async fn sql_guardrails_deny_or_hold_statements_for_approval() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let got = wire.exchange(&run).await;
     let tags: Vec<char> = got.iter().map(|f| f.tag as char).collect();
-    assert_eq!(tags, ['2', 'E', 'Z'], "{got:?}");
-    let err = pg::decode_notice(&got[1].body).unwrap();
+    assert_eq!(tags, ['E', 'Z'], "{got:?}");
+    let err = pg::decode_notice(&got[0].body).unwrap();
     assert_eq!(err.get(b'C'), Some("42501"));
     assert!(
         err.get(b'M')
@@ -824,6 +839,21 @@ async fn sql_guardrails_deny_or_hold_statements_for_approval() {
         "1",
         "the second execution did not run"
     );
+    // The server forgot the statement after its one execution.
+    let got = wire
+        .exchange(&[(pg::ftag::QUERY, b"EXECUTE d\0".to_vec())])
+        .await;
+    let err = got
+        .iter()
+        .find(|f| f.tag == b'E')
+        .map(|f| pg::decode_notice(&f.body).unwrap())
+        .unwrap_or_else(|| panic!("refused: {got:?}"));
+    assert_eq!(err.get(b'C'), Some("26000"), "{err:?}");
+    let out = psql(
+        &env,
+        "select count(*) from pg_tables where tablename = 'scratch5'",
+    );
+    assert_eq!(text(&out.stdout).trim(), "1");
     // The session goes on.
     let got = wire
         .exchange(&[(pg::ftag::QUERY, b"select 1\0".to_vec())])
@@ -1338,6 +1368,13 @@ async fn results_are_masked_for_the_client_and_in_the_evidence() {
         pg::decode_data_row(&row.body).unwrap()[0].as_deref(),
         Some(&b"Alice"[..])
     );
+    let got = wire
+        .exchange(&[
+            RawPg::parse_named("n", "select name from customers where id = 1"),
+            (pg::ftag::SYNC, vec![]),
+        ])
+        .await;
+    assert_eq!(got[0].tag, b'1', "{got:?}");
     c.client(&[])
         .unwrap()
         .policy_apply(&policy.replace("\"*ssn*\"", "\"*ssn*\", \"name\""), "yaml")
@@ -1360,6 +1397,20 @@ async fn results_are_masked_for_the_client_and_in_the_evidence() {
         .find(|f| f.tag == b'E')
         .map(|f| pg::decode_notice(&f.body).unwrap())
         .unwrap_or_else(|| panic!("refused: {got:?}"));
+    assert!(
+        err.get(b'M').is_some_and(|m| m.contains("reconnect")),
+        "{err:?}"
+    );
+    // So is a statement prepared before the change, at its Bind.
+    let got = wire
+        .exchange(&[
+            RawPg::bind_named("n"),
+            RawPg::execute(),
+            (pg::ftag::SYNC, vec![]),
+        ])
+        .await;
+    assert!(got.iter().all(|f| f.tag != b'D'), "{got:?}");
+    let err = pg::decode_notice(&got[0].body).unwrap();
     assert!(
         err.get(b'M').is_some_and(|m| m.contains("reconnect")),
         "{err:?}"

@@ -633,47 +633,9 @@ impl<E: Engine> PgGateway<E> {
             action: "connect",
             command: Some(sql),
         });
-        // Results are masked by the profiles the session started with: a
-        // statement the policy now masks otherwise (the policy changed, or
-        // a rule for this statement names other profiles) does not run.
-        if d.effect != Effect::Deny
-            && !(std::sync::Arc::ptr_eq(&policy, &a.policy) && d.mask == a.mask)
-            && policy.masking_docs(&d.mask) != a.policy.masking_docs(&a.mask)
-        {
-            tracing::warn!(target: "audit", event = "statement_denied", subject = %a.id.subject, resource = %a.resource.name, "statement refused: masking changed");
-            return Err("the masking that applies to this statement differs from the one this session started with (the policy changed); reconnect".into());
-        }
-        match d.effect {
-            Effect::Allow => Ok(None),
-            Effect::Deny => {
-                tracing::warn!(target: "audit", event = "statement_denied", subject = %a.id.subject, resource = %a.resource.name, rule = ?d.rule, "statement refused");
-                Err(d.reason.into())
-            }
-            // The connection itself was approved through an access grant,
-            // which must still be in force (it may have been cancelled);
-            // only guardrails hold single statements.
-            Effect::RequireApproval
-                if !d
-                    .rule
-                    .as_deref()
-                    .is_some_and(|r| r.starts_with("guardrail:")) =>
-            {
-                match approvals::active_grant(
-                    node.store(),
-                    &a.resource.name,
-                    &a.id.principal(),
-                    now_ms(),
-                ) {
-                    Ok(Some(_)) => Ok(None),
-                    Ok(None) => Err(format!(
-                        "{}: no access grant is in force any more (`custody access request {}`)",
-                        d.reason, a.resource.name
-                    )
-                    .into()),
-                    Err(e) => Err(format!("cannot read access grants: {e}").into()),
-                }
-            }
-            Effect::RequireApproval => {
+        match self.judge(&policy, &d, a)? {
+            Judged::Runs => Ok(None),
+            Judged::HeldByGuardrail => {
                 if crate::policy::sql::prepares(sql) {
                     return Err("a statement that needs approval cannot be prepared with PREPARE (each EXECUTE would run it again on one approval); run it directly".into());
                 }
@@ -685,6 +647,90 @@ impl<E: Engine> PgGateway<E> {
                     .await
                     .map(Some)
             }
+        }
+    }
+
+    /// What a policy decision for one of the session's statements means,
+    /// short of holding it for approval: refused (denied, masked otherwise
+    /// than the session, or its access grant no longer in force), runs, or
+    /// held by a guardrail.
+    fn judge(
+        &self,
+        policy: &Arc<crate::policy::Policy>,
+        d: &crate::policy::Decision,
+        a: &Authorized,
+    ) -> Result<Judged, Refusal> {
+        // Results are masked by the profiles the session started with: a
+        // statement the policy now masks otherwise (the policy changed, or
+        // a rule for this statement names other profiles) does not run.
+        if d.effect != Effect::Deny
+            && !(Arc::ptr_eq(policy, &a.policy) && d.mask == a.mask)
+            && policy.masking_docs(&d.mask) != a.policy.masking_docs(&a.mask)
+        {
+            tracing::warn!(target: "audit", event = "statement_denied", subject = %a.id.subject, resource = %a.resource.name, "statement refused: masking changed");
+            return Err("the masking that applies to this statement differs from the one this session started with (the policy changed); reconnect".into());
+        }
+        match d.effect {
+            Effect::Allow => Ok(Judged::Runs),
+            Effect::Deny => {
+                tracing::warn!(target: "audit", event = "statement_denied", subject = %a.id.subject, resource = %a.resource.name, rule = ?d.rule, "statement refused");
+                Err(d.reason.clone().into())
+            }
+            // The connection itself was approved through an access grant,
+            // which must still be in force (it may have been cancelled);
+            // only guardrails hold single statements.
+            Effect::RequireApproval
+                if !d
+                    .rule
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("guardrail:")) =>
+            {
+                match approvals::active_grant(
+                    self.tunnels.node.store(),
+                    &a.resource.name,
+                    &a.id.principal(),
+                    now_ms(),
+                ) {
+                    Ok(Some(_)) => Ok(Judged::Runs),
+                    Ok(None) => Err(format!(
+                        "{}: no access grant is in force any more (`custody access request {}`)",
+                        d.reason, a.resource.name
+                    )
+                    .into()),
+                    Err(e) => Err(format!("cannot read access grants: {e}").into()),
+                }
+            }
+            Effect::RequireApproval => Ok(Judged::HeldByGuardrail),
+        }
+    }
+
+    /// A Bind of a statement prepared earlier, judged again when that could
+    /// now go otherwise: the policy changed since the session started, or
+    /// the session runs under an access grant (which may have been
+    /// cancelled). A statement a guardrail would now hold must be prepared
+    /// again (and approved) under the new policy.
+    fn recheck_bound(&self, sql: &str, a: &Authorized) -> Option<Refusal> {
+        let policy = match self.guard.local_policy(&self.tunnels.node) {
+            Ok(p) => p,
+            Err(e) => return Some(format!("policy unavailable: {}", e.message()).into()),
+        };
+        if a.grant.is_none() && Arc::ptr_eq(&policy, &a.policy) {
+            return None;
+        }
+        let d = policy.evaluate(&PolicyRequest {
+            identity: &a.id,
+            resource: &a.resource,
+            action: "connect",
+            command: Some(sql),
+        });
+        match self.judge(&policy, &d, a) {
+            Ok(Judged::Runs) => None,
+            Ok(Judged::HeldByGuardrail) if Arc::ptr_eq(&policy, &a.policy) => None,
+            Ok(Judged::HeldByGuardrail) => Some(
+                "the policy changed since this statement was prepared and a guardrail now holds it; prepare it again"
+                    .into(),
+            ),
+            Err(r) => Some(r),
         }
     }
 
@@ -1100,9 +1146,7 @@ impl<E: Engine> PgGateway<E> {
                         // client_encoding) that statements still running may
                         // change: it is checked once they have finished.
                         let mut out_of_order = false;
-                        if matches!(f.tag, pg::ftag::QUERY | pg::ftag::PARSE)
-                            && f.body.iter().any(|b| *b == b'\\' || !b.is_ascii())
-                        {
+                        if statement_bytes(&f).iter().any(|b| *b == b'\\' || !b.is_ascii()) {
                             if executed_unsynced {
                                 out_of_order = true;
                             } else if st.rfq_seen < rfq_expected {
@@ -1134,10 +1178,12 @@ impl<E: Engine> PgGateway<E> {
                             Some(Refusal::from("a statement with a backslash or non-ASCII text must not follow an Execute in the same sequence: the gateway reads it with settings that Execute may change (send Sync before it)"))
                         } else if let Some(why) = step.refused {
                             Some(Refusal::from(why))
-                        } else if let Some(request) = step.statement.as_deref().filter(|_| f.tag == pg::ftag::QUERY).and_then(|sql| {
+                        } else if let Some(r) = step.bound.as_deref().and_then(|sql| self.recheck_bound(sql, a)) {
+                            Some(r)
+                        } else if let Some(request) = step.statement.as_deref().and_then(|sql| {
                             st.relay.approved_among(crate::policy::sql::executes_prepared(sql).as_deref())
                         }) {
-                            Some(Refusal::from(format!("a statement prepared on approval request {request} runs once, through the protocol's Execute; SQL EXECUTE of it is refused")))
+                            Some(Refusal::from(format!("a statement prepared on approval request {request} runs once, through the protocol's Bind and Execute; SQL that may EXECUTE it is refused")))
                         } else if let Some(sql) = step.statement {
                             match self.check_statement(&sql, rec.session_id(), st.strings_conform, st.unsafe_encoding.as_deref(), a, evq, s, cbuf).await {
                                 Ok(Some(request)) if f.tag == pg::ftag::PARSE => {
@@ -1237,6 +1283,13 @@ impl<E: Engine> PgGateway<E> {
                             pg::encode_frame(pg::ftag::DESCRIBE, &body, &mut to_edge);
                         }
                         f.encode(&mut to_edge);
+                        if let Some(name) = &step.close_statement {
+                            // Its one approved execution has gone out: the
+                            // server forgets the statement, so nothing (SQL
+                            // EXECUTE, another Bind) can run it again.
+                            let body = st.relay.close_statement(name);
+                            pg::encode_frame(pg::ftag::CLOSE, &body, &mut to_edge);
+                        }
                     }
                     rec.record_all(std::mem::take(evq)).await.map_err(commit_err)?;
                     if let Some(end) = self.send_to_edge(&mut st, &mut to_edge, tx, rx, s, rec, evq, a).await? {
@@ -1957,6 +2010,23 @@ fn mask_notification(
     Ok(Some(out.freeze()))
 }
 
+/// The SQL text a Query or Parse carries (for Parse, not its name or its
+/// parameter type OIDs); empty for other messages.
+fn statement_bytes(f: &Frame) -> &[u8] {
+    let text = match f.tag {
+        pg::ftag::QUERY => &f.body[..],
+        pg::ftag::PARSE => match f.body.iter().position(|b| *b == 0) {
+            Some(end) => &f.body[end + 1..],
+            None => return &[],
+        },
+        _ => return &[],
+    };
+    match text.iter().position(|b| *b == 0) {
+        Some(end) => &text[..end],
+        None => text,
+    }
+}
+
 /// The statement text of the Parse that stands in for a refused one: it
 /// cannot parse, so the server answers it with an error in protocol order.
 const REFUSED_STAND_IN: &str = "custody_refused_statement";
@@ -1984,6 +2054,12 @@ fn commit_err(e: crate::evidence::RecordError) -> Fatal {
 
 /// Client bytes read and kept while a statement is held for approval.
 const HELD_INPUT_BYTES: usize = 1 << 20;
+
+/// A statement's decision, short of an approval.
+enum Judged {
+    Runs,
+    HeldByGuardrail,
+}
 
 /// Why a statement does not run.
 #[derive(Debug)]
@@ -2114,6 +2190,23 @@ mod tests {
             tag: btag::DATA_ROW,
             body: pg::data_row_body(values),
         }
+    }
+
+    #[test]
+    fn the_statement_text_of_a_parse_excludes_its_parameter_types() {
+        let mut body = b"s1\0select $1::float8\0".to_vec();
+        body.extend_from_slice(&1i16.to_be_bytes());
+        body.extend_from_slice(&701i32.to_be_bytes()); // float8: 0x02BD
+        let f = Frame {
+            tag: pg::ftag::PARSE,
+            body: body.into(),
+        };
+        assert_eq!(statement_bytes(&f), b"select $1::float8");
+        let q = Frame {
+            tag: pg::ftag::QUERY,
+            body: bytes::Bytes::from_static(b"select '\xc3\xa9'\0"),
+        };
+        assert_eq!(statement_bytes(&q), "select 'é'".as_bytes());
     }
 
     #[test]

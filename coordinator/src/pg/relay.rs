@@ -28,9 +28,16 @@ pub struct ClientStep {
     /// SQL the message asks the server to prepare or run (Query, Parse),
     /// for guardrails.
     pub statement: Option<String>,
-    /// The message must not run: an Execute of a statement prepared on an
-    /// approval that an earlier execution spent.
+    /// The text of the statement a Bind binds (when the gateway knows it).
+    pub bound: Option<Arc<str>>,
+    /// The message must not run (why): a name the gateway does not know or
+    /// that already exists, or a second Bind of a statement prepared on an
+    /// approval.
     pub refused: Option<String>,
+    /// After this Execute the statement prepared on an approval must be
+    /// closed at the server ([`Relay::close_statement`]): its one execution
+    /// has run.
+    pub close_statement: Option<String>,
 }
 
 /// Per-session recording caps for results.
@@ -112,8 +119,9 @@ enum Owed {
     Sync,
     /// ParseComplete, BindComplete or CloseComplete (the tag): the server
     /// applied the message. Skipped after an error, it did not, and `Undo`
-    /// puts the name back as it was.
-    Done(u8, Undo),
+    /// puts the name back as it was. Set: the message was the gateway's own
+    /// (its answer is not the client's).
+    Done(u8, Undo, bool),
 }
 
 /// A name as it was before a Parse, Bind or Close changed it, and what
@@ -232,6 +240,12 @@ pub struct Relay {
     /// The generation the last Parse gave its name (`None`: it changes
     /// nothing, the server refuses it).
     last_parsed: Option<u64>,
+    /// Portals bound from a statement prepared on an approval (by
+    /// generation): the statement's name, closed after the portal's Execute.
+    closing: HashMap<u64, String>,
+    /// Statements closed after their one approved execution: name to the
+    /// approval request (for the refusal of a later Bind).
+    closed_on_approval: HashMap<String, u64>,
     /// Columns of the DataRows arriving now; `None` when unknown.
     current: Option<Vec<pg::Field>>,
     /// Bumped whenever `current` changes.
@@ -371,6 +385,33 @@ impl Relay {
         }
     }
 
+    /// Closes the statement `name` at the server (the gateway's own Close,
+    /// sent after the Execute that ran it on its approval); returns the
+    /// Close's body. Its answer is not the client's.
+    pub fn close_statement(&mut self, name: &str) -> Vec<u8> {
+        let before = self.statements.remove(name);
+        if let Some(request) = before
+            .as_ref()
+            .and_then(|p| self.approved_once.get(&p.generation))
+        {
+            self.closed_on_approval.insert(name.to_owned(), request.0);
+        }
+        self.owed.push_back(Owed::Done(
+            btag::CLOSE_COMPLETE,
+            Undo::Statement {
+                name: name.to_owned(),
+                before,
+                installed: None,
+            },
+            true,
+        ));
+        let mut body = Vec::with_capacity(name.len() + 2);
+        body.push(b'S');
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        body
+    }
+
     /// The approval request of a statement among `names` that was prepared
     /// on an approval (`None` for names: of any): SQL `EXECUTE` must not
     /// run it again.
@@ -419,7 +460,13 @@ impl Relay {
                 }
                 let text: Arc<str> = Arc::from(p.query);
                 let undo = if !p.name.is_empty() && self.statements.contains_key(&p.name) {
-                    // The server refuses to redefine a named statement.
+                    // The server refuses to redefine a named statement; if
+                    // the gateway is wrong that it exists (SQL DEALLOCATE
+                    // sent through Parse), it must not guess either.
+                    step.refused = Some(format!(
+                        "prepared statement {:?} already exists; close it first",
+                        p.name
+                    ));
                     self.last_parsed = None;
                     Undo::Statement {
                         installed: self.statements.get(&p.name).map(|s| s.generation),
@@ -435,6 +482,7 @@ impl Relay {
                         },
                     );
                     self.last_parsed = Some(g);
+                    self.closed_on_approval.remove(&p.name);
                     // A failed Parse of the unnamed statement has already
                     // dropped the old one at the server.
                     Undo::Statement {
@@ -443,7 +491,8 @@ impl Relay {
                         name: p.name,
                     }
                 };
-                self.owed.push_back(Owed::Done(btag::PARSE_COMPLETE, undo));
+                self.owed
+                    .push_back(Owed::Done(btag::PARSE_COMPLETE, undo, false));
             }
             ftag::BIND => {
                 let b = pg::decode_bind(&f.body)?;
@@ -453,14 +502,23 @@ impl Relay {
                     });
                 }
                 let (text, statement) = match self.statements.get(&b.statement) {
-                    Some(p) => (p.text.clone(), p.generation),
+                    Some(p) => {
+                        step.bound = Some(p.text.clone());
+                        (p.text.clone(), p.generation)
+                    }
                     None => {
                         // SQL PREPARE, or a name the gateway saw removed:
                         // what it runs and returns cannot be told.
-                        step.refused = Some(format!(
-                            "prepared statement {:?} is unknown to the gateway (statements prepared with SQL PREPARE cannot be bound through it); prepare it with the protocol",
-                            b.statement
-                        ));
+                        step.refused = Some(match self.closed_on_approval.get(&b.statement) {
+                            Some(request) => format!(
+                                "approval request {request} covered one execution of prepared statement {:?}, which has run; prepare it again to ask for another approval",
+                                b.statement
+                            ),
+                            None => format!(
+                                "prepared statement {:?} is unknown to the gateway (statements prepared with SQL PREPARE cannot be bound through it); prepare it with the protocol",
+                                b.statement
+                            ),
+                        });
                         (Arc::from(UNSEEN), self.next_generation())
                     }
                 };
@@ -477,7 +535,28 @@ impl Relay {
                     source: self.statement_source.get(&statement).cloned(),
                 };
                 let installed = Some(binding.portal);
-                let undo = if !b.portal.is_empty() && self.portals.contains_key(&b.portal) {
+                let exists = !b.portal.is_empty() && self.portals.contains_key(&b.portal);
+                if exists {
+                    step.refused = Some(format!(
+                        "portal {:?} already exists; close it first",
+                        b.portal
+                    ));
+                }
+                // A statement prepared on an approval is bound once; its
+                // portal's Execute is its one execution.
+                if step.refused.is_none() {
+                    if let Some((request, spent)) = self.approved_once.get_mut(&statement) {
+                        if *spent {
+                            step.refused = Some(format!(
+                                "approval request {request} covered one execution of this prepared statement, which is bound already; prepare it again to ask for another approval"
+                            ));
+                        } else {
+                            *spent = true;
+                            self.closing.insert(binding.portal, b.statement.clone());
+                        }
+                    }
+                }
+                let undo = if exists {
                     // The server refuses to redefine a named portal.
                     Undo::Portal {
                         installed: self.portals.get(&b.portal).map(|p| p.binding.portal),
@@ -499,7 +578,8 @@ impl Relay {
                         name: b.portal,
                     }
                 };
-                self.owed.push_back(Owed::Done(btag::BIND_COMPLETE, undo));
+                self.owed
+                    .push_back(Owed::Done(btag::BIND_COMPLETE, undo, false));
             }
             ftag::EXECUTE => {
                 let (portal, _) = pg::decode_execute(&f.body)?;
@@ -521,13 +601,8 @@ impl Relay {
                         (b, UNSEEN.to_owned(), Vec::new())
                     }
                 };
-                if let Some((request, spent)) = self.approved_once.get_mut(&binding.statement) {
-                    if *spent {
-                        step.refused = Some(format!(
-                            "approval request {request} covered one execution of this prepared statement, which has run; prepare it again to ask for another approval"
-                        ));
-                    }
-                    *spent = true;
+                if step.refused.is_none() {
+                    step.close_statement = self.closing.remove(&binding.portal);
                 }
                 self.owed.push_back(Owed::Execute(binding));
                 step.events.push(command(text, params, "execute"));
@@ -550,7 +625,8 @@ impl Relay {
                         installed: None,
                     }
                 };
-                self.owed.push_back(Owed::Done(btag::CLOSE_COMPLETE, undo));
+                self.owed
+                    .push_back(Owed::Done(btag::CLOSE_COMPLETE, undo, false));
             }
             ftag::DESCRIBE => {
                 let (kind, name) = pg::decode_target(&f.body, "Describe")?;
@@ -668,6 +744,7 @@ impl Relay {
                         Undo::Statement {
                             name: n, before: b, ..
                         },
+                        _,
                     ) = o
                     {
                         if *n == name {
@@ -695,6 +772,7 @@ impl Relay {
                         Undo::Portal {
                             name: n, before: b, ..
                         },
+                        _,
                     ) = o
                     {
                         if *n == name {
@@ -811,8 +889,10 @@ impl Relay {
             }
             btag::PARSE_COMPLETE | btag::BIND_COMPLETE | btag::CLOSE_COMPLETE => {
                 match self.owed.front() {
-                    Some(Owed::Done(tag, _)) if *tag == f.tag => {
+                    Some(Owed::Done(tag, _, own)) if *tag == f.tag => {
+                        let own = *own;
                         self.owed.pop_front();
+                        return Ok(own);
                     }
                     _ => return Err(unexpected),
                 }
@@ -829,7 +909,7 @@ impl Relay {
                     if matches!(o, Owed::Sync | Owed::Query(_)) {
                         break;
                     }
-                    if let Some(Owed::Done(_, u)) = self.owed.pop_front() {
+                    if let Some(Owed::Done(_, u, _)) = self.owed.pop_front() {
                         undo.push(u);
                     }
                 }
@@ -845,9 +925,20 @@ impl Relay {
                 self.executing = false;
                 self.set_current(None, None);
                 // Outside a transaction block no portal exists any more
-                // (unless a later sequence, already sent, bound one).
-                if f.body.first() == Some(&b'I') && self.owed.is_empty() {
-                    self.portals.clear();
+                // (except those of later sequences, already sent).
+                if f.body.first() == Some(&b'I') {
+                    let pending: std::collections::HashSet<&str> = self
+                        .owed
+                        .iter()
+                        .filter_map(|o| match o {
+                            Owed::Done(_, Undo::Portal { name, .. }, _) => Some(name.as_str()),
+                            _ => None,
+                        })
+                        .collect();
+                    self.portals.retain(|n, _| pending.contains(n.as_str()));
+                    let live: std::collections::HashSet<u64> =
+                        self.portals.values().map(|p| p.binding.portal).collect();
+                    self.closing.retain(|g, _| live.contains(g));
                 }
                 if self.statement_columns.len()
                     + self.portal_columns.len()
@@ -986,34 +1077,79 @@ mod tests {
         r.client(&parse("held", "delete from t")).unwrap();
         r.runs_once("held", 7);
         r.client(&parse("other", "select 1")).unwrap();
-        let run = |r: &mut Relay, statement: &str, portal: &str| {
-            r.client(&bind(portal, statement, &[])).unwrap();
-            r.client(&execute(portal)).unwrap().refused
+        let bind = |r: &mut Relay, statement: &str, portal: &str| {
+            r.client(&bind(portal, statement, &[])).unwrap().refused
         };
-        assert_eq!(run(&mut r, "held", ""), None);
-        // Again, through another portal too: refused, with the request named.
-        let again = run(&mut r, "held", "p2").expect("a second execution is refused");
-        assert!(again.contains("approval request 7"), "{again}");
-        assert!(run(&mut r, "held", "").is_some());
-        // Other statements are not limited.
-        assert_eq!(run(&mut r, "other", ""), None);
-        assert_eq!(run(&mut r, "other", ""), None);
-        // Parsed again under its name, which the server refuses: an
-        // approval for that Parse does not renew the statement.
-        r.client(&parse("held", "delete from t")).unwrap();
-        r.runs_once("held", 8);
-        assert!(run(&mut r, "held", "").is_some_and(|m| m.contains("request 7")));
-        // SQL EXECUTE of it is recognised.
+        // One Bind; its portal's Execute is the one execution, after which
+        // the statement is closed at the server.
+        assert_eq!(bind(&mut r, "held", ""), None);
         assert_eq!(r.approved_among(Some(&["held".into()])), Some(7));
-        assert_eq!(r.approved_among(Some(&["other".into()])), None);
         assert_eq!(r.approved_among(None), Some(7));
-        // Closed and parsed again (checked again by the gateway), it starts
-        // over.
-        r.client(&target(ftag::CLOSE, b'S', "held")).unwrap();
+        assert_eq!(r.approved_among(Some(&["other".into()])), None);
+        let again = bind(&mut r, "held", "p2").expect("a second Bind is refused");
+        assert!(again.contains("approval request 7"), "{again}");
+        let step = r.client(&execute("")).unwrap();
+        assert_eq!(
+            (step.refused, step.close_statement.as_deref()),
+            (None, Some("held"))
+        );
+        assert_eq!(r.close_statement("held"), b"Sheld\0");
+        assert!(!r.statements.contains_key("held"));
+        assert_eq!(r.approved_among(None), None);
+        let after = bind(&mut r, "held", "").expect("refused after it ran");
+        assert!(after.contains("approval request 7"), "{after}");
+        // Other statements are not limited.
+        assert_eq!(bind(&mut r, "other", ""), None);
+        assert_eq!(bind(&mut r, "other", ""), None);
+        // Parsed again (checked again by the gateway), it starts over.
         r.client(&parse("held", "delete from t")).unwrap();
         r.runs_once("held", 9);
-        assert_eq!(run(&mut r, "held", ""), None);
-        assert!(run(&mut r, "held", "").is_some_and(|m| m.contains("request 9")));
+        assert_eq!(bind(&mut r, "held", ""), None);
+        assert!(bind(&mut r, "held", "").is_some_and(|m| m.contains("request 9")));
+        // Re-parsing a name that exists is refused (the server would refuse
+        // it too), and an approval for it renews nothing.
+        let step = r.client(&parse("other", "delete from t")).unwrap();
+        assert!(step.refused.is_some_and(|m| m.contains("already exists")));
+        r.runs_once("other", 10);
+        assert_eq!(r.approved_among(Some(&["other".into()])), None);
+    }
+
+    #[test]
+    fn a_skipped_close_leaves_the_approved_statement_refused() {
+        let mut r = Relay::new(Caps::default());
+        r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        r.client(&parse("held", "delete from t")).unwrap();
+        r.runs_once("held", 7);
+        r.client(&tag_only(ftag::SYNC, b"")).unwrap();
+        r.track(&tag_only(btag::PARSE_COMPLETE, b"")).unwrap();
+        r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        r.client(&bind("", "held", &[])).unwrap();
+        let step = r.client(&execute("")).unwrap();
+        r.close_statement(step.close_statement.as_deref().unwrap());
+        r.client(&tag_only(ftag::SYNC, b"")).unwrap();
+        // The Execute fails: the server skips the gateway's Close, so the
+        // statement is still there, and still refused.
+        assert!(!r.track(&tag_only(btag::BIND_COMPLETE, b"")).unwrap());
+        r.track(&tag_only(btag::ERROR_RESPONSE, b"\0")).unwrap();
+        r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        assert_eq!(r.approved_among(None), Some(7));
+        assert!(r.client(&bind("", "held", &[])).unwrap().refused.is_some());
+        // When the Close is applied, its answer is the gateway's own.
+        let mut r = Relay::new(Caps::default());
+        r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        r.client(&parse("held", "delete from t")).unwrap();
+        r.runs_once("held", 8);
+        r.client(&bind("", "held", &[])).unwrap();
+        let step = r.client(&execute("")).unwrap();
+        r.close_statement(step.close_statement.as_deref().unwrap());
+        r.client(&tag_only(ftag::SYNC, b"")).unwrap();
+        assert!(!r.track(&tag_only(btag::PARSE_COMPLETE, b"")).unwrap());
+        assert!(!r.track(&tag_only(btag::BIND_COMPLETE, b"")).unwrap());
+        r.track(&tag_only(btag::COMMAND_COMPLETE, b"DELETE 1\0"))
+            .unwrap();
+        assert!(r.track(&tag_only(btag::CLOSE_COMPLETE, b"")).unwrap());
+        r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
+        assert!(r.owed.is_empty());
     }
 
     #[test]

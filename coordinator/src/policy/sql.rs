@@ -314,39 +314,57 @@ pub fn deallocations(sql: &str) -> Vec<(Option<String>, bool)> {
                 _ => None,
             })
             .collect(),
-        Err(_) => vec![(None, true)],
+        // Unparsed: a part that starts with either word forgets everything.
+        Err(_) => sql
+            .split(';')
+            .filter(|p| {
+                matches!(
+                    words(p).first().map(String::as_str),
+                    Some("deallocate" | "discard")
+                )
+            })
+            .map(|_| (None, true))
+            .take(1)
+            .collect(),
     }
 }
 
 /// The prepared statements SQL `EXECUTE` in `sql` runs (names as
-/// PostgreSQL folds them); `None` when the text does not parse but spells
-/// `execute`.
+/// PostgreSQL folds them). `None` when it may run some that cannot be told:
+/// the text spells `execute` anywhere but in plain top-level `EXECUTE`
+/// statements (`EXPLAIN ANALYZE EXECUTE`, a `DO` block, a function body), or
+/// does not parse.
 pub fn executes_prepared(sql: &str) -> Option<Vec<String>> {
-    if !sql
-        .as_bytes()
-        .windows(7)
-        .any(|w| w.eq_ignore_ascii_case(b"execute"))
-    {
+    let spells = |t: &str| {
+        t.as_bytes()
+            .windows(7)
+            .any(|w| w.eq_ignore_ascii_case(b"execute"))
+    };
+    if !spells(sql) {
         return Some(Vec::new());
     }
     let stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
-    Some(
-        stmts
-            .iter()
-            .filter_map(|s| match s {
-                Statement::Execute { name: Some(n), .. } => {
-                    n.0.last().and_then(|p| p.as_ident()).map(|i| {
-                        if i.quote_style.is_none() {
-                            i.value.to_lowercase()
-                        } else {
-                            i.value.clone()
-                        }
-                    })
-                }
-                _ => None,
-            })
-            .collect(),
-    )
+    let mut names = Vec::new();
+    for s in &stmts {
+        match s {
+            Statement::Execute {
+                name: Some(n),
+                parameters,
+                using,
+                ..
+            } if !parameters.iter().any(|p| spells(&p.to_string())) && using.is_empty() => {
+                let i = n.0.last().and_then(|p| p.as_ident())?;
+                names.push(if i.quote_style.is_none() {
+                    i.value.to_lowercase()
+                } else {
+                    i.value.clone()
+                });
+            }
+            other if spells(&other.to_string()) => return None,
+            _ => {}
+        }
+    }
+    Some(names)
 }
 
 /// Whether a `client_encoding` has multibyte characters that may hold
@@ -1173,11 +1191,21 @@ mod tests {
             ]
         );
         assert!(deallocations("select 1").is_empty());
+        assert!(deallocations("select xmlelement(name a) where s = 'discarded'").is_empty());
+        assert_eq!(
+            deallocations("deallocate xmlelement(name a)"),
+            [(None, true)]
+        );
         assert_eq!(
             executes_prepared("EXECUTE Held(1)"),
             Some(vec!["held".into()])
         );
         assert_eq!(executes_prepared("select 2"), Some(vec![]));
+        assert_eq!(executes_prepared("EXPLAIN ANALYZE EXECUTE held"), None);
+        assert_eq!(
+            executes_prepared("DO $$ BEGIN EXECUTE 'EXECUTE held'; END $$"),
+            None
+        );
         assert!(prepares("select 1; PREPARE p AS DELETE FROM t"));
         assert!(prepares("prepare p as select xmlelement(name foo)"));
         assert!(!prepares("execute p"));
