@@ -560,6 +560,7 @@ impl<E: Engine> PgGateway<E> {
         session: &str,
         strings_conform: bool,
         unsafe_encoding: Option<&str>,
+        prepared_as: Option<&str>,
         a: &Authorized,
         evq: &mut Vec<ev::event::Kind>,
         client: &mut S,
@@ -639,6 +640,12 @@ impl<E: Engine> PgGateway<E> {
                 if crate::policy::sql::prepares(sql) {
                     return Err("a statement that needs approval cannot be prepared with PREPARE (each EXECUTE would run it again on one approval); run it directly".into());
                 }
+                if let Some(name) = prepared_as.filter(|n| !n.is_empty()) {
+                    return Err(format!(
+                        "a statement that needs approval must be prepared as the unnamed statement, not as {name:?} (SQL EXECUTE could run a named one again); use the simple query protocol or an unnamed Parse"
+                    )
+                    .into());
+                }
                 let doc = d
                     .approval
                     .clone()
@@ -702,6 +709,42 @@ impl<E: Engine> PgGateway<E> {
             }
             Effect::RequireApproval => Ok(Judged::HeldByGuardrail),
         }
+    }
+
+    /// SQL `EXECUTE` of statements prepared earlier, judged again (as a Bind
+    /// is, [`Self::recheck_bound`]) once the policy changed: each by the text
+    /// the gateway holds for it; one the gateway cannot tell is refused.
+    fn recheck_executed(&self, sql: &str, relay: &Relay, a: &Authorized) -> Option<Refusal> {
+        let names = crate::policy::sql::executes_prepared(sql);
+        if names.as_ref().is_some_and(Vec::is_empty) {
+            return None;
+        }
+        let policy = match self.guard.local_policy(&self.tunnels.node) {
+            Ok(p) => p,
+            Err(e) => return Some(format!("policy unavailable: {}", e.message()).into()),
+        };
+        if Arc::ptr_eq(&policy, &a.policy) {
+            return None;
+        }
+        let Some(names) = names else {
+            return Some("the policy changed since this session started, and this statement may EXECUTE a prepared statement the gateway cannot tell; reconnect".into());
+        };
+        for n in names {
+            match relay.prepared_text(&n) {
+                Some(text) => {
+                    if let Some(r) = self.recheck_bound(&text, a) {
+                        return Some(r);
+                    }
+                }
+                None => {
+                    return Some(format!(
+                        "the policy changed since this session started, and prepared statement {n:?} is not one the gateway saw prepared; reconnect"
+                    )
+                    .into())
+                }
+            }
+        }
+        None
     }
 
     /// A Bind of a statement prepared earlier, judged again when that could
@@ -1180,12 +1223,11 @@ impl<E: Engine> PgGateway<E> {
                             Some(Refusal::from(why))
                         } else if let Some(r) = step.bound.as_deref().and_then(|sql| self.recheck_bound(sql, a)) {
                             Some(r)
-                        } else if let Some(request) = step.statement.as_deref().and_then(|sql| {
-                            st.relay.approved_among(crate::policy::sql::executes_prepared(sql).as_deref())
-                        }) {
-                            Some(Refusal::from(format!("a statement prepared on approval request {request} runs once, through the protocol's Bind and Execute; SQL that may EXECUTE it is refused")))
+                        } else if let Some(r) = step.statement.as_deref().and_then(|sql| self.recheck_executed(sql, &st.relay, a)) {
+                            Some(r)
                         } else if let Some(sql) = step.statement {
-                            match self.check_statement(&sql, rec.session_id(), st.strings_conform, st.unsafe_encoding.as_deref(), a, evq, s, cbuf).await {
+                            let prepared_as = (f.tag == pg::ftag::PARSE).then(|| pg::decode_parse(&f.body).map(|p| p.name).unwrap_or_default());
+                            match self.check_statement(&sql, rec.session_id(), st.strings_conform, st.unsafe_encoding.as_deref(), prepared_as.as_deref(), a, evq, s, cbuf).await {
                                 Ok(Some(request)) if f.tag == pg::ftag::PARSE => {
                                     // One approval, one execution: later
                                     // Executes of this statement are refused.

@@ -145,6 +145,8 @@ enum Undo {
 struct Prepared {
     generation: u64,
     text: Arc<str>,
+    /// The text holds SQL `DEALLOCATE` or `DISCARD ALL`.
+    deallocates: bool,
 }
 
 /// A portal: its binding, its statement's text and its rendered parameters.
@@ -153,6 +155,7 @@ struct Portal {
     binding: Binding,
     text: Arc<str>,
     params: Vec<String>,
+    deallocates: bool,
 }
 
 /// Prepared statements, and portals, a session may hold at once through the
@@ -241,8 +244,9 @@ pub struct Relay {
     /// nothing, the server refuses it).
     last_parsed: Option<u64>,
     /// Portals bound from a statement prepared on an approval (by
-    /// generation): the statement's name, closed after the portal's Execute.
-    closing: HashMap<u64, String>,
+    /// generation): the statement's name and generation, closed after the
+    /// portal's Execute (unless the client replaced it meanwhile).
+    closing: HashMap<u64, (String, u64)>,
     /// Statements closed after their one approved execution: name to the
     /// approval request (for the refusal of a later Bind).
     closed_on_approval: HashMap<String, u64>,
@@ -412,18 +416,9 @@ impl Relay {
         body
     }
 
-    /// The approval request of a statement among `names` that was prepared
-    /// on an approval (`None` for names: of any): SQL `EXECUTE` must not
-    /// run it again.
-    pub fn approved_among(&self, names: Option<&[String]>) -> Option<u64> {
-        let once = |g: &u64| self.approved_once.get(g).map(|(r, _)| *r);
-        match names {
-            Some(names) => names
-                .iter()
-                .filter_map(|n| self.statements.get(n))
-                .find_map(|p| once(&p.generation)),
-            None => self.statements.values().find_map(|p| once(&p.generation)),
-        }
+    /// The text of the prepared statement `name`, as the gateway holds it.
+    pub fn prepared_text(&self, name: &str) -> Option<Arc<str>> {
+        self.statements.get(name).map(|p| p.text.clone())
     }
 
     fn next_generation(&mut self) -> u64 {
@@ -478,6 +473,7 @@ impl Relay {
                         p.name.clone(),
                         Prepared {
                             generation: g,
+                            deallocates: !crate::policy::sql::deallocations(&text).is_empty(),
                             text,
                         },
                     );
@@ -501,10 +497,10 @@ impl Relay {
                         what: "Bind beyond the gateway's limit of open portals per session",
                     });
                 }
-                let (text, statement) = match self.statements.get(&b.statement) {
+                let (text, statement, deallocates) = match self.statements.get(&b.statement) {
                     Some(p) => {
                         step.bound = Some(p.text.clone());
-                        (p.text.clone(), p.generation)
+                        (p.text.clone(), p.generation, p.deallocates)
                     }
                     None => {
                         // SQL PREPARE, or a name the gateway saw removed:
@@ -519,7 +515,7 @@ impl Relay {
                                 b.statement
                             ),
                         });
-                        (Arc::from(UNSEEN), self.next_generation())
+                        (Arc::from(UNSEEN), self.next_generation(), false)
                     }
                 };
                 let params = b
@@ -552,7 +548,8 @@ impl Relay {
                             ));
                         } else {
                             *spent = true;
-                            self.closing.insert(binding.portal, b.statement.clone());
+                            self.closing
+                                .insert(binding.portal, (b.statement.clone(), statement));
                         }
                     }
                 }
@@ -570,6 +567,7 @@ impl Relay {
                             binding,
                             text,
                             params,
+                            deallocates,
                         },
                     );
                     Undo::Portal {
@@ -583,8 +581,25 @@ impl Relay {
             }
             ftag::EXECUTE => {
                 let (portal, _) = pg::decode_execute(&f.body)?;
-                let (binding, text, params) = match self.portals.get(&portal) {
-                    Some(p) => (p.binding.clone(), p.text.to_string(), p.params.clone()),
+                let found = self.portals.get(&portal).map(|p| {
+                    (
+                        p.binding.clone(),
+                        p.text.clone(),
+                        p.params.clone(),
+                        p.deallocates,
+                    )
+                });
+                let (binding, text, params) = match found {
+                    Some((binding, text, params, deallocates)) => {
+                        if deallocates {
+                            // DEALLOCATE or DISCARD ALL sent through the
+                            // extended protocol: followed as for a Query.
+                            for (name, portals) in crate::policy::sql::deallocations(&text) {
+                                self.forget(name.as_deref(), portals);
+                            }
+                        }
+                        (binding, text.to_string(), params)
+                    }
                     None => {
                         // A cursor declared in SQL, or a name the gateway
                         // saw closed.
@@ -602,7 +617,13 @@ impl Relay {
                     }
                 };
                 if step.refused.is_none() {
-                    step.close_statement = self.closing.remove(&binding.portal);
+                    if let Some((name, g)) = self.closing.remove(&binding.portal) {
+                        // Closed by the client meanwhile (and maybe parsed
+                        // anew): the server has already forgotten it.
+                        if self.statements.get(&name).map(|p| p.generation) == Some(g) {
+                            step.close_statement = Some(name);
+                        }
+                    }
                 }
                 self.owed.push_back(Owed::Execute(binding));
                 step.events.push(command(text, params, "execute"));
@@ -1083,9 +1104,6 @@ mod tests {
         // One Bind; its portal's Execute is the one execution, after which
         // the statement is closed at the server.
         assert_eq!(bind(&mut r, "held", ""), None);
-        assert_eq!(r.approved_among(Some(&["held".into()])), Some(7));
-        assert_eq!(r.approved_among(None), Some(7));
-        assert_eq!(r.approved_among(Some(&["other".into()])), None);
         let again = bind(&mut r, "held", "p2").expect("a second Bind is refused");
         assert!(again.contains("approval request 7"), "{again}");
         let step = r.client(&execute("")).unwrap();
@@ -1095,7 +1113,6 @@ mod tests {
         );
         assert_eq!(r.close_statement("held"), b"Sheld\0");
         assert!(!r.statements.contains_key("held"));
-        assert_eq!(r.approved_among(None), None);
         let after = bind(&mut r, "held", "").expect("refused after it ran");
         assert!(after.contains("approval request 7"), "{after}");
         // Other statements are not limited.
@@ -1111,7 +1128,34 @@ mod tests {
         let step = r.client(&parse("other", "delete from t")).unwrap();
         assert!(step.refused.is_some_and(|m| m.contains("already exists")));
         r.runs_once("other", 10);
-        assert_eq!(r.approved_among(Some(&["other".into()])), None);
+        assert!(!r
+            .approved_once
+            .contains_key(&r.statements["other"].generation));
+    }
+
+    #[test]
+    fn an_approved_statement_replaced_by_the_client_is_not_closed_again() {
+        let mut r = Relay::default();
+        r.client(&parse("", "delete from t")).unwrap();
+        r.runs_once("", 7);
+        r.client(&bind("p", "", &[])).unwrap();
+        // The client parses another unnamed statement before executing p.
+        r.client(&parse("", "select 1")).unwrap();
+        let step = r.client(&execute("p")).unwrap();
+        assert_eq!(step.close_statement, None);
+        assert!(r.client(&bind("", "", &[])).unwrap().refused.is_none());
+    }
+
+    #[test]
+    fn deallocate_through_the_extended_protocol_is_followed() {
+        let mut r = Relay::default();
+        r.client(&parse("s", "select 'x' as c")).unwrap();
+        r.client(&parse("", "DEALLOCATE s")).unwrap();
+        r.client(&bind("", "", &[])).unwrap();
+        assert!(r.statements.contains_key("s"));
+        r.client(&execute("")).unwrap();
+        assert!(!r.statements.contains_key("s"));
+        assert!(r.client(&bind("", "s", &[])).unwrap().refused.is_some());
     }
 
     #[test]
@@ -1132,7 +1176,7 @@ mod tests {
         assert!(!r.track(&tag_only(btag::BIND_COMPLETE, b"")).unwrap());
         r.track(&tag_only(btag::ERROR_RESPONSE, b"\0")).unwrap();
         r.track(&tag_only(btag::READY_FOR_QUERY, b"I")).unwrap();
-        assert_eq!(r.approved_among(None), Some(7));
+        assert!(r.statements.contains_key("held"));
         assert!(r.client(&bind("", "held", &[])).unwrap().refused.is_some());
         // When the Close is applied, its answer is the gateway's own.
         let mut r = Relay::new(Caps::default());
