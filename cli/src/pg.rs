@@ -253,17 +253,24 @@ pub async fn query(
 
 /// The uid owning the loopback TCP connection whose near end is `peer` and
 /// far end `local` (Linux `/proc/net/tcp*`); `None` when it cannot be told.
+/// The kernel lists sockets in pieces, and one can be missed while others
+/// come and go, so the table is read again a few times before giving up.
 pub fn loopback_peer_uid(peer: SocketAddr, local: SocketAddr) -> Option<u32> {
     let table = if peer.is_ipv4() {
         "/proc/net/tcp"
     } else {
         "/proc/net/tcp6"
     };
-    let text = std::fs::read_to_string(table).ok()?;
+    (0..5).find_map(|_| peer_uid_in(&std::fs::read_to_string(table).ok()?, peer, local))
+}
+
+fn peer_uid_in(text: &str, peer: SocketAddr, local: SocketAddr) -> Option<u32> {
     text.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
-        let (near, far, uid) = (f.get(1)?, f.get(2)?, f.get(7)?);
-        (proc_addr(near)? == peer && proc_addr(far)? == local)
+        let (near, far, state, uid) = (f.get(1)?, f.get(2)?, f.get(3)?, f.get(7)?);
+        // Established only: a closed socket with the same addresses (in
+        // TIME_WAIT) is listed as root's.
+        (*state == "01" && proc_addr(near)? == peer && proc_addr(far)? == local)
             .then(|| uid.parse().ok())
             .flatten()
     })
