@@ -268,9 +268,10 @@ fn peer_uid_in(text: &str, peer: SocketAddr, local: SocketAddr) -> Option<u32> {
     text.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
         let (near, far, state, uid) = (f.get(1)?, f.get(2)?, f.get(3)?, f.get(7)?);
-        // Established only: a closed socket with the same addresses (in
-        // TIME_WAIT) is listed as root's.
-        (*state == "01" && proc_addr(near)? == peer && proc_addr(far)? == local)
+        // Not TIME_WAIT: a closed socket with the same addresses is listed
+        // as root's there. (A client that has shut down its side, as a
+        // cancel request does, is still its own: FIN_WAIT.)
+        (*state != "06" && proc_addr(near)? == peer && proc_addr(far)? == local)
             .then(|| uid.parse().ok())
             .flatten()
     })
