@@ -435,16 +435,18 @@ rules:
     while got.last().map(|f: &pg::Frame| f.tag) != Some(b'Z') {
         got.push(read_message(&mut s, &mut buf).await);
     }
+    refusal_in(&got, "no access grant is in force");
+}
+
+/// The ErrorResponse among `got`, which must say `why`.
+fn refusal_in(got: &[pg::Frame], why: &str) -> pg::Notice {
     let err = got
         .iter()
         .find(|f| f.tag == b'E')
         .map(|f| pg::decode_notice(&f.body).unwrap())
-        .unwrap_or_else(|| panic!("refused: {got:?}"));
-    assert!(
-        err.get(b'M')
-            .is_some_and(|m| m.contains("no access grant is in force")),
-        "{err:?}"
-    );
+        .unwrap_or_else(|| panic!("an error saying {why:?}: {got:?}"));
+    assert!(err.get(b'M').is_some_and(|m| m.contains(why)), "{err:?}");
+    err
 }
 
 /// psql running `sql` in the background (for statements held for approval).
@@ -888,16 +890,7 @@ async fn sql_guardrails_deny_or_hold_statements_for_approval() {
     let first = wire.until_ready().await;
     assert!(first.iter().all(|f| f.tag != b'E'), "{first:?}");
     let second = wire.until_ready().await;
-    let err = second
-        .iter()
-        .find(|f| f.tag == b'E')
-        .map(|f| pg::decode_notice(&f.body).unwrap())
-        .unwrap_or_else(|| panic!("refused: {second:?}"));
-    assert!(
-        err.get(b'M')
-            .is_some_and(|m| m.contains("standard_conforming_strings")),
-        "{err:?}"
-    );
+    refusal_in(&second, "standard_conforming_strings");
     // A client encoding whose characters can hold ASCII bytes (SJIS) would
     // let PostgreSQL read non-ASCII text differently: refused until UTF8.
     for (q, refused) in [
@@ -1373,15 +1366,7 @@ async fn results_are_masked_for_the_client_and_in_the_evidence() {
     .await;
     let got = wire.exchange(&[name_of_1]).await;
     assert!(got.iter().all(|f| f.tag != b'D'), "{got:?}");
-    let err = got
-        .iter()
-        .find(|f| f.tag == b'E')
-        .map(|f| pg::decode_notice(&f.body).unwrap())
-        .unwrap_or_else(|| panic!("refused: {got:?}"));
-    assert!(
-        err.get(b'M').is_some_and(|m| m.contains("reconnect")),
-        "{err:?}"
-    );
+    refusal_in(&got, "reconnect");
     // So is a statement prepared before the change, at its Bind.
     let got = wire
         .exchange(&[
