@@ -1226,13 +1226,13 @@ impl<E: Engine> PgGateway<E> {
                         } else if let Some(r) = step.statement.as_deref().and_then(|sql| self.recheck_executed(sql, &st.relay, a)) {
                             Some(r)
                         } else if let Some(sql) = step.statement {
-                            let prepared_as = (f.tag == pg::ftag::PARSE).then(|| pg::decode_parse(&f.body).map(|p| p.name).unwrap_or_default());
-                            match self.check_statement(&sql, rec.session_id(), st.strings_conform, st.unsafe_encoding.as_deref(), prepared_as.as_deref(), a, evq, s, cbuf).await {
-                                Ok(Some(request)) if f.tag == pg::ftag::PARSE => {
-                                    // One approval, one execution: later
-                                    // Executes of this statement are refused.
-                                    let name = pg::decode_parse(&f.body).map(|p| p.name).unwrap_or_default();
-                                    st.relay.runs_once(&name, request);
+                            match self.check_statement(&sql, rec.session_id(), st.strings_conform, st.unsafe_encoding.as_deref(), step.prepared_as.as_deref(), a, evq, s, cbuf).await {
+                                Ok(Some(request)) => {
+                                    // One approval, one execution of a
+                                    // statement prepared on it.
+                                    if let Some(name) = &step.prepared_as {
+                                        st.relay.runs_once(name, request);
+                                    }
                                     None
                                 }
                                 Ok(_) => None,
@@ -1270,12 +1270,8 @@ impl<E: Engine> PgGateway<E> {
                                 // (for a Bind or Execute, under a name of its
                                 // own); the server skips the rest of the
                                 // sequence.
-                                let name = if f.tag == pg::ftag::PARSE {
-                                    pg::decode_parse(&f.body).map(|p| p.name).unwrap_or_default()
-                                } else {
-                                    REFUSED_STAND_IN.to_owned()
-                                };
-                                pg::encode_frame(pg::ftag::PARSE, &refused_parse(&name), &mut to_edge);
+                                let name = step.prepared_as.as_deref().unwrap_or(REFUSED_STAND_IN);
+                                pg::encode_frame(pg::ftag::PARSE, &refused_parse(name), &mut to_edge);
                                 unsynced = true;
                                 doomed = true;
                                 st.substituted.push_back((rfq_expected + 1, err));

@@ -30,6 +30,8 @@ pub struct ClientStep {
     pub statement: Option<String>,
     /// The text of the statement a Bind binds (when the gateway knows it).
     pub bound: Option<Arc<str>>,
+    /// The statement name a Parse prepares.
+    pub prepared_as: Option<String>,
     /// The message must not run (why): a name the gateway does not know or
     /// that already exists, or a second Bind of a statement prepared on an
     /// approval.
@@ -124,20 +126,20 @@ enum Owed {
     Done(u8, Undo, bool),
 }
 
-/// A name as it was before a Parse, Bind or Close changed it, and what
-/// that message put there (a generation; `None`: nothing).
+/// A name as it was before a Parse, Bind or Close changed it.
 #[derive(Debug, Clone, PartialEq)]
 enum Undo {
-    Statement {
-        name: String,
-        before: Option<Prepared>,
-        installed: Option<u64>,
-    },
-    Portal {
-        name: String,
-        before: Option<Portal>,
-        installed: Option<u64>,
-    },
+    Statement(Change<Prepared>),
+    Portal(Change<Portal>),
+}
+
+/// One name's change: what was there before, and what the message put
+/// there (a generation; `None`: nothing).
+#[derive(Debug, Clone, PartialEq)]
+struct Change<T> {
+    name: String,
+    before: Option<T>,
+    installed: Option<u64>,
 }
 
 /// A prepared statement as the server has it: its generation and text.
@@ -300,6 +302,36 @@ fn command(text: String, params: Vec<String>, verb: &str) -> ev::event::Kind {
     })
 }
 
+/// Puts `c.before` back under its name if what `c` installed is still
+/// there; otherwise returns `c` (a later change replaced it).
+fn put_back<T>(
+    names: &mut HashMap<String, T>,
+    c: Change<T>,
+    id: impl Fn(&T) -> u64,
+) -> Option<Change<T>> {
+    if names.get(&c.name).map(id) != c.installed {
+        return Some(c);
+    }
+    match c.before {
+        Some(v) => names.insert(c.name, v),
+        None => names.remove(&c.name),
+    };
+    None
+}
+
+/// Hands what `c` found under its name to the next change of that name
+/// still owed (of a sequence already sent): that one found it too, since
+/// `c` never happened.
+fn pass_on<T>(
+    owed: &mut VecDeque<Owed>,
+    c: Change<T>,
+    pick: impl Fn(&mut Owed) -> Option<&mut Change<T>>,
+) {
+    if let Some(later) = owed.iter_mut().filter_map(pick).find(|l| l.name == c.name) {
+        later.before = c.before;
+    }
+}
+
 impl Relay {
     /// A relay for a session whose server greeting (ending with
     /// ReadyForQuery) is still to come.
@@ -402,11 +434,11 @@ impl Relay {
         }
         self.owed.push_back(Owed::Done(
             btag::CLOSE_COMPLETE,
-            Undo::Statement {
+            Undo::Statement(Change {
                 name: name.to_owned(),
                 before,
                 installed: None,
-            },
+            }),
             true,
         ));
         let mut body = Vec::with_capacity(name.len() + 2);
@@ -449,6 +481,7 @@ impl Relay {
                     });
                 }
                 step.statement = Some(p.query.clone());
+                step.prepared_as = Some(p.name.clone());
                 let g = self.next_generation();
                 if let Some(src) = self.source(&p.query) {
                     self.statement_source.insert(g, src);
@@ -463,11 +496,11 @@ impl Relay {
                         p.name
                     ));
                     self.last_parsed = None;
-                    Undo::Statement {
+                    Undo::Statement(Change {
                         installed: self.statements.get(&p.name).map(|s| s.generation),
                         before: self.statements.get(&p.name).cloned(),
                         name: p.name,
-                    }
+                    })
                 } else {
                     let before = self.statements.insert(
                         p.name.clone(),
@@ -481,11 +514,11 @@ impl Relay {
                     self.closed_on_approval.remove(&p.name);
                     // A failed Parse of the unnamed statement has already
                     // dropped the old one at the server.
-                    Undo::Statement {
+                    Undo::Statement(Change {
                         before: before.filter(|_| !p.name.is_empty()),
                         installed: Some(g),
                         name: p.name,
-                    }
+                    })
                 };
                 self.owed
                     .push_back(Owed::Done(btag::PARSE_COMPLETE, undo, false));
@@ -555,11 +588,11 @@ impl Relay {
                 }
                 let undo = if exists {
                     // The server refuses to redefine a named portal.
-                    Undo::Portal {
+                    Undo::Portal(Change {
                         installed: self.portals.get(&b.portal).map(|p| p.binding.portal),
                         before: self.portals.get(&b.portal).cloned(),
                         name: b.portal,
-                    }
+                    })
                 } else {
                     let before = self.portals.insert(
                         b.portal.clone(),
@@ -570,11 +603,11 @@ impl Relay {
                             deallocates,
                         },
                     );
-                    Undo::Portal {
+                    Undo::Portal(Change {
                         before: before.filter(|_| !b.portal.is_empty()),
                         installed,
                         name: b.portal,
-                    }
+                    })
                 };
                 self.owed
                     .push_back(Owed::Done(btag::BIND_COMPLETE, undo, false));
@@ -633,18 +666,18 @@ impl Relay {
                 let (kind, name) = pg::decode_target(&f.body, "Close")?;
                 let undo = if kind == b'S' {
                     let before = self.statements.remove(&name);
-                    Undo::Statement {
+                    Undo::Statement(Change {
                         name,
                         before,
                         installed: None,
-                    }
+                    })
                 } else {
                     let before = self.portals.remove(&name);
-                    Undo::Portal {
+                    Undo::Portal(Change {
                         name,
                         before,
                         installed: None,
-                    }
+                    })
                 };
                 self.owed
                     .push_back(Owed::Done(btag::CLOSE_COMPLETE, undo, false));
@@ -742,65 +775,23 @@ impl Relay {
         Some(cols)
     }
 
-    /// Puts back a name a skipped message changed. When a later message
-    /// (of a sequence already sent) changed it again, that one found what
-    /// this one found.
+    /// Puts back a name a skipped message changed.
     fn undo(&mut self, u: Undo) {
         match u {
-            Undo::Statement {
-                name,
-                before,
-                installed,
-            } => {
-                if self.statements.get(&name).map(|p| p.generation) == installed {
-                    match before {
-                        Some(p) => self.statements.insert(name, p),
-                        None => self.statements.remove(&name),
-                    };
-                    return;
-                }
-                for o in &mut self.owed {
-                    if let Owed::Done(
-                        _,
-                        Undo::Statement {
-                            name: n, before: b, ..
-                        },
-                        _,
-                    ) = o
-                    {
-                        if *n == name {
-                            *b = before;
-                            return;
-                        }
-                    }
+            Undo::Statement(c) => {
+                if let Some(c) = put_back(&mut self.statements, c, |p| p.generation) {
+                    pass_on(&mut self.owed, c, |o| match o {
+                        Owed::Done(_, Undo::Statement(later), _) => Some(later),
+                        _ => None,
+                    });
                 }
             }
-            Undo::Portal {
-                name,
-                before,
-                installed,
-            } => {
-                if self.portals.get(&name).map(|p| p.binding.portal) == installed {
-                    match before {
-                        Some(p) => self.portals.insert(name, p),
-                        None => self.portals.remove(&name),
-                    };
-                    return;
-                }
-                for o in &mut self.owed {
-                    if let Owed::Done(
-                        _,
-                        Undo::Portal {
-                            name: n, before: b, ..
-                        },
-                        _,
-                    ) = o
-                    {
-                        if *n == name {
-                            *b = before;
-                            return;
-                        }
-                    }
+            Undo::Portal(c) => {
+                if let Some(c) = put_back(&mut self.portals, c, |p| p.binding.portal) {
+                    pass_on(&mut self.owed, c, |o| match o {
+                        Owed::Done(_, Undo::Portal(later), _) => Some(later),
+                        _ => None,
+                    });
                 }
             }
         }
@@ -952,7 +943,7 @@ impl Relay {
                         .owed
                         .iter()
                         .filter_map(|o| match o {
-                            Owed::Done(_, Undo::Portal { name, .. }, _) => Some(name.as_str()),
+                            Owed::Done(_, Undo::Portal(c), _) => Some(c.name.as_str()),
                             _ => None,
                         })
                         .collect();
