@@ -261,15 +261,7 @@ async fn bad_tokens_unknown_resources_denials_and_plaintext_never_reach_the_edge
     let c = system(&pg).await;
     let alice = c.mint_token("alice").await.unwrap().token;
     let bob = c.mint_token("bob").await.unwrap().token;
-    let refused = |env: Vec<(String, String)>, why: &str| {
-        let out = psql(&env, "select 1");
-        assert!(!out.status.success(), "expected a refusal ({why})");
-        assert!(
-            text(&out.stderr).contains(why),
-            "expected {why:?} in {}",
-            text(&out.stderr)
-        );
-    };
+    let refused = |env: Vec<(String, String)>, why: &str| psql_refused(&env, "select 1", why);
     refused(
         libpq(&c, 1, "not-a-token", "db", "require"),
         "valid Custody access token",
@@ -449,6 +441,16 @@ fn refusal_in(got: &[pg::Frame], why: &str) -> pg::Notice {
     err
 }
 
+/// Runs `sql` with psql, which must fail saying `why`.
+fn psql_refused(env: &[(String, String)], sql: &str, why: &str) {
+    let out = psql(env, sql);
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(why),
+        "{sql}: expected {why:?} in {err}"
+    );
+}
+
 /// psql running `sql` in the background (for statements held for approval).
 fn spawn_psql(env: &[(String, String)], sql: &str) -> std::process::Child {
     Command::new("psql")
@@ -544,11 +546,10 @@ async fn sql_guardrails_deny_or_hold_statements_for_approval() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     // Text PostgreSQL would read differently from the guardrails (here a
     // comment that hides an unbounded delete from sqlparser) is refused.
-    let out = psql(&env, "select 1 >-- '\n0; delete from t --'");
-    let err = text(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("cannot read the way PostgreSQL does"),
-        "{err}"
+    psql_refused(
+        &env,
+        "select 1 >-- '\n0; delete from t --'",
+        "cannot read the way PostgreSQL does",
     );
     let out = psql(&env, "select count(*) from t");
     assert_eq!(text(&out.stdout).trim(), "2", "nothing was deleted");
@@ -756,18 +757,12 @@ async fn sql_guardrails_deny_or_hold_statements_for_approval() {
         "with d as (delete from t returning *) select count(*) from d",
         "EXPLAIN ANALYZE DELETE FROM t",
     ] {
-        let out = psql(&env, sql);
-        let err = text(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains("no-unbounded-deletes"),
-            "{sql}: {err}"
-        );
+        psql_refused(&env, sql, "no-unbounded-deletes");
     }
-    let out = psql(&env, "PREPARE p AS DROP TABLE t");
-    let err = text(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("cannot be prepared with PREPARE"),
-        "{err}"
+    psql_refused(
+        &env,
+        "PREPARE p AS DROP TABLE t",
+        "cannot be prepared with PREPARE",
     );
     let out = psql(&env, "select count(*) from t");
     assert_eq!(text(&out.stdout).trim(), "2", "nothing was deleted");
@@ -1175,12 +1170,7 @@ async fn results_are_masked_for_the_client_and_in_the_evidence() {
         "select set_config('custody.x', pin, false) from vault.accounts",
         "select pg_notify('c', pin) from vault.accounts",
     ] {
-        let out = psql(&env, sql);
-        let err = text(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains("refused under column masking"),
-            "{sql}: {err}"
-        );
+        psql_refused(&env, sql, "refused under column masking");
     }
     let out = psql(
         &env,
