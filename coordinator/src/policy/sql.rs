@@ -287,16 +287,19 @@ pub fn prepares(sql: &str) -> bool {
     }
 }
 
+/// Whether `text` holds `word`, ASCII case-insensitively, anywhere (a cheap
+/// test before parsing).
+fn spells(text: &[u8], word: &[u8]) -> bool {
+    text.windows(word.len())
+        .any(|w| w.eq_ignore_ascii_case(word))
+}
+
 /// What SQL `DEALLOCATE` and `DISCARD ALL` in `sql` remove: a prepared
 /// statement by name, or all of them (`None`), and whether portals go too.
-/// Text that does not parse but spells either word removes everything.
+/// Text that does not parse forgets everything when one of its parts
+/// starts with either word.
 pub fn deallocations(sql: &str) -> Vec<(Option<String>, bool)> {
-    let spells = |w: &[u8]| {
-        sql.as_bytes()
-            .windows(w.len())
-            .any(|x| x.eq_ignore_ascii_case(w))
-    };
-    if !spells(b"dealloc") && !spells(b"discard") {
+    if !spells(sql.as_bytes(), b"dealloc") && !spells(sql.as_bytes(), b"discard") {
         return Vec::new();
     }
     match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
@@ -335,11 +338,7 @@ pub fn deallocations(sql: &str) -> Vec<(Option<String>, bool)> {
 /// statements (`EXPLAIN ANALYZE EXECUTE`, a `DO` block, a function body), or
 /// does not parse.
 pub fn executes_prepared(sql: &str) -> Option<Vec<String>> {
-    let spells = |t: &str| {
-        t.as_bytes()
-            .windows(7)
-            .any(|w| w.eq_ignore_ascii_case(b"execute"))
-    };
+    let spells = |t: &str| spells(t.as_bytes(), b"execute");
     if !spells(sql) {
         return Some(Vec::new());
     }
@@ -398,11 +397,7 @@ pub fn hides_ascii(encoding: &str) -> bool {
 /// Whether the SQL contains a `COPY ... TO` (results leave as COPY data).
 pub fn is_copy_out(sql: &str) -> bool {
     // Every COPY statement spells the keyword; most statements need no parse.
-    if !sql
-        .as_bytes()
-        .windows(4)
-        .any(|w| w.eq_ignore_ascii_case(b"copy"))
-    {
+    if !spells(sql.as_bytes(), b"copy") {
         return false;
     }
     match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
@@ -932,7 +927,7 @@ fn plain_read(sql: &str) -> bool {
     // with SELECT and spells no INTO anywhere, and no function that stores
     // its arguments.
     let b = sql.trim_start().as_bytes();
-    let spells = |word: &[u8]| b.windows(word.len()).any(|w| w.eq_ignore_ascii_case(word));
+    let spells = |word: &[u8]| spells(b, word);
     if b.len() > 6
         && b[..6].eq_ignore_ascii_case(b"select")
         && !(b[6].is_ascii_alphanumeric() || b[6] == b'_')
