@@ -220,7 +220,17 @@ impl Client {
 
     /// Puts a value. Retries reuse one idempotency key, so the write applies once.
     pub async fn put(&self, key: &str, value: Vec<u8>) -> Result<api::PutResponse, ClientError> {
-        let idem = new_idempotency_key();
+        self.put_with_key(key, value, &new_idempotency_key()).await
+    }
+
+    /// Puts a value under the caller's own idempotency key.
+    pub async fn put_with_key(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        idem: &str,
+    ) -> Result<api::PutResponse, ClientError> {
+        let idem = idem.to_owned();
         self.call(|ch| {
             let tok = self.cfg.token.clone();
             let req = api::PutRequest {
@@ -362,6 +372,20 @@ impl Client {
             async move {
                 Ok(ClusterClient::new(ch)
                     .add_member(authed(&tok, req))
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    /// Asks the leader to hand leadership to another voter.
+    pub async fn step_down(&self) -> Result<api::StepDownResponse, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            async move {
+                Ok(ClusterClient::new(ch)
+                    .step_down(authed(&tok, api::StepDownRequest {}))
                     .await?
                     .into_inner())
             }
@@ -802,15 +826,38 @@ impl Client {
         .await
     }
 
+    /// One session with all its events (read page by page).
     pub async fn get_session(&self, id: &str) -> Result<api::GetSessionResponse, ClientError> {
+        let mut all = self.get_session_page(id, 0).await?;
+        while all.next_seq != 0 {
+            let from = all.next_seq;
+            let page = self.get_session_page(id, from).await?;
+            if page.events.first().map(|e| e.seq) != Some(from) {
+                return Err(ClientError::Status(format!(
+                    "DataLoss: session {id}: the page from event {from} does not start there"
+                )));
+            }
+            all.events.extend(page.events);
+            all.next_seq = page.next_seq;
+            all.session = page.session;
+        }
+        Ok(all)
+    }
+
+    async fn get_session_page(
+        &self,
+        id: &str,
+        from_seq: u64,
+    ) -> Result<api::GetSessionResponse, ClientError> {
         self.call(|ch| {
             let tok = self.cfg.token.clone();
             let req = api::GetSessionRequest {
                 session_id: id.to_owned(),
+                from_seq,
             };
             async move {
                 Ok(SessionsClient::new(ch)
-                    .max_decoding_message_size(256 << 20)
+                    .max_decoding_message_size(16 << 20)
                     .get(authed(&tok, req))
                     .await?
                     .into_inner())

@@ -22,8 +22,18 @@ use crate::evidence::v1 as ev;
 /// zstd level for chunks: fast, with most of the ratio of higher levels on
 /// terminal and SQL transcripts.
 pub const ZSTD_LEVEL: i32 = 3;
-/// A chunk never decompresses to more than this.
+/// The one size limit of evidence: no chunk's payload (the uncompressed
+/// `EventBatch`) is larger. The recorder never builds a larger one (it cuts
+/// chunks at a fraction of this and splits large events with
+/// [`split_event`]), apply refuses one, and readers refuse to open one.
 pub const MAX_RAW_CHUNK: usize = 8 << 20;
+/// The largest encoded chunk apply accepts: a payload of [`MAX_RAW_CHUNK`]
+/// that zstd could not shrink, zstd's own overhead, and the header.
+pub const MAX_ENCODED_CHUNK: usize = MAX_RAW_CHUNK + (MAX_RAW_CHUNK >> 7) + (64 << 10);
+/// Output data carried by one event at most; larger output is recorded as
+/// consecutive `continued` events, and any other event that encodes to more
+/// than this is recorded as [`ev::Fragment`]s.
+pub const MAX_EVENT_DATA: usize = 256 << 10;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ChainError {
@@ -117,6 +127,104 @@ fn compress(raw: &[u8]) -> Result<Vec<u8>, ChainError> {
     })
 }
 
+/// Splits one event so that no piece carries more than [`MAX_EVENT_DATA`]:
+/// output into consecutive `continued` outputs (the cut flag, if any, on the
+/// last), anything else into fragments of its encoding. Small events come
+/// back as they are.
+pub fn split_event(kind: ev::event::Kind) -> Vec<ev::event::Kind> {
+    use ev::event::Kind;
+    match kind {
+        Kind::Output(o) if o.data.len() > MAX_EVENT_DATA => {
+            let n = o.data.len().div_ceil(MAX_EVENT_DATA);
+            (0..n)
+                .map(|i| {
+                    let end = ((i + 1) * MAX_EVENT_DATA).min(o.data.len());
+                    Kind::Output(ev::Output {
+                        stream: o.stream.clone(),
+                        data: o.data.slice(i * MAX_EVENT_DATA..end),
+                        truncated: o.truncated && i + 1 == n,
+                        continued: o.continued || i > 0,
+                    })
+                })
+                .collect()
+        }
+        Kind::Output(o) => vec![Kind::Output(o)],
+        kind if kind.encoded_len() <= MAX_EVENT_DATA => vec![kind],
+        kind => {
+            let bytes = ev::Event {
+                kind: Some(kind),
+                ..Default::default()
+            }
+            .encode_to_vec();
+            let parts = bytes.len().div_ceil(MAX_EVENT_DATA);
+            bytes
+                .chunks(MAX_EVENT_DATA)
+                .enumerate()
+                .map(|(i, piece)| {
+                    Kind::Fragment(ev::Fragment {
+                        part: i as u32,
+                        parts: parts as u32,
+                        data: piece.to_vec().into(),
+                    })
+                })
+                .collect()
+        }
+    }
+}
+
+/// Joins fragments back into the events they were cut from (for display;
+/// the recorded events stay as they are). A fragment run that does not
+/// decode is left as it is.
+pub fn join_fragments(events: Vec<ev::Event>) -> Vec<ev::Event> {
+    let mut out: Vec<ev::Event> = Vec::with_capacity(events.len());
+    let mut run: Vec<ev::Event> = Vec::new();
+    let flush = |run: &mut Vec<ev::Event>, out: &mut Vec<ev::Event>| {
+        let whole = run.iter().enumerate().all(|(i, e)| {
+            matches!(&e.kind, Some(ev::event::Kind::Fragment(f))
+                if f.part as usize == i && f.parts as usize == run.len())
+        });
+        let mut bytes = Vec::new();
+        for e in run.iter() {
+            if let Some(ev::event::Kind::Fragment(f)) = &e.kind {
+                bytes.extend_from_slice(&f.data);
+            }
+        }
+        match ev::Event::decode(&bytes[..]) {
+            Ok(inner) if whole && !run.is_empty() => {
+                let mut first = run[0].clone();
+                first.kind = inner.kind;
+                out.push(first);
+                run.clear();
+            }
+            _ => out.append(run),
+        }
+    };
+    for e in events {
+        match &e.kind {
+            Some(ev::event::Kind::Fragment(f)) => {
+                if f.part == 0 && !run.is_empty() {
+                    flush(&mut run, &mut out);
+                }
+                let done = f.part + 1 == f.parts;
+                run.push(e);
+                if done {
+                    flush(&mut run, &mut out);
+                }
+            }
+            _ => {
+                if !run.is_empty() {
+                    flush(&mut run, &mut out);
+                }
+                out.push(e);
+            }
+        }
+    }
+    if !run.is_empty() {
+        flush(&mut run, &mut out);
+    }
+    out
+}
+
 fn corrupt(c: &ev::Chunk, detail: impl Into<String>) -> ChainError {
     ChainError::Corrupt {
         session: c.session_id.clone(),
@@ -204,8 +312,66 @@ mod tests {
                 stream: "stdout".into(),
                 data: text.as_bytes().to_vec().into(),
                 truncated: false,
+                continued: false,
             })),
         }
+    }
+
+    #[test]
+    fn large_events_split_within_the_limit_and_join_back() {
+        use ev::event::Kind;
+        let big = bytes::Bytes::from(vec![b'x'; 3 * MAX_EVENT_DATA + 5]);
+        let out = split_event(Kind::Output(ev::Output {
+            stream: "row".into(),
+            data: big.clone(),
+            truncated: true,
+            continued: false,
+        }));
+        assert_eq!(out.len(), 4);
+        let mut joined = Vec::new();
+        for (i, k) in out.iter().enumerate() {
+            let Kind::Output(o) = k else { panic!() };
+            assert!(o.data.len() <= MAX_EVENT_DATA);
+            assert_eq!(o.continued, i > 0);
+            assert_eq!(o.truncated, i == 3, "the cut is on the last piece");
+            joined.extend_from_slice(&o.data);
+        }
+        assert_eq!(joined, big);
+
+        let text = "y".repeat(2 * MAX_EVENT_DATA);
+        let cmd = Kind::Command(ev::CommandEvent {
+            text: text.clone(),
+            verb: "query".into(),
+            ..Default::default()
+        });
+        let parts = split_event(cmd.clone());
+        assert_eq!(parts.len(), 3);
+        let events: Vec<ev::Event> = parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, k)| ev::Event {
+                seq: 7 + i as u64,
+                kind: Some(k),
+                ..Default::default()
+            })
+            .collect();
+        for e in &events {
+            assert!(e.encoded_len() <= MAX_EVENT_DATA + 64);
+        }
+        // A chunk of them opens within the limit, and they join back.
+        let mut around = vec![event(6, "before")];
+        around.extend(events.clone());
+        around.push(event(10, "after"));
+        let joined = join_fragments(around);
+        assert_eq!(joined.len(), 3);
+        assert_eq!(joined[1].seq, 7);
+        assert_eq!(joined[1].kind, Some(cmd));
+        // A small event is left alone; an incomplete run is shown as it is.
+        assert_eq!(
+            split_event(Kind::Closed(ev::SessionClosed::default())).len(),
+            1
+        );
+        assert_eq!(join_fragments(events[..2].to_vec()).len(), 2);
     }
 
     fn chain() -> Vec<ev::Chunk> {

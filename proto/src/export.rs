@@ -11,7 +11,8 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
+/// Parses lower- or upper-case hex.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }
@@ -67,12 +68,20 @@ pub fn event_json(e: &ev::Event) -> serde_json::Value {
             "command",
             serde_json::json!({"text": c.text, "argv": c.argv, "params": c.params, "verb": c.verb}),
         ),
-        Some(Kind::Output(o)) => (
-            "output",
-            serde_json::json!({
+        Some(Kind::Output(o)) => {
+            let mut v = serde_json::json!({
                 "stream": o.stream, "data_b64": b64(&o.data),
                 "text": String::from_utf8_lossy(&o.data), "truncated": o.truncated,
-            }),
+            });
+            // Only when set, so events without it read as v1 exports wrote them.
+            if o.continued {
+                v["continued"] = true.into();
+            }
+            ("output", v)
+        }
+        Some(Kind::Fragment(f)) => (
+            "fragment",
+            serde_json::json!({"part": f.part, "parts": f.parts, "data_b64": b64(&f.data)}),
         ),
         Some(Kind::Outcome(o)) => (
             "outcome",

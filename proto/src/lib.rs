@@ -12,6 +12,7 @@
 pub mod chain;
 pub mod export;
 pub mod frame;
+pub mod ledger;
 pub mod pg;
 
 /// Client and admin API.

@@ -10,5 +10,6 @@ mod dev;
 mod edge;
 mod evidence;
 mod harness;
+mod integrity;
 mod oidc;
 mod postgres;

@@ -22,6 +22,9 @@ pub enum ClusterCmd {
         #[arg(long)]
         learner: bool,
     },
+    /// Hand the leader's role to the most up-to-date other voter (before
+    /// maintenance on the leader's host).
+    StepDown,
     /// Remove a node.
     Remove {
         #[arg(long)]
@@ -151,6 +154,10 @@ pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
         }
         ClusterCmd::Add { member, learner } => {
             print_membership(&client.add_member(member.into_api(), learner).await?)
+        }
+        ClusterCmd::StepDown => {
+            let r = client.step_down().await?;
+            println!("node {} leads now", r.leader_id);
         }
         ClusterCmd::Remove { id } => print_membership(&client.remove_member(id).await?),
         ClusterCmd::Replace { remove, member } => {

@@ -174,12 +174,14 @@ pub async fn run(cmd: SessionsCmd) -> anyhow::Result<()> {
                     info.purge_rule
                 );
             }
-            for e in &r.events {
+            // An event recorded in fragments is shown whole.
+            for e in &custody_proto::chain::join_fragments(r.events) {
                 let j = event_json(e);
                 let body = match &e.kind {
                     Some(ev::event::Kind::Output(o)) => format!(
-                        "{} {:?}{}",
+                        "{}{} {:?}{}",
                         o.stream,
+                        if o.continued { " (continued)" } else { "" },
                         String::from_utf8_lossy(&o.data),
                         if o.truncated {
                             " (recording cut here)"

@@ -166,8 +166,8 @@ impl<E: Engine> Approvals for ApprovalsService<E> {
                 "idempotency keys are at most 64 bytes",
             ));
         }
-        let key =
-            (!r.idempotency_key.is_empty()).then(|| format!("approvals/{}", r.idempotency_key));
+        let key = (!r.idempotency_key.is_empty())
+            .then(|| super::scoped_key(&id, &format!("review/{}", r.idempotency_key)));
         let result = self
             .change(r.id, ApprovalCommand::Review(review), key)
             .await;

@@ -22,11 +22,12 @@ use crate::consensus::NodeHandle;
 use crate::evidence::export::{csv_row, SigningKey, CSV_HEADER, FORMAT};
 use crate::policy::Role;
 use crate::state::evidence::{
-    check_hold, holds_list, session_chunks, sessions_list, RetentionCommand, SessionQuery,
-    PURGE_LIMIT,
+    check_hold, holds_list, ledger_hash_at, ledger_head, ledger_range, session_chunks, session_get,
+    sessions_list, RetentionCommand, SessionQuery, PURGE_LIMIT,
 };
 use crate::state::Command;
 use crate::storage::Engine;
+use custody_proto::ledger;
 
 /// Bytes per data frame.
 const FRAME: usize = 256 << 10;
@@ -286,6 +287,7 @@ impl<E: Engine> Evidence for EvidenceService<E> {
         })?;
         self.node.read_index().await.map_err(status_from)?;
         let r = req.into_inner();
+        let store = self.node.store();
         let opt = |s: &str| (!s.is_empty()).then(|| s.to_owned());
         let q = SessionQuery {
             identity: opt(&r.identity),
@@ -295,84 +297,74 @@ impl<E: Engine> Evidence for EvidenceService<E> {
             until_ms: (r.to_ms > 0).then_some(r.to_ms),
             limit: 0,
         };
-        let sessions = sessions_list(self.node.store(), &q).map_err(storage_status)?;
-        // Verify everything before streaming anything.
-        let mut loaded: Vec<(pb::SessionRecord, Vec<ev::Chunk>, Vec<ev::Event>)> = Vec::new();
-        for rec in sessions {
-            let sid = rec
-                .summary
-                .as_ref()
-                .map(|s| s.session_id.clone())
-                .unwrap_or_default();
-            let raw = session_chunks(self.node.store(), &sid).map_err(storage_status)?;
-            let events = verified_events(&rec, &raw).map_err(|e| {
-                tracing::error!(target: "audit", event = "evidence_corrupt", session = %sid, detail = %e);
-                Status::data_loss(format!("evidence is corrupt: {e}"))
-            })?;
-            loaded.push((rec, decode_chunks(&raw), events));
+        let selection = ledger::Selection {
+            identity: r.identity.clone(),
+            resource: r.resource.clone(),
+            region: r.region.clone(),
+            from_ms: r.from_ms,
+            to_ms: r.to_ms,
+        };
+        // The ledger range first: every session it names is accounted for.
+        let (head_seq, head_hash) = ledger_head(store).map_err(storage_status)?;
+        if r.after_ledger_seq > head_seq {
+            return Err(Status::invalid_argument(format!(
+                "the evidence ledger ends at entry {head_seq}; an export cannot start after entry {}",
+                r.after_ledger_seq
+            )));
         }
-        tracing::info!(target: "audit", event = "evidence_exported", by = %id.label(), sessions = loaded.len());
+        let from_hash = ledger_hash_at(store, r.after_ledger_seq)
+            .map_err(storage_status)?
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "ledger entry {} is not on this node",
+                    r.after_ledger_seq
+                ))
+            })?;
+        let entries =
+            ledger_range(store, r.after_ledger_seq + 1, head_seq).map_err(storage_status)?;
+        // Sessions in order: from the start of the ledger, every session the
+        // query selects (older ones were recorded before the ledger existed);
+        // then those the range names that are not among them (purged ones).
+        let mut ids: Vec<String> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        if r.after_ledger_seq == 0 {
+            for rec in sessions_list(store, &q).map_err(storage_status)? {
+                if let Some(s) = rec.summary {
+                    if seen.insert(s.session_id.clone()) {
+                        ids.push(s.session_id);
+                    }
+                }
+            }
+        }
+        for e in entries.iter().filter(|e| selection.selects(e)) {
+            if seen.insert(e.session_id.clone()) {
+                ids.push(e.session_id.clone());
+            }
+        }
+        let mut loaded = Vec::with_capacity(ids.len());
+        for sid in &ids {
+            let Some(rec) = session_get(store, sid).map_err(storage_status)? else {
+                return Err(Status::data_loss(format!(
+                    "session {sid} is in the evidence ledger but has no record"
+                )));
+            };
+            loaded.push(load_session(store, rec).map_err(storage_status)?);
+        }
+        let unreadable = loaded.iter().filter(|s| s.unreadable.is_some()).count();
+        tracing::info!(target: "audit", event = "evidence_exported", by = %id.label(), sessions = loaded.len(), unreadable, ledger_from = r.after_ledger_seq + 1, ledger_to = head_seq);
         let (tx, rx) = mpsc::channel(16);
         let cluster_id = self.cluster_id.clone();
         tokio::spawn(async move {
-            let total = loaded.len() as u64;
-            let mut files = Vec::new();
-            // chunks.jsonl
-            let Some(mut w) = FileWriter::start(&tx, "chunks.jsonl").await else {
+            let ledger_info = serde_json::json!({
+                "from_seq": r.after_ledger_seq + 1,
+                "to_seq": head_seq,
+                "from_sha256": hex(&from_hash),
+                "head_sha256": hex(&head_hash),
+                "entries": entries.len(),
+            });
+            let Some(files) = write_files(&tx, &loaded, &entries).await else {
                 return;
             };
-            for (_, chunks, _) in &loaded {
-                for c in chunks {
-                    let line = chunk_json(c).to_string() + "\n";
-                    if w.write(line.as_bytes()).await.is_none() {
-                        return;
-                    }
-                }
-            }
-            let Some(f) = w.finish().await else { return };
-            files.push(("chunks.jsonl", f));
-            // events.jsonl
-            let Some(mut w) = FileWriter::start(&tx, "events.jsonl").await else {
-                return;
-            };
-            for (i, (_, _, events)) in loaded.iter().enumerate() {
-                for e in events {
-                    let line = event_json(e).to_string() + "\n";
-                    if w.write(line.as_bytes()).await.is_none() {
-                        return;
-                    }
-                }
-                if i % 50 == 49 {
-                    let p = api::ExportProgress {
-                        sessions_done: i as u64 + 1,
-                        sessions_total: total,
-                    };
-                    if tx
-                        .send(frame(api::export_frame::Kind::Progress(p)))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            }
-            let Some(f) = w.finish().await else { return };
-            files.push(("events.jsonl", f));
-            // sessions.csv
-            let Some(mut w) = FileWriter::start(&tx, "sessions.csv").await else {
-                return;
-            };
-            if w.write(CSV_HEADER.as_bytes()).await.is_none() {
-                return;
-            }
-            for (rec, _, _) in &loaded {
-                if w.write(csv_row(rec).as_bytes()).await.is_none() {
-                    return;
-                }
-            }
-            let Some(f) = w.finish().await else { return };
-            files.push(("sessions.csv", f));
-
             let manifest = serde_json::json!({
                 "format": FORMAT,
                 "cluster_id": cluster_id,
@@ -383,32 +375,231 @@ impl<E: Engine> Evidence for EvidenceService<E> {
                     "from_ms": r.from_ms, "to_ms": r.to_ms, "region": r.region,
                     "resource": r.resource, "identity": r.identity,
                 },
+                "ledger": ledger_info,
                 "time_range": {
-                    "first_opened_ms": loaded.iter().filter_map(|(r, _, _)| r.summary.as_ref().map(|s| s.opened_at_ms)).min(),
-                    "last_opened_ms": loaded.iter().filter_map(|(r, _, _)| r.summary.as_ref().map(|s| s.opened_at_ms)).max(),
+                    "first_opened_ms": loaded.iter().filter_map(|s| s.rec.summary.as_ref().map(|s| s.opened_at_ms)).min(),
+                    "last_opened_ms": loaded.iter().filter_map(|s| s.rec.summary.as_ref().map(|s| s.opened_at_ms)).max(),
                 },
                 "files": files.iter().map(|(name, (sha, len))| serde_json::json!({
                     "name": name, "sha256": sha, "bytes": len,
                 })).collect::<Vec<_>>(),
-                "sessions": loaded.iter().map(|(rec, chunks, events)| serde_json::json!({
-                    "session_id": rec.summary.as_ref().map(|s| s.session_id.clone()).unwrap_or_default(),
-                    "chunks": chunks.len(),
-                    "events": events.len(),
-                    "closed": rec.closed,
-                    "chain_head": hex(&rec.head_sha256),
-                })).collect::<Vec<_>>(),
+                "sessions": loaded.iter().map(ExportedSession::manifest_json).collect::<Vec<_>>(),
             });
             let bytes = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
             let signature = key.sign(&bytes);
-            let _ = tx
+            if tx
                 .send(frame(api::export_frame::Kind::Manifest(
                     api::ExportManifest {
                         manifest_json: bytes,
                         signature,
                     },
                 )))
-                .await;
+                .await
+                .is_err()
+            {
+                tracing::warn!("the export's caller left before the manifest");
+            }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One session as an export holds it.
+#[derive(Debug)]
+pub struct ExportedSession {
+    pub rec: pb::SessionRecord,
+    pub chunks: Vec<ev::Chunk>,
+    /// Empty for purged and unreadable sessions.
+    pub events: Vec<ev::Event>,
+    /// Why the session's chunks cannot be read (chunks of an older version,
+    /// or damage); the export goes on without its events.
+    pub unreadable: Option<String>,
+}
+
+impl ExportedSession {
+    /// `open`, `closed`, `purged` or `unreadable`.
+    pub fn state(&self) -> &'static str {
+        if self.rec.purged_at_ms != 0 {
+            "purged"
+        } else if self.unreadable.is_some() {
+            "unreadable"
+        } else if self.rec.closed {
+            "closed"
+        } else {
+            "open"
+        }
+    }
+
+    fn manifest_json(&self) -> serde_json::Value {
+        let rec = &self.rec;
+        let mut v = serde_json::json!({
+            "session_id": rec.summary.as_ref().map(|s| s.session_id.clone()).unwrap_or_default(),
+            "state": self.state(),
+            "chunks": rec.chunks,
+            "events": rec.next_seq,
+            "closed": rec.closed,
+            "chain_head": hex(&rec.head_sha256),
+        });
+        if rec.purged_at_ms != 0 {
+            v["purged_at_ms"] = rec.purged_at_ms.into();
+            v["purge_rule"] = rec.purge_rule.clone().into();
+        }
+        if let Some(why) = &self.unreadable {
+            v["unreadable"] = why.clone().into();
+        }
+        v
+    }
+}
+
+/// Reads one session for an export: its chunks and events, verified, or
+/// the reason they cannot be read.
+pub fn load_session<E: Engine>(
+    store: &crate::storage::RaftStore<E>,
+    rec: pb::SessionRecord,
+) -> Result<ExportedSession, crate::storage::StorageError> {
+    if rec.purged_at_ms != 0 {
+        return Ok(ExportedSession {
+            rec,
+            chunks: Vec::new(),
+            events: Vec::new(),
+            unreadable: None,
+        });
+    }
+    let sid = rec
+        .summary
+        .as_ref()
+        .map(|s| s.session_id.clone())
+        .unwrap_or_default();
+    let mut raw = session_chunks(store, &sid)?;
+    // Chunks appended since the record was read belong to a later export.
+    raw.truncate(rec.chunks as usize);
+    let (events, unreadable) = match verified_events(&rec, &raw) {
+        Ok(events) => (events, None),
+        Err(e) => {
+            tracing::error!(target: "audit", event = "evidence_unreadable", session = %sid, detail = %e);
+            (Vec::new(), Some(e))
+        }
+    };
+    Ok(ExportedSession {
+        rec,
+        chunks: decode_chunks(&raw),
+        events,
+        unreadable,
+    })
+}
+
+/// Streams the export's files; returns each file's (name, (sha256, bytes)).
+async fn write_files(
+    tx: &mpsc::Sender<Result<api::ExportFrame, Status>>,
+    loaded: &[ExportedSession],
+    entries: &[ev::LedgerEntry],
+) -> Option<Vec<(&'static str, (String, u64))>> {
+    let total = loaded.len() as u64;
+    let mut files = Vec::new();
+    let mut w = FileWriter::start(tx, "chunks.jsonl").await?;
+    for s in loaded {
+        for c in &s.chunks {
+            w.write((chunk_json(c).to_string() + "\n").as_bytes())
+                .await?;
+        }
+    }
+    files.push(("chunks.jsonl", w.finish().await?));
+    let mut w = FileWriter::start(tx, "events.jsonl").await?;
+    for (i, s) in loaded.iter().enumerate() {
+        for e in &s.events {
+            w.write((event_json(e).to_string() + "\n").as_bytes())
+                .await?;
+        }
+        if i % 50 == 49 {
+            let p = api::ExportProgress {
+                sessions_done: i as u64 + 1,
+                sessions_total: total,
+            };
+            tx.send(frame(api::export_frame::Kind::Progress(p)))
+                .await
+                .ok()?;
+        }
+    }
+    files.push(("events.jsonl", w.finish().await?));
+    let mut w = FileWriter::start(tx, "sessions.csv").await?;
+    w.write(CSV_HEADER.as_bytes()).await?;
+    for s in loaded {
+        w.write(csv_row(&s.rec).as_bytes()).await?;
+    }
+    files.push(("sessions.csv", w.finish().await?));
+    let mut w = FileWriter::start(tx, "ledger.jsonl").await?;
+    for e in entries {
+        w.write((ledger::entry_json(e).to_string() + "\n").as_bytes())
+            .await?;
+    }
+    files.push(("ledger.jsonl", w.finish().await?));
+    Some(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{state_cf, MemEngine, Op, RaftStore};
+    use custody_proto::chain::{build_chunk, chunk_hash};
+
+    /// Writes a session straight into state, as an older version could have
+    /// (no apply checks), with one chunk holding `events`.
+    fn stored_session(store: &RaftStore<MemEngine>, id: &str, events: Vec<ev::Event>) {
+        let c = build_chunk(0, [0; 32], events).unwrap();
+        let rec = pb::SessionRecord {
+            summary: Some(pb::SessionSummary {
+                session_id: id.into(),
+                ..Default::default()
+            }),
+            closed: c.last,
+            chunks: 1,
+            head_sha256: chunk_hash(&c).to_vec().into(),
+            next_seq: c.last_seq + 1,
+            ..Default::default()
+        };
+        let ck = format!("ev/c/{id}/{:010}", 0).into_bytes();
+        let sk = format!("ev/s/{id}").into_bytes();
+        let ops = vec![
+            Op::Put(state_cf(&ck), ck, c.encode_to_vec()),
+            Op::Put(state_cf(&sk), sk, rec.encode_to_vec()),
+        ];
+        store.apply(ops, 1, 1, None).unwrap();
+    }
+
+    fn output(id: &str, seq: u64, n: usize) -> ev::Event {
+        ev::Event {
+            session_id: id.into(),
+            seq,
+            kind: Some(ev::event::Kind::Output(ev::Output {
+                stream: "stdout".into(),
+                data: vec![b'x'; n].into(),
+                truncated: false,
+                continued: false,
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_session_an_older_version_wrote_too_large_is_exported_as_unreadable() {
+        let store = RaftStore::open(MemEngine::new()).unwrap();
+        // One 9 MiB event in one chunk: what the recorder wrote before events
+        // were split.
+        stored_session(&store, "old", vec![output("old", 0, 9 << 20)]);
+        stored_session(&store, "fine", vec![output("fine", 0, 10)]);
+        let load = |id: &str| {
+            let rec = session_get(&store, id).unwrap().unwrap();
+            load_session(&store, rec).unwrap()
+        };
+        let old = load("old");
+        assert_eq!(old.state(), "unreadable");
+        assert!(old.unreadable.as_deref().unwrap().contains("raw bytes"));
+        assert!(old.events.is_empty());
+        assert_eq!(old.chunks.len(), 1, "its chunks are still exported");
+        let m = old.manifest_json();
+        assert_eq!(m["state"], "unreadable");
+        assert!(m["unreadable"].as_str().unwrap().contains("chunk 0"));
+        let fine = load("fine");
+        assert_eq!((fine.state(), fine.events.len()), ("open", 1));
     }
 }

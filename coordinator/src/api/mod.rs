@@ -62,11 +62,21 @@ fn invalid(e: CommandError) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
-fn idem(key: String) -> Result<Option<String>, Status> {
+/// A client's idempotency key, scoped to the caller: one identity's key
+/// can never answer for another's request (the state machine scopes it to
+/// the command's kind as well).
+fn idem(caller: &crate::auth::Identity, key: String) -> Result<Option<String>, Status> {
     if key.len() > state::MAX_IDEMPOTENCY_KEY_LEN {
         return Err(invalid(CommandError::IdempotencyKeyTooLong(key.len())));
     }
-    Ok((!key.is_empty()).then_some(key))
+    Ok((!key.is_empty()).then(|| scoped_key(caller, &key)))
+}
+
+/// `<16 hex digits of SHA-256 of the caller's principal>/<key>`.
+pub(crate) fn scoped_key(caller: &crate::auth::Identity, key: &str) -> String {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(caller.principal().as_bytes());
+    format!("{}/{key}", custody_proto::export::hex(&d[..8]))
 }
 
 /// The API service for one node.
@@ -101,19 +111,30 @@ impl<E: Engine> ApiService<E> {
     }
 
     /// Authenticates the caller and requires the admin role (fresh policy).
-    async fn admin<T>(&self, req: &Request<T>, method: &str, action: &str) -> Result<(), Status> {
+    async fn admin<T>(
+        &self,
+        req: &Request<T>,
+        method: &str,
+        action: &str,
+    ) -> Result<crate::auth::Identity, Status> {
         let id = self.guard.authenticate(&self.node, req, method).await?;
         self.guard
             .require(&self.node, &id, &[Role::Admin], action)
-            .await
+            .await?;
+        Ok(id)
     }
 
     /// As `admin`, against the locally applied policy: for the KV namespace,
     /// an operator tool on the hot path of benchmarks.
-    async fn kv_admin<T>(&self, req: &Request<T>, method: &str) -> Result<(), Status> {
+    async fn kv_admin<T>(
+        &self,
+        req: &Request<T>,
+        method: &str,
+    ) -> Result<crate::auth::Identity, Status> {
         let id = self.guard.authenticate(&self.node, req, method).await?;
         self.guard
-            .require_local(&self.node, &id, &[Role::Admin], "use the KV namespace")
+            .require_local(&self.node, &id, &[Role::Admin], "use the KV namespace")?;
+        Ok(id)
     }
 
     /// Fails with a redirect unless this node leads.
@@ -140,12 +161,13 @@ impl<E: Engine> ApiService<E> {
 
     async fn write(
         &self,
+        caller: &crate::auth::Identity,
         cmd: Command,
         idempotency_key: String,
     ) -> Result<Response<api::PutResponse>, Status> {
         let o = self
             .node
-            .propose(cmd, idem(idempotency_key)?)
+            .propose(cmd, idem(caller, idempotency_key)?)
             .await
             .map_err(status_from)?;
         Ok(Response::new(api::PutResponse {
@@ -359,6 +381,22 @@ impl<E: Engine> Cluster for ApiService<E> {
         self.membership(vec![(ty, m.id)], vec![m]).await
     }
 
+    async fn step_down(
+        &self,
+        req: Request<api::StepDownRequest>,
+    ) -> Result<Response<api::StepDownResponse>, Status> {
+        let id = self
+            .admin(&req, "cluster.step_down", "move leadership")
+            .await?;
+        let st = self.require_leader().await?;
+        ApiService::step_down(self, &st).await?;
+        let now = self.node.status().await.map_err(status_from)?;
+        tracing::info!(target: "audit", event = "leader_stepped_down", by = %id.label(), node = st.id, leader = now.leader_id);
+        Ok(Response::new(api::StepDownResponse {
+            leader_id: now.leader_id,
+        }))
+    }
+
     async fn remove_member(
         &self,
         req: Request<api::RemoveMemberRequest>,
@@ -400,20 +438,20 @@ impl<E: Engine> Kv for ApiService<E> {
         &self,
         req: Request<api::PutRequest>,
     ) -> Result<Response<api::PutResponse>, Status> {
-        self.kv_admin(&req, "kv.put").await?;
+        let caller = self.kv_admin(&req, "kv.put").await?;
         let req = req.into_inner();
         let cmd = Command::put(req.key, req.value).map_err(invalid)?;
-        self.write(cmd, req.idempotency_key).await
+        self.write(&caller, cmd, req.idempotency_key).await
     }
 
     async fn delete(
         &self,
         req: Request<api::DeleteRequest>,
     ) -> Result<Response<api::PutResponse>, Status> {
-        self.kv_admin(&req, "kv.delete").await?;
+        let caller = self.kv_admin(&req, "kv.delete").await?;
         let req = req.into_inner();
         let cmd = Command::delete(req.key).map_err(invalid)?;
-        self.write(cmd, req.idempotency_key).await
+        self.write(&caller, cmd, req.idempotency_key).await
     }
 
     async fn get(

@@ -191,6 +191,7 @@ impl OutputCap {
                 stream: stream.into(),
                 data,
                 truncated: false,
+                continued: false,
             }));
         }
         self.cut = true;
@@ -200,6 +201,7 @@ impl OutputCap {
             stream: stream.into(),
             data: data.slice(..keep),
             truncated: true,
+            continued: false,
         }))
     }
 }
@@ -520,6 +522,7 @@ impl<E: Engine> Sessions for SessionsService<E> {
                             stream: "stdin".into(),
                             data: b.clone(),
                             truncated: false,
+                            continued: false,
                         };
                         if input_rec
                             .record(ev::event::Kind::Output(out))
@@ -578,6 +581,8 @@ impl<E: Engine> Sessions for SessionsService<E> {
                         "access grant {} expired; the session was ended",
                         grant_until.map_or(0, |g| g.0)
                     )),
+                    // Recorded or ended: nothing runs on unrecorded.
+                    e = rec.failed() => break Err(e.to_string()),
                 };
                 let (msg, stream, data) = match f.kind {
                     Some(t::session_frame::Kind::Data(d)) => {
@@ -692,12 +697,12 @@ pub fn session_info(r: &pb::SessionRecord) -> api::SessionInfo {
     }
 }
 
-/// Decodes and verifies a session's chunks against its record. Any mismatch
-/// is reported as the corruption it is; nothing unverified is returned.
-pub fn verified_events(
+/// Decodes a session's chunks and verifies their chain against its record
+/// (without opening them). Any mismatch is reported as the corruption it is.
+pub fn verified_chunks(
     rec: &pb::SessionRecord,
     raw_chunks: &[Vec<u8>],
-) -> Result<Vec<ev::Event>, String> {
+) -> Result<Vec<ev::Chunk>, String> {
     use prost::Message as _;
     let id = rec.summary.as_ref().map_or("", |s| s.session_id.as_str());
     let chunks = raw_chunks
@@ -721,11 +726,44 @@ pub fn verified_events(
             "session {id}: chain head differs from the session record"
         ));
     }
+    Ok(chunks)
+}
+
+/// Decodes and verifies a session's chunks against its record, and opens
+/// them; nothing unverified is returned.
+pub fn verified_events(
+    rec: &pb::SessionRecord,
+    raw_chunks: &[Vec<u8>],
+) -> Result<Vec<ev::Event>, String> {
     let mut events = Vec::new();
-    for c in &chunks {
+    for c in &verified_chunks(rec, raw_chunks)? {
         events.extend(custody_proto::chain::open_chunk(c).map_err(|e| e.to_string())?);
     }
     Ok(events)
+}
+
+/// Encoded event bytes per `Sessions.Get` page (well under the clients'
+/// 4 MiB message limit).
+const PAGE_BYTES: usize = 2 << 20;
+
+/// The events of `chunks` from `from_seq`, up to about [`PAGE_BYTES`];
+/// returns them with the seq the next page starts at (0: none).
+fn page(chunks: &[ev::Chunk], from_seq: u64) -> Result<(Vec<ev::Event>, u64), String> {
+    let mut events = Vec::new();
+    let mut bytes = 0;
+    for c in chunks.iter().filter(|c| c.last_seq >= from_seq) {
+        for e in custody_proto::chain::open_chunk(c).map_err(|e| e.to_string())? {
+            if e.seq < from_seq {
+                continue;
+            }
+            if bytes >= PAGE_BYTES {
+                return Ok((events, e.seq));
+            }
+            bytes += prost::Message::encoded_len(&e);
+            events.push(e);
+        }
+    }
+    Ok((events, 0))
 }
 
 impl<E: Engine> SessionsService<E> {
@@ -774,7 +812,8 @@ impl<E: Engine> SessionsService<E> {
         let node = &self.tunnels.node;
         let id = self.guard.authenticate(node, &req, "sessions.get").await?;
         let all = self.reads_all(&id).await?;
-        let sid = req.into_inner().session_id;
+        let req = req.into_inner();
+        let sid = req.session_id;
         let rec = crate::state::evidence::session_get(node.store(), &sid)
             .map_err(storage_status)?
             .ok_or_else(|| Status::not_found(format!("no session {sid:?}")))?;
@@ -793,17 +832,23 @@ impl<E: Engine> SessionsService<E> {
             return Ok(Response::new(api::GetSessionResponse {
                 session: Some(session_info(&rec)),
                 events: vec![],
+                next_seq: 0,
             }));
         }
-        let raw =
+        let mut raw =
             crate::state::evidence::session_chunks(node.store(), &sid).map_err(storage_status)?;
-        let events = verified_events(&rec, &raw).map_err(|e| {
-            tracing::error!(target: "audit", event = "evidence_corrupt", session = %sid, detail = %e);
-            Status::data_loss(format!("evidence is corrupt: {e}"))
-        })?;
+        // Chunks appended since the record was read are for a later read.
+        raw.truncate(rec.chunks as usize);
+        let (events, next_seq) = verified_chunks(&rec, &raw)
+            .and_then(|chunks| page(&chunks, req.from_seq))
+            .map_err(|e| {
+                tracing::error!(target: "audit", event = "evidence_corrupt", session = %sid, detail = %e);
+                Status::data_loss(format!("evidence is corrupt: {e}"))
+            })?;
         Ok(Response::new(api::GetSessionResponse {
             session: Some(session_info(&rec)),
             events,
+            next_seq,
         }))
     }
 }
@@ -826,6 +871,7 @@ mod tests {
                 stream: "stdout".into(),
                 data: format!("line {seq}\n").into_bytes().into(),
                 truncated: false,
+                continued: false,
             })),
         };
         let c0 = build_chunk(0, [0; 32], vec![ev(0), ev(1)]).unwrap();

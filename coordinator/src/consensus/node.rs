@@ -823,7 +823,7 @@ pub fn is_snapshot(m: &Message) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! An in-memory multi-node harness: real drivers over `MemEngine`, with a
     //! channel transport that can cut nodes off.
 
@@ -833,7 +833,8 @@ mod tests {
     use super::*;
     use crate::storage::MemEngine;
 
-    type Net = Arc<Mutex<(HashMap<u64, mpsc::Sender<Input>>, HashSet<u64>)>>;
+    /// The nodes' inputs, and the ids cut off from everyone.
+    pub(crate) type Net = Arc<Mutex<(HashMap<u64, mpsc::Sender<Input>>, HashSet<u64>)>>;
 
     struct ChanTransport {
         id: u64,
@@ -867,7 +868,7 @@ mod tests {
             .collect()
     }
 
-    async fn cluster(n: u64, compact: u64) -> (Vec<NodeHandle<MemEngine>>, Net) {
+    pub(crate) async fn cluster(n: u64, compact: u64) -> (Vec<NodeHandle<MemEngine>>, Net) {
         let net: Net = Arc::new(Mutex::new((HashMap::new(), HashSet::new())));
         let mut nodes = Vec::new();
         for id in 1..=n {
@@ -887,7 +888,7 @@ mod tests {
         (nodes, net)
     }
 
-    async fn leader(nodes: &[NodeHandle<MemEngine>]) -> u64 {
+    pub(crate) async fn leader(nodes: &[NodeHandle<MemEngine>]) -> u64 {
         for _ in 0..500 {
             for n in nodes {
                 let st = n.status().await.unwrap();

@@ -19,7 +19,9 @@ use sha2::{Digest as _, Sha256};
 
 use custody_proto::cluster::v1 as pb;
 
-pub const FORMAT: &str = "custody-export-v1";
+/// v2 adds the evidence ledger (`ledger.jsonl`, the manifest's `ledger`)
+/// and a `state` per session; `custody verify` still reads v1.
+pub const FORMAT: &str = "custody-export-v2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {

@@ -1348,6 +1348,9 @@ impl<E: Engine> PgGateway<E> {
                         a.grant.as_ref().map_or(0, |g| g.id)
                     )));
                 }
+                // Recorded or ended: the session stops once its evidence
+                // cannot be committed, even while it is idle.
+                e = rec.failed() => return Err(fatal("57P03", format!("{e}; the session was ended"))),
             }
         }
     }
@@ -2343,6 +2346,7 @@ mod tests {
                 stream: "copy_in".into(),
                 data: bytes::Bytes::from_static(data),
                 truncated: false,
+                continued: false,
             });
             mask_client_event(&m, &mut e);
             let ev::event::Kind::Output(o) = e else {

@@ -972,19 +972,28 @@ impl Relay {
             return None;
         }
         self.rows += 1;
+        let before = self.bytes;
         self.bytes += data.len() as u64;
         if self.rows > self.caps.rows || self.bytes > self.caps.bytes {
             self.cut = true;
+            // What fits under the byte cap is kept; the cut is recorded.
+            let keep = if self.rows > self.caps.rows {
+                0
+            } else {
+                self.caps.bytes.saturating_sub(before) as usize
+            };
             return Some(ev::event::Kind::Output(ev::Output {
                 stream: stream.into(),
-                data: Bytes::new(),
+                data: data.slice(..keep.min(data.len())),
                 truncated: true,
+                continued: false,
             }));
         }
         Some(ev::event::Kind::Output(ev::Output {
             stream: stream.into(),
             data,
             truncated: false,
+            continued: false,
         }))
     }
 
@@ -1273,6 +1282,7 @@ mod tests {
                 stream: "row".into(),
                 data: Bytes::from_static(data),
                 truncated,
+                continued: false,
             }))
         };
         assert_eq!(

@@ -7,7 +7,10 @@
 //! - `ev/t/<opened_ms:020>/<session>`, `ev/i/<issuer>|<subject>/<opened>/<session>`,
 //!   `ev/r/<resource>/<opened>/<session>`, `ev/g/<region>/<opened>/<session>`:
 //!   indexes (empty values);
-//! - `ev/h/<hold id:020>`: legal holds ([`pb::LegalHold`]).
+//! - `ev/h/<hold id:020>`: legal holds ([`pb::LegalHold`]);
+//! - `ev/l/<seq:020>`: the evidence ledger ([`ev::LedgerEntry`]): a hash chain
+//!   over every session's opening, closing and purge, in commit order;
+//!   `ev/lh` holds its head (u64 BE seq, then the head's SHA-256).
 //!
 //! Retention deletes a session's chunks and index entries but keeps its record
 //! (chain head, counts) marked as purged, so the deletion itself stays visible.
@@ -17,9 +20,10 @@
 
 use prost::Message as _;
 
-use custody_proto::chain::chunk_hash;
+use custody_proto::chain::{chunk_hash, MAX_ENCODED_CHUNK, MAX_RAW_CHUNK};
 use custody_proto::cluster::v1 as pb;
 use custody_proto::evidence::v1 as ev;
+use custody_proto::ledger;
 
 use super::{ApplyOutcome, CommandError, StateTxn};
 use crate::storage::{Engine, RaftStore, StorageError};
@@ -31,15 +35,14 @@ const IDENTITY_PREFIX: &str = "ev/i/";
 const RESOURCE_PREFIX: &str = "ev/r/";
 const REGION_PREFIX: &str = "ev/g/";
 const HOLD_PREFIX: &str = "ev/h/";
+const LEDGER_PREFIX: &str = "ev/l/";
+const LEDGER_HEAD: &str = "ev/lh";
 
 /// Sessions purged per `PurgeEvidence` entry at most.
 pub const PURGE_LIMIT: u32 = 256;
 /// Time-index entries one purge examines at most (held or younger sessions
 /// are skipped, not re-examined forever in one entry).
 const PURGE_SCAN: usize = 8192;
-
-/// Largest encoded chunk accepted into the log.
-pub const MAX_CHUNK_BYTES: usize = 2 << 20;
 
 /// A chunk to append, with what the session record needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,9 +66,9 @@ impl AppendChunk {
     }
 
     pub fn from_pb(a: pb::AppendChunk) -> Result<Self, CommandError> {
-        if a.chunk.len() > MAX_CHUNK_BYTES {
+        if a.chunk.len() > MAX_ENCODED_CHUNK {
             return Err(CommandError::Invalid(format!(
-                "evidence chunk of {} bytes exceeds {MAX_CHUNK_BYTES}",
+                "evidence chunk of {} bytes exceeds {MAX_ENCODED_CHUNK}",
                 a.chunk.len()
             )));
         }
@@ -128,6 +131,15 @@ pub(super) fn apply<E: Engine>(
     if chunk_hash(&c) != a.sha256 {
         return Ok(rejected(index, "evidence chunk hash mismatch"));
     }
+    if c.raw_len > MAX_RAW_CHUNK as u64 || a.chunk.len() > MAX_ENCODED_CHUNK {
+        return Ok(rejected(
+            index,
+            format!(
+                "evidence chunk claims {} raw bytes; readers accept at most {MAX_RAW_CHUNK}",
+                c.raw_len
+            ),
+        ));
+    }
     if c.session_id.is_empty() || c.session_id.len() > 64 || c.session_id.contains('/') {
         return Ok(rejected(index, "invalid session id"));
     }
@@ -150,6 +162,7 @@ pub(super) fn apply<E: Engine>(
             for k in index_keys(&open) {
                 txn.put(k, Vec::new());
             }
+            append_ledger(txn, ledger_entry(ledger::OPENED, now_ms, &open, None))?;
             pb::SessionRecord {
                 summary: Some(open),
                 head_sha256: vec![0u8; 32].into(),
@@ -189,12 +202,129 @@ pub(super) fn apply<E: Engine>(
     if let Some(end) = &a.end {
         rec.end = Some(end.clone());
         rec.closed = true;
+        if let Some(s) = &rec.summary {
+            append_ledger(txn, ledger_entry(ledger::CLOSED, now_ms, s, Some(&rec)))?;
+        }
     }
     txn.put(key, rec.encode_to_vec());
     Ok(ApplyOutcome {
         value: c.index,
         ..ApplyOutcome::at(index)
     })
+}
+
+/// A ledger entry of `kind` for the session `s`, with the chain of `rec`
+/// when given (seq and link are set on append).
+fn ledger_entry(
+    kind: &str,
+    at_ms: u64,
+    s: &pb::SessionSummary,
+    rec: Option<&pb::SessionRecord>,
+) -> ev::LedgerEntry {
+    ev::LedgerEntry {
+        chain_head: rec.map(|r| r.head_sha256.clone()).unwrap_or_default(),
+        chunks: rec.map_or(0, |r| r.chunks),
+        events: rec.map_or(0, |r| r.next_seq),
+        kind: kind.into(),
+        session_id: s.session_id.clone(),
+        at_ms,
+        opened_at_ms: s.opened_at_ms,
+        issuer: s.issuer.clone(),
+        subject: s.subject.clone(),
+        email: s.email.clone(),
+        resource: s.resource.clone(),
+        node_region: s.node_region.clone(),
+        edge_region: s.edge_region.clone(),
+        ..Default::default()
+    }
+}
+
+fn ledger_key(seq: u64) -> Vec<u8> {
+    format!("{LEDGER_PREFIX}{seq:020}").into_bytes()
+}
+
+fn decode_head(b: &[u8]) -> Result<(u64, [u8; 32]), StorageError> {
+    if b.len() != 40 {
+        return Err(StorageError::Corrupt {
+            what: "ledger head",
+            detail: format!("{} bytes, expected 40", b.len()),
+        });
+    }
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&b[..8]);
+    let mut h = [0u8; 32];
+    h.copy_from_slice(&b[8..]);
+    Ok((u64::from_be_bytes(seq), h))
+}
+
+/// Links `e` to the ledger's head and appends it.
+fn append_ledger<E: Engine>(
+    txn: &mut StateTxn<E>,
+    mut e: ev::LedgerEntry,
+) -> Result<(), StorageError> {
+    let (seq, prev) = match txn.get(LEDGER_HEAD.as_bytes())? {
+        Some(b) => decode_head(&b)?,
+        None => (0, [0u8; 32]),
+    };
+    e.seq = seq + 1;
+    e.prev_sha256 = prev.to_vec().into();
+    let h = ledger::entry_hash(&e);
+    txn.put(ledger_key(e.seq), e.encode_to_vec());
+    let mut head = e.seq.to_be_bytes().to_vec();
+    head.extend_from_slice(&h);
+    txn.put(LEDGER_HEAD.as_bytes().to_vec(), head);
+    Ok(())
+}
+
+/// The ledger's head: (seq, SHA-256); (0, zeros) while it is empty.
+pub fn ledger_head<E: Engine>(store: &RaftStore<E>) -> Result<(u64, [u8; 32]), StorageError> {
+    match store.state_get(LEDGER_HEAD.as_bytes())? {
+        Some(b) => decode_head(&b),
+        None => Ok((0, [0u8; 32])),
+    }
+}
+
+/// Ledger entries `from..=to`, in order.
+pub fn ledger_range<E: Engine>(
+    store: &RaftStore<E>,
+    from: u64,
+    to: u64,
+) -> Result<Vec<ev::LedgerEntry>, StorageError> {
+    let mut out = Vec::new();
+    if from > to {
+        return Ok(out);
+    }
+    let end = ledger_key(to.saturating_add(1));
+    let mut start = ledger_key(from);
+    loop {
+        let page = store.state_scan_range(&start, &end, 1024)?;
+        let n = page.len();
+        for (_, v) in &page {
+            out.push(ev::LedgerEntry::decode(&v[..]).map_err(corrupt("ledger entry"))?);
+        }
+        match page.last() {
+            Some((k, _)) if n == 1024 => {
+                start = k.clone();
+                start.push(0);
+            }
+            _ => return Ok(out),
+        }
+    }
+}
+
+/// The hash of ledger entry `seq` (zeros for 0, before the first).
+pub fn ledger_hash_at<E: Engine>(
+    store: &RaftStore<E>,
+    seq: u64,
+) -> Result<Option<[u8; 32]>, StorageError> {
+    if seq == 0 {
+        return Ok(Some([0; 32]));
+    }
+    Ok(store
+        .state_get(&ledger_key(seq))?
+        .map(|b| ev::LedgerEntry::decode(&b[..]).map_err(corrupt("ledger entry")))
+        .transpose()?
+        .map(|e| ledger::entry_hash(&e)))
 }
 
 /// Retention and legal-hold commands.
@@ -382,6 +512,13 @@ fn purge<E: Engine>(txn: &mut StateTxn<E>, now_ms: u64, limit: usize) -> Result<
         rec.purged_at_ms = now_ms.max(1);
         rec.purge_rule = rule.to_owned();
         txn.put(skey, rec.encode_to_vec());
+        append_ledger(
+            txn,
+            ev::LedgerEntry {
+                purge_rule: rule.to_owned(),
+                ..ledger_entry(ledger::PURGED, now_ms, &s, Some(&rec))
+            },
+        )?;
         purged += 1;
     }
     Ok(purged)
@@ -517,6 +654,7 @@ mod tests {
                 stream: "stdout".into(),
                 data: vec![b'x'; 10].into(),
                 truncated: false,
+                continued: false,
             })),
         }
     }
@@ -572,6 +710,39 @@ mod tests {
         // Closed sessions take no more chunks.
         let c2 = build_chunk(2, chunk_hash(&c1), vec![event(3)]).unwrap();
         assert!(append(&s, 8, &c2, false, false).rejected.is_some());
+    }
+
+    #[test]
+    fn the_ledger_chains_openings_closings_and_purges() {
+        let s = RaftStore::open(MemEngine::new()).unwrap();
+        assert_eq!(ledger_head(&s).unwrap(), (0, [0; 32]));
+        let c0 = build_chunk(0, [0; 32], vec![event(0)]).unwrap();
+        let c1 = build_chunk(1, chunk_hash(&c0), vec![event(1)]).unwrap();
+        append(&s, 2, &c0, true, false);
+        append(&s, 3, &c1, false, true);
+        let (seq, head) = ledger_head(&s).unwrap();
+        assert_eq!(seq, 2);
+        let entries = ledger_range(&s, 1, 2).unwrap();
+        assert_eq!(
+            entries.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+            [ledger::OPENED, ledger::CLOSED]
+        );
+        assert_eq!(entries[1].chain_head[..], chunk_hash(&c1));
+        assert_eq!((entries[1].chunks, entries[1].events), (2, 2));
+        assert_eq!(entries[0].resource, "db");
+        assert_eq!(ledger::verify_range(&entries, 1, [0; 32]).unwrap(), head);
+        assert_eq!(ledger_hash_at(&s, 2).unwrap(), Some(head));
+        assert_eq!(ledger_range(&s, 2, 2).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn chunks_past_the_size_limit_are_refused() {
+        let s = RaftStore::open(MemEngine::new()).unwrap();
+        let mut c0 = build_chunk(0, [0; 32], vec![event(0)]).unwrap();
+        c0.raw_len = MAX_RAW_CHUNK as u64 + 1;
+        let o = append(&s, 2, &c0, true, false);
+        assert!(o.rejected.unwrap().contains("raw bytes"));
+        assert!(session_get(&s, "s1").unwrap().is_none());
     }
 
     #[test]
@@ -667,6 +838,12 @@ mod tests {
         let rec = session_get(&s, "s1").unwrap().unwrap();
         assert_eq!((rec.purged_at_ms, rec.purge_rule.as_str()), (5003, "short"));
         assert_eq!(rec.head_sha256[..], chunk_hash(&c0), "the chain head stays");
+        let (seq, _) = ledger_head(&s).unwrap();
+        let purge_entry = &ledger_range(&s, seq, seq).unwrap()[0];
+        assert_eq!(
+            (purge_entry.kind.as_str(), purge_entry.purge_rule.as_str()),
+            (ledger::PURGED, "short")
+        );
         assert!(session_chunks(&s, "s1").unwrap().is_empty());
         assert!(sessions_list(&s, &SessionQuery::default())
             .unwrap()

@@ -119,6 +119,21 @@ impl Command {
         Ok(Command::Delete { key })
     }
 
+    /// The namespace of this command's idempotency keys: a key proposed
+    /// with one kind of command can never be taken as a retry of another
+    /// kind (an admin's KV write cannot pre-claim an evidence chunk's key).
+    pub fn idempotency_scope(&self) -> &'static str {
+        match self {
+            Command::Put { .. } | Command::Delete { .. } => "kv",
+            Command::SetPolicy { .. } => "policy",
+            Command::RecordIdentity { .. } => "identity",
+            Command::Edge(_) => "edge",
+            Command::Evidence(_) => "evidence",
+            Command::Retention(_) => "retention",
+            Command::Approval(_) => "approval",
+        }
+    }
+
     fn to_pb(&self) -> pb::Command {
         let kind = match self {
             Command::Put { key, value } => pb::command::Kind::Put(pb::KvPut {
@@ -448,7 +463,11 @@ impl<E: Engine> StateTxn<E> {
 
     /// Applies one proposal at `index`.
     pub fn apply(&mut self, index: u64, p: &Proposal) -> Result<ApplyOutcome, StorageError> {
-        if let Some(k) = &p.idempotency_key {
+        let scoped = p
+            .idempotency_key
+            .as_ref()
+            .map(|k| format!("{}/{k}", p.command.idempotency_scope()));
+        if let Some(k) = &scoped {
             if let Some(b) = self.get(&idem_key(k))? {
                 let o = pb::ApplyOutcome::decode(&b[..]).map_err(|e| StorageError::Corrupt {
                     what: "idempotency record",
@@ -547,7 +566,7 @@ impl<E: Engine> StateTxn<E> {
             Command::Retention(r) => evidence::apply_retention(self, index, p.proposed_at_ms, r)?,
             Command::Approval(a) => approvals::apply(self, index, p.proposed_at_ms, a)?,
         };
-        if let Some(k) = &p.idempotency_key {
+        if let Some(k) = &scoped {
             let rec = pb::ApplyOutcome {
                 index: outcome.index,
                 existed: outcome.existed,
@@ -773,6 +792,43 @@ mod tests {
     }
 
     #[test]
+    fn idempotency_keys_of_one_kind_cannot_claim_another() {
+        use custody_proto::chain::{build_chunk, chunk_hash};
+        use prost::Message as _;
+        let store = RaftStore::open(MemEngine::new()).unwrap();
+        let mut txn = StateTxn::new(&store);
+        // An admin writes a KV key that looks like an evidence chunk's key...
+        let kv = proposal(
+            Command::put("ev/s1/0", b"x".to_vec()).unwrap(),
+            Some("s1/0"),
+        );
+        assert!(!txn.apply(2, &kv).unwrap().deduplicated);
+        // ...and the chunk proposed under that key still applies.
+        let event = custody_proto::evidence::v1::Event {
+            session_id: "s1".into(),
+            kind: Some(custody_proto::evidence::v1::event::Kind::Closed(
+                Default::default(),
+            )),
+            ..Default::default()
+        };
+        let c = build_chunk(0, [0; 32], vec![event]).unwrap();
+        let chunk = Command::Evidence(Box::new(evidence::AppendChunk {
+            chunk: c.encode_to_vec(),
+            sha256: chunk_hash(&c),
+            open: Some(pb::SessionSummary {
+                session_id: "s1".into(),
+                ..Default::default()
+            }),
+            end: Some(pb::SessionEnd::default()),
+        }));
+        let o = txn.apply(3, &proposal(chunk, Some("s1/0"))).unwrap();
+        assert!(!o.deduplicated);
+        assert_eq!(o.rejected, None);
+        store.apply(txn.into_ops(), 3, 3, None).unwrap();
+        assert!(evidence::session_get(&store, "s1").unwrap().unwrap().closed);
+    }
+
+    #[test]
     fn idempotency_records_expire_after_the_window() {
         let store = RaftStore::open(MemEngine::new()).unwrap();
         let at = |ms: u64, key: &str, idem: &str| Proposal {
@@ -794,8 +850,8 @@ mod tests {
         txn.apply(4, &at(2_000 + IDEMPOTENCY_WINDOW_MS, "c", "new"))
             .unwrap();
         store.apply(txn.into_ops(), 4, 4, None).unwrap();
-        assert!(store.state_get(&idem_key("old")).unwrap().is_none());
-        assert!(store.state_get(&idem_key("new")).unwrap().is_some());
+        assert!(store.state_get(&idem_key("kv/old")).unwrap().is_none());
+        assert!(store.state_get(&idem_key("kv/new")).unwrap().is_some());
         let mut txn = StateTxn::new(&store);
         assert!(
             !txn.apply(5, &at(3_000 + IDEMPOTENCY_WINDOW_MS, "a", "old"))
