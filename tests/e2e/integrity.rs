@@ -13,6 +13,7 @@ use custody_proto::evidence::v1 as ev;
 use custody_proto::v1 as api;
 
 use crate::edge::{custody, text};
+use crate::evidence::copy_dir;
 use crate::harness::{self, eventually, TestCluster};
 
 const POLICY: &str = include_str!("../../examples/policy.yaml");
@@ -494,14 +495,6 @@ async fn kv_writes_under_evidence_like_keys_change_no_recording() {
     let dir = c.dir.join("kv-export");
     export(&c, &audrey, &dir, &[]);
     assert!(verify(&c, &dir, &key, &[]).status.success());
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
 }
 
 fn sha256_hex(b: &[u8]) -> String {

@@ -471,7 +471,7 @@ impl<E: Engine> Task<E> {
         let mut next = pending;
         loop {
             if let Some(p) = next.take() {
-                if let Err(e) = self.propose_forever(p).await {
+                if let Err((e, _)) = self.propose(p, None).await {
                     tracing::error!(session = %self.session_id, error = %e, "could not record the end of the session");
                     return;
                 }
@@ -560,7 +560,7 @@ impl<E: Engine> Task<E> {
             let p = self
                 .build(events, if last { end.clone() } else { None })
                 .map_err(|e| (e, None))?;
-            self.propose_until(p, Instant::now() + self.deadline)
+            self.propose(p, Some(Instant::now() + self.deadline))
                 .await?;
         }
         Ok(())
@@ -594,10 +594,10 @@ impl<E: Engine> Task<E> {
         })
     }
 
-    /// Proposes `p`, retrying with the same key until `deadline`; on failure
-    /// hands it back, so that the background retry proposes the very same
-    /// chunk.
-    async fn propose_until(&mut self, p: Pending, deadline: Instant) -> Result<(), Failure> {
+    /// Proposes `p`, retrying with the same key until `deadline` (`None`:
+    /// until it commits); on failure hands it back, so that the background
+    /// retry proposes the very same chunk.
+    async fn propose(&mut self, p: Pending, deadline: Option<Instant>) -> Result<(), Failure> {
         let mut backoff = Duration::from_millis(20);
         loop {
             match self.node.propose(p.cmd.clone(), Some(p.key.clone())).await {
@@ -608,7 +608,9 @@ impl<E: Engine> Task<E> {
                     self.committed(&p);
                     return Ok(());
                 }
-                Err(e) if retryable(&e) && Instant::now() + backoff < deadline => {
+                Err(e)
+                    if retryable(&e) && deadline.is_none_or(|d| Instant::now() + backoff < d) =>
+                {
                     tracing::debug!(session = %self.session_id, error = %e, "evidence chunk: retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -618,30 +620,6 @@ impl<E: Engine> Task<E> {
                     return Err((RecordError::Commit(why), Some(p)));
                 }
                 Err(e) => return Err((RecordError::Commit(e.to_string()), None)),
-            }
-        }
-    }
-
-    /// Proposes `p` until it commits or is refused.
-    async fn propose_forever(&mut self, p: Pending) -> Result<(), RecordError> {
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match self.node.propose(p.cmd.clone(), Some(p.key.clone())).await {
-                Ok(o) => {
-                    if let Some(why) = o.rejected {
-                        return Err(RecordError::Commit(why));
-                    }
-                    self.committed(&p);
-                    return Ok(());
-                }
-                Err(NodeError::Stopped) => {
-                    return Err(RecordError::Stopped("the node stopped".into()))
-                }
-                Err(e) => {
-                    tracing::debug!(session = %self.session_id, error = %e, "evidence chunk: retrying after the failure");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
             }
         }
     }
