@@ -109,6 +109,10 @@ pub struct RawIssuer {
     pub jwks_min_refresh_secs: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leeway_secs: Option<u64>,
+    /// Present this issuer's groups as `<issuer>#<group>`. Default: false for
+    /// the first issuer, true for every other one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qualify_groups: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -189,6 +193,9 @@ pub struct Config {
     /// Every initial member, this node included.
     pub members: Vec<Member>,
     pub join: bool,
+    /// Set by `run --new-cluster`: this node may create a new cluster when its
+    /// data dir is empty (so may a [`NEW_CLUSTER_MARKER`] file in it).
+    pub new_cluster: bool,
     pub compact_threshold: u64,
     pub tick: Duration,
     pub admin_groups: Vec<String>,
@@ -210,6 +217,12 @@ pub struct DevIssuerConfig {
     pub key: PathBuf,
     pub accounts: PathBuf,
 }
+
+/// A file in a data dir that lets an original member create the cluster on
+/// its first start. `gen-config` writes it; the node removes it once it has
+/// bootstrapped. A wiped data dir has no marker, so the node refuses to start
+/// instead of bootstrapping again with no vote and no log.
+pub const NEW_CLUSTER_MARKER: &str = "NEW-CLUSTER";
 
 const DEFAULT_COMPACT_THRESHOLD: u64 = 10_000;
 const DEFAULT_TICK_MS: u64 = 100;
@@ -305,12 +318,13 @@ impl Config {
             return Err("raft.compact_threshold must be at least 4".into());
         }
         let mut issuers = Vec::new();
-        for i in &raw.auth.issuers {
+        for (n, i) in raw.auth.issuers.iter().enumerate() {
             if i.issuer.trim().is_empty() || i.audience.trim().is_empty() {
                 return Err("auth.issuers entries need issuer and audience".into());
             }
             let mut c = crate::auth::IssuerConfig::new(&i.issuer, &i.audience);
             c.discovery_url = i.discovery_url.clone();
+            c.qualify_groups = i.qualify_groups.unwrap_or(n > 0);
             if let Some(g) = &i.groups_claim {
                 c.groups_claim = g.clone();
             }
@@ -386,6 +400,7 @@ impl Config {
             },
             members,
             join: raw.join,
+            new_cluster: false,
             compact_threshold,
             tick: Duration::from_millis(tick_ms),
         })
@@ -431,6 +446,17 @@ audience = "urn:custody"
         assert_eq!(c.data_dir, Path::new("/etc/custody/node-1"));
         assert_eq!(c.members.len(), 2);
         assert_eq!(c.tick, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn issuers_after_the_first_have_qualified_groups_by_default() {
+        let c = parse(&format!(
+            "{GOOD}[[auth.issuers]]\nissuer = \"https://second.example\"\naudience = \"a\"\n\
+             [[auth.issuers]]\nissuer = \"https://third.example\"\naudience = \"a\"\nqualify_groups = false\n"
+        ))
+        .unwrap();
+        let q: Vec<bool> = c.issuers.iter().map(|i| i.qualify_groups).collect();
+        assert_eq!(q, [false, true, false]);
     }
 
     #[test]

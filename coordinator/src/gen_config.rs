@@ -177,6 +177,7 @@ fn auth_section(s: &Slot, extra: &[RawIssuer]) -> RawAuth {
         required_typ: Some("at+jwt".into()),
         jwks_min_refresh_secs: None,
         leeway_secs: None,
+        qualify_groups: None,
     }];
     issuers.extend(extra.iter().cloned());
     RawAuth {
@@ -331,6 +332,20 @@ pub fn generate(g: &GenConfig) -> anyhow::Result<Vec<PathBuf>> {
         let peers: Vec<&Slot> = slots.iter().filter(|p| p.id != s.id).collect();
         let cfg = node_config(s, &peers, false, g.compact_threshold, &g.issuers);
         paths.push(write_node(&g.dir, &ca, &pick(&g.hosts, s.id), &cfg)?);
+        // Original members may create the cluster on their first start.
+        let data = g.dir.join(&cfg.data_dir);
+        {
+            use std::os::unix::fs::DirBuilderExt as _;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&data)
+                .with_context(|| format!("create {}", data.display()))?;
+        }
+        write_private(
+            &data.join(crate::config::NEW_CLUSTER_MARKER),
+            "this node may create a new cluster on its first start\n",
+        )?;
     }
     Ok(paths)
 }

@@ -28,6 +28,10 @@ enum Cmd {
         /// Log as JSON lines.
         #[arg(long)]
         log_json: bool,
+        /// Create a new cluster if the data dir is empty (first start of an
+        /// original member only; refused when the data dir holds state).
+        #[arg(long)]
+        new_cluster: bool,
     },
     /// Write configs, a cluster CA and node certificates for a local cluster.
     GenConfig {
@@ -95,9 +99,14 @@ async fn shutdown_signal() {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Run { config, log_json } => {
+        Cmd::Run {
+            config,
+            log_json,
+            new_cluster,
+        } => {
             init_tracing(log_json);
-            let cfg = Config::load(&config)?;
+            let mut cfg = Config::load(&config)?;
+            cfg.new_cluster = new_cluster;
             let rt = tokio::runtime::Runtime::new().context("start tokio runtime")?;
             rt.block_on(custody_coordinator::server::run(cfg, shutdown_signal()))
         }
@@ -133,6 +142,7 @@ fn main() -> anyhow::Result<()> {
                             required_typ: None,
                             jwks_min_refresh_secs: None,
                             leeway_secs: None,
+                            qualify_groups: None,
                         })
                         .collect(),
                 })?;

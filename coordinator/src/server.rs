@@ -31,13 +31,14 @@ use crate::tls::{install_crypto_provider, tls_incoming, TlsMaterial};
 use crate::tunnel::{EdgeRegistry, PeerClients, PeerService, Tunnels};
 
 const API_MAX_MESSAGE: usize = 16 << 20;
+/// Concurrent calls (HTTP/2 streams) one API connection may hold.
+const API_MAX_STREAMS: u32 = 256;
 
 /// Runs a node until `shutdown` resolves or a listener fails.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     install_crypto_provider();
     let tls = TlsMaterial::load(&cfg.tls).context("load TLS material")?;
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("create data dir {}", cfg.data_dir.display()))?;
+    create_private_dir(&cfg.data_dir)?;
     let raft_listener = TcpListener::bind(cfg.raft_addr)
         .await
         .with_context(|| format!("bind raft address {}", cfg.raft_addr))?;
@@ -69,10 +70,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let engine = RocksEngine::open(&cfg.data_dir.join("db"))
         .with_context(|| format!("open database in {}", cfg.data_dir.display()))?;
     let store = RaftStore::open(engine).context("load raft state")?;
+    let may_bootstrap = may_bootstrap(&cfg, store.is_initialized())?;
     let mut node_cfg = NodeConfig::new(cfg.id);
     node_cfg.tick = cfg.tick;
     node_cfg.compact_threshold = cfg.compact_threshold;
-    let bootstrap = (!cfg.join).then(|| cfg.members.clone());
+    let bootstrap = may_bootstrap.then(|| cfg.members.clone());
     let client_tls = tls.client_config();
     let (id, source_ip) = (cfg.id, cfg.raft_source_ip);
     let (node, raft_thread) =
@@ -80,7 +82,27 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             GrpcTransport::new(id, client_tls, source_ip, input)
         })
         .context("start raft node")?;
+    let marker = cfg.data_dir.join(crate::config::NEW_CLUSTER_MARKER);
+    if marker.exists() {
+        // Bootstrapped (now or on an earlier start that stopped before this).
+        std::fs::remove_file(&marker).with_context(|| format!("remove {}", marker.display()))?;
+    }
     let ticker = consensus::spawn_ticker(node.input(), cfg.tick);
+    // Report this binary's state version once the cluster takes writes.
+    let version_report = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            loop {
+                match node.report_version().await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reporting the state version: retrying");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        })
+    };
 
     let ca = match &cfg.ca_key {
         Some(path) => {
@@ -119,6 +141,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         ca,
         cert_ttl: cfg.edge_cert_ttl,
         region: cfg.region.clone(),
+        enroll_limiter: Default::default(),
     });
     let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(
         tls.tunnel_server_config().context("tunnel TLS config")?,
@@ -161,13 +184,19 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         None => None,
     };
 
-    let raft_svc = RaftTransportServer::new(RaftService::new(cfg.id, node.input()))
-        .max_decoding_message_size(MAX_FRAME_BYTES)
-        .max_encoding_message_size(MAX_FRAME_BYTES);
+    let is_member = crate::consensus::transport::member_check(
+        node.store().clone(),
+        cfg.members.iter().map(|m| m.id).collect(),
+    );
+    let raft_svc =
+        RaftTransportServer::new(RaftService::new(cfg.id, node.input(), is_member.clone()))
+            .max_decoding_message_size(MAX_FRAME_BYTES)
+            .max_encoding_message_size(MAX_FRAME_BYTES);
     let raft_incoming = tls_incoming(
         raft_listener,
         tls.server_config(true).context("raft TLS config")?,
         "raft",
+        crate::tls::ConnLimits::DEFAULT,
     );
     let kv_svc = KvServer::new(ApiService::new(node.clone(), guard.clone()))
         .max_decoding_message_size(API_MAX_MESSAGE);
@@ -183,6 +212,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         api_listener,
         tls.server_config(false).context("API TLS config")?,
         "api",
+        crate::tls::ConnLimits::DEFAULT,
     );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -193,9 +223,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .initial_stream_window_size(WINDOW_BYTES)
         .initial_connection_window_size(2 * WINDOW_BYTES)
         .add_service(raft_svc)
-        .add_service(PeerServer::new(PeerService::new(registry.clone())))
+        .add_service(PeerServer::new(PeerService::new(
+            registry.clone(),
+            is_member,
+        )))
         .serve_with_incoming_shutdown(raft_incoming, stopped(stop_rx.clone()));
     let api_server = Server::builder()
+        // Limits per connection; the listener limits connections.
+        .max_concurrent_streams(API_MAX_STREAMS)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         .initial_stream_window_size(WINDOW_BYTES)
         .initial_connection_window_size(2 * WINDOW_BYTES)
         .add_service(kv_svc)
@@ -237,11 +274,25 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     );
     let raft_task = tokio::spawn(raft_server);
     let api_task = tokio::spawn(api_server);
+    // The Raft loop ends early only when storage failed; the process must then
+    // exit non-zero so a supervisor restarts it.
+    let (loop_done_tx, loop_done) = tokio::sync::oneshot::channel();
+    let raft_thread = std::thread::spawn(move || {
+        let r = raft_thread
+            .join()
+            .unwrap_or_else(|_| Err(crate::consensus::NodeError::Stopped));
+        let _ = loop_done_tx.send(r.as_ref().err().map(ToString::to_string));
+        r
+    });
     tokio::pin!(shutdown);
     let result = tokio::select! {
         _ = &mut shutdown => Ok(()),
         r = raft_task => r.context("raft server task").and_then(|r| r.context("raft server")),
         r = api_task => r.context("API server task").and_then(|r| r.context("API server")),
+        failed = loop_done => match failed {
+            Ok(Some(e)) => Err(anyhow::anyhow!("the raft loop stopped: {e}; exiting")),
+            _ => Err(anyhow::anyhow!("the raft loop stopped unexpectedly; exiting")),
+        },
     };
     tracing::info!(node = cfg.id, "shutting down");
     let _ = stop_tx.send(true);
@@ -257,15 +308,73 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         t.abort();
     }
     ticker.abort();
+    version_report.abort();
     if let Some(d) = dev_issuer {
         d.abort();
     }
     node.shutdown().await;
-    let _ = tokio::task::spawn_blocking(move || raft_thread.join()).await;
+    match tokio::task::spawn_blocking(move || raft_thread.join()).await {
+        Ok(Ok(Err(e))) if result.is_ok() => {
+            return Err(anyhow::anyhow!(e).context("the raft loop stopped with an error"))
+        }
+        _ => {}
+    }
     result
 }
 
-/// On the leader, applies the policy's retention rules every `every`.
+/// Whether this node may create a new cluster now. An original member whose
+/// data dir holds no state may do so only on its first start (`--new-cluster`,
+/// or the marker `gen-config` leaves): bootstrapping again after its disk was
+/// lost would give it a vote and no log, and could lose acknowledged writes.
+fn may_bootstrap(cfg: &Config, initialized: bool) -> anyhow::Result<bool> {
+    let marker = cfg
+        .data_dir
+        .join(crate::config::NEW_CLUSTER_MARKER)
+        .exists();
+    if initialized {
+        if cfg.new_cluster {
+            anyhow::bail!(
+                "--new-cluster was given, but {} already holds the state of node {} of an existing cluster; start it without --new-cluster",
+                cfg.data_dir.display(),
+                cfg.id
+            );
+        }
+        return Ok(false);
+    }
+    if cfg.join {
+        if cfg.new_cluster {
+            anyhow::bail!("--new-cluster and join = true contradict each other");
+        }
+        return Ok(false);
+    }
+    if cfg.new_cluster || marker {
+        return Ok(true);
+    }
+    anyhow::bail!(
+        "node {id}'s data dir {dir} holds no state, but node {id} is an original member of an existing cluster (join = false). \
+         Starting it empty could lose acknowledged writes, so it will not start. \
+         If its disk was lost, replace it: give the node a new id with join = true \
+         (`custody-coordinator gen-config --join-id NEW`), start it, and run `custody cluster replace {id} NEW`. \
+         If this is the first start of a new cluster, start it with --new-cluster.",
+        id = cfg.id,
+        dir = cfg.data_dir.display()
+    )
+}
+
+/// Creates the data directory readable by this user only (0700), and
+/// tightens an existing one: it holds the Raft log and every session's evidence.
+fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("create data dir {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("make data dir {} private (0700)", dir.display()))
+}
+
+/// On every voter, applies the policy's retention rules every `every`.
 /// Purges go through Raft, so every node deletes the same evidence.
 async fn retention_sweeper<E: crate::storage::Engine>(
     node: crate::consensus::NodeHandle<E>,
@@ -278,7 +387,9 @@ async fn retention_sweeper<E: crate::storage::Engine>(
         let Ok(st) = node.status().await else {
             return;
         };
-        if st.leader_id != st.id {
+        // Every voter sweeps: each purge also reports the proposer's clock,
+        // and purges judge expiry by the median of the voters' clocks.
+        if !st.voters.contains(&st.id) {
             continue;
         }
         let has_rules = crate::state::policy_get(node.store())

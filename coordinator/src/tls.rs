@@ -211,16 +211,103 @@ pub fn edge_id_from_cert(der: &[u8]) -> Option<u64> {
     })
 }
 
-/// Accepts TCP connections and completes TLS handshakes concurrently; yields
-/// only established TLS streams. Failures are logged with `what` and the peer.
+/// How many connections a listener holds.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Connections still in their TLS handshake. When full, the oldest is
+    /// dropped to make room: a flood of idle sockets then evicts itself,
+    /// while a real client's handshake (milliseconds) completes.
+    pub handshakes: usize,
+    /// Connections past their handshake. When full, new ones are refused.
+    pub established: usize,
+}
+
+impl ConnLimits {
+    /// The API and Raft listeners' limits.
+    pub const DEFAULT: ConnLimits = ConnLimits {
+        handshakes: 256,
+        established: 4096,
+    };
+}
+
+/// A connection that holds one of its listener's places until dropped.
+pub struct Limited<S> {
+    inner: S,
+    _place: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Limited<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Limited<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected for Limited<S> {
+    type ConnectInfo = S::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+/// Handshakes in flight, oldest first, so the oldest can be dropped.
+type Pending = Arc<std::sync::Mutex<std::collections::VecDeque<(u64, tokio::task::AbortHandle)>>>;
+
+/// Accepts TCP connections, performs TLS handshakes (logging each failure with
+/// the peer address) and yields the established streams, within `limits`.
 pub fn tls_incoming(
     listener: TcpListener,
     config: ServerConfig,
     what: &'static str,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+    limits: ConnLimits,
+) -> ReceiverStream<Result<Limited<TlsStream<TcpStream>>, std::io::Error>> {
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let (tx, rx) = mpsc::channel(64);
+    let places = Arc::new(tokio::sync::Semaphore::new(limits.established));
+    let pending: Pending = Arc::default();
     tokio::spawn(async move {
+        let mut next_id = 0u64;
+        let mut evicted = 0u64;
         loop {
             let (tcp, peer): (TcpStream, SocketAddr) = match listener.accept().await {
                 Ok(x) => x,
@@ -233,11 +320,30 @@ pub fn tls_incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let conn_tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = conn_tx.send(Ok(tls)).await;
-                    }
+            let places = places.clone();
+            let id = next_id;
+            next_id += 1;
+            let done = pending.clone();
+            // Held while spawning, so the task's own removal (which takes the
+            // lock) always comes after its entry is in.
+            let mut p = lock(&pending);
+            let task = tokio::spawn(async move {
+                let r = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
+                lock(&done).retain(|(i, _)| *i != id);
+                match r {
+                    Ok(Ok(tls)) => match places.try_acquire_owned() {
+                        Ok(place) => {
+                            let _ = conn_tx
+                                .send(Ok(Limited {
+                                    inner: tls,
+                                    _place: place,
+                                }))
+                                .await;
+                        }
+                        Err(_) => {
+                            tracing::warn!(listener = what, %peer, "rejected connection: connection limit reached");
+                        }
+                    },
                     Ok(Err(e)) => {
                         tracing::warn!(listener = what, %peer, error = %e, "rejected connection: TLS handshake failed");
                     }
@@ -246,10 +352,29 @@ pub fn tls_incoming(
                     }
                 }
             });
+            p.push_back((id, task.abort_handle()));
+            while p.len() > limits.handshakes {
+                if let Some((_, oldest)) = p.pop_front() {
+                    oldest.abort();
+                    evicted += 1;
+                    if evicted.is_power_of_two() {
+                        tracing::warn!(
+                            listener = what,
+                            evicted,
+                            "too many connections in their TLS handshake; dropped the oldest"
+                        );
+                    }
+                }
+            }
+            drop(p);
             if tx.is_closed() {
                 return;
             }
         }
     });
     ReceiverStream::new(rx)
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

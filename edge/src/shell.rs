@@ -105,7 +105,7 @@ pub async fn run(
             return;
         }
     };
-    tracing::info!(session, resource = %open.resource, identity = %open.identity, ?argv, pid = child.id(), "session started");
+    tracing::info!(session, resource = %open.resource, identity = %open.identity, argc = argv.len(), pid = child.id(), "session started");
     if write_frame(
         &mut send,
         &frame(t::session_frame::Kind::Started(t::Started {})),

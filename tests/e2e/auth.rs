@@ -276,7 +276,7 @@ rules:
     resource: { labels: { env: prod } }
     actions: [exec]
     decision: require_approval
-    approval: { groups: [approvers], count: 1 }
+    approval: { groups: [approvers], count: 1, webhook: 'http://127.0.0.1:9/hooks/T0/sekret' }
 "#;
 
 fn test_req(who: &str, resource: &str, env: &str, command: &str) -> api::TestPolicyRequest {
@@ -389,6 +389,14 @@ async fn policy_is_replicated_enforced_everywhere_and_explained() {
     assert_eq!(shown.version, 1);
     assert!(shown.author.ends_with(" admin"), "{}", shown.author);
     assert!(shown.yaml.contains("engineers-dev"));
+    // Webhook URLs (which carry the receiver's secret) are for admins only.
+    assert!(!shown.yaml.contains("sekret"), "{}", shown.yaml);
+    assert!(shown.yaml.contains("redacted"), "{}", shown.yaml);
+    let full = as_user(&admin, &[follower]).policy_show().await.unwrap();
+    assert!(full.yaml.contains("hooks/T0/sekret"), "{}", full.yaml);
+    // Someone with no API role cannot read the policy at all.
+    let e = as_user(&alice, &[]).policy_show().await.unwrap_err();
+    assert!(e.to_string().contains("PermissionDenied"), "{e}");
     as_user(&audrey, &[])
         .policy_test(test_req("alice", "s", "dev", ""))
         .await
@@ -438,8 +446,9 @@ async fn policy_is_replicated_enforced_everywhere_and_explained() {
     );
 
     // A second version replaces the first everywhere.
+    assert!(POLICY.contains("webhook: 'http://127.0.0.1:9/hooks/T0/sekret' }"));
     let v2 = POLICY.replace(
-        "decision: require_approval\n    approval: { groups: [approvers], count: 1 }",
+        "decision: require_approval\n    approval: { groups: [approvers], count: 1, webhook: 'http://127.0.0.1:9/hooks/T0/sekret' }",
         "decision: deny",
     );
     assert_eq!(

@@ -87,6 +87,44 @@ async fn tls_with_client_cert(
     }
 }
 
+/// A channel to a node's Raft port presenting (cert, key).
+async fn node_channel(
+    (raft, node): (&str, u64),
+    ca: &[u8],
+    cert: &[u8],
+    key: &[u8],
+) -> tonic::transport::Channel {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key))
+        .domain_name(format!("node-{node}.cluster.custody"));
+    Endpoint::from_shared(format!("https://{raft}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// The error a Raft `Send` call presenting (cert, key) ends with.
+pub async fn raft_call_as(raft: (&str, u64), ca: &[u8], cert: &[u8], key: &[u8]) -> tonic::Status {
+    RaftTransportClient::new(node_channel(raft, ca, cert, key).await)
+        .send(tokio_stream::iter(Vec::<RaftBatch>::new()))
+        .await
+        .unwrap_err()
+}
+
+/// The error a `Peer.LiveEdges` call presenting (cert, key) ends with.
+pub async fn peer_call_as(raft: (&str, u64), ca: &[u8], cert: &[u8], key: &[u8]) -> tonic::Status {
+    custody_proto::cluster::v1::peer_client::PeerClient::new(
+        node_channel(raft, ca, cert, key).await,
+    )
+    .live_edges(custody_proto::cluster::v1::LiveEdgesRequest::default())
+    .await
+    .unwrap_err()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_forged_certificates_are_refused_without_harm() {
     let (c, leader) = harness::started(GenOptions::default()).await;
@@ -185,6 +223,16 @@ async fn garbage_and_forged_certificates_are_refused_without_harm() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
 
+    // A node certificate minted with the CA key for a node that was never
+    // added is no licence: Raft and Peer calls are refused.
+    let (cert, key) = cert_for("node-99.cluster.custody", Some((&ca_pem, &ca_key)));
+    let e = raft_call_as((&raft, target), &ca, cert.as_bytes(), key.as_bytes()).await;
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("not a member"), "{e}");
+    let e = peer_call_as((&raft, target), &ca, cert.as_bytes(), key.as_bytes()).await;
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("not a member"), "{e}");
+
     // Everyone is still alive and the cluster still commits.
     let client = c.client(&[]).unwrap();
     client.put("after-garbage", b"ok".to_vec()).await.unwrap();
@@ -241,4 +289,56 @@ async fn malformed_config_files_get_clear_errors() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("read config /nonexistent/node.toml"));
+}
+
+/// Open descriptors of a process.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// 10 000 connections that never speak TLS do not exhaust the API listener:
+/// the oldest handshakes are dropped, the node's descriptors stay bounded,
+/// and a normal call made while they are all still open succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_idle_connections_are_capped_and_normal_calls_go_on() {
+    let (c, _leader) = harness::started(GenOptions::default()).await;
+    let node = c.node(1).unwrap();
+    let pid = node.pid().unwrap();
+    let api = node.api_addr.clone();
+    let client = c.client(&[1]).unwrap();
+    client.cluster_status().await.unwrap();
+    let before = open_fds(pid);
+    let mut idle = Vec::with_capacity(10_000);
+    let mut peak = before;
+    for i in 0..10_000 {
+        match TcpStream::connect(&api).await {
+            Ok(s) => idle.push(s),
+            Err(e) => panic!("connection {i} failed: {e}"),
+        }
+        if i % 1000 == 999 {
+            peak = peak.max(open_fds(pid));
+        }
+    }
+    // Every idle socket is still open on our side; a new call gets through.
+    let t0 = std::time::Instant::now();
+    let st = tokio::time::timeout(Duration::from_secs(20), client.cluster_status())
+        .await
+        .expect("a normal call within 20 s")
+        .expect("a normal call succeeds");
+    assert!(st.leader_id != 0);
+    let fresh = c.client(&[1]).unwrap();
+    fresh.whoami().await.expect("a new client connects");
+    peak = peak.max(open_fds(pid));
+    eprintln!(
+        "idle connections: 10000; node fds before {before}, peak {peak}; call took {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        peak < before + 1_000,
+        "the node held {peak} descriptors (before: {before})"
+    );
+    drop(idle);
+    assert!(!log(&c, 1).contains("panicked"));
 }

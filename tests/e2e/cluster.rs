@@ -98,6 +98,31 @@ async fn elects_a_leader_and_serves_linearizable_reads_on_every_node() {
     let mut regions: Vec<&str> = st.members.iter().map(|m| m.region.as_str()).collect();
     regions.sort();
     assert_eq!(regions, ["ap", "eu", "us"]);
+    // Data dirs hold the log and evidence: readable by the node's user only.
+    for n in c.nodes.values() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&n.data_dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{}", n.data_dir.display());
+        assert!(
+            !n.data_dir.join("NEW-CLUSTER").exists(),
+            "the bootstrap marker is removed once used"
+        );
+    }
+    // Every node reports its state version; the cluster version is theirs.
+    let client = c.client(&[follower]).unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "every node reports its version",
+        || {
+            let client = &client;
+            async move {
+                matches!(client.cluster_status().await, Ok(st)
+                if st.cluster_version == 2 && st.node_version == 2
+                    && st.members.iter().all(|m| m.version == 2))
+            }
+        },
+    )
+    .await;
     assert_eq!(st.members.iter().filter(|m| m.state == "leader").count(), 1);
     assert_eq!(
         st.members.iter().filter(|m| m.state == "follower").count(),
@@ -255,7 +280,9 @@ async fn lagging_or_wiped_follower_catches_up_by_snapshot() {
     let items = c.client(&[lagger]).unwrap().list_all("s/").await.unwrap();
     assert_eq!(items.len(), 150);
 
-    // Wiped: it catches up by snapshot again and serves the same data.
+    // Wiped: it refuses to start as itself (it would have a vote and no
+    // log). The documented path replaces it with a new id, which catches up
+    // by snapshot and serves the same data.
     c.kill(lagger).unwrap();
     c.wipe(lagger).unwrap();
     for i in 150..200 {
@@ -264,14 +291,95 @@ async fn lagging_or_wiped_follower_catches_up_by_snapshot() {
             .await
             .unwrap();
     }
+    assert_refuses_to_start(&mut c, lagger).await;
+    c.add_joiner(4, "ap", "127.0.0.1", Some(20)).unwrap();
+    c.start(4).unwrap();
+    let r = client
+        .replace_member(lagger, new_member(&c, 4))
+        .await
+        .unwrap();
+    assert!(
+        r.voters.contains(&4) && !r.voters.contains(&lagger),
+        "{r:?}"
+    );
     let st = client.cluster_status().await.unwrap();
-    c.start(lagger).unwrap();
-    wait_applied(&c, &[lagger], st.commit_index).await;
-    let on_lagger = c.client(&[lagger]).unwrap().list_all("s/").await.unwrap();
+    wait_applied(&c, &[4], st.commit_index).await;
+    let on_new = c.client(&[4]).unwrap().list_all("s/").await.unwrap();
     let on_leader = client.list_all("s/").await.unwrap();
-    assert_eq!(on_lagger.len(), 200);
-    assert_eq!(on_lagger, on_leader);
-    assert!(count_in_log(&c, lagger, "installed snapshot") >= 2);
+    assert_eq!(on_new.len(), 200);
+    assert_eq!(on_new, on_leader);
+    assert!(count_in_log(&c, 4, "installed snapshot") >= 1);
+}
+
+/// Starts node `id`, whose data dir was wiped, and checks that it exits with
+/// the message that names the way to replace it.
+async fn assert_refuses_to_start(c: &mut TestCluster, id: u64) {
+    c.start(id).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while c.is_running(id) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "wiped node {id} kept running"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        count_in_log(c, id, "custody cluster replace"),
+        1,
+        "node {id}'s log does not say how to replace it"
+    );
+    assert_eq!(count_in_log(c, id, "bootstrapped a new cluster"), 1);
+}
+
+/// The sequence: writes commit on two of three nodes, one of those
+/// dies, the other loses its disk and is restarted. It must not bootstrap
+/// again (with the third node it would form a majority without the writes):
+/// it refuses to start, and once the dead node returns every acknowledged
+/// write is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_member_refuses_to_start_and_no_acknowledged_write_is_lost() {
+    let (mut c, leader) = harness::started(GenOptions::default()).await;
+    let down = others(&c, &[leader])[0];
+    let wiped = others(&c, &[leader, down])[0];
+    c.kill(down).unwrap();
+    let client = Arc::new(
+        c.client_with_deadline(&[leader, wiped], Duration::from_secs(20))
+            .unwrap(),
+    );
+    let h = Arc::new(History::default());
+    let (stop, stop_rx) = watch::channel(false);
+    let writers = history::spawn_writers(client, "w", 4, h.clone(), stop_rx);
+    eventually(
+        Duration::from_secs(30),
+        "writes commit on two nodes",
+        || {
+            let h = h.clone();
+            async move { h.acked() >= 100 }
+        },
+    )
+    .await;
+    stop_writers(stop, writers).await;
+
+    c.kill(leader).unwrap();
+    c.kill(wiped).unwrap();
+    c.wipe(wiped).unwrap();
+    c.start(down).unwrap();
+    assert_refuses_to_start(&mut c, wiped).await;
+    // The node without the writes cannot lead on its own.
+    let st = c
+        .client_with_deadline(&[down], Duration::from_secs(3))
+        .unwrap()
+        .status_at(&c.node(down).unwrap().api_addr)
+        .await
+        .unwrap();
+    assert_ne!(st.leader_id, down, "{st:?}");
+
+    c.start(leader).unwrap();
+    c.wait_for_leader(&[leader, down], Duration::from_secs(30))
+        .await
+        .unwrap();
+    let acked = check_on_each(&c, &[leader, down], "w", &h).await;
+    assert!(acked >= 100, "{acked}");
 }
 
 fn new_member(c: &TestCluster, id: u64) -> api::NewMember {
@@ -313,6 +421,18 @@ async fn membership_grows_to_five_and_shrinks_to_three_under_writes() {
         let r = client.remove_member(id).await.unwrap();
         assert!(!r.voters.contains(&id), "{r:?}");
         c.kill(id).unwrap();
+    }
+    // A removed member's certificate no longer opens Raft or Peer calls.
+    let ca = std::fs::read(c.ca_path()).unwrap();
+    let cert = std::fs::read(c.dir.join(format!("node-{}.pem", doomed[0]))).unwrap();
+    let key = std::fs::read(c.dir.join(format!("node-{}-key.pem", doomed[0]))).unwrap();
+    let raft = c.node(4).unwrap().raft_addr.clone();
+    for e in [
+        crate::bad_input::raft_call_as((&raft, 4), &ca, &cert, &key).await,
+        crate::bad_input::peer_call_as((&raft, 4), &ca, &cert, &key).await,
+    ] {
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+        assert!(e.message().contains("not a member"), "{e}");
     }
     let before = h.acked();
     eventually(

@@ -79,6 +79,38 @@ async fn enrolled_edge_runs_commands_with_their_exit_code() {
     let err = text(&out.stderr);
     assert!(err.contains("oops"), "{err}");
     assert!(err.contains("custody: session "), "{err}");
+    // The command line is evidence, not logging: no coordinator or edge log
+    // holds it (a denied one neither).
+    let denied = custody(
+        &c,
+        &[],
+        &alice,
+        &[
+            "exec",
+            "local-shell",
+            "--",
+            "rm",
+            "-rf",
+            "/tmp/secret-marker-7q",
+        ],
+    );
+    assert!(!denied.status.success());
+    let logs: Vec<std::path::PathBuf> = c
+        .nodes
+        .keys()
+        .map(|id| c.log_path(*id))
+        .chain(std::iter::once(c.edges["e1"].log.clone()))
+        .collect();
+    for path in &logs {
+        let l = std::fs::read_to_string(path).unwrap_or_default();
+        for needle in ["oops >&2", "secret-marker-7q"] {
+            assert!(
+                !l.contains(needle),
+                "{} logs a command line",
+                path.display()
+            );
+        }
+    }
 
     // stdin is streamed to the command.
     let mut child = custody_cmd(
@@ -445,6 +477,38 @@ async fn coordinator_kill_and_edge_restart_recover_quickly() {
 
 // ---- Hostile peers on the tunnel port ----
 
+/// Sends one well-formed enrollment request and returns the refusal.
+async fn enroll_refusal(ca: &[u8], addr: std::net::SocketAddr, token: &str) -> String {
+    let ep = endpoint();
+    let cfg = custody_edge::tls::quic_client_config(ca, None).unwrap();
+    let conn = ep
+        .connect_with(cfg, addr, "127.0.0.1")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let kr = custody_edge::identity::new_key_request().unwrap();
+    write_frame(
+        &mut send,
+        &t::EnrollRequest {
+            token: token.into(),
+            csr_pem: kr.csr_pem,
+            agent_version: String::new(),
+        },
+    )
+    .await
+    .unwrap();
+    let r: t::EnrollResponse = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut recv))
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    match r.result {
+        Some(t::enroll_response::Result::Error(e)) => e,
+        other => panic!("made-up token {token} was not refused: {other:?}"),
+    }
+}
+
 fn endpoint() -> quinn::Endpoint {
     quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap()
 }
@@ -620,6 +684,29 @@ async fn forged_certificates_and_garbage_are_refused() {
         .await
         .unwrap();
     eprintln!("garbage enrollment: {reason}");
+
+    // Well-formed requests with made-up tokens never reach the Raft log, and
+    // past the limit an address is refused without a look at its request.
+    let admin = c.client(&[1]).unwrap();
+    let before = admin.status_at(&c.nodes[&1].api_addr).await.unwrap();
+    let mut refusals = Vec::new();
+    for i in 0..12 {
+        let token = format!("cet1_madeup{i:040}");
+        refusals.push(enroll_refusal(&ca, addr, &token).await);
+    }
+    let after = admin.status_at(&c.nodes[&1].api_addr).await.unwrap();
+    assert_eq!(
+        after.commit_index, before.commit_index,
+        "refused enrollments were proposed: {refusals:?}"
+    );
+    assert!(
+        refusals[0].contains("unknown enrollment token"),
+        "{refusals:?}"
+    );
+    assert!(
+        refusals[11].contains("too many refused enrollment attempts"),
+        "{refusals:?}"
+    );
 
     // Everything above left the node and the real edge working.
     let alice = token(&c, "alice").await;

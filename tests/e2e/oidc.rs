@@ -64,9 +64,14 @@ impl Oidc {
 
     /// A client-credentials access token for the machine client `agent-ci`.
     pub async fn client_credentials(&self) -> String {
+        self.client_credentials_for("agent-ci").await
+    }
+
+    /// A client-credentials access token for `client` (`agent-ci`, `ops-bot`).
+    pub async fn client_credentials_for(&self, client: &str) -> String {
         let r = reqwest::Client::new()
             .post(format!("{}/token", self.issuer))
-            .basic_auth("agent-ci", Some(AGENT_SECRET))
+            .basic_auth(client, Some(AGENT_SECRET))
             .form(&[("grant_type", "client_credentials")])
             .send()
             .await
@@ -136,7 +141,22 @@ async fn machine_tokens_from_a_real_provider_are_accepted_and_key_rotation_is_pi
     assert_eq!(me.issuer, oidc.issuer);
     assert_eq!(me.subject, "agent-ci");
     assert_eq!(me.client_kind, "machine");
-    assert_eq!(me.groups, vec!["ai-agents"]);
+    // The second issuer's groups name it (the dev issuer is the first).
+    assert_eq!(me.groups, vec![format!("{}#ai-agents", oidc.issuer)]);
+
+    // A second issuer cannot mint admins: its `custody-admins` is its own.
+    let ops = c
+        .client_as(
+            &[],
+            Duration::from_secs(10),
+            Some(oidc.client_credentials_for("ops-bot").await),
+        )
+        .unwrap();
+    let who = ops.whoami().await.unwrap();
+    assert_eq!(who.groups, vec![format!("{}#custody-admins", oidc.issuer)]);
+    assert!(who.roles.is_empty(), "{:?}", who.roles);
+    let e = ops.put("x", b"1".to_vec()).await.unwrap_err();
+    assert!(e.to_string().contains("PermissionDenied"), "{e}");
 
     // `custody login --client-credentials` stores a 0600 token file that later
     // commands use.
@@ -369,7 +389,10 @@ async fn a_device_flow_login_completes_and_refreshes_its_token() {
     let me = whoami(&cli);
     assert_eq!(me["subject"], "alice");
     assert_eq!(me["client_kind"], "human");
-    assert_eq!(me["groups"], serde_json::json!(["engineers"]));
+    assert_eq!(
+        me["groups"],
+        serde_json::json!([format!("{}#engineers", oidc.issuer)])
+    );
 
     // Expire the stored access token: the next command refreshes it and
     // rewrites the file.

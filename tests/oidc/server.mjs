@@ -2,7 +2,8 @@
 //
 //   node server.mjs --port PORT [--audience urn:custody] [--agent-secret S]
 //
-// Clients: `agent-ci` (client credentials, group ai-agents) and `custody-cli`
+// Clients: `agent-ci` (client credentials, group ai-agents), `ops-bot` (client
+// credentials, group custody-admins, same secret) and `custody-cli`
 // (device flow, public). Any login name works in the dev interaction form;
 // alice, bob and admin get groups. Access tokens are RFC 9068 JWTs (RS256).
 // Test-only control endpoint: POST /__test/rotate replaces the signing key.
@@ -20,7 +21,7 @@ const agentSecret = arg('agent-secret', 'agent-ci-secret-for-tests');
 const issuer = `http://127.0.0.1:${port}`;
 
 const accountGroups = { alice: ['engineers'], bob: ['approvers'], admin: ['custody-admins'] };
-const clientGroups = { 'agent-ci': ['ai-agents'] };
+const clientGroups = { 'agent-ci': ['ai-agents'], 'ops-bot': ['custody-admins'] };
 
 async function newKey() {
   const { privateKey } = await generateKeyPair('RS256', { extractable: true });
@@ -37,6 +38,8 @@ function makeProvider() {
   const p = new Provider(issuer, {
     clients: [
       { client_id: 'agent-ci', client_secret: agentSecret, grant_types: ['client_credentials'],
+        redirect_uris: [], response_types: [] },
+      { client_id: 'ops-bot', client_secret: agentSecret, grant_types: ['client_credentials'],
         redirect_uris: [], response_types: [] },
       { client_id: 'custody-cli', grant_types: ['urn:ietf:params:oauth:grant-type:device_code', 'refresh_token'],
         redirect_uris: [], response_types: [], token_endpoint_auth_method: 'none' },

@@ -79,6 +79,9 @@ struct StatusJson {
     cluster_id: String,
     /// Base64 Ed25519 key that verifies signed evidence exports.
     evidence_public_key: String,
+    /// The state version every voter supports, and the answering node's.
+    cluster_version: u32,
+    node_version: u32,
     members: Vec<MemberJson>,
 }
 
@@ -89,6 +92,8 @@ struct MemberJson {
     api: String,
     state: String,
     match_index: u64,
+    /// The state version the member reported (0: not yet).
+    version: u32,
 }
 
 fn status_json(st: &api::ClusterStatus) -> StatusJson {
@@ -100,6 +105,8 @@ fn status_json(st: &api::ClusterStatus) -> StatusJson {
         answered_by: st.node_id,
         cluster_id: st.cluster_id.clone(),
         evidence_public_key: st.evidence_public_key.clone(),
+        cluster_version: st.cluster_version,
+        node_version: st.node_version,
         members: st
             .members
             .iter()
@@ -109,6 +116,7 @@ fn status_json(st: &api::ClusterStatus) -> StatusJson {
                 api: m.api_addr.clone(),
                 state: m.state.clone(),
                 match_index: m.match_index,
+                version: m.version,
             })
             .collect(),
     }
@@ -141,13 +149,17 @@ pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
                 println!("cluster id: {}", j.cluster_id);
                 println!("evidence public key: {}", j.evidence_public_key);
                 println!(
-                    "{:<6} {:<8} {:<24} {:<12} {:>10}",
-                    "ID", "REGION", "API", "STATE", "MATCH"
+                    "cluster version: {}  (this node: {})",
+                    j.cluster_version, j.node_version
+                );
+                println!(
+                    "{:<6} {:<8} {:<24} {:<12} {:>10} {:>8}",
+                    "ID", "REGION", "API", "STATE", "MATCH", "VERSION"
                 );
                 for m in &j.members {
                     println!(
-                        "{:<6} {:<8} {:<24} {:<12} {:>10}",
-                        m.id, m.region, m.api, m.state, m.match_index
+                        "{:<6} {:<8} {:<24} {:<12} {:>10} {:>8}",
+                        m.id, m.region, m.api, m.state, m.match_index, m.version
                     );
                 }
             }

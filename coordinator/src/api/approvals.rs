@@ -77,7 +77,7 @@ impl<E: Engine> ApprovalsService<E> {
         }
         let out = self
             .node
-            .propose(Command::Approval(Box::new(cmd)), idempotency_key)
+            .propose_retrying(Command::Approval(Box::new(cmd)), idempotency_key)
             .await
             .map_err(status_from)?;
         match out.rejected {

@@ -78,7 +78,7 @@ impl<E: Engine> Edges for EdgesService<E> {
         );
         let expires_at_ms = now_ms() + ttl.as_millis() as u64;
         let out = node
-            .propose(
+            .propose_retrying(
                 Command::Edge(EdgeCommand::CreateToken {
                     token_sha256: token_digest(&token),
                     name: r.name.clone(),
@@ -111,7 +111,7 @@ impl<E: Engine> Edges for EdgesService<E> {
             .await?;
         let name = req.into_inner().name;
         let out = node
-            .propose(
+            .propose_retrying(
                 Command::Edge(EdgeCommand::Revoke {
                     name: name.clone(),
                     revoked_by: author(&id),

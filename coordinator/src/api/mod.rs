@@ -49,8 +49,10 @@ pub(crate) fn status_from(e: NodeError) -> Status {
         | NodeError::Timeout
         | NodeError::Stopped => Status::unavailable(e.to_string()),
         NodeError::Invalid(_) => Status::invalid_argument(e.to_string()),
-        NodeError::Membership(_) => Status::failed_precondition(e.to_string()),
-        NodeError::Storage(_) => Status::internal(e.to_string()),
+        NodeError::Membership(_) | NodeError::NotUpgraded { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
+        NodeError::Storage(_) | NodeError::Apply { .. } => Status::internal(e.to_string()),
     }
 }
 
@@ -167,7 +169,7 @@ impl<E: Engine> ApiService<E> {
     ) -> Result<Response<api::PutResponse>, Status> {
         let o = self
             .node
-            .propose(cmd, idem(caller, idempotency_key)?)
+            .propose_retrying(cmd, idem(caller, idempotency_key)?)
             .await
             .map_err(status_from)?;
         Ok(Response::new(api::PutResponse {
@@ -331,6 +333,11 @@ pub fn cluster_status(st: &NodeStatus) -> api::ClusterStatus {
                 tunnel_addr: m.tunnel_addr.clone(),
                 state: state.into(),
                 match_index: prog.map_or(0, |p| p.match_index),
+                version: st
+                    .member_versions
+                    .iter()
+                    .find(|(id, _)| *id == m.id)
+                    .map_or(0, |(_, v)| *v),
             }
         })
         .collect();
@@ -344,6 +351,8 @@ pub fn cluster_status(st: &NodeStatus) -> api::ClusterStatus {
         role: role_name(st.role).into(),
         members,
         first_index: st.first_index,
+        cluster_version: st.cluster_version,
+        node_version: st.state_version,
         ..Default::default()
     }
 }

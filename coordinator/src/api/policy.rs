@@ -81,7 +81,7 @@ impl<E: Engine> PolicyApi for PolicyService<E> {
         let author = format!("{} {}", id.issuer, id.subject);
         let o = self
             .node
-            .propose(
+            .propose_retrying(
                 Command::SetPolicy {
                     document_json,
                     author,
@@ -104,21 +104,37 @@ impl<E: Engine> PolicyApi for PolicyService<E> {
         &self,
         req: Request<api::ShowPolicyRequest>,
     ) -> Result<Response<api::ShowPolicyResponse>, Status> {
-        self.guard
+        let id = self
+            .guard
             .authenticate(&self.node, &req, "policy.show")
             .await?;
-        self.guard.policy(&self.node).await?;
+        self.guard
+            .require(
+                &self.node,
+                &id,
+                &[Role::Admin, Role::Auditor],
+                "read the policy",
+            )
+            .await?;
+        let policy = self.guard.policy(&self.node).await?;
+        let admin = self.guard.roles(&policy, &id).contains(&Role::Admin);
         let rec =
             state::policy_get(self.node.store()).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(match rec {
             None => api::ShowPolicyResponse::default(),
-            Some(r) => api::ShowPolicyResponse {
-                version: r.version,
-                author: r.author,
-                applied_at_ms: r.applied_at_ms,
-                yaml: serde_norway::to_string(&r.document)
-                    .map_err(|e| Status::internal(e.to_string()))?,
-            },
+            Some(r) => {
+                let mut document = r.document;
+                if !admin {
+                    redact_webhooks(&mut document);
+                }
+                api::ShowPolicyResponse {
+                    version: r.version,
+                    author: r.author,
+                    applied_at_ms: r.applied_at_ms,
+                    yaml: serde_norway::to_string(&document)
+                        .map_err(|e| Status::internal(e.to_string()))?,
+                }
+            }
         }))
     }
 
@@ -215,5 +231,48 @@ impl<E: Engine> PolicyApi for PolicyService<E> {
             approvals_required: d.approval.as_ref().map_or(0, |a| a.count),
             mask: d.mask,
         }))
+    }
+}
+
+/// What non-admins see instead of a webhook URL: URLs often carry the
+/// receiver's secret (Slack's do).
+pub(crate) const REDACTED_WEBHOOK: &str = "<redacted: admins only>";
+
+/// Hides every approval webhook URL in a policy document.
+fn redact_webhooks(doc: &mut crate::policy::PolicyDocument) {
+    let approvals = doc
+        .rules
+        .iter_mut()
+        .filter_map(|r| r.approval.as_mut())
+        .chain(
+            doc.guardrails
+                .iter_mut()
+                .filter_map(|g| g.approval.as_mut()),
+        );
+    for a in approvals {
+        if a.webhook.is_some() {
+            a.webhook = Some(REDACTED_WEBHOOK.into());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn webhooks_are_redacted_in_rules_and_guardrails() {
+        let doc = crate::policy::parse_document(
+            "rules:\n- name: r\n  actions: [exec]\n  decision: require_approval\n  approval: {groups: [a], webhook: 'https://hooks.example/T0/B0/sekret'}\n\
+             guardrails:\n- name: g\n  pattern: x\n  decision: require_approval\n  approval: {groups: [a], webhook: 'https://hooks.example/T1/B1/sekret'}\n",
+            crate::policy::DocumentFormat::Yaml,
+        )
+        .unwrap();
+        let mut d = doc.clone();
+        redact_webhooks(&mut d);
+        let yaml = serde_norway::to_string(&d).unwrap();
+        assert!(!yaml.contains("sekret"), "{yaml}");
+        assert_eq!(yaml.matches(REDACTED_WEBHOOK).count(), 2, "{yaml}");
+        assert!(serde_norway::to_string(&doc).unwrap().contains("sekret"));
     }
 }

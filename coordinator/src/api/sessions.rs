@@ -213,7 +213,7 @@ pub async fn create_request<E: Engine>(
 ) -> Result<pb::ApprovalRequest, Status> {
     approvals::check_new(&req).map_err(Status::invalid_argument)?;
     let out = node
-        .propose(
+        .propose_retrying(
             Command::Approval(Box::new(approvals::ApprovalCommand::Create(Box::new(req)))),
             None,
         )
@@ -316,7 +316,7 @@ impl<E: Engine> Sessions for SessionsService<E> {
             }
             Effect::Allow => None,
             Effect::Deny => {
-                tracing::warn!(target: "audit", event = "session_denied", subject = %id.subject, issuer = %id.issuer, resource = %def.name, %rule, %command);
+                tracing::warn!(target: "audit", event = "session_denied", subject = %id.subject, issuer = %id.issuer, resource = %def.name, %rule, command_bytes = command.len());
                 return Err(Status::permission_denied(match &d.rule {
                     Some(r) => format!("denied by policy rule {r}: {}", d.reason),
                     None => format!("denied by policy (default deny): {}", d.reason),
@@ -359,7 +359,7 @@ impl<E: Engine> Sessions for SessionsService<E> {
                             ..Default::default()
                         };
                         let created = create_request(node, req).await?;
-                        tracing::warn!(target: "audit", event = "approval_requested", request = created.id, subject = %id.subject, resource = %def.name, %rule, %command);
+                        tracing::warn!(target: "audit", event = "approval_requested", request = created.id, subject = %id.subject, resource = %def.name, %rule, command_bytes = command.len());
                         self.notifier.approval("approval_requested", &created);
                         let (tx, rx) = mpsc::channel(1);
                         let _ = tx
@@ -392,7 +392,7 @@ impl<E: Engine> Sessions for SessionsService<E> {
                 // The stream is open but nothing runs until the command frame;
                 // dropping `routed` on refusal abandons it.
                 let spent = node
-                    .propose(
+                    .propose_retrying(
                         Command::Approval(Box::new(approvals::ApprovalCommand::Use(
                             pb::UseApproval {
                                 id: request,
@@ -503,7 +503,7 @@ impl<E: Engine> Sessions for SessionsService<E> {
             edge = %routed.edge.name,
             via_node = routed.via_node,
             %rule,
-            %command,
+            command_bytes = command.len(),
             strict,
         );
 

@@ -87,6 +87,16 @@ pub struct IssuerConfig {
     pub leeway: Duration,
     pub jwks_min_refresh: Duration,
     pub jwks_max_age: Duration,
+    /// Name this issuer's groups `<issuer>#<group>`, so policy and
+    /// `admin_groups` must name the issuer to match them. The config sets it
+    /// for every issuer but the first unless told otherwise: a second issuer
+    /// cannot mint members of the first one's groups (admins included).
+    pub qualify_groups: bool,
+}
+
+/// How a qualified group is written: `<issuer>#<group>`.
+pub fn qualified_group(issuer: &str, group: &str) -> String {
+    format!("{issuer}#{group}")
 }
 
 impl IssuerConfig {
@@ -100,6 +110,7 @@ impl IssuerConfig {
             leeway: Duration::from_secs(30),
             jwks_min_refresh: Duration::from_secs(60),
             jwks_max_age: Duration::from_secs(600),
+            qualify_groups: false,
         }
     }
 
@@ -451,6 +462,11 @@ impl Verifier {
             ClientKind::Human
         };
         let mut groups = claim_strings(c.get(&cfg.groups_claim));
+        if cfg.qualify_groups {
+            for g in &mut groups {
+                *g = qualified_group(&cfg.issuer, g);
+            }
+        }
         groups.sort();
         groups.dedup();
         let exp = c.get("exp").and_then(|v| v.as_u64()).unwrap_or(0);
@@ -541,6 +557,13 @@ mod tests {
     }
 
     fn setup(refresh: Duration) -> (Verifier, Arc<FixedJwks>, TestKey) {
+        setup_with(|cfg| {
+            cfg.jwks_min_refresh = refresh;
+            cfg.required_typ = Some("at+jwt".into());
+        })
+    }
+
+    fn setup_with(tweak: impl FnOnce(&mut IssuerConfig)) -> (Verifier, Arc<FixedJwks>, TestKey) {
         let key = test_key("k1");
         let src = Arc::new(FixedJwks {
             set: StdMutex::new(JwkSet {
@@ -549,8 +572,7 @@ mod tests {
             fetches: AtomicUsize::new(0),
         });
         let mut cfg = IssuerConfig::new(ISS, AUD);
-        cfg.jwks_min_refresh = refresh;
-        cfg.required_typ = Some("at+jwt".into());
+        tweak(&mut cfg);
         (Verifier::new(vec![cfg], src.clone()), src, key)
     }
 
@@ -562,6 +584,18 @@ mod tests {
             enc(claims.to_string().as_bytes()),
             enc(sig)
         )
+    }
+
+    /// A second issuer's groups name their issuer, so its `custody-admins`
+    /// is not the first issuer's (and not `admin_groups`' unqualified name).
+    #[tokio::test]
+    async fn qualified_issuers_name_their_groups() {
+        let (v, _, key) = setup_with(|cfg| cfg.qualify_groups = true);
+        let mut c = claims();
+        c["groups"] = json!(["custody-admins"]);
+        let id = v.verify(&sign(&key, &c)).await.unwrap();
+        assert_eq!(id.groups, vec![format!("{ISS}#custody-admins")]);
+        assert!(!id.groups.contains(&"custody-admins".to_string()));
     }
 
     #[tokio::test]

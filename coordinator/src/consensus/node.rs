@@ -34,6 +34,9 @@ pub struct NodeConfig {
     pub compact_threshold: u64,
     /// How long a proposal or read may wait before the caller gets an error.
     pub request_timeout: Duration,
+    /// The state version this node applies ([`state::STATE_VERSION`]; tests
+    /// model an older binary with a lower one).
+    pub state_version: u32,
 }
 
 impl NodeConfig {
@@ -45,9 +48,14 @@ impl NodeConfig {
             election_ticks: 10,
             compact_threshold: 10_000,
             request_timeout: Duration::from_secs(5),
+            state_version: state::STATE_VERSION,
         }
     }
 }
+
+/// How long [`NodeHandle::propose_retrying`] keeps proposing through leader
+/// changes: longer than an election.
+pub const RETRY_DEADLINE: Duration = Duration::from_secs(15);
 
 /// Errors a caller of the node can see.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +76,13 @@ pub enum NodeError {
     Membership(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// A committed entry this node cannot apply (a newer version's): the
+    /// node stops applying instead of skipping it and diverging.
+    #[error("cannot apply entry {index}: {error}")]
+    Apply { index: u64, error: String },
+    /// The command needs a state version some voter does not support yet.
+    #[error("the cluster is not upgraded for this yet: it needs state version {needs}, and some voter supports only {cluster}; upgrade every node first")]
+    NotUpgraded { needs: u32, cluster: u32 },
 }
 
 /// Sends Raft messages to peers. Implemented over gRPC in production and over
@@ -85,6 +100,8 @@ pub enum Input {
     Propose {
         command: Command,
         idempotency_key: Option<String>,
+        /// The state version the entry needs.
+        version: u32,
         reply: oneshot::Sender<Result<ApplyOutcome, NodeError>>,
     },
     ConfChange {
@@ -129,11 +146,17 @@ pub struct NodeStatus {
     pub members: Vec<Member>,
     /// Filled only on the leader.
     pub progress: Vec<PeerProgress>,
+    /// The state version this node applies, the cluster's (the lowest among
+    /// the voters), and what each member reported (0: nothing yet).
+    pub state_version: u32,
+    pub cluster_version: u32,
+    pub member_versions: Vec<(u64, u32)>,
 }
 
 /// A cloneable handle to a running node.
 pub struct NodeHandle<E: Engine> {
     id: u64,
+    state_version: u32,
     tx: mpsc::Sender<Input>,
     store: RaftStore<E>,
     timeout: Duration,
@@ -144,6 +167,7 @@ impl<E: Engine> Clone for NodeHandle<E> {
     fn clone(&self) -> Self {
         Self {
             id: self.id,
+            state_version: self.state_version,
             tx: self.tx.clone(),
             store: self.store.clone(),
             timeout: self.timeout,
@@ -189,18 +213,77 @@ impl<E: Engine> NodeHandle<E> {
         }
     }
 
-    /// Proposes a command and waits until this node has applied it.
+    /// Proposes a command and waits until this node has applied it. A
+    /// command that needs a newer state version than every voter reported is
+    /// refused here, so no voter meets an entry it cannot apply.
     pub async fn propose(
         &self,
         command: Command,
         idempotency_key: Option<String>,
     ) -> Result<ApplyOutcome, NodeError> {
+        let needs = command.min_version();
+        gate(&self.store, needs)?;
+        self.propose_at_version(command, idempotency_key, needs)
+            .await
+    }
+
+    async fn propose_at_version(
+        &self,
+        command: Command,
+        idempotency_key: Option<String>,
+        version: u32,
+    ) -> Result<ApplyOutcome, NodeError> {
         self.call(|reply| Input::Propose {
             command,
             idempotency_key,
+            version,
             reply,
         })
         .await
+    }
+
+    /// Records the state version this node's binary supports, once per
+    /// version (retried through leader changes).
+    pub async fn report_version(&self) -> Result<(), NodeError> {
+        if state::node_version(&self.store, self.id)? == self.state_version {
+            return Ok(());
+        }
+        self.propose_retrying(
+            Command::ReportVersion {
+                node: self.id,
+                version: self.state_version,
+            },
+            Some(format!("{}/{}", self.id, self.state_version)),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Proposes a command under an idempotency key (`key`, or a fresh random
+    /// one) and, while the cluster is between leaders or slow, proposes it
+    /// again under the same key for up to [`RETRY_DEADLINE`]. The command
+    /// therefore applies once: a retry of an entry that did commit returns
+    /// that entry's outcome. Use this for every command a caller may not see
+    /// the outcome of (everything but the recorder, which has its own loop).
+    pub async fn propose_retrying(
+        &self,
+        command: Command,
+        key: Option<String>,
+    ) -> Result<ApplyOutcome, NodeError> {
+        let key = key.unwrap_or_else(|| format!("r/{:032x}", rand::random::<u128>()));
+        let deadline = Instant::now() + RETRY_DEADLINE;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.propose(command.clone(), Some(key.clone())).await {
+                Err(NodeError::NoLeader | NodeError::LeaderChanged | NodeError::Timeout)
+                    if Instant::now() + backoff < deadline =>
+                {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Waits until local state is at least as new as the leader's commit index at
@@ -247,6 +330,19 @@ impl<E: Engine> NodeHandle<E> {
     }
 }
 
+/// Refuses a command that needs a newer state version than every voter has
+/// reported.
+fn gate<E: Engine>(store: &RaftStore<E>, needs: u32) -> Result<(), NodeError> {
+    if needs <= 1 {
+        return Ok(());
+    }
+    let cluster = state::cluster_version(store)?;
+    if needs > cluster {
+        return Err(NodeError::NotUpgraded { needs, cluster });
+    }
+    Ok(())
+}
+
 /// The loop's state.
 struct Driver<E: Engine, T: Transport> {
     cfg: NodeConfig,
@@ -280,7 +376,7 @@ pub fn start<E: Engine, T: Transport>(
     bootstrap: Option<Vec<Member>>,
     seed: Vec<Member>,
     make_transport: impl FnOnce(mpsc::Sender<Input>) -> T,
-) -> Result<(NodeHandle<E>, std::thread::JoinHandle<()>), NodeError> {
+) -> Result<(NodeHandle<E>, RaftThread), NodeError> {
     if !store.is_initialized() {
         if let Some(members) = bootstrap {
             let voters: Vec<u64> = members.iter().map(|m| m.id).collect();
@@ -323,6 +419,7 @@ pub fn start<E: Engine, T: Transport>(
     let (events, _) = broadcast::channel(1024);
     let handle = NodeHandle {
         id: cfg.id,
+        state_version: cfg.state_version,
         tx: tx.clone(),
         store: store.clone(),
         timeout: cfg.request_timeout,
@@ -352,6 +449,10 @@ pub fn start<E: Engine, T: Transport>(
     Ok((handle, thread))
 }
 
+/// The Raft loop's thread. It ends with an error when storage failed: the
+/// node can then make no safe progress, and its process should exit.
+pub type RaftThread = std::thread::JoinHandle<Result<(), NodeError>>;
+
 /// Spawns the ticker that drives Raft's logical clock. Runs until the node stops.
 pub fn spawn_ticker(tx: mpsc::Sender<Input>, every: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -376,7 +477,7 @@ pub fn now_ms() -> u64 {
 }
 
 impl<E: Engine, T: Transport> Driver<E, T> {
-    fn run(&mut self) {
+    fn run(&mut self) -> Result<(), NodeError> {
         let id = self.cfg.id;
         while let Some(first) = self.rx.blocking_recv() {
             let started = Instant::now();
@@ -392,13 +493,14 @@ impl<E: Engine, T: Transport> Driver<E, T> {
                 // A storage failure leaves the node unable to make safe progress:
                 // stop instead of acknowledging anything more.
                 tracing::error!(node = id, error = %e, "raft loop stopped: storage failure");
-                return;
+                return Err(e);
             }
             if stop {
                 break;
             }
         }
         tracing::info!(node = id, "raft loop stopped");
+        Ok(())
     }
 
     /// Handles one input; returns true when the loop must stop.
@@ -411,6 +513,9 @@ impl<E: Engine, T: Transport> Driver<E, T> {
             }
             Input::Step(mut m) => {
                 self.guard_lost_log(&mut m);
+                if self.votes_withheld(&m) {
+                    return false;
+                }
                 if let Err(e) = self.raw.step(*m) {
                     tracing::debug!(node = self.cfg.id, error = %e, "dropped raft message");
                 }
@@ -418,6 +523,7 @@ impl<E: Engine, T: Transport> Driver<E, T> {
             Input::Propose {
                 command,
                 idempotency_key,
+                version,
                 reply,
             } => {
                 if self.raw.raft.leader_id == 0 {
@@ -431,6 +537,7 @@ impl<E: Engine, T: Transport> Driver<E, T> {
                     idempotency_key,
                     proposed_at_ms: now_ms(),
                     command,
+                    version,
                 };
                 match self.raw.propose(vec![], p.encode()) {
                     Ok(()) => {
@@ -541,6 +648,30 @@ impl<E: Engine, T: Transport> Driver<E, T> {
         }
     }
 
+    /// A node that holds no configuration yet (a joiner before its snapshot,
+    /// or a member whose data dir was lost) answers no vote request: with no
+    /// log it would vote for any candidate, and a candidate missing committed
+    /// entries could win with its vote.
+    fn votes_withheld(&self, m: &Message) -> bool {
+        let vote = matches!(
+            m.get_msg_type(),
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+        );
+        if !vote {
+            return false;
+        }
+        let cs = self.store.conf_state();
+        let empty = cs.voters.is_empty() && cs.learners.is_empty();
+        if empty {
+            tracing::debug!(
+                node = self.cfg.id,
+                candidate = m.from,
+                "no state yet: not answering a vote request"
+            );
+        }
+        empty
+    }
+
     fn status(&self) -> NodeStatus {
         let r = &self.raw.raft;
         let cs = self.store.conf_state();
@@ -568,6 +699,14 @@ impl<E: Engine, T: Transport> Driver<E, T> {
             learners: cs.learners.clone(),
             members: self.members.values().cloned().collect(),
             progress,
+            state_version: self.cfg.state_version,
+            // A read failure shows as 0 ("not known"), never as an error here.
+            cluster_version: state::cluster_version(&self.store).unwrap_or(0),
+            member_versions: self
+                .members
+                .keys()
+                .map(|id| (*id, state::node_version(&self.store, *id).unwrap_or(0)))
+                .collect(),
         }
     }
 
@@ -687,20 +826,29 @@ impl<E: Engine, T: Transport> Driver<E, T> {
                 continue; // the empty entry a new leader appends
             }
             match e.get_entry_type() {
-                EntryType::EntryNormal => match Proposal::decode(&e.data) {
-                    Ok(p) => {
-                        let outcome = txn.apply(e.index, &p)?;
-                        if p.origin_node == self.cfg.id {
-                            if let Some(r) = self.pending.remove(&p.request_id) {
-                                replies.push((r, outcome));
+                EntryType::EntryNormal => {
+                    match Proposal::decode_supporting(&e.data, self.cfg.state_version) {
+                        Ok(p) => {
+                            let outcome = txn.apply(e.index, &p)?;
+                            if p.origin_node == self.cfg.id {
+                                if let Some(r) = self.pending.remove(&p.request_id) {
+                                    replies.push((r, outcome));
+                                }
                             }
                         }
+                        Err(err) => {
+                            // Skipping it could diverge from nodes that can apply
+                            // it (a newer binary): stop applying instead. Nothing
+                            // of this batch is written, so once the node is
+                            // upgraded it applies the batch from its start.
+                            tracing::error!(node = self.cfg.id, index = e.index, error = %err, "cannot apply a committed entry; stopping (upgrade this node)");
+                            return Err(NodeError::Apply {
+                                index: e.index,
+                                error: err.to_string(),
+                            });
+                        }
                     }
-                    Err(err) => {
-                        // Every node skips the same bad entry, so state stays identical.
-                        tracing::error!(node = self.cfg.id, index = e.index, error = %err, "skipping undecodable entry");
-                    }
-                },
+                }
                 EntryType::EntryConfChange => {
                     tracing::error!(
                         node = self.cfg.id,
@@ -912,6 +1060,201 @@ pub(crate) mod tests {
             }
         }
         panic!("put {key} never succeeded");
+    }
+
+    /// A node with no state (here, one whose data dir was lost, restarted with
+    /// no bootstrap) grants no vote; once it has state it answers as usual.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_without_state_answers_no_vote_request() {
+        struct Capture(Arc<Mutex<Vec<Message>>>);
+        impl Transport for Capture {
+            fn send(&mut self, msgs: Vec<Message>) {
+                self.0.lock().unwrap().extend(msgs);
+            }
+            fn set_members(&mut self, _: &[Member]) {}
+        }
+        let vote = |from: u64, term: u64| {
+            let mut m = Message::default();
+            m.set_msg_type(MessageType::MsgRequestVote);
+            m.from = from;
+            m.to = 2;
+            m.term = term;
+            m.log_term = 1;
+            m.index = 1;
+            m
+        };
+        let answered = |sent: &Arc<Mutex<Vec<Message>>>| {
+            sent.lock()
+                .unwrap()
+                .iter()
+                .any(|m| m.get_msg_type() == MessageType::MsgRequestVoteResponse)
+        };
+        for (bootstrapped, expect_answer) in [(false, false), (true, true)] {
+            let sent = Arc::new(Mutex::new(Vec::new()));
+            let store = RaftStore::open(MemEngine::new()).unwrap();
+            let bootstrap = bootstrapped.then(|| members(3));
+            let s2 = sent.clone();
+            let (h, _thread) = start(
+                NodeConfig::new(2),
+                store,
+                bootstrap,
+                members(3),
+                move |_| Capture(s2),
+            )
+            .unwrap();
+            h.input()
+                .send(Input::Step(Box::new(vote(1, 5))))
+                .await
+                .unwrap();
+            for _ in 0..50 {
+                if answered(&sent) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(
+                answered(&sent),
+                expect_answer,
+                "bootstrapped {bootstrapped}: {:?}",
+                sent.lock().unwrap()
+            );
+            h.shutdown().await;
+        }
+    }
+
+    /// A keyed proposal made while the leader is cut off goes through once a
+    /// new leader is elected, and applies once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn proposals_are_retried_across_a_leader_change_and_apply_once() {
+        let (nodes, net) = cluster(3, 10_000).await;
+        let l = leader(&nodes).await;
+        let follower = nodes.iter().find(|n| n.id() != l).unwrap().clone();
+        net.lock().unwrap().1.insert(l);
+        let o = follower
+            .propose_retrying(Command::put("once", b"v".to_vec()).unwrap(), None)
+            .await
+            .expect("retried through the election");
+        let others: Vec<_> = nodes.iter().filter(|n| n.id() != l).cloned().collect();
+        assert_ne!(leader(&others).await, l);
+        net.lock().unwrap().1.clear();
+        for n in &nodes {
+            for _ in 0..300 {
+                if n.store().applied_index() >= o.index {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let rec = state::kv_get(n.store(), "once").unwrap().unwrap();
+            assert_eq!(rec.version, 1, "node {}", n.id());
+        }
+    }
+
+    /// Mixed versions: node 3 runs an "older binary" (state version 1). The
+    /// cluster version is then 1, so commands that need 2 are refused before
+    /// they are proposed; and an entry that needs 2 anyway (proposed past
+    /// the gate here) stops node 3's applying, while the others apply it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_older_node_stops_applying_what_it_cannot_read() {
+        let net: Net = Arc::new(Mutex::new((HashMap::new(), HashSet::new())));
+        let mut nodes = Vec::new();
+        let mut threads = Vec::new();
+        for id in 1..=3 {
+            let mut cfg = NodeConfig::new(id);
+            cfg.tick = Duration::from_millis(10);
+            cfg.state_version = if id == 3 { 1 } else { 2 };
+            let store = RaftStore::open(MemEngine::new()).unwrap();
+            let net2 = net.clone();
+            let (h, t) = start(cfg, store, Some(members(3)), members(3), move |_| {
+                ChanTransport { id, net: net2 }
+            })
+            .unwrap();
+            net.lock().unwrap().0.insert(id, h.input());
+            spawn_ticker(h.input(), Duration::from_millis(10));
+            nodes.push(h);
+            threads.push(t);
+        }
+        let l = leader(&nodes).await;
+        for n in &nodes {
+            n.report_version().await.unwrap();
+        }
+        let lead = nodes.iter().find(|n| n.id() == l).unwrap().clone();
+        let reported = put_retrying(&lead, "sync", "sync").await.index;
+        for n in &nodes {
+            for _ in 0..300 {
+                if n.store().applied_index() >= reported {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(state::cluster_version(n.store()).unwrap(), 1);
+        }
+        assert!(matches!(
+            gate(lead.store(), 2),
+            Err(NodeError::NotUpgraded {
+                needs: 2,
+                cluster: 1
+            })
+        ));
+        assert!(gate(lead.store(), 1).is_ok());
+
+        // Past the gate (through node 1, which may or may not lead): nodes 1
+        // and 2 commit and apply it; node 3 stops.
+        let o = nodes[0]
+            .propose_at_version(Command::put("new", b"v".to_vec()).unwrap(), None, 2)
+            .await
+            .unwrap();
+        let old = threads.pop().unwrap();
+        let ended = tokio::task::spawn_blocking(move || old.join().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            matches!(ended, Err(NodeError::Apply { index, .. }) if index == o.index),
+            "{ended:?}"
+        );
+        assert!(nodes[2].store().applied_index() < o.index);
+        assert!(state::kv_get(nodes[2].store(), "new").unwrap().is_none());
+        for n in &nodes[..2] {
+            for _ in 0..300 {
+                if n.store().applied_index() >= o.index {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(state::kv_get(n.store(), "new").unwrap().is_some());
+        }
+    }
+
+    /// A storage failure stops the Raft loop with an error (the server then
+    /// exits non-zero), and nothing more is acknowledged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn storage_failure_ends_the_loop_with_an_error() {
+        let engine = MemEngine::new();
+        let fault = engine.fault_switch();
+        let mut cfg = NodeConfig::new(1);
+        cfg.tick = Duration::from_millis(10);
+        let store = RaftStore::open(engine).unwrap();
+        let (h, thread) = start(cfg, store, Some(members(1)), members(1), |_| {
+            ChanTransport {
+                id: 1,
+                net: Arc::new(Mutex::new((HashMap::new(), HashSet::new()))),
+            }
+        })
+        .unwrap();
+        spawn_ticker(h.input(), Duration::from_millis(10));
+        leader(std::slice::from_ref(&h)).await;
+        put_retrying(&h, "before", "b").await;
+        fault.store(true, std::sync::atomic::Ordering::SeqCst);
+        let r = h
+            .propose(Command::put("after", b"v".to_vec()).unwrap(), None)
+            .await;
+        assert!(r.is_err(), "a write was acknowledged after storage failed");
+        let joined = tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            matches!(joined, Err(NodeError::Storage(_))),
+            "the loop ended with {joined:?}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

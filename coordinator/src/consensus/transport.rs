@@ -277,19 +277,57 @@ async fn send_snapshot(
     let _ = input.send(Input::SnapshotStatus(peer, status)).await;
 }
 
+/// Whether a node id is a current member of the cluster (as this node
+/// knows it). Node certificates alone are no licence: a certificate for a
+/// node that was never added, or was removed, is refused.
+pub type MemberCheck = std::sync::Arc<dyn Fn(u64) -> bool + Send + Sync>;
+
+/// The members a node knows: its configuration's voters and learners
+/// (joint ones included), or `seeds` (its config file's peers) while it has
+/// no configuration yet.
+pub fn member_check<E: crate::storage::Engine>(
+    store: crate::storage::RaftStore<E>,
+    seeds: Vec<u64>,
+) -> MemberCheck {
+    std::sync::Arc::new(move |id| {
+        let cs = store.conf_state();
+        if cs.voters.is_empty() && cs.learners.is_empty() {
+            return seeds.contains(&id);
+        }
+        cs.voters.contains(&id)
+            || cs.learners.contains(&id)
+            || cs.voters_outgoing.contains(&id)
+            || cs.learners_next.contains(&id)
+    })
+}
+
+/// Refuses a caller that is not a current member.
+pub fn require_member(is_member: &MemberCheck, id: u64) -> Result<(), Status> {
+    if is_member(id) {
+        Ok(())
+    } else {
+        tracing::warn!(target: "audit", event = "non_member_refused", node = id, "a node certificate of a non-member was refused");
+        Err(Status::permission_denied(format!(
+            "node {id} is not a member of this cluster"
+        )))
+    }
+}
+
 /// The inbound side of the transport.
 pub struct RaftService {
     node_id: u64,
     input: mpsc::Sender<Input>,
     max_snapshot_bytes: usize,
+    is_member: MemberCheck,
 }
 
 impl RaftService {
-    pub fn new(node_id: u64, input: mpsc::Sender<Input>) -> Self {
+    pub fn new(node_id: u64, input: mpsc::Sender<Input>, is_member: MemberCheck) -> Self {
         Self {
             node_id,
             input,
             max_snapshot_bytes: 4 << 30,
+            is_member,
         }
     }
 
@@ -337,8 +375,11 @@ fn malformed(e: String) -> Status {
 impl RaftTransport for RaftService {
     async fn send(&self, req: Request<Streaming<RaftBatch>>) -> Result<Response<SendAck>, Status> {
         let peer = peer_node_id(&req)?;
+        require_member(&self.is_member, peer)?;
         let mut stream = req.into_inner();
         while let Some(batch) = stream.message().await? {
+            // A member removed while its stream was open.
+            require_member(&self.is_member, peer)?;
             for b in batch.messages {
                 let m = decode_message(&b).map_err(malformed)?;
                 if is_snapshot(&m) {
@@ -358,6 +399,7 @@ impl RaftTransport for RaftService {
         req: Request<Streaming<SnapshotFrame>>,
     ) -> Result<Response<SendAck>, Status> {
         let peer = peer_node_id(&req)?;
+        require_member(&self.is_member, peer)?;
         let mut stream = req.into_inner();
         let header = match stream.message().await? {
             Some(SnapshotFrame {

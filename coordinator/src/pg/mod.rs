@@ -899,7 +899,7 @@ impl<E: Engine> PgGateway<E> {
             }
         }
         let spent = node
-            .propose(
+            .propose_retrying(
                 crate::state::Command::Approval(Box::new(ApprovalCommand::Use(pb::UseApproval {
                     id,
                     requester: a.id.principal(),

@@ -118,21 +118,33 @@ impl std::fmt::Debug for Policy {
 }
 
 /// `*` matches any run of characters; everything else literally.
+///
+/// Linear in the lengths of both: the literal runs between stars are found
+/// left to right, each at its leftmost place after the previous one (the
+/// leftmost place never loses a match a later place would find), with the
+/// standard library's linear-time substring search. No backtracking, so a
+/// user's pattern cannot stall apply or a policy check.
 pub(crate) fn wildcard(pattern: &str, s: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern == s,
-        Some((head, tail)) => {
-            let Some(rest) = s.strip_prefix(head) else {
-                return false;
-            };
-            if tail.is_empty() {
-                return true;
-            }
-            (0..=rest.len())
-                .filter(|i| rest.is_char_boundary(*i))
-                .any(|i| wildcard(tail, &rest[i..]))
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(rest) = s.strip_prefix(first) else {
+        return false;
+    };
+    let mut middle: Vec<&str> = parts.collect();
+    let Some(last) = middle.pop() else {
+        // No star: the whole text must equal the pattern.
+        return rest.is_empty();
+    };
+    let Some(mut rest) = rest.strip_suffix(last) else {
+        return false;
+    };
+    for lit in middle.into_iter().filter(|l| !l.is_empty()) {
+        match rest.find(lit) {
+            Some(at) => rest = &rest[at + lit.len()..],
+            None => return false,
         }
     }
+    true
 }
 
 fn subjects_match(s: &SubjectsDoc, id: &Identity) -> bool {
@@ -625,6 +637,82 @@ retention:
         assert!(wildcard("a*c*e", "abcde"));
         assert!(!wildcard("pg-*", "mysql"));
         assert!(!wildcard("exact", "exactly"));
+        assert!(wildcard("exact", "exact"));
+        assert!(wildcard("a*a", "aa"));
+        assert!(
+            !wildcard("aa*aa", "aaa"),
+            "prefix and suffix may not overlap"
+        );
+        assert!(wildcard("aa*aa", "aaaa"));
+        assert!(wildcard("*b*b*", "abab"));
+        assert!(!wildcard("*b*b*", "ab"));
+        assert!(wildcard("**", "x"));
+        assert!(wildcard("*é*", "café"));
+        assert!(!wildcard("", "x"));
+        assert!(wildcard("", ""));
+    }
+
+    /// The matcher agrees with a plain dynamic-programming reference on
+    /// every short pattern and text over a small alphabet.
+    #[test]
+    fn wildcard_agrees_with_a_reference() {
+        fn reference(p: &[u8], s: &[u8]) -> bool {
+            let mut m = vec![vec![false; s.len() + 1]; p.len() + 1];
+            m[0][0] = true;
+            for i in 1..=p.len() {
+                for j in 0..=s.len() {
+                    m[i][j] = if p[i - 1] == b'*' {
+                        m[i - 1][j] || (j > 0 && m[i][j - 1])
+                    } else {
+                        j > 0 && m[i - 1][j - 1] && p[i - 1] == s[j - 1]
+                    };
+                }
+            }
+            m[p.len()][s.len()]
+        }
+        fn words(alphabet: &[u8], max: usize) -> Vec<String> {
+            let mut out = vec![String::new()];
+            let mut layer = vec![String::new()];
+            for _ in 0..max {
+                layer = layer
+                    .iter()
+                    .flat_map(|w| alphabet.iter().map(move |c| format!("{w}{}", *c as char)))
+                    .collect();
+                out.extend(layer.iter().cloned());
+            }
+            out
+        }
+        let patterns = words(b"ab*", 5);
+        let texts = words(b"ab", 6);
+        for p in &patterns {
+            for t in &texts {
+                assert_eq!(
+                    wildcard(p, t),
+                    reference(p.as_bytes(), t.as_bytes()),
+                    "pattern {p:?} text {t:?}"
+                );
+            }
+        }
+    }
+
+    /// Patterns that make a backtracking matcher take exponential time (the
+    /// issue's 60 stars then `#`, and 10 000-character ones) finish at once.
+    /// The budget is far above the microseconds they take, so it cannot
+    /// flake; the old matcher did not finish these at all.
+    #[test]
+    fn wildcard_is_linear() {
+        let budget = std::time::Duration::from_secs(2);
+        let t0 = std::time::Instant::now();
+        let stars = format!("{}#", "*".repeat(60));
+        assert!(!wildcard(&stars, &"a".repeat(10_000)));
+        let alternating = "*a".repeat(5_000);
+        let text = "a".repeat(9_999) + "b";
+        assert_eq!(alternating.len(), 10_000);
+        assert!(!wildcard(&alternating, &text));
+        let mut long = "*a".repeat(4_999);
+        long.push_str("*b");
+        assert!(wildcard(&long, &text));
+        assert!(t0.elapsed() < budget, "took {:?}", t0.elapsed());
     }
 
     #[test]

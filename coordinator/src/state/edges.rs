@@ -420,6 +420,28 @@ pub fn edge_get<E: Engine>(store: &RaftStore<E>, id: u64) -> Result<Option<Edge>
         .transpose()
 }
 
+/// Why enrolling with this token would be refused, judged from local state
+/// (`None`: apply would accept it, as far as this node knows). The enrollment
+/// listener asks this before proposing, so made-up or spent tokens never reach
+/// the log; apply still decides.
+pub fn enroll_refusal<E: Engine>(
+    store: &RaftStore<E>,
+    token_sha256: &[u8; 32],
+    now_ms: u64,
+) -> Result<Option<String>, StorageError> {
+    let Some(b) = store.state_get(&token_key(token_sha256))? else {
+        return Ok(Some("unknown enrollment token".into()));
+    };
+    let tok = pb::EnrollTokenRecord::decode(&b[..]).map_err(corrupt("enroll token"))?;
+    Ok(if tok.used_by_edge != 0 {
+        Some("enrollment token was already used".into())
+    } else if now_ms >= tok.expires_at_ms {
+        Some("enrollment token has expired".into())
+    } else {
+        None
+    })
+}
+
 /// Every edge ever enrolled, revoked ones included, by id.
 pub fn edges_all<E: Engine>(store: &RaftStore<E>) -> Result<Vec<Edge>, StorageError> {
     store

@@ -37,6 +37,12 @@ const REGION_PREFIX: &str = "ev/g/";
 const HOLD_PREFIX: &str = "ev/h/";
 const LEDGER_PREFIX: &str = "ev/l/";
 const LEDGER_HEAD: &str = "ev/lh";
+/// Where the next purge goes on in the time index.
+const PURGE_CURSOR: &str = "ev/pcur";
+/// The time the last purge judged by (purges never go back in time).
+const PURGE_NOW: &str = "ev/pnow";
+/// `ev/pclk/<node>`: the latest clock each node reported with a purge.
+const PURGE_CLOCK_PREFIX: &str = "ev/pclk/";
 
 /// Sessions purged per `PurgeEvidence` entry at most.
 pub const PURGE_LIMIT: u32 = 256;
@@ -396,6 +402,7 @@ pub(super) fn apply_retention<E: Engine>(
     txn: &mut StateTxn<E>,
     index: u64,
     now_ms: u64,
+    origin_node: u64,
     cmd: &RetentionCommand,
 ) -> Result<ApplyOutcome, StorageError> {
     match cmd {
@@ -441,22 +448,83 @@ pub(super) fn apply_retention<E: Engine>(
             })
         }
         RetentionCommand::Purge { limit } => {
-            let purged = purge(txn, now_ms, (*limit).clamp(1, PURGE_LIMIT) as usize)?;
+            let now = purge_clock(txn, origin_node, now_ms)?;
+            let (purged, more) = purge(txn, now, (*limit).clamp(1, PURGE_LIMIT) as usize)?;
             Ok(ApplyOutcome {
                 value: purged,
+                // The walk stopped before the end of what may have expired.
+                existed: more,
                 ..ApplyOutcome::at(index)
             })
         }
     }
 }
 
-/// Deletes the evidence of sessions past retention, oldest first.
-fn purge<E: Engine>(txn: &mut StateTxn<E>, now_ms: u64, limit: usize) -> Result<u64, StorageError> {
+/// The time a purge judges expiry by, decided from replicated state only:
+/// every voter's sweep reports its clock (the latest purge it proposed), and
+/// the purge uses the median of the voters' latest reports, never earlier than
+/// the time the last purge used. One node with a clock days ahead (or behind)
+/// therefore moves nothing: with three voters, the median is an honest clock.
+/// A voter that has not reported counts as time 0, which can only delay purges.
+/// Without members in state (a single test store) the proposal's time is used.
+fn purge_clock<E: Engine>(
+    txn: &mut StateTxn<E>,
+    origin: u64,
+    proposed_ms: u64,
+) -> Result<u64, StorageError> {
+    let read_ms = |txn: &StateTxn<E>, key: &[u8]| -> Result<u64, StorageError> {
+        Ok(txn
+            .get(key)?
+            .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
+            .map_or(0, u64::from_be_bytes))
+    };
+    let own = purge_clock_key(origin);
+    let reported = read_ms(txn, &own)?.max(proposed_ms);
+    txn.put(own, reported.to_be_bytes().to_vec());
+    let members = txn.scan_range(
+        super::MEMBER_PREFIX.as_bytes(),
+        &crate::storage::prefix_end(super::MEMBER_PREFIX.as_bytes()).unwrap_or_default(),
+        usize::MAX,
+    )?;
+    let mut clocks = Vec::with_capacity(members.len());
+    for (k, _) in &members {
+        let id = std::str::from_utf8(&k[super::MEMBER_PREFIX.len()..])
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0);
+        clocks.push(read_ms(txn, &purge_clock_key(id))?);
+    }
+    if clocks.is_empty() {
+        clocks.push(reported);
+    }
+    clocks.sort_unstable();
+    let median = clocks[(clocks.len() - 1) / 2];
+    let now = median.max(read_ms(txn, PURGE_NOW.as_bytes())?);
+    txn.put(PURGE_NOW.as_bytes().to_vec(), now.to_be_bytes().to_vec());
+    Ok(now)
+}
+
+fn purge_clock_key(node: u64) -> Vec<u8> {
+    format!("{PURGE_CLOCK_PREFIX}{node:020}").into_bytes()
+}
+
+/// Deletes the evidence of closed sessions past retention. The time index is
+/// walked from a persistent cursor, at most [`PURGE_SCAN`] entries per purge,
+/// wrapping to the start when it reaches the end, so held or younger sessions
+/// never hide later ones. Chunks go by a range delete: no chunk is read.
+///
+/// Returns how many sessions it purged, and whether the walk stopped before
+/// the end of what may have expired (another purge would go on).
+fn purge<E: Engine>(
+    txn: &mut StateTxn<E>,
+    now_ms: u64,
+    limit: usize,
+) -> Result<(u64, bool), StorageError> {
     let Some(rec) = txn.current_policy()? else {
-        return Ok(0);
+        return Ok((0, false));
     };
     let Ok(policy) = crate::policy::Policy::compile(rec.document) else {
-        return Ok(0);
+        return Ok((0, false));
     };
     let Some(shortest) = policy
         .document()
@@ -465,17 +533,28 @@ fn purge<E: Engine>(txn: &mut StateTxn<E>, now_ms: u64, limit: usize) -> Result<
         .filter_map(|r| crate::policy::parse_duration_ms(&r.retain).ok())
         .min()
     else {
-        return Ok(0);
+        return Ok((0, false));
     };
     let holds = decode_holds(txn.scan_range(HOLD_PREFIX.as_bytes(), b"ev/h0", usize::MAX)?)?;
     // Only sessions opened before now - shortest can have expired.
     let end = format!("{TIME_PREFIX}{:020}", now_ms.saturating_sub(shortest));
-    let index = txn.scan_range(TIME_PREFIX.as_bytes(), end.as_bytes(), PURGE_SCAN)?;
+    let mut start = txn
+        .get(PURGE_CURSOR.as_bytes())?
+        .unwrap_or_else(|| TIME_PREFIX.as_bytes().to_vec());
+    if start.as_slice() >= end.as_bytes() {
+        start = TIME_PREFIX.as_bytes().to_vec();
+    }
+    let index = txn.scan_range(&start, end.as_bytes(), PURGE_SCAN)?;
+    let reached_end = index.len() < PURGE_SCAN;
     let mut purged = 0u64;
+    let mut cursor = None;
     for (k, _) in index {
         if purged as usize >= limit {
             break;
         }
+        let mut next = k.clone();
+        next.push(0);
+        cursor = Some(next);
         let key = String::from_utf8_lossy(&k).into_owned();
         let Some(id) = key.rsplit('/').next() else {
             continue;
@@ -488,24 +567,25 @@ fn purge<E: Engine>(txn: &mut StateTxn<E>, now_ms: u64, limit: usize) -> Result<
         let Some(s) = rec.summary.clone() else {
             continue;
         };
+        // A session still open is never purged, however long it is idle.
+        if !rec.closed {
+            continue;
+        }
         let Some((rule, keep_ms)) = policy.retention(&s.resource, &s.resource_kind) else {
             continue;
         };
-        // Closed sessions age from their close, others from their last chunk.
-        let last = match &rec.end {
-            Some(e) if rec.closed => e.closed_at_ms,
-            _ => rec.last_append_ms,
-        }
-        .max(s.opened_at_ms);
+        let closed_at = rec
+            .end
+            .as_ref()
+            .map_or(rec.last_append_ms, |e| e.closed_at_ms);
+        let last = closed_at.max(rec.last_append_ms).max(s.opened_at_ms);
         if last.saturating_add(keep_ms) > now_ms || held(&holds, &s) {
             continue;
         }
-        let chunks = format!("{CHUNK_PREFIX}{id}/");
-        let mut chunks_end = chunks.clone().into_bytes();
+        let chunks = format!("{CHUNK_PREFIX}{id}/").into_bytes();
+        let mut chunks_end = chunks.clone();
         chunks_end.push(0xff);
-        for (ck, _) in txn.scan_range(chunks.as_bytes(), &chunks_end, usize::MAX)? {
-            txn.delete(ck);
-        }
+        txn.delete_range(chunks, chunks_end);
         for ik in index_keys(&s) {
             txn.delete(ik);
         }
@@ -521,7 +601,18 @@ fn purge<E: Engine>(txn: &mut StateTxn<E>, now_ms: u64, limit: usize) -> Result<
         )?;
         purged += 1;
     }
-    Ok(purged)
+    match cursor {
+        // Stopped early at the limit, or the page was full: go on from here.
+        Some(c) if (purged as usize) >= limit || !reached_end => {
+            txn.put(PURGE_CURSOR.as_bytes().to_vec(), c);
+            Ok((purged, true))
+        }
+        // Walked to the end of what can have expired: start over next time.
+        _ => {
+            txn.delete(PURGE_CURSOR.as_bytes().to_vec());
+            Ok((purged, false))
+        }
+    }
 }
 
 /// Legal holds, oldest first; released ones only with `all`.
@@ -786,7 +877,7 @@ mod tests {
         let c0 = build_chunk(0, [0; 32], vec![event(0)]).unwrap();
         append(&s, 2, &c0, true, true);
         // No retention rule yet: kept forever.
-        assert_eq!(purge(3, 1 << 40), 0);
+        assert_eq!(purge(3, 1000), 0);
         let doc = crate::policy::parse_document(
             "retention: [{ name: short, resource: { names: [d*] }, retain: 1s }]",
             crate::policy::DocumentFormat::Yaml,
@@ -851,5 +942,145 @@ mod tests {
         assert_eq!(purge(15, 6000), 0, "nothing left");
         let c1 = build_chunk(1, chunk_hash(&c0), vec![event(1)]).unwrap();
         assert!(append(&s, 16, &c1, false, false).rejected.is_some());
+    }
+
+    fn retention_policy(s: &RaftStore<MemEngine>, index: u64) {
+        let doc = crate::policy::parse_document(
+            "retention: [{ name: short, resource: { names: ['*'] }, retain: 1s }]",
+            crate::policy::DocumentFormat::Yaml,
+        )
+        .unwrap();
+        let set = Command::SetPolicy {
+            document_json: serde_json::to_vec(&doc).unwrap(),
+            author: "t".into(),
+        };
+        assert!(run(s, index, 1, set).rejected.is_none());
+    }
+
+    /// Writes one session (one chunk, closed or not) opened at `at`.
+    fn session(
+        s: &RaftStore<MemEngine>,
+        index: u64,
+        id: &str,
+        resource: &str,
+        at: u64,
+        closed: bool,
+    ) {
+        let mut e = event(0);
+        e.session_id = id.into();
+        let c = build_chunk(0, [0; 32], vec![e]).unwrap();
+        let a = AppendChunk {
+            chunk: c.encode_to_vec(),
+            sha256: chunk_hash(&c),
+            open: Some(pb::SessionSummary {
+                session_id: id.into(),
+                opened_at_ms: at,
+                resource: resource.into(),
+                ..summary()
+            }),
+            end: closed.then(|| pb::SessionEnd {
+                closed_at_ms: at,
+                ..Default::default()
+            }),
+        };
+        let o = run(s, index, at, Command::Evidence(Box::new(a)));
+        assert!(o.rejected.is_none(), "{o:?}");
+    }
+
+    fn purge_from(s: &RaftStore<MemEngine>, index: u64, now: u64, node: u64) -> ApplyOutcome {
+        crate::state::apply_for_test_from(
+            s,
+            index,
+            now,
+            node,
+            Command::Retention(RetentionCommand::Purge { limit: 10 }),
+        )
+    }
+
+    /// One voter whose clock is 40 days ahead purges nothing early: purges
+    /// go by the median of the voters' clocks, and never back in time.
+    #[test]
+    fn a_skewed_clock_purges_nothing_early() {
+        let s = RaftStore::open(MemEngine::new()).unwrap();
+        let members: Vec<crate::state::Member> = (1..=3)
+            .map(|id| crate::state::Member {
+                id,
+                region: "r".into(),
+                raft_addr: String::new(),
+                api_addr: String::new(),
+                tunnel_addr: String::new(),
+            })
+            .collect();
+        s.bootstrap(&[1, 2, 3], crate::state::bootstrap_ops(&members))
+            .unwrap();
+        retention_policy(&s, 2);
+        session(&s, 3, "old", "db", 5, true); // expires at 1005
+        let forty_days = 40 * 24 * 3600 * 1000;
+        assert_eq!(purge_from(&s, 4, forty_days, 1).value, 0, "one clock alone");
+        assert_eq!(purge_from(&s, 5, 500, 2).value, 0, "the median is 500");
+        assert_eq!(purge_from(&s, 6, forty_days, 1).value, 0);
+        assert_eq!(session_get(&s, "old").unwrap().unwrap().purged_at_ms, 0);
+        // Honest clocks pass the expiry: now it goes, at the honest time.
+        assert_eq!(purge_from(&s, 7, 2000, 3).value, 1);
+        assert_eq!(session_get(&s, "old").unwrap().unwrap().purged_at_ms, 2000);
+        // A clock that goes back does not move purge time back.
+        session(&s, 8, "new", "db", 1500, true); // expires at 2500
+        assert_eq!(purge_from(&s, 9, 100, 2).value, 0);
+        assert_eq!(
+            purge_from(&s, 10, 2600, 2).value,
+            1,
+            "median of 40d, 2600, 2000"
+        );
+    }
+
+    /// 10 000 held sessions before one expired one: the expired one is
+    /// found (the walk goes on from a cursor), and an open session, however
+    /// idle, is never purged.
+    #[test]
+    fn purges_walk_past_held_sessions_and_never_take_open_ones() {
+        let s = RaftStore::open(MemEngine::new()).unwrap();
+        retention_policy(&s, 2);
+        let mut index = 3;
+        for i in 0..10_000u64 {
+            session(&s, index, &format!("held-{i:05}"), "vault", 10 + i, true);
+            index += 1;
+        }
+        session(&s, index, "idle", "db", 20_000, false);
+        session(&s, index + 1, "expired", "db", 20_001, true);
+        index += 2;
+        let hold = Command::Retention(RetentionCommand::SetHold(pb::LegalHold {
+            resource: "vault".into(),
+            reason: "litigation".into(),
+            created_by: "audrey".into(),
+            ..Default::default()
+        }));
+        assert!(run(&s, index, 30_000, hold).rejected.is_none());
+        index += 1;
+        let far = 1 << 40;
+        let mut purged = 0;
+        let mut entries = 0;
+        loop {
+            let o = purge_from(&s, index, far, 1);
+            index += 1;
+            entries += 1;
+            purged += o.value;
+            if !o.existed {
+                break;
+            }
+            assert!(entries < 10, "the walk does not end");
+        }
+        assert_eq!(purged, 1);
+        assert!(entries >= 2, "one entry examines at most {PURGE_SCAN}");
+        assert!(session_get(&s, "expired").unwrap().unwrap().purged_at_ms > 0);
+        assert!(session_chunks(&s, "expired").unwrap().is_empty());
+        assert_eq!(session_get(&s, "idle").unwrap().unwrap().purged_at_ms, 0);
+        assert_eq!(session_chunks(&s, "idle").unwrap().len(), 1);
+        assert_eq!(
+            session_get(&s, "held-09999").unwrap().unwrap().purged_at_ms,
+            0
+        );
+        // Walked to the end: the next purge starts over and finds nothing new.
+        let o = purge_from(&s, index, far, 1);
+        assert_eq!(o.value, 0);
     }
 }

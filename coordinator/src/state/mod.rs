@@ -62,7 +62,17 @@ pub enum CommandError {
     Decode(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("the entry needs state version {0}, which this node does not support: upgrade it")]
+    Unsupported(u32),
 }
+
+/// The state version this binary applies: which command kinds and forms it
+/// knows. Raised with every release that adds one; see the upgrade procedure
+/// in the README.
+pub const STATE_VERSION: u32 = 2;
+
+/// `sys/version/<node>`: the state version each node reported.
+const VERSION_PREFIX: &str = "sys/version/";
 
 /// A validated state-machine command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +101,11 @@ pub enum Command {
     Retention(evidence::RetentionCommand),
     /// Approval requests, reviews and their use.
     Approval(Box<approvals::ApprovalCommand>),
+    /// A node reports the state version its binary supports.
+    ReportVersion {
+        node: u64,
+        version: u32,
+    },
 }
 
 fn check_key(key: &str) -> Result<(), CommandError> {
@@ -124,6 +139,7 @@ impl Command {
     /// kind (an admin's KV write cannot pre-claim an evidence chunk's key).
     pub fn idempotency_scope(&self) -> &'static str {
         match self {
+            Command::ReportVersion { .. } => "version",
             Command::Put { .. } | Command::Delete { .. } => "kv",
             Command::SetPolicy { .. } => "policy",
             Command::RecordIdentity { .. } => "identity",
@@ -157,8 +173,22 @@ impl Command {
             Command::Evidence(a) => a.to_pb(),
             Command::Retention(r) => r.to_pb(),
             Command::Approval(a) => a.to_pb(),
+            Command::ReportVersion { node, version } => {
+                pb::command::Kind::ReportVersion(pb::ReportVersion {
+                    node: *node,
+                    version: *version,
+                })
+            }
         };
         pb::Command { kind: Some(kind) }
+    }
+
+    /// The state version a node must support to apply this command. Every
+    /// kind that exists today needs 1; a kind (or a form of one, such as a new
+    /// resource kind) added later names the version that introduced it, and
+    /// is proposed only once every voter has reported that version.
+    pub fn min_version(&self) -> u32 {
+        1
     }
 }
 
@@ -206,6 +236,10 @@ impl TryFrom<pb::Command> for Command {
             pb::command::Kind::CancelApproval(c) => Ok(Command::Approval(Box::new(
                 approvals::ApprovalCommand::Cancel(c),
             ))),
+            pb::command::Kind::ReportVersion(r) => Ok(Command::ReportVersion {
+                node: r.node,
+                version: r.version,
+            }),
             other => edges::EdgeCommand::try_from(other).map(Command::Edge),
         }
     }
@@ -220,6 +254,8 @@ pub struct Proposal {
     pub idempotency_key: Option<String>,
     pub proposed_at_ms: u64,
     pub command: Command,
+    /// The state version needed to apply it (at least 1).
+    pub version: u32,
 }
 
 impl Proposal {
@@ -230,12 +266,24 @@ impl Proposal {
             idempotency_key: self.idempotency_key.clone().unwrap_or_default(),
             proposed_at_ms: self.proposed_at_ms,
             command: Some(self.command.to_pb()),
+            version: self.version,
         }
         .encode_to_vec()
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, CommandError> {
+        Self::decode_supporting(b, STATE_VERSION)
+    }
+
+    /// Decodes an entry for a node that applies state versions up to
+    /// `supported` (tests model an older binary with a lower one).
+    pub fn decode_supporting(b: &[u8], supported: u32) -> Result<Self, CommandError> {
         let p = pb::Proposal::decode(b).map_err(|e| CommandError::Decode(e.to_string()))?;
+        // Checked before the command: a newer kind would not decode here.
+        let version = p.version.max(1);
+        if version > supported {
+            return Err(CommandError::Unsupported(version));
+        }
         if p.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_LEN {
             return Err(CommandError::IdempotencyKeyTooLong(p.idempotency_key.len()));
         }
@@ -245,6 +293,7 @@ impl Proposal {
             idempotency_key: (!p.idempotency_key.is_empty()).then_some(p.idempotency_key),
             proposed_at_ms: p.proposed_at_ms,
             command: p.command.ok_or(CommandError::MissingCommand)?.try_into()?,
+            version,
         })
     }
 }
@@ -363,6 +412,9 @@ fn idem_time_key(at_ms: u64, key: &str) -> Vec<u8> {
 pub struct StateTxn<E: Engine> {
     store: RaftStore<E>,
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Key ranges `[from, to)` deleted by this batch without reading them;
+    /// written before the overlay, which holds only later writes.
+    deleted_ranges: Vec<(Vec<u8>, Vec<u8>)>,
     events: Vec<StateEvent>,
 }
 
@@ -382,6 +434,7 @@ impl<E: Engine> StateTxn<E> {
         Self {
             store: store.clone(),
             overlay: BTreeMap::new(),
+            deleted_ranges: Vec::new(),
             events: Vec::new(),
         }
     }
@@ -398,8 +451,29 @@ impl<E: Engine> StateTxn<E> {
     pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         match self.overlay.get(key) {
             Some(v) => Ok(v.clone()),
+            None if self.range_deleted(key) => Ok(None),
             None => self.store.state_get(key),
         }
+    }
+
+    fn range_deleted(&self, key: &[u8]) -> bool {
+        self.deleted_ranges
+            .iter()
+            .any(|(from, to)| key >= &from[..] && key < &to[..])
+    }
+
+    /// Deletes every key in `[from, to)` without reading them (a range
+    /// tombstone). Both ends must map to the same column family.
+    pub(crate) fn delete_range(&mut self, from: Vec<u8>, to: Vec<u8>) {
+        let doomed: Vec<Vec<u8>> = self
+            .overlay
+            .range(from.clone()..to.clone())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in doomed {
+            self.overlay.remove(&k);
+        }
+        self.deleted_ranges.push((from, to));
     }
 
     /// Keys in `[start, end)` as this batch sees them (state plus the batch's
@@ -410,7 +484,10 @@ impl<E: Engine> StateTxn<E> {
         end: &[u8],
         limit: usize,
     ) -> Result<crate::storage::Pairs, StorageError> {
-        let base = self.store.state_scan_range(start, end, limit)?;
+        let mut base = self.store.state_scan_range(start, end, limit)?;
+        if !self.deleted_ranges.is_empty() {
+            base.retain(|(k, _)| !self.range_deleted(k));
+        }
         // When the page is full, only overlay keys up to its last key belong
         // to this page.
         let upper = match base.last() {
@@ -452,12 +529,15 @@ impl<E: Engine> StateTxn<E> {
     }
 
     pub fn into_ops(self) -> Vec<Op> {
-        self.overlay
+        let ranges = self
+            .deleted_ranges
             .into_iter()
-            .map(|(k, v)| match v {
+            .map(|(from, to)| Op::DeleteRange(crate::storage::state_cf(&from), from, to));
+        ranges
+            .chain(self.overlay.into_iter().map(|(k, v)| match v {
                 Some(v) => Op::Put(crate::storage::state_cf(&k), k, v),
                 None => Op::Delete(crate::storage::state_cf(&k), k),
-            })
+            }))
             .collect()
     }
 
@@ -511,10 +591,11 @@ impl<E: Engine> StateTxn<E> {
                 document_json,
                 author,
             } => {
-                let doc: Result<PolicyDocument, _> = serde_json::from_slice(document_json);
-                let valid = doc.map(|d| crate::policy::Policy::compile(d.clone()).map(|_| d));
-                match valid {
-                    Ok(Ok(document)) => {
+                // The proposer validated the document (`parse_document`);
+                // apply only decodes it, so what a version's checks accept
+                // cannot make two nodes' states differ.
+                match serde_json::from_slice::<PolicyDocument>(document_json) {
+                    Ok(document) => {
                         let version = self
                             .get(POLICY_CURRENT.as_bytes())?
                             .and_then(|b| serde_json::from_slice::<PolicyRecord>(&b).ok())
@@ -541,9 +622,8 @@ impl<E: Engine> StateTxn<E> {
                             ..ApplyOutcome::at(index)
                         }
                     }
-                    // Proposers validate first; an invalid document is skipped the
-                    // same way on every node.
-                    _ => {
+                    // Undecodable JSON is refused the same way on every node.
+                    Err(_) => {
                         tracing::error!(index, "skipping invalid policy document");
                         ApplyOutcome {
                             rejected: Some("invalid policy document".into()),
@@ -563,8 +643,17 @@ impl<E: Engine> StateTxn<E> {
             }
             Command::Edge(cmd) => edges::apply(self, index, p.proposed_at_ms, cmd)?,
             Command::Evidence(a) => evidence::apply(self, index, p.proposed_at_ms, a)?,
-            Command::Retention(r) => evidence::apply_retention(self, index, p.proposed_at_ms, r)?,
+            Command::Retention(r) => {
+                evidence::apply_retention(self, index, p.proposed_at_ms, p.origin_node, r)?
+            }
             Command::Approval(a) => approvals::apply(self, index, p.proposed_at_ms, a)?,
+            Command::ReportVersion { node, version } => {
+                self.put(
+                    format!("{VERSION_PREFIX}{node:020}").into_bytes(),
+                    version.to_be_bytes().to_vec(),
+                );
+                ApplyOutcome::at(index)
+            }
         };
         if let Some(k) = &scoped {
             let rec = pb::ApplyOutcome {
@@ -678,6 +767,25 @@ pub fn bootstrap_ops(members: &[Member]) -> Vec<Op> {
 }
 
 /// Cluster members recorded in state.
+/// The state version node `node` reported (0: none yet).
+pub fn node_version<E: Engine>(store: &RaftStore<E>, node: u64) -> Result<u32, StorageError> {
+    Ok(store
+        .state_get(format!("{VERSION_PREFIX}{node:020}").as_bytes())?
+        .and_then(|b| <[u8; 4]>::try_from(&b[..]).ok())
+        .map_or(0, u32::from_be_bytes))
+}
+
+/// The cluster version: the lowest state version among the voters (a voter
+/// that has not reported counts as 1). Proposers use no command that needs
+/// more, so no voter ever meets an entry it cannot apply.
+pub fn cluster_version<E: Engine>(store: &RaftStore<E>) -> Result<u32, StorageError> {
+    let mut v = STATE_VERSION;
+    for id in store.conf_state().voters {
+        v = v.min(node_version(store, id)?.max(1));
+    }
+    Ok(v)
+}
+
 pub fn load_members<E: Engine>(store: &RaftStore<E>) -> Result<Vec<Member>, StorageError> {
     store
         .state_scan(MEMBER_PREFIX.as_bytes(), None, usize::MAX)?
@@ -731,11 +839,24 @@ pub(crate) fn apply_for_test(
     now: u64,
     command: Command,
 ) -> ApplyOutcome {
+    apply_for_test_from(store, index, now, 1, command)
+}
+
+/// As [`apply_for_test`], proposed by node `origin`.
+#[cfg(test)]
+pub(crate) fn apply_for_test_from(
+    store: &RaftStore<crate::storage::MemEngine>,
+    index: u64,
+    now: u64,
+    origin: u64,
+    command: Command,
+) -> ApplyOutcome {
     let p = Proposal {
-        origin_node: 1,
+        origin_node: origin,
         request_id: index,
         idempotency_key: None,
         proposed_at_ms: now,
+        version: command.min_version(),
         command,
     };
     let p = Proposal::decode(&p.encode()).unwrap();
@@ -756,8 +877,23 @@ mod tests {
             request_id: 7,
             idempotency_key: key.map(str::to_owned),
             proposed_at_ms: 0,
+            version: cmd.min_version(),
             command: cmd,
         }
+    }
+
+    /// An entry that needs a newer state version than this binary's is
+    /// refused when decoded: the node stops applying rather than skip it.
+    #[test]
+    fn entries_of_a_newer_version_do_not_decode() {
+        let mut p = proposal(Command::put("k", b"v".to_vec()).unwrap(), None);
+        p.version = STATE_VERSION + 1;
+        assert_eq!(
+            Proposal::decode(&p.encode()),
+            Err(CommandError::Unsupported(STATE_VERSION + 1))
+        );
+        p.version = STATE_VERSION;
+        assert!(Proposal::decode(&p.encode()).is_ok());
     }
 
     #[test]

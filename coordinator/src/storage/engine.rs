@@ -78,11 +78,18 @@ type MemCf = BTreeMap<Vec<u8>, Vec<u8>>;
 #[derive(Default)]
 pub struct MemEngine {
     cfs: RwLock<BTreeMap<Cf, MemCf>>,
+    fail_writes: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl MemEngine {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A switch that makes every later write fail, as a full or broken disk
+    /// would: tests use it to check what a storage failure does.
+    pub fn fault_switch(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        self.fail_writes.clone()
     }
 }
 
@@ -97,6 +104,9 @@ impl Engine for MemEngine {
     }
 
     fn write(&self, ops: Vec<Op>, _sync: bool) -> Result<(), StorageError> {
+        if self.fail_writes.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StorageError::Engine("injected write failure".into()));
+        }
         let mut cfs = self.cfs.write().map_err(|_| poisoned())?;
         for op in ops {
             match op {

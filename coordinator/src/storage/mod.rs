@@ -14,7 +14,7 @@ mod raft_store;
 mod rocks;
 
 pub use engine::{state_cf, Cf, Engine, MemEngine, Op, Pairs, CHUNKS_PREFIX};
-pub use raft_store::{RaftStore, SnapshotImage};
+pub use raft_store::{prefix_end, RaftStore, SnapshotImage};
 pub use rocks::RocksEngine;
 
 /// Errors from the storage layer.

@@ -536,7 +536,7 @@ impl<E: Engine> RaftStore<E> {
 }
 
 /// Smallest key greater than every key starting with `prefix` (None: unbounded).
-fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {

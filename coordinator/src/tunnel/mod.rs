@@ -31,6 +31,8 @@ pub struct Tunnels<E: Engine> {
     pub ca: Option<ClusterCa>,
     pub cert_ttl: Duration,
     pub region: String,
+    /// Refused enrollment attempts per source address.
+    pub enroll_limiter: server::EnrollLimiter,
 }
 
 /// Where a session was opened.

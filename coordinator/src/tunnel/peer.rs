@@ -40,11 +40,25 @@ fn require_node<T>(req: &Request<T>) -> Result<u64, Status> {
 /// Serves [`Peer`] on the cluster port.
 pub struct PeerService {
     registry: Arc<EdgeRegistry>,
+    is_member: crate::consensus::transport::MemberCheck,
 }
 
 impl PeerService {
-    pub fn new(registry: Arc<EdgeRegistry>) -> Self {
-        Self { registry }
+    pub fn new(
+        registry: Arc<EdgeRegistry>,
+        is_member: crate::consensus::transport::MemberCheck,
+    ) -> Self {
+        Self {
+            registry,
+            is_member,
+        }
+    }
+
+    /// The calling node, if it is a current member.
+    fn member<T>(&self, req: &Request<T>) -> Result<u64, Status> {
+        let id = require_node(req)?;
+        crate::consensus::transport::require_member(&self.is_member, id)?;
+        Ok(id)
     }
 }
 
@@ -56,7 +70,7 @@ impl Peer for PeerService {
         &self,
         req: Request<pb::LiveEdgesRequest>,
     ) -> Result<Response<pb::LiveEdgesResponse>, Status> {
-        require_node(&req)?;
+        self.member(&req)?;
         Ok(Response::new(pb::LiveEdgesResponse {
             edge_ids: self.registry.live_ids(),
         }))
@@ -68,7 +82,7 @@ impl Peer for PeerService {
         &self,
         req: Request<Streaming<pb::RelayFrame>>,
     ) -> Result<Response<Self::RelayStream>, Status> {
-        let from = require_node(&req)?;
+        let from = self.member(&req)?;
         let mut input = req.into_inner();
         let first = input
             .message()

@@ -101,9 +101,18 @@ impl<E: Engine> Tunnels<E> {
                 .await
                 .map_err(|e| e.to_string())?
                 .ok_or("stream closed before the enrollment request")?;
-            let resp = match self.enroll(&req).await {
+            let attempt = if self.enroll_limiter.allow(peer.ip()) {
+                self.enroll(&req).await
+            } else {
+                Err(format!(
+                    "too many refused enrollment attempts from {}; wait a minute",
+                    peer.ip()
+                ))
+            };
+            let resp = match attempt {
                 Ok(cert) => t::enroll_response::Result::Enrolled(cert),
                 Err(e) => {
+                    self.enroll_limiter.refused(peer.ip());
                     tracing::warn!(target: "audit", event = "edge_enrollment_refused", %peer, reason = %e);
                     t::enroll_response::Result::Error(e)
                 }
@@ -142,11 +151,29 @@ impl<E: Engine> Tunnels<E> {
         // Check the request before spending the token.
         rcgen::CertificateSigningRequestParams::from_pem(&req.csr_pem)
             .map_err(|e| format!("invalid certificate request: {e}"))?;
+        // Only a token the cluster issued and that is still usable is
+        // proposed: made-up tokens never reach the log. A token created on
+        // another node a moment ago may not be applied here yet, so a miss is
+        // checked again after a linearizable read.
+        let digest = token_digest(&req.token);
+        let refusal = |store| {
+            edges::enroll_refusal(store, &digest, crate::consensus::node::now_ms())
+                .map_err(|e| e.to_string())
+        };
+        if refusal(self.node.store())?.is_some() {
+            self.node
+                .read_index()
+                .await
+                .map_err(|e| format!("cluster unavailable: {e}"))?;
+            if let Some(why) = refusal(self.node.store())? {
+                return Err(why);
+            }
+        }
         let out = self
             .node
-            .propose(
+            .propose_retrying(
                 Command::Edge(EdgeCommand::Enroll {
-                    token_sha256: token_digest(&req.token),
+                    token_sha256: digest,
                 }),
                 None,
             )
@@ -316,7 +343,11 @@ impl<E: Engine> Tunnels<E> {
         }
         let mut backoff = Duration::from_millis(100);
         while conn.close_reason().is_none() {
-            match self.node.propose(Command::Edge(cmd.clone()), None).await {
+            match self
+                .node
+                .propose_retrying(Command::Edge(cmd.clone()), None)
+                .await
+            {
                 Ok(o) => {
                     if let Some(why) = o.rejected {
                         tracing::warn!(edge = edge_id, reason = %why, "resource registration refused");
@@ -392,4 +423,67 @@ impl<E: Engine> Tunnels<E> {
 
 fn control(kind: t::coordinator_message::Kind) -> t::CoordinatorMessage {
     t::CoordinatorMessage { kind: Some(kind) }
+}
+
+/// Refused enrollment attempts allowed per source address per window.
+pub const ENROLL_REFUSALS_PER_WINDOW: u32 = 10;
+const ENROLL_WINDOW: Duration = Duration::from_secs(60);
+
+/// Counts refused enrollment attempts per source address in fixed one-minute
+/// windows; past [`ENROLL_REFUSALS_PER_WINDOW`] an address is refused without
+/// looking at its request. Successful enrollments are not counted.
+#[derive(Default)]
+pub struct EnrollLimiter {
+    refused:
+        std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (std::time::Instant, u32)>>,
+}
+
+impl EnrollLimiter {
+    fn table(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<std::net::IpAddr, (std::time::Instant, u32)>,
+    > {
+        self.refused.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether an attempt from `ip` may be looked at now.
+    pub fn allow(&self, ip: std::net::IpAddr) -> bool {
+        match self.table().get(&ip) {
+            Some((since, n)) => since.elapsed() >= ENROLL_WINDOW || *n < ENROLL_REFUSALS_PER_WINDOW,
+            None => true,
+        }
+    }
+
+    /// Counts a refused attempt from `ip`.
+    pub fn refused(&self, ip: std::net::IpAddr) {
+        let mut t = self.table();
+        if t.len() >= 65_536 {
+            t.retain(|_, (since, _)| since.elapsed() < ENROLL_WINDOW);
+        }
+        let e = t.entry(ip).or_insert((std::time::Instant::now(), 0));
+        if e.0.elapsed() >= ENROLL_WINDOW {
+            *e = (std::time::Instant::now(), 0);
+        }
+        e.1 = e.1.saturating_add(1);
+    }
+}
+
+#[cfg(test)]
+mod limiter_tests {
+    use super::*;
+
+    #[test]
+    fn an_address_is_limited_after_its_refusals_and_others_are_not() {
+        let l = EnrollLimiter::default();
+        let a: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let b: std::net::IpAddr = "192.0.2.2".parse().unwrap();
+        for _ in 0..ENROLL_REFUSALS_PER_WINDOW {
+            assert!(l.allow(a));
+            l.refused(a);
+        }
+        assert!(!l.allow(a));
+        assert!(l.allow(b));
+    }
 }
