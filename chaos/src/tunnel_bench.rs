@@ -219,7 +219,16 @@ async fn simulated_edges(c: &LocalCluster, n: usize) -> anyhow::Result<()> {
     for i in 0..n {
         let name = format!("sim-{i}");
         let token = admin
-            .create_enroll_token(&name, "eu", Duration::from_secs(600))
+            .create_enroll_token_for(
+                &name,
+                "eu",
+                Duration::from_secs(600),
+                vec![custody_proto::v1::ResourceInfo {
+                    name: format!("sim-shell-{i}"),
+                    kind: "shell".into(),
+                    ..Default::default()
+                }],
+            )
             .await?
             .token;
         let store = custody_edge::identity::Store::new(&dir.path().join(&name));

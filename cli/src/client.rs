@@ -495,11 +495,25 @@ impl Client {
 }
 
 impl Client {
+    /// A token that binds no resource (the edge serves what an admin binds
+    /// to it by name).
     pub async fn create_enroll_token(
         &self,
         name: &str,
         region: &str,
         ttl: Duration,
+    ) -> Result<api::CreateEnrollTokenResponse, ClientError> {
+        self.create_enroll_token_for(name, region, ttl, Vec::new())
+            .await
+    }
+
+    /// A token that binds `resources` (name, kind, labels) to the edge.
+    pub async fn create_enroll_token_for(
+        &self,
+        name: &str,
+        region: &str,
+        ttl: Duration,
+        resources: Vec<api::ResourceInfo>,
     ) -> Result<api::CreateEnrollTokenResponse, ClientError> {
         self.call(|ch| {
             let tok = self.cfg.token.clone();
@@ -507,6 +521,7 @@ impl Client {
                 name: name.to_owned(),
                 region: region.to_owned(),
                 ttl_secs: ttl.as_secs(),
+                resources: resources.clone(),
             };
             async move {
                 Ok(EdgesClient::new(ch)
@@ -613,6 +628,18 @@ impl Client {
                     .await?
                     .into_inner()
                     .holds)
+            }
+        })
+        .await
+    }
+
+    pub async fn bind_resource(&self, req: api::BindResourceRequest) -> Result<(), ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            let req = req.clone();
+            async move {
+                ResourcesClient::new(ch).bind(authed(&tok, req)).await?;
+                Ok(())
             }
         })
         .await

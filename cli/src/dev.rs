@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use serde::Deserialize;
 
+use custody_proto::v1 as api;
+
 use crate::client::{Client, ClientConfig};
 
 /// Where the Custody binaries are.
@@ -638,15 +640,53 @@ impl LocalCluster {
         Ok(())
     }
 
-    /// Creates an enrollment token with the current (admin) token and starts
-    /// the edge with it.
+    /// Creates an enrollment token with the current (admin) token, binding
+    /// the resources the edge's config declares, and starts the edge with it.
     pub async fn enroll_edge(&mut self, name: &str) -> anyhow::Result<()> {
+        let resources = self.edge_resources(name)?;
         let token = self
             .client(&[])?
-            .create_enroll_token(name, "", Duration::from_secs(600))
+            .create_enroll_token_for(name, "", Duration::from_secs(600), resources)
             .await?
             .token;
         self.start_edge(name, Some(&token))
+    }
+
+    /// The resources (name, kind, labels) edge `name`'s config declares.
+    pub fn edge_resources(&self, name: &str) -> anyhow::Result<Vec<api::ResourceInfo>> {
+        let e = self
+            .edges
+            .get(name)
+            .with_context(|| format!("no edge {name}"))?;
+        let text = std::fs::read_to_string(&e.config)
+            .with_context(|| format!("read {}", e.config.display()))?;
+        let t: toml::Table =
+            toml::from_str(&text).with_context(|| format!("parse {}", e.config.display()))?;
+        let mut out = Vec::new();
+        for r in t
+            .get("resources")
+            .and_then(|r| r.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let field = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+            let labels = r
+                .get("labels")
+                .and_then(|l| l.as_table())
+                .map(|l| {
+                    l.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(api::ResourceInfo {
+                name: field("name").to_owned(),
+                kind: field("kind").to_owned(),
+                labels,
+                ..Default::default()
+            });
+        }
+        Ok(out)
     }
 
     /// SIGKILL edge `name`, then reap.

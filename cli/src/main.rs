@@ -41,10 +41,12 @@ enum Cmd {
     /// List and revoke edges.
     #[command(subcommand)]
     Edge(commands::edge::EdgeCmd),
-    /// List resources, their edges and liveness.
+    /// List resources, their bindings, edges and liveness; bind them.
     Resources {
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        cmd: Option<commands::edge::ResourcesCmd>,
     },
     /// Recorded sessions: list, show, replay.
     #[command(subcommand)]
@@ -97,7 +99,8 @@ fn main() {
             Cmd::Exec(_) => unreachable!("handled above"),
             Cmd::EdgeToken(c) => commands::edge::token(c).await,
             Cmd::Edge(c) => commands::edge::run(c).await,
-            Cmd::Resources { json } => commands::edge::resources(json).await,
+            Cmd::Resources { json, cmd: None } => commands::edge::resources(json).await,
+            Cmd::Resources { cmd: Some(c), .. } => commands::edge::bind(c).await,
             Cmd::Sessions(c) => commands::sessions::run(c).await,
             Cmd::Export(a) => commands::export::export(a).await,
             Cmd::Evidence(c) => commands::evidence::run(c).await,

@@ -249,16 +249,118 @@ async fn policy_denies_with_the_rule_and_nothing_runs() {
     assert!(marker.exists());
 }
 
+/// The session id `custody exec` prints on stderr.
+fn session_of(out: &Output) -> String {
+    let err = text(&out.stderr);
+    err.lines()
+        .find_map(|l| l.strip_prefix("custody: session "))
+        .map(|s| s.split_whitespace().next().unwrap_or_default().to_owned())
+        .unwrap_or_else(|| panic!("no session id in {err}"))
+}
+
+/// Resources belong to the cluster: a second edge that claims a bound
+/// resource (and says `evidence=async` for a strict one) is refused and
+/// audited, and sessions keep going to the bound edge, in strict mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_serve_only_what_the_cluster_bound_to_them() {
+    let (mut c, _) = harness::started(GenOptions::default()).await;
+    c.client(&[])
+        .unwrap()
+        .policy_apply(POLICY, "yaml")
+        .await
+        .unwrap();
+    let shell = |name: &str, evidence: &str| {
+        format!(
+            "[[resources]]\nname = \"{name}\"\nkind = \"shell\"\nlabels = {{ env = \"dev\", evidence = \"{evidence}\" }}\n"
+        )
+    };
+    let mut e1 = EdgeSpec::shell("e1", "local-shell");
+    e1.resources_toml = shell("local-shell", "strict");
+    c.add_edge(&e1).unwrap();
+    c.enroll_edge("e1").await.unwrap();
+    // e2 is bound to its own shell only, and claims local-shell too, async.
+    let mut e2 = EdgeSpec::shell("e2", "e2-shell");
+    e2.resources_toml = shell("e2-shell", "async") + &shell("local-shell", "async");
+    c.add_edge(&e2).unwrap();
+    let own: Vec<_> = c
+        .edge_resources("e2")
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.name == "e2-shell")
+        .collect();
+    let admin = c.client(&[]).unwrap();
+    let tok = admin
+        .create_enroll_token_for("e2", "", Duration::from_secs(600), own)
+        .await
+        .unwrap()
+        .token;
+    c.start_edge("e2", Some(&tok)).unwrap();
+    let n = c.nodes.len();
+    for r in ["local-shell", "e2-shell"] {
+        c.wait_for_resource(r, n, Duration::from_secs(20))
+            .await
+            .unwrap();
+    }
+    let list = admin.list_resources().await.unwrap();
+    let ls = list.iter().find(|r| r.name == "local-shell").unwrap();
+    let names: Vec<&str> = ls.edges.iter().map(|e| e.edge_name.as_str()).collect();
+    assert_eq!(names, ["e1"], "{ls:?}");
+    assert_eq!(ls.bound_edges, ["e1"]);
+    assert_eq!(ls.labels["evidence"], "strict");
+    eventually(
+        Duration::from_secs(10),
+        "the refused claim is audited",
+        || {
+            let logs: String = c
+                .nodes
+                .keys()
+                .map(|id| std::fs::read_to_string(c.log_path(*id)).unwrap_or_default())
+                .collect();
+            async move { logs.contains("resource_claim_refused") && logs.contains("not e2") }
+        },
+    )
+    .await;
+    // A token cannot take the name either.
+    let e = admin
+        .create_enroll_token_for(
+            "e3",
+            "",
+            Duration::from_secs(60),
+            c.edge_resources("e1").unwrap(),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("bound to edge(s) e1"), "{e}");
+
+    // Sessions go to e1, strictly recorded, through every node.
+    let alice = token(&c, "alice").await;
+    let adm = token(&c, "admin").await;
+    for id in c.nodes.keys().copied().collect::<Vec<_>>() {
+        let out = custody(&c, &[id], &alice, &["exec", "local-shell", "--", "true"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let sid = session_of(&out);
+        let shown = custody(&c, &[], &adm, &["sessions", "show", &sid, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+        assert_eq!(v["session"]["mode"], "strict", "{v}");
+        assert_eq!(v["events"][0]["event"]["edge"], "e1", "{v}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrollment_tokens_are_single_use_and_expire() {
     let (mut c, _) = harness::started(GenOptions::default()).await;
     let admin = c.client(&[]).unwrap();
+    c.add_edge(&EdgeSpec::shell("e1", "shell-a")).unwrap();
     let tok = admin
-        .create_enroll_token("e1", "eu", Duration::from_secs(600))
+        .create_enroll_token_for(
+            "e1",
+            "eu",
+            Duration::from_secs(600),
+            c.edge_resources("e1").unwrap(),
+        )
         .await
         .unwrap()
         .token;
-    c.add_edge(&EdgeSpec::shell("e1", "shell-a")).unwrap();
     c.start_edge("e1", Some(&tok)).unwrap();
     c.wait_for_resource("shell-a", 1, Duration::from_secs(20))
         .await

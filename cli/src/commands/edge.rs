@@ -5,6 +5,7 @@ use std::time::Duration;
 use clap::Subcommand;
 
 use custody_cli::client::Client;
+use custody_proto::v1 as api;
 
 #[derive(Subcommand)]
 pub enum EdgeTokenCmd {
@@ -19,7 +20,64 @@ pub enum EdgeTokenCmd {
         /// How long the token stays valid: 90s, 30m, 1h, 2d.
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
+        /// A resource the edge may serve, bound to it now:
+        /// `NAME=KIND[,LABEL=VALUE...]`, e.g. `prod-db=postgres,env=prod`.
+        /// Repeat for several. An edge serves nothing it was not bound to.
+        #[arg(long = "resource", value_parser = parse_resource)]
+        resources: Vec<api::ResourceInfo>,
     },
+}
+
+#[derive(Subcommand)]
+pub enum ResourcesCmd {
+    /// Bind a resource to the edges that may serve it, with its kind and
+    /// labels (admin only). Replaces any binding; several edges for HA. The
+    /// labels decide policy and the evidence mode: edges may raise the
+    /// evidence mode and recording caps, never lower them.
+    Bind {
+        name: String,
+        #[arg(long)]
+        kind: String,
+        /// `KEY=VALUE`, repeatable.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// An edge that may serve it; repeatable.
+        #[arg(long = "edge", required_unless_present = "unbind")]
+        edges: Vec<String>,
+        /// Remove the binding: no edge serves the resource any more.
+        #[arg(long, conflicts_with = "edges")]
+        unbind: bool,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+/// Parses `NAME=KIND[,LABEL=VALUE...]`.
+pub fn parse_resource(s: &str) -> Result<api::ResourceInfo, String> {
+    let mut parts = s.split(',');
+    let head = parts.next().unwrap_or_default();
+    let Some((name, kind)) = head
+        .split_once('=')
+        .filter(|(n, k)| !n.is_empty() && !k.is_empty())
+    else {
+        return Err(format!(
+            "{s:?} is not NAME=KIND[,LABEL=VALUE...] (for example prod-db=postgres,env=prod)"
+        ));
+    };
+    let labels = parts
+        .map(parse_label)
+        .collect::<Result<std::collections::HashMap<_, _>, _>>()?;
+    Ok(api::ResourceInfo {
+        name: name.to_owned(),
+        kind: kind.to_owned(),
+        labels,
+        ..Default::default()
+    })
 }
 
 #[derive(Subcommand)]
@@ -57,9 +115,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub async fn token(cmd: EdgeTokenCmd) -> anyhow::Result<()> {
-    let EdgeTokenCmd::Create { name, region, ttl } = cmd;
+    let EdgeTokenCmd::Create {
+        name,
+        region,
+        ttl,
+        resources,
+    } = cmd;
     let r = Client::from_env()?
-        .create_enroll_token(&name, &region, ttl)
+        .create_enroll_token_for(&name, &region, ttl, resources)
         .await?;
     println!("{}", r.token);
     eprintln!(
@@ -123,6 +186,31 @@ pub async fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub async fn bind(cmd: ResourcesCmd) -> anyhow::Result<()> {
+    let ResourcesCmd::Bind {
+        name,
+        kind,
+        labels,
+        edges,
+        unbind,
+    } = cmd;
+    let edges = if unbind { Vec::new() } else { edges };
+    Client::from_env()?
+        .bind_resource(api::BindResourceRequest {
+            name: name.clone(),
+            kind,
+            labels: labels.into_iter().collect(),
+            edges: edges.clone(),
+        })
+        .await?;
+    if edges.is_empty() {
+        println!("unbound {name}: no edge serves it");
+    } else {
+        println!("bound {name} to {}", edges.join(", "));
+    }
+    Ok(())
+}
+
 pub async fn resources(json: bool) -> anyhow::Result<()> {
     let list = Client::from_env()?.list_resources().await?;
     if json {
@@ -131,6 +219,7 @@ pub async fn resources(json: bool) -> anyhow::Result<()> {
             .map(|r| {
                 serde_json::json!({
                     "name": r.name, "kind": r.kind, "labels": r.labels,
+                    "bound_edges": r.bound_edges,
                     "live": r.edges.iter().any(|e| e.live),
                     "edges": r.edges.iter().map(|e| serde_json::json!({
                         "id": e.edge_id, "name": e.edge_name, "region": e.region,
@@ -143,8 +232,8 @@ pub async fn resources(json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<24} {:<10} {:<6} {:<24} EDGES",
-        "NAME", "KIND", "LIVE", "LABELS"
+        "{:<24} {:<10} {:<6} {:<24} {:<20} EDGES",
+        "NAME", "KIND", "LIVE", "LABELS", "BOUND TO"
     );
     for r in list {
         let mut labels: Vec<String> = r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -155,7 +244,7 @@ pub async fn resources(json: bool) -> anyhow::Result<()> {
             .map(|e| format!("{}{}", e.edge_name, if e.live { "" } else { " (offline)" }))
             .collect();
         println!(
-            "{:<24} {:<10} {:<6} {:<24} {}",
+            "{:<24} {:<10} {:<6} {:<24} {:<20} {}",
             r.name,
             r.kind,
             if r.edges.iter().any(|e| e.live) {
@@ -164,6 +253,7 @@ pub async fn resources(json: bool) -> anyhow::Result<()> {
                 "no"
             },
             labels.join(","),
+            r.bound_edges.join(","),
             edges.join(", ")
         );
     }
@@ -174,6 +264,18 @@ pub async fn resources(json: bool) -> anyhow::Result<()> {
 mod tests {
     use super::parse_duration;
     use std::time::Duration;
+
+    #[test]
+    fn resource_specs() {
+        let r = super::parse_resource("prod-db=postgres,env=prod,evidence=strict").unwrap();
+        assert_eq!((r.name.as_str(), r.kind.as_str()), ("prod-db", "postgres"));
+        assert_eq!(r.labels["env"], "prod");
+        assert_eq!(r.labels["evidence"], "strict");
+        assert!(super::parse_resource("x=shell").unwrap().labels.is_empty());
+        for bad in ["", "x", "=shell", "x=", "x=shell,env"] {
+            assert!(super::parse_resource(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn durations() {

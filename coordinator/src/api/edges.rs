@@ -54,6 +54,17 @@ impl<E: Engine> Edges for EdgesService<E> {
             .await?;
         let r = req.into_inner();
         check_name("edge", &r.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let resources: Vec<edges::ResourceDef> = r
+            .resources
+            .iter()
+            .map(|d| edges::ResourceDef {
+                name: d.name.clone(),
+                kind: d.kind.clone(),
+                labels: d.labels.clone().into_iter().collect(),
+            })
+            .collect();
+        EdgeCommand::register(0, resources.clone())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let ttl = match r.ttl_secs {
             0 => DEFAULT_TOKEN_TTL,
             s => Duration::from_secs(s),
@@ -85,6 +96,7 @@ impl<E: Engine> Edges for EdgesService<E> {
                     region: region.clone(),
                     expires_at_ms,
                     created_by: author(&id),
+                    resources,
                 }),
                 None,
             )
@@ -185,17 +197,33 @@ impl<E: Engine> Resources for ResourcesService<E> {
         node.read_index().await.map_err(status_from)?;
         let all = edges::edges_all(node.store()).map_err(storage_status)?;
         let connected = self.tunnels.connected_nodes().await;
+        // Every bound resource, with the edges serving it under its binding.
         let mut by_name: BTreeMap<String, api::ResourceInfo> = BTreeMap::new();
+        for b in edges::bindings_all(node.store()).map_err(storage_status)? {
+            let serving = edges::edges_serving(node.store(), &b.name).map_err(storage_status)?;
+            let labels = serving.first().map_or_else(
+                || b.labels.clone().into_iter().collect(),
+                |(_, d)| d.labels.clone().into_iter().collect(),
+            );
+            by_name.insert(
+                b.name.clone(),
+                api::ResourceInfo {
+                    name: b.name.clone(),
+                    kind: b.kind.clone(),
+                    labels,
+                    edges: vec![],
+                    bound_edges: b.edges.clone(),
+                },
+            );
+        }
         for e in all.into_iter().filter(|e| !e.revoked) {
             for r in &e.resources {
-                let entry = by_name
-                    .entry(r.name.clone())
-                    .or_insert_with(|| api::ResourceInfo {
-                        name: r.name.clone(),
-                        kind: r.kind.clone(),
-                        labels: r.labels.clone().into_iter().collect(),
-                        edges: vec![],
-                    });
+                let Some(entry) = by_name.get_mut(&r.name) else {
+                    continue;
+                };
+                if entry.kind != r.kind || !entry.bound_edges.contains(&e.name) {
+                    continue;
+                }
                 let nodes = connected.get(&e.id).cloned().unwrap_or_default();
                 entry.edges.push(api::ResourceEdge {
                     edge_id: e.id,
@@ -209,5 +237,37 @@ impl<E: Engine> Resources for ResourcesService<E> {
         Ok(Response::new(api::ListResourcesResponse {
             resources: by_name.into_values().collect(),
         }))
+    }
+
+    async fn bind(
+        &self,
+        req: Request<api::BindResourceRequest>,
+    ) -> Result<Response<api::BindResourceResponse>, Status> {
+        let node = &self.tunnels.node;
+        let id = self
+            .guard
+            .authenticate(node, &req, "resources.bind")
+            .await?;
+        self.guard
+            .require(node, &id, &[Role::Admin], "bind resources")
+            .await?;
+        let r = req.into_inner();
+        let binding = edges::Binding {
+            resource: edges::ResourceDef {
+                name: r.name,
+                kind: r.kind,
+                labels: r.labels.into_iter().collect(),
+            },
+            edges: r.edges,
+            bound_by: author(&id),
+        };
+        binding
+            .validate()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        node.propose_retrying(Command::Edge(EdgeCommand::Bind(binding.clone())), None)
+            .await
+            .map_err(status_from)?;
+        tracing::info!(target: "audit", event = "resource_bound", resource = %binding.resource.name, edges = ?binding.edges, by = %id.label());
+        Ok(Response::new(api::BindResourceResponse {}))
     }
 }

@@ -5,7 +5,9 @@
 //! - `sys/enroll/<hex sha256 of token>`: an [`pb::EnrollTokenRecord`];
 //! - `sys/edge/<id:020>`: an [`pb::EdgeRecord`] (revoked edges stay, marked);
 //! - `sys/edgename/<name>`: the id of the active edge with that name;
-//! - `sys/res/<resource>/<id:020>`: the active edges serving each resource.
+//! - `sys/res/<resource>/<id:020>`: the active edges serving each resource;
+//! - `sys/bind/<resource>`: a [`pb::ResourceBinding`]: the resource's kind and
+//!   labels as the cluster's admins set them, and the edges that may serve it.
 //!
 //! Only token digests are stored; the token itself is shown once to the admin
 //! who created it.
@@ -27,6 +29,7 @@ const EDGE_NAME_PREFIX: &str = "sys/edgename/";
 /// `sys/res/<resource>/<edge id:020>`: which active edges serve a resource, so
 /// opening a session reads only those edges.
 const RESOURCE_INDEX_PREFIX: &str = "sys/res/";
+const BINDING_PREFIX: &str = "sys/bind/";
 
 pub const MAX_NAME_LEN: usize = 63;
 pub const MAX_RESOURCES: usize = 256;
@@ -105,6 +108,72 @@ impl ResourceDef {
     }
 }
 
+/// A resource as the cluster's admins bound it: its kind and labels (which
+/// policy and the evidence mode are decided by), and the edges that may serve
+/// it. An edge's own labels can only raise the evidence mode and caps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    pub resource: ResourceDef,
+    pub edges: Vec<String>,
+    pub bound_by: String,
+}
+
+impl Binding {
+    pub fn validate(&self) -> Result<(), CommandError> {
+        self.resource.validate()?;
+        if self.edges.len() > MAX_RESOURCES {
+            return Err(CommandError::Invalid(format!(
+                "resource {}: at most {MAX_RESOURCES} edges",
+                self.resource.name
+            )));
+        }
+        for e in &self.edges {
+            check_name("edge", e)?;
+        }
+        Ok(())
+    }
+
+    fn to_pb(&self, bound_at_ms: u64) -> pb::ResourceBinding {
+        pb::ResourceBinding {
+            name: self.resource.name.clone(),
+            kind: self.resource.kind.clone(),
+            labels: self.resource.labels.clone().into_iter().collect(),
+            edges: self.edges.clone(),
+            bound_by: self.bound_by.clone(),
+            bound_at_ms,
+        }
+    }
+
+    fn from_pb(b: pb::ResourceBinding) -> Self {
+        Binding {
+            resource: ResourceDef {
+                name: b.name,
+                kind: b.kind,
+                labels: b.labels.into_iter().collect(),
+            },
+            edges: b.edges,
+            bound_by: b.bound_by,
+        }
+    }
+}
+
+/// The label values an edge may raise but never lower: the evidence mode
+/// (`strict` over anything else) and the recording caps (the larger wins).
+fn raise(base: &mut BTreeMap<String, String>, edge: &BTreeMap<String, String>) {
+    if edge.get("evidence").map(String::as_str) == Some("strict") {
+        base.insert("evidence".into(), "strict".into());
+    }
+    for cap in ["evidence_rows", "evidence_bytes"] {
+        let Some(theirs) = edge.get(cap).and_then(|v| v.parse::<u64>().ok()) else {
+            continue;
+        };
+        let ours = base.get(cap).and_then(|v| v.parse::<u64>().ok());
+        if ours.is_none_or(|o| theirs > o) {
+            base.insert(cap.into(), theirs.to_string());
+        }
+    }
+}
+
 /// Edge state-machine commands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EdgeCommand {
@@ -114,7 +183,11 @@ pub enum EdgeCommand {
         region: String,
         expires_at_ms: u64,
         created_by: String,
+        /// Resources bound to the edge with the token.
+        resources: Vec<ResourceDef>,
     },
+    /// Binds a resource to the edges that may serve it (none: unbinds it).
+    Bind(Binding),
     Enroll {
         token_sha256: [u8; 32],
     },
@@ -163,12 +236,17 @@ impl EdgeCommand {
                 region,
                 expires_at_ms,
                 created_by,
+                resources,
             } => pb::command::Kind::CreateEnrollToken(pb::CreateEnrollToken {
                 token_sha256: token_sha256.to_vec().into(),
                 name: name.clone(),
                 region: region.clone(),
                 expires_at_ms: *expires_at_ms,
                 created_by: created_by.clone(),
+                resources: resources.iter().map(ResourceDef::to_pb).collect(),
+            }),
+            EdgeCommand::Bind(b) => pb::command::Kind::BindResource(pb::BindResource {
+                binding: Some(b.to_pb(0)),
             }),
             EdgeCommand::Enroll { token_sha256 } => pb::command::Kind::EnrollEdge(pb::EnrollEdge {
                 token_sha256: token_sha256.to_vec().into(),
@@ -202,8 +280,12 @@ impl TryFrom<pb::command::Kind> for EdgeCommand {
                     region: c.region,
                     expires_at_ms: c.expires_at_ms,
                     created_by: c.created_by,
+                    resources: c.resources.into_iter().map(ResourceDef::from_pb).collect(),
                 })
             }
+            pb::command::Kind::BindResource(b) => Ok(EdgeCommand::Bind(Binding::from_pb(
+                b.binding.unwrap_or_default(),
+            ))),
             pb::command::Kind::EnrollEdge(e) => Ok(EdgeCommand::Enroll {
                 token_sha256: digest(&e.token_sha256)?,
             }),
@@ -247,6 +329,19 @@ fn reindex<E: Engine>(
     }
 }
 
+fn binding_key(resource: &str) -> Vec<u8> {
+    format!("{BINDING_PREFIX}{resource}").into_bytes()
+}
+
+fn binding_in<E: Engine>(
+    txn: &StateTxn<E>,
+    resource: &str,
+) -> Result<Option<pb::ResourceBinding>, StorageError> {
+    txn.get(&binding_key(resource))?
+        .map(|b| pb::ResourceBinding::decode(&b[..]).map_err(corrupt("resource binding")))
+        .transpose()
+}
+
 fn edge_name_key(name: &str) -> Vec<u8> {
     format!("{EDGE_NAME_PREFIX}{name}").into_bytes()
 }
@@ -288,12 +383,44 @@ pub(super) fn apply<E: Engine>(
             region,
             expires_at_ms,
             created_by,
+            resources,
         } => {
             if txn.get(&edge_name_key(name))?.is_some() {
                 return Ok(rejected(
                     index,
                     format!("edge {name} is already enrolled; revoke it first"),
                 ));
+            }
+            // Bind the token's resources to this edge, unless another edge
+            // holds one of them (several edges only by an explicit binding).
+            let mut bindings = Vec::with_capacity(resources.len());
+            for r in resources {
+                let edges = match binding_in(txn, &r.name)? {
+                    Some(b) if !b.edges.contains(name) => {
+                        return Ok(rejected(
+                            index,
+                            format!(
+                                "resource {} is bound to edge(s) {}; to serve it from several edges, bind it to all of them (`custody resources bind {} --edge ...`)",
+                                r.name,
+                                b.edges.join(", "),
+                                r.name
+                            ),
+                        ))
+                    }
+                    Some(b) => b.edges,
+                    None => vec![name.clone()],
+                };
+                bindings.push(Binding {
+                    resource: r.clone(),
+                    edges,
+                    bound_by: created_by.clone(),
+                });
+            }
+            for b in bindings {
+                txn.put(
+                    binding_key(&b.resource.name),
+                    b.to_pb(now_ms).encode_to_vec(),
+                );
             }
             let rec = pb::EnrollTokenRecord {
                 name: name.clone(),
@@ -364,6 +491,15 @@ pub(super) fn apply<E: Engine>(
                 ..ApplyOutcome::at(index)
             })
         }
+        EdgeCommand::Bind(b) => {
+            let key = binding_key(&b.resource.name);
+            if b.edges.is_empty() {
+                txn.delete(key);
+            } else {
+                txn.put(key, b.to_pb(now_ms).encode_to_vec());
+            }
+            Ok(ApplyOutcome::at(index))
+        }
         EdgeCommand::RegisterResources { edge_id, resources } => {
             let Some(b) = txn.get(&edge_key(*edge_id))? else {
                 return Ok(rejected(index, format!("no edge with id {edge_id}")));
@@ -372,7 +508,15 @@ pub(super) fn apply<E: Engine>(
             if edge.revoked {
                 return Ok(rejected(index, format!("edge {} is revoked", edge.name)));
             }
-            let new: Vec<_> = resources.iter().map(ResourceDef::to_pb).collect();
+            // Only claims the cluster bound to this edge, with their kind,
+            // are recorded; the others are dropped (the listener audits them).
+            let mut claimed = Vec::with_capacity(resources.len());
+            for r in resources {
+                if claim_refusal(binding_in(txn, &r.name)?.as_ref(), &edge.name, r).is_none() {
+                    claimed.push(r);
+                }
+            }
+            let new: Vec<_> = claimed.into_iter().map(ResourceDef::to_pb).collect();
             let changed = edge.resources != new;
             reindex(txn, *edge_id, &edge.resources, &new);
             edge.resources = new;
@@ -383,6 +527,53 @@ pub(super) fn apply<E: Engine>(
             })
         }
     }
+}
+
+/// Why an edge's claim to serve `r` is refused, given the resource's binding
+/// (`None`: it is bound to this edge, with this kind).
+pub fn claim_refusal(
+    binding: Option<&pb::ResourceBinding>,
+    edge: &str,
+    r: &ResourceDef,
+) -> Option<String> {
+    match binding {
+        None => Some(format!(
+            "resource {} is not bound to any edge (an admin binds it: `custody edge-token create --resource` or `custody resources bind`)",
+            r.name
+        )),
+        Some(b) if !b.edges.iter().any(|e| e == edge) => Some(format!(
+            "resource {} is bound to edge(s) {}, not {edge}",
+            r.name,
+            b.edges.join(", ")
+        )),
+        Some(b) if b.kind != r.kind => Some(format!(
+            "resource {} is bound as a {} resource, not {}",
+            r.name, b.kind, r.kind
+        )),
+        Some(_) => None,
+    }
+}
+
+/// The binding of resource `name`, if an admin bound it.
+pub fn binding_get<E: Engine>(
+    store: &RaftStore<E>,
+    name: &str,
+) -> Result<Option<pb::ResourceBinding>, StorageError> {
+    store
+        .state_get(&binding_key(name))?
+        .map(|b| pb::ResourceBinding::decode(&b[..]).map_err(corrupt("resource binding")))
+        .transpose()
+}
+
+/// Every binding, by resource name.
+pub fn bindings_all<E: Engine>(
+    store: &RaftStore<E>,
+) -> Result<Vec<pb::ResourceBinding>, StorageError> {
+    store
+        .state_scan(BINDING_PREFIX.as_bytes(), None, usize::MAX)?
+        .into_iter()
+        .map(|(_, v)| pb::ResourceBinding::decode(&v[..]).map_err(corrupt("resource binding")))
+        .collect()
 }
 
 /// An enrolled edge as kept in state.
@@ -466,8 +657,30 @@ pub fn edge_by_name<E: Engine>(
     }
 }
 
-/// Active edges serving resource `name`, with the resource's definition.
+/// Active edges serving resource `name`, each with the resource's one
+/// definition: the binding's kind and labels, with the evidence mode and caps
+/// raised to the highest any serving edge declares. No binding: no edges.
 pub fn edges_serving<E: Engine>(
+    store: &RaftStore<E>,
+    name: &str,
+) -> Result<Vec<(Edge, ResourceDef)>, StorageError> {
+    let Some(binding) = binding_get(store, name)? else {
+        return Ok(Vec::new());
+    };
+    let mut def = Binding::from_pb(binding).resource;
+    let mut edges = Vec::new();
+    for (e, declared) in edges_claiming(store, name)? {
+        if declared.kind != def.kind {
+            continue;
+        }
+        raise(&mut def.labels, &declared.labels);
+        edges.push(e);
+    }
+    Ok(edges.into_iter().map(|e| (e, def.clone())).collect())
+}
+
+/// Active edges whose recorded claims include `name`, with what they declared.
+fn edges_claiming<E: Engine>(
     store: &RaftStore<E>,
     name: &str,
 ) -> Result<Vec<(Edge, ResourceDef)>, StorageError> {
@@ -508,13 +721,103 @@ mod tests {
     }
 
     fn token(name: &str, d: u8, expires: u64) -> EdgeCommand {
+        token_binding(name, d, expires, vec![])
+    }
+
+    fn token_binding(name: &str, d: u8, expires: u64, resources: Vec<ResourceDef>) -> EdgeCommand {
         EdgeCommand::CreateToken {
             token_sha256: [d; 32],
             name: name.into(),
             region: "eu".into(),
             expires_at_ms: expires,
             created_by: "iss admin".into(),
+            resources,
         }
+    }
+
+    fn def(name: &str, kind: &str, labels: &[(&str, &str)]) -> ResourceDef {
+        ResourceDef {
+            name: name.into(),
+            kind: kind.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    /// An edge serves only what the cluster bound to it, as it was bound:
+    /// another edge's claim (or a claim of another kind) is dropped, and an
+    /// edge may raise the evidence mode and caps but never lower them.
+    #[test]
+    fn edges_serve_only_their_bindings_and_cannot_lower_evidence() {
+        let s = RaftStore::open(MemEngine::new()).unwrap();
+        let bound = def(
+            "prod-db",
+            "postgres",
+            &[("env", "prod"), ("evidence", "strict")],
+        );
+        assert!(
+            run(&s, 2, 0, token_binding("e1", 1, 10, vec![bound.clone()]))
+                .rejected
+                .is_none()
+        );
+        let e1 = run(&s, 3, 1, enroll(1)).value;
+        assert!(run(&s, 4, 1, token("e2", 2, 10)).rejected.is_none());
+        let e2 = run(&s, 5, 1, enroll(2)).value;
+        // A third token cannot take the name bound to e1.
+        let taken = run(&s, 6, 1, token_binding("e3", 3, 10, vec![bound.clone()]));
+        assert!(taken.rejected.unwrap().contains("bound to edge(s) e1"));
+
+        let lower = def(
+            "prod-db",
+            "postgres",
+            &[
+                ("env", "dev"),
+                ("evidence", "async"),
+                ("evidence_rows", "500"),
+            ],
+        );
+        let reg = |index, edge, r: ResourceDef| {
+            run(&s, index, 2, EdgeCommand::register(edge, vec![r]).unwrap())
+        };
+        assert!(reg(7, e2, lower.clone()).rejected.is_none());
+        assert!(
+            edges_serving(&s, "prod-db").unwrap().is_empty(),
+            "e2's claim dropped"
+        );
+        assert!(reg(8, e1, lower.clone()).rejected.is_none());
+        let serving = edges_serving(&s, "prod-db").unwrap();
+        assert_eq!(serving.len(), 1);
+        assert_eq!(serving[0].0.id, e1);
+        let labels = &serving[0].1.labels;
+        assert_eq!(labels["env"], "prod");
+        assert_eq!(
+            labels["evidence"], "strict",
+            "an edge cannot lower the mode"
+        );
+        assert_eq!(labels["evidence_rows"], "500", "but may raise the caps");
+        // A claim of another kind is dropped too.
+        assert!(reg(9, e1, def("prod-db", "shell", &[])).rejected.is_none());
+        assert!(edges_serving(&s, "prod-db").unwrap().is_empty());
+
+        // An admin binds it to both edges (HA): both serve one definition.
+        let both = EdgeCommand::Bind(Binding {
+            resource: bound,
+            edges: vec!["e1".into(), "e2".into()],
+            bound_by: "iss admin".into(),
+        });
+        assert!(run(&s, 10, 3, both).rejected.is_none());
+        assert!(reg(11, e1, lower.clone()).rejected.is_none());
+        assert!(reg(12, e2, def("prod-db", "postgres", &[]))
+            .rejected
+            .is_none());
+        let serving = edges_serving(&s, "prod-db").unwrap();
+        assert_eq!(serving.len(), 2);
+        assert!(serving
+            .iter()
+            .all(|(_, d)| d.labels["evidence"] == "strict"));
+        assert_eq!(serving[0].1, serving[1].1);
     }
 
     #[test]
@@ -549,13 +852,9 @@ mod tests {
     #[test]
     fn revoke_drops_resources_and_frees_the_name() {
         let s = RaftStore::open(MemEngine::new()).unwrap();
-        run(&s, 2, 0, token("e1", 1, 10));
+        let shell = def("local-shell", "shell", &[("env", "dev")]);
+        run(&s, 2, 0, token_binding("e1", 1, 10, vec![shell.clone()]));
         let id = run(&s, 3, 1, enroll(1)).value;
-        let shell = ResourceDef {
-            name: "local-shell".into(),
-            kind: "shell".into(),
-            labels: [("env".to_string(), "dev".to_string())].into(),
-        };
         let reg = EdgeCommand::register(id, vec![shell.clone()]).unwrap();
         assert!(run(&s, 4, 2, reg.clone()).rejected.is_none());
         assert_eq!(edges_serving(&s, "local-shell").unwrap().len(), 1);

@@ -183,12 +183,21 @@ impl Command {
         pb::Command { kind: Some(kind) }
     }
 
-    /// The state version a node must support to apply this command. Every
-    /// kind that exists today needs 1; a kind (or a form of one, such as a new
-    /// resource kind) added later names the version that introduced it, and
-    /// is proposed only once every voter has reported that version.
+    /// The state version a node must support to apply this command. A kind
+    /// (or a form of one, such as a new resource kind) names the version that
+    /// introduced it, and is proposed only once every voter has reported that
+    /// version.
     pub fn min_version(&self) -> u32 {
-        1
+        match self {
+            // Resource bindings came with state version 2.
+            Command::Edge(edges::EdgeCommand::Bind(_)) => 2,
+            Command::Edge(edges::EdgeCommand::CreateToken { resources, .. })
+                if !resources.is_empty() =>
+            {
+                2
+            }
+            _ => 1,
+        }
     }
 }
 
@@ -754,19 +763,27 @@ pub fn identities_named<E: Engine>(
 
 /// Initial state written by every node of a new cluster.
 pub fn bootstrap_ops(members: &[Member]) -> Vec<Op> {
+    // The original members run the release that creates the cluster, so they
+    // start at its state version (every one must compute the same state).
     members
         .iter()
-        .map(|m| {
-            Op::Put(
-                Cf::State,
-                member_key(m.id),
-                pb::Member::from(m).encode_to_vec(),
-            )
+        .flat_map(|m| {
+            [
+                Op::Put(
+                    Cf::State,
+                    member_key(m.id),
+                    pb::Member::from(m).encode_to_vec(),
+                ),
+                Op::Put(
+                    Cf::State,
+                    format!("{VERSION_PREFIX}{:020}", m.id).into_bytes(),
+                    STATE_VERSION.to_be_bytes().to_vec(),
+                ),
+            ]
         })
         .collect()
 }
 
-/// Cluster members recorded in state.
 /// The state version node `node` reported (0: none yet).
 pub fn node_version<E: Engine>(store: &RaftStore<E>, node: u64) -> Result<u32, StorageError> {
     Ok(store
@@ -786,6 +803,7 @@ pub fn cluster_version<E: Engine>(store: &RaftStore<E>) -> Result<u32, StorageEr
     Ok(v)
 }
 
+/// Cluster members recorded in state.
 pub fn load_members<E: Engine>(store: &RaftStore<E>) -> Result<Vec<Member>, StorageError> {
     store
         .state_scan(MEMBER_PREFIX.as_bytes(), None, usize::MAX)?

@@ -335,11 +335,26 @@ impl<E: Engine> Tunnels<E> {
         let EdgeCommand::RegisterResources { edge_id, resources } = &cmd else {
             return;
         };
-        // Skip the write when state already matches (every reconnect).
-        if let Ok(Some(e)) = edges::edge_get(self.node.store(), *edge_id) {
-            if e.resources == *resources {
-                return;
+        // Claims the cluster did not bind to this edge are dropped at apply;
+        // say so here, where the edge's name and address are known.
+        let Ok(Some(edge)) = edges::edge_get(self.node.store(), *edge_id) else {
+            return;
+        };
+        let mut allowed = Vec::with_capacity(resources.len());
+        for r in resources {
+            let binding = edges::binding_get(self.node.store(), &r.name)
+                .ok()
+                .flatten();
+            match edges::claim_refusal(binding.as_ref(), &edge.name, r) {
+                None => allowed.push(r.clone()),
+                Some(why) => {
+                    tracing::warn!(target: "audit", event = "resource_claim_refused", edge = edge_id, name = %edge.name, resource = %r.name, reason = %why)
+                }
             }
+        }
+        // Skip the write when state already matches (every reconnect).
+        if edge.resources == allowed {
+            return;
         }
         let mut backoff = Duration::from_millis(100);
         while conn.close_reason().is_none() {
