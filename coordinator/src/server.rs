@@ -280,7 +280,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let raft_thread = std::thread::spawn(move || {
         let r = raft_thread
             .join()
-            .unwrap_or_else(|_| Err(crate::consensus::NodeError::Stopped));
+            .unwrap_or(Err(crate::consensus::NodeError::Stopped));
         let _ = loop_done_tx.send(r.as_ref().err().map(ToString::to_string));
         r
     });
