@@ -326,7 +326,16 @@ impl<E: Engine> NodeHandle<E> {
             .send(Input::Status { reply })
             .await
             .map_err(|_| NodeError::Stopped)?;
-        rx.await.map_err(|_| NodeError::Stopped)
+        let mut st = rx.await.map_err(|_| NodeError::Stopped)?;
+        // State reads, here on the caller's task rather than in the Raft loop.
+        // A read failure shows as 0 ("not known").
+        st.cluster_version = state::cluster_version(&self.store).unwrap_or(0);
+        st.member_versions = st
+            .members
+            .iter()
+            .map(|m| (m.id, state::node_version(&self.store, m.id).unwrap_or(0)))
+            .collect();
+        Ok(st)
     }
 }
 
@@ -700,13 +709,9 @@ impl<E: Engine, T: Transport> Driver<E, T> {
             members: self.members.values().cloned().collect(),
             progress,
             state_version: self.cfg.state_version,
-            // A read failure shows as 0 ("not known"), never as an error here.
-            cluster_version: state::cluster_version(&self.store).unwrap_or(0),
-            member_versions: self
-                .members
-                .keys()
-                .map(|id| (*id, state::node_version(&self.store, *id).unwrap_or(0)))
-                .collect(),
+            // Filled by `NodeHandle::status`, off the Raft thread.
+            cluster_version: 0,
+            member_versions: Vec::new(),
         }
     }
 

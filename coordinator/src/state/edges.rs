@@ -439,11 +439,8 @@ pub(super) fn apply<E: Engine>(
                 return Ok(rejected(index, "unknown enrollment token".into()));
             };
             let mut tok = pb::EnrollTokenRecord::decode(&b[..]).map_err(corrupt("enroll token"))?;
-            if tok.used_by_edge != 0 {
-                return Ok(rejected(index, "enrollment token was already used".into()));
-            }
-            if now_ms >= tok.expires_at_ms {
-                return Ok(rejected(index, "enrollment token has expired".into()));
+            if let Some(why) = token_refusal(&tok, now_ms) {
+                return Ok(rejected(index, why));
             }
             if txn.get(&edge_name_key(&tok.name))?.is_some() {
                 return Ok(rejected(
@@ -624,13 +621,19 @@ pub fn enroll_refusal<E: Engine>(
         return Ok(Some("unknown enrollment token".into()));
     };
     let tok = pb::EnrollTokenRecord::decode(&b[..]).map_err(corrupt("enroll token"))?;
-    Ok(if tok.used_by_edge != 0 {
+    Ok(token_refusal(&tok, now_ms))
+}
+
+/// Why a stored token cannot enroll an edge at `now_ms`: the one rule apply
+/// and the listener's pre-check share.
+fn token_refusal(tok: &pb::EnrollTokenRecord, now_ms: u64) -> Option<String> {
+    if tok.used_by_edge != 0 {
         Some("enrollment token was already used".into())
     } else if now_ms >= tok.expires_at_ms {
         Some("enrollment token has expired".into())
     } else {
         None
-    })
+    }
 }
 
 /// Every edge ever enrolled, revoked ones included, by id.
