@@ -25,7 +25,11 @@ const SHELL: &str = r#"i=0; while [ $i -lt N ]; do i=$((i+1)); echo "$ ls -la /s
 /// A SQL client transcript: an aligned result table.
 const SQL: &str = r#"i=0; echo " id  |   name    |          email           |       created_at        | balance "; echo "-----+-----------+--------------------------+-------------------------+---------"; while [ $i -lt N ]; do i=$((i+1)); printf " %4d | user_%-4d | user%d@example.com%*s | 2024-0%d-%02d 1%d:%02d:%02d+00 | %7d.%02d\n" $i $i $i $((6-${#i})) "" $((i%9+1)) $((i%28+1)) $((i%10)) $((i%60)) $((i*7%60)) $((i*37%100000)) $((i%100)); done; echo "($((i)) rows)""#;
 
-async fn exec_wait(client: &Client, resource: &str, argv: &[String]) -> anyhow::Result<String> {
+pub(crate) async fn exec_wait(
+    client: &Client,
+    resource: &str,
+    argv: &[String],
+) -> anyhow::Result<String> {
     let (tx, mut out) = client.exec_open(resource, argv).await?;
     let _ = tx
         .send(api::ExecInput {

@@ -6,7 +6,9 @@
 //! - [`history`]: concurrent writers with unique values and a checker that
 //!   every acknowledged write is present exactly once;
 //! - [`bench`], [`tunnel_bench`], [`evidence_bench`]: the Raft, edge-tunnel and
-//!   evidence benchmarks.
+//!   evidence benchmarks;
+//! - [`snapshot_soak`]: a wiped follower replaced and caught up by a streamed
+//!   snapshot of GiBs of evidence.
 
 #![forbid(unsafe_code)]
 
@@ -16,4 +18,5 @@ pub mod history;
 pub mod partition;
 pub mod pg_bench;
 pub mod proxy;
+pub mod snapshot_soak;
 pub mod tunnel_bench;

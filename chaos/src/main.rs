@@ -19,6 +19,19 @@ enum Cmd {
     /// Run a benchmark.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Fill a cluster with GiBs of evidence, replace a wiped follower, and
+    /// report its catch-up by snapshot: time, elections, peak RSS.
+    Snapshot {
+        /// Evidence to record first, in GiB.
+        #[arg(long, default_value_t = 2.0)]
+        gib: f64,
+        /// Concurrent recording sessions.
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+        /// Where to put the cluster (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -139,6 +152,9 @@ async fn main() -> anyhow::Result<()> {
                 gateway.as_deref(),
             )
             .await
+        }
+        Cmd::Snapshot { gib, parallel, dir } => {
+            custody_chaos::snapshot_soak::snapshot(gib.max(0.01), parallel, dir).await
         }
         Cmd::Bench(BenchCmd::Rpc { calls, rounds }) => {
             custody_chaos::bench::rpc_probe(calls.max(10), rounds.max(1)).await

@@ -135,6 +135,8 @@ pub struct GenOptions {
     pub issuer: Option<(String, String)>,
     /// `[evidence] retention_sweep_secs` for every node (the default is 300).
     pub retention_sweep_secs: Option<u64>,
+    /// `[raft] compact_bytes` for every node (the default is 64 MiB).
+    pub compact_bytes: Option<u64>,
 }
 
 impl Default for GenOptions {
@@ -146,6 +148,7 @@ impl Default for GenOptions {
             compact_threshold: None,
             issuer: None,
             retention_sweep_secs: None,
+            compact_bytes: None,
         }
     }
 }
@@ -207,13 +210,21 @@ impl LocalCluster {
                 .arg(audience);
         }
         run_gen_config(cmd, opts.compact_threshold)?;
-        if let Some(secs) = opts.retention_sweep_secs {
-            for id in 1..=opts.nodes {
-                set_evidence_option(
-                    &dir.join(format!("node-{id}.toml")),
+        for id in 1..=opts.nodes {
+            let path = dir.join(format!("node-{id}.toml"));
+            let options = [
+                (
+                    "evidence",
                     "retention_sweep_secs",
-                    toml::Value::Integer(secs.min(i64::MAX as u64) as i64),
-                )?;
+                    opts.retention_sweep_secs,
+                ),
+                ("raft", "compact_bytes", opts.compact_bytes),
+            ];
+            for (section, key, value) in options {
+                if let Some(v) = value {
+                    let v = toml::Value::Integer(v.min(i64::MAX as u64) as i64);
+                    set_option(&path, section, key, v)?;
+                }
             }
         }
         Self::open(bins, dir)
@@ -266,6 +277,17 @@ impl LocalCluster {
         let n = load_node(&self.dir.join(format!("node-{id}.toml")))?;
         self.nodes.insert(id, n);
         Ok(&self.nodes[&id])
+    }
+
+    /// Sets `[section] key = value` in node `id`'s config (for its next start).
+    pub fn set_node_option(
+        &self,
+        id: u64,
+        section: &str,
+        key: &str,
+        value: toml::Value,
+    ) -> anyhow::Result<()> {
+        set_option(&self.node(id)?.config, section, key, value)
     }
 
     pub fn node(&self, id: u64) -> anyhow::Result<&NodeProc> {
@@ -747,15 +769,16 @@ fn run_gen_config(mut cmd: Command, compact_threshold: Option<u64>) -> anyhow::R
 }
 
 /// Sets `[evidence] KEY = VALUE` in a generated node config.
-fn set_evidence_option(path: &Path, key: &str, value: toml::Value) -> anyhow::Result<()> {
+/// Sets `[section] key = value` in a node config.
+fn set_option(path: &Path, section: &str, key: &str, value: toml::Value) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
     let mut t: toml::Table =
         toml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
-    let evidence = t
-        .entry("evidence")
+    let entry = t
+        .entry(section)
         .or_insert_with(|| toml::Value::Table(Default::default()));
-    let Some(table) = evidence.as_table_mut() else {
-        bail!("{}: [evidence] is not a table", path.display());
+    let Some(table) = entry.as_table_mut() else {
+        bail!("{}: [{section}] is not a table", path.display());
     };
     table.insert(key.to_owned(), value);
     std::fs::write(path, toml::to_string(&t)?).with_context(|| format!("write {}", path.display()))

@@ -47,6 +47,24 @@ pub struct RawConfig {
     pub evidence: RawEvidence,
     #[serde(default)]
     pub approvals: RawApprovals,
+    #[serde(default, skip_serializing_if = "RawApi::is_default")]
+    pub api: RawApi,
+}
+
+/// `[api]`: limits of the client API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawApi {
+    /// A call that has not produced its response (for streams: its first
+    /// message) within this many seconds is cancelled (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_timeout_secs: Option<u64>,
+}
+
+impl RawApi {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// `[approvals]`: webhook signing.
@@ -155,6 +173,11 @@ pub struct RawTls {
     /// Nodes without it refuse enrollments and renewals.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_key: Option<PathBuf>,
+    /// Lifetime of the node certificates this node renews to (default 30
+    /// days). A node renews its certificate at two thirds of its life, and
+    /// at once when it holds one that lives much longer than this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_cert_ttl_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -173,6 +196,9 @@ pub struct RawPeer {
 #[serde(deny_unknown_fields)]
 pub struct RawRaft {
     pub compact_threshold: Option<u64>,
+    /// Compact the log once the entries applied since the last compaction
+    /// hold this many bytes (default 64 MiB).
+    pub compact_bytes: Option<u64>,
     pub tick_ms: Option<u64>,
 }
 
@@ -197,6 +223,7 @@ pub struct Config {
     /// data dir is empty (so may a [`NEW_CLUSTER_MARKER`] file in it).
     pub new_cluster: bool,
     pub compact_threshold: u64,
+    pub compact_bytes: u64,
     pub tick: Duration,
     pub admin_groups: Vec<String>,
     pub issuers: Vec<crate::auth::IssuerConfig>,
@@ -206,6 +233,8 @@ pub struct Config {
     pub evidence_key: Option<PathBuf>,
     pub retention_sweep: Duration,
     pub webhook_secret: Option<PathBuf>,
+    pub api_request_timeout: Duration,
+    pub node_cert_ttl: Duration,
 }
 
 /// The validated `[auth.dev_issuer]`.
@@ -225,6 +254,9 @@ pub struct DevIssuerConfig {
 pub const NEW_CLUSTER_MARKER: &str = "NEW-CLUSTER";
 
 const DEFAULT_COMPACT_THRESHOLD: u64 = 10_000;
+const DEFAULT_COMPACT_BYTES: u64 = 64 << 20;
+/// Node certificates live 30 days unless configured.
+pub const DEFAULT_NODE_CERT_TTL_SECS: u64 = 30 * 86400;
 const DEFAULT_TICK_MS: u64 = 100;
 const DEFAULT_EDGE_CERT_TTL_SECS: u64 = 24 * 3600;
 
@@ -317,6 +349,10 @@ impl Config {
         if compact_threshold < 4 {
             return Err("raft.compact_threshold must be at least 4".into());
         }
+        let compact_bytes = raw.raft.compact_bytes.unwrap_or(DEFAULT_COMPACT_BYTES);
+        if compact_bytes < 1 << 20 {
+            return Err("raft.compact_bytes must be at least 1048576 (1 MiB)".into());
+        }
         let mut issuers = Vec::new();
         for (n, i) in raw.auth.issuers.iter().enumerate() {
             if i.issuer.trim().is_empty() || i.audience.trim().is_empty() {
@@ -375,7 +411,25 @@ impl Config {
                 "evidence.retention_sweep_secs {sweep} is outside 1..=86400"
             ));
         }
+        let request_timeout = raw.api.request_timeout_secs.unwrap_or(60);
+        if !(1..=3600).contains(&request_timeout) {
+            return Err(format!(
+                "api.request_timeout_secs {request_timeout} is outside 1..=3600"
+            ));
+        }
+        let node_cert_ttl = raw
+            .tls
+            .node_cert_ttl_secs
+            .unwrap_or(DEFAULT_NODE_CERT_TTL_SECS);
+        if !(10..=366 * 86400).contains(&node_cert_ttl) {
+            return Err(format!(
+                "tls.node_cert_ttl_secs {node_cert_ttl} is outside 10..={}",
+                366 * 86400
+            ));
+        }
         Ok(Config {
+            node_cert_ttl: Duration::from_secs(node_cert_ttl),
+            api_request_timeout: Duration::from_secs(request_timeout),
             retention_sweep: Duration::from_secs(sweep),
             webhook_secret: raw.approvals.webhook_secret.as_deref().map(resolve),
             ca_key: raw.tls.ca_key.as_deref().map(resolve),
@@ -402,6 +456,7 @@ impl Config {
             join: raw.join,
             new_cluster: false,
             compact_threshold,
+            compact_bytes,
             tick: Duration::from_millis(tick_ms),
         })
     }

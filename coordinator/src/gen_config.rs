@@ -248,6 +248,7 @@ fn node_config(
             cert: format!("node-{}.pem", s.id).into(),
             key: format!("node-{}-key.pem", s.id).into(),
             ca_key: Some("ca-key.pem".into()),
+            node_cert_ttl_secs: None,
         },
         peers: peers
             .iter()
@@ -268,8 +269,10 @@ fn node_config(
         approvals: crate::config::RawApprovals {
             webhook_secret: Some("webhook-secret".into()),
         },
+        api: Default::default(),
         raft: RawRaft {
             compact_threshold: compact,
+            compact_bytes: None,
             tick_ms: None,
         },
     }
@@ -277,7 +280,11 @@ fn node_config(
 
 fn write_node(dir: &Path, ca: &ClusterCa, host: &str, cfg: &RawConfig) -> anyhow::Result<PathBuf> {
     let cert = ca
-        .issue_node(cfg.id, &[host.to_owned(), "localhost".to_owned()])
+        .issue_node(
+            cfg.id,
+            &[host.to_owned(), "localhost".to_owned()],
+            std::time::Duration::from_secs(crate::config::DEFAULT_NODE_CERT_TTL_SECS),
+        )
         .context("issue node certificate")?;
     write_public(&dir.join(&cfg.tls.cert), &cert.cert_pem)?;
     write_private(&dir.join(&cfg.tls.key), &cert.key_pem)?;

@@ -17,6 +17,7 @@ pub mod config;
 pub mod consensus;
 pub mod evidence;
 pub mod gen_config;
+pub mod node_cert;
 pub mod notify;
 pub mod pg;
 pub mod pki;

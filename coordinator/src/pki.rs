@@ -107,47 +107,96 @@ impl ClusterCa {
         self.key_pem.clone()
     }
 
-    /// Issues a node certificate for node `id`, valid for `hosts` (IPs or DNS names).
-    pub fn issue_node(&self, id: u64, hosts: &[String]) -> Result<IssuedCert, PkiError> {
-        let mut sans = vec![SanType::DnsName(
-            node_dns_name(id)
-                .try_into()
-                .map_err(|_| PkiError::BadName(node_dns_name(id)))?,
-        )];
-        for h in hosts {
-            if let Ok(ip) = h.parse::<IpAddr>() {
-                sans.push(SanType::IpAddress(ip));
-            } else {
-                sans.push(SanType::DnsName(
-                    h.clone()
-                        .try_into()
-                        .map_err(|_| PkiError::BadName(h.clone()))?,
-                ));
-            }
-        }
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.subject_alt_names = sans;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "Custody");
-        dn.push(DnType::CommonName, format!("custody node {id}"));
-        params.distinguished_name = dn;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.not_before = rcgen::date_time_ymd(2024, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    /// Issues a node certificate (and a new key) for node `id`, valid for
+    /// `hosts` (IPs or DNS names) during `ttl`.
+    pub fn issue_node(
+        &self,
+        id: u64,
+        hosts: &[String],
+        ttl: std::time::Duration,
+    ) -> Result<IssuedCert, PkiError> {
         let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
+        let cert = node_params(id, hosts, ttl)?.signed_by(&key, &self.issuer)?;
         Ok(IssuedCert {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
     }
+
+    /// Signs a node's renewal request: the certificate is node `id`'s, for
+    /// `hosts`, valid during `ttl`. Only the request's public key is used.
+    pub fn renew_node(
+        &self,
+        csr_pem: &str,
+        id: u64,
+        hosts: &[String],
+        ttl: std::time::Duration,
+    ) -> Result<String, PkiError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let signed = rcgen::CertificateSigningRequestParams {
+            params: node_params(id, hosts, ttl)?,
+            public_key: csr.public_key,
+        }
+        .signed_by(&self.issuer)?;
+        Ok(signed.pem())
+    }
+}
+
+/// A random positive serial number.
+fn serial() -> rcgen::SerialNumber {
+    let mut serial = [0u8; 16];
+    rand::Rng::fill(&mut rand::rng(), &mut serial[..]);
+    serial[0] &= 0x7f;
+    rcgen::SerialNumber::from_slice(&serial)
+}
+
+/// Validity from a little before now (clock skew, at most a tenth of the
+/// window) to `ttl` from now.
+fn validity(params: &mut CertificateParams, ttl: std::time::Duration) {
+    let now = time::OffsetDateTime::now_utc();
+    let skew = (ttl.as_secs() / 10).min(300) as i64;
+    params.not_before = now - time::Duration::seconds(skew);
+    params.not_after = now + time::Duration::seconds(ttl.as_secs().min(i64::MAX as u64) as i64);
+}
+
+fn node_params(
+    id: u64,
+    hosts: &[String],
+    ttl: std::time::Duration,
+) -> Result<CertificateParams, PkiError> {
+    let mut sans = vec![SanType::DnsName(
+        node_dns_name(id)
+            .try_into()
+            .map_err(|_| PkiError::BadName(node_dns_name(id)))?,
+    )];
+    for h in hosts {
+        if let Ok(ip) = h.parse::<IpAddr>() {
+            sans.push(SanType::IpAddress(ip));
+        } else {
+            sans.push(SanType::DnsName(
+                h.clone()
+                    .try_into()
+                    .map_err(|_| PkiError::BadName(h.clone()))?,
+            ));
+        }
+    }
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.subject_alt_names = sans;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Custody");
+    dn.push(DnType::CommonName, format!("custody node {id}"));
+    params.distinguished_name = dn;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    validity(&mut params, ttl);
+    params.serial_number = Some(serial());
+    Ok(params)
 }
 
 impl ClusterCa {
@@ -174,16 +223,10 @@ impl ClusterCa {
         params.distinguished_name = dn;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let now = time::OffsetDateTime::now_utc();
-        // Backdate a little for clock skew, but never so much that the edge's
-        // renewal point (two thirds of the window) is already behind it.
-        let skew = (ttl.as_secs() / 10).min(300) as i64;
-        params.not_before = now - time::Duration::seconds(skew);
-        params.not_after = now + time::Duration::seconds(ttl.as_secs() as i64);
-        let mut serial = [0u8; 16];
-        rand::Rng::fill(&mut rand::rng(), &mut serial[..]);
-        serial[0] &= 0x7f;
-        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        // Backdated a little for clock skew, but never so much that the
+        // edge's renewal point (two thirds of the window) is behind it.
+        validity(&mut params, ttl);
+        params.serial_number = Some(serial());
         let signed = rcgen::CertificateSigningRequestParams {
             params,
             public_key: csr.public_key,
@@ -241,11 +284,38 @@ mod tests {
     fn issues_and_reloads() {
         let ca = ClusterCa::generate("t").unwrap();
         let c = ca
-            .issue_node(3, &["127.0.0.1".into(), "localhost".into()])
+            .issue_node(
+                3,
+                &["127.0.0.1".into(), "localhost".into()],
+                std::time::Duration::from_secs(3600),
+            )
             .unwrap();
         assert!(c.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(!format!("{c:?}").contains("PRIVATE KEY"));
         let again = ClusterCa::from_pem(&ca.cert_pem, &ca.key_pem()).unwrap();
-        again.issue_node(4, &[]).unwrap();
+        again
+            .issue_node(4, &[], std::time::Duration::from_secs(60))
+            .unwrap();
+        // A renewal keeps the node's names and takes only the request's key.
+        let key = KeyPair::generate().unwrap();
+        let csr = CertificateParams::new(vec!["node-9.cluster.custody".to_string()])
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let pem = ca
+            .renew_node(
+                &csr,
+                3,
+                &["127.0.0.1".into()],
+                std::time::Duration::from_secs(60),
+            )
+            .unwrap();
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        assert_eq!(crate::tls::node_id_from_cert(&der), Some(3));
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let life = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        assert!((60..=66).contains(&life), "{life}");
     }
 }

@@ -37,6 +37,8 @@ const API_MAX_STREAMS: u32 = 256;
 /// Runs a node until `shutdown` resolves or a listener fails.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     install_crypto_provider();
+    crate::node_cert::recover_renewal(&cfg.tls)
+        .context("finish an interrupted certificate renewal")?;
     let tls = TlsMaterial::load(&cfg.tls).context("load TLS material")?;
     create_private_dir(&cfg.data_dir)?;
     let raft_listener = TcpListener::bind(cfg.raft_addr)
@@ -74,12 +76,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let mut node_cfg = NodeConfig::new(cfg.id);
     node_cfg.tick = cfg.tick;
     node_cfg.compact_threshold = cfg.compact_threshold;
+    node_cfg.compact_bytes = cfg.compact_bytes;
     let bootstrap = may_bootstrap.then(|| cfg.members.clone());
-    let client_tls = tls.client_config();
+    let client_tls = tls.clone();
     let (id, source_ip) = (cfg.id, cfg.raft_source_ip);
+    let snapshots: std::sync::Arc<dyn crate::storage::SnapshotIo> =
+        std::sync::Arc::new(store.clone());
+    let transport_snapshots = snapshots.clone();
     let (node, raft_thread) =
         consensus::start(node_cfg, store, bootstrap, cfg.members.clone(), |input| {
-            GrpcTransport::new(id, client_tls, source_ip, input)
+            GrpcTransport::new(id, client_tls, source_ip, input, transport_snapshots)
         })
         .context("start raft node")?;
     let marker = cfg.data_dir.join(crate::config::NEW_CLUSTER_MARKER);
@@ -109,11 +115,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             let key = std::fs::read_to_string(path)
                 .with_context(|| format!("read CA key {}", path.display()))?;
             let cert = String::from_utf8_lossy(&tls.ca_pem).into_owned();
-            Some(crate::pki::ClusterCa::from_pem(&cert, &key).context("load the cluster CA")?)
+            Some(std::sync::Arc::new(
+                crate::pki::ClusterCa::from_pem(&cert, &key).context("load the cluster CA")?,
+            ))
         }
         None => {
             tracing::warn!(
-                "no tls.ca_key: this node cannot enroll edges or renew their certificates"
+                "no tls.ca_key: this node cannot enroll edges or renew their certificates; it renews its own certificate through a member that holds the key"
             );
             None
         }
@@ -137,7 +145,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let tunnels = std::sync::Arc::new(Tunnels {
         node: node.clone(),
         registry: registry.clone(),
-        peers: PeerClients::new(tls.client_config()),
+        peers: PeerClients::new(tls.clone()),
         ca,
         cert_ttl: cfg.edge_cert_ttl,
         region: cfg.region.clone(),
@@ -154,6 +162,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let endpoint = quinn::Endpoint::server(quic_cfg, cfg.tunnel_addr)
         .with_context(|| format!("bind tunnel address {} (UDP)", cfg.tunnel_addr))?;
     let tunnel_task = tokio::spawn(tunnels.clone().serve(endpoint.clone()));
+    let cert_renewal = tokio::spawn(crate::node_cert::renewer(
+        tunnels.clone(),
+        tls.clone(),
+        cfg.tls.clone(),
+        cfg.node_cert_ttl,
+    ));
     let revocations = tokio::spawn(tunnels.clone().watch_revocations());
     let retention = tokio::spawn(retention_sweeper(node.clone(), cfg.retention_sweep));
     let webhook_secret = match &cfg.webhook_secret {
@@ -188,10 +202,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         node.store().clone(),
         cfg.members.iter().map(|m| m.id).collect(),
     );
-    let raft_svc =
-        RaftTransportServer::new(RaftService::new(cfg.id, node.input(), is_member.clone()))
-            .max_decoding_message_size(MAX_FRAME_BYTES)
-            .max_encoding_message_size(MAX_FRAME_BYTES);
+    let raft_svc = RaftTransportServer::new(RaftService::new(
+        cfg.id,
+        node.input(),
+        snapshots,
+        is_member.clone(),
+    ))
+    .max_decoding_message_size(MAX_FRAME_BYTES)
+    .max_encoding_message_size(MAX_FRAME_BYTES);
     let raft_incoming = tls_incoming(
         raft_listener,
         tls.server_config(true).context("raft TLS config")?,
@@ -224,12 +242,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .initial_connection_window_size(2 * WINDOW_BYTES)
         .add_service(raft_svc)
         .add_service(PeerServer::new(PeerService::new(
+            node.clone(),
             registry.clone(),
             is_member,
+            tunnels.ca.clone().map(|ca| (ca, cfg.node_cert_ttl)),
         )))
         .serve_with_incoming_shutdown(raft_incoming, stopped(stop_rx.clone()));
     let api_server = Server::builder()
-        // Limits per connection; the listener limits connections.
+        // Limits per connection; the listener limits connections. A call
+        // that has not answered within the timeout (a request body that
+        // never ends, say) is cancelled; streams, once answering, are not.
+        .timeout(cfg.api_request_timeout)
         .max_concurrent_streams(API_MAX_STREAMS)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
@@ -302,6 +325,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     );
     endpoint.close(0u32.into(), b"shutting down");
     tunnel_task.abort();
+    cert_renewal.abort();
     revocations.abort();
     retention.abort();
     if let Some(t) = pg_task {

@@ -59,21 +59,116 @@ pub struct TlsPaths {
     pub key: PathBuf,
 }
 
+/// This node's certificate and key, replaceable while the node runs:
+/// listeners resolve it at each handshake and node-to-node clients read it
+/// for each new connection, so a renewed certificate takes effect without a
+/// restart.
+pub struct NodeCert {
+    current: std::sync::RwLock<CurrentCert>,
+    /// Bumped at each replacement, so cached clients reconnect with it.
+    generation: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Clone)]
+struct CurrentCert {
+    certified: Arc<rustls::sign::CertifiedKey>,
+    cert_pem: Vec<u8>,
+    key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for NodeCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeCert")
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+fn certified(
+    cert_path: &Path,
+    key_path: &Path,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<CurrentCert, TlsError> {
+    let chain = certs(cert_path, cert_pem)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Pem {
+        path: key_path.to_owned(),
+        detail: e.to_string(),
+    })?;
+    let signing = provider().key_provider.load_private_key(key)?;
+    let certified = rustls::sign::CertifiedKey::new(chain, signing);
+    certified.keys_match().map_err(|e| TlsError::Pem {
+        path: key_path.to_owned(),
+        detail: format!("the key does not match the certificate: {e}"),
+    })?;
+    Ok(CurrentCert {
+        certified: Arc::new(certified),
+        cert_pem: cert_pem.to_vec(),
+        key_pem: key_pem.to_vec(),
+    })
+}
+
+impl NodeCert {
+    fn read(&self) -> CurrentCert {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The certificate (PEM) in use.
+    pub fn cert_pem(&self) -> Vec<u8> {
+        self.read().cert_pem
+    }
+
+    /// The leaf certificate in use (DER).
+    pub fn leaf_der(&self) -> Option<CertificateDer<'static>> {
+        self.read().certified.cert.first().cloned()
+    }
+
+    /// Puts a new certificate and key in use for new connections.
+    pub fn replace(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<(), TlsError> {
+        let next = certified(
+            Path::new("<renewed certificate>"),
+            Path::new("<renewed key>"),
+            cert_pem,
+            key_pem,
+        )?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = next;
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// How many times the certificate was replaced.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl rustls::server::ResolvesServerCert for NodeCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.read().certified)
+    }
+}
+
 /// Loaded PEM material.
 #[derive(Clone)]
 pub struct TlsMaterial {
     pub ca_pem: Vec<u8>,
-    pub cert_pem: Vec<u8>,
-    pub key_pem: Vec<u8>,
     ca: Vec<CertificateDer<'static>>,
-    chain: Vec<CertificateDer<'static>>,
-    key: Arc<PrivateKeyDer<'static>>,
+    /// This node's certificate, shared by every listener and client built
+    /// from this material.
+    pub node: Arc<NodeCert>,
 }
 
 impl std::fmt::Debug for TlsMaterial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsMaterial")
-            .field("certs", &self.chain.len())
+            .field("ca", &self.ca.len())
             .field("key", &"<redacted>")
             .finish()
     }
@@ -108,18 +203,14 @@ impl TlsMaterial {
         let cert_pem = read(&paths.cert)?;
         let key_pem = read(&paths.key)?;
         let ca = certs(&paths.ca, &ca_pem)?;
-        let chain = certs(&paths.cert, &cert_pem)?;
-        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
-            path: paths.key.clone(),
-            detail: e.to_string(),
-        })?;
+        let current = certified(&paths.cert, &paths.key, &cert_pem, &key_pem)?;
         Ok(Self {
             ca_pem,
-            cert_pem,
-            key_pem,
             ca,
-            chain,
-            key: Arc::new(key),
+            node: Arc::new(NodeCert {
+                current: std::sync::RwLock::new(current),
+                generation: Default::default(),
+            }),
         })
     }
 
@@ -145,7 +236,7 @@ impl TlsMaterial {
         } else {
             builder.with_no_client_auth()
         };
-        let mut cfg = builder.with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        let mut cfg = builder.with_cert_resolver(self.node.clone());
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         Ok(cfg)
     }
@@ -156,7 +247,7 @@ impl TlsMaterial {
         let mut cfg = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
-            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+            .with_cert_resolver(self.node.clone());
         cfg.alpn_protocols = vec![b"postgresql".to_vec()];
         Ok(cfg)
     }
@@ -174,21 +265,65 @@ impl TlsMaterial {
         let mut cfg = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+            .with_cert_resolver(self.node.clone());
         cfg.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];
         Ok(cfg)
     }
 
     /// tonic client config for node-to-node calls: trust the cluster CA and
-    /// present this node's certificate.
+    /// present this node's current certificate. Read it for each new
+    /// connection, so a renewed certificate is used.
     pub fn client_config(&self) -> tonic::transport::ClientTlsConfig {
+        let cur = self.node.read();
         tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
             .identity(tonic::transport::Identity::from_pem(
-                &self.cert_pem,
-                &self.key_pem,
+                &cur.cert_pem,
+                &cur.key_pem,
             ))
     }
+}
+
+/// The host names and addresses a node certificate is valid for, besides
+/// its node name.
+pub fn cert_hosts(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d)
+                if parse_node_dns_name(d).is_none() =>
+            {
+                Some((*d).to_owned())
+            }
+            x509_parser::extensions::GeneralName::IPAddress(b) => match b.len() {
+                4 => <[u8; 4]>::try_from(*b)
+                    .ok()
+                    .map(|a| std::net::IpAddr::from(a).to_string()),
+                16 => <[u8; 16]>::try_from(*b)
+                    .ok()
+                    .map(|a| std::net::IpAddr::from(a).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+/// A certificate's validity window.
+pub fn cert_validity(der: &[u8]) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let at = |t: i64| std::time::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
+    Some((
+        at(cert.validity().not_before.timestamp()),
+        at(cert.validity().not_after.timestamp()),
+    ))
 }
 
 /// The node id named in a peer certificate, if it is a node certificate.

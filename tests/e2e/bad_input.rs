@@ -125,6 +125,38 @@ pub async fn peer_call_as(raft: (&str, u64), ca: &[u8], cert: &[u8], key: &[u8])
     .unwrap_err()
 }
 
+/// The error a `Peer.Relay` call presenting (cert, key) ends with, for a
+/// session open on `edge_id` claimed to be admitted at `index`.
+pub async fn relay_as(
+    raft: (&str, u64),
+    ca: &[u8],
+    cert: &[u8],
+    key: &[u8],
+    edge_id: u64,
+    session_id: &str,
+    index: u64,
+) -> tonic::Status {
+    use custody_proto::cluster::v1 as pb;
+    use custody_proto::tunnel::v1 as t;
+    use prost::Message as _;
+    let open = t::SessionFrame {
+        kind: Some(t::session_frame::Kind::Open(t::SessionOpen {
+            session_id: session_id.into(),
+            resource: "local-shell".into(),
+            identity: "forged".into(),
+        })),
+    };
+    let first = pb::RelayFrame {
+        edge_id,
+        frame: open.encode_to_vec().into(),
+        admitted_index: index,
+    };
+    pb::peer_client::PeerClient::new(node_channel(raft, ca, cert, key).await)
+        .relay(tokio_stream::iter(vec![first]))
+        .await
+        .expect_err("an unadmitted relay was accepted")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_forged_certificates_are_refused_without_harm() {
     let (c, leader) = harness::started(GenOptions::default()).await;
@@ -341,4 +373,59 @@ async fn ten_thousand_idle_connections_are_capped_and_normal_calls_go_on() {
     );
     drop(idle);
     assert!(!log(&c, 1).contains("panicked"));
+}
+
+/// A call whose request body never ends is cancelled at the API's request
+/// timeout (here 2 s), and the node goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_never_finishes_is_cut_at_the_timeout() {
+    let mut c = harness::cluster(GenOptions::default());
+    for id in [1, 2, 3] {
+        c.set_node_option(id, "api", "request_timeout_secs", toml::Value::Integer(2))
+            .unwrap();
+    }
+    c.start_all().unwrap();
+    c.wait_for_leader(&[], Duration::from_secs(30))
+        .await
+        .unwrap();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(c.ca_path()).unwrap()).unwrap();
+    let http = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let url = format!(
+        "https://{}/custody.v1.Cluster/Status",
+        c.node(1).unwrap().api_addr
+    );
+    let body =
+        reqwest::Body::wrap_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>());
+    let t0 = std::time::Instant::now();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(30),
+        http.post(&url)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body)
+            .send(),
+    )
+    .await
+    .expect("the server never answered a request that never ended")
+    .unwrap();
+    let waited = t0.elapsed();
+    let status = resp
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert!(
+        matches!(status.as_deref(), Some(s) if s != "0"),
+        "expected an error status, got {status:?}: {:?}",
+        resp.headers()
+    );
+    assert!(
+        waited >= Duration::from_secs(2),
+        "answered after {waited:?}"
+    );
+    // Normal calls go on.
+    c.client(&[1]).unwrap().cluster_status().await.unwrap();
 }

@@ -117,8 +117,8 @@ async fn elects_a_leader_and_serves_linearizable_reads_on_every_node() {
             let client = &client;
             async move {
                 matches!(client.cluster_status().await, Ok(st)
-                if st.cluster_version == 2 && st.node_version == 2
-                    && st.members.iter().all(|m| m.version == 2))
+                if st.cluster_version == 3 && st.node_version == 3
+                    && st.members.iter().all(|m| m.version == 3))
             }
         },
     )
@@ -550,4 +550,71 @@ async fn minority_partition_makes_no_progress_and_rejoins_without_divergence() {
     let after = maj.cluster_status().await.unwrap();
     assert_eq!(after.leader_id, leader);
     assert_eq!(after.term, term_before);
+}
+
+/// Node certificates are short-lived and renewed while the nodes run: by
+/// the node itself when it holds the CA key, through a member that does
+/// otherwise. A node restarted on its renewed files rejoins, and the
+/// cluster keeps committing through every node after the certificates it
+/// started with would have been replaced several times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_certificates_are_short_lived_and_renewed() {
+    let mut c = harness::cluster(GenOptions::default());
+    for id in [1, 2, 3] {
+        c.set_node_option(id, "tls", "node_cert_ttl_secs", toml::Value::Integer(15))
+            .unwrap();
+    }
+    // Node 3 holds no CA key.
+    let path = c.node(3).unwrap().config.clone();
+    let mut t: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    t["tls"].as_table_mut().unwrap().remove("ca_key");
+    std::fs::write(&path, toml::to_string(&t).unwrap()).unwrap();
+    let first_pem = std::fs::read(c.dir.join("node-3.pem")).unwrap();
+
+    c.start_all().unwrap();
+    c.wait_for_leader(&[], Duration::from_secs(30))
+        .await
+        .unwrap();
+    // The generated certificates live 30 days, far longer than 15 s: each
+    // node replaces its own at once, then renews every 10 s or so.
+    eventually(
+        Duration::from_secs(40),
+        "every node renews its certificate twice",
+        || {
+            let n = [1, 2, 3].map(|id| count_in_log(&c, id, "node_certificate_renewed"));
+            async move { n.iter().all(|n| *n >= 2) }
+        },
+    )
+    .await;
+    assert!(
+        count_in_log(&c, 1, "node_certificate_signed")
+            + count_in_log(&c, 2, "node_certificate_signed")
+            >= 2,
+        "node 3's renewals were not signed by a member holding the CA key"
+    );
+    assert_ne!(std::fs::read(c.dir.join("node-3.pem")).unwrap(), first_pem);
+
+    // Restarted on its renewed files, node 2 rejoins.
+    c.kill(2).unwrap();
+    c.start(2).unwrap();
+    let client = c.client(&[]).unwrap();
+    client.put("after-restart", b"v".to_vec()).await.unwrap();
+    let st = client.cluster_status().await.unwrap();
+    wait_applied(&c, &[2], st.commit_index).await;
+
+    // Long after the first certificates were replaced, every node still
+    // takes writes.
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    for id in [1, 2, 3] {
+        c.client(&[id])
+            .unwrap()
+            .put(&format!("late/{id}"), b"v".to_vec())
+            .await
+            .unwrap();
+    }
+    let st = client.cluster_status().await.unwrap();
+    assert!(
+        st.members.iter().all(|m| m.state != "unreachable"),
+        "{st:?}"
+    );
 }

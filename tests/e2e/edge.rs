@@ -469,6 +469,28 @@ async fn sessions_route_through_the_node_holding_the_tunnel() {
             text(&out.stderr)
         );
     }
+
+    // A member node asking node 1 to relay a session the cluster never
+    // admitted is refused, and the refusal is audited.
+    let admin = c.client(&[]).unwrap();
+    let st = admin.cluster_status().await.unwrap();
+    assert_eq!(st.cluster_version, 3, "{st:?}");
+    let edge_id = v[0]["edges"][0]["id"].as_u64().unwrap();
+    let ca = std::fs::read(c.ca_path()).unwrap();
+    let cert = std::fs::read(c.dir.join("node-2.pem")).unwrap();
+    let key = std::fs::read(c.dir.join("node-2-key.pem")).unwrap();
+    let raft = c.node(1).unwrap().raft_addr.clone();
+    for (session, index) in [
+        ("never-admitted", 0),
+        ("never-admitted-either", st.commit_index),
+    ] {
+        let e =
+            crate::bad_input::relay_as((&raft, 1), &ca, &cert, &key, edge_id, session, index).await;
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+        assert!(e.message().contains("not admitted"), "{e}");
+    }
+    let log = std::fs::read_to_string(c.log_path(1)).unwrap();
+    assert!(log.contains("relay_refused"), "the refusal was not audited");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,7 @@
 
 mod logger;
 pub mod node;
+pub mod snapshot;
 pub mod transport;
 
 pub use node::{

@@ -19,7 +19,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use custody_proto::cluster::v1 as pb;
 
 use crate::state::{self, ApplyOutcome, Command, Member, Proposal, StateEvent, StateTxn};
-use crate::storage::{Engine, RaftStore, SnapshotImage, StorageError};
+use crate::storage::{decode_snapshot_ref, Engine, RaftStore, StorageError};
 
 use super::logger::raft_logger;
 
@@ -32,6 +32,11 @@ pub struct NodeConfig {
     pub election_ticks: usize,
     /// Compact the log once this many applied entries sit before the applied index.
     pub compact_threshold: u64,
+    /// ... or once the entries applied since the last compaction hold this
+    /// many bytes (evidence entries are large, so a count alone lets the log
+    /// grow to gigabytes). A leader does not compact past what its live
+    /// followers have, up to four times this.
+    pub compact_bytes: u64,
     /// How long a proposal or read may wait before the caller gets an error.
     pub request_timeout: Duration,
     /// The state version this node applies ([`state::STATE_VERSION`]; tests
@@ -47,6 +52,7 @@ impl NodeConfig {
             heartbeat_ticks: 1,
             election_ticks: 10,
             compact_threshold: 10_000,
+            compact_bytes: 64 << 20,
             request_timeout: Duration::from_secs(5),
             state_version: state::STATE_VERSION,
         }
@@ -370,6 +376,10 @@ struct Driver<E: Engine, T: Transport> {
     members: BTreeMap<u64, Member>,
     leader: u64,
     events: broadcast::Sender<StateEvent>,
+    /// Index and size of each entry applied since the last compaction (this
+    /// process's only: after a restart the entry count still bounds the log).
+    applied_sizes: std::collections::VecDeque<(u64, u64)>,
+    applied_bytes: u64,
 }
 
 /// Builds the node and starts its loop on a new thread. `bootstrap` lists the
@@ -449,6 +459,8 @@ pub fn start<E: Engine, T: Transport>(
         members,
         leader: 0,
         events,
+        applied_sizes: Default::default(),
+        applied_bytes: 0,
     };
     let id = driver.cfg.id;
     let thread = std::thread::Builder::new()
@@ -759,8 +771,10 @@ impl<E: Engine, T: Transport> Driver<E, T> {
 
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();
-            let image = SnapshotImage::decode(&snap.data)?;
+            let image = decode_snapshot_ref(&snap.data)?;
             self.store.install_snapshot(snap.get_metadata(), image)?;
+            self.applied_sizes.clear();
+            self.applied_bytes = 0;
             self.reload_members()?;
             let _ = self.events.send(StateEvent::Reset);
             tracing::info!(
@@ -827,6 +841,9 @@ impl<E: Engine, T: Transport> Driver<E, T> {
         let mut conf_state = None;
         let mut members_changed = false;
         for e in entries {
+            let size = (e.data.len() + e.context.len()) as u64;
+            self.applied_sizes.push_back((e.index, size));
+            self.applied_bytes += size;
             if e.data.is_empty() && e.get_entry_type() == EntryType::EntryNormal {
                 continue; // the empty entry a new leader appends
             }
@@ -948,13 +965,65 @@ impl<E: Engine, T: Transport> Driver<E, T> {
     fn maybe_compact(&mut self) -> Result<(), NodeError> {
         let applied = self.store.applied_index();
         let first = self.store.first_log_index();
-        if applied >= first && applied - first + 1 >= self.cfg.compact_threshold {
-            // Keep a short tail so briefly lagging followers catch up from the log.
-            let keep = self.cfg.compact_threshold / 2;
-            let to = applied.saturating_sub(keep);
-            if to >= first {
-                self.store.compact(to)?;
-                tracing::debug!(node = self.cfg.id, to, "compacted raft log");
+        if applied < first {
+            return Ok(());
+        }
+        let by_count = applied - first + 1 >= self.cfg.compact_threshold;
+        let by_bytes = self.applied_bytes >= self.cfg.compact_bytes;
+        if !(by_count || by_bytes) {
+            return Ok(());
+        }
+        // Keep a short tail (half of each threshold) so briefly lagging
+        // followers catch up from the log.
+        let keep_entries = self.cfg.compact_threshold / 2;
+        let keep_bytes = self.cfg.compact_bytes / 2;
+        let mut to = applied.saturating_sub(keep_entries);
+        let mut kept = 0u64;
+        for &(index, size) in self.applied_sizes.iter().rev() {
+            if index <= to {
+                break;
+            }
+            kept += size;
+            if kept > keep_bytes {
+                to = index;
+                break;
+            }
+        }
+        let mut to = to.min(applied);
+        // A leader keeps what its live followers still need, so a follower a
+        // few seconds behind catches up from the log rather than by a
+        // snapshot of the whole state; past four times the byte threshold
+        // the log is cut anyway.
+        if self.raw.raft.state == StateRole::Leader
+            && self.applied_bytes < self.cfg.compact_bytes.saturating_mul(4)
+        {
+            let floor = self
+                .raw
+                .raft
+                .prs()
+                .iter()
+                .filter(|(id, p)| {
+                    **id != self.cfg.id
+                        && p.recent_active
+                        && p.state != raft::ProgressState::Snapshot
+                })
+                .map(|(_, p)| p.matched)
+                .min();
+            if let Some(f) = floor {
+                to = to.min(f);
+            }
+        }
+        if to >= first {
+            self.store.compact(to)?;
+            tracing::debug!(node = self.cfg.id, to, "compacted raft log");
+        }
+        while self
+            .applied_sizes
+            .front()
+            .is_some_and(|(i, _)| *i <= to.max(first - 1))
+        {
+            if let Some((_, size)) = self.applied_sizes.pop_front() {
+                self.applied_bytes -= size;
             }
         }
         Ok(())
@@ -984,14 +1053,39 @@ pub(crate) mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
-    use crate::storage::MemEngine;
+    use crate::storage::{MemEngine, SnapshotIo};
 
-    /// The nodes' inputs, and the ids cut off from everyone.
-    pub(crate) type Net = Arc<Mutex<(HashMap<u64, mpsc::Sender<Input>>, HashSet<u64>)>>;
+    /// The nodes' inputs, the ids cut off from everyone, and the nodes'
+    /// stores (for snapshots).
+    pub(crate) type Net = Arc<
+        Mutex<(
+            HashMap<u64, mpsc::Sender<Input>>,
+            HashSet<u64>,
+            HashMap<u64, Arc<dyn SnapshotIo>>,
+        )>,
+    >;
+
+    pub(crate) fn new_net() -> Net {
+        Arc::new(Mutex::new(Default::default()))
+    }
 
     struct ChanTransport {
         id: u64,
         net: Net,
+    }
+
+    /// Streams a snapshot from one store to another in process, frame by
+    /// frame as the gRPC transport does.
+    fn transfer(from: &dyn SnapshotIo, to: &dyn SnapshotIo, mut m: Message) -> Option<Message> {
+        let id = decode_snapshot_ref(&m.get_snapshot().data).ok()?;
+        let mut out = super::super::snapshot::Outgoing::new(from.take_outgoing(id)?, vec![]);
+        let mut rx = super::super::snapshot::Receiving::new(to.begin_incoming().ok()?);
+        out.next_frame().ok()?; // the header
+        while let Some(f) = out.next_frame().ok()? {
+            rx.push(f).ok()?;
+        }
+        rx.finish(&mut m).ok()?;
+        Some(m)
     }
 
     impl Transport for ChanTransport {
@@ -1001,6 +1095,17 @@ pub(crate) mod tests {
                 if net.1.contains(&self.id) || net.1.contains(&m.to) {
                     continue; // cut off
                 }
+                let m = if is_snapshot(&m) {
+                    match (net.2.get(&self.id), net.2.get(&m.to)) {
+                        (Some(a), Some(b)) => match transfer(a.as_ref(), b.as_ref(), m) {
+                            Some(m) => m,
+                            None => continue,
+                        },
+                        _ => continue,
+                    }
+                } else {
+                    m
+                };
                 if let Some(tx) = net.0.get(&m.to) {
                     let _ = tx.try_send(Input::Step(Box::new(m)));
                 }
@@ -1022,13 +1127,14 @@ pub(crate) mod tests {
     }
 
     pub(crate) async fn cluster(n: u64, compact: u64) -> (Vec<NodeHandle<MemEngine>>, Net) {
-        let net: Net = Arc::new(Mutex::new((HashMap::new(), HashSet::new())));
+        let net = new_net();
         let mut nodes = Vec::new();
         for id in 1..=n {
             let mut cfg = NodeConfig::new(id);
             cfg.tick = Duration::from_millis(10);
             cfg.compact_threshold = compact;
             let store = RaftStore::open(MemEngine::new()).unwrap();
+            net.lock().unwrap().2.insert(id, Arc::new(store.clone()));
             let net2 = net.clone();
             let (h, _thread) = start(cfg, store, Some(members(n)), members(n), move |_| {
                 ChanTransport { id, net: net2 }
@@ -1039,6 +1145,21 @@ pub(crate) mod tests {
             nodes.push(h);
         }
         (nodes, net)
+    }
+
+    /// A one-node cluster over `engine`, leading.
+    async fn single(cfg: NodeConfig, engine: MemEngine) -> (NodeHandle<MemEngine>, RaftThread) {
+        let store = RaftStore::open(engine).unwrap();
+        let (h, thread) = start(cfg, store, Some(members(1)), members(1), |_| {
+            ChanTransport {
+                id: 1,
+                net: new_net(),
+            }
+        })
+        .unwrap();
+        spawn_ticker(h.input(), Duration::from_millis(10));
+        leader(std::slice::from_ref(&h)).await;
+        (h, thread)
     }
 
     pub(crate) async fn leader(nodes: &[NodeHandle<MemEngine>]) -> u64 {
@@ -1160,7 +1281,7 @@ pub(crate) mod tests {
     /// the gate here) stops node 3's applying, while the others apply it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_older_node_stops_applying_what_it_cannot_read() {
-        let net: Net = Arc::new(Mutex::new((HashMap::new(), HashSet::new())));
+        let net = new_net();
         let mut nodes = Vec::new();
         let mut threads = Vec::new();
         for id in 1..=3 {
@@ -1237,16 +1358,7 @@ pub(crate) mod tests {
         let fault = engine.fault_switch();
         let mut cfg = NodeConfig::new(1);
         cfg.tick = Duration::from_millis(10);
-        let store = RaftStore::open(engine).unwrap();
-        let (h, thread) = start(cfg, store, Some(members(1)), members(1), |_| {
-            ChanTransport {
-                id: 1,
-                net: Arc::new(Mutex::new((HashMap::new(), HashSet::new()))),
-            }
-        })
-        .unwrap();
-        spawn_ticker(h.input(), Duration::from_millis(10));
-        leader(std::slice::from_ref(&h)).await;
+        let (h, thread) = single(cfg, engine).await;
         put_retrying(&h, "before", "b").await;
         fault.store(true, std::sync::atomic::Ordering::SeqCst);
         let r = h
@@ -1286,6 +1398,9 @@ pub(crate) mod tests {
         let l = leader(&nodes).await;
         let lagger = nodes.iter().find(|n| n.id() != l).unwrap().id();
         net.lock().unwrap().1.insert(lagger);
+        // The leader keeps the log for followers it still hears from: wait
+        // until it has noticed the cut (an election timeout).
+        tokio::time::sleep(Duration::from_millis(400)).await;
         let lead = nodes.iter().find(|n| n.id() == l).unwrap();
         for i in 0..40 {
             put_retrying(lead, &format!("k{i}"), &format!("i{i}")).await;
@@ -1305,6 +1420,34 @@ pub(crate) mod tests {
             state::kv_list(lag.store(), "k", None, 100).unwrap().len(),
             40
         );
+    }
+
+    /// Large entries compact the log by bytes long before the entry count
+    /// would, and a short tail (about half the byte threshold) is kept.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_log_is_compacted_by_bytes_as_well_as_entries() {
+        let mut cfg = NodeConfig::new(1);
+        cfg.tick = Duration::from_millis(10);
+        cfg.compact_bytes = 64 << 10;
+        let (h, _thread) = single(cfg, MemEngine::new()).await;
+        let mut last = 0;
+        for i in 0..40 {
+            last = h
+                .propose_retrying(
+                    Command::put(format!("k{i}"), vec![7; 8 << 10]).unwrap(),
+                    None,
+                )
+                .await
+                .unwrap()
+                .index;
+        }
+        let first = h.store().first_log_index();
+        assert!(
+            first > 20,
+            "log not compacted by bytes: first index {first}"
+        );
+        let kept = last + 1 - first;
+        assert!((2..=6).contains(&kept), "kept {kept} entries of 8 KiB");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

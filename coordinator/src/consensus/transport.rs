@@ -1,12 +1,14 @@
 //! Raft transport over tonic gRPC with mutual TLS.
 //!
 //! Outbound: one task per peer keeps a client stream open and sends message
-//! batches; snapshots go over their own streamed call. A peer's certificate
+//! batches; snapshots go over their own streamed call, read from a pinned
+//! view of the state by a blocking task (see [`super::snapshot`]). A peer's certificate
 //! must name that exact node (`node-<id>.cluster.custody`).
 //!
 //! Inbound: [`RaftService`] checks that the caller's certificate is a node
 //! certificate, that every message claims to come from that node and is
-//! addressed to this one, and feeds the messages to the Raft loop.
+//! addressed to this one, and feeds the messages to the Raft loop. A snapshot
+//! is staged on disk as it arrives and reaches the Raft loop only when whole.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -18,11 +20,15 @@ use raft::SnapshotStatus;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{ClientTlsConfig, Endpoint};
+
+use crate::tls::TlsMaterial;
 use tonic::{Request, Response, Status, Streaming};
 
 use custody_proto::cluster::v1::raft_transport_client::RaftTransportClient;
 use custody_proto::cluster::v1::raft_transport_server::RaftTransport;
 use custody_proto::cluster::v1::{snapshot_frame, RaftBatch, SendAck, SnapshotFrame};
+
+use crate::storage::{decode_snapshot_ref, SnapshotIo};
 
 use crate::pki::node_dns_name;
 use crate::state::Member;
@@ -33,7 +39,8 @@ use super::node::{decode_message, encode_message, is_snapshot, Input, Transport}
 /// Largest gRPC message accepted or sent between nodes.
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
 const BATCH_BYTES: usize = 8 << 20;
-const SNAPSHOT_CHUNK: usize = 1 << 20;
+/// Snapshot frames buffered between the reading task and the stream.
+const SNAPSHOT_FRAMES_AHEAD: usize = 4;
 /// HTTP/2 flow-control window: large enough that 64 KiB entries stream
 /// without waiting for window updates.
 pub const WINDOW_BYTES: u32 = 16 << 20;
@@ -47,28 +54,32 @@ struct Peer {
 /// Sends Raft messages to peers over gRPC.
 pub struct GrpcTransport {
     my_id: u64,
-    tls: ClientTlsConfig,
+    tls: TlsMaterial,
     source_ip: Option<IpAddr>,
     input: mpsc::Sender<Input>,
+    snapshots: std::sync::Arc<dyn SnapshotIo>,
     rt: tokio::runtime::Handle,
     peers: HashMap<u64, Peer>,
 }
 
 impl GrpcTransport {
     /// `input` is the node's input channel, used to report unreachable peers and
-    /// snapshot results. Outgoing connections bind to `source_ip` when given.
-    /// Must be created inside a tokio runtime.
+    /// snapshot results; `snapshots` is the node's store, which holds the
+    /// views behind outgoing snapshots. Outgoing connections bind to
+    /// `source_ip` when given. Must be created inside a tokio runtime.
     pub fn new(
         my_id: u64,
-        tls: ClientTlsConfig,
+        tls: TlsMaterial,
         source_ip: Option<IpAddr>,
         input: mpsc::Sender<Input>,
+        snapshots: std::sync::Arc<dyn SnapshotIo>,
     ) -> Self {
         Self {
             my_id,
             tls,
             source_ip,
             input,
+            snapshots,
             rt: tokio::runtime::Handle::current(),
             peers: HashMap::new(),
         }
@@ -121,6 +132,7 @@ impl Transport for GrpcTransport {
                 self.source_ip,
                 rx,
                 self.input.clone(),
+                self.snapshots.clone(),
             ));
             self.peers.insert(
                 id,
@@ -157,16 +169,19 @@ async fn connect(
 async fn peer_loop(
     peer: u64,
     addr: String,
-    tls: ClientTlsConfig,
+    tls: TlsMaterial,
     source_ip: Option<IpAddr>,
     mut rx: mpsc::Receiver<Message>,
     input: mpsc::Sender<Input>,
+    snapshots: std::sync::Arc<dyn SnapshotIo>,
 ) {
     let mut backoff = Duration::from_millis(50);
     let mut failures = 0u32;
     loop {
         let Some(first) = rx.recv().await else { return };
-        let channel = match connect(peer, &addr, tls.clone(), source_ip).await {
+        // The node's certificate as it is now: a renewed one is used from
+        // the next connection on.
+        let channel = match connect(peer, &addr, tls.client_config(), source_ip).await {
             Ok(c) => c,
             Err(e) => {
                 failures += 1;
@@ -209,7 +224,13 @@ async fn peer_loop(
                 },
             };
             if is_snapshot(&m) {
-                tokio::spawn(send_snapshot(peer, channel.clone(), m, input.clone()));
+                tokio::spawn(send_snapshot(
+                    peer,
+                    channel.clone(),
+                    m,
+                    input.clone(),
+                    snapshots.clone(),
+                ));
                 continue;
             }
             let first = encode_message(&m);
@@ -246,31 +267,55 @@ async fn peer_loop(
 async fn send_snapshot(
     peer: u64,
     channel: tonic::transport::Channel,
-    mut m: Message,
+    m: Message,
     input: mpsc::Sender<Input>,
+    snapshots: std::sync::Arc<dyn SnapshotIo>,
 ) {
-    let data = std::mem::take(&mut m.mut_snapshot().data);
     let index = m.get_snapshot().get_metadata().index;
-    let mut frames = vec![SnapshotFrame {
-        frame: Some(snapshot_frame::Frame::Header(Bytes::from(encode_message(
-            &m,
-        )))),
-    }];
-    for c in data.chunks(SNAPSHOT_CHUNK) {
-        frames.push(SnapshotFrame {
-            frame: Some(snapshot_frame::Frame::Chunk(Bytes::copy_from_slice(c))),
-        });
-    }
+    let view = decode_snapshot_ref(&m.get_snapshot().data)
+        .ok()
+        .and_then(|id| snapshots.take_outgoing(id));
+    let Some(view) = view else {
+        tracing::warn!(peer, index, "snapshot view expired before it was sent");
+        let _ = input
+            .send(Input::SnapshotStatus(peer, SnapshotStatus::Failure))
+            .await;
+        return;
+    };
+    let (tx, rx) = mpsc::channel(SNAPSHOT_FRAMES_AHEAD);
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut out = super::snapshot::Outgoing::new(view, encode_message(&m));
+        loop {
+            match out.next_frame() {
+                Ok(Some(f)) => {
+                    if tx.blocking_send(f).is_err() {
+                        return Err("the stream to the peer closed".to_string());
+                    }
+                }
+                Ok(None) => return Ok(out.totals()),
+                // Dropping `tx` without a done frame makes the receiver refuse it.
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    });
     let mut client = RaftTransportClient::new(channel)
         .max_decoding_message_size(MAX_FRAME_BYTES)
         .max_encoding_message_size(MAX_FRAME_BYTES);
-    let status = match client.send_snapshot(tokio_stream::iter(frames)).await {
-        Ok(_) => {
-            tracing::info!(peer, index, bytes = data.len(), "sent snapshot");
+    let sent = client.send_snapshot(ReceiverStream::new(rx)).await;
+    let read = reader
+        .await
+        .unwrap_or_else(|e| Err(format!("snapshot reader: {e}")));
+    let status = match (sent, read) {
+        (Ok(_), Ok((pairs, bytes))) => {
+            tracing::info!(peer, index, pairs, bytes, "sent snapshot");
             SnapshotStatus::Finish
         }
-        Err(e) => {
+        (Err(e), _) => {
             tracing::warn!(peer, index, error = %e, "sending snapshot failed");
+            SnapshotStatus::Failure
+        }
+        (Ok(_), Err(e)) => {
+            tracing::warn!(peer, index, error = %e, "reading snapshot failed");
             SnapshotStatus::Failure
         }
     };
@@ -317,16 +362,22 @@ pub fn require_member(is_member: &MemberCheck, id: u64) -> Result<(), Status> {
 pub struct RaftService {
     node_id: u64,
     input: mpsc::Sender<Input>,
-    max_snapshot_bytes: usize,
+    snapshots: std::sync::Arc<dyn SnapshotIo>,
     is_member: MemberCheck,
 }
 
 impl RaftService {
-    pub fn new(node_id: u64, input: mpsc::Sender<Input>, is_member: MemberCheck) -> Self {
+    /// `snapshots` is the node's store: received snapshots are staged in it.
+    pub fn new(
+        node_id: u64,
+        input: mpsc::Sender<Input>,
+        snapshots: std::sync::Arc<dyn SnapshotIo>,
+        is_member: MemberCheck,
+    ) -> Self {
         Self {
             node_id,
             input,
-            max_snapshot_bytes: 4 << 30,
+            snapshots,
             is_member,
         }
     }
@@ -365,6 +416,13 @@ fn peer_node_id<T>(req: &Request<T>) -> Result<u64, Status> {
     node_id_from_cert(leaf.as_ref()).ok_or_else(|| {
         Status::permission_denied("client certificate is not a cluster node certificate")
     })
+}
+
+fn snapshot_status(e: super::snapshot::SnapshotError) -> Status {
+    match e {
+        super::snapshot::SnapshotError::Malformed(_) => Status::invalid_argument(e.to_string()),
+        super::snapshot::SnapshotError::Storage(_) => Status::internal(e.to_string()),
+    }
 }
 
 fn malformed(e: String) -> Status {
@@ -418,29 +476,35 @@ impl RaftTransport for RaftService {
             ));
         }
         self.check(&m, peer)?;
-        let mut data = Vec::new();
+        let snapshots = self.snapshots.clone();
+        let image = tokio::task::spawn_blocking(move || snapshots.begin_incoming())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(format!("cannot stage a snapshot: {e}")))?;
+        let mut rx = super::snapshot::Receiving::new(image);
         while let Some(f) = stream.message().await? {
-            match f.frame {
-                Some(snapshot_frame::Frame::Chunk(c)) => {
-                    if data.len() + c.len() > self.max_snapshot_bytes {
-                        return Err(Status::resource_exhausted("snapshot too large"));
-                    }
-                    data.extend_from_slice(&c);
-                }
-                _ => {
-                    return Err(Status::invalid_argument(
-                        "unexpected frame in snapshot stream",
-                    ))
-                }
-            }
+            // Staging writes to disk: off the async workers.
+            let (back, pushed) = tokio::task::spawn_blocking(move || {
+                let r = rx.push(f);
+                (rx, r)
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+            rx = back;
+            pushed.map_err(snapshot_status)?;
         }
+        let (pairs, bytes) = rx.totals();
+        let m = tokio::task::spawn_blocking(move || rx.finish(&mut m).map(|()| m))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(snapshot_status)?;
         tracing::info!(
             node = self.node_id,
             from = peer,
-            bytes = data.len(),
+            pairs,
+            bytes,
             "received snapshot"
         );
-        m.mut_snapshot().data = data.into();
         self.deliver(m).await?;
         Ok(Response::new(SendAck {}))
     }

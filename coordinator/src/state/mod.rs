@@ -11,6 +11,7 @@
 //! - `sys/policy/...`, `sys/identity/...`: policy versions, identities seen;
 //! - `sys/enroll/...`, `sys/edge/...`, `sys/edgename/...`: edges ([`edges`]).
 
+pub mod admissions;
 pub mod approvals;
 pub mod edges;
 pub mod evidence;
@@ -69,7 +70,7 @@ pub enum CommandError {
 /// The state version this binary applies: which command kinds and forms it
 /// knows. Raised with every release that adds one; see the upgrade procedure
 /// in the README.
-pub const STATE_VERSION: u32 = 2;
+pub const STATE_VERSION: u32 = 3;
 
 /// `sys/version/<node>`: the state version each node reported.
 const VERSION_PREFIX: &str = "sys/version/";
@@ -106,6 +107,8 @@ pub enum Command {
         node: u64,
         version: u32,
     },
+    /// A gateway node admitted a session that another node will relay.
+    AdmitSession(pb::AdmitSession),
 }
 
 fn check_key(key: &str) -> Result<(), CommandError> {
@@ -147,6 +150,7 @@ impl Command {
             Command::Evidence(_) => "evidence",
             Command::Retention(_) => "retention",
             Command::Approval(_) => "approval",
+            Command::AdmitSession(_) => "admission",
         }
     }
 
@@ -179,6 +183,7 @@ impl Command {
                     version: *version,
                 })
             }
+            Command::AdmitSession(a) => pb::command::Kind::AdmitSession(a.clone()),
         };
         pb::Command { kind: Some(kind) }
     }
@@ -189,8 +194,9 @@ impl Command {
     /// version.
     pub fn min_version(&self) -> u32 {
         match self {
-            // Resource bindings came with state version 2.
+            // Resource bindings came with state version 2, admissions with 3.
             Command::Edge(edges::EdgeCommand::Bind(_)) => 2,
+            Command::AdmitSession(_) => 3,
             Command::Edge(edges::EdgeCommand::CreateToken { resources, .. })
                 if !resources.is_empty() =>
             {
@@ -249,6 +255,7 @@ impl TryFrom<pb::Command> for Command {
                 node: r.node,
                 version: r.version,
             }),
+            pb::command::Kind::AdmitSession(a) => Ok(Command::AdmitSession(a)),
             other => edges::EdgeCommand::try_from(other).map(Command::Edge),
         }
     }
@@ -663,6 +670,7 @@ impl<E: Engine> StateTxn<E> {
                 );
                 ApplyOutcome::at(index)
             }
+            Command::AdmitSession(a) => admissions::apply(self, index, p.proposed_at_ms, a)?,
         };
         if let Some(k) = &scoped {
             let rec = pb::ApplyOutcome {

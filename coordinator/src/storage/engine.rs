@@ -53,11 +53,39 @@ pub enum Op {
     DeleteRange(Cf, Vec<u8>, Vec<u8>),
 }
 
+/// An upper bound above every state key. State keys are UTF-8 or start with a
+/// namespace byte below 0xff, so 0xff repeated bounds them all.
+pub fn state_upper_bound() -> Vec<u8> {
+    vec![0xff; 16]
+}
+
+/// A consistent view of [`Cf::State`] and [`Cf::Chunks`] pinned at one
+/// instant, readable from another thread while writes go on. It holds no
+/// copy of the data (for RocksDB: a database snapshot), so a snapshot of any
+/// size is sent in memory that does not grow with it.
+pub trait StateView: Send + 'static {
+    /// Pairs of `cf` with keys at or after `from`, in key order: at least one
+    /// (if any remain) and then more until about `max_bytes`.
+    fn scan(&self, cf: Cf, from: &[u8], max_bytes: usize) -> Result<Pairs, StorageError>;
+}
+
+/// A snapshot image being received. Pairs arrive in key order within each
+/// column family; the image goes to disk as it arrives (for RocksDB: SST
+/// files in a staging directory), not into the live state.
+pub trait Stage: Send + 'static {
+    fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]) -> Result<(), StorageError>;
+    /// Ends the image; it can then be installed.
+    fn finish(&mut self) -> Result<(), StorageError>;
+}
+
 /// An ordered key-value engine with column families and atomic batches.
 ///
 /// Implementations must apply a batch atomically, and when `sync` is set must not
 /// return before the batch is durable.
 pub trait Engine: Send + Sync + 'static {
+    type View: StateView;
+    type Stage: Stage;
+
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
     fn write(&self, ops: Vec<Op>, sync: bool) -> Result<(), StorageError>;
     /// Up to `limit` pairs with keys in `[from, to)` (`to = None`: unbounded), in key order.
@@ -70,6 +98,17 @@ pub trait Engine: Send + Sync + 'static {
     ) -> Result<Pairs, StorageError>;
     /// The last key in `[from, to)`, if any.
     fn last_key(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
+    /// Pins a view of the state as it is now.
+    fn pin(&self) -> Result<Self::View, StorageError>;
+    /// Starts receiving a snapshot image.
+    fn stage(&self) -> Result<Self::Stage, StorageError>;
+    /// Replaces the state and chunks with a finished image, empties the log and
+    /// then writes `meta` (all [`Cf::Meta`] puts). All or nothing across a
+    /// crash: an install cut short is finished by the next [`Engine::recover`].
+    fn install(&self, stage: Self::Stage, meta: Vec<Op>) -> Result<(), StorageError>;
+    /// Finishes an install that a crash interrupted and drops stale staging
+    /// data. Called once, before anything is read.
+    fn recover(&self) -> Result<(), StorageError>;
 }
 
 type MemCf = BTreeMap<Vec<u8>, Vec<u8>>;
@@ -97,7 +136,91 @@ fn poisoned() -> StorageError {
     StorageError::Engine("memory engine lock poisoned".into())
 }
 
+/// The memory engine's pinned view: a copy (test-sized data only).
+pub struct MemView(BTreeMap<Cf, MemCf>);
+
+impl StateView for MemView {
+    fn scan(&self, cf: Cf, from: &[u8], max_bytes: usize) -> Result<Pairs, StorageError> {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        if let Some(m) = self.0.get(&cf) {
+            for (k, v) in m.range::<[u8], _>((Bound::Included(from), Bound::Unbounded)) {
+                if bytes >= max_bytes {
+                    break;
+                }
+                bytes += k.len() + v.len();
+                out.push((k.clone(), v.clone()));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The memory engine's staged image.
+#[derive(Default)]
+pub struct MemStage {
+    pairs: Vec<(Cf, Vec<u8>, Vec<u8>)>,
+    finished: bool,
+}
+
+impl Stage for MemStage {
+    fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
+        if let Some((_, last, _)) = self.pairs.iter().rev().find(|(c, _, _)| *c == cf) {
+            if last.as_slice() >= key {
+                return Err(StorageError::Corrupt {
+                    what: "snapshot image",
+                    detail: "keys out of order".into(),
+                });
+            }
+        }
+        self.pairs.push((cf, key.to_vec(), value.to_vec()));
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), StorageError> {
+        self.finished = true;
+        Ok(())
+    }
+}
+
 impl Engine for MemEngine {
+    type View = MemView;
+    type Stage = MemStage;
+
+    fn pin(&self) -> Result<MemView, StorageError> {
+        let cfs = self.cfs.read().map_err(|_| poisoned())?;
+        Ok(MemView(
+            cfs.iter()
+                .filter(|(cf, _)| matches!(cf, Cf::State | Cf::Chunks))
+                .map(|(cf, m)| (*cf, m.clone()))
+                .collect(),
+        ))
+    }
+
+    fn stage(&self) -> Result<MemStage, StorageError> {
+        Ok(MemStage::default())
+    }
+
+    fn install(&self, stage: MemStage, meta: Vec<Op>) -> Result<(), StorageError> {
+        if !stage.finished {
+            return Err(StorageError::Engine(
+                "snapshot image installed before it was finished".into(),
+            ));
+        }
+        let mut ops = vec![
+            Op::DeleteRange(Cf::State, Vec::new(), state_upper_bound()),
+            Op::DeleteRange(Cf::Chunks, Vec::new(), state_upper_bound()),
+            Op::DeleteRange(Cf::Log, Vec::new(), vec![0xff; 9]),
+        ];
+        ops.extend(stage.pairs.into_iter().map(|(cf, k, v)| Op::Put(cf, k, v)));
+        ops.extend(meta);
+        self.write(ops, true)
+    }
+
+    fn recover(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
+
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         let cfs = self.cfs.read().map_err(|_| poisoned())?;
         Ok(cfs.get(&cf).and_then(|m| m.get(key).cloned()))

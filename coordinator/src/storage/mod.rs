@@ -1,9 +1,14 @@
 //! Durable storage for a coordinator node.
 //!
-//! Three column families live behind the [`Engine`] trait:
+//! Four column families live behind the [`Engine`] trait:
 //! - [`Cf::Log`]: raft log entries keyed by big-endian index;
 //! - [`Cf::Meta`]: hard state, conf state, applied index and the truncation point;
-//! - [`Cf::State`]: the replicated state machine's data.
+//! - [`Cf::State`]: the replicated state machine's data;
+//! - [`Cf::Chunks`]: session evidence chunks, the bulk of the state.
+//!
+//! Snapshots are streamed: a sender pins a view of the state ([`StateView`])
+//! and a receiver stages the image on disk ([`Stage`]) before one atomic
+//! install, so neither holds the state in memory.
 //!
 //! [`RocksEngine`] is the production engine; [`MemEngine`] is its in-memory twin
 //! for unit tests. [`RaftStore`] builds raft-rs' `Storage` and the write paths
@@ -13,8 +18,10 @@ mod engine;
 mod raft_store;
 mod rocks;
 
-pub use engine::{state_cf, Cf, Engine, MemEngine, Op, Pairs, CHUNKS_PREFIX};
-pub use raft_store::{prefix_end, RaftStore, SnapshotImage};
+pub use engine::{state_cf, Cf, Engine, MemEngine, Op, Pairs, Stage, StateView, CHUNKS_PREFIX};
+pub use raft_store::{
+    decode_snapshot_ref, prefix_end, snapshot_ref, IncomingImage, RaftStore, SnapshotIo,
+};
 pub use rocks::RocksEngine;
 
 /// Errors from the storage layer.

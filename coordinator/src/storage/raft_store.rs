@@ -1,4 +1,5 @@
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 
 use prost::Message as _;
 use protobuf::Message as _;
@@ -7,7 +8,7 @@ use raft::{GetEntriesContext, RaftState, Storage};
 
 use custody_proto::cluster::v1 as pb;
 
-use super::{state_cf, Cf, Engine, Op, Pairs, StorageError, CHUNKS_PREFIX};
+use super::{state_cf, Cf, Engine, Op, Pairs, Stage, StateView, StorageError, CHUNKS_PREFIX};
 
 const KEY_HARD_STATE: &[u8] = b"hard_state";
 const KEY_CONF_STATE: &[u8] = b"conf_state";
@@ -113,41 +114,59 @@ impl Tail {
     }
 }
 
-/// A snapshot image ready to be installed: the raft metadata and every
-/// state-machine key/value pair at that index.
-#[derive(Debug, Clone, Default)]
-pub struct SnapshotImage {
-    pub pairs: Pairs,
+/// Outgoing snapshots not claimed by a transport within this time are dropped
+/// (raft-rs may build a snapshot message that is never sent).
+const OUTGOING_TTL: std::time::Duration = std::time::Duration::from_secs(120);
+/// At most this many pinned views wait for their transport.
+const OUTGOING_MAX: usize = 4;
+
+/// What a transport needs from a node's store to move snapshots. The state
+/// never travels inside the Raft message: its data is a [`pb::SnapshotRef`]
+/// to a pinned view (sending) or to a staged image (receiving).
+pub trait SnapshotIo: Send + Sync + 'static {
+    /// The pinned view behind an outgoing snapshot, once.
+    fn take_outgoing(&self, id: u64) -> Option<Box<dyn StateView>>;
+    /// Starts receiving an image.
+    fn begin_incoming(&self) -> Result<Box<dyn IncomingImage>, StorageError>;
 }
 
-impl SnapshotImage {
-    pub fn encode(&self) -> Vec<u8> {
-        pb::SnapshotData {
-            pairs: self
-                .pairs
-                .iter()
-                .map(|(k, v)| pb::SnapshotPair {
-                    key: k.clone().into(),
-                    value: v.clone().into(),
-                })
-                .collect(),
-        }
-        .encode_to_vec()
-    }
+/// A snapshot image being received into a node's staging area.
+pub trait IncomingImage: Send {
+    /// The next pair; pairs come in key order within each column family.
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StorageError>;
+    /// Ends the image and keeps it for Raft to install: the id for the
+    /// [`pb::SnapshotRef`] handed to Raft. Only the newest image is kept.
+    fn finish(self: Box<Self>) -> Result<u64, StorageError>;
+}
 
-    pub fn decode(b: &[u8]) -> Result<Self, StorageError> {
-        let data = pb::SnapshotData::decode(b).map_err(|e| StorageError::Corrupt {
-            what: "snapshot data",
-            detail: e.to_string(),
-        })?;
-        Ok(Self {
-            pairs: data
-                .pairs
-                .into_iter()
-                .map(|p| (p.key.to_vec(), p.value.to_vec()))
-                .collect(),
-        })
+/// Pinned views awaiting their transport, and received images awaiting Raft.
+struct Snapshots<E: Engine> {
+    outgoing: HashMap<u64, (std::time::Instant, E::View)>,
+    incoming: HashMap<u64, E::Stage>,
+}
+
+impl<E: Engine> Default for Snapshots<E> {
+    fn default() -> Self {
+        Self {
+            outgoing: HashMap::new(),
+            incoming: HashMap::new(),
+        }
     }
+}
+
+/// Encodes the data of a raft-rs snapshot: a reference, never the state.
+pub fn snapshot_ref(id: u64) -> Vec<u8> {
+    pb::SnapshotRef { id }.encode_to_vec()
+}
+
+/// Decodes [`snapshot_ref`].
+pub fn decode_snapshot_ref(data: &[u8]) -> Result<u64, StorageError> {
+    pb::SnapshotRef::decode(data)
+        .map(|r| r.id)
+        .map_err(|e| StorageError::Corrupt {
+            what: "snapshot reference",
+            detail: e.to_string(),
+        })
 }
 
 /// Raft log, raft metadata and state-machine data over an [`Engine`].
@@ -157,6 +176,7 @@ impl SnapshotImage {
 pub struct RaftStore<E: Engine> {
     engine: Arc<E>,
     meta: Arc<RwLock<Meta>>,
+    snapshots: Arc<Mutex<Snapshots<E>>>,
 }
 
 impl<E: Engine> Clone for RaftStore<E> {
@@ -164,6 +184,7 @@ impl<E: Engine> Clone for RaftStore<E> {
         Self {
             engine: self.engine.clone(),
             meta: self.meta.clone(),
+            snapshots: self.snapshots.clone(),
         }
     }
 }
@@ -171,6 +192,7 @@ impl<E: Engine> Clone for RaftStore<E> {
 impl<E: Engine> RaftStore<E> {
     /// Loads metadata from the engine.
     pub fn open(engine: E) -> Result<Self, StorageError> {
+        engine.recover()?;
         let engine = Arc::new(engine);
         let mut meta = Meta::default();
         if let Some(b) = engine.get(Cf::Meta, KEY_HARD_STATE)? {
@@ -209,6 +231,7 @@ impl<E: Engine> RaftStore<E> {
         Ok(Self {
             engine,
             meta: Arc::new(RwLock::new(meta)),
+            snapshots: Arc::default(),
         })
     }
 
@@ -216,6 +239,10 @@ impl<E: Engine> RaftStore<E> {
         // The lock only guards plain data; a panic while holding it leaves
         // consistent values behind, so poisoning is ignored.
         self.meta.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn snapshots(&self) -> std::sync::MutexGuard<'_, Snapshots<E>> {
+        self.snapshots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn meta_mut(&self) -> std::sync::RwLockWriteGuard<'_, Meta> {
@@ -368,41 +395,39 @@ impl<E: Engine> RaftStore<E> {
         Ok(())
     }
 
-    /// Replaces the whole state with a snapshot image, truncating the log, in one
-    /// synced batch together with the hard state and conf state.
-    pub fn install_snapshot(
-        &self,
-        meta: &SnapshotMetadata,
-        image: SnapshotImage,
-    ) -> Result<(), StorageError> {
+    /// Replaces the whole state with the received image `id` (see
+    /// [`SnapshotIo`]), emptying the log and setting the hard state, conf
+    /// state and truncation point: all or nothing, also across a crash.
+    pub fn install_snapshot(&self, meta: &SnapshotMetadata, id: u64) -> Result<(), StorageError> {
+        let stage = {
+            let mut snaps = self.snapshots();
+            let stage = snaps.incoming.remove(&id);
+            snaps.incoming.clear();
+            stage
+        }
+        .ok_or_else(|| StorageError::Corrupt {
+            what: "snapshot",
+            detail: format!("no received image {id:x}"),
+        })?;
         let mut hs = self.meta().hard_state.clone();
         hs.term = hs.term.max(meta.term);
         hs.commit = meta.index;
-        let mut ops = Vec::with_capacity(image.pairs.len() + 6);
-        ops.push(Op::DeleteRange(Cf::State, Vec::new(), state_upper_bound()));
-        ops.push(Op::DeleteRange(Cf::Chunks, Vec::new(), state_upper_bound()));
-        ops.push(Op::DeleteRange(
-            Cf::Log,
-            log_key(0).to_vec(),
-            log_key(u64::MAX).to_vec(),
-        ));
-        for (k, v) in image.pairs {
-            ops.push(Op::Put(state_cf(&k), k, v));
-        }
         let cs = meta.get_conf_state().clone();
-        ops.push(Op::Put(Cf::Meta, KEY_HARD_STATE.to_vec(), encode_pb(&hs)));
-        ops.push(Op::Put(Cf::Meta, KEY_CONF_STATE.to_vec(), encode_pb(&cs)));
-        ops.push(Op::Put(
-            Cf::Meta,
-            KEY_APPLIED.to_vec(),
-            meta.index.to_be_bytes().to_vec(),
-        ));
-        ops.push(Op::Put(
-            Cf::Meta,
-            KEY_TRUNCATED.to_vec(),
-            truncated_bytes(meta.index, meta.term),
-        ));
-        self.engine.write(ops, true)?;
+        let ops = vec![
+            Op::Put(Cf::Meta, KEY_HARD_STATE.to_vec(), encode_pb(&hs)),
+            Op::Put(Cf::Meta, KEY_CONF_STATE.to_vec(), encode_pb(&cs)),
+            Op::Put(
+                Cf::Meta,
+                KEY_APPLIED.to_vec(),
+                meta.index.to_be_bytes().to_vec(),
+            ),
+            Op::Put(
+                Cf::Meta,
+                KEY_TRUNCATED.to_vec(),
+                truncated_bytes(meta.index, meta.term),
+            ),
+        ];
+        self.engine.install(stage, ops)?;
         let mut m = self.meta_mut();
         m.hard_state = hs;
         m.conf_state = cs;
@@ -526,13 +551,6 @@ impl<E: Engine> RaftStore<E> {
     ) -> Result<Pairs, StorageError> {
         self.scan_state(from, Some(to), limit)
     }
-
-    /// Every state pair: the payload of a snapshot.
-    pub fn state_image(&self) -> Result<SnapshotImage, StorageError> {
-        Ok(SnapshotImage {
-            pairs: self.scan_state(&[], None, usize::MAX)?,
-        })
-    }
 }
 
 /// Smallest key greater than every key starting with `prefix` (None: unbounded).
@@ -547,12 +565,6 @@ pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
-/// An upper bound above every state key. State keys are UTF-8 or start with a
-/// namespace byte below 0xff, so 0xff repeated bounds them all.
-fn state_upper_bound() -> Vec<u8> {
-    vec![0xff; 16]
-}
-
 fn truncated_bytes(index: u64, term: u64) -> Vec<u8> {
     let mut b = index.to_be_bytes().to_vec();
     b.extend_from_slice(&term.to_be_bytes());
@@ -562,6 +574,42 @@ fn truncated_bytes(index: u64, term: u64) -> Vec<u8> {
 fn encode_pb<M: protobuf::Message>(m: &M) -> Vec<u8> {
     // Encoding an in-memory message into a Vec cannot fail.
     m.write_to_bytes().unwrap_or_default()
+}
+
+struct Incoming<E: Engine> {
+    stage: E::Stage,
+    snapshots: Arc<Mutex<Snapshots<E>>>,
+}
+
+impl<E: Engine> IncomingImage for Incoming<E> {
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
+        self.stage.put(state_cf(key), key, value)
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<u64, StorageError> {
+        self.stage.finish()?;
+        let id = rand::random::<u64>();
+        let mut snaps = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        snaps.incoming.clear();
+        snaps.incoming.insert(id, self.stage);
+        Ok(id)
+    }
+}
+
+impl<E: Engine> SnapshotIo for RaftStore<E> {
+    fn take_outgoing(&self, id: u64) -> Option<Box<dyn StateView>> {
+        self.snapshots()
+            .outgoing
+            .remove(&id)
+            .map(|(_, v)| Box::new(v) as Box<dyn StateView>)
+    }
+
+    fn begin_incoming(&self) -> Result<Box<dyn IncomingImage>, StorageError> {
+        Ok(Box::new(Incoming::<E> {
+            stage: self.engine.stage()?,
+            snapshots: self.snapshots.clone(),
+        }))
+    }
 }
 
 impl<E: Engine> Storage for RaftStore<E> {
@@ -696,9 +744,30 @@ impl<E: Engine> Storage for RaftStore<E> {
             ));
         }
         let term = self.term(applied)?;
-        let image = self.state_image()?;
+        // The Raft loop is the only writer, so the view pinned now is the
+        // state at `applied`. The transport streams it from another thread.
+        let view = self.engine.pin()?;
+        let id = rand::random::<u64>();
+        {
+            let mut snaps = self.snapshots();
+            snaps
+                .outgoing
+                .retain(|_, (at, _)| at.elapsed() < OUTGOING_TTL);
+            while snaps.outgoing.len() >= OUTGOING_MAX {
+                let oldest = snaps
+                    .outgoing
+                    .iter()
+                    .min_by_key(|(_, (at, _))| *at)
+                    .map(|(id, _)| *id);
+                match oldest {
+                    Some(o) => snaps.outgoing.remove(&o),
+                    None => break,
+                };
+            }
+            snaps.outgoing.insert(id, (std::time::Instant::now(), view));
+        }
         let mut snap = Snapshot {
-            data: image.encode().into(),
+            data: snapshot_ref(id).into(),
             ..Default::default()
         };
         let meta = snap.mut_metadata();
@@ -849,6 +918,21 @@ mod tests {
         assert_eq!(one.len(), 1);
     }
 
+    /// Streams the image behind `snap` from one store into another, as the
+    /// transports do: the id of the image received.
+    fn transfer(from: &RaftStore<MemEngine>, to: &RaftStore<MemEngine>, snap: &Snapshot) -> u64 {
+        let view = from
+            .take_outgoing(decode_snapshot_ref(&snap.data).unwrap())
+            .unwrap();
+        let mut image = to.begin_incoming().unwrap();
+        for cf in [Cf::State, Cf::Chunks] {
+            for (k, v) in view.scan(cf, b"", usize::MAX).unwrap() {
+                image.put(&k, &v).unwrap();
+            }
+        }
+        image.finish().unwrap()
+    }
+
     #[test]
     fn compact_then_snapshot_round_trip() {
         let s = store();
@@ -873,7 +957,7 @@ mod tests {
         // Install it on a fresh, empty node.
         let t = RaftStore::open(MemEngine::new()).unwrap();
         assert!(!t.is_initialized());
-        let image = SnapshotImage::decode(&snap.data).unwrap();
+        let image = transfer(&s, &t, &snap);
         t.install_snapshot(snap.get_metadata(), image).unwrap();
         assert!(t.is_initialized());
         assert_eq!(t.state_get(b"kv/a").unwrap(), Some(b"1".to_vec()));
@@ -923,7 +1007,7 @@ mod tests {
             ["ev/a", "ev/c/s/1", "ev/c/s/2"]
         );
         assert_eq!(keys(s.state_scan(b"ev/c/s/", None, 10).unwrap()).len(), 2);
-        assert_eq!(s.state_image().unwrap().pairs.len(), 5);
+        assert_eq!(s.state_scan(b"", None, 100).unwrap().len(), 5);
     }
 
     #[test]

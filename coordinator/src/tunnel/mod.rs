@@ -28,7 +28,7 @@ pub struct Tunnels<E: Engine> {
     pub registry: Arc<EdgeRegistry>,
     pub peers: PeerClients,
     /// Signs edge certificates; `None` on nodes without the CA key.
-    pub ca: Option<ClusterCa>,
+    pub ca: Option<Arc<ClusterCa>>,
     pub cert_ttl: Duration,
     pub region: String,
     /// Refused enrollment attempts per source address.
@@ -108,8 +108,22 @@ impl<E: Engine> Tunnels<E> {
                 })
                 .collect();
             holders.sort_by_key(|m| (m.region != e.region, m.id));
+            if holders.is_empty() {
+                continue;
+            }
+            let admitted = match self.admit(&open, e.id).await {
+                Ok(i) => i,
+                Err(err) => {
+                    last = err;
+                    continue;
+                }
+            };
             for m in holders {
-                match self.peers.open_remote(m, e.id, open.clone()).await {
+                match self
+                    .peers
+                    .open_remote(m, e.id, open.clone(), admitted)
+                    .await
+                {
                     Ok(channel) => {
                         return Ok(Routed {
                             channel,
@@ -133,6 +147,32 @@ impl<E: Engine> Tunnels<E> {
                 .join(", "),
             last,
         })
+    }
+
+    /// Records that this node admitted `open` for `edge_id`, before another
+    /// node relays it: the log index of the admission (0 while some voter
+    /// cannot apply admissions yet).
+    async fn admit(&self, open: &t::SessionOpen, edge_id: u64) -> Result<u64, String> {
+        let store = self.node.store();
+        if crate::state::cluster_version(store).map_err(|e| e.to_string())? < 3 {
+            return Ok(0);
+        }
+        let a = custody_proto::cluster::v1::AdmitSession {
+            session_id: open.session_id.clone(),
+            edge_id,
+            resource: open.resource.clone(),
+            gateway_node: self.node.id(),
+        };
+        crate::state::admissions::check(&a)?;
+        let out = self
+            .node
+            .propose_retrying(crate::state::Command::AdmitSession(a), None)
+            .await
+            .map_err(|e| format!("recording the admission: {e}"))?;
+        match out.rejected {
+            Some(why) => Err(format!("admission refused: {why}")),
+            None => Ok(out.index),
+        }
     }
 
     /// Nodes holding a live tunnel to each edge, this one included. Peers that

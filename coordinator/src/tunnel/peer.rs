@@ -11,7 +11,7 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt as _;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
 use custody_proto::cluster::v1 as pb;
@@ -21,8 +21,10 @@ use custody_proto::tunnel::v1 as t;
 
 use super::registry::EdgeRegistry;
 use super::session::{error_frame, open_local, OpenError, SessionChannel, CHANNEL_FRAMES};
-use crate::pki::node_dns_name;
-use crate::state::Member;
+use crate::consensus::NodeHandle;
+use crate::pki::{node_dns_name, ClusterCa};
+use crate::state::{self, admissions, Member};
+use crate::storage::Engine;
 use crate::tls::node_id_from_cert;
 
 /// How long to wait for a peer's answer about its live edges.
@@ -37,20 +39,64 @@ fn require_node<T>(req: &Request<T>) -> Result<u64, Status> {
         .ok_or_else(|| Status::permission_denied("only cluster nodes may relay sessions"))
 }
 
+/// How long a relaying node waits to apply the entry that admitted a session.
+pub const ADMISSION_WAIT: Duration = Duration::from_secs(3);
+
 /// Serves [`Peer`] on the cluster port.
-pub struct PeerService {
+pub struct PeerService<E: Engine> {
+    node: NodeHandle<E>,
     registry: Arc<EdgeRegistry>,
     is_member: crate::consensus::transport::MemberCheck,
+    /// Signs other nodes' renewed certificates (nodes with the CA key), and
+    /// the lifetime of those certificates.
+    signer: Option<(Arc<ClusterCa>, Duration)>,
 }
 
-impl PeerService {
+impl<E: Engine> PeerService<E> {
     pub fn new(
+        node: NodeHandle<E>,
         registry: Arc<EdgeRegistry>,
         is_member: crate::consensus::transport::MemberCheck,
+        signer: Option<(Arc<ClusterCa>, Duration)>,
     ) -> Self {
         Self {
+            node,
             registry,
             is_member,
+            signer,
+        }
+    }
+
+    /// Runs only sessions the cluster admitted: `from` recorded, at
+    /// `index`, that it admitted this session for this edge. (While some
+    /// voter still runs a binary without admissions, none are recorded and
+    /// relays go on as before.)
+    async fn check_admitted(
+        &self,
+        from: u64,
+        edge_id: u64,
+        session_id: &str,
+        index: u64,
+    ) -> Result<(), Status> {
+        let store = self.node.store();
+        if state::cluster_version(store).map_err(|e| Status::internal(e.to_string()))? < 3 {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + ADMISSION_WAIT;
+        while store.applied_index() < index && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let found = admissions::admission(store, session_id)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .and_then(|a| a.admit);
+        match found {
+            Some(a) if a.edge_id == edge_id && a.gateway_node == from => Ok(()),
+            _ => {
+                tracing::warn!(target: "audit", event = "relay_refused", from, edge = edge_id, session = %session_id, "a relay for a session the cluster did not admit was refused");
+                Err(Status::permission_denied(format!(
+                    "session {session_id} was not admitted by the cluster for edge {edge_id} through node {from}"
+                )))
+            }
         }
     }
 
@@ -65,7 +111,7 @@ impl PeerService {
 type RelayStream = Pin<Box<dyn Stream<Item = Result<pb::RelayFrame, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl Peer for PeerService {
+impl<E: Engine> Peer for PeerService<E> {
     async fn live_edges(
         &self,
         req: Request<pb::LiveEdgesRequest>,
@@ -77,6 +123,28 @@ impl Peer for PeerService {
     }
 
     type RelayStream = RelayStream;
+
+    async fn renew_node_certificate(
+        &self,
+        req: Request<pb::RenewNodeCertificateRequest>,
+    ) -> Result<Response<pb::RenewNodeCertificateResponse>, Status> {
+        let from = self.member(&req)?;
+        let Some((ca, ttl)) = &self.signer else {
+            return Err(Status::failed_precondition(
+                "this node does not hold the CA key",
+            ));
+        };
+        let leaf = req
+            .peer_certs()
+            .and_then(|c| c.first().cloned())
+            .ok_or_else(|| Status::unauthenticated("no client certificate presented"))?;
+        let hosts = crate::tls::cert_hosts(leaf.as_ref());
+        let cert_pem = ca
+            .renew_node(&req.into_inner().csr_pem, from, &hosts, *ttl)
+            .map_err(|e| Status::invalid_argument(format!("bad certificate request: {e}")))?;
+        tracing::info!(target: "audit", event = "node_certificate_signed", node = from, "signed a renewed node certificate");
+        Ok(Response::new(pb::RenewNodeCertificateResponse { cert_pem }))
+    }
 
     async fn relay(
         &self,
@@ -99,6 +167,8 @@ impl Peer for PeerService {
             }
             Err(e) => return Err(Status::invalid_argument(format!("malformed frame: {e}"))),
         };
+        self.check_admitted(from, first.edge_id, &open.session_id, first.admitted_index)
+            .await?;
         let conn = self.registry.get(first.edge_id).ok_or_else(|| {
             Status::unavailable(format!("edge {} is not connected here", first.edge_id))
         })?;
@@ -141,6 +211,7 @@ impl Peer for PeerService {
                 let r = pb::RelayFrame {
                     edge_id: 0,
                     frame: f.encode_to_vec().into(),
+                    admitted_index: 0,
                 };
                 if out_tx.send(Ok(r)).await.is_err() {
                     return;
@@ -151,14 +222,33 @@ impl Peer for PeerService {
     }
 }
 
+/// A peer's answer to a unary call, within [`PEER_TIMEOUT`].
+async fn answer<T>(
+    node: u64,
+    call: impl std::future::Future<Output = Result<Response<T>, Status>>,
+) -> Result<T, OpenError> {
+    match tokio::time::timeout(PEER_TIMEOUT, call).await {
+        Err(_) => Err(OpenError::Relay {
+            node,
+            detail: "timed out".into(),
+        }),
+        Ok(Err(s)) => Err(OpenError::Relay {
+            node,
+            detail: s.message().to_owned(),
+        }),
+        Ok(Ok(r)) => Ok(r.into_inner()),
+    }
+}
+
 /// Clients for the other nodes' [`Peer`] service.
 pub struct PeerClients {
-    tls: ClientTlsConfig,
-    channels: Mutex<HashMap<u64, (String, Channel)>>,
+    tls: crate::tls::TlsMaterial,
+    /// Per node: its address, the certificate generation used, the channel.
+    channels: Mutex<HashMap<u64, (String, u64, Channel)>>,
 }
 
 impl PeerClients {
-    pub fn new(tls: ClientTlsConfig) -> Self {
+    pub fn new(tls: crate::tls::TlsMaterial) -> Self {
         Self {
             tls,
             channels: Mutex::new(HashMap::new()),
@@ -167,50 +257,60 @@ impl PeerClients {
 
     fn channel(&self, m: &Member) -> Result<Channel, OpenError> {
         let mut g = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((addr, ch)) = g.get(&m.id) {
-            if *addr == m.raft_addr {
+        let generation = self.tls.node.generation();
+        if let Some((addr, gen, ch)) = g.get(&m.id) {
+            if *addr == m.raft_addr && *gen == generation {
                 return Ok(ch.clone());
             }
         }
         let relay = |detail: String| OpenError::Relay { node: m.id, detail };
         let ch = Endpoint::from_shared(format!("https://{}", m.raft_addr))
             .map_err(|e| relay(e.to_string()))?
-            .tls_config(self.tls.clone().domain_name(node_dns_name(m.id)))
+            .tls_config(self.tls.client_config().domain_name(node_dns_name(m.id)))
             .map_err(|e| relay(e.to_string()))?
             .connect_timeout(PEER_TIMEOUT)
             .tcp_nodelay(true)
             .connect_lazy();
-        g.insert(m.id, (m.raft_addr.clone(), ch.clone()));
+        g.insert(m.id, (m.raft_addr.clone(), generation, ch.clone()));
         Ok(ch)
+    }
+
+    /// Asks `m` to sign this node's renewed certificate.
+    pub async fn renew_node_certificate(
+        &self,
+        m: &Member,
+        csr_pem: String,
+    ) -> Result<String, OpenError> {
+        let mut c = PeerClient::new(self.channel(m)?);
+        let r = answer(
+            m.id,
+            c.renew_node_certificate(pb::RenewNodeCertificateRequest { csr_pem }),
+        )
+        .await?;
+        Ok(r.cert_pem)
     }
 
     /// Edges live on `m`.
     pub async fn live_edges(&self, m: &Member) -> Result<Vec<u64>, OpenError> {
         let mut c = PeerClient::new(self.channel(m)?);
-        let r = tokio::time::timeout(PEER_TIMEOUT, c.live_edges(pb::LiveEdgesRequest {}))
-            .await
-            .map_err(|_| OpenError::Relay {
-                node: m.id,
-                detail: "timed out".into(),
-            })?
-            .map_err(|s| OpenError::Relay {
-                node: m.id,
-                detail: s.message().to_owned(),
-            })?;
-        Ok(r.into_inner().edge_ids)
+        let r = answer(m.id, c.live_edges(pb::LiveEdgesRequest {})).await?;
+        Ok(r.edge_ids)
     }
 
-    /// Opens a session on `edge_id` through node `m`.
+    /// Opens a session on `edge_id` through node `m`; `admitted_index` is
+    /// where this node recorded the session's admission (0: none).
     pub async fn open_remote(
         &self,
         m: &Member,
         edge_id: u64,
         open: t::SessionOpen,
+        admitted_index: u64,
     ) -> Result<SessionChannel, OpenError> {
         let mut c = PeerClient::new(self.channel(m)?);
         let (to_peer, peer_rx) = mpsc::channel::<pb::RelayFrame>(CHANNEL_FRAMES);
         let first = pb::RelayFrame {
             edge_id,
+            admitted_index,
             frame: super::session::frame(t::session_frame::Kind::Open(open))
                 .encode_to_vec()
                 .into(),
@@ -237,6 +337,7 @@ impl PeerClients {
                 let r = pb::RelayFrame {
                     edge_id: 0,
                     frame: f.encode_to_vec().into(),
+                    admitted_index: 0,
                 };
                 if to_peer.send(r).await.is_err() {
                     return;
