@@ -16,6 +16,7 @@ pub mod auth;
 pub mod config;
 pub mod consensus;
 pub mod evidence;
+pub mod gateway;
 pub mod gen_config;
 pub mod node_cert;
 pub mod notify;

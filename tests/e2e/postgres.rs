@@ -2052,3 +2052,46 @@ async fn a_20_mib_value_is_recorded_and_every_reader_works() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+/// The example policy's agent rule is read-only through the real gateway:
+/// the `agent` machine identity reads, and its `UPDATE … WHERE` is refused
+/// by the guardrail and never reaches the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_agent_rule_refuses_an_update_with_where() {
+    let pg = Postgres::start();
+    let setup = "rules:\n  - name: setup\n    identity: { groups: [engineers] }\n    resource: { kinds: [postgres] }\n    actions: [connect]\n    decision: allow\n";
+    let c = system_with(
+        &pg,
+        &(POLICY.split("guardrails:").next().unwrap().to_owned() + setup),
+    )
+    .await;
+    let alice = c.mint_token("alice").await.unwrap().token;
+    let out = psql(
+        &libpq(&c, 1, &alice, "db", "require"),
+        "create table orders(id int primary key, total int); insert into orders values (1, 40);",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    c.client(&[])
+        .unwrap()
+        .policy_apply(include_str!("../../examples/policy.yaml"), "yaml")
+        .await
+        .unwrap();
+
+    let agent = c.mint_token("agent").await.unwrap().token;
+    let env = libpq(&c, 2, &agent, "db", "require");
+    let out = psql(&env, "select total from orders where id = 1");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "40");
+    let out = psql(&env, "update orders set total = 0 where id = 1");
+    assert!(!out.status.success(), "the agent's update ran");
+    assert!(
+        text(&out.stderr).contains("read-only-sql"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = psql(
+        &libpq(&c, 1, &alice, "db", "require"),
+        "select total from orders where id = 1",
+    );
+    assert_eq!(text(&out.stdout).trim(), "40", "{}", text(&out.stderr));
+}

@@ -16,6 +16,7 @@ use super::{status_from, storage_status, Guard};
 use crate::auth::{ClientKind, Identity};
 use crate::consensus::node::now_ms;
 use crate::consensus::NodeHandle;
+use crate::gateway::Kind;
 use crate::notify::Notifier;
 use crate::policy::{Effect, Request as PolicyRequest, ResourceInfo};
 use crate::state::approvals::{self, approval_get, approvals_list, ApprovalCommand, MAX_ACCESS_MS};
@@ -241,20 +242,20 @@ impl<E: Engine> Approvals for ApprovalsService<E> {
             kind: def.kind.clone(),
             labels: def.labels.clone(),
         };
-        // The grant covers what this kind of resource is used for: a database
-        // is connected to, anything else runs commands.
-        let action = if def.kind == "postgres" {
-            "connect"
-        } else {
-            "exec"
-        };
+        // The grant covers what a session on this kind of resource starts
+        // with: a database is connected to, a shell runs commands.
+        let action = Kind::parse(&def.kind)
+            .map(Kind::session_action)
+            .ok_or_else(|| {
+                Status::failed_precondition(format!("unknown resource kind {:?}", def.kind))
+            })?;
         let d = policy.evaluate(&PolicyRequest {
             identity: &id,
             resource: &resource,
             action,
             command: None,
         });
-        let rule = d.rule.clone().unwrap_or_else(|| "default-deny".into());
+        let rule = d.by.label();
         let doc = match d.effect {
             Effect::Deny => {
                 return Err(Status::permission_denied(format!(
@@ -282,6 +283,7 @@ impl<E: Engine> Approvals for ApprovalsService<E> {
                 requester_label: id.label().to_owned(),
                 resource: def.name.clone(),
                 kind: "access".into(),
+                action: action.as_str().into(),
                 justification: r.justification,
                 approver_groups: doc.groups.clone(),
                 required: doc.count,

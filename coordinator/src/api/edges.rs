@@ -63,7 +63,8 @@ impl<E: Engine> Edges for EdgesService<E> {
                 labels: d.labels.clone().into_iter().collect(),
             })
             .collect();
-        EdgeCommand::register(0, resources.clone())
+        edges::check_new(&resources)
+            .and_then(|()| EdgeCommand::register(0, resources.clone()))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let ttl = match r.ttl_secs {
             0 => DEFAULT_TOKEN_TTL,
@@ -263,6 +264,7 @@ impl<E: Engine> Resources for ResourcesService<E> {
         };
         binding
             .validate()
+            .and_then(|()| edges::check_new(std::slice::from_ref(&binding.resource)))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         node.propose_retrying(Command::Edge(EdgeCommand::Bind(binding.clone())), None)
             .await

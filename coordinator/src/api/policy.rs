@@ -159,6 +159,13 @@ impl<E: Engine> PolicyApi for PolicyService<E> {
         if r.resource.is_empty() || r.action.is_empty() {
             return Err(Status::invalid_argument("resource and action are required"));
         }
+        let action = crate::gateway::Action::parse(&r.action).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "unknown action {:?} (expected {})",
+                r.action,
+                crate::gateway::Action::list()
+            ))
+        })?;
         let client_kind = match r.client_kind.as_str() {
             "" | "human" => ClientKind::Human,
             "machine" => ClientKind::Machine,
@@ -215,12 +222,12 @@ impl<E: Engine> PolicyApi for PolicyService<E> {
         let d = policy.evaluate(&PolicyRequest {
             identity: &subject,
             resource: &resource,
-            action: &r.action,
+            action,
             command: (!r.command.is_empty()).then_some(r.command.as_str()),
         });
         Ok(Response::new(api::TestPolicyResponse {
             effect: d.effect.as_str().into(),
-            rule: d.rule.unwrap_or_default(),
+            rule: d.by.name().unwrap_or_default(),
             reason: d.reason,
             trace: d.trace,
             approver_groups: d

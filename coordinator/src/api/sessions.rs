@@ -25,6 +25,7 @@ use custody_proto::evidence::v1 as ev;
 use super::{storage_status, Guard};
 use crate::consensus::node::now_ms;
 use crate::evidence::{SessionRecorder, DEFAULT_OUTPUT_CAP};
+use crate::gateway::{Action, EvidenceMode};
 use crate::notify::Notifier;
 use crate::policy::{Effect, Request as PolicyRequest, ResourceInfo, Role};
 use crate::state::{approvals, edges, Command};
@@ -154,17 +155,6 @@ fn end(exit_code: i32, signal: i32, reason: &str) -> SessionEnd {
     }
 }
 
-/// The evidence mode of a resource: the `evidence` label (`strict` or
-/// `async`) when set, else strict for `env=prod` and async otherwise.
-pub fn evidence_mode(labels: &std::collections::BTreeMap<String, String>) -> &'static str {
-    match labels.get("evidence").map(String::as_str) {
-        Some("strict") => "strict",
-        Some("async") => "async",
-        _ if labels.get("env").map(String::as_str) == Some("prod") => "strict",
-        _ => "async",
-    }
-}
-
 /// Counts recorded output against the per-session cap; past it, output is
 /// no longer recorded, and the cut is recorded once.
 struct OutputCap {
@@ -209,9 +199,13 @@ impl OutputCap {
 /// Proposes a new approval request and returns it as stored.
 pub async fn create_request<E: Engine>(
     node: &crate::consensus::NodeHandle<E>,
-    req: pb::ApprovalRequest,
+    mut req: pb::ApprovalRequest,
 ) -> Result<pb::ApprovalRequest, Status> {
     approvals::check_new(&req).map_err(Status::invalid_argument)?;
+    // Nodes before state version 3 do not keep an approval's action.
+    if crate::state::cluster_version(node.store()).map_err(storage_status)? < 3 {
+        req.action.clear();
+    }
     let out = node
         .propose_retrying(
             Command::Approval(Box::new(approvals::ApprovalCommand::Create(Box::new(req)))),
@@ -225,6 +219,18 @@ pub async fn create_request<E: Engine>(
     approvals::approval_get(node.store(), out.value)
         .map_err(storage_status)?
         .ok_or_else(|| Status::internal("new approval request vanished"))
+}
+
+/// Refuses to spend an approval that names another action than `action`.
+fn check_covers<E: Engine>(
+    node: &crate::consensus::NodeHandle<E>,
+    request: u64,
+    action: Action,
+) -> Result<(), Status> {
+    match approvals::approval_get(node.store(), request).map_err(storage_status)? {
+        Some(r) => approvals::covers(&r, action).map_err(Status::failed_precondition),
+        None => Ok(()),
+    }
 }
 
 pub fn new_session_id() -> String {
@@ -302,10 +308,10 @@ impl<E: Engine> Sessions for SessionsService<E> {
         let d = policy.evaluate(&PolicyRequest {
             identity: &id,
             resource: &resource,
-            action: "exec",
+            action: Action::Exec,
             command: Some(&command),
         });
-        let rule = d.rule.clone().unwrap_or_else(|| "default-deny".into());
+        let rule = d.by.label();
         let principal = id.principal();
         let approval_use = match d.effect {
             Effect::Allow if start.request_id != 0 => {
@@ -317,7 +323,7 @@ impl<E: Engine> Sessions for SessionsService<E> {
             Effect::Allow => None,
             Effect::Deny => {
                 tracing::warn!(target: "audit", event = "session_denied", subject = %id.subject, issuer = %id.issuer, resource = %def.name, %rule, command_bytes = command.len());
-                return Err(Status::permission_denied(match &d.rule {
+                return Err(Status::permission_denied(match d.by.name() {
                     Some(r) => format!("denied by policy rule {r}: {}", d.reason),
                     None => format!("denied by policy (default deny): {}", d.reason),
                 }));
@@ -328,7 +334,7 @@ impl<E: Engine> Sessions for SessionsService<E> {
             Effect::RequireApproval => {
                 // Access grants cover policy rules; guardrails always need a
                 // command approval.
-                let grant = if rule.starts_with("guardrail:") {
+                let grant = if d.by.is_guardrail() {
                     None
                 } else {
                     approvals::active_grant(node.store(), &def.name, &principal, now_ms())
@@ -347,6 +353,7 @@ impl<E: Engine> Sessions for SessionsService<E> {
                             requester_label: id.label().to_owned(),
                             resource: def.name.clone(),
                             kind: "command".into(),
+                            action: Action::Exec.as_str().into(),
                             command: command.clone(),
                             command_sha256: command_digest(&command).to_vec().into(),
                             justification: start.justification.clone(),
@@ -389,6 +396,7 @@ impl<E: Engine> Sessions for SessionsService<E> {
             None => None,
             Some(ApprovalUse::Grant(g)) => Some(*g),
             Some(ApprovalUse::Spend(request)) => {
+                check_covers(node, request, Action::Exec)?;
                 // The stream is open but nothing runs until the command frame;
                 // dropping `routed` on refusal abandons it.
                 let spent = node
@@ -424,8 +432,9 @@ impl<E: Engine> Sessions for SessionsService<E> {
             .as_ref()
             .filter(|a| a.kind == "access")
             .map(|a| (a.id, a.access_until_ms));
-        let mode = evidence_mode(&def.labels);
-        let strict = mode == "strict";
+        let mode = EvidenceMode::of(&def.labels);
+        let strict = mode == EvidenceMode::Strict;
+        let mode = mode.as_str();
         let summary = pb::SessionSummary {
             session_id: session_id.clone(),
             opened_at_ms: now_ms(),
@@ -901,23 +910,6 @@ mod tests {
         let mut other = rec.clone();
         other.head_sha256 = vec![0u8; 32].into();
         assert!(verified_events(&other, &good).is_err());
-    }
-
-    #[test]
-    fn evidence_mode_follows_labels() {
-        let l = |pairs: &[(&str, &str)]| {
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<std::collections::BTreeMap<_, _>>()
-        };
-        assert_eq!(evidence_mode(&l(&[("env", "prod")])), "strict");
-        assert_eq!(evidence_mode(&l(&[("env", "dev")])), "async");
-        assert_eq!(
-            evidence_mode(&l(&[("env", "prod"), ("evidence", "async")])),
-            "async"
-        );
-        assert_eq!(evidence_mode(&l(&[("evidence", "strict")])), "strict");
     }
 
     #[test]

@@ -29,11 +29,11 @@ use custody_proto::evidence::v1 as ev;
 use custody_proto::pg::{self, btag, Frame, Limits, Startup};
 use custody_proto::tunnel::v1 as t;
 
-use crate::api::sessions::evidence_mode;
 use crate::api::Guard;
 use crate::auth::Identity;
 use crate::consensus::node::now_ms;
 use crate::evidence::SessionRecorder;
+use crate::gateway::{Action, EvidenceMode};
 use crate::policy::{Effect, Request as PolicyRequest, ResourceInfo};
 use crate::state::{approvals, edges};
 use crate::storage::Engine;
@@ -350,10 +350,10 @@ impl<E: Engine> PgGateway<E> {
         let d = policy.evaluate(&PolicyRequest {
             identity: &id,
             resource: &info,
-            action: "connect",
+            action: Action::Connect,
             command: None,
         });
-        let rule = d.rule.clone().unwrap_or_else(|| "default-deny".into());
+        let rule = d.by.label();
         let grant = match d.effect {
             Effect::Allow => None,
             Effect::Deny => {
@@ -423,8 +423,9 @@ impl<E: Engine> PgGateway<E> {
             Ok(r) => r,
             Err(e) => return send_fatal(&mut s, &fatal("08001", e.to_string())).await,
         };
-        let mode = evidence_mode(&a.resource.labels);
-        let strict = mode == "strict";
+        let mode = EvidenceMode::of(&a.resource.labels);
+        let strict = mode == EvidenceMode::Strict;
+        let mode = mode.as_str();
         let summary = pb::SessionSummary {
             session_id: session_id.clone(),
             opened_at_ms: now_ms(),
@@ -631,7 +632,7 @@ impl<E: Engine> PgGateway<E> {
         let d = policy.evaluate(&PolicyRequest {
             identity: &a.id,
             resource: &a.resource,
-            action: "connect",
+            action: Action::Connect,
             command: Some(sql),
         });
         match self.judge(&policy, &d, a)? {
@@ -680,18 +681,13 @@ impl<E: Engine> PgGateway<E> {
         match d.effect {
             Effect::Allow => Ok(Judged::Runs),
             Effect::Deny => {
-                tracing::warn!(target: "audit", event = "statement_denied", subject = %a.id.subject, resource = %a.resource.name, rule = ?d.rule, "statement refused");
+                tracing::warn!(target: "audit", event = "statement_denied", subject = %a.id.subject, resource = %a.resource.name, rule = %d.by.label(), "statement refused");
                 Err(d.reason.clone().into())
             }
             // The connection itself was approved through an access grant,
             // which must still be in force (it may have been cancelled);
             // only guardrails hold single statements.
-            Effect::RequireApproval
-                if !d
-                    .rule
-                    .as_deref()
-                    .is_some_and(|r| r.starts_with("guardrail:")) =>
-            {
+            Effect::RequireApproval if !d.by.is_guardrail() => {
                 match approvals::active_grant(
                     self.tunnels.node.store(),
                     &a.resource.name,
@@ -763,7 +759,7 @@ impl<E: Engine> PgGateway<E> {
         let d = policy.evaluate(&PolicyRequest {
             identity: &a.id,
             resource: &a.resource,
-            action: "connect",
+            action: Action::Connect,
             command: Some(sql),
         });
         match self.judge(&policy, &d, a) {
@@ -828,12 +824,13 @@ impl<E: Engine> PgGateway<E> {
                     requester_label: a.id.label().to_owned(),
                     resource: a.resource.name.clone(),
                     kind: "command".into(),
+                    action: Action::Connect.as_str().into(),
                     command: shown,
                     command_sha256: digest.to_vec().into(),
                     approver_groups: doc.groups.clone(),
                     required: doc.count,
                     require_reason: doc.require_reason,
-                    rule: d.rule.clone().unwrap_or_default(),
+                    rule: d.by.name().unwrap_or_default(),
                     timeout_ms: doc.timeout_ms(),
                     webhook: doc.webhook.clone().unwrap_or_default(),
                     ..Default::default()
@@ -886,6 +883,7 @@ impl<E: Engine> PgGateway<E> {
                 let Ok(Some(r)) = approval_get(node.store(), id) else {
                     continue;
                 };
+                approvals::covers(&r, Action::Connect)?;
                 match effective_status(&r, now_ms()) {
                     approvals::PENDING => continue,
                     approvals::APPROVED => break,

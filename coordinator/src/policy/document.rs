@@ -249,7 +249,59 @@ pub fn parse_document(text: &str, format: DocumentFormat) -> Result<PolicyDocume
         })?,
     };
     validate(&doc)?;
+    check_vocabulary(&doc)?;
     Ok(doc)
+}
+
+/// Checks every kind, action and evidence mode a document names against the
+/// gateway's vocabulary: a word that would never match (a typo, or an
+/// action no front door asks about, such as `select`) is refused, naming the
+/// rule. Applied to documents as they are applied or tested; a document
+/// stored by an older release still compiles (its unknown words match
+/// nothing, as they did then).
+pub fn check_vocabulary(doc: &PolicyDocument) -> Result<(), PolicyError> {
+    use crate::gateway::{vocab, Action, Kind};
+    let kinds = |names: &[String]| -> Result<Vec<Kind>, String> {
+        names
+            .iter()
+            .map(|k| {
+                Kind::parse(k).ok_or_else(|| {
+                    format!(
+                        "unknown resource kind {k:?} (expected one of {})",
+                        Kind::list()
+                    )
+                })
+            })
+            .collect()
+    };
+    for r in &doc.rules {
+        let err = |detail: String| PolicyError::Rule {
+            rule: r.name.clone(),
+            detail,
+        };
+        let named = kinds(&r.resource.kinds).map_err(err)?;
+        vocab::check_labels(&r.resource.labels).map_err(err)?;
+        for a in r.actions.iter().filter(|a| *a != "*") {
+            let Some(action) = Action::parse(a) else {
+                return Err(err(format!(
+                    "unknown action {a:?} (expected {} or \"*\"; a PostgreSQL session is `connect`, and its statements are judged by guardrails)",
+                    Action::list()
+                )));
+            };
+            if !named.is_empty() && !named.iter().any(|k| k.actions().contains(&action)) {
+                let list: Vec<&str> = named.iter().map(|k| k.as_str()).collect();
+                return Err(err(format!(
+                    "action {a} does not apply to {} resources",
+                    list.join(" or ")
+                )));
+            }
+        }
+    }
+    for r in &doc.retention {
+        kinds(&r.resource.kinds)
+            .map_err(|e| PolicyError::Invalid(format!("retention {:?}: {e}", r.name)))?;
+    }
+    Ok(())
 }
 
 fn check_approval(a: &ApprovalDoc) -> Result<(), String> {

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use regex::Regex;
 
 use crate::auth::Identity;
+use crate::gateway::{Action, Kind};
 
 use super::sql::SqlClass;
 
@@ -62,17 +63,50 @@ pub struct ResourceInfo {
 pub struct Request<'a> {
     pub identity: &'a Identity,
     pub resource: &'a ResourceInfo,
-    pub action: &'a str,
+    pub action: Action,
     /// The command line or statement, for guardrails.
     pub command: Option<&'a str>,
 }
 
-/// The answer, with the rule that decided and a human explanation.
+/// What made a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecidedBy {
+    /// No rule applied: denied by default.
+    Default,
+    Rule(String),
+    /// A guardrail that a rule taking part names.
+    Guardrail {
+        guardrail: String,
+        rule: String,
+    },
+}
+
+impl DecidedBy {
+    /// How evidence, audit events and the API name it: the rule's name,
+    /// `guardrail:NAME`, or `None` for the default deny.
+    pub fn name(&self) -> Option<String> {
+        match self {
+            DecidedBy::Default => None,
+            DecidedBy::Rule(r) => Some(r.clone()),
+            DecidedBy::Guardrail { guardrail, .. } => Some(format!("guardrail:{guardrail}")),
+        }
+    }
+
+    /// [`Self::name`], with `default-deny` for the default.
+    pub fn label(&self) -> String {
+        self.name().unwrap_or_else(|| "default-deny".into())
+    }
+
+    pub fn is_guardrail(&self) -> bool {
+        matches!(self, DecidedBy::Guardrail { .. })
+    }
+}
+
+/// The answer, with what decided and a human explanation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub effect: Effect,
-    /// `None` for the default deny; `guardrail:NAME` for guardrails.
-    pub rule: Option<String>,
+    pub by: DecidedBy,
     pub reason: String,
     pub approval: Option<ApprovalDoc>,
     pub mask: Vec<String>,
@@ -186,7 +220,11 @@ fn mismatch(r: &RuleDoc, req: &Request<'_>) -> Option<String> {
             return Some(format!("resource lacks label {k}={v}"));
         }
     }
-    if !r.actions.iter().any(|a| a == "*" || a == req.action) {
+    if !r
+        .actions
+        .iter()
+        .any(|a| a == "*" || a == req.action.as_str())
+    {
         return Some(format!(
             "action {} is not one of {:?}",
             req.action, r.actions
@@ -282,21 +320,19 @@ impl Policy {
             }
         }
         let decide =
-            |effect: Effect, rule: Option<String>, reason: String, approval, mask, trace| {
-                Decision {
-                    effect,
-                    rule,
-                    reason,
-                    approval,
-                    mask,
-                    trace,
-                }
+            |effect: Effect, by: DecidedBy, reason: String, approval, mask, trace| Decision {
+                effect,
+                by,
+                reason,
+                approval,
+                mask,
+                trace,
             };
         if let Some(r) = taking_part.iter().find(|r| r.decision == EffectDoc::Deny) {
             let reason = format!("denied by policy rule {:?}", r.name);
             return decide(
                 Effect::Deny,
-                Some(r.name.clone()),
+                DecidedBy::Rule(r.name.clone()),
                 reason,
                 None,
                 vec![],
@@ -310,7 +346,14 @@ impl Policy {
                 req.resource.name,
                 req.identity.label()
             );
-            return decide(Effect::Deny, None, reason, None, vec![], trace);
+            return decide(
+                Effect::Deny,
+                DecidedBy::Default,
+                reason,
+                None,
+                vec![],
+                trace,
+            );
         }
         let mut mask: Vec<String> = taking_part.iter().flat_map(|r| r.mask.clone()).collect();
         mask.sort();
@@ -324,7 +367,9 @@ impl Policy {
                     let Some(g) = self.guardrails.get(gname) else {
                         continue;
                     };
-                    if classes.is_none() && !g.doc.sql.is_empty() && req.resource.kind == "postgres"
+                    if classes.is_none()
+                        && !g.doc.sql.is_empty()
+                        && Kind::parse(&req.resource.kind) == Some(Kind::Postgres)
                     {
                         classes = Some(super::sql::classify(cmd));
                     }
@@ -341,7 +386,10 @@ impl Policy {
                         };
                         return decide(
                             effect,
-                            Some(format!("guardrail:{gname}")),
+                            DecidedBy::Guardrail {
+                                guardrail: gname.clone(),
+                                rule: r.name.clone(),
+                            },
                             reason,
                             g.doc.approval.clone(),
                             mask,
@@ -358,7 +406,7 @@ impl Policy {
             let reason = format!("policy rule {:?} requires approval", r.name);
             return decide(
                 Effect::RequireApproval,
-                Some(r.name.clone()),
+                DecidedBy::Rule(r.name.clone()),
                 reason,
                 r.approval.clone(),
                 mask,
@@ -369,7 +417,7 @@ impl Policy {
         let reason = format!("allowed by policy rule {:?}", r.name);
         decide(
             Effect::Allow,
-            Some(r.name.clone()),
+            DecidedBy::Rule(r.name.clone()),
             reason,
             None,
             mask,
@@ -492,7 +540,7 @@ retention:
         p.evaluate(&Request {
             identity: id,
             resource: r,
-            action,
+            action: Action::parse(action).unwrap(),
             command: cmd,
         })
     }
@@ -507,7 +555,7 @@ retention:
             Some("ls"),
         );
         assert_eq!(d.effect, Effect::Allow);
-        assert_eq!(d.rule.as_deref(), Some("engineers-dev"));
+        assert_eq!(d.by.name().as_deref(), Some("engineers-dev"));
     }
 
     #[test]
@@ -520,7 +568,7 @@ retention:
             None,
         );
         assert_eq!(d.effect, Effect::Deny);
-        assert_eq!(d.rule, None);
+        assert_eq!(d.by, DecidedBy::Default);
         assert!(d.reason.contains("denied by default"), "{}", d.reason);
         assert!(
             d.trace.iter().any(|l| l.contains("none of the groups")),
@@ -571,7 +619,7 @@ retention:
             Some("sudo rm -rf /"),
         );
         assert_eq!(d.effect, Effect::Deny);
-        assert_eq!(d.rule.as_deref(), Some("guardrail:destructive-shell"));
+        assert_eq!(d.by.name().as_deref(), Some("guardrail:destructive-shell"));
         let d = eval(
             &policy(),
             &alice,
@@ -627,7 +675,7 @@ retention:
             "exec",
             Some("rm -rf /"),
         );
-        assert_eq!(d.rule.as_deref(), Some("guardrail:destructive-shell"));
+        assert_eq!(d.by.name().as_deref(), Some("guardrail:destructive-shell"));
     }
 
     #[test]
@@ -715,6 +763,48 @@ retention:
         assert!(t0.elapsed() < budget, "took {:?}", t0.elapsed());
     }
 
+    /// The example policy's agent rule is read-only: the agent identity may
+    /// read, and an `UPDATE … WHERE` (or any write, DDL, DCL, or text the
+    /// gateway cannot classify) is refused by its guardrail.
+    #[test]
+    fn the_example_agent_rule_is_read_only() {
+        let doc = parse_document(
+            include_str!("../../../examples/policy.yaml"),
+            DocumentFormat::Yaml,
+        )
+        .unwrap();
+        let p = Policy::compile(doc).unwrap();
+        let mut agent = Identity::for_test("agent", &["ai-agents"]);
+        agent.client_kind = ClientKind::Machine;
+        let db = res("orders", "postgres", "dev");
+        let d = eval(
+            &p,
+            &agent,
+            &db,
+            "connect",
+            Some("SELECT id, total FROM orders"),
+        );
+        assert_eq!(d.effect, Effect::Allow, "{d:?}");
+        for sql in [
+            "UPDATE orders SET total = 0 WHERE id = 1",
+            "INSERT INTO orders VALUES (1)",
+            "DELETE FROM orders WHERE id = 1",
+            "CREATE TABLE t (a int)",
+            "GRANT ALL ON orders TO agent",
+        ] {
+            let d = eval(&p, &agent, &db, "connect", Some(sql));
+            assert_eq!(d.effect, Effect::Deny, "{sql}: {d:?}");
+            assert_eq!(
+                d.by,
+                DecidedBy::Guardrail {
+                    guardrail: "read-only-sql".into(),
+                    rule: "agents-read-only-postgres".into()
+                },
+                "{sql}"
+            );
+        }
+    }
+
     #[test]
     fn bad_documents_are_refused_clearly() {
         let cases = [
@@ -724,7 +814,14 @@ retention:
             ("guardrails: [{name: g, pattern: '(', decision: deny}]", "bad pattern"),
             ("rules: [{name: r, actions: [x], decision: maybe}]", "not valid YAML"),
             ("bogus: 1", "not valid YAML"),
-            ("rules: [{name: r, actions: [x], decision: allow}, {name: r, actions: [x], decision: deny}]", "defined twice"),
+            ("rules: [{name: r, actions: [exec], decision: allow}, {name: r, actions: [exec], decision: deny}]", "defined twice"),
+            // The vocabulary: unknown actions, kinds and evidence modes,
+            // and actions no named kind has, are refused naming the rule.
+            ("rules: [{name: agents, resource: {kinds: [postgres]}, actions: [connect, select], decision: allow}]", "rule \"agents\": unknown action \"select\""),
+            ("rules: [{name: r, resource: {kinds: [postgresql]}, actions: [connect], decision: allow}]", "rule \"r\": unknown resource kind \"postgresql\""),
+            ("rules: [{name: r, resource: {labels: {evidence: Strict}}, actions: [exec], decision: allow}]", "rule \"r\": unknown evidence mode \"Strict\""),
+            ("rules: [{name: r, resource: {kinds: [postgres]}, actions: [exec], decision: allow}]", "action exec does not apply to postgres resources"),
+            ("retention: [{name: keep, resource: {kinds: [shel]}, retain: 1d}]", "retention \"keep\": unknown resource kind"),
         ];
         for (text, expect) in cases {
             let e = parse_document(text, DocumentFormat::Yaml)
@@ -732,6 +829,20 @@ retention:
                 .to_string();
             assert!(e.contains(expect), "{text}: {e}");
         }
+        // A stored document from before the vocabulary still compiles; its
+        // unknown action matches nothing.
+        let old: PolicyDocument =
+            serde_norway::from_str("rules: [{name: r, actions: [select], decision: allow}]")
+                .unwrap();
+        let p = Policy::compile(old).unwrap();
+        let d = eval(
+            &p,
+            &Identity::for_test("a", &[]),
+            &res("db", "postgres", "dev"),
+            "connect",
+            None,
+        );
+        assert_eq!(d.effect, Effect::Deny);
         let toml = "[[rules]]\nname = \"r\"\nactions = [\"exec\"]\ndecision = \"allow\"\n";
         assert_eq!(
             parse_document(toml, DocumentFormat::Toml)

@@ -19,4 +19,4 @@ pub use document::{
     parse_document, parse_duration_ms, ApprovalDoc, DocumentFormat, PolicyDocument, PolicyError,
 };
 pub(crate) use engine::wildcard;
-pub use engine::{Decision, Effect, Policy, Request, ResourceInfo, Role};
+pub use engine::{DecidedBy, Decision, Effect, Policy, Request, ResourceInfo, Role};

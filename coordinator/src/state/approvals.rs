@@ -108,6 +108,19 @@ pub fn with_effective_status(mut r: pb::ApprovalRequest, now_ms: u64) -> pb::App
 }
 
 /// Why a new request is malformed, if it is.
+/// Refuses an approval that names another action than the one it is spent
+/// on (requests made before approvals named an action cover any).
+pub fn covers(r: &pb::ApprovalRequest, action: crate::gateway::Action) -> Result<(), String> {
+    if r.action.is_empty() || r.action == action.as_str() {
+        Ok(())
+    } else {
+        Err(format!(
+            "approval request {} covers {}, not {action}",
+            r.id, r.action
+        ))
+    }
+}
+
 pub fn check_new(r: &pb::ApprovalRequest) -> Result<(), String> {
     if r.resource.is_empty() || r.resource.contains('|') {
         return Err("an approval request names a resource".into());

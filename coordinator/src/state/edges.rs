@@ -207,6 +207,18 @@ fn digest(b: &[u8]) -> Result<[u8; 32], CommandError> {
     })
 }
 
+/// Checks resources about to be declared or bound against the gateway's
+/// vocabulary (an `evidence` label must name a mode). Checked before a
+/// proposal, never while decoding one: entries already in the log keep
+/// applying as they did.
+pub fn check_new(resources: &[ResourceDef]) -> Result<(), CommandError> {
+    for r in resources {
+        crate::gateway::vocab::check_labels(&r.labels)
+            .map_err(|e| CommandError::Invalid(format!("resource {}: {e}", r.name)))?;
+    }
+    Ok(())
+}
+
 impl EdgeCommand {
     /// Validates a resource set (names unique, each valid).
     pub fn register(edge_id: u64, resources: Vec<ResourceDef>) -> Result<Self, CommandError> {

@@ -197,6 +197,9 @@ impl Command {
             // Resource bindings came with state version 2, admissions with 3.
             Command::Edge(edges::EdgeCommand::Bind(_)) => 2,
             Command::AdmitSession(_) => 3,
+            Command::Approval(a) if matches!(&**a, approvals::ApprovalCommand::Create(r) if !r.action.is_empty()) => {
+                3
+            }
             Command::Edge(edges::EdgeCommand::CreateToken { resources, .. })
                 if !resources.is_empty() =>
             {

@@ -252,7 +252,8 @@ impl<E: Engine> Tunnels<E> {
                 labels: r.labels.into_iter().collect(),
             })
             .collect();
-        let register = match EdgeCommand::register(id, resources) {
+        let checked = crate::state::edges::check_new(&resources);
+        let register = match checked.and_then(|()| EdgeCommand::register(id, resources)) {
             Ok(c) => c,
             Err(e) => {
                 let msg = format!("invalid resources: {e}");
