@@ -835,6 +835,39 @@ impl Client {
         .await
     }
 
+    /// Sessions open now, on every node that answers.
+    pub async fn list_live_sessions(&self) -> Result<api::ListLiveSessionsResponse, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            async move {
+                Ok(SessionsClient::new(ch)
+                    .list_live(authed(&tok, api::ListLiveSessionsRequest {}))
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    /// Ends a live session; the node that hosted it.
+    pub async fn kill_session(&self, id: &str, reason: &str) -> Result<u64, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            let req = api::KillSessionRequest {
+                session_id: id.to_owned(),
+                reason: reason.to_owned(),
+            };
+            async move {
+                Ok(SessionsClient::new(ch)
+                    .kill(authed(&tok, req))
+                    .await?
+                    .into_inner()
+                    .node_id)
+            }
+        })
+        .await
+    }
+
     pub async fn export(
         &self,
         req: api::ExportRequest,

@@ -436,6 +436,15 @@ impl LocalCluster {
     /// Mints a token for a demo account (`admin`, `alice`, `bob`, `carol`, `audrey`: password
     /// grant; `agent`: client credentials) from any running node's dev issuer.
     pub async fn mint_token(&self, account: &str) -> anyhow::Result<DevToken> {
+        self.mint_token_for(account, None).await
+    }
+
+    /// [`Self::mint_token`], expiring after `secs` when given.
+    pub async fn mint_token_for(
+        &self,
+        account: &str,
+        secs: Option<u64>,
+    ) -> anyhow::Result<DevToken> {
         let path = self.dir.join("dev-accounts.toml");
         let text =
             std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
@@ -464,6 +473,10 @@ impl LocalCluster {
             } else {
                 bail!("no demo account {account:?} in {}", path.display());
             };
+        let mut form = form;
+        if let Some(secs) = secs {
+            form.push(("expires_in", secs.to_string()));
+        }
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()?;

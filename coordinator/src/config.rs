@@ -49,6 +49,24 @@ pub struct RawConfig {
     pub approvals: RawApprovals,
     #[serde(default, skip_serializing_if = "RawApi::is_default")]
     pub api: RawApi,
+    #[serde(default, skip_serializing_if = "RawSessions::is_default")]
+    pub sessions: RawSessions,
+}
+
+/// `[sessions]`: how live sessions end.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawSessions {
+    /// A session ends this many seconds after its caller's token expires
+    /// (default 0: when it expires).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_grace_secs: Option<u64>,
+}
+
+impl RawSessions {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// `[api]`: limits of the client API.
@@ -235,6 +253,7 @@ pub struct Config {
     pub webhook_secret: Option<PathBuf>,
     pub api_request_timeout: Duration,
     pub node_cert_ttl: Duration,
+    pub token_grace: Duration,
 }
 
 /// The validated `[auth.dev_issuer]`.
@@ -427,7 +446,15 @@ impl Config {
                 366 * 86400
             ));
         }
+        let token_grace = raw.sessions.token_grace_secs.unwrap_or(0);
+        if token_grace > 7 * 86400 {
+            return Err(format!(
+                "sessions.token_grace_secs {token_grace} is above {}",
+                7 * 86400
+            ));
+        }
         Ok(Config {
+            token_grace: Duration::from_secs(token_grace),
             node_cert_ttl: Duration::from_secs(node_cert_ttl),
             api_request_timeout: Duration::from_secs(request_timeout),
             retention_sweep: Duration::from_secs(sweep),

@@ -270,6 +270,7 @@ fn node_config(
             webhook_secret: Some("webhook-secret".into()),
         },
         api: Default::default(),
+        sessions: Default::default(),
         raft: RawRaft {
             compact_threshold: compact,
             compact_bytes: None,

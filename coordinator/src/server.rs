@@ -33,6 +33,8 @@ use crate::tunnel::{EdgeRegistry, PeerClients, PeerService, Tunnels};
 const API_MAX_MESSAGE: usize = 16 << 20;
 /// Concurrent calls (HTTP/2 streams) one API connection may hold.
 const API_MAX_STREAMS: u32 = 256;
+/// How long shutdown waits for open sessions to close their chains.
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs a node until `shutdown` resolves or a listener fails.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -150,7 +152,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         cert_ttl: cfg.edge_cert_ttl,
         region: cfg.region.clone(),
         enroll_limiter: Default::default(),
+        live: crate::gateway::live::LiveSessions::new(),
     });
+    let authority = tokio::spawn(crate::gateway::live::watch_authority(
+        tunnels.live.clone(),
+        node.clone(),
+        guard.clone(),
+        cfg.token_grace,
+    ));
     let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(
         tls.tunnel_server_config().context("tunnel TLS config")?,
     )
@@ -242,10 +251,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .initial_connection_window_size(2 * WINDOW_BYTES)
         .add_service(raft_svc)
         .add_service(PeerServer::new(PeerService::new(
-            node.clone(),
-            registry.clone(),
+            &tunnels,
             is_member,
-            tunnels.ca.clone().map(|ca| (ca, cfg.node_cert_ttl)),
+            cfg.node_cert_ttl,
         )))
         .serve_with_incoming_shutdown(raft_incoming, stopped(stop_rx.clone()));
     let api_server = Server::builder()
@@ -318,6 +326,27 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         },
     };
     tracing::info!(node = cfg.id, "shutting down");
+    // Drain: open sessions are told, and close their evidence chains while
+    // the cluster still takes writes.
+    let ended = tunnels.live.end_where(|_| {
+        Some(crate::gateway::live::EndReason {
+            by: "shutdown".into(),
+            reason: "the coordinator is shutting down".into(),
+        })
+    });
+    if ended > 0 {
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN;
+        while !tunnels.live.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        tracing::info!(
+            node = cfg.id,
+            ended,
+            left = tunnels.live.list().len(),
+            "sessions drained"
+        );
+    }
+    authority.abort();
     let _ = stop_tx.send(true);
     registry.close_all(
         crate::tunnel::registry::close_code::SHUTDOWN,

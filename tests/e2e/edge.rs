@@ -992,3 +992,173 @@ async fn a_caller_going_away_kills_the_remote_command() {
         .await;
     }
 }
+
+/// The id of the live session (as `admin` sees them) whose command or
+/// identity contains `needle`, once it is listed.
+pub(crate) async fn live_session(c: &TestCluster, admin: &str, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = custody(c, &[], admin, &["sessions", "list", "--live", "--json"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let found = v["sessions"].as_array().unwrap().iter().find(|s| {
+            s["command"].as_str().unwrap_or("").contains(needle)
+                || s["identity"].as_str().unwrap_or("").contains(needle)
+        });
+        if let Some(s) = found {
+            return s["session_id"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no live session matching {needle:?}: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits for `child` to exit within `within`; its stderr and how long it took.
+pub(crate) fn exited(child: &mut std::process::Child, within: Duration) -> (String, Duration) {
+    let t0 = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use std::io::Read as _;
+                let _ = e.read_to_string(&mut err);
+            }
+            return (err, t0.elapsed());
+        }
+        assert!(t0.elapsed() < within, "still running after {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The recorded end of a session, once it is closed (read through `nodes`).
+pub(crate) async fn close_reason(c: &TestCluster, nodes: &[u64], admin: &str, id: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = custody(c, nodes, admin, &["sessions", "show", id, "--json"]);
+        if out.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if v["session"]["closed"] == true {
+                return v["session"]["close_reason"].as_str().unwrap().to_owned();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "session {id} not closed: {}",
+            text(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Live sessions end when their authority does, and record who ended them
+/// and why: an admin's kill through another node (within 2 s), the caller's
+/// token expiring, a policy change (from `policy`) that denies the caller,
+/// and SIGTERM of the hosting coordinator (its chain is closed before exit).
+/// `start(c, via, token, n)` opens the `n`th session through node `via`;
+/// `needle(n)` finds it among the live sessions.
+pub(crate) async fn sessions_end_with_their_authority(
+    c: &mut TestCluster,
+    policy: &str,
+    start: impl Fn(&TestCluster, u64, &str, u32) -> std::process::Child,
+    needle: impl Fn(u32) -> String,
+) {
+    let admin = c.token().unwrap();
+    let alice = token(c, "alice").await;
+
+    // Killed by an admin through another node.
+    let mut s = start(c, 2, &alice, 1);
+    let id = live_session(c, &admin, &needle(1)).await;
+    let out = custody(
+        c,
+        &[3],
+        &admin,
+        &["sessions", "kill", &id, "--reason", "incident 42"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("on node 2"),
+        "{}",
+        text(&out.stdout)
+    );
+    let (err, took) = exited(&mut s, Duration::from_secs(10));
+    assert!(took < Duration::from_secs(2), "the kill took {took:?}");
+    assert!(err.contains("incident 42"), "{err}");
+    let why = close_reason(c, &[1], &admin, &id).await;
+    assert!(
+        why.contains("ended by admin@dev.custody.local: incident 42"),
+        "{why}"
+    );
+    // Only admins kill; a reason is required.
+    let out = custody(c, &[], &alice, &["sessions", "kill", &id, "--reason", "x"]);
+    assert!(!out.status.success());
+    let out = custody(c, &[], &admin, &["sessions", "kill", &id, "--reason", " "]);
+    assert!(
+        text(&out.stderr).contains("reason is required"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // The caller's token expires.
+    let short = c.mint_token_for("alice", Some(4)).await.unwrap().token;
+    let mut s = start(c, 1, &short, 2);
+    let id = live_session(c, &admin, &needle(2)).await;
+    let (err, _) = exited(&mut s, Duration::from_secs(20));
+    assert!(err.contains("token expired"), "{err}");
+    let why = close_reason(c, &[], &admin, &id).await;
+    assert!(why.contains("ended by token-expiry"), "{why}");
+
+    // A policy change that denies the caller.
+    let mut s = start(c, 3, &alice, 3);
+    let id = live_session(c, &admin, &needle(3)).await;
+    let lockout = policy.replacen(
+        "\nrules:\n",
+        "\nrules:\n  - name: lockout\n    identity: { groups: [engineers] }\n    actions: [\"*\"]\n    decision: deny\n",
+        1,
+    );
+    assert_ne!(lockout, policy);
+    c.client(&[])
+        .unwrap()
+        .policy_apply(&lockout, "yaml")
+        .await
+        .unwrap();
+    let (err, _) = exited(&mut s, Duration::from_secs(20));
+    assert!(err.contains("no longer allows"), "{err}");
+    let why = close_reason(c, &[], &admin, &id).await;
+    assert!(why.contains("ended by policy"), "{why}");
+    c.client(&[])
+        .unwrap()
+        .policy_apply(policy, "yaml")
+        .await
+        .unwrap();
+
+    // SIGTERM of the hosting coordinator closes the session's chain.
+    let mut s = start(c, 2, &alice, 4);
+    let id = live_session(c, &admin, &needle(4)).await;
+    c.stop(2).unwrap();
+    exited(&mut s, Duration::from_secs(20));
+    let why = close_reason(c, &[1, 3], &admin, &id).await;
+    assert!(why.contains("ended by shutdown"), "{why}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_exec_sessions_end_with_their_authority() {
+    let mut c = system(GenOptions::default()).await;
+    let start = |c: &TestCluster, via: u64, tok: &str, n: u32| {
+        let secs = format!("6{n}");
+        custody_cmd(
+            c,
+            &[via],
+            tok,
+            &["exec", "local-shell", "--", "sleep", &secs],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    sessions_end_with_their_authority(&mut c, POLICY, start, |n| format!("sleep 6{n}")).await;
+}

@@ -2095,3 +2095,23 @@ async fn the_example_agent_rule_refuses_an_update_with_where() {
     );
     assert_eq!(text(&out.stdout).trim(), "40", "{}", text(&out.stderr));
 }
+
+/// Live PostgreSQL sessions end when their authority does: as exec
+/// sessions (see `edge::sessions_end_with_their_authority`), with psql as
+/// the client, the token as its password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_postgres_sessions_end_with_their_authority() {
+    let pg = Postgres::start();
+    let mut c = system(&pg).await;
+    let start = |c: &TestCluster, via: u64, tok: &str, _n: u32| {
+        Command::new("psql")
+            .args(["-X", "-A", "-t", "-c", "select pg_sleep(60)"])
+            .envs(libpq(c, via, tok, "db", "require"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    crate::edge::sessions_end_with_their_authority(&mut c, POLICY, start, |_| "alice".into()).await;
+}

@@ -29,8 +29,19 @@ pub enum SessionsCmd {
         until: Option<u64>,
         #[arg(long, default_value_t = 1000)]
         limit: u32,
+        /// Sessions open now, on every node, instead of recorded ones.
+        #[arg(long, conflicts_with_all = ["identity", "resource", "region", "since", "until"])]
+        live: bool,
         #[arg(long)]
         json: bool,
+    },
+    /// End a live session on whichever node hosts it (admins). The session
+    /// records who ended it and why.
+    Kill {
+        id: String,
+        /// Why: recorded with the session's end.
+        #[arg(long)]
+        reason: String,
     },
     /// Print a session's full, verified event list.
     Show {
@@ -105,6 +116,58 @@ pub async fn run(cmd: SessionsCmd) -> anyhow::Result<()> {
     let client = Client::from_env()?;
     match cmd {
         SessionsCmd::List {
+            live: true, json, ..
+        } => {
+            let r = client.list_live_sessions().await?;
+            if json {
+                let v: Vec<_> = r
+                    .sessions
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "session_id": s.session_id, "principal": s.principal,
+                            "identity": s.identity, "resource": s.resource, "via": s.via,
+                            "node_id": s.node_id, "opened_at_ms": s.opened_at_ms,
+                            "opened_at": fmt_time(s.opened_at_ms), "command": s.command,
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "sessions": v, "unreachable_nodes": r.unreachable_nodes,
+                    }))?
+                );
+                return Ok(());
+            }
+            println!(
+                "{:<32} {:<24} {:<20} {:<14} {:<9} {:<5} COMMAND",
+                "SESSION", "OPENED", "WHO", "RESOURCE", "VIA", "NODE"
+            );
+            for s in &r.sessions {
+                println!(
+                    "{:<32} {:<24} {:<20} {:<14} {:<9} {:<5} {}",
+                    s.session_id,
+                    fmt_time(s.opened_at_ms),
+                    s.identity,
+                    s.resource,
+                    s.via,
+                    s.node_id,
+                    s.command
+                );
+            }
+            if !r.unreachable_nodes.is_empty() {
+                eprintln!(
+                    "nodes {:?} did not answer: their sessions are not listed",
+                    r.unreachable_nodes
+                );
+            }
+        }
+        SessionsCmd::Kill { id, reason } => {
+            let node = client.kill_session(&id, &reason).await?;
+            println!("ended session {id} on node {node}");
+        }
+        SessionsCmd::List {
             identity,
             resource,
             region,
@@ -112,6 +175,7 @@ pub async fn run(cmd: SessionsCmd) -> anyhow::Result<()> {
             until,
             limit,
             json,
+            ..
         } => {
             let list = client
                 .list_sessions(api::ListSessionsRequest {

@@ -58,6 +58,19 @@ impl Guard {
         req: &Request<T>,
         method: &str,
     ) -> Result<Identity, Status> {
+        self.authenticate_until(node, req, method)
+            .await
+            .map(|(id, _)| id)
+    }
+
+    /// Verifies the caller's token: the identity and when the token
+    /// expires (seconds since the epoch).
+    pub async fn authenticate_until<E: Engine, T>(
+        &self,
+        node: &NodeHandle<E>,
+        req: &Request<T>,
+        method: &str,
+    ) -> Result<(Identity, u64), Status> {
         let peer = req.remote_addr();
         let token = req
             .metadata()
@@ -68,7 +81,7 @@ impl Guard {
                     .or_else(|| v.strip_prefix("bearer "))
             })
             .map(str::trim);
-        self.verify_token(node, token, method, peer)
+        self.verify_token_until(node, token, method, peer)
             .await
             .map_err(|e| Status::unauthenticated(e.to_string()))
     }
@@ -82,14 +95,27 @@ impl Guard {
         method: &str,
         peer: Option<std::net::SocketAddr>,
     ) -> Result<Identity, crate::auth::AuthError> {
+        self.verify_token_until(node, token, method, peer)
+            .await
+            .map(|(id, _)| id)
+    }
+
+    /// [`Self::verify_token`], with when the token expires.
+    pub async fn verify_token_until<E: Engine>(
+        &self,
+        node: &NodeHandle<E>,
+        token: Option<&str>,
+        method: &str,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<(Identity, u64), crate::auth::AuthError> {
         let result = match token {
             None | Some("") => Err(crate::auth::AuthError::Missing),
-            Some(t) => self.verifier.verify(t).await,
+            Some(t) => self.verifier.verify_until(t).await,
         };
         match result {
-            Ok(id) => {
+            Ok((id, exp)) => {
                 self.record(node, &id);
-                Ok(id)
+                Ok((id, exp))
             }
             Err(e) => {
                 tracing::warn!(

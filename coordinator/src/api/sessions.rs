@@ -261,12 +261,114 @@ impl<E: Engine> Sessions for SessionsService<E> {
         self.get_session(req).await
     }
 
+    async fn list_live(
+        &self,
+        req: Request<api::ListLiveSessionsRequest>,
+    ) -> Result<Response<api::ListLiveSessionsResponse>, Status> {
+        let t = &self.tunnels;
+        let id = self
+            .guard
+            .authenticate(&t.node, &req, "sessions.list_live")
+            .await?;
+        let all = self.reads_all(&id).await?;
+        let principal = id.principal();
+        let mut out = api::ListLiveSessionsResponse::default();
+        let here = t.node.id();
+        let mut add = |node_id: u64, p: custody_proto::cluster::v1::PeerLiveSession| {
+            if all || p.principal == principal {
+                out.sessions.push(api::LiveSessionInfo {
+                    session_id: p.session_id,
+                    principal: p.principal,
+                    identity: p.identity,
+                    resource: p.resource,
+                    via: p.via,
+                    node_id,
+                    opened_at_ms: p.opened_at_ms,
+                    command: p.command,
+                });
+            }
+        };
+        for s in t.live.list() {
+            add(here, crate::tunnel::peer::peer_live(&s));
+        }
+        let members = crate::state::load_members(t.node.store()).map_err(storage_status)?;
+        let others: Vec<_> = members.into_iter().filter(|m| m.id != here).collect();
+        let answers = futures::future::join_all(
+            others
+                .iter()
+                .map(|m| async move { (m.id, t.peers.live_sessions(m).await) }),
+        )
+        .await;
+        let mut unreachable = Vec::new();
+        for (node_id, r) in answers {
+            match r {
+                Ok(list) => list.into_iter().for_each(|p| add(node_id, p)),
+                Err(_) => unreachable.push(node_id),
+            }
+        }
+        out.unreachable_nodes = unreachable;
+        out.sessions.sort_by_key(|s| s.opened_at_ms);
+        Ok(Response::new(out))
+    }
+
+    async fn kill(
+        &self,
+        req: Request<api::KillSessionRequest>,
+    ) -> Result<Response<api::KillSessionResponse>, Status> {
+        let t = &self.tunnels;
+        let id = self
+            .guard
+            .authenticate(&t.node, &req, "sessions.kill")
+            .await?;
+        self.guard
+            .require(&t.node, &id, &[Role::Admin], "end sessions")
+            .await?;
+        let r = req.into_inner();
+        if r.reason.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "a reason is required: it is recorded with the session's end",
+            ));
+        }
+        let why = crate::gateway::live::EndReason {
+            by: id.label().to_owned(),
+            reason: r.reason.clone(),
+        };
+        let mut host = None;
+        if t.live.end(&r.session_id, why.clone()) {
+            host = Some(t.node.id());
+        } else {
+            let members = crate::state::load_members(t.node.store()).map_err(storage_status)?;
+            for m in members.iter().filter(|m| m.id != t.node.id()) {
+                let req = custody_proto::cluster::v1::EndSessionRequest {
+                    session_id: r.session_id.clone(),
+                    by: why.by.clone(),
+                    reason: why.reason.clone(),
+                };
+                if let Ok(true) = t.peers.end_session(m, req).await {
+                    host = Some(m.id);
+                    break;
+                }
+            }
+        }
+        let Some(node_id) = host else {
+            return Err(Status::not_found(format!(
+                "no live session {} on any node that answered",
+                r.session_id
+            )));
+        };
+        tracing::warn!(target: "audit", event = "session_killed", session = %r.session_id, by = %id.label(), node = node_id, reason = %r.reason, "a session was ended by an admin");
+        Ok(Response::new(api::KillSessionResponse { node_id }))
+    }
+
     async fn exec(
         &self,
         req: Request<Streaming<api::ExecInput>>,
     ) -> Result<Response<Self::ExecStream>, Status> {
         let node = &self.tunnels.node;
-        let id = self.guard.authenticate(node, &req, "sessions.exec").await?;
+        let (id, token_expires_at) = self
+            .guard
+            .authenticate_until(node, &req, "sessions.exec")
+            .await?;
         let client_addr = req.remote_addr();
         let mut input = req.into_inner();
         let start = match tokio::time::timeout(START_TIMEOUT, input.message()).await {
@@ -452,6 +554,17 @@ impl<E: Engine> Sessions for SessionsService<E> {
             mode: mode.into(),
         };
         let rec = Arc::new(SessionRecorder::start(node.clone(), summary));
+        let mut live = self.tunnels.live.register(crate::gateway::live::LiveInfo {
+            session_id: session_id.clone(),
+            identity: id.clone(),
+            resource: resource.clone(),
+            via: "exec",
+            action: Action::Exec,
+            command: Some(command.clone()),
+            opened_at_ms: now_ms(),
+            token_expires_at,
+            approved: approval.is_some(),
+        });
         let opened = opened_event(
             &id,
             client_addr,
@@ -592,6 +705,8 @@ impl<E: Engine> Sessions for SessionsService<E> {
                     )),
                     // Recorded or ended: nothing runs on unrecorded.
                     e = rec.failed() => break Err(e.to_string()),
+                    // Killed, or its authority ended.
+                    why = live.ended() => break Err(why.to_string()),
                 };
                 let (msg, stream, data) = match f.kind {
                     Some(t::session_frame::Kind::Data(d)) => {

@@ -175,6 +175,8 @@ struct TokenForm {
     password: Option<String>,
     client_id: Option<String>,
     client_secret: Option<String>,
+    /// A shorter lifetime, in seconds (tests of what a token's expiry ends).
+    expires_in: Option<u64>,
 }
 
 fn oauth_error(status: StatusCode, code: &str, desc: &str) -> Response {
@@ -217,9 +219,12 @@ async fn token(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    let ttl = f
+        .expires_in
+        .map_or(TOKEN_TTL.as_secs(), |t| t.clamp(1, TOKEN_TTL.as_secs()));
     let mut claims = json!({
         "iss": st.issuer, "aud": st.audience, "iat": now, "nbf": now,
-        "exp": now + TOKEN_TTL.as_secs(),
+        "exp": now + ttl,
         "jti": format!("{:032x}", rand::random::<u128>()),
     });
     match f.grant_type.as_str() {
@@ -288,7 +293,7 @@ async fn token(
     h.kid = st.jwk.common.key_id.clone();
     match jsonwebtoken::encode(&h, &claims, &st.key) {
         Ok(t) => Json(json!({
-            "access_token": t, "token_type": "Bearer", "expires_in": TOKEN_TTL.as_secs(),
+            "access_token": t, "token_type": "Bearer", "expires_in": ttl,
         }))
         .into_response(),
         Err(e) => oauth_error(

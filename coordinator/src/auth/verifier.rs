@@ -352,11 +352,17 @@ impl Verifier {
 
     /// Verifies `token` and returns the identity it proves.
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        self.verify_until(token).await.map(|(id, _)| id)
+    }
+
+    /// Verifies `token`: the identity it proves and when it expires
+    /// (seconds since the epoch).
+    pub async fn verify_until(&self, token: &str) -> Result<(Identity, u64), AuthError> {
         {
             let cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((id, exp, at)) = cache.get(token) {
                 if unix_now() < *exp && at.elapsed() < VERIFIED_TTL {
-                    return Ok(id.clone());
+                    return Ok((id.clone(), *exp));
                 }
             }
         }
@@ -366,7 +372,7 @@ impl Verifier {
             cache.clear();
         }
         cache.insert(token.to_owned(), (id.clone(), exp, Instant::now()));
-        Ok(id)
+        Ok((id, exp))
     }
 
     async fn verify_uncached(&self, token: &str) -> Result<(Identity, u64), AuthError> {

@@ -310,9 +310,9 @@ impl<E: Engine> PgGateway<E> {
         let token = pg::decode_cstring(&f.body, "PasswordMessage")
             .map_err(|e| fatal("08P01", e.to_string()))?;
         let node = &self.tunnels.node;
-        let id = self
+        let (id, token_expires_at) = self
             .guard
-            .verify_token(node, Some(token.trim()), "postgres.connect", Some(peer))
+            .verify_token_until(node, Some(token.trim()), "postgres.connect", Some(peer))
             .await
             .map_err(|e| {
                 fatal(
@@ -397,6 +397,7 @@ impl<E: Engine> PgGateway<E> {
             rule,
             decision: d.effect.as_str().into(),
             grant,
+            token_expires_at,
         })
     }
 
@@ -531,8 +532,21 @@ impl<E: Engine> PgGateway<E> {
         pg::encode_auth(pg::AUTH_OK, &[], &mut out);
         pg::encode_backend_key_data(pid, &key, &mut out);
         tracing::info!(target: "audit", event = "session_opened", session = %session_id, subject = %a.id.subject, resource = %a.resource.name, edge = %routed.edge.name, "postgres session");
+        let mut live = self.tunnels.live.register(crate::gateway::live::LiveInfo {
+            session_id: session_id.clone(),
+            identity: a.id.clone(),
+            resource: a.resource.clone(),
+            via: "postgres",
+            action: Action::Connect,
+            command: None,
+            opened_at_ms: now_ms(),
+            token_expires_at: a.token_expires_at,
+            approved: a.grant.is_some(),
+        });
         let reason = self
-            .pump(&mut s, &mut cbuf, out, &tx, &mut rx, &rec, strict, &a)
+            .pump(
+                &mut s, &mut cbuf, out, &tx, &mut rx, &rec, strict, &a, &mut live,
+            )
             .await;
         self.cancels
             .lock()
@@ -1076,12 +1090,13 @@ impl<E: Engine> PgGateway<E> {
         rec: &SessionRecorder,
         strict: bool,
         a: &Authorized,
+        live: &mut crate::gateway::live::LiveSession,
     ) -> Result<&'static str, Fatal> {
         // Events are handed to the recorder in batches: one message per read
         // from either side (or with the commit before a statement runs).
         let mut evq = Vec::new();
         let r = self
-            .relay_frames(s, cbuf, out, tx, rx, rec, &mut evq, strict, a)
+            .relay_frames(s, cbuf, out, tx, rx, rec, &mut evq, strict, a, live)
             .await;
         // Whatever ended the session, what it did so far is recorded.
         let _ = rec.record_all(evq).await;
@@ -1100,6 +1115,7 @@ impl<E: Engine> PgGateway<E> {
         evq: &mut Vec<ev::event::Kind>,
         strict: bool,
         a: &Authorized,
+        live: &mut crate::gateway::live::LiveSession,
     ) -> Result<&'static str, Fatal> {
         let mut st = ServerSide {
             relay: if a.masker.has_column_rules() {
@@ -1349,6 +1365,8 @@ impl<E: Engine> PgGateway<E> {
                 // Recorded or ended: the session stops once its evidence
                 // cannot be committed, even while it is idle.
                 e = rec.failed() => return Err(fatal("57P03", format!("{e}; the session was ended"))),
+                // Killed, or its authority ended.
+                why = live.ended() => return Err(fatal("57P01", why.to_string())),
             }
         }
     }
@@ -2195,6 +2213,8 @@ struct Authorized {
     rule: String,
     decision: String,
     grant: Option<pb::ApprovalRequest>,
+    /// When the caller's token expires (seconds since the epoch).
+    token_expires_at: u64,
 }
 
 #[cfg(test)]

@@ -33,6 +33,8 @@ pub struct Tunnels<E: Engine> {
     pub region: String,
     /// Refused enrollment attempts per source address.
     pub enroll_limiter: server::EnrollLimiter,
+    /// The sessions open on this node.
+    pub live: Arc<crate::gateway::live::LiveSessions>,
 }
 
 /// Where a session was opened.

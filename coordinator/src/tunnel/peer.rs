@@ -22,6 +22,7 @@ use custody_proto::tunnel::v1 as t;
 use super::registry::EdgeRegistry;
 use super::session::{error_frame, open_local, OpenError, SessionChannel, CHANNEL_FRAMES};
 use crate::consensus::NodeHandle;
+use crate::gateway::live::{EndReason, LiveInfo, LiveSessions};
 use crate::pki::{node_dns_name, ClusterCa};
 use crate::state::{self, admissions, Member};
 use crate::storage::Engine;
@@ -46,6 +47,7 @@ pub const ADMISSION_WAIT: Duration = Duration::from_secs(3);
 pub struct PeerService<E: Engine> {
     node: NodeHandle<E>,
     registry: Arc<EdgeRegistry>,
+    live: Arc<LiveSessions>,
     is_member: crate::consensus::transport::MemberCheck,
     /// Signs other nodes' renewed certificates (nodes with the CA key), and
     /// the lifetime of those certificates.
@@ -53,17 +55,19 @@ pub struct PeerService<E: Engine> {
 }
 
 impl<E: Engine> PeerService<E> {
+    /// `node_cert_ttl`: the lifetime of node certificates this node signs
+    /// (when it holds the CA key).
     pub fn new(
-        node: NodeHandle<E>,
-        registry: Arc<EdgeRegistry>,
+        tunnels: &super::Tunnels<E>,
         is_member: crate::consensus::transport::MemberCheck,
-        signer: Option<(Arc<ClusterCa>, Duration)>,
+        node_cert_ttl: Duration,
     ) -> Self {
         Self {
-            node,
-            registry,
+            node: tunnels.node.clone(),
+            registry: tunnels.registry.clone(),
+            live: tunnels.live.clone(),
             is_member,
-            signer,
+            signer: tunnels.ca.clone().map(|ca| (ca, node_cert_ttl)),
         }
     }
 
@@ -123,6 +127,35 @@ impl<E: Engine> Peer for PeerService<E> {
     }
 
     type RelayStream = RelayStream;
+
+    async fn live_sessions(
+        &self,
+        req: Request<pb::LiveSessionsRequest>,
+    ) -> Result<Response<pb::LiveSessionsResponse>, Status> {
+        self.member(&req)?;
+        Ok(Response::new(pb::LiveSessionsResponse {
+            sessions: self.live.list().iter().map(peer_live).collect(),
+        }))
+    }
+
+    async fn end_session(
+        &self,
+        req: Request<pb::EndSessionRequest>,
+    ) -> Result<Response<pb::EndSessionResponse>, Status> {
+        let from = self.member(&req)?;
+        let r = req.into_inner();
+        let found = self.live.end(
+            &r.session_id,
+            EndReason {
+                by: r.by.clone(),
+                reason: r.reason,
+            },
+        );
+        if found {
+            tracing::warn!(target: "audit", event = "session_killed", session = %r.session_id, by = %r.by, via_node = from, "a session was ended on a peer's request");
+        }
+        Ok(Response::new(pb::EndSessionResponse { found }))
+    }
 
     async fn renew_node_certificate(
         &self,
@@ -222,6 +255,19 @@ impl<E: Engine> Peer for PeerService<E> {
     }
 }
 
+/// A live session as peers report it.
+pub fn peer_live(s: &LiveInfo) -> pb::PeerLiveSession {
+    pb::PeerLiveSession {
+        session_id: s.session_id.clone(),
+        principal: s.identity.principal(),
+        identity: s.identity.label().to_owned(),
+        resource: s.resource.name.clone(),
+        via: s.via.to_owned(),
+        opened_at_ms: s.opened_at_ms,
+        command: s.command.clone().unwrap_or_default(),
+    }
+}
+
 /// A peer's answer to a unary call, within [`PEER_TIMEOUT`].
 async fn answer<T>(
     node: u64,
@@ -288,6 +334,24 @@ impl PeerClients {
         )
         .await?;
         Ok(r.cert_pem)
+    }
+
+    /// Sessions live on `m`.
+    pub async fn live_sessions(&self, m: &Member) -> Result<Vec<pb::PeerLiveSession>, OpenError> {
+        let mut c = PeerClient::new(self.channel(m)?);
+        Ok(answer(m.id, c.live_sessions(pb::LiveSessionsRequest {}))
+            .await?
+            .sessions)
+    }
+
+    /// Asks `m` to end a session; whether it hosted it.
+    pub async fn end_session(
+        &self,
+        m: &Member,
+        req: pb::EndSessionRequest,
+    ) -> Result<bool, OpenError> {
+        let mut c = PeerClient::new(self.channel(m)?);
+        Ok(answer(m.id, c.end_session(req)).await?.found)
     }
 
     /// Edges live on `m`.
