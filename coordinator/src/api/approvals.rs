@@ -11,11 +11,11 @@ use custody_proto::cluster::v1 as pb;
 use custody_proto::v1 as api;
 use custody_proto::v1::approvals_server::Approvals;
 
-use super::sessions::create_request;
 use super::{status_from, storage_status, Guard};
 use crate::auth::{ClientKind, Identity};
 use crate::consensus::node::now_ms;
 use crate::consensus::NodeHandle;
+use crate::gateway::session::create_request;
 use crate::gateway::Kind;
 use crate::notify::Notifier;
 use crate::policy::{Effect, Request as PolicyRequest, ResourceInfo};

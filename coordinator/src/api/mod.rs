@@ -21,10 +21,10 @@ mod guard;
 mod policy;
 pub mod sessions;
 
+pub use crate::gateway::Guard;
 pub use approvals::ApprovalsService;
 pub use edges::{EdgesService, ResourcesService};
 pub use export::{purge_expired, EvidenceService};
-pub use guard::Guard;
 pub use policy::PolicyService;
 pub use sessions::SessionsService;
 
@@ -53,6 +53,22 @@ pub(crate) fn status_from(e: NodeError) -> Status {
             Status::failed_precondition(e.to_string())
         }
         NodeError::Storage(_) | NodeError::Apply { .. } => Status::internal(e.to_string()),
+    }
+}
+
+/// The one mapping of gateway errors to gRPC statuses.
+impl From<crate::gateway::GatewayError> for Status {
+    fn from(e: crate::gateway::GatewayError) -> Self {
+        use crate::gateway::GatewayError as G;
+        match e {
+            G::Invalid(m) => Status::invalid_argument(m),
+            G::Denied(m) => Status::permission_denied(m),
+            G::NotFound(m) => Status::not_found(m),
+            G::Precondition(m) => Status::failed_precondition(m),
+            G::Unavailable(m) => Status::unavailable(m),
+            G::Node(e) => status_from(e),
+            G::Storage(e) => storage_status(e),
+        }
     }
 }
 

@@ -14,8 +14,9 @@ use crate::policy::{parse_document, DocumentFormat, Request as PolicyRequest, Re
 use crate::state::{self, Command};
 use crate::storage::Engine;
 
-use super::guard::{role_name, Guard};
 use super::status_from;
+use crate::gateway::guard::role_name;
+use crate::gateway::Guard;
 
 /// Serves `Auth` and `Policy` for one node.
 pub struct PolicyService<E: Engine> {

@@ -25,6 +25,9 @@ use custody_proto::evidence::v1 as ev;
 use super::{storage_status, Guard};
 use crate::consensus::node::now_ms;
 use crate::evidence::{SessionRecorder, DEFAULT_OUTPUT_CAP};
+use crate::gateway::session::{
+    approval_event, command_digest, create_request, new_session_id, opened_event,
+};
 use crate::gateway::{Action, EvidenceMode};
 use crate::notify::Notifier;
 use crate::policy::{Effect, Request as PolicyRequest, ResourceInfo, Role};
@@ -54,78 +57,12 @@ impl<E: Engine> SessionsService<E> {
     }
 }
 
-/// SHA-256 of a command line, as approvals store and compare it.
-pub fn command_digest(command: &str) -> [u8; 32] {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(command.as_bytes()).into()
-}
-
 /// How an approval lets this session run.
 enum ApprovalUse {
     /// An approved command approval, to spend once the edge stream is open.
     Spend(u64),
     /// An active access grant (ends the session when it expires).
     Grant(Box<pb::ApprovalRequest>),
-}
-
-/// The `session_opened` event.
-#[allow(clippy::too_many_arguments)]
-pub fn opened_event(
-    id: &crate::auth::Identity,
-    client_addr: Option<std::net::SocketAddr>,
-    resource: &ResourceInfo,
-    routed: &crate::tunnel::Routed,
-    node_region: &str,
-    decision: &str,
-    rule: &str,
-    mode: &str,
-) -> ev::event::Kind {
-    ev::event::Kind::Opened(ev::SessionOpened {
-        identity: Some(ev::Identity {
-            issuer: id.issuer.clone(),
-            subject: id.subject.clone(),
-            email: id.email.clone().unwrap_or_default(),
-            name: id.name.clone().unwrap_or_default(),
-            groups: id.groups.clone(),
-            client_kind: id.client_kind.as_str().into(),
-            client_id: id.client_id.clone().unwrap_or_default(),
-        }),
-        client_addr: client_addr.map(|a| a.to_string()).unwrap_or_default(),
-        resource: resource.name.clone(),
-        resource_kind: resource.kind.clone(),
-        labels: resource.labels.clone().into_iter().collect(),
-        edge: routed.edge.name.clone(),
-        edge_id: routed.edge.id,
-        edge_region: routed.edge.region.clone(),
-        node_region: node_region.to_owned(),
-        decision: decision.to_owned(),
-        rule: rule.to_owned(),
-        mode: mode.to_owned(),
-    })
-}
-
-/// The evidence event for an approval a session ran under.
-pub fn approval_event(r: &pb::ApprovalRequest) -> ev::event::Kind {
-    ev::event::Kind::Approval(ev::ApprovalRef {
-        request_id: r.id.to_string(),
-        kind: r.kind.clone(),
-        requester: r.requester_label.clone(),
-        rule: r.rule.clone(),
-        justification: r.justification.clone(),
-        created_at_ms: r.created_at_ms,
-        decided_at_ms: r.decided_at_ms,
-        reviews: r
-            .reviews
-            .iter()
-            .map(|v| ev::ApprovalDecision {
-                reviewer: v.reviewer_label.clone(),
-                approved: v.approved,
-                reason: v.reason.clone(),
-                at_ms: v.at_ms,
-            })
-            .collect(),
-        access_until_ms: r.access_until_ms,
-    })
 }
 
 /// Joins argv into one command line, quoting words the shell would split, so
@@ -196,31 +133,6 @@ impl OutputCap {
     }
 }
 
-/// Proposes a new approval request and returns it as stored.
-pub async fn create_request<E: Engine>(
-    node: &crate::consensus::NodeHandle<E>,
-    mut req: pb::ApprovalRequest,
-) -> Result<pb::ApprovalRequest, Status> {
-    approvals::check_new(&req).map_err(Status::invalid_argument)?;
-    // Nodes before state version 3 do not keep an approval's action.
-    if crate::state::cluster_version(node.store()).map_err(storage_status)? < 3 {
-        req.action.clear();
-    }
-    let out = node
-        .propose_retrying(
-            Command::Approval(Box::new(approvals::ApprovalCommand::Create(Box::new(req)))),
-            None,
-        )
-        .await
-        .map_err(super::status_from)?;
-    if let Some(why) = out.rejected {
-        return Err(Status::invalid_argument(why));
-    }
-    approvals::approval_get(node.store(), out.value)
-        .map_err(storage_status)?
-        .ok_or_else(|| Status::internal("new approval request vanished"))
-}
-
 /// Refuses to spend an approval that names another action than `action`.
 fn check_covers<E: Engine>(
     node: &crate::consensus::NodeHandle<E>,
@@ -231,10 +143,6 @@ fn check_covers<E: Engine>(
         Some(r) => approvals::covers(&r, action).map_err(Status::failed_precondition),
         None => Ok(()),
     }
-}
-
-pub fn new_session_id() -> String {
-    hex(&rand::random::<[u8; 16]>())
 }
 
 type ExecStream = Pin<Box<dyn Stream<Item = Result<api::ExecOutput, Status>> + Send>>;

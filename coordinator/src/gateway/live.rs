@@ -154,7 +154,7 @@ impl LiveSessions {
 pub async fn watch_authority<E: crate::storage::Engine>(
     live: Arc<LiveSessions>,
     node: crate::consensus::NodeHandle<E>,
-    guard: Arc<crate::api::Guard>,
+    guard: Arc<super::Guard>,
     grace: std::time::Duration,
 ) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));

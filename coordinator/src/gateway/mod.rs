@@ -2,9 +2,16 @@
 //! Kubernetes and MCP) shares: the typed vocabulary ([`vocab`]: kinds of
 //! target, the actions policy judges for each, evidence modes) and the live
 //! sessions of this node ([`live`]: each with one "ended" signal, fed by
-//! kills, token expiry, policy changes and shutdown).
+//! kills, token expiry, policy changes and shutdown), what every session
+//! records the same way ([`session`]), and one error type, [`GatewayError`],
+//! that each front door maps once.
 
+mod error;
+pub mod guard;
 pub mod live;
+pub mod session;
 pub mod vocab;
 
+pub use error::GatewayError;
+pub use guard::Guard;
 pub use vocab::{Action, EvidenceMode, Kind};
