@@ -1053,17 +1053,35 @@ pub(crate) async fn close_reason(c: &TestCluster, nodes: &[u64], admin: &str, id
     }
 }
 
+/// Waits until session `id`'s recorded events mention `text`.
+pub(crate) async fn recorded(c: &TestCluster, admin: &str, id: &str, text_: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = custody(c, &[], admin, &["sessions", "show", id, "--json"]);
+        if out.status.success() && text(&out.stdout).contains(text_) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "session {id} never recorded {text_:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Live sessions end when their authority does, and record who ended them
 /// and why: an admin's kill through another node (within 2 s), the caller's
 /// token expiring, a policy change (from `policy`) that denies the caller,
 /// and SIGTERM of the hosting coordinator (its chain is closed before exit).
 /// `start(c, via, token, n)` opens the `n`th session through node `via`;
-/// `needle(n)` finds it among the live sessions.
+/// `needle(n)` finds it among the live sessions; `running` is recorded once
+/// its command runs.
 pub(crate) async fn sessions_end_with_their_authority(
     c: &mut TestCluster,
     policy: &str,
     start: impl Fn(&TestCluster, u64, &str, u32) -> std::process::Child,
     needle: impl Fn(u32) -> String,
+    running: &str,
 ) {
     let admin = c.token().unwrap();
     let alice = token(c, "alice").await;
@@ -1110,9 +1128,11 @@ pub(crate) async fn sessions_end_with_their_authority(
     let why = close_reason(c, &[], &admin, &id).await;
     assert!(why.contains("ended by token-expiry"), "{why}");
 
-    // A policy change that denies the caller.
+    // A policy change that denies the caller, once the session's command
+    // runs (earlier, the command itself would be refused).
     let mut s = start(c, 3, &alice, 3);
     let id = live_session(c, &admin, &needle(3)).await;
+    recorded(c, &admin, &id, running).await;
     let lockout = policy.replacen(
         "\nrules:\n",
         "\nrules:\n  - name: lockout\n    identity: { groups: [engineers] }\n    actions: [\"*\"]\n    decision: deny\n",
@@ -1160,5 +1180,6 @@ async fn live_exec_sessions_end_with_their_authority() {
         .spawn()
         .unwrap()
     };
-    sessions_end_with_their_authority(&mut c, POLICY, start, |n| format!("sleep 6{n}")).await;
+    sessions_end_with_their_authority(&mut c, POLICY, start, |n| format!("sleep 6{n}"), "sleep")
+        .await;
 }

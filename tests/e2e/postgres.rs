@@ -2113,5 +2113,12 @@ async fn live_postgres_sessions_end_with_their_authority() {
             .spawn()
             .unwrap()
     };
-    crate::edge::sessions_end_with_their_authority(&mut c, POLICY, start, |_| "alice".into()).await;
+    crate::edge::sessions_end_with_their_authority(
+        &mut c,
+        POLICY,
+        start,
+        |_| "alice".into(),
+        "pg_sleep",
+    )
+    .await;
 }

@@ -65,7 +65,7 @@ impl From<crate::gateway::GatewayError> for Status {
             G::Denied(m) => Status::permission_denied(m),
             G::NotFound(m) => Status::not_found(m),
             G::Precondition(m) => Status::failed_precondition(m),
-            G::Unavailable(m) => Status::unavailable(m),
+            G::NoEdge(m) | G::Unavailable(m) => Status::unavailable(m),
             G::Node(e) => status_from(e),
             G::Storage(e) => storage_status(e),
         }

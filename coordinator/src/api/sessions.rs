@@ -24,14 +24,13 @@ use custody_proto::evidence::v1 as ev;
 
 use super::{storage_status, Guard};
 use crate::consensus::node::now_ms;
-use crate::evidence::{SessionRecorder, DEFAULT_OUTPUT_CAP};
-use crate::gateway::session::{
-    approval_event, command_digest, create_request, new_session_id, opened_event,
-};
-use crate::gateway::{Action, EvidenceMode};
+use crate::evidence::DEFAULT_OUTPUT_CAP;
+use crate::gateway::open::ApprovalUse;
+use crate::gateway::session::{command_digest, create_request};
+use crate::gateway::{Action, EvidenceMode, Kind};
 use crate::notify::Notifier;
 use crate::policy::{Effect, Request as PolicyRequest, ResourceInfo, Role};
-use crate::state::{approvals, edges, Command};
+use crate::state::{approvals, edges};
 use crate::storage::Engine;
 use crate::tunnel::session::frame;
 use crate::tunnel::Tunnels;
@@ -55,14 +54,6 @@ impl<E: Engine> SessionsService<E> {
             notifier,
         }
     }
-}
-
-/// How an approval lets this session run.
-enum ApprovalUse {
-    /// An approved command approval, to spend once the edge stream is open.
-    Spend(u64),
-    /// An active access grant (ends the session when it expires).
-    Grant(Box<pb::ApprovalRequest>),
 }
 
 /// Joins argv into one command line, quoting words the shell would split, so
@@ -130,18 +121,6 @@ impl OutputCap {
             truncated: true,
             continued: false,
         }))
-    }
-}
-
-/// Refuses to spend an approval that names another action than `action`.
-fn check_covers<E: Engine>(
-    node: &crate::consensus::NodeHandle<E>,
-    request: u64,
-    action: Action,
-) -> Result<(), Status> {
-    match approvals::approval_get(node.store(), request).map_err(storage_status)? {
-        Some(r) => approvals::covers(&r, action).map_err(Status::failed_precondition),
-        None => Ok(()),
     }
 }
 
@@ -308,7 +287,7 @@ impl<E: Engine> Sessions for SessionsService<E> {
             kind: def.kind.clone(),
             labels: def.labels.clone(),
         };
-        if def.kind != "shell" {
+        if Kind::parse(&def.kind) != Some(Kind::Shell) {
             return Err(Status::failed_precondition(format!(
                 "resource {} is a {} resource; exec needs a shell resource",
                 def.name, def.kind
@@ -338,9 +317,10 @@ impl<E: Engine> Sessions for SessionsService<E> {
                     None => format!("denied by policy (default deny): {}", d.reason),
                 }));
             }
-            Effect::RequireApproval if start.request_id != 0 => {
-                Some(ApprovalUse::Spend(start.request_id))
-            }
+            Effect::RequireApproval if start.request_id != 0 => Some(ApprovalUse::Spend {
+                request: start.request_id,
+                command_sha256: command_digest(&command).to_vec(),
+            }),
             Effect::RequireApproval => {
                 // Access grants cover policy rules; guardrails always need a
                 // command approval.
@@ -389,123 +369,46 @@ impl<E: Engine> Sessions for SessionsService<E> {
                 }
             }
         };
-        let session_id = new_session_id();
-        let candidates: Vec<_> = serving.into_iter().map(|(e, _)| e).collect();
-        let open = t::SessionOpen {
-            session_id: session_id.clone(),
-            resource: def.name.clone(),
-            identity: format!("{} {}", id.issuer, id.subject),
-        };
-        // Opening the stream runs nothing yet: the edge waits for the command.
-        let routed = self
-            .tunnels
-            .open_session(&def.name, &candidates, open)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        let approval = match approval_use {
-            None => None,
-            Some(ApprovalUse::Grant(g)) => Some(*g),
-            Some(ApprovalUse::Spend(request)) => {
-                check_covers(node, request, Action::Exec)?;
-                // The stream is open but nothing runs until the command frame;
-                // dropping `routed` on refusal abandons it.
-                let spent = node
-                    .propose_retrying(
-                        Command::Approval(Box::new(approvals::ApprovalCommand::Use(
-                            pb::UseApproval {
-                                id: request,
-                                requester: principal.clone(),
-                                resource: def.name.clone(),
-                                command_sha256: command_digest(&command).to_vec().into(),
-                                session_id: session_id.clone(),
-                            },
-                        ))),
-                        None,
-                    )
-                    .await
-                    .map_err(super::status_from)?;
-                if let Some(why) = spent.rejected {
-                    return Err(if why.starts_with("no approval request") {
-                        Status::not_found(why)
-                    } else {
-                        Status::failed_precondition(why)
-                    });
-                }
-                let r = approvals::approval_get(node.store(), request)
-                    .map_err(storage_status)?
-                    .ok_or_else(|| Status::internal("spent approval vanished"))?;
-                tracing::info!(target: "audit", event = "approval_used", request, session = %session_id);
-                Some(r)
-            }
-        };
-        let grant_until = approval
-            .as_ref()
-            .filter(|a| a.kind == "access")
-            .map(|a| (a.id, a.access_until_ms));
-        let mode = EvidenceMode::of(&def.labels);
-        let strict = mode == EvidenceMode::Strict;
-        let mode = mode.as_str();
-        let summary = pb::SessionSummary {
-            session_id: session_id.clone(),
-            opened_at_ms: now_ms(),
-            issuer: id.issuer.clone(),
-            subject: id.subject.clone(),
-            email: id.email.clone().unwrap_or_default(),
-            client_kind: id.client_kind.as_str().into(),
-            resource: def.name.clone(),
-            resource_kind: def.kind.clone(),
-            edge: routed.edge.name.clone(),
-            edge_region: routed.edge.region.clone(),
-            node_region: self.tunnels.region.clone(),
-            node_id: node.id(),
-            command: command.clone(),
-            mode: mode.into(),
-        };
-        let rec = Arc::new(SessionRecorder::start(node.clone(), summary));
-        let mut live = self.tunnels.live.register(crate::gateway::live::LiveInfo {
-            session_id: session_id.clone(),
-            identity: id.clone(),
-            resource: resource.clone(),
-            via: "exec",
-            action: Action::Exec,
-            command: Some(command.clone()),
-            opened_at_ms: now_ms(),
-            token_expires_at,
-            approved: approval.is_some(),
-        });
-        let opened = opened_event(
-            &id,
-            client_addr,
-            &resource,
-            &routed,
-            &self.tunnels.region,
-            d.effect.as_str(),
-            &rule,
-            mode,
-        );
         let cmd_event = ev::CommandEvent {
             text: command.clone(),
             argv: start.argv.clone(),
             params: vec![],
             verb: "exec".into(),
         };
-        let recorded = async {
-            rec.record(opened).await?;
-            if let Some(a) = &approval {
-                rec.record(approval_event(a)).await?;
-            }
-            rec.record(ev::event::Kind::Command(cmd_event)).await?;
-            if strict {
-                rec.commit().await?;
-            }
-            Ok::<_, crate::evidence::RecordError>(())
-        }
-        .await;
-        if let Err(e) = recorded {
-            // Dropping the channel abandons the stream: the edge runs nothing.
-            tracing::warn!(target: "audit", event = "session_refused", session = %session_id, reason = %e);
-            return Err(Status::unavailable(format!("{e}; the command was not run")));
-        }
+        // Opening the stream runs nothing yet: the edge waits for the command.
+        let opened = crate::gateway::open::open(
+            &self.tunnels,
+            crate::gateway::open::Admission {
+                identity: id.clone(),
+                token_expires_at,
+                client_addr,
+                resource: resource.clone(),
+                candidates: serving.into_iter().map(|(e, _)| e).collect(),
+                via: "exec",
+                action: Action::Exec,
+                command: command.clone(),
+                judged_command: Some(command.clone()),
+                decision: d.effect.as_str().into(),
+                rule: rule.clone(),
+                approval: approval_use,
+                first_events: vec![ev::event::Kind::Command(cmd_event)],
+            },
+        )
+        .await?;
+        let crate::gateway::open::Opened {
+            session_id,
+            routed,
+            rec,
+            mut live,
+            mode,
+            approval,
+        } = opened;
+        let rec = Arc::new(rec);
+        let strict = mode == EvidenceMode::Strict;
+        let grant_until = approval
+            .as_ref()
+            .filter(|a| a.kind == "access")
+            .map(|a| (a.id, a.access_until_ms));
         let crate::tunnel::SessionChannel { tx, mut rx } = routed.channel;
         if tx
             .send(frame(t::session_frame::Kind::Exec(t::ExecCommand {

@@ -18,7 +18,10 @@ pub enum GatewayError {
     /// something else, a kind the front door does not serve).
     #[error("{0}")]
     Precondition(String),
-    /// No edge, no quorum: retry later.
+    /// No edge serving the resource could take the session.
+    #[error("{0}")]
+    NoEdge(String),
+    /// No quorum, evidence not committed: retry later.
     #[error("{0}")]
     Unavailable(String),
     #[error(transparent)]
@@ -35,6 +38,7 @@ impl GatewayError {
             GatewayError::Denied(_) => "42501",
             GatewayError::NotFound(_) => "3D000",
             GatewayError::Precondition(_) => "55000",
+            GatewayError::NoEdge(_) => "08001",
             GatewayError::Unavailable(_) | GatewayError::Node(_) => "57P03",
             GatewayError::Storage(_) => "XX000",
         }

@@ -9,6 +9,8 @@
 mod error;
 pub mod guard;
 pub mod live;
+pub mod open;
+mod route;
 pub mod session;
 pub mod vocab;
 

@@ -440,18 +440,17 @@ impl<E: Engine> PgGateway<E> {
         F: FnOnce(crate::tunnel::SessionChannel) -> Fut,
         Fut: std::future::Future<Output = Result<T, catalog::CatalogError>>,
     {
-        let open = t::SessionOpen {
-            session_id: format!("{session}-catalog"),
-            resource: a.resource.name.clone(),
-            identity: "custody gateway (catalog lookup)".into(),
-        };
         let looked_up = async {
-            let routed = self
-                .tunnels
-                .open_session(&a.resource.name, &a.candidates, open)
-                .await
-                .map_err(|e| e.to_string())?;
-            run(routed.channel).await.map_err(|e| e.to_string())
+            let channel = crate::gateway::open::service_stream(
+                &self.tunnels,
+                &a.resource.name,
+                &a.candidates,
+                format!("{session}-catalog"),
+                "catalog lookup",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            run(channel).await.map_err(|e| e.to_string())
         };
         match tokio::time::timeout(catalog::LOOKUP_TIMEOUT, looked_up).await {
             Ok(Ok(r)) => Some(r),

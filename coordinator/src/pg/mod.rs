@@ -39,7 +39,7 @@ use crate::auth::Identity;
 use crate::consensus::node::now_ms;
 use crate::evidence::SessionRecorder;
 use crate::gateway::Guard;
-use crate::gateway::{Action, EvidenceMode};
+use crate::gateway::{Action, EvidenceMode, Kind};
 use crate::policy::{Effect, Request as PolicyRequest, ResourceInfo};
 use crate::state::{approvals, edges};
 use crate::storage::Engine;
@@ -339,7 +339,7 @@ impl<E: Engine> PgGateway<E> {
                 format!("no resource named {resource:?} (see `custody resources`)"),
             ));
         };
-        if def.kind != "postgres" {
+        if Kind::parse(&def.kind) != Some(Kind::Postgres) {
             return Err(fatal(
                 "3D000",
                 format!(
@@ -415,68 +415,40 @@ impl<E: Engine> PgGateway<E> {
         a: Authorized,
         peer: SocketAddr,
     ) {
-        let node = &self.tunnels.node;
-        let session_id = crate::gateway::session::new_session_id();
-        let open = t::SessionOpen {
-            session_id: session_id.clone(),
-            resource: a.resource.name.clone(),
-            identity: a.id.principal(),
-        };
-        let routed = match self
-            .tunnels
-            .open_session(&a.resource.name, &a.candidates, open)
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => return send_fatal(&mut s, &fatal("08001", e.to_string())).await,
-        };
-        let mode = EvidenceMode::of(&a.resource.labels);
-        let strict = mode == EvidenceMode::Strict;
-        let mode = mode.as_str();
-        let summary = pb::SessionSummary {
-            session_id: session_id.clone(),
-            opened_at_ms: now_ms(),
-            issuer: a.id.issuer.clone(),
-            subject: a.id.subject.clone(),
-            email: a.id.email.clone().unwrap_or_default(),
-            client_kind: a.id.client_kind.as_str().into(),
-            resource: a.resource.name.clone(),
-            resource_kind: a.resource.kind.clone(),
-            edge: routed.edge.name.clone(),
-            edge_region: routed.edge.region.clone(),
-            node_region: self.tunnels.region.clone(),
-            node_id: node.id(),
-            command: "postgres session".into(),
-            mode: mode.into(),
-        };
-        let rec = SessionRecorder::start(node.clone(), summary);
-        let opened = crate::gateway::session::opened_event(
-            &a.id,
-            Some(peer),
-            &a.resource,
-            &routed,
-            &self.tunnels.region,
-            &a.decision,
-            &a.rule,
+        let opened = crate::gateway::open::open(
+            &self.tunnels,
+            crate::gateway::open::Admission {
+                identity: a.id.clone(),
+                token_expires_at: a.token_expires_at,
+                client_addr: Some(peer),
+                resource: a.resource.clone(),
+                candidates: a.candidates.clone(),
+                via: "postgres",
+                action: Action::Connect,
+                command: "postgres session".into(),
+                judged_command: None,
+                decision: a.decision.clone(),
+                rule: a.rule.clone(),
+                approval: a
+                    .grant
+                    .clone()
+                    .map(|g| crate::gateway::open::ApprovalUse::Grant(Box::new(g))),
+                first_events: Vec::new(),
+            },
+        )
+        .await;
+        let crate::gateway::open::Opened {
+            session_id,
+            routed,
+            rec,
+            mut live,
             mode,
-        );
-        let mut first = vec![opened];
-        if let Some(g) = &a.grant {
-            first.push(crate::gateway::session::approval_event(g));
-        }
-        for e in first {
-            if rec.record(e).await.is_err() {
-                break;
-            }
-        }
-        if strict && rec.commit().await.is_err() {
-            let _ = rec.close(end("evidence could not be committed")).await;
-            return send_fatal(
-                &mut s,
-                &fatal("57P03", "evidence could not be committed; not connecting"),
-            )
-            .await;
-        }
+            ..
+        } = match opened {
+            Ok(o) => o,
+            Err(e) => return send_fatal(&mut s, &fatal(e.sqlstate(), e.to_string())).await,
+        };
+        let strict = mode == EvidenceMode::Strict;
         let crate::tunnel::SessionChannel { tx, mut rx } = routed.channel;
         let params = match &startup {
             Startup::Startup { params, .. } => params
@@ -538,17 +510,6 @@ impl<E: Engine> PgGateway<E> {
         pg::encode_auth(pg::AUTH_OK, &[], &mut out);
         pg::encode_backend_key_data(pid, &key, &mut out);
         tracing::info!(target: "audit", event = "session_opened", session = %session_id, subject = %a.id.subject, resource = %a.resource.name, edge = %routed.edge.name, "postgres session");
-        let mut live = self.tunnels.live.register(crate::gateway::live::LiveInfo {
-            session_id: session_id.clone(),
-            identity: a.id.clone(),
-            resource: a.resource.clone(),
-            via: "postgres",
-            action: Action::Connect,
-            command: None,
-            opened_at_ms: now_ms(),
-            token_expires_at: a.token_expires_at,
-            approved: a.grant.is_some(),
-        });
         let reason = self
             .pump(
                 &mut s, &mut cbuf, out, &tx, &mut rx, &rec, strict, &a, &mut live,
