@@ -25,12 +25,10 @@ use custody_proto::evidence::v1 as ev;
 use super::{storage_status, Guard};
 use crate::consensus::node::now_ms;
 use crate::evidence::DEFAULT_OUTPUT_CAP;
-use crate::gateway::open::ApprovalUse;
 use crate::gateway::session::{command_digest, create_request};
 use crate::gateway::{Action, EvidenceMode, Kind};
 use crate::notify::Notifier;
-use crate::policy::{Effect, Request as PolicyRequest, ResourceInfo, Role};
-use crate::state::{approvals, edges};
+use crate::policy::Role;
 use crate::storage::Engine;
 use crate::tunnel::session::frame;
 use crate::tunnel::Tunnels;
@@ -273,102 +271,57 @@ impl<E: Engine> Sessions for SessionsService<E> {
                 "command line is longer than {MAX_ARGV_BYTES} bytes"
             )));
         }
-        let policy = self.guard.policy(node).await?;
-        let serving =
-            edges::edges_serving(node.store(), &start.resource).map_err(storage_status)?;
-        let Some(def) = serving.first().map(|(_, d)| d.clone()) else {
-            return Err(Status::not_found(format!(
-                "no resource named {:?} (see `custody resources`)",
-                start.resource
-            )));
-        };
-        let resource = ResourceInfo {
-            name: def.name.clone(),
-            kind: def.kind.clone(),
-            labels: def.labels.clone(),
-        };
-        if Kind::parse(&def.kind) != Some(Kind::Shell) {
-            return Err(Status::failed_precondition(format!(
-                "resource {} is a {} resource; exec needs a shell resource",
-                def.name, def.kind
-            )));
-        }
         let command = shell_join(&start.argv);
-        let d = policy.evaluate(&PolicyRequest {
-            identity: &id,
-            resource: &resource,
-            action: Action::Exec,
-            command: Some(&command),
-        });
-        let rule = d.by.label();
-        let principal = id.principal();
-        let approval_use = match d.effect {
-            Effect::Allow if start.request_id != 0 => {
-                return Err(Status::failed_precondition(format!(
-                    "policy allows this command without approval; run it without --request-id {}",
-                    start.request_id
-                )));
-            }
-            Effect::Allow => None,
-            Effect::Deny => {
-                tracing::warn!(target: "audit", event = "session_denied", subject = %id.subject, issuer = %id.issuer, resource = %def.name, %rule, command_bytes = command.len());
-                return Err(Status::permission_denied(match d.by.name() {
-                    Some(r) => format!("denied by policy rule {r}: {}", d.reason),
-                    None => format!("denied by policy (default deny): {}", d.reason),
-                }));
-            }
-            Effect::RequireApproval if start.request_id != 0 => Some(ApprovalUse::Spend {
-                request: start.request_id,
-                command_sha256: command_digest(&command).to_vec(),
-            }),
-            Effect::RequireApproval => {
-                // Access grants cover policy rules; guardrails always need a
-                // command approval.
-                let grant = if d.by.is_guardrail() {
-                    None
-                } else {
-                    approvals::active_grant(node.store(), &def.name, &principal, now_ms())
-                        .map_err(storage_status)?
+        let verdict = crate::gateway::authorize::authorize(
+            node,
+            &self.guard,
+            crate::gateway::authorize::Ask {
+                identity: &id,
+                resource: &start.resource,
+                kind: Kind::Shell,
+                action: Action::Exec,
+                command: Some(&command),
+                request_id: start.request_id,
+            },
+        )
+        .await?;
+        let cleared = match verdict {
+            crate::gateway::authorize::Verdict::Cleared(c) => c,
+            crate::gateway::authorize::Verdict::NeedsApproval(c, doc) => {
+                doc.check_justification(&start.justification)
+                    .map_err(Status::invalid_argument)?;
+                let rule = c.decision.by.label();
+                let req = pb::ApprovalRequest {
+                    requester: id.principal(),
+                    requester_label: id.label().to_owned(),
+                    resource: c.resource.name.clone(),
+                    kind: "command".into(),
+                    action: Action::Exec.as_str().into(),
+                    command: command.clone(),
+                    command_sha256: command_digest(&command).to_vec().into(),
+                    justification: start.justification.clone(),
+                    approver_groups: doc.groups.clone(),
+                    required: doc.count,
+                    require_reason: doc.require_reason,
+                    rule: rule.clone(),
+                    timeout_ms: doc.timeout_ms(),
+                    webhook: doc.webhook.clone().unwrap_or_default(),
+                    ..Default::default()
                 };
-                match grant {
-                    Some(g) => Some(ApprovalUse::Grant(Box::new(g))),
-                    None => {
-                        let doc = d.approval.clone().ok_or_else(|| {
-                            Status::internal("require_approval without an approval block")
-                        })?;
-                        doc.check_justification(&start.justification)
-                            .map_err(Status::invalid_argument)?;
-                        let req = pb::ApprovalRequest {
-                            requester: principal.clone(),
-                            requester_label: id.label().to_owned(),
-                            resource: def.name.clone(),
-                            kind: "command".into(),
-                            action: Action::Exec.as_str().into(),
-                            command: command.clone(),
-                            command_sha256: command_digest(&command).to_vec().into(),
-                            justification: start.justification.clone(),
-                            approver_groups: doc.groups.clone(),
-                            required: doc.count,
-                            require_reason: doc.require_reason,
-                            rule: rule.clone(),
-                            timeout_ms: doc.timeout_ms(),
-                            webhook: doc.webhook.clone().unwrap_or_default(),
-                            ..Default::default()
-                        };
-                        let created = create_request(node, req).await?;
-                        tracing::warn!(target: "audit", event = "approval_requested", request = created.id, subject = %id.subject, resource = %def.name, %rule, command_bytes = command.len());
-                        self.notifier.approval("approval_requested", &created);
-                        let (tx, rx) = mpsc::channel(1);
-                        let _ = tx
-                            .send(out(api::exec_output::Kind::ApprovalRequired(Box::new(
-                                created,
-                            ))))
-                            .await;
-                        return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
-                    }
-                }
+                let created = create_request(node, req).await?;
+                tracing::warn!(target: "audit", event = "approval_requested", request = created.id, subject = %id.subject, resource = %c.resource.name, %rule, command_bytes = command.len());
+                self.notifier.approval("approval_requested", &created);
+                let (tx, rx) = mpsc::channel(1);
+                let _ = tx
+                    .send(out(api::exec_output::Kind::ApprovalRequired(Box::new(
+                        created,
+                    ))))
+                    .await;
+                return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
             }
         };
+        let rule = cleared.decision.by.label();
+        let resource = cleared.resource;
         let cmd_event = ev::CommandEvent {
             text: command.clone(),
             argv: start.argv.clone(),
@@ -383,14 +336,14 @@ impl<E: Engine> Sessions for SessionsService<E> {
                 token_expires_at,
                 client_addr,
                 resource: resource.clone(),
-                candidates: serving.into_iter().map(|(e, _)| e).collect(),
+                candidates: cleared.candidates,
                 via: "exec",
                 action: Action::Exec,
                 command: command.clone(),
                 judged_command: Some(command.clone()),
-                decision: d.effect.as_str().into(),
+                decision: cleared.decision.effect.as_str().into(),
                 rule: rule.clone(),
-                approval: approval_use,
+                approval: cleared.approval,
                 first_events: vec![ev::event::Kind::Command(cmd_event)],
             },
         )
@@ -432,7 +385,7 @@ impl<E: Engine> Sessions for SessionsService<E> {
             issuer = %id.issuer,
             client_kind = id.client_kind.as_str(),
             client = ?client_addr,
-            resource = %def.name,
+            resource = %resource.name,
             edge = %routed.edge.name,
             via_node = routed.via_node,
             %rule,

@@ -6,6 +6,7 @@
 //! records the same way ([`session`]), and one error type, [`GatewayError`],
 //! that each front door maps once.
 
+pub mod authorize;
 mod error;
 pub mod guard;
 pub mod live;

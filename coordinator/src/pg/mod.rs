@@ -326,63 +326,47 @@ impl<E: Engine> PgGateway<E> {
                     format!("the password must be a valid Custody access token: {e}"),
                 )
             })?;
-        let policy = self
-            .guard
-            .policy(node)
-            .await
-            .map_err(|e| fatal(e.sqlstate(), e.to_string()))?;
-        let serving = edges::edges_serving(node.store(), &resource)
-            .map_err(|e| fatal("XX000", e.to_string()))?;
-        let Some(def) = serving.first().map(|(_, d)| d.clone()) else {
-            return Err(fatal(
-                "3D000",
-                format!("no resource named {resource:?} (see `custody resources`)"),
-            ));
+        let verdict = crate::gateway::authorize::authorize(
+            node,
+            &self.guard,
+            crate::gateway::authorize::Ask {
+                identity: &id,
+                resource: &resource,
+                kind: Kind::Postgres,
+                action: Action::Connect,
+                command: None,
+                request_id: 0,
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            // A database that does not exist, to the client.
+            crate::gateway::GatewayError::NotFound(m)
+            | crate::gateway::GatewayError::Precondition(m) => fatal("3D000", m),
+            e => fatal(e.sqlstate(), e.to_string()),
+        })?;
+        let cleared = match verdict {
+            crate::gateway::authorize::Verdict::Cleared(c) => c,
+            crate::gateway::authorize::Verdict::NeedsApproval(c, _) => {
+                let name = &c.resource.name;
+                return Err(fatal(
+                    "42501",
+                    format!(
+                        "policy rule {} requires approval to connect to {name}: run `custody access request {name} --for 1h --reason ...`",
+                        c.decision.by.label()
+                    ),
+                ));
+            }
         };
-        if Kind::parse(&def.kind) != Some(Kind::Postgres) {
-            return Err(fatal(
-                "3D000",
-                format!(
-                    "resource {resource} is a {} resource, not postgres",
-                    def.kind
-                ),
-            ));
-        }
-        let info = ResourceInfo {
-            name: def.name.clone(),
-            kind: def.kind.clone(),
-            labels: def.labels.clone(),
-        };
-        let d = policy.evaluate(&PolicyRequest {
-            identity: &id,
-            resource: &info,
-            action: Action::Connect,
-            command: None,
-        });
+        let policy = cleared.policy;
+        let d = cleared.decision;
+        let info = cleared.resource;
         let rule = d.by.label();
-        let grant = match d.effect {
-            Effect::Allow => None,
-            Effect::Deny => {
-                tracing::warn!(target: "audit", event = "session_denied", subject = %id.subject, resource = %def.name, %rule, "postgres connect denied");
-                return Err(fatal("42501", d.reason.clone()));
-            }
-            Effect::RequireApproval => {
-                match approvals::active_grant(node.store(), &def.name, &id.principal(), now_ms())
-                    .map_err(|e| fatal("XX000", e.to_string()))?
-                {
-                    Some(g) => Some(g),
-                    None => {
-                        return Err(fatal(
-                            "42501",
-                            format!(
-                                "policy rule {rule} requires approval to connect to {}: run `custody access request {} --for 1h --reason ...`",
-                                def.name, def.name
-                            ),
-                        ))
-                    }
-                }
-            }
+        let grant = match cleared.approval {
+            Some(crate::gateway::open::ApprovalUse::Grant(g)) => Some(*g),
+            _ => None,
         };
+        let candidates = cleared.candidates;
         let masker = policy.masker(&d.mask);
         let caps = Caps::from_labels(&info.labels).map_err(|e| {
             fatal(
@@ -399,7 +383,7 @@ impl<E: Engine> PgGateway<E> {
             policy: policy.clone(),
             id,
             resource: info,
-            candidates: serving.into_iter().map(|(e, _)| e).collect(),
+            candidates,
             rule,
             decision: d.effect.as_str().into(),
             grant,

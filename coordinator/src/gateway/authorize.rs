@@ -1,0 +1,144 @@
+//! Clearing a caller for a session, the same for every front door: resolve
+//! the resource among those the cluster bound to edges, check it is the
+//! front door's kind, judge the action with the current policy, and settle
+//! approvals (an approved command to spend, an access grant in force, or
+//! the approval the caller still needs).
+
+use std::sync::Arc;
+
+use super::open::ApprovalUse;
+use super::{Action, GatewayError, Guard, Kind};
+use crate::auth::Identity;
+use crate::consensus::node::now_ms;
+use crate::consensus::NodeHandle;
+use crate::policy::{ApprovalDoc, Decision, Effect, Policy, Request, ResourceInfo};
+use crate::state::{approvals, edges};
+use crate::storage::Engine;
+
+/// What a front door asks, in neutral terms.
+pub struct Ask<'a> {
+    pub identity: &'a Identity,
+    pub resource: &'a str,
+    /// The kind of resource the front door serves.
+    pub kind: Kind,
+    pub action: Action,
+    /// The command or statement policy judges with the action.
+    pub command: Option<&'a str>,
+    /// An approved command approval the caller spends (0: none).
+    pub request_id: u64,
+}
+
+/// A caller the policy lets through, or would with an approval.
+pub struct Cleared {
+    /// The policy the decision was made with.
+    pub policy: Arc<Policy>,
+    pub resource: ResourceInfo,
+    pub candidates: Vec<edges::Edge>,
+    pub decision: Decision,
+    /// How it opens under an approval (`None`: allowed outright).
+    pub approval: Option<ApprovalUse>,
+}
+
+/// The answer to an [`Ask`].
+pub enum Verdict {
+    /// It may open.
+    Cleared(Cleared),
+    /// Policy requires an approval the caller does not hold yet: what the
+    /// policy asks of it. The front door requests it (a command) or tells the
+    /// caller how to (access).
+    NeedsApproval(Cleared, ApprovalDoc),
+}
+
+pub async fn authorize<E: Engine>(
+    node: &NodeHandle<E>,
+    guard: &Guard,
+    ask: Ask<'_>,
+) -> Result<Verdict, GatewayError> {
+    let policy = guard.policy(node).await?;
+    let serving = edges::edges_serving(node.store(), ask.resource)?;
+    let Some(def) = serving.first().map(|(_, d)| d.clone()) else {
+        return Err(GatewayError::NotFound(format!(
+            "no resource named {:?} (see `custody resources`)",
+            ask.resource
+        )));
+    };
+    if Kind::parse(&def.kind) != Some(ask.kind) {
+        return Err(GatewayError::Precondition(format!(
+            "resource {} is a {} resource, not {}",
+            def.name, def.kind, ask.kind
+        )));
+    }
+    let resource = ResourceInfo {
+        name: def.name.clone(),
+        kind: def.kind.clone(),
+        labels: def.labels.clone(),
+    };
+    let decision = policy.evaluate(&Request {
+        identity: ask.identity,
+        resource: &resource,
+        action: ask.action,
+        command: ask.command,
+    });
+    let rule = decision.by.label();
+    let approval = match decision.effect {
+        Effect::Allow if ask.request_id != 0 => {
+            return Err(GatewayError::Precondition(format!(
+                "policy allows this without approval; run it without --request-id {}",
+                ask.request_id
+            )));
+        }
+        Effect::Allow => None,
+        Effect::Deny => {
+            let id = ask.identity;
+            tracing::warn!(target: "audit", event = "session_denied", subject = %id.subject, issuer = %id.issuer, resource = %def.name, %rule, action = %ask.action, command_bytes = ask.command.map_or(0, str::len));
+            return Err(GatewayError::Denied(match decision.by.name() {
+                Some(r) => format!("denied by policy rule {r}: {}", decision.reason),
+                None => format!("denied by policy (default deny): {}", decision.reason),
+            }));
+        }
+        Effect::RequireApproval if ask.request_id != 0 => Some(ApprovalUse::Spend {
+            request: ask.request_id,
+            command_sha256: super::session::command_digest(ask.command.unwrap_or_default())
+                .to_vec(),
+        }),
+        Effect::RequireApproval => {
+            // Access grants cover policy rules; guardrails always need a
+            // command approval.
+            let grant = if decision.by.is_guardrail() {
+                None
+            } else {
+                approvals::active_grant(
+                    node.store(),
+                    &def.name,
+                    &ask.identity.principal(),
+                    now_ms(),
+                )?
+            };
+            match grant {
+                Some(g) => Some(ApprovalUse::Grant(Box::new(g))),
+                None => {
+                    let doc = decision.approval.clone().ok_or_else(|| {
+                        GatewayError::Precondition(
+                            "the policy requires an approval but names no approvers".into(),
+                        )
+                    })?;
+                    let cleared = Cleared {
+                        policy,
+                        resource,
+                        candidates: serving.into_iter().map(|(e, _)| e).collect(),
+                        decision,
+                        approval: None,
+                    };
+                    return Ok(Verdict::NeedsApproval(cleared, doc));
+                }
+            }
+        }
+    };
+    Ok(Verdict::Cleared(Cleared {
+        policy,
+        resource,
+        candidates: serving.into_iter().map(|(e, _)| e).collect(),
+        decision,
+        approval,
+    }))
+}
