@@ -290,11 +290,11 @@ impl<E: Engine> Sessions for SessionsService<E> {
             crate::gateway::authorize::Verdict::NeedsApproval(c, doc) => {
                 doc.check_justification(&start.justification)
                     .map_err(Status::invalid_argument)?;
-                let rule = c.decision.by.label();
+                let rule = c.decision().by.label();
                 let req = pb::ApprovalRequest {
                     requester: id.principal(),
                     requester_label: id.label().to_owned(),
-                    resource: c.resource.name.clone(),
+                    resource: c.resource().name.clone(),
                     kind: "command".into(),
                     action: Action::Exec.as_str().into(),
                     command: command.clone(),
@@ -309,7 +309,7 @@ impl<E: Engine> Sessions for SessionsService<E> {
                     ..Default::default()
                 };
                 let created = create_request(node, req).await?;
-                tracing::warn!(target: "audit", event = "approval_requested", request = created.id, subject = %id.subject, resource = %c.resource.name, %rule, command_bytes = command.len());
+                tracing::warn!(target: "audit", event = "approval_requested", request = created.id, subject = %id.subject, resource = %c.resource().name, %rule, command_bytes = command.len());
                 self.notifier.approval("approval_requested", &created);
                 let (tx, rx) = mpsc::channel(1);
                 let _ = tx
@@ -320,8 +320,8 @@ impl<E: Engine> Sessions for SessionsService<E> {
                 return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
             }
         };
-        let rule = cleared.decision.by.label();
-        let resource = cleared.resource;
+        let rule = cleared.decision().by.label();
+        let resource = cleared.resource().clone();
         let cmd_event = ev::CommandEvent {
             text: command.clone(),
             argv: start.argv.clone(),
@@ -331,19 +331,13 @@ impl<E: Engine> Sessions for SessionsService<E> {
         // Opening the stream runs nothing yet: the edge waits for the command.
         let opened = crate::gateway::open::open(
             &self.tunnels,
-            crate::gateway::open::Admission {
-                identity: id.clone(),
+            cleared,
+            crate::gateway::open::Opening {
                 token_expires_at,
                 client_addr,
-                resource: resource.clone(),
-                candidates: cleared.candidates,
                 via: "exec",
-                action: Action::Exec,
                 command: command.clone(),
                 judged_command: Some(command.clone()),
-                decision: cleared.decision.effect.as_str().into(),
-                rule: rule.clone(),
-                approval: cleared.approval,
                 first_events: vec![ev::event::Kind::Command(cmd_event)],
             },
         )

@@ -28,15 +28,50 @@ pub struct Ask<'a> {
     pub request_id: u64,
 }
 
-/// A caller the policy lets through, or would with an approval.
+/// A caller the policy lets through, or would with an approval. Only
+/// [`authorize`] makes one, and [`super::open::open`] takes one: a session
+/// opens only for what the gateway cleared, unchanged.
 pub struct Cleared {
-    /// The policy the decision was made with.
-    pub policy: Arc<Policy>,
-    pub resource: ResourceInfo,
-    pub candidates: Vec<edges::Edge>,
-    pub decision: Decision,
+    pub(super) identity: Identity,
+    pub(super) action: Action,
+    pub(super) policy: Arc<Policy>,
+    pub(super) resource: ResourceInfo,
+    pub(super) candidates: Vec<edges::Edge>,
+    pub(super) decision: Decision,
     /// How it opens under an approval (`None`: allowed outright).
-    pub approval: Option<ApprovalUse>,
+    pub(super) approval: Option<ApprovalUse>,
+}
+
+impl Cleared {
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The policy the decision was made with.
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    pub fn resource(&self) -> &ResourceInfo {
+        &self.resource
+    }
+
+    /// The edges serving the resource.
+    pub fn candidates(&self) -> &[edges::Edge] {
+        &self.candidates
+    }
+
+    pub fn decision(&self) -> &Decision {
+        &self.decision
+    }
+
+    /// The access grant it opens under, if any.
+    pub fn grant(&self) -> Option<&custody_proto::cluster::v1::ApprovalRequest> {
+        match &self.approval {
+            Some(ApprovalUse::Grant(g)) => Some(g),
+            _ => None,
+        }
+    }
 }
 
 /// The answer to an [`Ask`].
@@ -123,6 +158,8 @@ pub async fn authorize<E: Engine>(
                         )
                     })?;
                     let cleared = Cleared {
+                        identity: ask.identity.clone(),
+                        action: ask.action,
                         policy,
                         resource,
                         candidates: serving.into_iter().map(|(e, _)| e).collect(),
@@ -135,6 +172,8 @@ pub async fn authorize<E: Engine>(
         }
     };
     Ok(Verdict::Cleared(Cleared {
+        identity: ask.identity.clone(),
+        action: ask.action,
         policy,
         resource,
         candidates: serving.into_iter().map(|(e, _)| e).collect(),

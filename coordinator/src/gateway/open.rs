@@ -33,27 +33,18 @@ pub enum ApprovalUse {
     Grant(Box<pb::ApprovalRequest>),
 }
 
-/// A caller cleared to open a session, and what the session records.
-pub struct Admission {
-    pub identity: Identity,
+/// What the front door adds to a cleared caller to open its session.
+pub struct Opening {
     /// When the caller's token expires (seconds since the epoch).
     pub token_expires_at: u64,
     pub client_addr: Option<SocketAddr>,
-    pub resource: ResourceInfo,
-    /// Edges serving the resource.
-    pub candidates: Vec<edges::Edge>,
     /// The front door: `exec`, `postgres`.
     pub via: &'static str,
-    pub action: Action,
     /// The session's command as its summary shows it.
     pub command: String,
     /// The command policy re-judges while the session lives (none for a
     /// database session, whose statements are judged one by one).
     pub judged_command: Option<String>,
-    /// The policy decision and the rule (or guardrail) that made it.
-    pub decision: String,
-    pub rule: String,
-    pub approval: Option<ApprovalUse>,
     /// Recorded after the opening and the approval, before a strict commit.
     pub first_events: Vec<ev::event::Kind>,
 }
@@ -69,21 +60,35 @@ pub struct Opened {
     pub approval: Option<pb::ApprovalRequest>,
 }
 
-/// Opens the session `a` clears. Errors leave nothing running: the edge
-/// stream is abandoned (the edge starts nothing before the front door's
-/// first frame), and a recorder that started is closed with the reason.
-pub async fn open<E: Engine>(tunnels: &Tunnels<E>, a: Admission) -> Result<Opened, GatewayError> {
+/// Opens the session the gateway cleared. Errors leave nothing running:
+/// the edge stream is abandoned (the edge starts nothing before the front
+/// door's first frame), and a recorder that started is closed with the
+/// reason.
+pub async fn open<E: Engine>(
+    tunnels: &Tunnels<E>,
+    cleared: super::authorize::Cleared,
+    how: Opening,
+) -> Result<Opened, GatewayError> {
+    let super::authorize::Cleared {
+        identity,
+        action,
+        resource,
+        candidates,
+        decision,
+        approval: approval_use,
+        ..
+    } = cleared;
     let node = &tunnels.node;
     let session_id = new_session_id();
     let request = t::SessionOpen {
         session_id: session_id.clone(),
-        resource: a.resource.name.clone(),
-        identity: a.identity.principal(),
+        resource: resource.name.clone(),
+        identity: identity.principal(),
     };
-    let routed = super::route::open_session(tunnels, &a.resource.name, &a.candidates, request)
+    let routed = super::route::open_session(tunnels, &resource.name, &candidates, request)
         .await
         .map_err(|e| GatewayError::NoEdge(e.to_string()))?;
-    let approval = match a.approval {
+    let approval = match approval_use {
         None => None,
         Some(ApprovalUse::Grant(g)) => Some(*g),
         Some(ApprovalUse::Spend {
@@ -92,9 +97,9 @@ pub async fn open<E: Engine>(tunnels: &Tunnels<E>, a: Admission) -> Result<Opene
         }) => Some(
             spend(
                 tunnels,
-                &a.identity,
-                &a.resource,
-                a.action,
+                &identity,
+                &resource,
+                action,
                 &session_id,
                 request,
                 command_sha256,
@@ -102,43 +107,43 @@ pub async fn open<E: Engine>(tunnels: &Tunnels<E>, a: Admission) -> Result<Opene
             .await?,
         ),
     };
-    let mode = EvidenceMode::of(&a.resource.labels);
+    let mode = EvidenceMode::of(&resource.labels);
     let summary = pb::SessionSummary {
         session_id: session_id.clone(),
         opened_at_ms: now_ms(),
-        issuer: a.identity.issuer.clone(),
-        subject: a.identity.subject.clone(),
-        email: a.identity.email.clone().unwrap_or_default(),
-        client_kind: a.identity.client_kind.as_str().into(),
-        resource: a.resource.name.clone(),
-        resource_kind: a.resource.kind.clone(),
+        issuer: identity.issuer.clone(),
+        subject: identity.subject.clone(),
+        email: identity.email.clone().unwrap_or_default(),
+        client_kind: identity.client_kind.as_str().into(),
+        resource: resource.name.clone(),
+        resource_kind: resource.kind.clone(),
         edge: routed.edge.name.clone(),
         edge_region: routed.edge.region.clone(),
         node_region: tunnels.region.clone(),
         node_id: node.id(),
-        command: a.command.clone(),
+        command: how.command.clone(),
         mode: mode.as_str().into(),
     };
     let rec = SessionRecorder::start(node.clone(), summary);
     let live = tunnels.live.register(LiveInfo {
         session_id: session_id.clone(),
-        identity: a.identity.clone(),
-        resource: a.resource.clone(),
-        via: a.via,
-        action: a.action,
-        command: a.judged_command.clone(),
+        identity: identity.clone(),
+        resource: resource.clone(),
+        via: how.via,
+        action,
+        command: how.judged_command.clone(),
         opened_at_ms: now_ms(),
-        token_expires_at: a.token_expires_at,
+        token_expires_at: how.token_expires_at,
         approved: approval.is_some(),
     });
     let opened = opened_event(
-        &a.identity,
-        a.client_addr,
-        &a.resource,
+        &identity,
+        how.client_addr,
+        &resource,
         &routed,
         &tunnels.region,
-        &a.decision,
-        &a.rule,
+        decision.effect.as_str(),
+        &decision.by.label(),
         mode.as_str(),
     );
     let recorded = async {
@@ -146,7 +151,7 @@ pub async fn open<E: Engine>(tunnels: &Tunnels<E>, a: Admission) -> Result<Opene
         if let Some(r) = &approval {
             rec.record(approval_event(r)).await?;
         }
-        for e in a.first_events {
+        for e in how.first_events {
             rec.record(e).await?;
         }
         if mode == EvidenceMode::Strict {

@@ -348,25 +348,21 @@ impl<E: Engine> PgGateway<E> {
         let cleared = match verdict {
             crate::gateway::authorize::Verdict::Cleared(c) => c,
             crate::gateway::authorize::Verdict::NeedsApproval(c, _) => {
-                let name = &c.resource.name;
+                let name = &c.resource().name;
                 return Err(fatal(
                     "42501",
                     format!(
                         "policy rule {} requires approval to connect to {name}: run `custody access request {name} --for 1h --reason ...`",
-                        c.decision.by.label()
+                        c.decision().by.label()
                     ),
                 ));
             }
         };
-        let policy = cleared.policy;
-        let d = cleared.decision;
-        let info = cleared.resource;
-        let rule = d.by.label();
-        let grant = match cleared.approval {
-            Some(crate::gateway::open::ApprovalUse::Grant(g)) => Some(*g),
-            _ => None,
-        };
-        let candidates = cleared.candidates;
+        let policy = cleared.policy().clone();
+        let d = cleared.decision().clone();
+        let info = cleared.resource().clone();
+        let grant = cleared.grant().cloned();
+        let candidates = cleared.candidates().to_vec();
         let masker = policy.masker(&d.mask);
         let caps = Caps::from_labels(&info.labels).map_err(|e| {
             fatal(
@@ -384,10 +380,9 @@ impl<E: Engine> PgGateway<E> {
             id,
             resource: info,
             candidates,
-            rule,
-            decision: d.effect.as_str().into(),
             grant,
             token_expires_at,
+            cleared: Some(cleared),
         })
     }
 
@@ -396,27 +391,21 @@ impl<E: Engine> PgGateway<E> {
         mut s: S,
         mut cbuf: BytesMut,
         startup: Startup,
-        a: Authorized,
+        mut a: Authorized,
         peer: SocketAddr,
     ) {
+        let Some(cleared) = a.cleared.take() else {
+            return send_fatal(&mut s, &fatal("XX000", "the session was opened twice")).await;
+        };
         let opened = crate::gateway::open::open(
             &self.tunnels,
-            crate::gateway::open::Admission {
-                identity: a.id.clone(),
+            cleared,
+            crate::gateway::open::Opening {
                 token_expires_at: a.token_expires_at,
                 client_addr: Some(peer),
-                resource: a.resource.clone(),
-                candidates: a.candidates.clone(),
                 via: "postgres",
-                action: Action::Connect,
                 command: "postgres session".into(),
                 judged_command: None,
-                decision: a.decision.clone(),
-                rule: a.rule.clone(),
-                approval: a
-                    .grant
-                    .clone()
-                    .map(|g| crate::gateway::open::ApprovalUse::Grant(Box::new(g))),
                 first_events: Vec::new(),
             },
         )
@@ -591,11 +580,11 @@ struct Authorized {
     id: Identity,
     resource: ResourceInfo,
     candidates: Vec<edges::Edge>,
-    rule: String,
-    decision: String,
     grant: Option<pb::ApprovalRequest>,
     /// When the caller's token expires (seconds since the epoch).
     token_expires_at: u64,
+    /// What the gateway cleared; `open` takes it.
+    cleared: Option<crate::gateway::authorize::Cleared>,
 }
 
 #[cfg(test)]
