@@ -10,15 +10,6 @@ use crate::storage::Engine;
 use crate::tunnel::session;
 use crate::tunnel::{RouteError, Routed, Tunnels};
 
-/// The cluster members other than this node.
-fn other_members<E: Engine>(tunnels: &Tunnels<E>) -> Vec<Member> {
-    crate::state::load_members(tunnels.node.store())
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|m| m.id != tunnels.node.id())
-        .collect()
-}
-
 /// Opens a session on one of `candidates` (edges serving the resource).
 /// Edges connected to this node come first; otherwise the other nodes are
 /// asked, nodes in the edge's region first.
@@ -46,7 +37,7 @@ pub(super) async fn open_session<E: Engine>(
             }
         }
     }
-    let members = other_members(tunnels);
+    let members = tunnels.other_members();
     // Ask every peer at once which edges it holds.
     let answers = futures::future::join_all(
         members

@@ -222,7 +222,7 @@ fn view_thread(db: Arc<DB>, pinned: mpsc::SyncSender<()>, requests: mpsc::Receiv
 /// A snapshot image staged as SST files, one series per column family.
 pub struct RocksStage {
     dir: PathBuf,
-    writer: Option<(Cf, u32, SstFileWriter<'static>)>,
+    writer: Option<(Cf, SstFileWriter<'static>)>,
     options: [(Cf, &'static Options); 2],
     files: u32,
     finished: bool,
@@ -238,7 +238,7 @@ fn stage_options() -> [(Cf, &'static Options); 2] {
 
 impl RocksStage {
     fn close_writer(&mut self) -> Result<(), StorageError> {
-        if let Some((_, _, mut w)) = self.writer.take() {
+        if let Some((_, mut w)) = self.writer.take() {
             w.finish().map_err(engine_err)?;
         }
         Ok(())
@@ -248,7 +248,7 @@ impl RocksStage {
 impl Stage for RocksStage {
     fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
         let rotate = match &self.writer {
-            Some((c, _, w)) => *c != cf || w.file_size() >= STAGE_FILE_BYTES,
+            Some((c, w)) => *c != cf || w.file_size() >= STAGE_FILE_BYTES,
             None => true,
         };
         if rotate {
@@ -265,9 +265,9 @@ impl Stage for RocksStage {
                 .dir
                 .join(format!("{}-{:06}.sst", cf.name(), self.files));
             w.open(&path).map_err(engine_err)?;
-            self.writer = Some((cf, self.files, w));
+            self.writer = Some((cf, w));
         }
-        if let Some((_, _, w)) = &mut self.writer {
+        if let Some((_, w)) = &mut self.writer {
             w.put(key, value).map_err(|e| StorageError::Corrupt {
                 what: "snapshot image",
                 detail: e.into_string(),

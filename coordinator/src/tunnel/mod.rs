@@ -56,7 +56,7 @@ pub enum RouteError {
 
 impl<E: Engine> Tunnels<E> {
     /// The cluster members other than this node.
-    fn other_members(&self) -> Vec<Member> {
+    pub(crate) fn other_members(&self) -> Vec<Member> {
         crate::state::load_members(self.node.store())
             .unwrap_or_default()
             .into_iter()
