@@ -19,14 +19,12 @@ use custody_proto::v1 as api;
 use custody_proto::v1::sessions_server::Sessions;
 
 use custody_proto::cluster::v1 as pb;
-use custody_proto::cluster::v1::SessionEnd;
 use custody_proto::evidence::v1 as ev;
 
 use super::{storage_status, Guard};
-use crate::consensus::node::now_ms;
 use crate::evidence::DEFAULT_OUTPUT_CAP;
 use crate::gateway::session::{command_digest, create_request};
-use crate::gateway::{Action, EvidenceMode, Kind};
+use crate::gateway::{relay, Action, EvidenceMode, Kind};
 use crate::notify::Notifier;
 use crate::policy::Role;
 use crate::storage::Engine;
@@ -70,56 +68,6 @@ pub fn shell_join(argv: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-fn end(exit_code: i32, signal: i32, reason: &str) -> SessionEnd {
-    SessionEnd {
-        closed_at_ms: now_ms(),
-        exit_code,
-        signal,
-        reason: reason.into(),
-    }
-}
-
-/// Counts recorded output against the per-session cap; past it, output is
-/// no longer recorded, and the cut is recorded once.
-struct OutputCap {
-    left: u64,
-    cut: bool,
-}
-
-impl OutputCap {
-    fn new(cap: u64) -> Self {
-        Self {
-            left: cap,
-            cut: false,
-        }
-    }
-
-    fn take(&mut self, stream: &str, data: bytes::Bytes) -> Option<ev::event::Kind> {
-        if self.cut {
-            return None;
-        }
-        let n = data.len() as u64;
-        if n <= self.left {
-            self.left -= n;
-            return Some(ev::event::Kind::Output(ev::Output {
-                stream: stream.into(),
-                data,
-                truncated: false,
-                continued: false,
-            }));
-        }
-        self.cut = true;
-        let keep = self.left as usize;
-        self.left = 0;
-        Some(ev::event::Kind::Output(ev::Output {
-            stream: stream.into(),
-            data: data.slice(..keep),
-            truncated: true,
-            continued: false,
-        }))
-    }
 }
 
 type ExecStream = Pin<Box<dyn Stream<Item = Result<api::ExecOutput, Status>> + Send>>;
@@ -346,7 +294,7 @@ impl<E: Engine> Sessions for SessionsService<E> {
             session_id,
             routed,
             rec,
-            mut live,
+            live,
             mode,
             approval,
         } = opened;
@@ -356,17 +304,16 @@ impl<E: Engine> Sessions for SessionsService<E> {
             .as_ref()
             .filter(|a| a.kind == "access")
             .map(|a| (a.id, a.access_until_ms));
-        let crate::tunnel::SessionChannel { tx, mut rx } = routed.channel;
-        if tx
+        let channel = routed.channel;
+        if channel
+            .tx
             .send(frame(t::session_frame::Kind::Exec(t::ExecCommand {
                 argv: start.argv.clone(),
             })))
             .await
             .is_err()
         {
-            let _ = rec
-                .close(end(-1, 0, "the edge stream closed before the command"))
-                .await;
+            relay::abandon(&rec, "the edge stream closed before the command").await;
             return Err(Status::unavailable(
                 "the edge stream closed before the command",
             ));
@@ -387,41 +334,16 @@ impl<E: Engine> Sessions for SessionsService<E> {
             strict,
         );
 
-        // Caller input to the edge, recorded first.
-        let input_rec = rec.clone();
+        // The caller's messages, as the relay's input.
+        let (in_tx, in_rx) = mpsc::channel(crate::tunnel::session::CHANNEL_FRAMES);
         tokio::spawn(async move {
-            loop {
-                let m = match input.message().await {
-                    Ok(Some(m)) => m,
-                    // Caller finished sending, or went away: either way no more input.
-                    Ok(None) | Err(_) => return,
-                };
-                let f = match m.kind {
-                    Some(api::exec_input::Kind::Stdin(b)) => {
-                        let out = ev::Output {
-                            stream: "stdin".into(),
-                            data: b.clone(),
-                            truncated: false,
-                            continued: false,
-                        };
-                        if input_rec
-                            .record(ev::event::Kind::Output(out))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                        frame(t::session_frame::Kind::Data(t::Data {
-                            channel: t::Channel::Stdin as i32,
-                            data: b,
-                        }))
-                    }
-                    Some(api::exec_input::Kind::StdinEof(_)) => {
-                        frame(t::session_frame::Kind::Eof(t::Eof {}))
-                    }
+            while let Ok(Some(m)) = input.message().await {
+                let i = match m.kind {
+                    Some(api::exec_input::Kind::Stdin(b)) => relay::Input::Stdin(b),
+                    Some(api::exec_input::Kind::StdinEof(_)) => relay::Input::Eof,
                     _ => return,
                 };
-                if tx.send(f).await.is_err() {
+                if in_tx.send(i).await.is_err() {
                     return;
                 }
             }
@@ -437,110 +359,35 @@ impl<E: Engine> Sessions for SessionsService<E> {
             let _ = out_tx
                 .send(out(api::exec_output::Kind::Started(started)))
                 .await;
-            let mut cap = OutputCap::new(DEFAULT_OUTPUT_CAP);
-            // Sessions under an access grant end when it does.
-            let grant_end = async {
-                match grant_until {
-                    Some((_, until)) => {
-                        tokio::time::sleep(Duration::from_millis(until.saturating_sub(now_ms())))
-                            .await
-                    }
-                    None => std::future::pending().await,
-                }
+            let session = relay::ByteSession {
+                rec,
+                live,
+                channel,
+                grant_until,
+                output_cap: DEFAULT_OUTPUT_CAP,
             };
-            tokio::pin!(grant_end);
-            let result: Result<SessionEnd, String> = loop {
-                // A silent command must still end when its caller goes away.
-                let f = tokio::select! {
-                    f = rx.recv() => match f {
-                        Some(f) => f,
-                        None => break Err("the tunnel to the edge was lost; the command's outcome is unknown".into()),
-                    },
-                    _ = out_tx.closed() => break Ok(end(-1, 0, "caller disconnected")),
-                    _ = &mut grant_end => break Err(format!(
-                        "access grant {} expired; the session was ended",
-                        grant_until.map_or(0, |g| g.0)
-                    )),
-                    // Recorded or ended: nothing runs on unrecorded.
-                    e = rec.failed() => break Err(e.to_string()),
-                    // Killed, or its authority ended.
-                    why = live.ended() => break Err(why.to_string()),
-                };
-                let (msg, stream, data) = match f.kind {
-                    Some(t::session_frame::Kind::Data(d)) => {
-                        match t::Channel::try_from(d.channel) {
-                            Ok(t::Channel::Stdout) => (
-                                out(api::exec_output::Kind::Stdout(d.data.clone())),
-                                "stdout",
-                                d.data,
-                            ),
-                            Ok(t::Channel::Stderr) => (
-                                out(api::exec_output::Kind::Stderr(d.data.clone())),
-                                "stderr",
-                                d.data,
-                            ),
-                            _ => continue,
-                        }
-                    }
-                    Some(t::session_frame::Kind::Exit(x)) => {
-                        let outcome = ev::Outcome {
-                            exit_code: x.code,
-                            signal: x.signal,
-                            ..Default::default()
-                        };
-                        if let Err(e) = rec.record(ev::event::Kind::Outcome(outcome)).await {
-                            break Err(e.to_string());
-                        }
-                        break Ok(end(x.code, x.signal, "exited"));
-                    }
-                    Some(t::session_frame::Kind::Error(e)) => {
-                        let outcome = ev::Outcome {
-                            exit_code: -1,
-                            error: e.clone(),
-                            ..Default::default()
-                        };
-                        let _ = rec.record(ev::event::Kind::Outcome(outcome)).await;
-                        break Err(e);
-                    }
-                    _ => continue,
-                };
-                // Evidence first (it waits when the cluster is slow), then the caller.
-                if let Some(kind) = cap.take(stream, data) {
-                    if let Err(e) = rec.record(kind).await {
-                        break Err(e.to_string());
-                    }
+            let finish = relay::run(session, in_rx, out_tx.clone(), |o| {
+                out(match o {
+                    relay::Output::Stdout(b) => api::exec_output::Kind::Stdout(b),
+                    relay::Output::Stderr(b) => api::exec_output::Kind::Stderr(b),
+                })
+            })
+            .await;
+            let last = match &finish {
+                relay::Finish::Exited { code, signal } => {
+                    Some(out(api::exec_output::Kind::Exit(api::ExecExit {
+                        code: *code,
+                        signal: *signal,
+                    })))
                 }
-                if out_tx.send(msg).await.is_err() {
-                    break Ok(end(-1, 0, "caller disconnected"));
-                }
+                relay::Finish::CallerGone => None,
+                relay::Finish::Unrecorded(e) => Some(Err(Status::unavailable(e.clone()))),
+                relay::Finish::Aborted(msg) => Some(Err(Status::aborted(msg.clone()))),
             };
-            // Close the chain before the caller sees the end, so that evidence
-            // of a finished command is complete when `exec` returns.
-            let (final_end, failure) = match result {
-                Ok(e) => (e, None),
-                Err(msg) => (end(-1, 0, &msg), Some(msg)),
-            };
-            let exit = (final_end.exit_code, final_end.signal);
-            let reason = final_end.reason.clone();
-            let closed = rec.close(final_end).await;
-            match (failure, closed) {
-                (None, Ok(())) if reason == "exited" => {
-                    let _ = out_tx
-                        .send(out(api::exec_output::Kind::Exit(api::ExecExit {
-                            code: exit.0,
-                            signal: exit.1,
-                        })))
-                        .await;
-                }
-                (None, Ok(())) => {}
-                (None, Err(e)) => {
-                    let _ = out_tx.send(Err(Status::unavailable(e.to_string()))).await;
-                }
-                (Some(msg), _) => {
-                    let _ = out_tx.send(Err(Status::aborted(msg))).await;
-                }
+            if let Some(last) = last {
+                let _ = out_tx.send(last).await;
             }
-            tracing::info!(target: "audit", event = "session_closed", session = %session_id, %reason);
+            tracing::info!(target: "audit", event = "session_closed", session = %session_id, finish = ?finish);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
@@ -783,22 +630,6 @@ mod tests {
         let mut other = rec.clone();
         other.head_sha256 = vec![0u8; 32].into();
         assert!(verified_events(&other, &good).is_err());
-    }
-
-    #[test]
-    fn output_cap_cuts_once_and_says_so() {
-        let mut cap = OutputCap::new(5);
-        let take = |cap: &mut OutputCap, s: &str| match cap
-            .take("stdout", bytes::Bytes::from(s.to_string()))
-        {
-            Some(ev::event::Kind::Output(o)) => {
-                Some((String::from_utf8(o.data.to_vec()).unwrap(), o.truncated))
-            }
-            _ => None,
-        };
-        assert_eq!(take(&mut cap, "abc"), Some(("abc".into(), false)));
-        assert_eq!(take(&mut cap, "defg"), Some(("de".into(), true)));
-        assert_eq!(take(&mut cap, "h"), None);
     }
 
     #[test]

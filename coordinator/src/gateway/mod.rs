@@ -9,8 +9,10 @@
 pub mod authorize;
 mod error;
 pub mod guard;
+pub mod judge;
 pub mod live;
 pub mod open;
+pub mod relay;
 mod route;
 pub mod session;
 pub mod vocab;

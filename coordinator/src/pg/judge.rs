@@ -3,6 +3,7 @@
 //! for approval, and the catalog lookups column masking needs.
 
 use super::*;
+use crate::gateway::judge::{Ruling, Standing};
 
 impl<E: Engine> PgGateway<E> {
     /// Applies the policy's guardrails to one statement: `Ok` to run it
@@ -83,15 +84,9 @@ impl<E: Engine> PgGateway<E> {
                 return Err(why.into());
             }
         }
-        let d = policy.evaluate(&PolicyRequest {
-            identity: &a.id,
-            resource: &a.resource,
-            action: Action::Connect,
-            command: Some(sql),
-        });
-        match self.judge(&policy, &d, a)? {
-            Judged::Runs => Ok(None),
-            Judged::HeldByGuardrail => {
+        match self.judge(&policy, sql, a)? {
+            Ruling::Runs => Ok(None),
+            Ruling::Held(d) => {
                 if crate::policy::sql::prepares(sql) {
                     return Err("a statement that needs approval cannot be prepared with PREPARE (each EXECUTE would run it again on one approval); run it directly".into());
                 }
@@ -112,53 +107,27 @@ impl<E: Engine> PgGateway<E> {
         }
     }
 
-    /// What a policy decision for one of the session's statements means,
-    /// short of holding it for approval: refused (denied, masked otherwise
-    /// than the session, or its access grant no longer in force), runs, or
-    /// held by a guardrail.
+    /// One of the session's statements, judged by the gateway with the
+    /// policy in force now.
     pub(super) fn judge(
         &self,
         policy: &Arc<crate::policy::Policy>,
-        d: &crate::policy::Decision,
+        sql: &str,
         a: &Authorized,
-    ) -> Result<Judged, Refusal> {
-        // Results are masked by the profiles the session started with: a
-        // statement the policy now masks otherwise (the policy changed, or
-        // a rule for this statement names other profiles) does not run.
-        if d.effect != Effect::Deny
-            && !(Arc::ptr_eq(policy, &a.policy) && d.mask == a.mask)
-            && policy.masking_docs(&d.mask) != a.policy.masking_docs(&a.mask)
-        {
-            tracing::warn!(target: "audit", event = "statement_denied", subject = %a.id.subject, resource = %a.resource.name, "statement refused: masking changed");
-            return Err("the masking that applies to this statement differs from the one this session started with (the policy changed); reconnect".into());
-        }
-        match d.effect {
-            Effect::Allow => Ok(Judged::Runs),
-            Effect::Deny => {
-                tracing::warn!(target: "audit", event = "statement_denied", subject = %a.id.subject, resource = %a.resource.name, rule = %d.by.label(), "statement refused");
-                Err(d.reason.clone().into())
-            }
-            // The connection itself was approved through an access grant,
-            // which must still be in force (it may have been cancelled);
-            // only guardrails hold single statements.
-            Effect::RequireApproval if !d.by.is_guardrail() => {
-                match approvals::active_grant(
-                    self.tunnels.node.store(),
-                    &a.resource.name,
-                    &a.id.principal(),
-                    now_ms(),
-                ) {
-                    Ok(Some(_)) => Ok(Judged::Runs),
-                    Ok(None) => Err(format!(
-                        "{}: no access grant is in force any more (`custody access request {}`)",
-                        d.reason, a.resource.name
-                    )
-                    .into()),
-                    Err(e) => Err(format!("cannot read access grants: {e}").into()),
-                }
-            }
-            Effect::RequireApproval => Ok(Judged::HeldByGuardrail),
-        }
+    ) -> Result<Ruling, Refusal> {
+        let standing = Standing {
+            identity: &a.id,
+            resource: &a.resource,
+            started: &a.policy,
+            mask: &a.mask,
+        };
+        Ok(crate::gateway::judge::judge(
+            self.tunnels.node.store(),
+            policy,
+            &standing,
+            Action::Connect,
+            Some(sql),
+        )?)
     }
 
     /// SQL `EXECUTE` of statements prepared earlier, judged again (as a Bind
@@ -215,16 +184,10 @@ impl<E: Engine> PgGateway<E> {
         if a.grant.is_none() && Arc::ptr_eq(&policy, &a.policy) {
             return None;
         }
-        let d = policy.evaluate(&PolicyRequest {
-            identity: &a.id,
-            resource: &a.resource,
-            action: Action::Connect,
-            command: Some(sql),
-        });
-        match self.judge(&policy, &d, a) {
-            Ok(Judged::Runs) => None,
-            Ok(Judged::HeldByGuardrail) if Arc::ptr_eq(&policy, &a.policy) => None,
-            Ok(Judged::HeldByGuardrail) => Some(
+        match self.judge(&policy, sql, a) {
+            Ok(Ruling::Runs) => None,
+            Ok(Ruling::Held(_)) if Arc::ptr_eq(&policy, &a.policy) => None,
+            Ok(Ruling::Held(_)) => Some(
                 "the policy changed since this statement was prepared and a guardrail now holds it; prepare it again"
                     .into(),
             ),
@@ -555,12 +518,6 @@ pub(super) fn is_refusal_stand_in(f: &Frame) -> bool {
 /// Client bytes read and kept while a statement is held for approval.
 pub(super) const HELD_INPUT_BYTES: usize = 1 << 20;
 
-/// A statement's decision, short of an approval.
-pub(super) enum Judged {
-    Runs,
-    HeldByGuardrail,
-}
-
 /// Why a statement does not run.
 #[derive(Debug)]
 pub(super) enum Refusal {
@@ -575,6 +532,12 @@ pub(super) enum Refusal {
 impl From<String> for Refusal {
     fn from(why: String) -> Self {
         Refusal::Denied(why)
+    }
+}
+
+impl From<crate::gateway::GatewayError> for Refusal {
+    fn from(e: crate::gateway::GatewayError) -> Self {
+        Refusal::Denied(e.to_string())
     }
 }
 

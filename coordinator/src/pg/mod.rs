@@ -40,7 +40,7 @@ use crate::consensus::node::now_ms;
 use crate::evidence::SessionRecorder;
 use crate::gateway::Guard;
 use crate::gateway::{Action, EvidenceMode, Kind};
-use crate::policy::{Effect, Request as PolicyRequest, ResourceInfo};
+use crate::policy::ResourceInfo;
 use crate::state::{approvals, edges};
 use crate::storage::Engine;
 use crate::tunnel::session::frame;
