@@ -8,5 +8,6 @@
 pub mod client;
 pub mod dev;
 pub mod localpg;
+pub mod localssh;
 pub mod login;
 pub mod pg;

@@ -68,6 +68,13 @@ enum Cmd {
     Exec(commands::exec::ExecArgs),
     /// Serve a postgres resource on a local port, injecting your token.
     Connect(commands::connect::ConnectArgs),
+    /// Open an SSH session on a resource through the gateway (the system
+    /// ssh, with the cluster's host key pinned); `custody ssh config` prints
+    /// the OpenSSH configuration for `ssh RESOURCE.custody`, scp and sftp.
+    Ssh(commands::ssh::SshArgs),
+    /// OpenSSH's ProxyCommand: carries SSH to the gateway with your token.
+    #[command(name = "ssh-proxy")]
+    SshProxy(commands::ssh::ProxyArgs),
     /// Run a local development system.
     #[command(subcommand)]
     Dev(commands::dev::DevCmd),
@@ -90,13 +97,24 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Cmd::Exec(a) = cli.cmd {
-        let code = rt.block_on(commands::exec::run(a));
-        std::process::exit(code);
-    }
+    let cmd = match cli.cmd {
+        Cmd::Exec(a) => {
+            let code = rt.block_on(commands::exec::run(a));
+            std::process::exit(code);
+        }
+        Cmd::Ssh(a) => match rt.block_on(commands::ssh::run(a)) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::exit(255);
+            }
+        },
+        other => other,
+    };
     let result = rt.block_on(async move {
-        match cli.cmd {
-            Cmd::Exec(_) => unreachable!("handled above"),
+        match cmd {
+            Cmd::Exec(_) | Cmd::Ssh(_) => unreachable!("handled above"),
+            Cmd::SshProxy(a) => commands::ssh::proxy(a).await,
             Cmd::EdgeToken(c) => commands::edge::token(c).await,
             Cmd::Edge(c) => commands::edge::run(c).await,
             Cmd::Resources { json, cmd: None } => commands::edge::resources(json).await,

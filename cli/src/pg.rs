@@ -32,6 +32,11 @@ pub enum GatewayError {
 
 /// A TLS client config trusting only the cluster CA, ALPN `postgresql`.
 pub fn tls_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, GatewayError> {
+    tls_config_alpn(ca, b"postgresql")
+}
+
+/// A TLS client config trusting only the cluster CA, with one ALPN protocol.
+pub fn tls_config_alpn(ca: &Path, alpn: &[u8]) -> Result<Arc<rustls::ClientConfig>, GatewayError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca)
         .map_err(|e| GatewayError::Tls(format!("read {}: {e}", ca.display())))?
@@ -48,7 +53,7 @@ pub fn tls_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, GatewayError> 
     .map_err(|e| GatewayError::Tls(e.to_string()))?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"postgresql".to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(cfg))
 }
 

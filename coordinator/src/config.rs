@@ -176,6 +176,13 @@ pub struct RawListen {
     /// Accept PostgreSQL clients without TLS (development only).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub postgres_allow_plaintext: bool,
+    /// The SSH gateway (TLS, then SSH; reached through `custody ssh-proxy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<String>,
+    /// The SSH gateway's host key (OpenSSH private key, the same on every
+    /// node, so clients pin one key for the cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_host_key: Option<PathBuf>,
     /// Raft address other nodes dial, when it differs from `raft` (NAT, proxies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertise_raft: Option<String>,
@@ -233,6 +240,8 @@ pub struct Config {
     pub tunnel_addr: SocketAddr,
     pub postgres_addr: Option<SocketAddr>,
     pub postgres_allow_plaintext: bool,
+    pub ssh_addr: Option<SocketAddr>,
+    pub ssh_host_key: Option<PathBuf>,
     pub tls: TlsPaths,
     /// Every initial member, this node included.
     pub members: Vec<Member>,
@@ -318,6 +327,15 @@ impl Config {
             .as_deref()
             .map(|a| addr("listen.postgres", a))
             .transpose()?;
+        let ssh_addr = raw
+            .listen
+            .ssh
+            .as_deref()
+            .map(|a| addr("listen.ssh", a))
+            .transpose()?;
+        if ssh_addr.is_some() && raw.listen.ssh_host_key.is_none() {
+            return Err("listen.ssh needs listen.ssh_host_key (the cluster's SSH host key)".into());
+        }
         let advertise_raft = match &raw.listen.advertise_raft {
             Some(a) => addr("listen.advertise_raft", a)?,
             None => raft_addr,
@@ -474,6 +492,8 @@ impl Config {
             tunnel_addr,
             postgres_addr,
             postgres_allow_plaintext: raw.listen.postgres_allow_plaintext,
+            ssh_addr,
+            ssh_host_key: raw.listen.ssh_host_key.as_deref().map(resolve),
             tls: TlsPaths {
                 ca: resolve(&raw.tls.ca),
                 cert: resolve(&raw.tls.cert),

@@ -135,6 +135,7 @@ struct Slot {
     api: String,
     tunnel: String,
     postgres: String,
+    ssh: String,
     dev_issuer: String,
 }
 
@@ -153,6 +154,7 @@ fn slot(id: u64, region: &str, host: &str) -> anyhow::Result<Slot> {
         api: addr(free_port(host)?),
         tunnel: addr(free_port_tcp_udp(host)?),
         postgres: addr(free_port(host)?),
+        ssh: addr(free_port(host)?),
         dev_issuer: addr(free_port(host)?),
     })
 }
@@ -241,6 +243,8 @@ fn node_config(
             tunnel: s.tunnel.clone(),
             postgres: Some(s.postgres.clone()),
             postgres_allow_plaintext: false,
+            ssh: Some(s.ssh.clone()),
+            ssh_host_key: Some("ssh-host-key".into()),
             advertise_raft: None,
         },
         tls: RawTls {
@@ -321,6 +325,8 @@ pub fn generate(g: &GenConfig) -> anyhow::Result<Vec<PathBuf>> {
         &g.dir.join("evidence-key.b64"),
         &crate::evidence::export::generate_signing_key().context("generate the evidence key")?,
     )?;
+    let (ssh_key, _) = crate::ssh::new_host_key().map_err(anyhow::Error::msg)?;
+    write_private(&g.dir.join("ssh-host-key"), &ssh_key)?;
     write_private(
         &g.dir.join("webhook-secret"),
         &(custody_proto::export::hex(&rand::random::<[u8; 32]>()) + "\n"),
@@ -401,6 +407,7 @@ pub fn generate_joiner(
                 api: raw.listen.api,
                 tunnel: raw.listen.tunnel,
                 postgres: raw.listen.postgres.unwrap_or_default(),
+                ssh: raw.listen.ssh.unwrap_or_default(),
                 dev_issuer: String::new(),
             });
         }

@@ -24,6 +24,7 @@ pub mod pg;
 pub mod pki;
 pub mod policy;
 pub mod server;
+pub mod ssh;
 pub mod state;
 pub mod storage;
 pub mod tls;

@@ -207,6 +207,29 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         None => None,
     };
 
+    // The SSH gateway and the host key line clients pin.
+    let (ssh_task, ssh_public) = match (cfg.ssh_addr, &cfg.ssh_host_key) {
+        (Some(addr), Some(key_path)) => {
+            let key = crate::ssh::load_host_key(key_path).map_err(anyhow::Error::msg)?;
+            let public = key
+                .public_key()
+                .to_openssh()
+                .context("encode the SSH host key")?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("bind ssh address {addr}"))?;
+            let gw = std::sync::Arc::new(crate::ssh::SshGateway::new(
+                tunnels.clone(),
+                guard.clone(),
+                tls.ssh_server_config().context("ssh TLS config")?,
+                key,
+                notifier.clone(),
+            ));
+            (Some(tokio::spawn(gw.serve(listener))), public)
+        }
+        _ => (None, String::new()),
+    };
+
     let is_member = crate::consensus::transport::member_check(
         node.store().clone(),
         cfg.members.iter().map(|m| m.id).collect(),
@@ -230,7 +253,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let cluster_svc = ClusterServer::new(
         ApiService::new(node.clone(), guard.clone())
             .with_cluster_info(cluster_id.clone(), public_key.clone())
-            .with_postgres_addr(cfg.postgres_addr),
+            .with_postgres_addr(cfg.postgres_addr)
+            .with_ssh(cfg.ssh_addr, ssh_public),
     );
     let auth_svc = AuthServer::new(PolicyService::new(node.clone(), guard.clone()));
     let policy_svc = PolicyServer::new(PolicyService::new(node.clone(), guard.clone()))
@@ -358,6 +382,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     revocations.abort();
     retention.abort();
     if let Some(t) = pg_task {
+        t.abort();
+    }
+    if let Some(t) = ssh_task {
         t.abort();
     }
     ticker.abort();

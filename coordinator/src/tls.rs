@@ -252,6 +252,17 @@ impl TlsMaterial {
         Ok(cfg)
     }
 
+    /// rustls config for the SSH gateway: server-authenticated TLS, ALPN
+    /// `custody-ssh` (the caller presents its token inside).
+    pub fn ssh_server_config(&self) -> Result<ServerConfig, TlsError> {
+        let mut cfg = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(self.node.clone());
+        cfg.alpn_protocols = vec![b"custody-ssh".to_vec()];
+        Ok(cfg)
+    }
+
     /// rustls config for the tunnel listener: TLS 1.3 only (QUIC requires it),
     /// ALPN [`TUNNEL_ALPN`]. A client certificate from the cluster CA is
     /// optional at the handshake so that new edges can enroll; every other use

@@ -429,6 +429,22 @@ async fn handle_session(
             };
             return crate::postgres::run(pg, &open, startup, send, recv).await;
         }
+        Some(Connector::Ssh(ssh)) => {
+            // Nothing connects until the coordinator has judged the channel
+            // and committed its opening (strict mode).
+            let next =
+                tokio::time::timeout(COMMAND_TIMEOUT, read_frame::<t::SessionFrame, _>(&mut recv))
+                    .await;
+            let Ok(Ok(Some(t::SessionFrame {
+                kind: Some(t::session_frame::Kind::SshChannel(req)),
+            }))) = next
+            else {
+                tracing::info!(session = %open.session_id, "ssh session abandoned before its channel");
+                let _ = send.reset(3u32.into());
+                return;
+            };
+            return crate::ssh::run(ssh, &cfg.data_dir, &open, req, send, recv).await;
+        }
         None => {
             let msg = format!("resource {:?} is not served by this edge", open.resource);
             let _ = write_frame(&mut send, &error(msg)).await;

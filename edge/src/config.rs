@@ -28,6 +28,19 @@
 //! password_env = "ORDERS_DB_PASSWORD"  # or password_file = "/etc/custody/orders.pw"
 //! sslmode = "verify-full"         # disable | prefer (default) | require | verify-ca | verify-full
 //! sslrootcert = "/etc/custody/db-ca.pem"  # needed by verify-ca and verify-full
+//!
+//! [[resources]]
+//! name = "db-1"
+//! kind = "ssh"
+//! labels = { env = "prod" }
+//! [resources.ssh]
+//! host = "10.0.0.12"
+//! port = 22
+//! user = "deploy"
+//! key_file = "/etc/custody/db-1.key"   # or key_env, password_env, password_file
+//! known_hosts = "/etc/custody/known_hosts"  # pins: lines naming host (or [host]:port)
+//! # host_keys = ["ssh-ed25519 AAAA..."]     # or the keys themselves
+//! # trust_on_first_use = true      # no pins: learn the first key, record it, keep it
 //! ```
 
 use std::collections::BTreeMap;
@@ -77,6 +90,88 @@ struct RawResource {
     shell: Option<ShellConfig>,
     #[serde(default)]
     postgres: Option<PostgresConfig>,
+    #[serde(default)]
+    ssh: Option<SshConfig>,
+}
+
+/// Settings of the `ssh` connector. The key and password stay on this host.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SshConfig {
+    pub host: String,
+    #[serde(default = "ssh_port")]
+    pub port: u16,
+    /// The login on the target.
+    pub user: String,
+    /// A private key file (OpenSSH, PKCS#8 or PEM; not encrypted).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Environment variable holding the private key text.
+    #[serde(default)]
+    pub key_env: Option<String>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// known_hosts file whose lines for this host pin its keys.
+    #[serde(default)]
+    pub known_hosts: Option<PathBuf>,
+    /// Pinned host keys, as OpenSSH public key lines.
+    #[serde(default)]
+    pub host_keys: Vec<String>,
+    /// With no pins, accept the first key the target presents, keep it in
+    /// the data dir and pin it from then on. The learned key is recorded.
+    #[serde(default)]
+    pub trust_on_first_use: bool,
+}
+
+fn ssh_port() -> u16 {
+    22
+}
+
+impl std::fmt::Debug for SshConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("key_file", &self.key_file)
+            .field("key_env", &self.key_env)
+            .field("password_env", &self.password_env)
+            .field("password_file", &self.password_file)
+            .field("known_hosts", &self.known_hosts)
+            .field("host_keys", &self.host_keys.len())
+            .field("trust_on_first_use", &self.trust_on_first_use)
+            .finish()
+    }
+}
+
+impl SshConfig {
+    /// The private key text, read when needed (rotation needs no restart).
+    pub fn private_key(&self) -> Result<Option<String>, String> {
+        if let Some(var) = &self.key_env {
+            if let Ok(v) = std::env::var(var) {
+                return Ok(Some(v));
+            }
+        }
+        match &self.key_file {
+            Some(f) => std::fs::read_to_string(f)
+                .map(Some)
+                .map_err(|e| format!("read the SSH key {}: {e}", f.display())),
+            None => Ok(None),
+        }
+    }
+
+    /// The password, read when needed.
+    pub fn password(&self) -> Option<String> {
+        if let Some(var) = &self.password_env {
+            if let Ok(v) = std::env::var(var) {
+                return Some(v);
+            }
+        }
+        let text = std::fs::read_to_string(self.password_file.as_ref()?).ok()?;
+        Some(text.trim_end_matches(['\n', '\r']).to_owned())
+    }
 }
 
 /// Settings of the `postgres` connector. The password stays on this host.
@@ -182,6 +277,7 @@ pub struct Resource {
 pub enum Connector {
     Shell(ShellConfig),
     Postgres(PostgresConfig),
+    Ssh(SshConfig),
 }
 
 /// A validated configuration.
@@ -290,7 +386,37 @@ impl EdgeConfig {
                     }
                     Connector::Postgres(pg)
                 }
-                "ssh" | "kubernetes" => {
+                "ssh" => {
+                    let Some(mut ssh) = r.ssh else {
+                        return Err(format!(
+                            "resource {}: an ssh resource needs a [resources.ssh] table",
+                            r.name
+                        ));
+                    };
+                    if ssh.key_file.is_none()
+                        && ssh.key_env.is_none()
+                        && ssh.password_env.is_none()
+                        && ssh.password_file.is_none()
+                    {
+                        return Err(format!(
+                            "resource {}: set key_file, key_env, password_env or password_file",
+                            r.name
+                        ));
+                    }
+                    ssh.key_file = ssh.key_file.as_deref().map(resolve);
+                    ssh.password_file = ssh.password_file.as_deref().map(resolve);
+                    ssh.known_hosts = ssh.known_hosts.as_deref().map(resolve);
+                    let pins = crate::ssh::pinned_keys(&ssh)
+                        .map_err(|e| format!("resource {}: {e}", r.name))?;
+                    if pins.is_empty() && !ssh.trust_on_first_use {
+                        return Err(format!(
+                            "resource {}: pin the target's host key (known_hosts or host_keys), or set trust_on_first_use = true",
+                            r.name
+                        ));
+                    }
+                    Connector::Ssh(ssh)
+                }
+                "kubernetes" => {
                     return Err(format!(
                         "resource {}: the {} connector is not available in this version",
                         r.name, r.kind
@@ -298,7 +424,7 @@ impl EdgeConfig {
                 }
                 other => {
                     return Err(format!(
-                        "resource {}: unknown kind {other:?} (expected shell or postgres)",
+                        "resource {}: unknown kind {other:?} (expected shell, postgres or ssh)",
                         r.name
                     ))
                 }
@@ -398,5 +524,31 @@ env = { FOO = "bar" }
         )
         .unwrap_err();
         assert!(e.contains("sslrootcert"), "{e}");
+    }
+
+    #[test]
+    fn ssh_resources_need_a_credential_and_a_pin() {
+        let base = Path::new("/etc/edge");
+        let head = GOOD.split("[[resources]]").next().unwrap().to_owned()
+            + "[[resources]]\nname = \"h\"\nkind = \"ssh\"\n[resources.ssh]\nhost = \"127.0.0.1\"\nuser = \"deploy\"\n";
+        let e = EdgeConfig::parse(&head, base).unwrap_err();
+        assert!(e.contains("key_file, key_env"), "{e}");
+        let with_key = head.clone() + "key_file = \"k\"\n";
+        let e = EdgeConfig::parse(&with_key, base).unwrap_err();
+        assert!(e.contains("pin the target's host key"), "{e}");
+        let tofu = with_key.clone() + "trust_on_first_use = true\n";
+        let c = EdgeConfig::parse(&tofu, base).unwrap();
+        let Connector::Ssh(s) = &c.resource("h").unwrap().connector else {
+            panic!("not an ssh connector")
+        };
+        assert_eq!(
+            (s.port, s.key_file.as_deref()),
+            (22, Some(Path::new("/etc/edge/k")))
+        );
+        let pinned = with_key
+            + "host_keys = [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\"]\n";
+        assert!(EdgeConfig::parse(&pinned, base).is_ok());
+        let e = EdgeConfig::parse(&pinned.replace("AAAAC3", "garbage"), base).unwrap_err();
+        assert!(e.contains("host_keys entry"), "{e}");
     }
 }

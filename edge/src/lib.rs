@@ -3,7 +3,7 @@
 //! An edge sits inside a private network, accepts no inbound connections,
 //! and dials out to every coordinator over QUIC ([`agent`]). It enrolls once
 //! with a single-use token, keeping its private key local ([`identity`]), and
-//! serves the resources in its config through connectors ([`shell`]). Target
+//! serves the resources in its config through connectors ([`shell`], [`postgres`], [`ssh`]). Target
 //! credentials stay here; coordinators only see session streams.
 
 #![forbid(unsafe_code)]
@@ -14,4 +14,5 @@ pub mod dbtls;
 pub mod identity;
 pub mod postgres;
 pub mod shell;
+pub mod ssh;
 pub mod tls;

@@ -348,7 +348,7 @@ pub async fn run(
     };
     if write_frame(
         &mut send,
-        &frame(t::session_frame::Kind::Started(t::Started {})),
+        &frame(t::session_frame::Kind::Started(t::Started::default())),
     )
     .await
     .is_err()

@@ -108,7 +108,7 @@ pub async fn run(
     tracing::info!(session, resource = %open.resource, identity = %open.identity, argc = argv.len(), pid = child.id(), "session started");
     if write_frame(
         &mut send,
-        &frame(t::session_frame::Kind::Started(t::Started {})),
+        &frame(t::session_frame::Kind::Started(t::Started::default())),
     )
     .await
     .is_err()

@@ -101,6 +101,21 @@ pub fn event_json(e: &ev::Event) -> serde_json::Value {
                 })).collect::<Vec<_>>(),
             }),
         ),
+        Some(Kind::SshChannel(c)) => (
+            "ssh_channel",
+            serde_json::json!({
+                "connection_id": c.connection_id, "login": c.login, "channel": c.channel,
+                "term": c.term, "cols": c.cols, "rows": c.rows, "env": c.env,
+            }),
+        ),
+        Some(Kind::TargetKey(k)) => (
+            "target_key",
+            serde_json::json!({"fingerprint": k.fingerprint, "learned": k.learned}),
+        ),
+        Some(Kind::Resize(r)) => (
+            "resize",
+            serde_json::json!({"cols": r.cols, "rows": r.rows}),
+        ),
         None => ("unknown", serde_json::json!({})),
     };
     serde_json::json!({

@@ -11,9 +11,11 @@
 
 pub mod chain;
 pub mod export;
+pub mod flow;
 pub mod frame;
 pub mod ledger;
 pub mod pg;
+pub mod ssh;
 
 /// Client and admin API.
 pub mod v1 {

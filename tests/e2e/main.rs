@@ -13,3 +13,4 @@ mod harness;
 mod integrity;
 mod oidc;
 mod postgres;
+mod ssh;

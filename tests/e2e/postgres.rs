@@ -103,7 +103,11 @@ fn psql(env: &[(String, String)], sql: &str) -> Output {
         .expect("run psql")
 }
 
-fn session_events(c: &TestCluster, token: &str, resource: &str) -> Vec<serde_json::Value> {
+pub(crate) fn session_events(
+    c: &TestCluster,
+    token: &str,
+    resource: &str,
+) -> Vec<serde_json::Value> {
     let out = custody(
         c,
         &[],
@@ -544,12 +548,12 @@ async fn sql_guardrails_deny_or_hold_statements_for_approval() {
     );
     let out = psql(&env, "delete from t where id = 3");
     assert!(out.status.success(), "{}", text(&out.stderr));
-    // Text PostgreSQL would read differently from the guardrails (here a
-    // comment that hides an unbounded delete from sqlparser) is refused.
+    // Statements are read as PostgreSQL reads them: a comment right after
+    // an operator cannot hide an unbounded delete from the guardrails.
     psql_refused(
         &env,
         "select 1 >-- '\n0; delete from t --'",
-        "cannot read the way PostgreSQL does",
+        "no-unbounded-deletes",
     );
     let out = psql(&env, "select count(*) from t");
     assert_eq!(text(&out.stdout).trim(), "2", "nothing was deleted");
@@ -759,10 +763,12 @@ async fn sql_guardrails_deny_or_hold_statements_for_approval() {
     ] {
         psql_refused(&env, sql, "no-unbounded-deletes");
     }
+    // PostgreSQL cannot prepare a DROP: the server refuses it with its own
+    // syntax error, read the same way by the gateway's parser.
     psql_refused(
         &env,
         "PREPARE p AS DROP TABLE t",
-        "cannot be prepared with PREPARE",
+        "syntax error at or near \"DROP\"",
     );
     let out = psql(&env, "select count(*) from t");
     assert_eq!(text(&out.stdout).trim(), "2", "nothing was deleted");
@@ -871,8 +877,9 @@ async fn sql_guardrails_deny_or_hold_statements_for_approval() {
 
     // A setting changed by a statement sent in the same write is in force
     // when the next statement is read: with standard_conforming_strings
-    // turned off first, the backslash that would hide a delete from the
-    // guardrails is refused, and nothing is deleted.
+    // turned off first, the gateway reads the backslash as the server does,
+    // and the delete it hides is refused by the guardrail: nothing is
+    // deleted.
     use tokio::io::AsyncWriteExt as _;
     let mut out = bytes::BytesMut::new();
     for q in [
@@ -885,7 +892,7 @@ async fn sql_guardrails_deny_or_hold_statements_for_approval() {
     let first = wire.until_ready().await;
     assert!(first.iter().all(|f| f.tag != b'E'), "{first:?}");
     let second = wire.until_ready().await;
-    refusal_in(&second, "standard_conforming_strings");
+    refusal_in(&second, "no-unbounded-deletes");
     // A client encoding whose characters can hold ASCII bytes (SJIS) would
     // let PostgreSQL read non-ASCII text differently: refused until UTF8.
     for (q, refused) in [
@@ -1010,7 +1017,7 @@ fn psql_direct(pg: &Postgres, sql: &str) -> Output {
     psql(&pg.inner.direct_env(), sql)
 }
 
-fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+pub(crate) fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     let mut hits = Vec::new();
     let Ok(rd) = std::fs::read_dir(dir) else {
         return hits;
@@ -1082,6 +1089,8 @@ async fn results_are_masked_for_the_client_and_in_the_evidence() {
             "****",
         ),
         ("select (select max(pin) from vault.accounts)", "****"),
+        // A Unicode-escaped name is read as the server reads it: `pin`.
+        ("select U&\"p\\0069n\" || '' from vault.accounts", "****"),
         ("select row_to_json(a) from vault.accounts a", "****"),
         // A column-name rule follows the source column through an alias.
         ("select customer_ssn as x from customers", "****"),
@@ -1163,7 +1172,6 @@ async fn results_are_masked_for_the_client_and_in_the_evidence() {
         "create table vault.copy as table vault.accounts",
         "create view vault.v2 as select owner from vault.accounts",
         "alter schema vault rename to v2",
-        "select U&\"p\\0069n\" || '' from vault.accounts",
         "/* select */ do $$ begin execute 'crea' || 'te table vault.c as select pin from vault.accounts'; end $$",
         "with m as (insert into vault.accounts select pin, pin from vault.accounts returning 1) select count(*) from m",
         // Functions that keep their arguments where a later read finds them.
@@ -2121,4 +2129,154 @@ async fn live_postgres_sessions_end_with_their_authority() {
         "pg_sleep",
     )
     .await;
+}
+
+/// Policy for [`sql_is_judged_by_postgres_own_parser`]: admins connect with
+/// no guardrail and no masking; engineers under the demo's destructive-
+/// statement guardrail; the agent read-only.
+const PARSER_POLICY: &str = r#"
+roles:
+  admin: { groups: [custody-admins] }
+  approver: { groups: [approvers] }
+guardrails:
+  - name: destructive-statements
+    sql: [drop, truncate, delete_without_where, update_without_where]
+    decision: require_approval
+    approval: { groups: [approvers], count: 1 }
+  - name: read-only-sql
+    sql: [write, ddl, dcl, unparsed]
+    decision: deny
+rules:
+  - name: admins-plain
+    identity: { groups: [custody-admins] }
+    resource: { kinds: [postgres] }
+    actions: [connect]
+    decision: allow
+  - name: engineers-guarded
+    identity: { groups: [engineers] }
+    resource: { kinds: [postgres] }
+    actions: [connect]
+    decision: allow
+    guardrails: [destructive-statements]
+  - name: agents-read-only
+    identity: { groups: [ai-agents] }
+    resource: { kinds: [postgres] }
+    actions: [connect]
+    decision: allow
+    guardrails: [read-only-sql]
+"#;
+
+/// psql's output for `cmds` (each a `-c`), stdout and stderr together.
+fn psql_all(env: &[(String, String)], cmds: &[&str]) -> String {
+    let mut cmd = Command::new("psql");
+    cmd.args(["-X", "-A", "-t"]);
+    for c in cmds {
+        cmd.arg("-c").arg(c);
+    }
+    let out = cmd.envs(env.iter().cloned()).output().expect("run psql");
+    format!("{}{}", text(&out.stdout), text(&out.stderr))
+}
+
+/// Statements are judged by PostgreSQL's own parser: without rules they
+/// give what the server gives directly (its errors and warnings included,
+/// large objects through the function-call protocol too); under
+/// guardrails, comment-like text in a literal is a read and a delete in a
+/// WITH is still held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_is_judged_by_postgres_own_parser() {
+    let pg = Postgres::start();
+    let c = system_with(&pg, PARSER_POLICY).await;
+    let admin = c.mint_token("admin").await.unwrap().token;
+    let gw = libpq(&c, 1, &admin, "db", "require");
+    let direct = pg.inner.direct_env();
+    for (i, env) in [&gw, &direct].into_iter().enumerate() {
+        let out = psql(
+            env,
+            &format!("CREATE FUNCTION bs{i}() RETURNS text LANGUAGE plpgsql AS $$ BEGIN RETURN E'a\\\\b' || 'c\\d'; END $$"),
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    for cmds in [
+        &["SELECT xml '<!-- hi--> <a/>'"][..],
+        &["SELECT ts_headline('english', '<p>The quick <!-- a note --> fox</p>', to_tsquery('english', 'fox'))"],
+        &["SELECT 2 >-- the comment starts here\n 1"],
+        &["SELECT U&'d\\0061t'"],
+        &["SET standard_conforming_strings = off", "SELECT U&'d\\0061t'"],
+        &["SET standard_conforming_strings = off", "SELECT 'a\\'b'"],
+        &["SELECT 1 +"],
+    ] {
+        let through = psql_all(&gw, cmds);
+        assert_eq!(through, psql_all(&direct, cmds), "{cmds:?}");
+        assert!(!through.contains("42501"), "{cmds:?}: {through}");
+    }
+    let bodies = psql_all(&gw, &["SELECT bs0() = bs1(), bs0()"]);
+    assert_eq!(bodies.trim(), "t|a\\bc\\d", "{bodies}");
+
+    // Large objects through psql's \lo_ commands (the function-call
+    // protocol), recorded by function name.
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("in.bin");
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    let out = psql_all(&gw, &[&format!("\\lo_import {}", src.display())]);
+    let oid: u32 = out
+        .trim()
+        .strip_prefix("lo_import ")
+        .and_then(|o| o.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    let back = dir.path().join("out.bin");
+    let out = psql_all(&gw, &[&format!("\\lo_export {oid} {}", back.display())]);
+    assert!(out.contains("lo_export"), "{out}");
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+    let out = psql_all(&gw, &[&format!("\\lo_unlink {oid}")]);
+    assert!(out.contains(&format!("lo_unlink {oid}")), "{out}");
+    let out = psql(
+        &direct,
+        &format!("SELECT count(*) FROM pg_largeobject_metadata WHERE oid = {oid}"),
+    );
+    assert_eq!(text(&out.stdout).trim(), "0");
+    let evidence = serde_json::to_string(&session_events(&c, &admin, "db")).unwrap();
+    for f in [
+        "pg_catalog.lowrite(",
+        "pg_catalog.loread(",
+        "pg_catalog.lo_unlink(",
+    ] {
+        assert!(evidence.contains(f), "{f} is not in the evidence");
+    }
+
+    // Under guardrails: the same literal is a read; a delete inside a WITH
+    // is held for approval.
+    let alice = c.mint_token("alice").await.unwrap().token;
+    let bob = c.mint_token("bob").await.unwrap().token;
+    let env = libpq(&c, 1, &alice, "db", "require");
+    let out = psql(
+        &env,
+        "CREATE TABLE t(id int); INSERT INTO t VALUES (1), (2)",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = psql(&env, "SELECT xml '<!-- hi--> <a/>'");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut held = spawn_psql(&env, "WITH x AS (DELETE FROM t RETURNING *) SELECT 1");
+    let id = pending_request(&c, &bob).await;
+    assert!(!id.is_empty());
+    let _ = held.kill();
+    let _ = held.wait();
+    let out = psql(&direct, "SELECT count(*) FROM t");
+    assert_eq!(text(&out.stdout).trim(), "2", "nothing was deleted");
+
+    // Read-only: a large object can be read, not written.
+    let agent = c.mint_token("agent").await.unwrap().token;
+    let env = libpq(&c, 1, &agent, "db", "require");
+    let out = psql_all(&env, &[&format!("\\lo_import {}", src.display())]);
+    assert!(out.contains("read-only-sql"), "{out}");
+    let out = psql_all(&gw, &[&format!("\\lo_import {}", src.display())]);
+    let oid: u32 = out
+        .trim()
+        .strip_prefix("lo_import ")
+        .and_then(|o| o.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    let back2 = dir.path().join("out2.bin");
+    let out = psql_all(&env, &[&format!("\\lo_export {oid} {}", back2.display())]);
+    assert!(out.contains("lo_export"), "{out}");
+    assert_eq!(std::fs::read(&back2).unwrap(), data);
 }

@@ -35,12 +35,17 @@ pub async fn gateway_addr(client: &Client) -> anyhow::Result<SocketAddr> {
             st.node_id
         );
     }
-    let mut addr: SocketAddr = st
+    let addr: SocketAddr = st
         .postgres_addr
         .parse()
         .with_context(|| format!("bad gateway address {:?}", st.postgres_addr))?;
+    Ok(reachable(client, addr))
+}
+
+/// A gateway address as this client can dial it: one listening on all
+/// interfaces is reached on the host the API was reached on.
+pub fn reachable(client: &Client, mut addr: SocketAddr) -> SocketAddr {
     if addr.ip().is_unspecified() {
-        // Listening on all interfaces: use the host we reached the API on.
         let host = client
             .endpoints()
             .first()
@@ -54,7 +59,7 @@ pub async fn gateway_addr(client: &Client) -> anyhow::Result<SocketAddr> {
             addr.set_ip(ip);
         }
     }
-    Ok(addr)
+    addr
 }
 
 fn ca_path() -> anyhow::Result<std::path::PathBuf> {

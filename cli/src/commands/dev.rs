@@ -16,6 +16,7 @@ const DEV_EDGE: &str = "dev-edge";
 const DEV_RESOURCE: &str = "local-shell";
 /// The demo PostgreSQL resource (when PostgreSQL server binaries are installed).
 const DEV_PG_RESOURCE: &str = "local-postgres";
+const DEV_SSH_RESOURCE: &str = "local-ssh";
 
 /// The demo schema: customers with PII that the demo policy masks.
 const DEMO_SCHEMA: &str = "
@@ -61,6 +62,28 @@ pub struct DevJson {
     /// The demo database, when PostgreSQL is installed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postgres: Option<DevPostgres>,
+    /// The demo SSH host, when the OpenSSH server is installed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<DevSsh>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct DevSsh {
+    pub resource: String,
+    pub hint: String,
+    /// The private sshd (stopped by `dev down`).
+    pub pid: u32,
+}
+
+/// Starts the demo sshd in `dir/sshd` (keys kept across restarts).
+fn dev_sshd(dir: &Path) -> anyhow::Result<Option<custody_cli::localssh::LocalSshd>> {
+    match custody_cli::localssh::LocalSshd::start(&dir.join("sshd")) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) => {
+            eprintln!("skipping the {DEV_SSH_RESOURCE} resource: {e:#}");
+            Ok(None)
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -178,6 +201,11 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
         spec.resources_toml
             .push_str(&pg.resource_toml(DEV_PG_RESOURCE, "env = \"dev\""));
     }
+    let mut sshd = dev_sshd(&dir)?;
+    if let Some(s) = &sshd {
+        spec.resources_toml
+            .push_str(&s.resource_toml(DEV_SSH_RESOURCE, "env = \"dev\""));
+    }
     cluster.add_edge(&spec)?;
     if dir
         .join(format!("edge-{DEV_EDGE}"))
@@ -247,6 +275,11 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
             ),
             data_dir: pg.dir.join("data").display().to_string(),
         }),
+        ssh: sshd.as_ref().map(|s| DevSsh {
+            resource: DEV_SSH_RESOURCE.into(),
+            hint: format!("custody ssh {DEV_SSH_RESOURCE} -- uname -a"),
+            pid: s.pid().unwrap_or(0),
+        }),
     };
     let path = dir.join("dev.json");
     // dev.json holds tokens: owner-only.
@@ -280,10 +313,19 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
         );
         println!("  {}", p.connect_hint);
     }
+    if let Some(s) = &dev.ssh {
+        println!(
+            "  {}   # or `custody ssh config` for ssh {}.custody, scp, sftp",
+            s.hint, s.resource
+        );
+    }
     println!("  custody cluster status");
     println!("  custody policy show");
     if detach {
         println!("Stop it with: custody dev down --dir {}", dir.display());
+        if let Some(s) = sshd.as_mut() {
+            s.detach();
+        }
         cluster.detach();
         return Ok(());
     }
@@ -296,6 +338,9 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
     }
     if let Some(pg) = &pg {
         pg.stop();
+    }
+    if let Some(s) = sshd.as_mut() {
+        s.stop();
     }
     let _ = std::fs::remove_file(&path);
     Ok(())
@@ -319,6 +364,7 @@ fn down(dir: &Path) -> anyhow::Result<()> {
         .iter()
         .map(|c| c.pid)
         .chain(dev.edges.iter().map(|e| e.pid))
+        .chain(dev.ssh.iter().map(|s| s.pid))
         .filter(|p| *p != 0)
         .collect();
     for p in &pids {

@@ -10,4 +10,5 @@ pub mod kv;
 pub mod login;
 pub mod policy;
 pub mod sessions;
+pub mod ssh;
 pub mod whoami;

@@ -274,30 +274,23 @@ pub async fn run(cmd: SessionsCmd) -> anyhow::Result<()> {
             }
             let r = client.get_session(&id).await?;
             let info = r.session.unwrap_or_default();
-            let outputs: Vec<(u64, &ev::Output)> = r
-                .events
+            let events = custody_proto::chain::join_fragments(r.events);
+            let outputs: Vec<(u64, &ev::Output)> = events
                 .iter()
                 .filter_map(|e| match &e.kind {
                     Some(ev::event::Kind::Output(o)) if o.stream != "stdin" => Some((e.at_ms, o)),
                     _ => None,
                 })
                 .collect();
-            let start = r.events.first().map_or(0, |e| e.at_ms);
+            let start = events.first().map_or(0, |e| e.at_ms);
             if let Some(path) = asciicast {
                 let mut f = std::fs::File::create(&path)
                     .with_context(|| format!("create {}", path.display()))?;
-                let header = serde_json::json!({
-                    "version": 2, "width": 120, "height": 40,
-                    "timestamp": info.opened_at_ms / 1000,
-                    "title": format!("{} on {}", info.command, info.resource),
-                });
-                writeln!(f, "{header}")?;
-                for (at, o) in &outputs {
-                    let t = at.saturating_sub(start) as f64 / 1000.0;
-                    let line = serde_json::json!([t, "o", String::from_utf8_lossy(&o.data)]);
+                let lines = asciicast_lines(&events, &info);
+                for line in &lines {
                     writeln!(f, "{line}")?;
                 }
-                eprintln!("wrote {} ({} output events)", path.display(), outputs.len());
+                eprintln!("wrote {} ({} events)", path.display(), lines.len() - 1);
                 return Ok(());
             }
             let mut last = start;
@@ -314,9 +307,146 @@ pub async fn run(cmd: SessionsCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Decodes UTF-8 arriving in chunks: a character split between two chunks
+/// is kept until its end arrives; bytes that are not UTF-8 become U+FFFD.
+#[derive(Default)]
+pub struct Utf8Chunks {
+    carry: Vec<u8>,
+}
+
+impl Utf8Chunks {
+    pub fn push(&mut self, data: &[u8]) -> String {
+        let mut buf = std::mem::take(&mut self.carry);
+        buf.extend_from_slice(data);
+        // An incomplete sequence at the end waits for the next chunk.
+        let keep = incomplete_tail(&buf);
+        self.carry = buf.split_off(buf.len() - keep);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// How many bytes at the end of `b` begin a character that is not complete.
+fn incomplete_tail(b: &[u8]) -> usize {
+    for back in 1..=b.len().min(3) {
+        let c = b[b.len() - back];
+        if c & 0xC0 == 0x80 {
+            continue;
+        }
+        let need = match c {
+            0xF0.. => 4,
+            0xE0.. => 3,
+            0xC0.. => 2,
+            _ => 1,
+        };
+        return if need > back { back } else { 0 };
+    }
+    0
+}
+
+/// A session as asciicast v2 lines: the header (the terminal's size when the
+/// session recorded one), then output ("o") and resize ("r") events.
+pub fn asciicast_lines(events: &[ev::Event], info: &api::SessionInfo) -> Vec<serde_json::Value> {
+    let start = events.first().map_or(0, |e| e.at_ms);
+    let (mut width, mut height) = (120, 40);
+    if let Some(c) = events.iter().find_map(|e| match &e.kind {
+        Some(ev::event::Kind::SshChannel(c)) if c.cols > 0 && c.rows > 0 => Some(c),
+        _ => None,
+    }) {
+        (width, height) = (c.cols, c.rows);
+    }
+    let mut lines = vec![serde_json::json!({
+        "version": 2, "width": width, "height": height,
+        "timestamp": info.opened_at_ms / 1000,
+        "title": format!("{} on {}", info.command, info.resource),
+    })];
+    let mut text = Utf8Chunks::default();
+    for e in events {
+        let t = e.at_ms.saturating_sub(start) as f64 / 1000.0;
+        match &e.kind {
+            Some(ev::event::Kind::Output(o)) if o.stream != "stdin" => {
+                let s = text.push(&o.data);
+                if !s.is_empty() {
+                    lines.push(serde_json::json!([t, "o", s]));
+                }
+            }
+            Some(ev::event::Kind::Resize(r)) => {
+                lines.push(serde_json::json!([
+                    t,
+                    "r",
+                    format!("{}x{}", r.cols, r.rows)
+                ]));
+            }
+            _ => {}
+        }
+    }
+    lines
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utf8_split_across_chunks_is_joined() {
+        let mut d = Utf8Chunks::default();
+        let euro = "€".as_bytes();
+        assert_eq!(d.push(&[b'a', euro[0]]), "a");
+        assert_eq!(d.push(&euro[1..2]), "");
+        assert_eq!(d.push(&[euro[2], b'b']), "€b");
+        assert_eq!(d.push(&[0xff, b'c']), "\u{fffd}c");
+    }
+
+    #[test]
+    fn asciicast_has_the_terminal_size_and_resizes() {
+        let ev = |seq: u64, at_ms: u64, kind: ev::event::Kind| ev::Event {
+            seq,
+            at_ms,
+            kind: Some(kind),
+            ..Default::default()
+        };
+        let events = vec![
+            ev(
+                0,
+                1000,
+                ev::event::Kind::SshChannel(ev::SshChannel {
+                    cols: 100,
+                    rows: 30,
+                    ..Default::default()
+                }),
+            ),
+            ev(
+                1,
+                1500,
+                ev::event::Kind::Output(ev::Output {
+                    stream: "stdout".into(),
+                    data: "héllo".as_bytes()[..2].to_vec().into(),
+                    ..Default::default()
+                }),
+            ),
+            ev(
+                2,
+                1600,
+                ev::event::Kind::Output(ev::Output {
+                    stream: "stdout".into(),
+                    data: "héllo".as_bytes()[2..].to_vec().into(),
+                    ..Default::default()
+                }),
+            ),
+            ev(
+                3,
+                2000,
+                ev::event::Kind::Resize(ev::Resize { cols: 80, rows: 24 }),
+            ),
+        ];
+        let lines = asciicast_lines(&events, &api::SessionInfo::default());
+        assert_eq!(
+            (lines[0]["width"].as_u64(), lines[0]["height"].as_u64()),
+            (Some(100), Some(30))
+        );
+        assert_eq!(lines[1], serde_json::json!([0.5, "o", "h"]));
+        assert_eq!(lines[2], serde_json::json!([0.6, "o", "éllo"]));
+        assert_eq!(lines[3], serde_json::json!([1.0, "r", "80x24"]));
+    }
 
     #[test]
     fn times_round_trip() {

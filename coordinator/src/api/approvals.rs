@@ -254,6 +254,7 @@ impl<E: Engine> Approvals for ApprovalsService<E> {
             resource: &resource,
             action,
             command: None,
+            dialect: Default::default(),
         });
         let rule = d.by.label();
         let doc = match d.effect {

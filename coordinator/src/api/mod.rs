@@ -104,6 +104,8 @@ pub struct ApiService<E: Engine> {
     /// (cluster id, base64 evidence public key) for status answers.
     info: (String, String),
     postgres_addr: String,
+    /// The SSH gateway address and the cluster's host key line.
+    ssh: (String, String),
 }
 
 impl<E: Engine> ApiService<E> {
@@ -113,7 +115,17 @@ impl<E: Engine> ApiService<E> {
             guard,
             info: Default::default(),
             postgres_addr: String::new(),
+            ssh: Default::default(),
         }
+    }
+
+    /// The node's SSH gateway address and the cluster's host key line,
+    /// reported in `Cluster.Status`.
+    pub fn with_ssh(mut self, addr: Option<std::net::SocketAddr>, host_key: String) -> Self {
+        if let Some(a) = addr {
+            self.ssh = (a.to_string(), host_key);
+        }
+        self
     }
 
     /// The node's PostgreSQL gateway address, reported in `Cluster.Status`.
@@ -387,6 +399,8 @@ impl<E: Engine> Cluster for ApiService<E> {
         out.cluster_id = self.info.0.clone();
         out.evidence_public_key = self.info.1.clone();
         out.postgres_addr = self.postgres_addr.clone();
+        out.ssh_addr = self.ssh.0.clone();
+        out.ssh_host_key = self.ssh.1.clone();
         Ok(Response::new(out))
     }
 

@@ -225,6 +225,7 @@ impl<E: Engine> PolicyApi for PolicyService<E> {
             resource: &resource,
             action,
             command: (!r.command.is_empty()).then_some(r.command.as_str()),
+            dialect: Default::default(),
         });
         Ok(Response::new(api::TestPolicyResponse {
             effect: d.effect.as_str().into(),

@@ -113,6 +113,7 @@ pub async fn authorize<E: Engine>(
         resource: &resource,
         action: ask.action,
         command: ask.command,
+        dialect: Default::default(),
     });
     let rule = decision.by.label();
     let approval = match decision.effect {

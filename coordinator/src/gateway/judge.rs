@@ -9,6 +9,7 @@ use std::sync::Arc;
 use super::{Action, GatewayError};
 use crate::auth::Identity;
 use crate::consensus::node::now_ms;
+use crate::policy::sql::Dialect;
 use crate::policy::{Decision, Effect, Policy, Request, ResourceInfo};
 use crate::state::approvals;
 use crate::storage::Engine;
@@ -42,12 +43,14 @@ pub fn judge<E: Engine>(
     s: &Standing<'_>,
     action: Action,
     command: Option<&str>,
+    dialect: Dialect,
 ) -> Result<Ruling, GatewayError> {
     let d = policy.evaluate(&Request {
         identity: s.identity,
         resource: s.resource,
         action,
         command,
+        dialect,
     });
     let subject = &s.identity.subject;
     let resource = &s.resource.name;

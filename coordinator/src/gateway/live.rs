@@ -183,6 +183,7 @@ pub async fn watch_authority<E: crate::storage::Engine>(
                 resource: &s.resource,
                 action: s.action,
                 command: s.command.as_deref(),
+                dialect: Default::default(),
             });
             let ends = match d.effect {
                 crate::policy::Effect::Deny => true,

@@ -33,6 +33,13 @@ pub enum Input {
     Stdin(Bytes),
     /// The caller sends no more input.
     Eof,
+    /// The caller's terminal changed size (recorded, then passed on).
+    Resize {
+        cols: u32,
+        rows: u32,
+        px_width: u32,
+        px_height: u32,
+    },
 }
 
 /// From the target, for the caller.
@@ -165,6 +172,27 @@ pub async fn run<T: Send + 'static>(
                     }))
                 }
                 Input::Eof => frame(t::session_frame::Kind::Eof(t::Eof {})),
+                Input::Resize {
+                    cols,
+                    rows,
+                    px_width,
+                    px_height,
+                } => {
+                    let resize = ev::Resize { cols, rows };
+                    if input_rec
+                        .record(ev::event::Kind::Resize(resize))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    frame(t::session_frame::Kind::SshResize(t::SshResize {
+                        cols,
+                        rows,
+                        px_width,
+                        px_height,
+                    }))
+                }
             };
             if tx.send(f).await.is_err() {
                 return;

@@ -106,3 +106,69 @@ pub async fn create_request<E: Engine>(
         })
     })
 }
+
+/// A command held for approval, as approvers are asked about it.
+pub struct HeldCommand<'a> {
+    pub identity: &'a crate::auth::Identity,
+    pub resource: &'a str,
+    pub action: super::Action,
+    /// The command as approvers see it (masked where the front door masks).
+    pub shown: String,
+    /// The digest of the command as it will run.
+    pub digest: [u8; 32],
+    pub rule: String,
+    pub doc: &'a crate::policy::ApprovalDoc,
+    /// The front door, for the audit log.
+    pub via: &'static str,
+}
+
+/// The request that approves this exact command: one the caller already
+/// made that is pending or approved and unused (a client that did not wait,
+/// a reconnect), or a new one, announced to the approvers.
+pub async fn command_request<E: Engine>(
+    node: &crate::consensus::NodeHandle<E>,
+    notifier: &crate::notify::Notifier,
+    held: HeldCommand<'_>,
+) -> Result<u64, String> {
+    use approvals::{approvals_list, effective_status};
+    let principal = held.identity.principal();
+    let now = crate::consensus::node::now_ms();
+    let existing = approvals_list(node.store(), 1, |r| {
+        r.kind == "command"
+            && r.requester == principal
+            && r.resource == held.resource
+            && r.command_sha256[..] == held.digest[..]
+            && matches!(
+                effective_status(r, now),
+                approvals::PENDING | approvals::APPROVED
+            )
+    })
+    .map_err(|e| format!("cannot read approval requests: {e}"))?
+    .pop();
+    if let Some(r) = existing {
+        return Ok(r.id);
+    }
+    let doc = held.doc;
+    let req = pb::ApprovalRequest {
+        requester: principal,
+        requester_label: held.identity.label().to_owned(),
+        resource: held.resource.to_owned(),
+        kind: "command".into(),
+        action: held.action.as_str().into(),
+        command: held.shown,
+        command_sha256: held.digest.to_vec().into(),
+        approver_groups: doc.groups.clone(),
+        required: doc.count,
+        require_reason: doc.require_reason,
+        rule: held.rule,
+        timeout_ms: doc.timeout_ms(),
+        webhook: doc.webhook.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    let created = create_request(node, req)
+        .await
+        .map_err(|e| format!("cannot create an approval request: {e}"))?;
+    tracing::warn!(target: "audit", event = "approval_requested", request = created.id, subject = %held.identity.subject, resource = %held.resource, via = held.via, "command held for approval");
+    notifier.approval("approval_requested", &created);
+    Ok(created.id)
+}

@@ -35,7 +35,13 @@ impl Kind {
         match self {
             Kind::Shell => &[Action::Exec],
             Kind::Postgres => &[Action::Connect],
-            Kind::Ssh => &[Action::Connect, Action::Exec],
+            Kind::Ssh => &[
+                Action::Connect,
+                Action::Shell,
+                Action::Exec,
+                Action::Sftp,
+                Action::PortForward,
+            ],
             Kind::Kubernetes => &[Action::Connect],
         }
     }
@@ -64,19 +70,34 @@ impl std::fmt::Display for Kind {
 /// What a caller asks to do with a resource. A PostgreSQL session is
 /// `connect`, and each of its statements is judged as `connect` with the
 /// statement as the command (guardrails see it); a shell command is `exec`.
+/// On SSH, `connect` admits the connection and each channel is judged on its
+/// own: `shell`, `exec` (with the command), `sftp`, `port-forward` (with
+/// `host:port`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Action {
     Connect,
     Exec,
+    Shell,
+    Sftp,
+    PortForward,
 }
 
 impl Action {
-    pub const ALL: [Action; 2] = [Action::Connect, Action::Exec];
+    pub const ALL: [Action; 5] = [
+        Action::Connect,
+        Action::Exec,
+        Action::Shell,
+        Action::Sftp,
+        Action::PortForward,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Action::Connect => "connect",
             Action::Exec => "exec",
+            Action::Shell => "shell",
+            Action::Sftp => "sftp",
+            Action::PortForward => "port-forward",
         }
     }
 
@@ -84,7 +105,7 @@ impl Action {
         Action::ALL.into_iter().find(|a| a.as_str() == s)
     }
 
-    /// `connect, exec`, for messages.
+    /// `connect, exec, …`, for messages.
     pub fn list() -> String {
         names(Action::ALL.iter().map(|a| a.as_str()))
     }

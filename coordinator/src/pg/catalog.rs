@@ -173,6 +173,20 @@ pub async fn lookup_views(ch: SessionChannel, names: &[String]) -> Result<Views,
     Ok(parse_views(names, &run(ch, &views_query(names)).await?))
 }
 
+/// Looks up the qualified name of the function with `oid` (a number: nothing
+/// from the client is interpolated); `None` when there is none.
+pub async fn lookup_function(ch: SessionChannel, oid: u32) -> Result<Option<String>, CatalogError> {
+    let sql = format!(
+        "SELECT n.nspname || '.' || p.proname FROM pg_catalog.pg_proc p \
+         JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace WHERE p.oid = {oid}"
+    );
+    Ok(run(ch, &sql)
+        .await?
+        .into_iter()
+        .next()
+        .and_then(|r| r.into_iter().next().flatten()))
+}
+
 /// Runs `sql` (the gateway's own catalog queries) on a freshly opened
 /// session channel and ends the session: every row's values as text.
 async fn run(ch: SessionChannel, sql: &str) -> Result<Vec<Vec<Option<String>>>, CatalogError> {

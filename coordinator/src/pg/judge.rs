@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::gateway::judge::{Ruling, Standing};
+use crate::policy::sql::Dialect;
 
 impl<E: Engine> PgGateway<E> {
     /// Applies the policy's guardrails to one statement: `Ok` to run it
@@ -37,16 +38,13 @@ impl<E: Engine> PgGateway<E> {
             )
             .into());
         }
-        if let Some(what) = crate::policy::sql::lexer_divergence(sql, strings_conform) {
-            tracing::warn!(target: "audit", event = "statement_denied", subject = %a.id.subject, resource = %a.resource.name, "statement refused: the gateway cannot read it as PostgreSQL does");
-            return Err(format!(
-                "the statement is refused: it holds {what}, which the gateway cannot read the way PostgreSQL does (add a space, or turn standard_conforming_strings on)"
-            )
-            .into());
-        }
+        let dialect = Dialect {
+            legacy_strings: !strings_conform,
+        };
         if a.masker.has_column_rules() {
             use crate::policy::sql;
-            if sql::is_copy_out(sql) {
+            let facts = sql::facts(sql, dialect);
+            if facts.copies_out() {
                 return Err(
                     "COPY ... TO is refused under column masking; use SELECT (results are masked)"
                         .into(),
@@ -55,11 +53,9 @@ impl<E: Engine> PgGateway<E> {
             // A copy of a masked column under another name (or a renamed
             // one, or a view or function over it) would no longer be masked;
             // text the gateway cannot read reliably could hide either.
-            let an = sql::analyze(sql);
+            let an = facts.analysis();
             let refused = if !strings_conform {
                 Some("standard_conforming_strings is off, so statements cannot be read reliably; it must stay on under column masking")
-            } else if an.escaped_names {
-                Some("Unicode-escaped identifiers (U&\"…\") are refused under column masking")
             } else if !an.parsed && !an.plain_read {
                 Some("the statement does not parse and is not a plain read, which is refused under column masking")
             } else if an.reshapes {
@@ -84,10 +80,10 @@ impl<E: Engine> PgGateway<E> {
                 return Err(why.into());
             }
         }
-        match self.judge(&policy, sql, a)? {
+        match self.judge(&policy, sql, a, dialect)? {
             Ruling::Runs => Ok(None),
             Ruling::Held(d) => {
-                if crate::policy::sql::prepares(sql) {
+                if crate::policy::sql::facts(sql, dialect).prepares() {
                     return Err("a statement that needs approval cannot be prepared with PREPARE (each EXECUTE would run it again on one approval); run it directly".into());
                 }
                 if let Some(name) = prepared_as.filter(|n| !n.is_empty()) {
@@ -107,6 +103,17 @@ impl<E: Engine> PgGateway<E> {
         }
     }
 
+    /// Whether the session's statements go unjudged now: it has no
+    /// guardrails, masking or grant, and the policy is the one it started
+    /// with (a changed policy is applied to each statement again).
+    pub(super) fn unjudged(&self, a: &Authorized) -> bool {
+        !a.judged
+            && self
+                .guard
+                .local_policy(&self.tunnels.node)
+                .is_ok_and(|p| Arc::ptr_eq(&p, &a.policy))
+    }
+
     /// One of the session's statements, judged by the gateway with the
     /// policy in force now.
     pub(super) fn judge(
@@ -114,6 +121,7 @@ impl<E: Engine> PgGateway<E> {
         policy: &Arc<crate::policy::Policy>,
         sql: &str,
         a: &Authorized,
+        dialect: Dialect,
     ) -> Result<Ruling, Refusal> {
         let standing = Standing {
             identity: &a.id,
@@ -127,6 +135,7 @@ impl<E: Engine> PgGateway<E> {
             &standing,
             Action::Connect,
             Some(sql),
+            dialect,
         )?)
     }
 
@@ -184,7 +193,7 @@ impl<E: Engine> PgGateway<E> {
         if a.grant.is_none() && Arc::ptr_eq(&policy, &a.policy) {
             return None;
         }
-        match self.judge(&policy, sql, a) {
+        match self.judge(&policy, sql, a, Dialect::default()) {
             Ok(Ruling::Runs) => None,
             Ok(Ruling::Held(_)) if Arc::ptr_eq(&policy, &a.policy) => None,
             Ok(Ruling::Held(_)) => Some(
@@ -210,9 +219,7 @@ impl<E: Engine> PgGateway<E> {
         d: &crate::policy::Decision,
         doc: crate::policy::ApprovalDoc,
     ) -> Result<u64, Refusal> {
-        use crate::state::approvals::{
-            approval_get, approvals_list, effective_status, ApprovalCommand,
-        };
+        use crate::state::approvals::{approval_get, effective_status, ApprovalCommand};
         let node = &self.tunnels.node;
         let digest = crate::gateway::session::command_digest(sql);
         // Approvers see the statement as the evidence holds it: masked, where
@@ -221,50 +228,24 @@ impl<E: Engine> PgGateway<E> {
         let shown = a.masker.mask_statement(sql).ok_or(
             "the statement cannot be shown to approvers with its sensitive values masked: masking would take away a line end, quote, `$`, backslash, `;` or comment delimiter and change how it reads",
         )?;
-        let principal = a.id.principal();
         // The same statement asked again (a client that did not wait, or a
         // reconnect) finds its own request: approved and unused runs now,
         // pending is waited on, instead of a new request each time.
-        let now = now_ms();
-        let existing = approvals_list(node.store(), 1, |r| {
-            r.kind == "command"
-                && r.requester == principal
-                && r.resource == a.resource.name
-                && r.command_sha256[..] == digest[..]
-                && matches!(
-                    effective_status(r, now),
-                    approvals::PENDING | approvals::APPROVED
-                )
-        })
-        .map_err(|e| format!("cannot read approval requests: {e}"))?
-        .pop();
-        let id = match existing {
-            Some(r) => r.id,
-            None => {
-                let req = pb::ApprovalRequest {
-                    requester: principal.clone(),
-                    requester_label: a.id.label().to_owned(),
-                    resource: a.resource.name.clone(),
-                    kind: "command".into(),
-                    action: Action::Connect.as_str().into(),
-                    command: shown,
-                    command_sha256: digest.to_vec().into(),
-                    approver_groups: doc.groups.clone(),
-                    required: doc.count,
-                    require_reason: doc.require_reason,
-                    rule: d.by.name().unwrap_or_default(),
-                    timeout_ms: doc.timeout_ms(),
-                    webhook: doc.webhook.clone().unwrap_or_default(),
-                    ..Default::default()
-                };
-                let created = crate::gateway::session::create_request(node, req)
-                    .await
-                    .map_err(|e| format!("cannot create an approval request: {e}"))?;
-                tracing::warn!(target: "audit", event = "approval_requested", request = created.id, subject = %a.id.subject, resource = %a.resource.name, "statement held for approval");
-                self.notifier.approval("approval_requested", &created);
-                created.id
-            }
-        };
+        let id = crate::gateway::session::command_request(
+            node,
+            &self.notifier,
+            crate::gateway::session::HeldCommand {
+                identity: &a.id,
+                resource: &a.resource.name,
+                action: Action::Connect,
+                shown,
+                digest,
+                rule: d.by.name().unwrap_or_default(),
+                doc: &doc,
+                via: "postgres",
+            },
+        )
+        .await?;
         let approved =
             |r: &pb::ApprovalRequest| effective_status(r, now_ms()) == approvals::APPROVED;
         let already = matches!(approval_get(node.store(), id), Ok(Some(r)) if approved(&r));

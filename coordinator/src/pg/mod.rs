@@ -12,6 +12,7 @@
 //! server's real key.
 
 pub mod catalog;
+mod fastpath;
 mod judge;
 mod mask;
 mod pump;
@@ -370,7 +371,9 @@ impl<E: Engine> PgGateway<E> {
                 format!("resource {} is misconfigured: {e}", info.name),
             )
         })?;
+        let judged = d.guarded || !d.mask.is_empty() || grant.is_some();
         Ok(Authorized {
+            judged,
             minor,
             caps,
             no_wait: wants_no_wait(startup),
@@ -583,6 +586,10 @@ struct Authorized {
     grant: Option<pb::ApprovalRequest>,
     /// When the caller's token expires (seconds since the epoch).
     token_expires_at: u64,
+    /// Its statements are judged: the rules that let it connect name a
+    /// guardrail or masking, or it runs under an access grant. Otherwise
+    /// they are recorded but not judged while the policy stays the same.
+    judged: bool,
     /// What the gateway cleared; `open` takes it.
     cleared: Option<crate::gateway::authorize::Cleared>,
 }
@@ -756,6 +763,10 @@ mod tests {
         for (sent, recorded) in [
             (
                 "delete from t where id = 1 -- secret\n or true",
+                "delete from t where id = 1 -- [masked]\n or true",
+            ),
+            (
+                "select 'secret\n or true",
                 "[statement withheld: masking would change how it reads]",
             ),
             ("select $$bob@example.com$$", "select $$[email]$$"),

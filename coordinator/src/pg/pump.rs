@@ -68,6 +68,7 @@ impl<E: Engine> PgGateway<E> {
             rfq_seen: 0,
             strings_conform: true,
             unsafe_encoding: None,
+            functions: Default::default(),
             out,
         };
         let mut unsynced = false; // extended-protocol messages forwarded since Sync
@@ -129,8 +130,12 @@ impl<E: Engine> PgGateway<E> {
                         // reads depends on settings (standard_conforming_strings,
                         // client_encoding) that statements still running may
                         // change: it is checked once they have finished.
+                        // Without rules (and the policy unchanged) statements
+                        // are recorded, not judged: the server answers them.
+                        let unjudged = matches!(f.tag, pg::ftag::QUERY | pg::ftag::PARSE | pg::ftag::BIND | pg::ftag::FUNCTION_CALL)
+                            && self.unjudged(a);
                         let mut out_of_order = false;
-                        if statement_bytes(&f).iter().any(|b| *b == b'\\' || !b.is_ascii()) {
+                        if !unjudged && statement_bytes(&f).iter().any(|b| *b == b'\\' || !b.is_ascii()) {
                             if executed_unsynced {
                                 out_of_order = true;
                             } else if st.rfq_seen < rfq_expected {
@@ -153,15 +158,34 @@ impl<E: Engine> PgGateway<E> {
                         for e in &mut step.events {
                             mask_client_event(&a.masker, e);
                         }
+                        let call = if f.tag == pg::ftag::FUNCTION_CALL {
+                            let call = fastpath::decode(&f.body).map_err(|e| fatal("08P01", e.to_string()))?;
+                            let name = self.function_name(call.oid, &mut st.functions, a, rec.session_id()).await;
+                            // The evidence names the function and its arguments.
+                            let shown = format!("{}({})", name.as_deref().unwrap_or(&format!("function {}", call.oid)), call.args.join(", "));
+                            for e in &mut step.events {
+                                if let ev::event::Kind::Command(c) = e {
+                                    c.text = shown.clone();
+                                }
+                            }
+                            Some((call, name))
+                        } else {
+                            None
+                        };
                         evq.extend(step.events);
-                        let refusal = if f.tag == pg::ftag::FUNCTION_CALL {
-                            // A function call can run any SQL (query_to_xml) with no
-                            // statement text to check.
-                            Some(Refusal::from("the function-call protocol is not available through the gateway; use SELECT"))
+                        let refusal = if let Some((call, name)) = call.as_ref().filter(|_| !unjudged) {
+                            match self.check_function_call(name.as_deref(), call, rec.session_id(), a, evq, s, cbuf).await {
+                                Ok(_) => None,
+                                Err(r) => Some(r),
+                            }
+                        } else if call.is_some() {
+                            None
                         } else if out_of_order {
                             Some(Refusal::from("a statement with a backslash or non-ASCII text must not follow an Execute in the same sequence: the gateway reads it with settings that Execute may change (send Sync before it)"))
                         } else if let Some(why) = step.refused {
                             Some(Refusal::from(why))
+                        } else if unjudged {
+                            None
                         } else if let Some(r) = step.bound.as_deref().and_then(|sql| self.recheck_bound(sql, a)) {
                             Some(r)
                         } else if let Some(r) = step.statement.as_deref().and_then(|sql| self.recheck_executed(sql, &st.relay, a)) {
@@ -535,6 +559,8 @@ pub(super) struct ServerSide {
     /// …): PostgreSQL then reads such bytes as part of a character, while the
     /// gateway reads the statement as UTF-8.
     unsafe_encoding: Option<String>,
+    /// Function names by OID, for function calls.
+    functions: std::collections::HashMap<u32, String>,
     /// Bytes for the client.
     out: BytesMut,
 }

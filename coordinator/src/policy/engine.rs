@@ -66,6 +66,8 @@ pub struct Request<'a> {
     pub action: Action,
     /// The command line or statement, for guardrails.
     pub command: Option<&'a str>,
+    /// How a statement's text reads (PostgreSQL settings).
+    pub dialect: super::sql::Dialect,
 }
 
 /// What made a decision.
@@ -110,6 +112,10 @@ pub struct Decision {
     pub reason: String,
     pub approval: Option<ApprovalDoc>,
     pub mask: Vec<String>,
+    /// A rule that took part names a guardrail: each command of the session
+    /// is judged (without guardrails or masking, statements are recorded
+    /// but not judged).
+    pub guarded: bool,
     /// One line per rule: whether it took part and why (for `policy test`).
     pub trace: Vec<String>,
 }
@@ -319,6 +325,7 @@ impl Policy {
                 }
             }
         }
+        let guarded = taking_part.iter().any(|r| !r.guardrails.is_empty());
         let decide =
             |effect: Effect, by: DecidedBy, reason: String, approval, mask, trace| Decision {
                 effect,
@@ -326,6 +333,7 @@ impl Policy {
                 reason,
                 approval,
                 mask,
+                guarded,
                 trace,
             };
         if let Some(r) = taking_part.iter().find(|r| r.decision == EffectDoc::Deny) {
@@ -371,7 +379,7 @@ impl Policy {
                         && !g.doc.sql.is_empty()
                         && Kind::parse(&req.resource.kind) == Some(Kind::Postgres)
                     {
-                        classes = Some(super::sql::classify(cmd));
+                        classes = Some(super::sql::facts(cmd, req.dialect).classes().clone());
                     }
                     if let Some(why) = g.hits(cmd, classes.as_ref()) {
                         trace.push(format!("guardrail {gname:?}: {why}"));
@@ -542,6 +550,7 @@ retention:
             resource: r,
             action: Action::parse(action).unwrap(),
             command: cmd,
+            dialect: Default::default(),
         })
     }
 

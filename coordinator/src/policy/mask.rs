@@ -593,8 +593,34 @@ impl Masker {
     /// took one.)
     pub fn mask_statement(&self, sql: &str) -> Option<String> {
         const KEPT: [&str; 9] = ["\n", "\r", "'", "\"", "$", "\\", ";", "/*", "*/"];
-        let Some(masked) = self.mask_text(sql) else {
-            return Some(sql.to_owned());
+        // Token by token first (PostgreSQL's scanner): a literal, comment
+        // or name is masked inside itself; then what spans tokens.
+        let by_tokens = crate::policy::sql::token_spans(sql).and_then(|spans| {
+            let mut out = String::with_capacity(sql.len());
+            let mut at = 0;
+            let mut any = false;
+            for (start, end, valued) in spans {
+                let (Some(gap), Some(tok)) = (sql.get(at..start), sql.get(start..end)) else {
+                    return None;
+                };
+                out.push_str(gap);
+                match valued.then(|| self.mask_text(tok)).flatten() {
+                    Some(m) => {
+                        any = true;
+                        out.push_str(&m);
+                    }
+                    None => out.push_str(tok),
+                }
+                at = end;
+            }
+            out.push_str(sql.get(at..)?);
+            Some((out, any))
+        });
+        let (text, any) = by_tokens.unwrap_or_else(|| (sql.to_owned(), false));
+        let masked = match self.mask_text(&text) {
+            Some(m) => m,
+            None if any => text,
+            None => return Some(sql.to_owned()),
         };
         KEPT.iter()
             .all(|k| masked.matches(k).count() == sql.matches(k).count())
@@ -978,10 +1004,18 @@ mod tests {
             Some("delete from t where email = '[email]' -- for [email]")
         );
         assert_eq!(m.mask_statement("select 1").as_deref(), Some("select 1"));
-        // The private-key detector runs to the end of the text: it would
-        // take the line end that closes the comment, and hide `or true`.
+        // The private-key detector runs to the end of the text; masked
+        // token by token, it stays inside the comment, whose line end (and
+        // the `or true` after it) stays.
         assert_eq!(
-            m.mask_statement("delete from t where id = 1 -- -----BEGIN PRIVATE KEY-----\n or true"),
+            m.mask_statement("delete from t where id = 1 -- -----BEGIN PRIVATE KEY-----\n or true")
+                .as_deref(),
+            Some("delete from t where id = 1 -- [private_key]\n or true")
+        );
+        // Text the scanner refuses is masked whole, and not shown where that
+        // would take a line end.
+        assert_eq!(
+            m.mask_statement("select 'x -- -----BEGIN PRIVATE KEY-----\n or true"),
             None
         );
         // A custom pattern that would take a quote, `;` or a comment end.

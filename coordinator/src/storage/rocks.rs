@@ -37,10 +37,11 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> 
 fn cf_options(cf: Cf) -> Options {
     let mut o = Options::default();
     o.set_compression_type(match cf {
-        Cf::State => rocksdb::DBCompressionType::Zstd,
-        // Chunks are zstd frames already.
-        Cf::Chunks => rocksdb::DBCompressionType::None,
-        Cf::Log | Cf::Meta => rocksdb::DBCompressionType::Lz4,
+        Cf::State | Cf::Meta => rocksdb::DBCompressionType::Zstd,
+        // Chunks are zstd frames already, and the log is short-lived and
+        // mostly evidence batches. (LZ4 is not linked: its bundled xxhash
+        // clashes with libpg_query's.)
+        Cf::Chunks | Cf::Log => rocksdb::DBCompressionType::None,
     });
     o
 }

@@ -1,0 +1,337 @@
+//! The SSH gateway: plain OpenSSH through Custody.
+//!
+//! `custody ssh-proxy` (OpenSSH's ProxyCommand) opens TLS to `listen.ssh`,
+//! writes one [`api::SshHello`] frame (the caller's access token, the
+//! resource, the login) and reads one [`api::SshWelcome`]. The token decides
+//! the identity, and `connect` on the resource is judged here, before
+//! anything reaches an edge. Then the stream carries SSH, and this node runs
+//! an SSH server on it (russh, the cluster's one Ed25519 host key, the
+//! `none` method accepted because the caller is already known).
+//!
+//! Every channel is a session of its own through the gateway lifecycle
+//! ([`channel`]): `shell`, `exec` with its command, `sftp`; agent, X11 and
+//! remote forwarding are refused with a message. The sessions of one
+//! connection share a connection id in the evidence.
+
+mod channel;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::keys::PrivateKey;
+use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
+use russh::{Channel, ChannelOpenFailure, MethodKind, MethodSet};
+use tokio::net::{TcpListener, TcpStream};
+
+use custody_proto::frame::{read_frame, write_frame};
+use custody_proto::v1 as api;
+
+use crate::auth::Identity;
+use crate::gateway::{Action, Guard, Kind};
+use crate::storage::Engine;
+use crate::tunnel::Tunnels;
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+/// Most concurrent connections per node.
+const MAX_CONNECTIONS: usize = 4096;
+/// Most channels open at once on one connection.
+const MAX_CHANNELS: usize = 16;
+
+/// Reads the cluster's SSH host key (OpenSSH private key format).
+pub fn load_host_key(path: &std::path::Path) -> Result<PrivateKey, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("read the SSH host key {}: {e}", path.display()))?;
+    PrivateKey::from_openssh(text.trim())
+        .map_err(|e| format!("the SSH host key {} cannot be read: {e}", path.display()))
+}
+
+/// A new Ed25519 host key: the private key and the public line, both in
+/// OpenSSH format.
+pub fn new_host_key() -> Result<(String, String), String> {
+    let mut seed = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+        .map_err(|_| "no randomness for the SSH host key".to_string())?;
+    let kp = russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&seed);
+    let mut key = PrivateKey::from(kp);
+    key.set_comment("custody-cluster");
+    let private = key
+        .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+        .map_err(|e| format!("encode the SSH host key: {e}"))?;
+    let public = key
+        .public_key()
+        .to_openssh()
+        .map_err(|e| format!("encode the SSH host key: {e}"))?;
+    Ok((private.to_string(), public))
+}
+
+/// The listener and what every connection shares.
+pub struct SshGateway<E: Engine> {
+    tunnels: Arc<Tunnels<E>>,
+    guard: Arc<Guard>,
+    notifier: crate::notify::Notifier,
+    tls: tokio_rustls::TlsAcceptor,
+    config: Arc<russh::server::Config>,
+}
+
+impl<E: Engine> SshGateway<E> {
+    pub fn new(
+        tunnels: Arc<Tunnels<E>>,
+        guard: Arc<Guard>,
+        tls: rustls::ServerConfig,
+        host_key: PrivateKey,
+        notifier: crate::notify::Notifier,
+    ) -> Self {
+        let mut methods = MethodSet::empty();
+        methods.push(MethodKind::None);
+        let config = russh::server::Config {
+            server_id: russh::SshId::Standard("SSH-2.0-Custody".into()),
+            methods,
+            keys: vec![host_key],
+            // The caller is known before SSH starts: nothing to guess, so
+            // nothing to slow down, and any other method is refused at once.
+            auth_rejection_time: Duration::from_millis(100),
+            auth_rejection_time_initial: Some(Duration::ZERO),
+            max_auth_attempts: 4,
+            // Idle shells stay; dead peers are found by keepalives.
+            inactivity_timeout: None,
+            keepalive_interval: Some(Duration::from_secs(30)),
+            keepalive_max: 4,
+            ..Default::default()
+        };
+        Self {
+            tunnels,
+            guard,
+            notifier,
+            tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+            config: Arc::new(config),
+        }
+    }
+
+    /// Accepts connections until the listener fails.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "ssh listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "too many ssh connections; refusing");
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let gw = self.clone();
+            tokio::spawn(async move {
+                gw.connection(tcp, peer).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        let mut tls = match tokio::time::timeout(HELLO_TIMEOUT, self.tls.accept(tcp)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::info!(%peer, error = %e, "ssh TLS handshake failed");
+                return;
+            }
+            Err(_) => return,
+        };
+        let hello =
+            match tokio::time::timeout(HELLO_TIMEOUT, read_frame::<api::SshHello, _>(&mut tls))
+                .await
+            {
+                Ok(Ok(Some(h))) => h,
+                Ok(Ok(None)) | Err(_) => return,
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, error = %e, "malformed ssh hello");
+                    return;
+                }
+            };
+        let admitted = self.admit(&hello, peer).await;
+        let welcome = match &admitted {
+            Ok(c) => api::SshWelcome {
+                error: String::new(),
+                connection_id: c.connection_id.clone(),
+            },
+            Err(e) => api::SshWelcome {
+                error: e.clone(),
+                connection_id: String::new(),
+            },
+        };
+        if write_frame(&mut tls, &welcome).await.is_err() {
+            return;
+        }
+        let Ok(conn) = admitted else { return };
+        let connection_id = conn.connection_id.clone();
+        tracing::info!(target: "audit", event = "ssh_connected", connection = %connection_id, subject = %conn.identity.subject, resource = %conn.resource, login = %conn.login, client = %peer);
+        let handler = Handler {
+            gw: self.clone(),
+            conn: Arc::new(conn),
+            open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        };
+        match russh::server::run_stream(self.config.clone(), tls, handler).await {
+            Ok(running) => match running.await {
+                Ok(()) => {}
+                Err(e) if is_plain_close(&e) => {}
+                Err(e) => {
+                    tracing::info!(connection = %connection_id, error = %e, "ssh connection ended")
+                }
+            },
+            Err(e) => tracing::info!(%peer, error = %e, "ssh handshake failed"),
+        }
+        tracing::info!(target: "audit", event = "ssh_disconnected", connection = %connection_id);
+    }
+
+    /// Checks the caller's token and `connect` on the resource.
+    async fn admit(&self, hello: &api::SshHello, peer: SocketAddr) -> Result<Conn, String> {
+        let node = &self.tunnels.node;
+        let (identity, token_expires_at) = self
+            .guard
+            .verify_token_until(node, Some(hello.token.trim()), "ssh.connect", Some(peer))
+            .await
+            .map_err(|e| format!("the access token was refused: {e}"))?;
+        if hello.login.len() > 256 || hello.login.contains(char::is_control) {
+            return Err("the login name is not valid".into());
+        }
+        let verdict = crate::gateway::authorize::authorize(
+            node,
+            &self.guard,
+            crate::gateway::authorize::Ask {
+                identity: &identity,
+                resource: &hello.resource,
+                kind: Kind::Ssh,
+                action: Action::Connect,
+                command: None,
+                request_id: 0,
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        if let crate::gateway::authorize::Verdict::NeedsApproval(c, _) = verdict {
+            let name = &c.resource().name;
+            return Err(format!(
+                "policy rule {} requires approval to connect to {name}: run `custody access request {name} --for 1h --reason ...`",
+                c.decision().by.label()
+            ));
+        }
+        Ok(Conn {
+            connection_id: crate::gateway::session::new_session_id(),
+            identity,
+            token_expires_at,
+            resource: hello.resource.clone(),
+            login: hello.login.clone(),
+            peer,
+        })
+    }
+}
+
+fn is_plain_close(e: &russh::Error) -> bool {
+    matches!(e, russh::Error::IO(io) if io.kind() == std::io::ErrorKind::UnexpectedEof)
+        || matches!(e, russh::Error::Disconnect)
+}
+
+/// One admitted connection.
+pub(crate) struct Conn {
+    pub connection_id: String,
+    pub identity: Identity,
+    pub token_expires_at: u64,
+    pub resource: String,
+    pub login: String,
+    pub peer: SocketAddr,
+}
+
+struct Handler<E: Engine> {
+    gw: Arc<SshGateway<E>>,
+    conn: Arc<Conn>,
+    open: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<E: Engine> russh::server::Handler for Handler<E> {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
+        // Authenticated by the token before SSH began.
+        Ok(Auth::Accept)
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        use std::sync::atomic::Ordering;
+        if self.open.fetch_add(1, Ordering::SeqCst) >= MAX_CHANNELS {
+            self.open.fetch_sub(1, Ordering::SeqCst);
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        }
+        reply.accept().await;
+        let ctx = channel::Context {
+            tunnels: self.gw.tunnels.clone(),
+            guard: self.gw.guard.clone(),
+            notifier: self.gw.notifier.clone(),
+            conn: self.conn.clone(),
+        };
+        let handle = session.handle();
+        let open = self.open.clone();
+        tokio::spawn(async move {
+            channel::drive(ctx, channel, handle).await;
+            open.fetch_sub(1, Ordering::SeqCst);
+        });
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        tracing::warn!(target: "audit", event = "ssh_forward_refused", connection = %self.conn.connection_id, subject = %self.conn.identity.subject, %host, port, "local port forwarding refused");
+        reply
+            .reject(ChannelOpenFailure::Other {
+                code: 1,
+                reason: format!(
+                    "custody: port forwarding to {host}:{port} is not allowed on {}",
+                    self.conn.resource
+                ),
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn channel_open_x11(
+        &mut self,
+        _channel: Channel<Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        tracing::warn!(target: "audit", event = "ssh_forward_refused", connection = %self.conn.connection_id, subject = %self.conn.identity.subject, %address, port = *port, "remote port forwarding refused");
+        Ok(false)
+    }
+}
