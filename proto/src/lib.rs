@@ -15,6 +15,7 @@ pub mod flow;
 pub mod frame;
 pub mod ledger;
 pub mod pg;
+pub mod sftp;
 pub mod ssh;
 
 /// Client and admin API.

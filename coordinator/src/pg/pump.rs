@@ -174,10 +174,7 @@ impl<E: Engine> PgGateway<E> {
                         };
                         evq.extend(step.events);
                         let refusal = if let Some((call, name)) = call.as_ref().filter(|_| !unjudged) {
-                            match self.check_function_call(name.as_deref(), call, rec.session_id(), a, evq, s, cbuf).await {
-                                Ok(_) => None,
-                                Err(r) => Some(r),
-                            }
+                            self.check_function_call(name.as_deref(), call, rec.session_id(), a, evq, s, cbuf).await.err()
                         } else if call.is_some() {
                             None
                         } else if out_of_order {

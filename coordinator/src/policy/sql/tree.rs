@@ -324,10 +324,8 @@ impl ReadsCollector {
                 }
             }
             // `WITH s(a, b) AS (…)` renames columns like an alias list does.
-            "CommonTableExpr" => {
-                if !list(b, "aliascolnames").is_empty() {
-                    r.whole_rows = true;
-                }
+            "CommonTableExpr" if !list(b, "aliascolnames").is_empty() => {
+                r.whole_rows = true;
             }
             "FuncCall" => {
                 r.opaque |= RUNS_SQL.contains(&func_name(b).as_str());
