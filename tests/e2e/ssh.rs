@@ -4,9 +4,11 @@
 //! never reaches the coordinators.
 
 use std::io::{Read as _, Write as _};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use custody_cli::dev::{EdgeSpec, GenOptions};
 use custody_cli::localssh::LocalSshd;
@@ -123,6 +125,32 @@ impl System {
 
 fn run(mut cmd: Command) -> Output {
     cmd.stdin(Stdio::null()).output().expect("run")
+}
+
+/// TLS to the SSH gateway and an accepted preamble: what comes next is SSH.
+async fn preamble(
+    c: &TestCluster,
+    addr: &str,
+    token: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use custody_proto::frame::{read_frame, write_frame};
+    use custody_proto::v1 as api;
+    let tls = custody_cli::pg::tls_config_alpn(&c.ca_path(), b"custody-ssh").unwrap();
+    let sa: std::net::SocketAddr = addr.parse().unwrap();
+    let tcp = tokio::net::TcpStream::connect(sa).await.unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(tls)
+        .connect(rustls_pki_types::ServerName::IpAddress(sa.ip().into()), tcp)
+        .await
+        .unwrap();
+    let hello = api::SshHello {
+        token: token.into(),
+        resource: "local-ssh".into(),
+        login: "tester".into(),
+    };
+    write_frame(&mut s, &hello).await.unwrap();
+    let welcome: api::SshWelcome = read_frame(&mut s).await.unwrap().unwrap();
+    assert_eq!(welcome.error, "");
+    s
 }
 
 async fn pending_request(c: &TestCluster, token: &str, except: &[String]) -> String {
@@ -434,6 +462,20 @@ async fn openssh_runs_commands_through_the_gateway_with_evidence_and_guardrails(
     let mut buf = [0u8; 64];
     let n = raw.read(&mut buf).unwrap_or(0);
     assert!(n < 64, "garbage got a real answer");
+    // After a valid preamble: text that is not SSH (no id line) is cut at
+    // the handshake timeout, and an oversized packet at once.
+    let mut stalled = preamble(c, &addr, &alice).await;
+    stalled.write_all(b"GET / HTTP/1.1").await.unwrap();
+    let mut oversized = preamble(c, &addr, &alice).await;
+    oversized
+        .write_all(b"SSH-2.0-OpenSSH_9.2\r\n\x7f\xff\xff\xf0\x0a\x14garbage")
+        .await
+        .unwrap();
+    for (what, conn) in [("oversized", &mut oversized), ("stalled", &mut stalled)] {
+        let mut sink = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), conn.read_to_end(&mut sink)).await;
+        assert!(read.is_ok(), "the {what} connection was not closed");
+    }
     let out = run(s.custody(&alice, &["ssh", "local-ssh", "--", "echo", "still-here"]));
     assert_eq!(text(&out.stdout), "still-here\n", "{}", text(&out.stderr));
 

@@ -93,8 +93,10 @@ impl<E: Engine> SshGateway<E> {
             auth_rejection_time: Duration::from_millis(100),
             auth_rejection_time_initial: Some(Duration::ZERO),
             max_auth_attempts: 4,
-            // Idle shells stay; dead peers are found by keepalives.
-            inactivity_timeout: None,
+            // Live clients answer keepalives, which keeps idle shells open;
+            // a peer that sends nothing at all (a stalled handshake, a dead
+            // link) is cut after five minutes.
+            inactivity_timeout: Some(Duration::from_secs(300)),
             keepalive_interval: Some(Duration::from_secs(30)),
             keepalive_max: 4,
             ..Default::default()
@@ -175,7 +177,14 @@ impl<E: Engine> SshGateway<E> {
             conn: Arc::new(conn),
             open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         };
-        match russh::server::run_stream(self.config.clone(), tls, handler).await {
+        // The client's SSH id line must come as promptly as the preamble did.
+        let started = tokio::time::timeout(
+            HELLO_TIMEOUT,
+            russh::server::run_stream(self.config.clone(), tls, handler),
+        )
+        .await
+        .unwrap_or_else(|_| Err(russh::Error::ConnectionTimeout));
+        match started {
             Ok(running) => match running.await {
                 Ok(()) => {}
                 Err(e) if is_plain_close(&e) => {}
