@@ -438,7 +438,6 @@ pub async fn run(
             code: -1,
             signal: 0,
         };
-        let mut exited = false;
         while let Some(m) = rd.wait().await {
             match m {
                 ChannelMsg::Data { data: b } => {
@@ -451,12 +450,10 @@ pub async fn run(
                 }
                 ChannelMsg::ExitStatus { exit_status } => {
                     exit.code = exit_status as i32;
-                    exited = true;
                 }
                 ChannelMsg::ExitSignal { signal_name, .. } => {
                     exit.code = -1;
                     exit.signal = wire::signal_number(&sig_name(&signal_name));
-                    exited = true;
                 }
                 ChannelMsg::Eof => {
                     let _ = out_tx.send(frame(t::session_frame::Kind::Eof(t::Eof {})));
@@ -465,11 +462,8 @@ pub async fn run(
                 _ => {}
             }
         }
-        // A forward, or a channel closed without a status, ends with 0 as
-        // OpenSSH reports it.
-        if !exited {
-            exit.code = 0;
-        }
+        // A channel closed without a status (a forward, a target that sent
+        // none) keeps code -1: the client is told no status either.
         let _ = out_tx.send(frame(t::session_frame::Kind::Exit(exit)));
     });
 

@@ -76,14 +76,10 @@ pub struct DevSsh {
 }
 
 /// Starts the demo sshd in `dir/sshd` (keys kept across restarts).
-fn dev_sshd(dir: &Path) -> anyhow::Result<Option<custody_cli::localssh::LocalSshd>> {
-    match custody_cli::localssh::LocalSshd::start(&dir.join("sshd")) {
-        Ok(s) => Ok(Some(s)),
-        Err(e) => {
-            eprintln!("skipping the {DEV_SSH_RESOURCE} resource: {e:#}");
-            Ok(None)
-        }
-    }
+fn dev_sshd(dir: &Path) -> Option<custody_cli::localssh::LocalSshd> {
+    custody_cli::localssh::LocalSshd::start(&dir.join("sshd"))
+        .inspect_err(|e| eprintln!("skipping the {DEV_SSH_RESOURCE} resource: {e:#}"))
+        .ok()
 }
 
 #[derive(Serialize, Deserialize)]
@@ -201,7 +197,7 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
         spec.resources_toml
             .push_str(&pg.resource_toml(DEV_PG_RESOURCE, "env = \"dev\""));
     }
-    let mut sshd = dev_sshd(&dir)?;
+    let mut sshd = dev_sshd(&dir);
     if let Some(s) = &sshd {
         spec.resources_toml
             .push_str(&s.resource_toml(DEV_SSH_RESOURCE, "env = \"dev\""));

@@ -290,20 +290,17 @@ impl<E: Engine> Sessions for SessionsService<E> {
             },
         )
         .await?;
+        let grant_until = opened.grant_until();
         let crate::gateway::open::Opened {
             session_id,
             routed,
             rec,
             live,
             mode,
-            approval,
+            ..
         } = opened;
         let rec = Arc::new(rec);
         let strict = mode == EvidenceMode::Strict;
-        let grant_until = approval
-            .as_ref()
-            .filter(|a| a.kind == "access")
-            .map(|a| (a.id, a.access_until_ms));
         let channel = routed.channel;
         if channel
             .tx

@@ -10,6 +10,7 @@ pub mod authorize;
 mod error;
 pub mod guard;
 pub mod judge;
+pub mod listen;
 pub mod live;
 pub mod open;
 pub mod relay;

@@ -60,6 +60,17 @@ pub struct Opened {
     pub approval: Option<pb::ApprovalRequest>,
 }
 
+impl Opened {
+    /// The access grant the session runs under (its id, and when it ends in
+    /// ms), which ends the session when it does.
+    pub fn grant_until(&self) -> Option<(u64, u64)> {
+        self.approval
+            .as_ref()
+            .filter(|a| a.kind == "access")
+            .map(|a| (a.id, a.access_until_ms))
+    }
+}
+
 /// Opens the session the gateway cleared. Errors leave nothing running:
 /// the edge stream is abandoned (the edge starts nothing before the front
 /// door's first frame), and a recorder that started is closed with the

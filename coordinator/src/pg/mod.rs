@@ -129,27 +129,11 @@ impl<E: Engine> PgGateway<E> {
 
     /// Accepts connections until the listener fails.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "postgres listener accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, "too many postgres connections; refusing");
-                continue;
-            };
-            let _ = tcp.set_nodelay(true);
+        crate::gateway::listen::serve(listener, "postgres", MAX_CONNECTIONS, |tcp, peer| {
             let gw = self.clone();
-            tokio::spawn(async move {
-                gw.connection(tcp, peer).await;
-                drop(permit);
-            });
-        }
+            async move { gw.connection(tcp, peer).await }
+        })
+        .await
     }
 
     async fn connection(&self, mut tcp: TcpStream, peer: SocketAddr) {

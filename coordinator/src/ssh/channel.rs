@@ -367,19 +367,16 @@ async fn run<E: Engine>(
     )
     .await
     .map_err(|e| e.to_string())?;
+    let grant_until = opened.grant_until();
     let crate::gateway::open::Opened {
         session_id,
         routed,
         rec,
         live,
         mode,
-        approval,
+        ..
     } = opened;
     let rec = Arc::new(rec);
-    let grant_until = approval
-        .as_ref()
-        .filter(|a| a.kind == "access")
-        .map(|a| (a.id, a.access_until_ms));
     let mut channel = routed.channel;
     let request = t::SshChannel {
         kind: Some(kind),
@@ -548,8 +545,8 @@ async fn run<E: Engine>(
                 let _ = handle
                     .exit_signal_request(id, sig(name), false, String::new(), String::new())
                     .await;
-            } else {
-                let _ = handle.exit_status_request(id, *code as u32).await;
+            } else if let Ok(code) = u32::try_from(*code) {
+                let _ = handle.exit_status_request(id, code).await;
             }
         }
         Finish::CallerGone => {}
