@@ -19,4 +19,5 @@ pub mod partition;
 pub mod pg_bench;
 pub mod proxy;
 pub mod snapshot_soak;
+pub mod ssh_bench;
 pub mod tunnel_bench;

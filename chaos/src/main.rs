@@ -78,6 +78,20 @@ enum BenchCmd {
         #[arg(long)]
         gateway: Option<String>,
     },
+    /// OpenSSH direct and through Custody: bulk output, scp, new connections.
+    Ssh {
+        /// MiB of output per bulk run.
+        #[arg(long, default_value_t = 1024)]
+        mb: u64,
+        /// Size of the file scp uploads, in MiB.
+        #[arg(long, default_value_t = 512)]
+        scp_mb: u64,
+        /// New connections timed per path (`ssh HOST true`).
+        #[arg(long, default_value_t = 20)]
+        connects: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Evidence ingest MB/s, compression ratio, strict-mode added latency.
     Evidence {
         /// Concurrent sessions per transcript kind.
@@ -152,6 +166,14 @@ async fn main() -> anyhow::Result<()> {
                 gateway.as_deref(),
             )
             .await
+        }
+        Cmd::Bench(BenchCmd::Ssh {
+            mb,
+            scp_mb,
+            connects,
+            rounds,
+        }) => {
+            custody_chaos::ssh_bench::ssh(mb.max(1), scp_mb.max(1), connects, rounds.max(1)).await
         }
         Cmd::Snapshot { gib, parallel, dir } => {
             custody_chaos::snapshot_soak::snapshot(gib.max(0.01), parallel, dir).await

@@ -19,7 +19,17 @@ use custody_cli::localpg::{self, LocalPostgres};
 const POLICY: &str = r#"
 roles:
   admin: { groups: [custody-admins] }
+guardrails:
+  - name: destructive-statements
+    sql: [drop, truncate, delete_without_where, update_without_where]
+    decision: deny
 rules:
+  - name: engineers-db-guarded
+    identity: { groups: [engineers] }
+    resource: { names: [bench-db-guarded] }
+    actions: [connect]
+    decision: allow
+    guardrails: [destructive-statements]
   - name: engineers-db-masked
     identity: { groups: [engineers] }
     resource: { names: [bench-db-masked, bench-db-all-masked] }
@@ -234,7 +244,7 @@ fn connect(
 
 /// CPU time (user + system, in clock ticks) used so far by process `pid`,
 /// from `/proc/<pid>/stat`; 0 when it is gone.
-fn cpu_ticks(pid: u32) -> u64 {
+pub(crate) fn cpu_ticks(pid: u32) -> u64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0;
     };
@@ -249,8 +259,21 @@ fn cpu_ticks(pid: u32) -> u64 {
     tick(11) + tick(12)
 }
 
+/// The coordinators (`node N`) and the edges (`edge`) of `c`, by pid.
+pub(crate) fn custody_processes(c: &LocalCluster) -> Vec<(String, u32)> {
+    c.nodes
+        .iter()
+        .filter_map(|(id, n)| Some((format!("node {id}"), n.pid()?)))
+        .chain(
+            c.edges
+                .values()
+                .filter_map(|e| Some(("edge".to_string(), e.pid()?))),
+        )
+        .collect()
+}
+
 /// Clock ticks per second (`getconf CLK_TCK`; 100 when that fails).
-fn clock_ticks() -> u64 {
+pub(crate) fn clock_ticks() -> u64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()
@@ -423,6 +446,7 @@ pub async fn postgres(
         pg.resource_toml("bench-db-masked", "evidence = \"strict\""),
         pg.resource_toml("bench-db-all", ALL_ROWS),
         pg.resource_toml("bench-db-all-masked", ALL_ROWS),
+        pg.resource_toml("bench-db-guarded", "evidence = \"strict\""),
     ]
     .concat();
     c.add_edge(&spec)?;
@@ -433,6 +457,7 @@ pub async fn postgres(
         "bench-db-masked",
         "bench-db-all",
         "bench-db-all-masked",
+        "bench-db-guarded",
     ] {
         c.wait_for_resource(r, 3, Duration::from_secs(30)).await?;
     }
@@ -442,18 +467,10 @@ pub async fn postgres(
     let (masked_proc, masked_port) = connect(&c, &alice, "bench-db-masked", gateway)?;
     let (all_proc, all_port) = connect(&c, &alice, "bench-db-all", gateway)?;
     let (all_masked_proc, all_masked_port) = connect(&c, &alice, "bench-db-all-masked", gateway)?;
+    let (guarded_proc, guarded_port) = connect(&c, &alice, "bench-db-guarded", gateway)?;
     // Custody's own processes: the coordinators and the edge (each run adds
     // its `custody connect`), for CPU time per statement.
-    let custody_pids: Vec<(String, u32)> = c
-        .nodes
-        .iter()
-        .filter_map(|(id, n)| Some((format!("node {id}"), n.pid()?)))
-        .chain(
-            c.edges
-                .values()
-                .filter_map(|e| Some(("edge".to_string(), e.pid()?))),
-        )
-        .collect();
+    let custody_pids = custody_processes(&c);
 
     println!(
         "pgbench, {clients} clients, {seconds}s per run, scale {scale}; custody = custody connect -> gateway -> edge; gateway on {}, Raft leader node {leader}",
@@ -550,6 +567,16 @@ pub async fn postgres(
         row(name, "custody strict", cu);
         let (ca, ca_cpu) = measured(async_port, &async_proc, &all)?;
         row(name, "custody async", ca);
+        // The same statements judged by a guardrail (each parsed by
+        // PostgreSQL's parser; pgbench's texts differ, so few are cached).
+        let (cg, cg_cpu) = measured(guarded_port, &guarded_proc, &all)?;
+        row(name, "custody guarded", cg);
+        println!(
+            "{name:<22} custody CPU per transaction, strict: unguarded {:.0} µs, guarded {:.0} µs ({})",
+            cu_cpu.0,
+            cg_cpu.0,
+            show(&cg_cpu)
+        );
         println!(
             "{name:<22} custody CPU per transaction: strict {:.0} µs ({}), async {:.0} µs ({})",
             cu_cpu.0,

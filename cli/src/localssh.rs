@@ -21,6 +21,9 @@ pub struct LocalSshd {
     pub key_file: PathBuf,
     /// The server's public host key line.
     pub host_key: String,
+    /// The public key line of the authority that signed the server's host
+    /// certificate (it presents one to clients that ask).
+    pub host_ca: String,
     child: Option<Child>,
 }
 
@@ -73,6 +76,29 @@ impl LocalSshd {
         if !key_file.exists() {
             keygen(&key_file)?;
         }
+        // A host certificate, for edges that pin an authority instead of
+        // the key.
+        let ca = dir.join("host_ca");
+        if !ca.exists() {
+            keygen(&ca)?;
+        }
+        let cert = dir.join("ssh_host_ed25519_key-cert.pub");
+        if !cert.exists() {
+            let out = Command::new("ssh-keygen")
+                .args(["-q", "-s"])
+                .arg(&ca)
+                .args(["-I", "custody-local-ssh", "-h", "-n", "127.0.0.1,localhost"])
+                .args(["-V", "-5m:+3650d"])
+                .arg(host_key.with_extension("pub"))
+                .output()
+                .context("run ssh-keygen to sign the host certificate")?;
+            if !out.status.success() {
+                bail!(
+                    "ssh-keygen -s failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
         let authorized = dir.join("authorized_keys");
         std::fs::copy(key_file.with_extension("pub"), &authorized)?;
         std::fs::set_permissions(&authorized, std::fs::Permissions::from_mode(0o600))?;
@@ -86,13 +112,14 @@ impl LocalSshd {
         std::fs::write(
             &config,
             format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\n\
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nHostCertificate {}\nPidFile {}\n\
                  AuthorizedKeysFile {}\nPubkeyAuthentication yes\nPasswordAuthentication no\n\
                  KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nUsePAM no\n\
                  StrictModes no\nSubsystem sftp internal-sftp\nAllowTcpForwarding yes\n\
                  X11Forwarding no\nPrintMotd no\nPrintLastLog no\nAcceptEnv LANG LC_* CUSTODY_*\n\
                  LogLevel VERBOSE\n",
                 host_key.display(),
+                cert.display(),
                 dir.join("sshd.pid").display(),
                 authorized.display(),
             ),
@@ -109,12 +136,16 @@ impl LocalSshd {
         let host_line = std::fs::read_to_string(host_key.with_extension("pub"))?
             .trim()
             .to_owned();
+        let host_ca = std::fs::read_to_string(ca.with_extension("pub"))?
+            .trim()
+            .to_owned();
         let mut s = LocalSshd {
             dir: dir.to_owned(),
             port,
             user: current_user()?,
             key_file,
             host_key: host_line,
+            host_ca,
             child: Some(child),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -141,6 +172,18 @@ impl LocalSshd {
             self.user,
             self.key_file.display(),
             self.host_key,
+        )
+    }
+
+    /// Like [`LocalSshd::resource_toml`], but the target is pinned by the
+    /// authority of its host certificate, not by its key.
+    pub fn resource_toml_ca(&self, name: &str, labels: &str) -> String {
+        format!(
+            "[[resources]]\nname = \"{name}\"\nkind = \"ssh\"\nlabels = {{ {labels} }}\n[resources.ssh]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"{}\"\nkey_file = \"{}\"\nhost_cas = [\"{}\"]\n",
+            self.port,
+            self.user,
+            self.key_file.display(),
+            self.host_ca,
         )
     }
 

@@ -119,6 +119,12 @@ pub struct SshConfig {
     /// Pinned host keys, as OpenSSH public key lines.
     #[serde(default)]
     pub host_keys: Vec<String>,
+    /// Host certificate authorities, as OpenSSH public key lines: the
+    /// target may prove itself with a host certificate they signed that
+    /// names `host` among its principals (as `@cert-authority` lines in
+    /// known_hosts do).
+    #[serde(default)]
+    pub host_cas: Vec<String>,
     /// With no pins, accept the first key the target presents, keep it in
     /// the data dir and pin it from then on. The learned key is recorded.
     #[serde(default)]
@@ -141,6 +147,7 @@ impl std::fmt::Debug for SshConfig {
             .field("password_file", &self.password_file)
             .field("known_hosts", &self.known_hosts)
             .field("host_keys", &self.host_keys.len())
+            .field("host_cas", &self.host_cas.len())
             .field("trust_on_first_use", &self.trust_on_first_use)
             .finish()
     }
@@ -410,7 +417,7 @@ impl EdgeConfig {
                         .map_err(|e| format!("resource {}: {e}", r.name))?;
                     if pins.is_empty() && !ssh.trust_on_first_use {
                         return Err(format!(
-                            "resource {}: pin the target's host key (known_hosts or host_keys), or set trust_on_first_use = true",
+                            "resource {}: pin the target's host key (known_hosts, host_keys or host_cas), or set trust_on_first_use = true",
                             r.name
                         ));
                     }

@@ -28,48 +28,87 @@ use crate::config::SshConfig;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Output taken off the target's connection and not yet sent on.
 const SOFT_BOUND: u64 = 4 << 20;
-const HARD_BOUND: u64 = 32 << 20;
+const HARD_BOUND: u64 = 256 << 20;
 
 fn frame(kind: t::session_frame::Kind) -> t::SessionFrame {
     t::SessionFrame { kind: Some(kind) }
 }
 
-/// Reads the host keys pinned for `host:port`: the configured keys and the
-/// lines of the known_hosts file whose patterns name it. Markers
-/// (`@cert-authority`, `@revoked`) and hashed names are refused, so a pin is
-/// never silently ignored.
-pub fn pinned_keys(cfg: &SshConfig) -> Result<Vec<PublicKey>, String> {
-    let mut keys = Vec::new();
+/// What the target must present: one of these keys, or a host certificate
+/// one of these authorities signed.
+#[derive(Debug, Default)]
+pub struct Pins {
+    pub keys: Vec<PublicKey>,
+    pub cas: Vec<PublicKey>,
+}
+
+impl Pins {
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.cas.is_empty()
+    }
+}
+
+fn key_line(what: &str, k: &str) -> Result<PublicKey, String> {
+    PublicKey::from_openssh(k.trim())
+        .map_err(|e| format!("{what} entry {k:?} is not an OpenSSH public key: {e}"))
+}
+
+/// Reads the pins for `host:port`: the configured keys and authorities, and
+/// the lines of the known_hosts file whose patterns name it. `@revoked`
+/// lines and hashed names are refused, so a pin is never silently ignored.
+pub fn pinned_keys(cfg: &SshConfig) -> Result<Pins, String> {
+    let mut pins = Pins::default();
     for k in &cfg.host_keys {
-        keys.push(
-            PublicKey::from_openssh(k.trim())
-                .map_err(|e| format!("host_keys entry {k:?} is not an OpenSSH public key: {e}"))?,
-        );
+        pins.keys.push(key_line("host_keys", k)?);
+    }
+    for k in &cfg.host_cas {
+        pins.cas.push(key_line("host_cas", k)?);
     }
     if let Some(path) = &cfg.known_hosts {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("read known_hosts {}: {e}", path.display()))?;
-        keys.extend(known_hosts_keys(&text, &cfg.host, cfg.port)?);
+        let found = known_hosts_keys(&text, &cfg.host, cfg.port)?;
+        pins.keys.extend(found.keys);
+        pins.cas.extend(found.cas);
     }
-    Ok(keys)
+    Ok(pins)
 }
 
-/// The keys of `text` (known_hosts format) whose host patterns match.
-pub fn known_hosts_keys(text: &str, host: &str, port: u16) -> Result<Vec<PublicKey>, String> {
+/// Whether known_hosts `pattern` (`*` and `?` wildcards) names `name`.
+fn host_pattern(pattern: &str, name: &str) -> bool {
+    fn go(p: &[u8], s: &[u8]) -> bool {
+        match p.split_first() {
+            None => s.is_empty(),
+            Some((b'*', rest)) => (0..=s.len()).any(|i| go(rest, &s[i..])),
+            Some((b'?', rest)) => !s.is_empty() && go(rest, &s[1..]),
+            Some((c, rest)) => s.first() == Some(c) && go(rest, &s[1..]),
+        }
+    }
+    // Host names are short; the backtracking is bounded by them.
+    pattern.len() <= 255 && go(pattern.as_bytes(), name.as_bytes())
+}
+
+/// The pins of `text` (known_hosts format) whose host patterns match:
+/// plain lines pin keys, `@cert-authority` lines pin authorities.
+pub fn known_hosts_keys(text: &str, host: &str, port: u16) -> Result<Pins, String> {
     let name = if port == 22 {
         host.to_owned()
     } else {
         format!("[{host}]:{port}")
     };
-    let mut keys = Vec::new();
+    let mut pins = Pins::default();
     for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
+        let mut line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        if line.starts_with('@') {
+        let mut ca = false;
+        if let Some(rest) = line.strip_prefix("@cert-authority") {
+            ca = true;
+            line = rest.trim_start();
+        } else if line.starts_with('@') {
             return Err(format!(
-                "known_hosts line {}: markers (@cert-authority, @revoked) are not supported; pin the host keys themselves",
+                "known_hosts line {}: only the @cert-authority marker is supported (not @revoked); remove the key instead",
                 n + 1
             ));
         }
@@ -85,22 +124,59 @@ pub fn known_hosts_keys(text: &str, host: &str, port: u16) -> Result<Vec<PublicK
         let mut matched = false;
         for p in patterns.split(',') {
             if let Some(p) = p.strip_prefix('!') {
-                if p == name {
+                if host_pattern(p, &name) {
                     matched = false;
                     break;
                 }
-            } else if p == name {
+            } else if host_pattern(p, &name) {
                 matched = true;
             }
         }
         if matched {
-            keys.push(
-                PublicKey::from_openssh(key.trim())
-                    .map_err(|e| format!("known_hosts line {}: {e}", n + 1))?,
-            );
+            let key = PublicKey::from_openssh(key.trim())
+                .map_err(|e| format!("known_hosts line {}: {e}", n + 1))?;
+            if ca {
+                pins.cas.push(key);
+            } else {
+                pins.keys.push(key);
+            }
         }
     }
-    Ok(keys)
+    Ok(pins)
+}
+
+/// Checks a host certificate: of host type, signed by a pinned authority,
+/// valid now, and naming `host` among its principals.
+pub fn check_host_certificate(
+    cert: &russh::keys::Certificate,
+    cas: &[PublicKey],
+    host: &str,
+    now_secs: u64,
+) -> Result<(), String> {
+    use russh::keys::ssh_key::certificate::CertType;
+    if cert.cert_type() != CertType::Host {
+        return Err("the target presented a user certificate as its host certificate".into());
+    }
+    let fingerprints: Vec<_> = cas.iter().map(|k| k.fingerprint(HashAlg::Sha256)).collect();
+    let signer = cert.signature_key().fingerprint(HashAlg::Sha256);
+    if !fingerprints.contains(&signer) {
+        return Err(format!(
+            "the target's host certificate is signed by {signer}, which is not a pinned authority"
+        ));
+    }
+    cert.validate_at(now_secs, &fingerprints).map_err(|_| {
+        format!(
+            "the target's host certificate (serial {}) is not valid now or its signature does not verify",
+            cert.serial()
+        )
+    })?;
+    if !cert.valid_principals().iter().any(|p| p == host) {
+        return Err(format!(
+            "the target's host certificate names {:?}, not {host}",
+            cert.valid_principals()
+        ));
+    }
+    Ok(())
 }
 
 /// What the target presented, and what was decided about it.
@@ -113,6 +189,9 @@ struct Seen {
 
 struct Client {
     pins: Vec<PublicKey>,
+    cas: Vec<PublicKey>,
+    /// The name host certificates must carry.
+    host: String,
     /// Where a key learned on first use is kept (trust-on-first-use only).
     learn_to: Option<PathBuf>,
     seen: Arc<Mutex<Seen>>,
@@ -125,6 +204,28 @@ impl russh::client::Handler for Client {
         &mut self,
         key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
+        if let PublicKeyOrCertificate::Certificate(cert) = key {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let signer = cert.signature_key().fingerprint(HashAlg::Sha256);
+            seen.fingerprint = format!(
+                "{} (host certificate {:?}, serial {}, signed by {signer})",
+                cert.public_key().fingerprint(HashAlg::Sha256),
+                cert.key_id(),
+                cert.serial()
+            );
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            return Ok(
+                match check_host_certificate(cert, &self.cas, &self.host, now) {
+                    Ok(()) => true,
+                    Err(why) => {
+                        seen.refused = Some(why);
+                        false
+                    }
+                },
+            );
+        }
         let key = key.public_key();
         let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
@@ -180,9 +281,12 @@ async fn connect(
     data_dir: &Path,
     resource: &str,
 ) -> Result<(russh::client::Handle<Client>, Seen), String> {
-    let mut pins = pinned_keys(cfg)?;
+    let Pins {
+        keys: mut pins,
+        cas,
+    } = pinned_keys(cfg)?;
     let mut learn_to = None;
-    if cfg.trust_on_first_use && pins.is_empty() {
+    if cfg.trust_on_first_use && pins.is_empty() && cas.is_empty() {
         let path = learned_key_path(data_dir, resource);
         match std::fs::read_to_string(&path) {
             Ok(text) => pins.push(
@@ -194,8 +298,15 @@ async fn connect(
         }
     }
     let seen = Arc::new(Mutex::new(Seen::default()));
+    // Certificates are asked for only when an authority is pinned.
+    let mut preferred = russh::Preferred::default();
+    if !cas.is_empty() {
+        preferred.host_key_certificates = preferred.key.clone();
+    }
     let client = Client {
         pins,
+        cas,
+        host: cfg.host.clone(),
         learn_to,
         seen: seen.clone(),
     };
@@ -209,6 +320,7 @@ async fn connect(
         inactivity_timeout: None,
         keepalive_interval: Some(Duration::from_secs(30)),
         nodelay: true,
+        preferred,
         ..Default::default()
     });
     let connected = tokio::time::timeout(
@@ -565,21 +677,67 @@ mod tests {
         let text = format!(
             "# comment\nother.example {ED}\n[127.0.0.1]:2222,db-1 {ED} a comment\n127.0.0.1 {ED}\n"
         );
-        assert_eq!(known_hosts_keys(&text, "127.0.0.1", 2222).unwrap().len(), 1);
-        assert_eq!(known_hosts_keys(&text, "127.0.0.1", 22).unwrap().len(), 1);
-        assert_eq!(known_hosts_keys(&text, "db-1", 22).unwrap().len(), 1);
-        assert!(known_hosts_keys(&text, "nowhere", 22).unwrap().is_empty());
+        let n = |h: &str, p: u16| known_hosts_keys(&text, h, p).unwrap().keys.len();
+        assert_eq!(n("127.0.0.1", 2222), 1);
+        assert_eq!(n("127.0.0.1", 22), 1);
+        assert_eq!(n("db-1", 22), 1);
+        assert_eq!(n("nowhere", 22), 0);
         let negated = format!("!127.0.0.1,127.0.0.1 {ED}\n");
         assert!(known_hosts_keys(&negated, "127.0.0.1", 22)
             .unwrap()
             .is_empty());
+        let cas = format!("@cert-authority *.example,[10.0.0.?]:2222 {ED}\n");
+        let found = known_hosts_keys(&cas, "db.example", 22).unwrap();
+        assert_eq!((found.keys.len(), found.cas.len()), (0, 1));
+        assert_eq!(
+            known_hosts_keys(&cas, "10.0.0.7", 2222).unwrap().cas.len(),
+            1
+        );
+        assert!(known_hosts_keys(&cas, "example", 22).unwrap().is_empty());
     }
 
     #[test]
-    fn markers_and_hashed_names_are_refused_not_skipped() {
-        let e =
-            known_hosts_keys(&format!("@cert-authority *.example {ED}\n"), "h", 22).unwrap_err();
-        assert!(e.contains("markers"), "{e}");
+    fn host_certificates_must_be_of_a_pinned_authority_for_this_host_and_now() {
+        use russh::keys::ssh_key::certificate::{Builder, CertType};
+        use russh::keys::ssh_key::private::Ed25519Keypair;
+        use russh::keys::PrivateKey;
+        let key = |seed: u8| PrivateKey::from(Ed25519Keypair::from_seed(&[seed; 32]));
+        let (ca, other_ca, host_key) = (key(1), key(2), key(3));
+        let cert = |signer: &PrivateKey, kind: CertType, principal: &str| {
+            let mut b = Builder::new(
+                [7u8; 16],
+                host_key.public_key().key_data().clone(),
+                1_000,
+                2_000,
+            )
+            .unwrap();
+            b.cert_type(kind).unwrap();
+            b.valid_principal(principal).unwrap();
+            b.key_id("host-1").unwrap();
+            b.sign(signer).unwrap()
+        };
+        let cas = [ca.public_key().clone()];
+        let good = cert(&ca, CertType::Host, "db.internal");
+        assert_eq!(
+            check_host_certificate(&good, &cas, "db.internal", 1_500),
+            Ok(())
+        );
+        let e = check_host_certificate(&good, &cas, "other.internal", 1_500).unwrap_err();
+        assert!(e.contains("not other.internal"), "{e}");
+        let e = check_host_certificate(&good, &cas, "db.internal", 2_000).unwrap_err();
+        assert!(e.contains("not valid now"), "{e}");
+        let forged = cert(&other_ca, CertType::Host, "db.internal");
+        let e = check_host_certificate(&forged, &cas, "db.internal", 1_500).unwrap_err();
+        assert!(e.contains("not a pinned authority"), "{e}");
+        let user = cert(&ca, CertType::User, "db.internal");
+        let e = check_host_certificate(&user, &cas, "db.internal", 1_500).unwrap_err();
+        assert!(e.contains("user certificate"), "{e}");
+    }
+
+    #[test]
+    fn revoked_markers_and_hashed_names_are_refused_not_skipped() {
+        let e = known_hosts_keys(&format!("@revoked *.example {ED}\n"), "h", 22).unwrap_err();
+        assert!(e.contains("@revoked"), "{e}");
         let e = known_hosts_keys(&format!("|1|abc=|def= {ED}\n"), "h", 22).unwrap_err();
         assert!(e.contains("hashed"), "{e}");
         let e = known_hosts_keys("h ssh-ed25519 notbase64\n", "h", 22).unwrap_err();

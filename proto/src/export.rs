@@ -116,6 +116,34 @@ pub fn event_json(e: &ev::Event) -> serde_json::Value {
             "resize",
             serde_json::json!({"cols": r.cols, "rows": r.rows}),
         ),
+        Some(Kind::FileOp(f)) => (
+            "file_op",
+            serde_json::json!({
+                "protocol": f.protocol, "op": f.op, "path": f.path, "target": f.target,
+                "flags": f.flags, "read": f.read, "written": f.written, "status": f.status,
+            }),
+        ),
+        Some(Kind::Traffic(t)) => (
+            "traffic",
+            serde_json::json!({
+                "destination": t.destination, "to_target": t.to_target,
+                "from_target": t.from_target,
+            }),
+        ),
+        Some(Kind::KubeRequest(k)) => (
+            "kube_request",
+            serde_json::json!({
+                "verb": k.verb, "group": k.group, "version": k.version,
+                "resource": k.resource, "subresource": k.subresource,
+                "namespace": k.namespace, "name": k.name, "method": k.method,
+                "path": k.path, "kubectl_command": k.kubectl_command,
+                "kubectl_session": k.kubectl_session, "content_type": k.content_type,
+            }),
+        ),
+        Some(Kind::KubeResponse(k)) => (
+            "kube_response",
+            serde_json::json!({"status": k.status, "content_type": k.content_type}),
+        ),
         None => ("unknown", serde_json::json!({})),
     };
     serde_json::json!({

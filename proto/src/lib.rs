@@ -13,8 +13,10 @@ pub mod chain;
 pub mod export;
 pub mod flow;
 pub mod frame;
+pub mod kube;
 pub mod ledger;
 pub mod pg;
+pub mod scp;
 pub mod sftp;
 pub mod ssh;
 

@@ -10,6 +10,9 @@ use std::collections::HashMap;
 
 /// The largest packet followed (OpenSSH's own limit is 256 KiB).
 pub const MAX_PACKET: usize = 1 << 20;
+/// The most requests followed while they await an answer (OpenSSH's client
+/// keeps 64 in flight).
+pub const MAX_PENDING: usize = 4096;
 
 const OPEN: u8 = 3;
 const CLOSE: u8 = 4;
@@ -35,6 +38,8 @@ pub enum SftpError {
     TooLarge(usize),
     #[error("a malformed SFTP packet (type {0})")]
     Malformed(u8),
+    #[error("more than {MAX_PENDING} SFTP requests await an answer")]
+    TooManyPending,
 }
 
 /// One completed operation.
@@ -187,6 +192,27 @@ impl Sftp {
         Ok(ops)
     }
 
+    /// Files still open when the stream ended, with what passed through
+    /// them (`status` says they were not closed).
+    pub fn finish(&mut self) -> Vec<Op> {
+        let mut open: Vec<Op> = self
+            .handles
+            .drain()
+            .filter(|(_, f)| !f.dir)
+            .map(|(_, f)| Op {
+                op: "close".into(),
+                path: f.path,
+                target: String::new(),
+                flags: vec![],
+                read: f.read,
+                written: f.written,
+                status: "not closed: the session ended".into(),
+            })
+            .collect();
+        open.sort_by(|a, b| a.path.cmp(&b.path));
+        open
+    }
+
     fn request(&mut self, kind: u8, body: &[u8]) -> Result<(), SftpError> {
         if kind == 1 {
             return Ok(()); // INIT carries no id
@@ -250,13 +276,37 @@ impl Sftp {
             }
             EXTENDED => {
                 let name = r.string()?;
-                let path = r.string().unwrap_or_default();
-                let target = r.string().unwrap_or_default();
-                simple(&name, path, target)
+                match name.as_str() {
+                    // Queries that change nothing.
+                    "limits@openssh.com"
+                    | "statvfs@openssh.com"
+                    | "fstatvfs@openssh.com"
+                    | "expand-path@openssh.com"
+                    | "home-directory"
+                    | "users-groups-by-id@openssh.com" => return Ok(()),
+                    // Names OpenSSH's extensions take the place of.
+                    "posix-rename@openssh.com" => {
+                        let from = r.string()?;
+                        simple("rename", from, r.string()?)
+                    }
+                    "hardlink@openssh.com" => {
+                        let from = r.string()?;
+                        simple("hardlink", from, r.string()?)
+                    }
+                    "lsetstat@openssh.com" => simple("setstat", r.string()?, String::new()),
+                    _ => {
+                        let path = r.string().unwrap_or_default();
+                        let target = r.string().unwrap_or_default();
+                        simple(&name, path, target)
+                    }
+                }
             }
             // Reads of metadata and directories change nothing.
             _ => return Ok(()),
         };
+        if self.pending.len() >= MAX_PENDING && !self.pending.contains_key(&id) {
+            return Err(SftpError::TooManyPending);
+        }
         self.pending.insert(id, p);
         Ok(())
     }
@@ -440,6 +490,38 @@ mod tests {
                 ops[0].status.as_str()
             ),
             ("rename", "/tmp/up", "/tmp/done", "Failure")
+        );
+        // OpenSSH's extensions read as the operations they stand for;
+        // queries are not operations.
+        sftp.from_client(&packet(
+            EXTENDED,
+            &[
+                &u32b(6),
+                &s(b"posix-rename@openssh.com"),
+                &s(b"/a"),
+                &s(b"/b"),
+            ],
+        ))
+        .unwrap();
+        sftp.from_client(&packet(EXTENDED, &[&u32b(7), &s(b"limits@openssh.com")]))
+            .unwrap();
+        let ops = sftp
+            .from_server(
+                &[
+                    packet(STATUS, &[&u32b(6), &u32b(0), &s(b""), &s(b"")]),
+                    packet(201, &[&u32b(7), &[0u8; 32]]),
+                ]
+                .concat(),
+            )
+            .unwrap();
+        assert_eq!(ops.len(), 1, "{ops:?}");
+        assert_eq!(
+            (
+                ops[0].op.as_str(),
+                ops[0].path.as_str(),
+                ops[0].target.as_str()
+            ),
+            ("rename", "/a", "/b")
         );
     }
 

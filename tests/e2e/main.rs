@@ -11,6 +11,7 @@ mod edge;
 mod evidence;
 mod harness;
 mod integrity;
+mod kube;
 mod oidc;
 mod postgres;
 mod ssh;

@@ -37,6 +37,21 @@ rules:
     actions: [connect, shell, exec, sftp]
     decision: allow
     guardrails: [destructive-shell, touch-needs-review]
+  - name: engineers-tunnel
+    identity: { groups: [engineers] }
+    resource: { names: [local-ssh] }
+    actions: [port-forward]
+    decision: allow
+    forward_to: ["127.0.0.1:SSHD_PORT"]
+  - name: masked-output
+    identity: { groups: [engineers] }
+    resource: { names: [masked-ssh] }
+    actions: [connect, shell, exec]
+    decision: allow
+    mask: [pii]
+masking:
+  - name: pii
+    detectors: [email]
 "#;
 
 struct System {
@@ -53,7 +68,7 @@ async fn system() -> System {
     let (mut c, _) = harness::started(GenOptions::default()).await;
     c.client(&[])
         .unwrap()
-        .policy_apply(POLICY, "yaml")
+        .policy_apply(&POLICY.replace("SSHD_PORT", &sshd.port.to_string()), "yaml")
         .await
         .unwrap();
     // A second resource whose pin is some other key: the target must be
@@ -70,10 +85,27 @@ async fn system() -> System {
         .resource_toml("bad-ssh", "env = \"dev\"")
         .replace(&sshd.host_key, other_pub.trim());
     let mut spec = EdgeSpec::shell("e1", "unused");
-    spec.resources_toml = sshd.resource_toml("local-ssh", "env = \"dev\"") + &bad;
+    spec.resources_toml = sshd.resource_toml("local-ssh", "env = \"dev\"")
+        + &bad
+        // Keystrokes and file contents recorded.
+        + &sshd.resource_toml(
+            "strict-ssh",
+            "evidence = \"strict\", record-file-contents = \"true\"",
+        )
+        + &sshd.resource_toml("masked-ssh", "env = \"dev\"")
+        + &sshd.resource_toml("bulk-ssh", "env = \"dev\"")
+        // Pinned by the authority of its host certificate.
+        + &sshd.resource_toml_ca("ca-ssh", "env = \"dev\"");
     c.add_edge(&spec).unwrap();
     c.enroll_edge("e1").await.unwrap();
-    for r in ["local-ssh", "bad-ssh"] {
+    for r in [
+        "local-ssh",
+        "bad-ssh",
+        "strict-ssh",
+        "masked-ssh",
+        "bulk-ssh",
+        "ca-ssh",
+    ] {
         c.wait_for_resource(r, 3, Duration::from_secs(20))
             .await
             .unwrap();
@@ -98,6 +130,17 @@ impl System {
     /// Plain OpenSSH through `custody ssh-proxy`, as `custody ssh config`
     /// sets it up.
     fn ssh(&self, token: &str, args: &[&str]) -> Command {
+        self.openssh("ssh", token, args)
+    }
+
+    /// The ssh configuration file `custody ssh config` printed.
+    fn ssh_config(&self, token: &str) -> PathBuf {
+        let _ = self.ssh(token, &[]);
+        self.config_dir.join("ssh_config")
+    }
+
+    /// An OpenSSH program (ssh, scp, sftp) with that configuration.
+    fn openssh(&self, program: &str, token: &str, args: &[&str]) -> Command {
         let out = self
             .custody(token, &["ssh", "config"])
             .stdin(Stdio::null())
@@ -106,7 +149,7 @@ impl System {
         assert!(out.status.success(), "{}", text(&out.stderr));
         let config = self.config_dir.join("ssh_config");
         std::fs::write(&config, &out.stdout).unwrap();
-        let mut cmd = Command::new("ssh");
+        let mut cmd = Command::new(program);
         cmd.arg("-F")
             .arg(&config)
             .args(["-o", "BatchMode=yes"])
@@ -123,8 +166,335 @@ impl System {
     }
 }
 
-fn run(mut cmd: Command) -> Output {
+fn run(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null()).output().expect("run")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// What a local forward's port answers first (empty: closed without
+/// data), once something listens there.
+async fn eventually_read(port: u16) -> Vec<u8> {
+    for _ in 0..100 {
+        let Ok(mut conn) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let mut buf = vec![0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf))
+            .await
+            .expect("the forward neither answered nor closed")
+            .unwrap_or(0);
+        buf.truncate(n);
+        return buf;
+    }
+    panic!("nothing listens on forwarded port {port}")
+}
+
+/// A file of `len` pseudo-random bytes.
+fn random_file(path: &Path, len: usize) {
+    use rand::RngCore as _;
+    let mut data = vec![0u8; len];
+    rand::rng().fill_bytes(&mut data);
+    std::fs::write(path, data).unwrap();
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    Command::new("cmp")
+        .arg("-s")
+        .arg(a)
+        .arg(b)
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// The file operations recorded on `resource`.
+fn file_ops(c: &TestCluster, admin: &str, resource: &str) -> Vec<serde_json::Value> {
+    session_events(c, admin, resource)
+        .into_iter()
+        .filter(|e| e["type"] == "file_op")
+        .map(|e| e["event"].clone())
+        .collect()
+}
+
+fn has_op(
+    ops: &[serde_json::Value],
+    protocol: &str,
+    op: &str,
+    path: &Path,
+    bytes: Option<(u64, u64)>,
+) -> bool {
+    let path = path.display().to_string();
+    ops.iter().any(|o| {
+        o["protocol"] == protocol
+            && o["op"] == op
+            && o["path"] == path.as_str()
+            && o["status"] == "ok"
+            && bytes.is_none_or(|(r, w)| o["read"] == r && o["written"] == w)
+    })
+}
+
+/// scp in both modes, sftp batches and rsync, each with evidence of the
+/// files by path and size (and the contents only where the resource asks).
+async fn files_and_transfers(s: &System, alice: &str, admin: &str) {
+    let c = &s.c;
+    let work = s.config_dir.join("files");
+    let remote = s.sshd.dir.join("remote");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::create_dir_all(&remote).unwrap();
+    let src = work.join("src.bin");
+    random_file(&src, 100_000);
+    let n = 100_000u64;
+    let cfg = s.ssh_config(alice);
+    let cfg = cfg.display().to_string();
+
+    // sftp -b: put, get, rename, rm.
+    let (a, b) = (remote.join("a.bin"), remote.join("b.bin"));
+    let got = work.join("got.bin");
+    let batch = work.join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "put {} {}\nget {} {}\nrename {} {}\nrm {}\n",
+            src.display(),
+            a.display(),
+            a.display(),
+            got.display(),
+            a.display(),
+            b.display(),
+            b.display()
+        ),
+    )
+    .unwrap();
+    let batch_arg = batch.display().to_string();
+    let out = run(&mut s.openssh("sftp", alice, &["-b", &batch_arg, "local-ssh.custody"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(same_file(&src, &got));
+    assert!(!a.exists() && !b.exists());
+    let ops = file_ops(c, admin, "local-ssh");
+    assert!(has_op(&ops, "sftp", "open", &a, None), "{ops:?}");
+    assert!(has_op(&ops, "sftp", "close", &a, Some((0, n))), "{ops:?}");
+    assert!(has_op(&ops, "sftp", "close", &a, Some((n, 0))), "{ops:?}");
+    assert!(
+        ops.iter().any(|o| o["op"] == "rename"
+            && o["path"] == a.display().to_string().as_str()
+            && o["target"] == b.display().to_string().as_str()),
+        "{ops:?}"
+    );
+    assert!(has_op(&ops, "sftp", "remove", &b, None), "{ops:?}");
+
+    // scp (SFTP mode) and scp -O, up and down.
+    for (legacy, name) in [(false, "c.bin"), (true, "d.bin")] {
+        let there = remote.join(name);
+        let back = work.join(format!("back-{name}"));
+        let mut args: Vec<String> = vec![
+            "-F".into(),
+            cfg.clone(),
+            "-o".into(),
+            "BatchMode=yes".into(),
+        ];
+        if legacy {
+            args.push("-O".into());
+        }
+        let up: Vec<String> = args
+            .iter()
+            .cloned()
+            .chain([
+                src.display().to_string(),
+                format!("local-ssh.custody:{}", there.display()),
+            ])
+            .collect();
+        let down: Vec<String> = args
+            .iter()
+            .cloned()
+            .chain([
+                format!("local-ssh.custody:{}", there.display()),
+                back.display().to_string(),
+            ])
+            .collect();
+        for a in [up, down] {
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            let out = run(s.openssh("scp", alice, &[]).args(&a[2..]));
+            assert!(out.status.success(), "scp {a:?}: {}", text(&out.stderr));
+        }
+        assert!(
+            same_file(&src, &there) && same_file(&src, &back),
+            "scp legacy={legacy}"
+        );
+        let ops = file_ops(c, admin, "local-ssh");
+        if legacy {
+            assert!(
+                has_op(&ops, "scp", "upload", &there, Some((0, n))),
+                "{ops:?}"
+            );
+            assert!(
+                has_op(&ops, "scp", "download", &there, Some((n, 0))),
+                "{ops:?}"
+            );
+        } else {
+            assert!(
+                has_op(&ops, "sftp", "close", &there, Some((0, n))),
+                "{ops:?}"
+            );
+            assert!(
+                has_op(&ops, "sftp", "close", &there, Some((n, 0))),
+                "{ops:?}"
+            );
+        }
+    }
+    // Contents are not recorded by default...
+    let marker = std::fs::read(&src).unwrap()[5000..5064].to_vec();
+    assert!(!session_events(c, admin, "local-ssh").iter().any(|e| {
+        e["type"] == "output"
+            && e["event"]["data_b64"]
+                .as_str()
+                .is_some_and(|d| base64_contains(d, &marker))
+    }));
+    // ... and are where the resource asks for them.
+    let there = remote.join("e.bin");
+    let out = run(s.openssh("scp", alice, &[]).args([
+        src.display().to_string(),
+        format!("strict-ssh.custody:{}", there.display()),
+    ]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let strict_events = session_events(c, admin, "strict-ssh");
+    assert!(has_op(
+        &strict_events
+            .iter()
+            .filter(|e| e["type"] == "file_op")
+            .map(|e| e["event"].clone())
+            .collect::<Vec<_>>(),
+        "sftp",
+        "close",
+        &there,
+        Some((0, n))
+    ));
+    assert!(strict_events.iter().any(|e| e["type"] == "output"
+        && e["event"]["stream"] == "stdin"
+        && e["event"]["data_b64"]
+            .as_str()
+            .is_some_and(|d| base64_contains(d, &marker))));
+
+    // rsync over ssh.
+    let synced = remote.join("synced.bin");
+    let out = Command::new("rsync")
+        .arg("-e")
+        .arg(format!("ssh -F {cfg} -o BatchMode=yes"))
+        .arg(&src)
+        .arg(format!("local-ssh.custody:{}", synced.display()))
+        .env("CUSTODY_COORDINATOR", c.api_urls(&[]))
+        .env("CUSTODY_CA", c.ca_path())
+        .env("CUSTODY_TOKEN", alice)
+        .env("CUSTODY_CONFIG_DIR", &s.config_dir)
+        .env("HOME", &s.config_dir)
+        .env_remove("CUSTODY_TOKEN_FILE")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "rsync: {}", text(&out.stderr));
+    assert!(same_file(&src, &synced));
+    assert!(session_events(c, admin, "local-ssh")
+        .iter()
+        .any(|e| e["type"] == "command"
+            && e["event"]["text"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("rsync --server")));
+}
+
+fn base64_contains(b64: &str, needle: &[u8]) -> bool {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .is_ok_and(|d| d.windows(needle.len()).any(|w| w == needle))
+}
+
+/// Exec output masked by the rule's profile; a shell under it refused; a
+/// target pinned by its host certificate's authority.
+fn masking_and_host_certificates(s: &System, alice: &str, admin: &str) {
+    let c = &s.c;
+    let out = run(&mut s.custody(
+        alice,
+        &[
+            "ssh",
+            "masked-ssh",
+            "--",
+            "echo",
+            "mail",
+            "ann@example.com",
+            "now",
+        ],
+    ));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(
+        shown.starts_with("mail ") && shown.ends_with(" now\n"),
+        "{shown:?}"
+    );
+    assert!(!shown.contains("ann@example.com"), "{shown:?}");
+    let events = session_events(c, admin, "masked-ssh");
+    assert!(events.iter().any(|e| e["event"]["stream"] == "stdout"));
+    assert!(!events.iter().any(|e| e["event"]["text"]
+        .as_str()
+        .unwrap_or("")
+        .contains("ann@example.com")
+        && e["type"] == "output"));
+    let out = run(&mut s.ssh(alice, &["masked-ssh.custody"]));
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("masks output"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = run(&mut s.custody(alice, &["ssh", "ca-ssh", "--", "echo", "via-ca"]));
+    assert_eq!(text(&out.stdout), "via-ca\n", "{}", text(&out.stderr));
+    let events = session_events(c, admin, "ca-ssh");
+    assert!(
+        events.iter().any(|e| e["type"] == "target_key"
+            && e["event"]["fingerprint"]
+                .as_str()
+                .unwrap_or("")
+                .contains("host certificate")),
+        "{events:?}"
+    );
+}
+
+/// 200 MB up and 200 MB down through one channel at the same time.
+fn bulk_both_ways(s: &System, alice: &str) {
+    const MB200: usize = 200 << 20;
+    let work = s.config_dir.join("bulk");
+    std::fs::create_dir_all(&work).unwrap();
+    let (up_src, down_src) = (work.join("up-src.bin"), work.join("down-src.bin"));
+    let (up_dst, down_dst) = (work.join("up-dst.bin"), work.join("down-dst.bin"));
+    random_file(&up_src, MB200);
+    random_file(&down_src, MB200);
+    // A background job's stdin is /dev/null in sh: it reads a copy (fd 3).
+    let script = format!(
+        "exec 3<&0; cat <&3 > '{}' & cat '{}'; wait",
+        up_dst.display(),
+        down_src.display()
+    );
+    let out = s
+        .custody(alice, &["ssh", "bulk-ssh", "--", "sh", "-c", &script])
+        .stdin(std::fs::File::open(&up_src).unwrap())
+        .stdout(std::fs::File::create(&down_dst).unwrap())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(same_file(&up_src, &up_dst), "the upload differs");
+    assert!(same_file(&down_src, &down_dst), "the download differs");
+    for f in [up_src, down_src, up_dst, down_dst] {
+        let _ = std::fs::remove_file(f);
+    }
 }
 
 /// TLS to the SSH gateway and an accepted preamble: what comes next is SSH.
@@ -186,7 +556,7 @@ async fn openssh_runs_commands_through_the_gateway_with_evidence_and_guardrails(
     let minted = std::time::Instant::now();
 
     // custody ssh: the output, the exit status, and the evidence.
-    let out = run(s.custody(
+    let out = run(&mut s.custody(
         &alice,
         &[
             "ssh",
@@ -257,7 +627,7 @@ async fn openssh_runs_commands_through_the_gateway_with_evidence_and_guardrails(
 
     // A command killed by a signal: OpenSSH exits 255, and the evidence
     // names the signal.
-    let out = run(s.custody(
+    let out = run(&mut s.custody(
         &alice,
         &["ssh", "local-ssh", "--", "sh", "-c", "kill -TERM $$"],
     ));
@@ -272,7 +642,7 @@ async fn openssh_runs_commands_through_the_gateway_with_evidence_and_guardrails(
 
     // A guardrail denies; nothing runs.
     let marker = s.sshd.dir.join("deny-marker");
-    let out = run(s.custody(
+    let out = run(&mut s.custody(
         &alice,
         &[
             "ssh",
@@ -330,15 +700,67 @@ async fn openssh_runs_commands_through_the_gateway_with_evidence_and_guardrails(
     let _ = again.kill();
     let _ = again.wait();
 
-    // Forwarding of every kind is refused, with a message.
-    let out = run(s.ssh(&alice, &["-W", "127.0.0.1:9", "local-ssh.custody"]));
+    // A forward to a destination no rule names is refused with the reason;
+    // one a rule names is carried, and recorded with its byte counts.
+    let out = run(&mut s.ssh(&alice, &["-W", "127.0.0.1:9", "local-ssh.custody"]));
     assert_ne!(out.status.code(), Some(0));
     assert!(
-        text(&out.stderr).contains("port forwarding to 127.0.0.1:9 is not allowed"),
+        text(&out.stderr).contains("open failed") && text(&out.stderr).contains("port-forward"),
         "{}",
         text(&out.stderr)
     );
-    let out = run(s.ssh(
+    let sshd_dest = format!("127.0.0.1:{}", s.sshd.port);
+    let out = run(&mut s.ssh(&alice, &["-W", &sshd_dest, "local-ssh.custody"]));
+    assert!(
+        text(&out.stdout).starts_with("SSH-2.0-"),
+        "{:?} {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let (allowed_port, refused_port) = (free_port(), free_port());
+    let mut tunnel = s
+        .ssh(
+            &alice,
+            &[
+                "-N",
+                "-L",
+                &format!("{allowed_port}:{sshd_dest}"),
+                "-L",
+                &format!("{refused_port}:127.0.0.1:9"),
+                "local-ssh.custody",
+            ],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let banner = eventually_read(allowed_port).await;
+    assert!(banner.starts_with(b"SSH-2.0-"), "{}", text(&banner));
+    assert!(
+        eventually_read(refused_port).await.is_empty(),
+        "a refused forward carried data"
+    );
+    let _ = tunnel.kill();
+    let out = tunnel.wait_with_output().unwrap();
+    assert!(
+        text(&out.stderr).contains("open failed"),
+        "{}",
+        text(&out.stderr)
+    );
+    let events = session_events(c, &admin, "local-ssh");
+    let traffic: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["type"] == "traffic" && e["event"]["destination"] == sshd_dest.as_str())
+        .collect();
+    assert!(traffic.len() >= 2, "{events:?}");
+    assert!(traffic
+        .iter()
+        .all(|t| t["event"]["from_target"].as_u64().unwrap() >= 8));
+    assert!(events
+        .iter()
+        .any(|e| e["type"] == "command" && e["event"]["verb"] == "ssh:port-forward"));
+    let out = run(&mut s.ssh(
         &alice,
         &[
             "-o",
@@ -378,7 +800,7 @@ async fn openssh_runs_commands_through_the_gateway_with_evidence_and_guardrails(
         ],
     );
     cmd.env("SSH_AUTH_SOCK", s.config_dir.join("agent.sock"));
-    let out = run(cmd);
+    let out = run(&mut cmd);
     let _ = agent.kill();
     let _ = agent.wait();
     assert_eq!(text(&out.stdout), "agent=\n", "{}", text(&out.stderr));
@@ -392,7 +814,7 @@ async fn openssh_runs_commands_through_the_gateway_with_evidence_and_guardrails(
         &["-X", "-o", "ForwardX11=yes", "local-ssh.custody", "true"],
     );
     cmd.env("DISPLAY", ":77");
-    let out = run(cmd);
+    let out = run(&mut cmd);
     assert!(
         text(&out.stderr).contains("X11 forwarding is refused"),
         "{}",
@@ -401,7 +823,7 @@ async fn openssh_runs_commands_through_the_gateway_with_evidence_and_guardrails(
 
     // A target whose host key is not the pinned one is refused, and the
     // refusal is recorded with the key it presented.
-    let out = run(s.custody(&alice, &["ssh", "bad-ssh", "--", "true"]));
+    let out = run(&mut s.custody(&alice, &["ssh", "bad-ssh", "--", "true"]));
     assert_ne!(out.status.code(), Some(0));
     assert!(
         text(&out.stderr).contains("does not match the pinned"),
@@ -434,7 +856,7 @@ async fn openssh_runs_commands_through_the_gateway_with_evidence_and_guardrails(
     // anything reaches the edge.
     let before = session_events(c, &admin, "local-ssh").len();
     let audrey = c.mint_token("audrey").await.unwrap().token;
-    let out = run(s.custody(&audrey, &["ssh", "local-ssh", "--", "true"]));
+    let out = run(&mut s.custody(&audrey, &["ssh", "local-ssh", "--", "true"]));
     assert_ne!(out.status.code(), Some(0));
     assert!(
         text(&out.stderr).contains("local-ssh"),
@@ -443,7 +865,7 @@ async fn openssh_runs_commands_through_the_gateway_with_evidence_and_guardrails(
     );
     // Past its expiry and the verifier's 30 s leeway.
     tokio::time::sleep(Duration::from_secs(33).saturating_sub(minted.elapsed())).await;
-    let out = run(s.custody(&short, &["ssh", "local-ssh", "--", "true"]));
+    let out = run(&mut s.custody(&short, &["ssh", "local-ssh", "--", "true"]));
     assert_ne!(out.status.code(), Some(0));
     assert!(
         text(&out.stderr).contains("expired"),
@@ -477,12 +899,22 @@ async fn openssh_runs_commands_through_the_gateway_with_evidence_and_guardrails(
         .write_all(b"SSH-2.0-OpenSSH_9.2\r\n\x7f\xff\xff\xf0\x0a\x14garbage")
         .await
         .unwrap();
-    for (what, conn) in [("oversized", &mut oversized), ("stalled", &mut stalled)] {
+    // A key exchange cut short: its packet announced and never finished.
+    let mut truncated = preamble(c, &addr, &alice).await;
+    truncated
+        .write_all(b"SSH-2.0-OpenSSH_9.2\r\n\x00\x00\x04\x00\x0a\x14partial-kexinit")
+        .await
+        .unwrap();
+    for (what, conn) in [
+        ("oversized", &mut oversized),
+        ("stalled", &mut stalled),
+        ("truncated", &mut truncated),
+    ] {
         let mut sink = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(30), conn.read_to_end(&mut sink)).await;
+        let read = tokio::time::timeout(Duration::from_secs(45), conn.read_to_end(&mut sink)).await;
         assert!(read.is_ok(), "the {what} connection was not closed");
     }
-    let out = run(s.custody(&alice, &["ssh", "local-ssh", "--", "echo", "still-here"]));
+    let out = run(&mut s.custody(&alice, &["ssh", "local-ssh", "--", "echo", "still-here"]));
     assert_eq!(text(&out.stdout), "still-here\n", "{}", text(&out.stderr));
 
     // An interactive shell in a real terminal (tmux): a typed command, a
@@ -499,7 +931,7 @@ async fn openssh_runs_commands_through_the_gateway_with_evidence_and_guardrails(
     };
     let q = |p: &Path| format!("'{}'", p.display());
     let shell = format!(
-        "env CUSTODY_COORDINATOR='{}' CUSTODY_CA={} CUSTODY_TOKEN='{}' CUSTODY_CONFIG_DIR={} HOME={} {} ssh local-ssh; sleep 30",
+        "env CUSTODY_COORDINATOR='{}' CUSTODY_CA={} CUSTODY_TOKEN='{}' CUSTODY_CONFIG_DIR={} HOME={} {} ssh strict-ssh; sleep 30",
         c.api_urls(&[]),
         q(&c.ca_path()),
         alice,
@@ -544,7 +976,7 @@ async fn openssh_runs_commands_through_the_gateway_with_evidence_and_guardrails(
             c,
             &[],
             &admin,
-            &["sessions", "list", "--resource", "local-ssh", "--json"],
+            &["sessions", "list", "--resource", "strict-ssh", "--json"],
         );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         if let Some(found) = v
@@ -595,6 +1027,33 @@ async fn openssh_runs_commands_through_the_gateway_with_evidence_and_guardrails(
         lines.iter().any(|l| l[1] == "r" && l[2] == "80x24"),
         "no resize in {lines:?}"
     );
+    // On a strict resource the keystrokes are recorded, for auditors and
+    // admins: the owner's own view has none.
+    let typed: String = lines[1..]
+        .iter()
+        .filter(|l| l[1] == "i")
+        .map(|l| l[2].as_str().unwrap_or_default())
+        .collect();
+    assert!(typed.contains("echo typed-$((6*7))"), "{typed:?}");
+    let own = custody(c, &[], &alice, &["sessions", "show", &shell_id, "--json"]);
+    assert!(own.status.success(), "{}", text(&own.stderr));
+    let own: serde_json::Value = serde_json::from_slice(&own.stdout).unwrap();
+    let own = own["events"].as_array().unwrap();
+    assert!(own.iter().any(|e| e["event"]["stream"] == "stdout"));
+    assert!(
+        !own.iter().any(|e| e["event"]["stream"] == "keystrokes"),
+        "the owner sees keystrokes"
+    );
+    // On other resources a shell's input is not recorded.
+    let out = run(&mut s.custody(&alice, &["ssh", "local-ssh", "--", "cat"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!session_events(c, &admin, "local-ssh")
+        .iter()
+        .any(|e| e["event"]["stream"] == "keystrokes"));
+
+    files_and_transfers(&s, &alice, &admin).await;
+    masking_and_host_certificates(&s, &alice, &admin);
+    bulk_both_ways(&s, &alice);
 
     // The edge's private key appears nowhere on the coordinators.
     let key_text = std::fs::read_to_string(&s.sshd.key_file).unwrap();

@@ -1,1 +1,4 @@
-//! End-to-end tests live in `tests/e2e/`.
+//! End-to-end tests live in `tests/e2e/`; the peers they need that no
+//! package provides live here.
+
+pub mod kube_api;

@@ -278,7 +278,7 @@ pub async fn run(cmd: SessionsCmd) -> anyhow::Result<()> {
             let outputs: Vec<(u64, &ev::Output)> = events
                 .iter()
                 .filter_map(|e| match &e.kind {
-                    Some(ev::event::Kind::Output(o)) if o.stream != "stdin" => Some((e.at_ms, o)),
+                    Some(ev::event::Kind::Output(o)) if !is_input(&o.stream) => Some((e.at_ms, o)),
                     _ => None,
                 })
                 .collect();
@@ -343,8 +343,14 @@ fn incomplete_tail(b: &[u8]) -> usize {
     0
 }
 
+/// Whether a recorded stream is the caller's input (not replayed as output).
+fn is_input(stream: &str) -> bool {
+    stream == "stdin" || stream == "keystrokes"
+}
+
 /// A session as asciicast v2 lines: the header (the terminal's size when the
-/// session recorded one), then output ("o") and resize ("r") events.
+/// session recorded one), then output ("o"), input ("i", a terminal's
+/// keystrokes, for those allowed to read them) and resize ("r") events.
 pub fn asciicast_lines(events: &[ev::Event], info: &api::SessionInfo) -> Vec<serde_json::Value> {
     let start = events.first().map_or(0, |e| e.at_ms);
     let (mut width, mut height) = (120, 40);
@@ -360,10 +366,17 @@ pub fn asciicast_lines(events: &[ev::Event], info: &api::SessionInfo) -> Vec<ser
         "title": format!("{} on {}", info.command, info.resource),
     })];
     let mut text = Utf8Chunks::default();
+    let mut keys = Utf8Chunks::default();
     for e in events {
         let t = e.at_ms.saturating_sub(start) as f64 / 1000.0;
         match &e.kind {
-            Some(ev::event::Kind::Output(o)) if o.stream != "stdin" => {
+            Some(ev::event::Kind::Output(o)) if o.stream == "keystrokes" => {
+                let s = keys.push(&o.data);
+                if !s.is_empty() {
+                    lines.push(serde_json::json!([t, "i", s]));
+                }
+            }
+            Some(ev::event::Kind::Output(o)) if !is_input(&o.stream) => {
                 let s = text.push(&o.data);
                 if !s.is_empty() {
                     lines.push(serde_json::json!([t, "o", s]));

@@ -270,6 +270,10 @@ impl<E: Engine> Sessions for SessionsService<E> {
         };
         let rule = cleared.decision().by.label();
         let resource = cleared.resource().clone();
+        let recording = relay::Recording {
+            masker: cleared.output_masker(),
+            ..relay::Recording::bytes()
+        };
         let cmd_event = ev::CommandEvent {
             text: command.clone(),
             argv: start.argv.clone(),
@@ -362,6 +366,7 @@ impl<E: Engine> Sessions for SessionsService<E> {
                 channel,
                 grant_until,
                 output_cap: DEFAULT_OUTPUT_CAP,
+                recording,
             };
             let finish = relay::run(session, in_rx, out_tx.clone(), |o| {
                 out(match o {
@@ -492,6 +497,9 @@ fn page(chunks: &[ev::Chunk], from_seq: u64) -> Result<(Vec<ev::Event>, u64), St
     Ok((events, 0))
 }
 
+/// The stream a terminal's input is recorded as.
+pub const KEYSTROKES: &str = "keystrokes";
+
 impl<E: Engine> SessionsService<E> {
     /// Admins and auditors read every session; others only their own.
     async fn reads_all(&self, id: &crate::auth::Identity) -> Result<bool, Status> {
@@ -565,12 +573,19 @@ impl<E: Engine> SessionsService<E> {
             crate::state::evidence::session_chunks(node.store(), &sid).map_err(storage_status)?;
         // Chunks appended since the record was read are for a later read.
         raw.truncate(rec.chunks as usize);
-        let (events, next_seq) = verified_chunks(&rec, &raw)
+        let (mut events, next_seq) = verified_chunks(&rec, &raw)
             .and_then(|chunks| page(&chunks, req.from_seq))
             .map_err(|e| {
                 tracing::error!(target: "audit", event = "evidence_corrupt", session = %sid, detail = %e);
                 Status::data_loss(format!("evidence is corrupt: {e}"))
             })?;
+        if !all {
+            // A terminal's keystrokes (passwords typed at prompts among
+            // them) are for admins and auditors only.
+            events.retain(
+                |e| !matches!(&e.kind, Some(ev::event::Kind::Output(o)) if o.stream == KEYSTROKES),
+            );
+        }
         Ok(Response::new(api::GetSessionResponse {
             session: Some(session_info(&rec)),
             events,

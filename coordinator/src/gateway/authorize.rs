@@ -65,6 +65,15 @@ impl Cleared {
         &self.decision
     }
 
+    /// The masking for a byte stream's output: the rule's profiles, when
+    /// they have detectors or patterns (column rules mean nothing to text).
+    pub fn output_masker(&self) -> Option<crate::policy::mask::Masker> {
+        if self.decision.mask.is_empty() {
+            return None;
+        }
+        Some(self.policy.masker(&self.decision.mask)).filter(|m| m.masks_text())
+    }
+
     /// The access grant it opens under, if any.
     pub fn grant(&self) -> Option<&custody_proto::cluster::v1::ApprovalRequest> {
         match &self.approval {

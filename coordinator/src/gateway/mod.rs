@@ -20,4 +20,4 @@ pub mod vocab;
 
 pub use error::GatewayError;
 pub use guard::Guard;
-pub use vocab::{Action, EvidenceMode, Kind};
+pub use vocab::{Action, EvidenceMode, Kind, FILE_CONTENTS_LABEL};

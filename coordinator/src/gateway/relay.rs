@@ -24,6 +24,7 @@ use custody_proto::tunnel::v1 as t;
 use super::live::LiveSession;
 use crate::consensus::node::now_ms;
 use crate::evidence::SessionRecorder;
+use crate::policy::mask::Masker;
 use crate::tunnel::session::frame;
 use crate::tunnel::SessionChannel;
 
@@ -56,8 +57,98 @@ pub struct ByteSession {
     pub channel: SessionChannel,
     /// The access grant it runs under (its id, and when it ends, in ms).
     pub grant_until: Option<(u64, u64)>,
-    /// How many output bytes the evidence records.
+    /// How many bytes (input and output together) the evidence records.
     pub output_cap: u64,
+    pub recording: Recording,
+}
+
+/// Reads a session's bytes as a protocol and turns them into events of its
+/// own (file operations, byte counts), beside or instead of the raw bytes.
+/// An error means the stream cannot be followed: the session ends.
+pub trait Tap: Send {
+    fn input(&mut self, data: &[u8]) -> Result<Vec<ev::event::Kind>, String>;
+    fn output(&mut self, data: &[u8]) -> Result<Vec<ev::event::Kind>, String>;
+    /// What is left to record when the session ends.
+    fn finish(&mut self) -> Vec<ev::event::Kind>;
+}
+
+/// What the evidence keeps of a byte session.
+pub struct Recording {
+    /// The stream name the caller's input is recorded under (`stdin`,
+    /// `keystrokes`); `None`: not recorded.
+    pub input: Option<&'static str>,
+    /// Whether the target's output bytes are recorded.
+    pub output: bool,
+    pub tap: Option<Box<dyn Tap>>,
+    /// Masks the target's output line by line before the evidence and the
+    /// caller see it (a line is held until it ends, or [`MASKED_LINE_MAX`]).
+    pub masker: Option<Masker>,
+}
+
+impl Recording {
+    /// Input and output bytes, unmasked.
+    pub fn bytes() -> Self {
+        Recording {
+            input: Some("stdin"),
+            output: true,
+            tap: None,
+            masker: None,
+        }
+    }
+}
+
+/// The longest output line held for masking; longer runs are masked as
+/// they are.
+pub const MASKED_LINE_MAX: usize = 64 << 10;
+
+/// One output stream's bytes held until their line ends, for masking.
+#[derive(Default)]
+struct LineMask {
+    held: Vec<u8>,
+}
+
+impl LineMask {
+    /// The whole lines (masked) that `data` completes, if any.
+    fn push(&mut self, m: &Masker, data: &[u8]) -> Option<Bytes> {
+        self.held.extend_from_slice(data);
+        let cut = if self.held.len() >= MASKED_LINE_MAX {
+            self.held.len()
+        } else {
+            self.held.iter().rposition(|&b| b == b'\n')? + 1
+        };
+        let lines: Vec<u8> = self.held.drain(..cut).collect();
+        Some(mask_lines(m, &lines))
+    }
+
+    /// What is held, masked (at the end of the output).
+    fn flush(&mut self, m: &Masker) -> Option<Bytes> {
+        if self.held.is_empty() {
+            return None;
+        }
+        let rest = std::mem::take(&mut self.held);
+        Some(mask_lines(m, &rest))
+    }
+}
+
+/// Masks each line of `text` on its own.
+pub(crate) fn mask_lines(m: &Masker, text: &[u8]) -> Bytes {
+    let mut masked: Option<Vec<u8>> = None;
+    let mut line_out = String::new();
+    let mut at = 0;
+    for line in text.split_inclusive(|&b| b == b'\n') {
+        line_out.clear();
+        if m.mask_bytes_into(line, &mut line_out) {
+            let buf = masked.get_or_insert_with(|| text[..at].to_vec());
+            buf.extend_from_slice(line_out.as_bytes());
+        } else if let Some(buf) = masked.as_mut() {
+            buf.extend_from_slice(line);
+        }
+        at += line.len();
+    }
+    match masked {
+        Some(b) => Bytes::from(b),
+        None => Bytes::copy_from_slice(text),
+    }
 }
 
 /// How a relayed session ended, with its chain already closed.
@@ -130,13 +221,33 @@ pub async fn abandon(rec: &SessionRecorder, why: &str) {
     let _ = rec.close(end(-1, 0, why)).await;
 }
 
+/// Records `kinds`; false when the evidence failed.
+async fn record_all(rec: &SessionRecorder, kinds: Vec<ev::event::Kind>) -> Result<(), String> {
+    for k in kinds {
+        rec.record(k).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+type SharedTap = Arc<std::sync::Mutex<Option<Box<dyn Tap>>>>;
+
+/// Runs the tap, if any, over one direction's bytes.
+fn tapped(tap: &SharedTap, input: bool, data: &[u8]) -> Result<Vec<ev::event::Kind>, String> {
+    let mut t = tap.lock().unwrap_or_else(|e| e.into_inner());
+    match t.as_mut() {
+        Some(t) if input => t.input(data),
+        Some(t) => t.output(data),
+        None => Ok(vec![]),
+    }
+}
+
 /// Relays until the session ends, then closes its chain. `wrap` turns the
 /// target's output into the front door's message on `out`.
 pub async fn run<T: Send + 'static>(
     session: ByteSession,
     mut input: mpsc::Receiver<Input>,
     out: mpsc::Sender<T>,
-    wrap: impl Fn(Output) -> T + Send,
+    wrap: impl Fn(Output) -> T + Send + Sync,
 ) -> Finish {
     let ByteSession {
         rec,
@@ -144,27 +255,41 @@ pub async fn run<T: Send + 'static>(
         channel,
         grant_until,
         output_cap,
+        recording,
     } = session;
     let SessionChannel { tx, mut rx } = channel;
+    let Recording {
+        input: input_stream,
+        output: record_output,
+        tap,
+        masker,
+    } = recording;
+    let tap: SharedTap = Arc::new(std::sync::Mutex::new(tap));
+    let cap = Arc::new(std::sync::Mutex::new(OutputCap::new(output_cap)));
 
-    // Caller input to the edge, recorded first.
+    // Caller input to the edge, recorded first. Ends with why the stream
+    // cannot be followed, if that is why.
     let input_rec = rec.clone();
-    let pump_in = tokio::spawn(async move {
+    let input_tap = tap.clone();
+    let input_cap = cap.clone();
+    let mut pump_in = tokio::spawn(async move {
         while let Some(i) = input.recv().await {
             let f = match i {
                 Input::Stdin(b) => {
-                    let out = ev::Output {
-                        stream: "stdin".into(),
-                        data: b.clone(),
-                        truncated: false,
-                        continued: false,
-                    };
-                    if input_rec
-                        .record(ev::event::Kind::Output(out))
-                        .await
-                        .is_err()
-                    {
-                        return;
+                    let mut kinds = Vec::new();
+                    if let Some(stream) = input_stream {
+                        let taken = input_cap
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .take(stream, b.clone());
+                        kinds.extend(taken);
+                    }
+                    match tapped(&input_tap, true, &b) {
+                        Ok(k) => kinds.extend(k),
+                        Err(e) => return Some(e),
+                    }
+                    if record_all(&input_rec, kinds).await.is_err() {
+                        return None;
                     }
                     frame(t::session_frame::Kind::Data(t::Data {
                         channel: t::Channel::Stdin as i32,
@@ -184,7 +309,7 @@ pub async fn run<T: Send + 'static>(
                         .await
                         .is_err()
                     {
-                        return;
+                        return None;
                     }
                     frame(t::session_frame::Kind::SshResize(t::SshResize {
                         cols,
@@ -195,12 +320,15 @@ pub async fn run<T: Send + 'static>(
                 }
             };
             if tx.send(f).await.is_err() {
-                return;
+                return None;
             }
         }
+        None
     });
+    let mut input_done = false;
 
-    let mut cap = OutputCap::new(output_cap);
+    // Output held for masking, per stream (stdout, stderr).
+    let mut held = [LineMask::default(), LineMask::default()];
     // Sessions under an access grant end when it does.
     let grant_end = async {
         match grant_until {
@@ -227,14 +355,36 @@ pub async fn run<T: Send + 'static>(
             e = rec.failed() => break Err(e.to_string()),
             // Killed, or its authority ended.
             why = live.ended() => break Err(why.to_string()),
+            r = &mut pump_in, if !input_done => {
+                input_done = true;
+                match r {
+                    Ok(Some(why)) => break Err(why),
+                    _ => continue,
+                }
+            }
         };
-        let (msg, stream, data) = match f.kind {
+        let (stream, data) = match f.kind {
             Some(t::session_frame::Kind::Data(d)) => match t::Channel::try_from(d.channel) {
-                Ok(t::Channel::Stdout) => (Output::Stdout(d.data.clone()), "stdout", d.data),
-                Ok(t::Channel::Stderr) => (Output::Stderr(d.data.clone()), "stderr", d.data),
+                Ok(t::Channel::Stdout) => (0, d.data),
+                Ok(t::Channel::Stderr) => (1, d.data),
                 _ => continue,
             },
             Some(t::session_frame::Kind::Exit(x)) => {
+                // What masking still holds goes out before the outcome.
+                let mut failed = None;
+                for (i, h) in held.iter_mut().enumerate() {
+                    let Some(m) = masker.as_ref() else { break };
+                    let Some(b) = h.flush(m) else { continue };
+                    if let Err(e) = deliver(&rec, &cap, record_output, i, b, &out, &wrap).await {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                match failed {
+                    Some(Delivery::Unrecorded(e)) => break Err(e),
+                    Some(Delivery::CallerGone) => break Ok(end(-1, 0, "caller disconnected")),
+                    None => {}
+                }
                 let outcome = ev::Outcome {
                     exit_code: x.code,
                     signal: x.signal,
@@ -256,17 +406,35 @@ pub async fn run<T: Send + 'static>(
             }
             _ => continue,
         };
-        // Evidence first (it waits when the cluster is slow), then the caller.
-        if let Some(kind) = cap.take(stream, data) {
-            if let Err(e) = rec.record(kind).await {
-                break Err(e.to_string());
-            }
+        let kinds = match tapped(&tap, false, &data) {
+            Ok(k) => k,
+            Err(e) => break Err(e),
+        };
+        if let Err(e) = record_all(&rec, kinds).await {
+            break Err(e);
         }
-        if out.send(wrap(msg)).await.is_err() {
-            break Ok(end(-1, 0, "caller disconnected"));
+        let data = match masker.as_ref() {
+            Some(m) => match held[stream].push(m, &data) {
+                Some(b) => b,
+                None => continue,
+            },
+            None => data,
+        };
+        match deliver(&rec, &cap, record_output, stream, data, &out, &wrap).await {
+            Ok(()) => {}
+            Err(Delivery::Unrecorded(e)) => break Err(e),
+            Err(Delivery::CallerGone) => break Ok(end(-1, 0, "caller disconnected")),
         }
     };
     pump_in.abort();
+    // What the tap still holds (files cut off, byte counts).
+    let rest = tap
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .map(|mut t| t.finish())
+        .unwrap_or_default();
+    let _ = record_all(&rec, rest).await;
     // Close the chain before the caller sees the end, so that evidence of
     // a finished command is complete when the front door reports it.
     let (final_end, failure) = match result {
@@ -287,6 +455,42 @@ pub async fn run<T: Send + 'static>(
     }
 }
 
+enum Delivery {
+    Unrecorded(String),
+    CallerGone,
+}
+
+/// Records one stream's output (within the cap, when output is recorded),
+/// then sends it to the caller: evidence first, since it waits when the
+/// cluster is slow.
+async fn deliver<T>(
+    rec: &SessionRecorder,
+    cap: &std::sync::Mutex<OutputCap>,
+    record_output: bool,
+    stream: usize,
+    data: Bytes,
+    out: &mpsc::Sender<T>,
+    wrap: &impl Fn(Output) -> T,
+) -> Result<(), Delivery> {
+    let (name, msg) = if stream == 0 {
+        ("stdout", Output::Stdout(data.clone()))
+    } else {
+        ("stderr", Output::Stderr(data.clone()))
+    };
+    if record_output {
+        let kind = cap
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(name, data);
+        if let Some(kind) = kind {
+            rec.record(kind)
+                .await
+                .map_err(|e| Delivery::Unrecorded(e.to_string()))?;
+        }
+    }
+    out.send(wrap(msg)).await.map_err(|_| Delivery::CallerGone)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,5 +508,30 @@ mod tests {
         assert_eq!(take(&mut cap, "abc"), Some(("abc".into(), false)));
         assert_eq!(take(&mut cap, "defg"), Some(("de".into(), true)));
         assert_eq!(take(&mut cap, "h"), None);
+    }
+
+    #[test]
+    fn output_is_masked_by_whole_lines() {
+        let m = Masker::new(&[&crate::policy::mask::MaskingDoc {
+            name: "pii".into(),
+            detectors: vec![crate::policy::mask::Detector::Email],
+            columns: vec![],
+            patterns: vec![],
+        }])
+        .unwrap();
+        let mut h = LineMask::default();
+        // An address split across chunks is held until its line ends.
+        assert_eq!(h.push(&m, b"mail ann@exa"), None);
+        let out = h.push(&m, b"mple.com ok\nnext ").unwrap();
+        let out = String::from_utf8(out.to_vec()).unwrap();
+        assert!(
+            !out.contains("ann@example.com") && out.ends_with("ok\n"),
+            "{out}"
+        );
+        assert_eq!(h.flush(&m).as_deref(), Some(&b"next "[..]));
+        assert_eq!(h.flush(&m), None);
+        // Lines that match nothing come back as they were, bytes and all.
+        let raw = b"\xff\xfe binary\nplain\n";
+        assert_eq!(mask_lines(&m, raw).as_ref(), raw);
     }
 }

@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 
+pub use custody_proto::kube::Verb;
+
 /// A kind of target a resource can be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
@@ -42,7 +44,7 @@ impl Kind {
                 Action::Sftp,
                 Action::PortForward,
             ],
-            Kind::Kubernetes => &[Action::Connect],
+            Kind::Kubernetes => &KUBE_ACTIONS,
         }
     }
 
@@ -67,12 +69,31 @@ impl std::fmt::Display for Kind {
     }
 }
 
+/// A Kubernetes resource's actions: `connect` and each request verb.
+const KUBE_ACTIONS: [Action; 14] = [
+    Action::Connect,
+    Action::Kube(Verb::Get),
+    Action::Kube(Verb::List),
+    Action::Kube(Verb::Watch),
+    Action::Kube(Verb::Create),
+    Action::Kube(Verb::Update),
+    Action::Kube(Verb::Patch),
+    Action::Kube(Verb::Delete),
+    Action::Kube(Verb::DeleteCollection),
+    Action::Kube(Verb::Exec),
+    Action::Kube(Verb::Attach),
+    Action::Kube(Verb::PortForward),
+    Action::Kube(Verb::Logs),
+    Action::Kube(Verb::Proxy),
+];
+
 /// What a caller asks to do with a resource. A PostgreSQL session is
 /// `connect`, and each of its statements is judged as `connect` with the
 /// statement as the command (guardrails see it); a shell command is `exec`.
 /// On SSH, `connect` admits the connection and each channel is judged on its
 /// own: `shell`, `exec` (with the command), `sftp`, `port-forward` (with
-/// `host:port`).
+/// `host:port`). On Kubernetes, each API request is `kube:<verb>` (`kube:get`,
+/// `kube:delete`, …) with its command text (`delete pods/web-1 -n prod`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Action {
     Connect,
@@ -80,15 +101,29 @@ pub enum Action {
     Shell,
     Sftp,
     PortForward,
+    Kube(Verb),
 }
 
 impl Action {
-    pub const ALL: [Action; 5] = [
+    pub const ALL: [Action; 18] = [
         Action::Connect,
         Action::Exec,
         Action::Shell,
         Action::Sftp,
         Action::PortForward,
+        KUBE_ACTIONS[1],
+        KUBE_ACTIONS[2],
+        KUBE_ACTIONS[3],
+        KUBE_ACTIONS[4],
+        KUBE_ACTIONS[5],
+        KUBE_ACTIONS[6],
+        KUBE_ACTIONS[7],
+        KUBE_ACTIONS[8],
+        KUBE_ACTIONS[9],
+        KUBE_ACTIONS[10],
+        KUBE_ACTIONS[11],
+        KUBE_ACTIONS[12],
+        KUBE_ACTIONS[13],
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -98,6 +133,21 @@ impl Action {
             Action::Shell => "shell",
             Action::Sftp => "sftp",
             Action::PortForward => "port-forward",
+            Action::Kube(v) => match v {
+                Verb::Get => "kube:get",
+                Verb::List => "kube:list",
+                Verb::Watch => "kube:watch",
+                Verb::Create => "kube:create",
+                Verb::Update => "kube:update",
+                Verb::Patch => "kube:patch",
+                Verb::Delete => "kube:delete",
+                Verb::DeleteCollection => "kube:deletecollection",
+                Verb::Exec => "kube:exec",
+                Verb::Attach => "kube:attach",
+                Verb::PortForward => "kube:portforward",
+                Verb::Logs => "kube:logs",
+                Verb::Proxy => "kube:proxy",
+            },
         }
     }
 
@@ -159,13 +209,26 @@ impl EvidenceMode {
     }
 }
 
-/// Refuses an `evidence` label that is not a mode.
+/// The resource label that records the contents of files moved by SFTP
+/// and scp (within the session's cap): `true` or `false` (the default).
+pub const FILE_CONTENTS_LABEL: &str = "record-file-contents";
+
+/// Refuses an `evidence` label that is not a mode, and a
+/// `record-file-contents` label that is not `true` or `false`.
 pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
     match labels.get(EVIDENCE_LABEL) {
-        Some(v) if EvidenceMode::parse(v).is_none() => Err(format!(
-            "unknown evidence mode {v:?} (expected strict or async)"
+        Some(v) if EvidenceMode::parse(v).is_none() => {
+            return Err(format!(
+                "unknown evidence mode {v:?} (expected strict or async)"
+            ))
+        }
+        _ => {}
+    }
+    match labels.get(FILE_CONTENTS_LABEL).map(String::as_str) {
+        None | Some("true") | Some("false") => Ok(()),
+        Some(v) => Err(format!(
+            "{FILE_CONTENTS_LABEL} must be true or false, not {v:?}"
         )),
-        _ => Ok(()),
     }
 }
 

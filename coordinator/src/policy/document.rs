@@ -134,6 +134,11 @@ pub struct RuleDoc {
     /// Guardrails (by name) checked against commands this rule covers.
     #[serde(default)]
     pub guardrails: Vec<String>,
+    /// For `port-forward`: the destinations (`host:port`, `*` wildcards
+    /// in either part) this rule covers. A rule that allows forwarding
+    /// must name them; a deny rule without them covers every destination.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forward_to: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -418,6 +423,16 @@ pub(crate) fn validate(doc: &PolicyDocument) -> Result<(), PolicyError> {
                 ))
             }
             _ => {}
+        }
+        for d in &r.forward_to {
+            match d.rsplit_once(':') {
+                Some((h, p)) if !h.is_empty() && (p == "*" || p.parse::<u16>().is_ok()) => {}
+                _ => {
+                    return Err(err(format!(
+                        "forward_to {d:?} is not host:port (`*` allowed in either part)"
+                    )))
+                }
+            }
         }
         for g in &r.guardrails {
             if !guardrails.contains(g.as_str()) {

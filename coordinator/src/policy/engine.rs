@@ -236,6 +236,18 @@ fn mismatch(r: &RuleDoc, req: &Request<'_>) -> Option<String> {
             req.action, r.actions
         ));
     }
+    if req.action == Action::PortForward {
+        let dest = req.command.unwrap_or_default();
+        if r.forward_to.is_empty() && r.decision != EffectDoc::Deny {
+            return Some("names no forward_to destinations".into());
+        }
+        if !r.forward_to.is_empty() && !r.forward_to.iter().any(|p| wildcard(p, dest)) {
+            return Some(format!(
+                "destination {dest} matches none of forward_to {:?}",
+                r.forward_to
+            ));
+        }
+    }
     None
 }
 
@@ -565,6 +577,46 @@ retention:
         );
         assert_eq!(d.effect, Effect::Allow);
         assert_eq!(d.by.name().as_deref(), Some("engineers-dev"));
+    }
+
+    #[test]
+    fn port_forwards_need_a_rule_naming_the_destination() {
+        let doc = r#"
+rules:
+  - name: any
+    identity: { groups: [engineers] }
+    actions: ["*"]
+    decision: allow
+  - name: db-tunnel
+    identity: { groups: [engineers] }
+    resource: { kinds: [ssh] }
+    actions: [port-forward]
+    decision: allow
+    forward_to: ["127.0.0.1:5432", "db-*.internal:*"]
+  - name: never-metadata
+    actions: [port-forward]
+    decision: deny
+    forward_to: ["169.254.169.254:*"]
+"#;
+        let p = Policy::compile(parse_document(doc, DocumentFormat::Yaml).unwrap()).unwrap();
+        let who = Identity::for_test("alice", &["engineers"]);
+        let r = res("host-1", "ssh", "dev");
+        let at = |dest: &str| eval(&p, &who, &r, "port-forward", Some(dest));
+        assert_eq!(at("127.0.0.1:5432").effect, Effect::Allow);
+        assert_eq!(at("db-7.internal:6379").effect, Effect::Allow);
+        // `*` in actions alone does not open forwarding.
+        let d = at("127.0.0.1:22");
+        assert_eq!(d.effect, Effect::Deny);
+        assert!(
+            d.trace.iter().any(|l| l.contains("names no forward_to")),
+            "{:?}",
+            d.trace
+        );
+        assert_eq!(at("169.254.169.254:80").effect, Effect::Deny);
+        assert_eq!(eval(&p, &who, &r, "exec", Some("ls")).effect, Effect::Allow);
+        let bad = "rules:\n  - name: x\n    actions: [port-forward]\n    decision: allow\n    forward_to: [\"nohostport\"]\n";
+        let e = parse_document(bad, DocumentFormat::Yaml).unwrap_err();
+        assert!(e.to_string().contains("host:port"), "{e}");
     }
 
     #[test]

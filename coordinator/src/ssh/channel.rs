@@ -16,26 +16,28 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use russh::server::{Handle, Msg};
-use russh::{Channel, ChannelId, ChannelMsg, Sig};
+use russh::server::{ChannelOpenHandle, Handle, Msg};
+use russh::{Channel, ChannelId, ChannelMsg, ChannelOpenFailure, Sig};
 use tokio::sync::mpsc;
 
 use custody_proto::evidence::v1 as ev;
 use custody_proto::flow::Valve;
 use custody_proto::tunnel::v1 as t;
 
+use super::taps::{ScpTap, SftpTap, TrafficTap};
 use super::Conn;
+use crate::api::sessions::KEYSTROKES;
 use crate::consensus::node::now_ms;
-use crate::gateway::authorize::{authorize, Ask, Verdict};
-use crate::gateway::relay::{self, ByteSession, Finish, Input, Output};
-use crate::gateway::{Action, EvidenceMode, Guard, Kind};
+use crate::gateway::authorize::{authorize, Ask, Cleared, Verdict};
+use crate::gateway::relay::{self, ByteSession, Finish, Input, Output, Recording};
+use crate::gateway::{Action, EvidenceMode, Guard, Kind, FILE_CONTENTS_LABEL};
 use crate::storage::Engine;
 use crate::tunnel::session::frame;
 use crate::tunnel::Tunnels;
 
 /// Input taken off the client's connection and not yet sent to the edge.
 const SOFT_BOUND: u64 = 4 << 20;
-const HARD_BOUND: u64 = 32 << 20;
+const HARD_BOUND: u64 = 256 << 20;
 /// How long the edge may take to reach the target and start the channel.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Output recorded per session.
@@ -54,10 +56,12 @@ pub(super) struct Context<E: Engine> {
 
 /// What the channel asked to start.
 #[derive(Debug, Clone)]
-enum Start {
+pub(super) enum Start {
     Shell,
     Exec(String),
     Sftp,
+    /// A `direct-tcpip` channel (`ssh -L`, `-W`).
+    Forward(t::SshForward),
 }
 
 impl Start {
@@ -66,15 +70,74 @@ impl Start {
             Start::Shell => Action::Shell,
             Start::Exec(_) => Action::Exec,
             Start::Sftp => Action::Sftp,
+            Start::Forward(_) => Action::PortForward,
         }
     }
 
-    /// The command text policy and evidence see.
+    /// The command text policy and evidence see (a forward's destination).
     fn text(&self) -> String {
         match self {
             Start::Shell => "shell".into(),
             Start::Exec(c) => c.clone(),
             Start::Sftp => "sftp".into(),
+            Start::Forward(f) => format!("{}:{}", f.host, f.port),
+        }
+    }
+
+    fn channel(&self) -> &'static str {
+        match self {
+            Start::Shell => "shell",
+            Start::Exec(_) => "exec",
+            Start::Sftp => "sftp",
+            Start::Forward(_) => "port-forward",
+        }
+    }
+
+    /// What the evidence keeps of the channel's bytes: a terminal's
+    /// keystrokes on strict resources only; SFTP and scp as file
+    /// operations (their contents too when the resource says so); a
+    /// forward as byte counts; exec output masked by the rule's profiles.
+    fn recording(&self, c: &Cleared, strict: bool) -> Recording {
+        let contents = c
+            .resource()
+            .labels
+            .get(FILE_CONTENTS_LABEL)
+            .map(String::as_str)
+            == Some("true");
+        let files = |tap: Box<dyn relay::Tap>| Recording {
+            input: contents.then_some("stdin"),
+            output: contents,
+            tap: Some(tap),
+            masker: None,
+        };
+        match self {
+            Start::Shell => Recording {
+                input: strict.then_some(KEYSTROKES),
+                output: true,
+                tap: None,
+                masker: None,
+            },
+            Start::Exec(cmd) => match ScpTap::for_command(cmd) {
+                Some(tap) => Recording {
+                    masker: c.output_masker(),
+                    ..files(Box::new(tap))
+                },
+                None => Recording {
+                    masker: c.output_masker(),
+                    ..Recording::bytes()
+                },
+            },
+            Start::Sftp => files(Box::<SftpTap>::default()),
+            Start::Forward(_) => Recording {
+                input: None,
+                output: false,
+                tap: Some(Box::new(TrafficTap {
+                    destination: self.text(),
+                    to_target: 0,
+                    from_target: 0,
+                })),
+                masker: None,
+            },
         }
     }
 }
@@ -178,10 +241,38 @@ pub(super) async fn drive<E: Engine>(ctx: Context<E>, mut ch: Channel<Msg>, hand
             _ => {}
         }
     };
-    if let Err(msg) = run(&ctx, ch, &handle, setup, start).await {
+    if let Err(msg) = run(&ctx, ch, &handle, setup, start, &mut None).await {
+        // The request is answered as started, so that the client shows the
+        // reason (OpenSSH drops a channel's stderr once a shell request
+        // fails) and exits with status 1.
+        let _ = handle.channel_success(id).await;
         say(&handle, id, &msg).await;
-        let _ = handle.channel_failure(id).await;
         finish_with(&handle, id, 1).await;
+    }
+}
+
+/// A `direct-tcpip` channel: opened (accepted) only once policy allows the
+/// destination and the edge reached it; refused with the reason otherwise.
+pub(super) async fn forward<E: Engine>(
+    ctx: Context<E>,
+    ch: Channel<Msg>,
+    handle: Handle,
+    reply: ChannelOpenHandle,
+    dest: t::SshForward,
+) {
+    let conn = ctx.conn.clone();
+    let mut reply = Some(reply);
+    let start = Start::Forward(dest);
+    let text = start.text();
+    if let Err(msg) = run(&ctx, ch, &handle, Setup::default(), start, &mut reply).await {
+        tracing::warn!(target: "audit", event = "ssh_forward_refused", connection = %conn.connection_id, subject = %conn.identity.subject, destination = %text, reason = %msg);
+        if let Some(r) = reply.take() {
+            r.reject(ChannelOpenFailure::Other {
+                code: 1,
+                reason: format!("custody: {msg}"),
+            })
+            .await;
+        }
     }
 }
 
@@ -214,7 +305,7 @@ async fn clear<E: Engine>(
         .await
         .map_err(|e| e.to_string())?;
         let (c, doc) = match verdict {
-            Verdict::Cleared(c) => return Ok(c),
+            Verdict::Cleared(c) => return unmaskable(start, c),
             Verdict::NeedsApproval(c, doc) => (c, doc),
         };
         if request_id != 0 {
@@ -232,6 +323,21 @@ async fn clear<E: Engine>(
         }
         request_id = hold(ctx, handle, id, &text, &c, &doc, wait, early).await?;
     }
+}
+
+/// Output masking applies to commands' output, which is read line by line;
+/// a terminal, a file transfer or a forward under a rule that masks would
+/// pass what the rule hides, so they are refused.
+fn unmaskable(start: &Start, c: Cleared) -> Result<Cleared, String> {
+    if matches!(start, Start::Exec(_)) || c.output_masker().is_none() {
+        return Ok(c);
+    }
+    Err(format!(
+        "policy rule {} masks output on {}, which a {} channel cannot honour; run commands instead (ssh HOST -- CMD)",
+        c.decision().by.label(),
+        c.resource().name,
+        start.channel()
+    ))
 }
 
 /// Finds or creates the approval request for this exact command, tells the
@@ -309,32 +415,34 @@ async fn hold<E: Engine>(
     }
 }
 
+/// Runs one channel's session. A forward's channel is accepted through
+/// `reply` once the edge reached its destination; on an error before
+/// that, `reply` is left for the caller to refuse.
 async fn run<E: Engine>(
     ctx: &Context<E>,
     mut ch: Channel<Msg>,
     handle: &Handle,
     setup: Setup,
     start: Start,
+    reply: &mut Option<ChannelOpenHandle>,
 ) -> Result<(), String> {
     let id = ch.id();
     let conn = &ctx.conn;
     let mut early = Vec::new();
     let cleared = clear(ctx, handle, id, &start, &mut ch, &mut early).await?;
+    let strict = EvidenceMode::of(&cleared.resource().labels) == EvidenceMode::Strict;
+    let recording = start.recording(&cleared, strict);
     let text = start.text();
     let kind = match &start {
         Start::Shell => t::ssh_channel::Kind::Shell(t::SshShell {}),
         Start::Exec(c) => t::ssh_channel::Kind::Exec(c.clone()),
         Start::Sftp => t::ssh_channel::Kind::Subsystem("sftp".into()),
+        Start::Forward(f) => t::ssh_channel::Kind::Forward(f.clone()),
     };
     let channel_event = ev::SshChannel {
         connection_id: conn.connection_id.clone(),
         login: conn.login.clone(),
-        channel: match &start {
-            Start::Shell => "shell",
-            Start::Exec(_) => "exec",
-            Start::Sftp => "sftp",
-        }
-        .into(),
+        channel: start.channel().into(),
         term: setup
             .pty
             .as_ref()
@@ -428,7 +536,12 @@ async fn run<E: Engine>(
             return Err("the edge did not start the channel in time".into());
         }
     }
-    let _ = handle.channel_success(id).await;
+    match reply.take() {
+        Some(r) => r.accept().await,
+        None => {
+            let _ = handle.channel_success(id).await;
+        }
+    }
     tracing::info!(
         target: "audit",
         event = "session_opened",
@@ -531,6 +644,7 @@ async fn run<E: Engine>(
         channel,
         grant_until,
         output_cap: OUTPUT_CAP,
+        recording,
     };
     let finish = relay::run(session, in_rx, out_tx, |o| o).await;
     // All output is written before the status.

@@ -9,19 +9,26 @@
 //! `none` method accepted because the caller is already known).
 //!
 //! Every channel is a session of its own through the gateway lifecycle
-//! ([`channel`]): `shell`, `exec` with its command, `sftp`; agent, X11 and
+//! ([`channel`]): `shell`, `exec` with its command, `sftp`, and
+//! `direct-tcpip` forwards to a destination a rule names; agent, X11 and
 //! remote forwarding are refused with a message. The sessions of one
-//! connection share a connection id in the evidence.
+//! connection share a connection id in the evidence. SFTP, scp and
+//! forwards are recorded as what they do ([`taps`]).
 
 mod channel;
+mod taps;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use russh::keys::PrivateKey;
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
 use russh::{Channel, ChannelOpenFailure, MethodKind, MethodSet};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 use custody_proto::frame::{read_frame, write_frame};
@@ -33,6 +40,8 @@ use crate::storage::Engine;
 use crate::tunnel::Tunnels;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+/// From the preamble's answer to the end of SSH authentication.
+const AUTH_DEADLINE: Duration = Duration::from_secs(30);
 /// Most concurrent connections per node.
 const MAX_CONNECTIONS: usize = 4096;
 /// Most channels open at once on one connection.
@@ -156,15 +165,27 @@ impl<E: Engine> SshGateway<E> {
         let Ok(conn) = admitted else { return };
         let connection_id = conn.connection_id.clone();
         tracing::info!(target: "audit", event = "ssh_connected", connection = %connection_id, subject = %conn.identity.subject, resource = %conn.resource, login = %conn.login, client = %peer);
+        let authenticated = Arc::new(AtomicBool::new(false));
         let handler = Handler {
             gw: self.clone(),
             conn: Arc::new(conn),
             open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            authenticated: authenticated.clone(),
         };
+        // Key exchange and authentication must finish within the deadline:
+        // russh waits on a stalled key exchange without a bound of its own,
+        // so the stream is cut from under it.
+        let (stream, cut) = Cuttable::new(tls);
+        tokio::spawn(async move {
+            tokio::time::sleep(AUTH_DEADLINE).await;
+            if !authenticated.load(Ordering::SeqCst) {
+                cut.cut();
+            }
+        });
         // The client's SSH id line must come as promptly as the preamble did.
         let started = tokio::time::timeout(
             HELLO_TIMEOUT,
-            russh::server::run_stream(self.config.clone(), tls, handler),
+            russh::server::run_stream(self.config.clone(), stream, handler),
         )
         .await
         .unwrap_or_else(|_| Err(russh::Error::ConnectionTimeout));
@@ -243,6 +264,87 @@ struct Handler<E: Engine> {
     gw: Arc<SshGateway<E>>,
     conn: Arc<Conn>,
     open: Arc<std::sync::atomic::AtomicUsize>,
+    /// Set once SSH authentication is done (the key exchange with it).
+    authenticated: Arc<AtomicBool>,
+}
+
+/// Cuts a stream from outside: once cut, its reads fail, so whatever reads
+/// it (russh's session loop) ends.
+struct Cuttable<S> {
+    inner: S,
+    cut: Arc<Cut>,
+}
+
+#[derive(Default)]
+struct Cut {
+    done: AtomicBool,
+    waker: futures::task::AtomicWaker,
+}
+
+impl Cut {
+    fn cut(&self) {
+        self.done.store(true, Ordering::SeqCst);
+        self.waker.wake();
+    }
+}
+
+impl<S> Cuttable<S> {
+    fn new(inner: S) -> (Self, Arc<Cut>) {
+        let cut = Arc::new(Cut::default());
+        (
+            Cuttable {
+                inner,
+                cut: cut.clone(),
+            },
+            cut,
+        )
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Cuttable<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.cut.waker.register(cx.waker());
+        if self.cut.done.load(Ordering::SeqCst) {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the SSH handshake did not finish in time",
+            )));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Cuttable<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<E: Engine> Handler<E> {
+    fn context(&self) -> channel::Context<E> {
+        channel::Context {
+            tunnels: self.gw.tunnels.clone(),
+            guard: self.gw.guard.clone(),
+            notifier: self.gw.notifier.clone(),
+            conn: self.conn.clone(),
+        }
+    }
 }
 
 impl<E: Engine> russh::server::Handler for Handler<E> {
@@ -250,6 +352,7 @@ impl<E: Engine> russh::server::Handler for Handler<E> {
 
     async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
         // Authenticated by the token before SSH began.
+        self.authenticated.store(true, Ordering::SeqCst);
         Ok(Auth::Accept)
     }
 
@@ -259,19 +362,13 @@ impl<E: Engine> russh::server::Handler for Handler<E> {
         reply: ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        use std::sync::atomic::Ordering;
         if self.open.fetch_add(1, Ordering::SeqCst) >= MAX_CHANNELS {
             self.open.fetch_sub(1, Ordering::SeqCst);
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
         }
         reply.accept().await;
-        let ctx = channel::Context {
-            tunnels: self.gw.tunnels.clone(),
-            guard: self.gw.guard.clone(),
-            notifier: self.gw.notifier.clone(),
-            conn: self.conn.clone(),
-        };
+        let ctx = self.context();
         let handle = session.handle();
         let open = self.open.clone();
         tokio::spawn(async move {
@@ -283,24 +380,34 @@ impl<E: Engine> russh::server::Handler for Handler<E> {
 
     async fn channel_open_direct_tcpip(
         &mut self,
-        _channel: Channel<Msg>,
+        channel: Channel<Msg>,
         host: &str,
         port: u32,
-        _originator_address: &str,
-        _originator_port: u32,
+        originator_address: &str,
+        originator_port: u32,
         reply: ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
-        tracing::warn!(target: "audit", event = "ssh_forward_refused", connection = %self.conn.connection_id, subject = %self.conn.identity.subject, %host, port, "local port forwarding refused");
-        reply
-            .reject(ChannelOpenFailure::Other {
-                code: 1,
-                reason: format!(
-                    "custody: port forwarding to {host}:{port} is not allowed on {}",
-                    self.conn.resource
-                ),
-            })
-            .await;
+        if self.open.fetch_add(1, Ordering::SeqCst) >= MAX_CHANNELS {
+            self.open.fetch_sub(1, Ordering::SeqCst);
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        }
+        // Judged, and opened on the edge, away from the connection's loop;
+        // the channel is accepted only when both succeed.
+        let ctx = self.context();
+        let handle = session.handle();
+        let open = self.open.clone();
+        let dest = custody_proto::tunnel::v1::SshForward {
+            host: host.to_owned(),
+            port,
+            originator_host: originator_address.to_owned(),
+            originator_port,
+        };
+        tokio::spawn(async move {
+            channel::forward(ctx, channel, handle, reply, dest).await;
+            open.fetch_sub(1, Ordering::SeqCst);
+        });
         Ok(())
     }
 
