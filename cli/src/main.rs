@@ -75,6 +75,10 @@ enum Cmd {
     /// OpenSSH's ProxyCommand: carries SSH to the gateway with your token.
     #[command(name = "ssh-proxy")]
     SshProxy(commands::ssh::ProxyArgs),
+    /// kubectl through the gateway: `custody kube login RESOURCE` writes a
+    /// kubeconfig context; `custody kube credentials` is its exec plugin.
+    #[command(subcommand)]
+    Kube(commands::kube::KubeCmd),
     /// Run a local development system.
     #[command(subcommand)]
     Dev(commands::dev::DevCmd),
@@ -115,6 +119,7 @@ fn main() {
         match cmd {
             Cmd::Exec(_) | Cmd::Ssh(_) => unreachable!("handled above"),
             Cmd::SshProxy(a) => commands::ssh::proxy(a).await,
+            Cmd::Kube(c) => commands::kube::run(c).await,
             Cmd::EdgeToken(c) => commands::edge::token(c).await,
             Cmd::Edge(c) => commands::edge::run(c).await,
             Cmd::Resources { json, cmd: None } => commands::edge::resources(json).await,

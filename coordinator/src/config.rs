@@ -183,6 +183,10 @@ pub struct RawListen {
     /// node, so clients pin one key for the cluster).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_host_key: Option<PathBuf>,
+    /// The Kubernetes gateway (HTTPS, `/k8s/<resource>/…`; kubectl reaches
+    /// it through `custody kube login`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<String>,
     /// Raft address other nodes dial, when it differs from `raft` (NAT, proxies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertise_raft: Option<String>,
@@ -242,6 +246,7 @@ pub struct Config {
     pub postgres_allow_plaintext: bool,
     pub ssh_addr: Option<SocketAddr>,
     pub ssh_host_key: Option<PathBuf>,
+    pub kube_addr: Option<SocketAddr>,
     pub tls: TlsPaths,
     /// Every initial member, this node included.
     pub members: Vec<Member>,
@@ -332,6 +337,12 @@ impl Config {
             .ssh
             .as_deref()
             .map(|a| addr("listen.ssh", a))
+            .transpose()?;
+        let kube_addr = raw
+            .listen
+            .kubernetes
+            .as_deref()
+            .map(|a| addr("listen.kubernetes", a))
             .transpose()?;
         if ssh_addr.is_some() && raw.listen.ssh_host_key.is_none() {
             return Err("listen.ssh needs listen.ssh_host_key (the cluster's SSH host key)".into());
@@ -494,6 +505,7 @@ impl Config {
             postgres_allow_plaintext: raw.listen.postgres_allow_plaintext,
             ssh_addr,
             ssh_host_key: raw.listen.ssh_host_key.as_deref().map(resolve),
+            kube_addr,
             tls: TlsPaths {
                 ca: resolve(&raw.tls.ca),
                 cert: resolve(&raw.tls.cert),

@@ -136,6 +136,7 @@ struct Slot {
     tunnel: String,
     postgres: String,
     ssh: String,
+    kube: String,
     dev_issuer: String,
 }
 
@@ -155,6 +156,7 @@ fn slot(id: u64, region: &str, host: &str) -> anyhow::Result<Slot> {
         tunnel: addr(free_port_tcp_udp(host)?),
         postgres: addr(free_port(host)?),
         ssh: addr(free_port(host)?),
+        kube: addr(free_port(host)?),
         dev_issuer: addr(free_port(host)?),
     })
 }
@@ -245,6 +247,7 @@ fn node_config(
             postgres_allow_plaintext: false,
             ssh: Some(s.ssh.clone()),
             ssh_host_key: Some("ssh-host-key".into()),
+            kubernetes: Some(s.kube.clone()),
             advertise_raft: None,
         },
         tls: RawTls {
@@ -408,6 +411,7 @@ pub fn generate_joiner(
                 tunnel: raw.listen.tunnel,
                 postgres: raw.listen.postgres.unwrap_or_default(),
                 ssh: raw.listen.ssh.unwrap_or_default(),
+                kube: raw.listen.kubernetes.unwrap_or_default(),
                 dev_issuer: String::new(),
             });
         }

@@ -230,6 +230,23 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         _ => (None, String::new()),
     };
 
+    // The Kubernetes gateway.
+    let kube_task = match cfg.kube_addr {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("bind kubernetes address {addr}"))?;
+            let gw = std::sync::Arc::new(crate::kube::KubeGateway::new(
+                tunnels.clone(),
+                guard.clone(),
+                notifier.clone(),
+                tls.kube_server_config().context("kubernetes TLS config")?,
+            ));
+            Some(tokio::spawn(gw.serve(listener)))
+        }
+        None => None,
+    };
+
     let is_member = crate::consensus::transport::member_check(
         node.store().clone(),
         cfg.members.iter().map(|m| m.id).collect(),
@@ -254,7 +271,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         ApiService::new(node.clone(), guard.clone())
             .with_cluster_info(cluster_id.clone(), public_key.clone())
             .with_postgres_addr(cfg.postgres_addr)
-            .with_ssh(cfg.ssh_addr, ssh_public),
+            .with_ssh(cfg.ssh_addr, ssh_public)
+            .with_kube(cfg.kube_addr),
     );
     let auth_svc = AuthServer::new(PolicyService::new(node.clone(), guard.clone()));
     let policy_svc = PolicyServer::new(PolicyService::new(node.clone(), guard.clone()))
@@ -385,6 +403,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         t.abort();
     }
     if let Some(t) = ssh_task {
+        t.abort();
+    }
+    if let Some(t) = kube_task {
         t.abort();
     }
     ticker.abort();

@@ -252,6 +252,17 @@ impl TlsMaterial {
         Ok(cfg)
     }
 
+    /// rustls config for the Kubernetes gateway: server-authenticated TLS,
+    /// HTTP/1.1 (the caller's token rides in each request).
+    pub fn kube_server_config(&self) -> Result<ServerConfig, TlsError> {
+        let mut cfg = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(self.node.clone());
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(cfg)
+    }
+
     /// rustls config for the SSH gateway: server-authenticated TLS, ALPN
     /// `custody-ssh` (the caller presents its token inside).
     pub fn ssh_server_config(&self) -> Result<ServerConfig, TlsError> {

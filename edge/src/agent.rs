@@ -445,6 +445,22 @@ async fn handle_session(
             };
             return crate::ssh::run(ssh, &cfg.data_dir, &open, req, send, recv).await;
         }
+        Some(Connector::Kube(kube)) => {
+            // The request comes once the coordinator has judged it (and,
+            // for a write in strict mode, committed it).
+            let next =
+                tokio::time::timeout(COMMAND_TIMEOUT, read_frame::<t::SessionFrame, _>(&mut recv))
+                    .await;
+            let Ok(Ok(Some(t::SessionFrame {
+                kind: Some(t::session_frame::Kind::KubeRequest(req)),
+            }))) = next
+            else {
+                tracing::info!(session = %open.session_id, "kubernetes session abandoned before its request");
+                let _ = send.reset(3u32.into());
+                return;
+            };
+            return crate::kube::run(kube, &open, req, send, recv).await;
+        }
         None => {
             let msg = format!("resource {:?} is not served by this edge", open.resource);
             let _ = write_frame(&mut send, &error(msg)).await;

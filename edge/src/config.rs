@@ -92,6 +92,59 @@ struct RawResource {
     postgres: Option<PostgresConfig>,
     #[serde(default)]
     ssh: Option<SshConfig>,
+    #[serde(default)]
+    kubernetes: Option<KubeConfig>,
+}
+
+/// Settings of the `kubernetes` connector. The cluster token stays on this
+/// host.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KubeConfig {
+    /// The API server, `https://host:port` (a path prefix is kept).
+    pub server: String,
+    /// The CA that signed the API server's certificate (PEM).
+    pub ca_file: PathBuf,
+    /// A file holding the bearer token (a service account token).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Environment variable holding the bearer token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// Set `Impersonate-User` to the verified caller, so the cluster's RBAC
+    /// and audit log see the real user (the token must be allowed to
+    /// impersonate).
+    #[serde(default)]
+    pub impersonate: bool,
+}
+
+impl std::fmt::Debug for KubeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeConfig")
+            .field("server", &self.server)
+            .field("ca_file", &self.ca_file)
+            .field("token_file", &self.token_file)
+            .field("token_env", &self.token_env)
+            .field("impersonate", &self.impersonate)
+            .finish()
+    }
+}
+
+impl KubeConfig {
+    /// The bearer token, read for each request (rotation needs no restart).
+    pub fn token(&self) -> Result<String, String> {
+        if let Some(var) = &self.token_env {
+            if let Ok(v) = std::env::var(var) {
+                return Ok(v.trim().to_owned());
+            }
+        }
+        match &self.token_file {
+            Some(f) => std::fs::read_to_string(f)
+                .map(|t| t.trim().to_owned())
+                .map_err(|e| format!("read the cluster token {}: {e}", f.display())),
+            None => Err("no cluster token is configured (token_file or token_env)".into()),
+        }
+    }
 }
 
 /// Settings of the `ssh` connector. The key and password stay on this host.
@@ -285,6 +338,7 @@ pub enum Connector {
     Shell(ShellConfig),
     Postgres(PostgresConfig),
     Ssh(SshConfig),
+    Kube(KubeConfig),
 }
 
 /// A validated configuration.
@@ -424,14 +478,33 @@ impl EdgeConfig {
                     Connector::Ssh(ssh)
                 }
                 "kubernetes" => {
-                    return Err(format!(
-                        "resource {}: the {} connector is not available in this version",
-                        r.name, r.kind
-                    ))
+                    let Some(mut kube) = r.kubernetes else {
+                        return Err(format!(
+                            "resource {}: a kubernetes resource needs a [resources.kubernetes] table",
+                            r.name
+                        ));
+                    };
+                    if !kube.server.starts_with("https://") {
+                        return Err(format!(
+                            "resource {}: server must be an https:// URL",
+                            r.name
+                        ));
+                    }
+                    if kube.token_file.is_none() && kube.token_env.is_none() {
+                        return Err(format!(
+                            "resource {}: set token_file or token_env",
+                            r.name
+                        ));
+                    }
+                    kube.ca_file = resolve(&kube.ca_file);
+                    kube.token_file = kube.token_file.as_deref().map(resolve);
+                    crate::dbtls::load_roots(&kube.ca_file)
+                        .map_err(|e| format!("resource {}: {e}", r.name))?;
+                    Connector::Kube(kube)
                 }
                 other => {
                     return Err(format!(
-                        "resource {}: unknown kind {other:?} (expected shell, postgres or ssh)",
+                        "resource {}: unknown kind {other:?} (expected shell, postgres, ssh or kubernetes)",
                         r.name
                     ))
                 }

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod config;
 pub mod dbtls;
 pub mod identity;
+pub mod kube;
 pub mod postgres;
 pub mod shell;
 pub mod ssh;

@@ -68,6 +68,28 @@ impl Verb {
     }
 }
 
+/// Headers a gateway never passes between a client and an API server: the
+/// client's credentials and impersonation, hop-by-hop ones, and
+/// `Accept-Encoding` (responses are read: recorded, secrets masked).
+pub fn dropped_header(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n == "authorization"
+        || n.starts_with("impersonate-")
+        || matches!(
+            n.as_str(),
+            "host"
+                | "connection"
+                | "keep-alive"
+                | "proxy-authorization"
+                | "proxy-connection"
+                | "te"
+                | "trailer"
+                | "transfer-encoding"
+                | "upgrade"
+                | "accept-encoding"
+        )
+}
+
 /// One request, read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KubeRequest {

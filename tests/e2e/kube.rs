@@ -96,3 +96,314 @@ async fn kubectl_works_against_the_test_api_server() {
         && s.path.contains("/configmaps/settings")
         && s.headers.iter().any(|(k, _)| k == "kubectl-command")));
 }
+
+const POLICY: &str = r#"
+roles:
+  admin: { groups: [custody-admins] }
+  auditor: { groups: [auditors] }
+  approver: { groups: [approvers] }
+guardrails:
+  - name: no-secret-reads
+    pattern: '^(get|list|watch) secrets'
+    decision: deny
+  - name: prod-deletes-need-review
+    pattern: '^delete .* -n prod$'
+    decision: require_approval
+    approval: { groups: [approvers], count: 1 }
+rules:
+  - name: engineers-kube
+    identity: { groups: [engineers] }
+    resource: { names: [local-kube] }
+    actions: [connect, "kube:get", "kube:list", "kube:watch", "kube:create", "kube:update", "kube:patch", "kube:delete"]
+    decision: allow
+    guardrails: [no-secret-reads, prod-deletes-need-review]
+  - name: engineers-kube-ops
+    identity: { groups: [engineers] }
+    resource: { names: [ops-kube] }
+    actions: [connect, "kube:get", "kube:list"]
+    decision: allow
+"#;
+
+struct Through {
+    c: crate::harness::TestCluster,
+    api: KubeApi,
+    dir: tempfile::TempDir,
+}
+
+impl Through {
+    fn kubeconfig(&self) -> std::path::PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    /// kubectl with the context `custody kube login` wrote, as `token`.
+    fn kubectl(&self, token: &str, context: &str, args: &[&str]) -> Output {
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(["--context", context])
+            .args(args)
+            .env("CUSTODY_COORDINATOR", self.c.api_urls(&[]))
+            .env("CUSTODY_CA", self.c.ca_path())
+            .env("CUSTODY_TOKEN", token)
+            .env_remove("CUSTODY_TOKEN_FILE")
+            .output()
+            .expect("run kubectl")
+    }
+}
+
+async fn through() -> Through {
+    use custody_cli::dev::{EdgeSpec, GenOptions};
+    let api = KubeApi::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("kube-ca.pem");
+    let token = dir.path().join("kube-token");
+    std::fs::write(&ca, &api.ca_pem).unwrap();
+    std::fs::write(&token, &api.token).unwrap();
+    let (mut c, _) = crate::harness::started(GenOptions::default()).await;
+    c.client(&[])
+        .unwrap()
+        .policy_apply(POLICY, "yaml")
+        .await
+        .unwrap();
+    let resource = |name: &str| {
+        format!(
+            "[[resources]]\nname = \"{name}\"\nkind = \"kubernetes\"\nlabels = {{ env = \"dev\" }}\n[resources.kubernetes]\nserver = \"{}\"\nca_file = \"{}\"\ntoken_file = \"{}\"\n",
+            api.url(),
+            ca.display(),
+            token.display()
+        )
+    };
+    let mut spec = EdgeSpec::shell("e1", "unused");
+    spec.resources_toml = resource("local-kube") + &resource("ops-kube");
+    c.add_edge(&spec).unwrap();
+    c.enroll_edge("e1").await.unwrap();
+    for r in ["local-kube", "ops-kube"] {
+        c.wait_for_resource(r, 3, std::time::Duration::from_secs(20))
+            .await
+            .unwrap();
+    }
+    Through { c, api, dir }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_goes_through_the_gateway_with_evidence_and_guardrails() {
+    use crate::edge::custody;
+    use crate::postgres::{grep_dir, session_events};
+    let t = through().await;
+    let c = &t.c;
+    let alice = c.mint_token("alice").await.unwrap().token;
+    let admin = c.mint_token("admin").await.unwrap().token;
+    let bob = c.mint_token("bob").await.unwrap().token;
+    let kubeconfig = t.kubeconfig().display().to_string();
+    for r in ["local-kube", "ops-kube"] {
+        let out = custody(
+            c,
+            &[],
+            &alice,
+            &["kube", "login", r, "--kubeconfig", &kubeconfig],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+
+    // Reads, with evidence of each request.
+    let out = t.kubectl(&alice, "local-kube", &["get", "pods"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("web-1"), "{}", text(&out.stdout));
+    let out = t.kubectl(&alice, "local-kube", &["get", "pods", "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list["items"][0]["metadata"]["name"], "web-1");
+    let events = session_events(c, &admin, "local-kube");
+    let listed = events
+        .iter()
+        .find(|e| {
+            e["type"] == "kube_request"
+                && e["event"]["verb"] == "list"
+                && e["event"]["resource"] == "pods"
+        })
+        .expect("a recorded list of pods");
+    assert_eq!(listed["event"]["namespace"], "default");
+    assert_eq!(listed["event"]["kubectl_command"], "kubectl get");
+    assert!(events
+        .iter()
+        .any(|e| e["type"] == "kube_response" && e["event"]["status"] == 200));
+    assert!(events.iter().any(|e| e["type"] == "output"
+        && e["event"]["stream"] == "response"
+        && e["event"]["text"].as_str().unwrap_or("").contains("web-1")));
+
+    // Writes: create, patch, delete, each with its body recorded.
+    let manifest = t.dir.path().join("cm.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  mode: fast\n",
+    )
+    .unwrap();
+    let file = manifest.display().to_string();
+    let out = t.kubectl(
+        &alice,
+        "local-kube",
+        &["create", "-f", &file, "--validate=false"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = t.kubectl(
+        &alice,
+        "local-kube",
+        &[
+            "patch",
+            "configmap",
+            "settings",
+            "--type=merge",
+            "-p",
+            r#"{"data":{"mode":"slow"}}"#,
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        t.api.object("configmaps", "default", "settings").unwrap()["data"]["mode"],
+        "slow"
+    );
+    let out = t.kubectl(&alice, "local-kube", &["delete", "configmap", "settings"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(t.api.object("configmaps", "default", "settings").is_none());
+    let events = session_events(c, &admin, "local-kube");
+    assert!(events.iter().any(|e| e["type"] == "output"
+        && e["event"]["stream"] == "request"
+        && e["event"]["text"].as_str().unwrap_or("").contains("slow")));
+    assert!(events
+        .iter()
+        .any(|e| e["type"] == "command"
+            && e["event"]["text"] == "delete configmaps/settings -n default"));
+
+    // A guardrail denies secret reads with a Status naming it.
+    let out = t.kubectl(&alice, "local-kube", &["get", "secrets"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no-secret-reads"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Where secrets may be read, their values are masked for the client
+    // and in the evidence. (Objects are made directly on the API server.)
+    let secret = t.dir.path().join("secret.yaml");
+    std::fs::write(
+        &secret,
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: db\ndata:\n  password: c3VwZXItc2VjcmV0LXZhbHVl\n",
+    )
+    .unwrap();
+    let out = kubectl(
+        &t.api,
+        &[
+            "create",
+            "--validate=false",
+            "-f",
+            &secret.display().to_string(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = t.kubectl(&alice, "ops-kube", &["get", "secret", "db", "-o", "yaml"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("password:"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        !text(&out.stdout).contains("c3VwZXItc2VjcmV0LXZhbHVl"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(session_events(c, &admin, "ops-kube")
+        .iter()
+        .any(|e| e["type"] == "kube_request" && e["event"]["resource"] == "secrets"));
+
+    // A client's impersonation is refused.
+    let out = t.kubectl(&alice, "local-kube", &["get", "pods", "--as=admin"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("impersonation"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A delete in prod is held for approval, then runs once.
+    t.api.object("pods", "default", "web-1").unwrap();
+    let pod = t.dir.path().join("pod.yaml");
+    std::fs::write(
+        &pod,
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: api-1\n  namespace: prod\nspec:\n  containers: [{name: app, image: busybox}]\n",
+    )
+    .unwrap();
+    let out = kubectl(
+        &t.api,
+        &[
+            "create",
+            "--validate=false",
+            "-f",
+            &pod.display().to_string(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = t.kubectl(
+        &alice,
+        "local-kube",
+        &["delete", "pod", "api-1", "-n", "prod"],
+    );
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    let request = stderr
+        .split("approval required: request ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no approval request in {stderr}"))
+        .to_owned();
+    assert!(
+        t.api.object("pods", "prod", "api-1").is_some(),
+        "deleted before approval"
+    );
+    let out = custody(c, &[], &bob, &["approvals", "approve", &request]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = t.kubectl(
+        &alice,
+        "local-kube",
+        &["delete", "pod", "api-1", "-n", "prod"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(t.api.object("pods", "prod", "api-1").is_none());
+
+    // Bad tokens, an unknown resource: Status answers.
+    let node = c.nodes.values().next().unwrap();
+    let cfg: toml::Table = toml::from_str(&std::fs::read_to_string(&node.config).unwrap()).unwrap();
+    let addr = cfg["listen"]["kubernetes"].as_str().unwrap().to_owned();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(c.ca_path()).unwrap()).unwrap();
+    let http = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    let get = |path: &str, token: &str| {
+        http.get(format!("https://{addr}{path}"))
+            .bearer_auth(token)
+            .send()
+    };
+    let r = get("/k8s/local-kube/api/v1/pods", "garbage").await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["kind"], "Status");
+    let r = get("/k8s/no-such/api/v1/pods", &alice).await.unwrap();
+    assert!([403, 404].contains(&r.status().as_u16()), "{}", r.status());
+    let r = get("/elsewhere", &alice).await.unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+
+    // What reached the API server: the edge's token, never the caller's,
+    // and no impersonation.
+    for s in t.api.seen().iter().filter(|s| s.path.contains("/pods")) {
+        let auth = s.headers.iter().find(|(k, _)| k == "authorization");
+        assert_eq!(
+            auth.map(|(_, v)| v.as_str()),
+            Some(format!("Bearer {}", t.api.token).as_str())
+        );
+        assert!(!s.headers.iter().any(|(k, _)| k.starts_with("impersonate-")));
+    }
+    // The cluster token appears nowhere on the coordinators.
+    let hits = grep_dir(&c.dir, t.api.token.as_bytes());
+    assert!(hits.is_empty(), "cluster token found in {hits:?}");
+}

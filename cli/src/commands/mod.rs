@@ -6,6 +6,7 @@ pub mod edge;
 pub mod evidence;
 pub mod exec;
 pub mod export;
+pub mod kube;
 pub mod kv;
 pub mod login;
 pub mod policy;

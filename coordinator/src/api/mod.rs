@@ -106,6 +106,7 @@ pub struct ApiService<E: Engine> {
     postgres_addr: String,
     /// The SSH gateway address and the cluster's host key line.
     ssh: (String, String),
+    kube_addr: String,
 }
 
 impl<E: Engine> ApiService<E> {
@@ -116,7 +117,14 @@ impl<E: Engine> ApiService<E> {
             info: Default::default(),
             postgres_addr: String::new(),
             ssh: Default::default(),
+            kube_addr: String::new(),
         }
+    }
+
+    /// The node's Kubernetes gateway address, reported in `Cluster.Status`.
+    pub fn with_kube(mut self, addr: Option<std::net::SocketAddr>) -> Self {
+        self.kube_addr = addr.map(|a| a.to_string()).unwrap_or_default();
+        self
     }
 
     /// The node's SSH gateway address and the cluster's host key line,
@@ -401,6 +409,7 @@ impl<E: Engine> Cluster for ApiService<E> {
         out.postgres_addr = self.postgres_addr.clone();
         out.ssh_addr = self.ssh.0.clone();
         out.ssh_host_key = self.ssh.1.clone();
+        out.kube_addr = self.kube_addr.clone();
         Ok(Response::new(out))
     }
 

@@ -271,7 +271,7 @@ impl<E: Engine> Sessions for SessionsService<E> {
         let rule = cleared.decision().by.label();
         let resource = cleared.resource().clone();
         let recording = relay::Recording {
-            masker: cleared.output_masker(),
+            masker: relay::masked_by(cleared.output_masker()),
             ..relay::Recording::bytes()
         };
         let cmd_event = ev::CommandEvent {

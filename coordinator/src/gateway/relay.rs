@@ -77,12 +77,37 @@ pub struct Recording {
     /// The stream name the caller's input is recorded under (`stdin`,
     /// `keystrokes`); `None`: not recorded.
     pub input: Option<&'static str>,
-    /// Whether the target's output bytes are recorded.
-    pub output: bool,
+    /// The stream name the target's standard output is recorded under
+    /// (`stdout`, a Kubernetes `response`); `None`: not recorded (nor its
+    /// standard error).
+    pub output: Option<&'static str>,
     pub tap: Option<Box<dyn Tap>>,
     /// Masks the target's output line by line before the evidence and the
-    /// caller see it (a line is held until it ends, or [`MASKED_LINE_MAX`]).
-    pub masker: Option<Masker>,
+    /// caller see it (a line is held until it ends, or the filter's
+    /// [`LineFilter::max_line`]).
+    pub masker: Option<Arc<dyn LineFilter>>,
+}
+
+/// Rewrites whole lines of output (masking).
+pub trait LineFilter: Send + Sync {
+    /// `text` (whole lines, or a run as long as [`LineFilter::max_line`]),
+    /// rewritten.
+    fn filter(&self, text: &[u8]) -> Bytes;
+    /// The longest run held while waiting for a line's end.
+    fn max_line(&self) -> usize {
+        MASKED_LINE_MAX
+    }
+}
+
+impl LineFilter for Masker {
+    fn filter(&self, text: &[u8]) -> Bytes {
+        mask_lines(self, text)
+    }
+}
+
+/// A masking profile as a line filter (none when there is nothing to mask).
+pub fn masked_by(m: Option<Masker>) -> Option<Arc<dyn LineFilter>> {
+    m.map(|m| Arc::new(m) as Arc<dyn LineFilter>)
 }
 
 impl Recording {
@@ -90,7 +115,7 @@ impl Recording {
     pub fn bytes() -> Self {
         Recording {
             input: Some("stdin"),
-            output: true,
+            output: Some("stdout"),
             tap: None,
             masker: None,
         }
@@ -109,24 +134,24 @@ struct LineMask {
 
 impl LineMask {
     /// The whole lines (masked) that `data` completes, if any.
-    fn push(&mut self, m: &Masker, data: &[u8]) -> Option<Bytes> {
+    fn push(&mut self, m: &dyn LineFilter, data: &[u8]) -> Option<Bytes> {
         self.held.extend_from_slice(data);
-        let cut = if self.held.len() >= MASKED_LINE_MAX {
+        let cut = if self.held.len() >= m.max_line() {
             self.held.len()
         } else {
             self.held.iter().rposition(|&b| b == b'\n')? + 1
         };
         let lines: Vec<u8> = self.held.drain(..cut).collect();
-        Some(mask_lines(m, &lines))
+        Some(m.filter(&lines))
     }
 
     /// What is held, masked (at the end of the output).
-    fn flush(&mut self, m: &Masker) -> Option<Bytes> {
+    fn flush(&mut self, m: &dyn LineFilter) -> Option<Bytes> {
         if self.held.is_empty() {
             return None;
         }
         let rest = std::mem::take(&mut self.held);
-        Some(mask_lines(m, &rest))
+        Some(m.filter(&rest))
     }
 }
 
@@ -373,7 +398,7 @@ pub async fn run<T: Send + 'static>(
                 // What masking still holds goes out before the outcome.
                 let mut failed = None;
                 for (i, h) in held.iter_mut().enumerate() {
-                    let Some(m) = masker.as_ref() else { break };
+                    let Some(m) = masker.as_deref() else { break };
                     let Some(b) = h.flush(m) else { continue };
                     if let Err(e) = deliver(&rec, &cap, record_output, i, b, &out, &wrap).await {
                         failed = Some(e);
@@ -413,7 +438,7 @@ pub async fn run<T: Send + 'static>(
         if let Err(e) = record_all(&rec, kinds).await {
             break Err(e);
         }
-        let data = match masker.as_ref() {
+        let data = match masker.as_deref() {
             Some(m) => match held[stream].push(m, &data) {
                 Some(b) => b,
                 None => continue,
@@ -466,18 +491,21 @@ enum Delivery {
 async fn deliver<T>(
     rec: &SessionRecorder,
     cap: &std::sync::Mutex<OutputCap>,
-    record_output: bool,
+    record_output: Option<&'static str>,
     stream: usize,
     data: Bytes,
     out: &mpsc::Sender<T>,
     wrap: &impl Fn(Output) -> T,
 ) -> Result<(), Delivery> {
     let (name, msg) = if stream == 0 {
-        ("stdout", Output::Stdout(data.clone()))
+        (record_output, Output::Stdout(data.clone()))
     } else {
-        ("stderr", Output::Stderr(data.clone()))
+        (
+            record_output.map(|_| "stderr"),
+            Output::Stderr(data.clone()),
+        )
     };
-    if record_output {
+    if let Some(name) = name {
         let kind = cap
             .lock()
             .unwrap_or_else(|e| e.into_inner())

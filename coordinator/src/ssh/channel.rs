@@ -106,31 +106,31 @@ impl Start {
             == Some("true");
         let files = |tap: Box<dyn relay::Tap>| Recording {
             input: contents.then_some("stdin"),
-            output: contents,
+            output: contents.then_some("stdout"),
             tap: Some(tap),
             masker: None,
         };
         match self {
             Start::Shell => Recording {
                 input: strict.then_some(KEYSTROKES),
-                output: true,
+                output: Some("stdout"),
                 tap: None,
                 masker: None,
             },
             Start::Exec(cmd) => match ScpTap::for_command(cmd) {
                 Some(tap) => Recording {
-                    masker: c.output_masker(),
+                    masker: relay::masked_by(c.output_masker()),
                     ..files(Box::new(tap))
                 },
                 None => Recording {
-                    masker: c.output_masker(),
+                    masker: relay::masked_by(c.output_masker()),
                     ..Recording::bytes()
                 },
             },
             Start::Sftp => files(Box::<SftpTap>::default()),
             Start::Forward(_) => Recording {
                 input: None,
-                output: false,
+                output: None,
                 tap: Some(Box::new(TrafficTap {
                     destination: self.text(),
                     to_target: 0,

@@ -1,0 +1,580 @@
+//! The Kubernetes gateway: kubectl and client libraries through Custody.
+//!
+//! Each coordinator serves HTTPS on `listen.kubernetes` (the cluster's TLS)
+//! with one path prefix per resource: `/k8s/<resource>/…`. Every API
+//! request is its own session through the gateway lifecycle: the caller's
+//! bearer token (a Custody access token, which `custody kube credentials`
+//! hands kubectl) decides the identity; the request is read as the API
+//! server would (`proto::kube`) and judged as `kube:<verb>` with its
+//! command text (`delete pods/web-1 -n prod`); then the edge sends it with
+//! the cluster's credentials and the response streams back, recorded up to
+//! the session's cap. Impersonation headers (`kubectl --as`) are refused.
+//! Secret values (`data`, `stringData`) are masked for the client and in
+//! the evidence; so is what the rule's masking profiles match.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt as _, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::http::{HeaderValue, Request, Response, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use custody_proto::evidence::v1 as ev;
+use custody_proto::kube::{classify, dropped_header as dropped, KubeRequest, Verb};
+use custody_proto::tunnel::v1 as t;
+
+use crate::gateway::authorize::{authorize, Ask, Verdict};
+use crate::gateway::relay::{self, ByteSession, Finish, LineFilter, Recording};
+use crate::gateway::{Action, GatewayError, Guard, Kind};
+use crate::storage::Engine;
+use crate::tunnel::session::frame;
+use crate::tunnel::Tunnels;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+const MAX_CONNECTIONS: usize = 4096;
+/// Request heads larger than this close the connection.
+const MAX_HEAD: usize = 64 << 10;
+/// Request bodies (objects) larger than this are refused.
+const MAX_BODY: usize = 16 << 20;
+/// How long the edge may take to answer with the response's head.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Response bytes recorded per request.
+const OUTPUT_CAP: u64 = 16 << 20;
+/// The longest JSON document (one line) masked whole; a secret response
+/// longer than this is refused rather than passed unmasked.
+const SECRET_LINE_MAX: usize = 16 << 20;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// A Kubernetes `Status` answer.
+fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    let body = serde_json::json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code.as_u16(),
+    });
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
+    *r.status_mut() = code;
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    r
+}
+
+/// The one mapping of gateway errors to HTTP, for this front door.
+fn refused(e: &GatewayError) -> Response<Body> {
+    let msg = e.to_string();
+    match e {
+        GatewayError::Invalid(_) => status(StatusCode::BAD_REQUEST, "BadRequest", &msg),
+        GatewayError::Denied(_) => status(StatusCode::FORBIDDEN, "Forbidden", &msg),
+        GatewayError::NotFound(_) => status(StatusCode::NOT_FOUND, "NotFound", &msg),
+        GatewayError::Precondition(_) => status(StatusCode::CONFLICT, "Conflict", &msg),
+        GatewayError::NoEdge(_) | GatewayError::Unavailable(_) | GatewayError::Node(_) => {
+            status(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &msg)
+        }
+        GatewayError::Storage(_) => {
+            status(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", &msg)
+        }
+    }
+}
+
+/// Masks the values of a Secret's `data` and `stringData` in one JSON
+/// document (an object, a list's items, or a watch event's object).
+fn mask_secret_doc(v: &mut serde_json::Value) {
+    fn secret(o: &mut serde_json::Value) {
+        for field in ["data", "stringData"] {
+            if let Some(map) = o.get_mut(field).and_then(|d| d.as_object_mut()) {
+                for val in map.values_mut() {
+                    *val = serde_json::Value::String(crate::policy::mask::MASKED.into());
+                }
+            }
+        }
+    }
+    secret(v);
+    if let Some(items) = v.get_mut("items").and_then(|i| i.as_array_mut()) {
+        items.iter_mut().for_each(secret);
+    }
+    if let Some(obj) = v.get_mut("object") {
+        secret(obj);
+    }
+}
+
+/// Secret values masked, line by line (a response or a watch event per
+/// line). What does not read as JSON is withheld, never passed unmasked.
+struct SecretMask;
+
+impl LineFilter for SecretMask {
+    fn filter(&self, text: &[u8]) -> Bytes {
+        let mut out = Vec::with_capacity(text.len());
+        for line in text.split_inclusive(|&b| b == b'\n') {
+            let body = line.strip_suffix(b"\n").unwrap_or(line);
+            if body.iter().all(u8::is_ascii_whitespace) {
+                out.extend_from_slice(line);
+                continue;
+            }
+            match serde_json::from_slice::<serde_json::Value>(body) {
+                Ok(mut v) => {
+                    mask_secret_doc(&mut v);
+                    out.extend_from_slice(v.to_string().as_bytes());
+                    if line.ends_with(b"\n") {
+                        out.push(b'\n');
+                    }
+                }
+                Err(_) => out.extend_from_slice(b"{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"status\":\"Failure\",\"message\":\"custody: a secret response that cannot be read as JSON is withheld\",\"code\":502}\n"),
+            }
+        }
+        Bytes::from(out)
+    }
+
+    fn max_line(&self) -> usize {
+        SECRET_LINE_MAX
+    }
+}
+
+/// The header's value, as text.
+fn header<'a>(req: &'a Request<Incoming>, name: &str) -> &'a str {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+}
+
+pub struct KubeGateway<E: Engine> {
+    tunnels: Arc<Tunnels<E>>,
+    guard: Arc<Guard>,
+    notifier: crate::notify::Notifier,
+    tls: tokio_rustls::TlsAcceptor,
+}
+
+impl<E: Engine> KubeGateway<E> {
+    pub fn new(
+        tunnels: Arc<Tunnels<E>>,
+        guard: Arc<Guard>,
+        notifier: crate::notify::Notifier,
+        tls: rustls::ServerConfig,
+    ) -> Self {
+        Self {
+            tunnels,
+            guard,
+            notifier,
+            tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+        }
+    }
+
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        crate::gateway::listen::serve(listener, "kubernetes", MAX_CONNECTIONS, move |tcp, peer| {
+            let gw = self.clone();
+            async move { gw.connection(tcp, peer).await }
+        })
+        .await
+    }
+
+    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.tls.accept(tcp)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::info!(%peer, error = %e, "kubernetes TLS handshake failed");
+                return;
+            }
+            Err(_) => return,
+        };
+        let gw = self.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let gw = gw.clone();
+            async move { Ok::<_, Infallible>(gw.request(req, peer).await) }
+        });
+        let served = hyper::server::conn::http1::Builder::new()
+            .max_buf_size(MAX_HEAD)
+            .header_read_timeout(HANDSHAKE_TIMEOUT)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+            .await;
+        if let Err(e) = served {
+            tracing::info!(%peer, error = %e, "kubernetes connection ended");
+        }
+    }
+
+    async fn request(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let path = req.uri().path().to_owned();
+        let query = req.uri().query().unwrap_or_default().to_owned();
+        let Some((resource, rest)) = path
+            .strip_prefix("/k8s/")
+            .and_then(|p| p.split_once('/').or(Some((p, ""))))
+            .filter(|(r, _)| !r.is_empty())
+        else {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "Custody serves Kubernetes resources at /k8s/<resource>/ (custody kube login RESOURCE)",
+            );
+        };
+        let (resource, rest) = (resource.to_owned(), format!("/{rest}"));
+        let node = &self.tunnels.node;
+        let token = header(&req, "authorization")
+            .strip_prefix("Bearer ")
+            .map(str::trim);
+        let (identity, token_expires_at) = match self
+            .guard
+            .verify_token_until(node, token, "kube.request", Some(peer))
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                return status(
+                    StatusCode::UNAUTHORIZED,
+                    "Unauthorized",
+                    &format!("the access token was refused: {e}"),
+                )
+            }
+        };
+        if req
+            .headers()
+            .keys()
+            .any(|k| k.as_str().starts_with("impersonate-"))
+        {
+            tracing::warn!(target: "audit", event = "kube_impersonation_refused", subject = %identity.subject, %resource);
+            return status(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                "impersonation (kubectl --as) is refused by Custody: the cluster acts as the identity Custody verified",
+            );
+        }
+        let method = req.method().as_str().to_owned();
+        let kreq = match classify(&method, &rest, &query) {
+            Ok(k) => k,
+            Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+        };
+        if matches!(
+            kreq.verb,
+            Verb::Exec | Verb::Attach | Verb::PortForward | Verb::Proxy
+        ) || !header(&req, "upgrade").is_empty()
+        {
+            return status(
+                StatusCode::NOT_IMPLEMENTED,
+                "NotImplemented",
+                &format!(
+                    "custody does not carry {} yet (streams that upgrade the connection)",
+                    kreq.verb.as_str()
+                ),
+            );
+        }
+        let text = kreq.command_text();
+        let cleared = match self.clear(&identity, &resource, &kreq, &text).await {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        let head = t::KubeRequest {
+            method: method.clone(),
+            path_and_query: req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str()[("/k8s/".len() + resource.len())..].to_owned())
+                .unwrap_or_default(),
+            headers: req
+                .headers()
+                .iter()
+                .filter(|(n, _)| !dropped(n.as_str()))
+                .map(|(n, v)| t::HttpHeader {
+                    name: n.to_string(),
+                    value: v.as_bytes().to_vec().into(),
+                })
+                .collect(),
+        };
+        let event = ev::KubeRequest {
+            verb: kreq.verb.as_str().into(),
+            group: kreq.group.clone(),
+            version: kreq.version.clone(),
+            resource: kreq.resource.clone(),
+            subresource: kreq.subresource.clone(),
+            namespace: kreq.namespace.clone(),
+            name: kreq.name.clone(),
+            method,
+            path: head.path_and_query.clone(),
+            kubectl_command: header(&req, "kubectl-command").into(),
+            kubectl_session: header(&req, "kubectl-session").into(),
+            content_type: header(&req, "content-type").into(),
+        };
+        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                return status(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "RequestEntityTooLarge",
+                    &format!("the request body could not be read (at most {MAX_BODY} bytes): {e}"),
+                )
+            }
+        };
+        let secret = kreq.resource == "secrets" && kreq.group.is_empty();
+        let masker = cleared.output_masker();
+        let filter: Option<Arc<dyn LineFilter>> = if secret {
+            Some(Arc::new(SecretMask))
+        } else {
+            masker.clone().map(|m| Arc::new(m) as Arc<dyn LineFilter>)
+        };
+        let mut first_events = vec![
+            ev::event::Kind::KubeRequest(event),
+            ev::event::Kind::Command(ev::CommandEvent {
+                text: text.clone(),
+                argv: vec![],
+                params: vec![],
+                verb: Action::Kube(kreq.verb).as_str().into(),
+            }),
+        ];
+        if !body.is_empty() {
+            let recorded = match &filter {
+                Some(f) => f.filter(&body),
+                None => body.clone(),
+            };
+            first_events.push(ev::event::Kind::Output(ev::Output {
+                stream: "request".into(),
+                data: recorded.slice(..recorded.len().min(OUTPUT_CAP as usize)),
+                truncated: recorded.len() as u64 > OUTPUT_CAP,
+                continued: false,
+            }));
+        }
+        let opened = crate::gateway::open::open(
+            &self.tunnels,
+            cleared,
+            crate::gateway::open::Opening {
+                token_expires_at,
+                client_addr: Some(peer),
+                via: "kube",
+                command: text.clone(),
+                judged_command: Some(text.clone()),
+                first_events,
+            },
+        )
+        .await;
+        let opened = match opened {
+            Ok(o) => o,
+            Err(e) => return refused(&e),
+        };
+        let grant_until = opened.grant_until();
+        let crate::gateway::open::Opened {
+            session_id,
+            routed,
+            rec,
+            live,
+            ..
+        } = opened;
+        let rec = Arc::new(rec);
+        let mut channel = routed.channel;
+        let mut frames = vec![frame(t::session_frame::Kind::KubeRequest(head))];
+        for chunk in body.chunks(64 << 10) {
+            frames.push(frame(t::session_frame::Kind::Data(t::Data {
+                channel: t::Channel::Stdin as i32,
+                data: Bytes::copy_from_slice(chunk),
+            })));
+        }
+        frames.push(frame(t::session_frame::Kind::Eof(t::Eof {})));
+        for f in frames {
+            if channel.tx.send(f).await.is_err() {
+                relay::abandon(&rec, "the edge stream closed before the request").await;
+                return status(
+                    StatusCode::BAD_GATEWAY,
+                    "InternalError",
+                    "the edge stream closed before the request",
+                );
+            }
+        }
+        let answer = tokio::time::timeout(RESPONSE_TIMEOUT, channel.rx.recv()).await;
+        let response = match answer {
+            Ok(Some(t::SessionFrame {
+                kind: Some(t::session_frame::Kind::KubeResponse(r)),
+            })) => r,
+            Ok(Some(t::SessionFrame {
+                kind: Some(t::session_frame::Kind::Error(e)),
+            })) => {
+                let outcome = ev::Outcome {
+                    exit_code: -1,
+                    error: e.clone(),
+                    ..Default::default()
+                };
+                let _ = rec.record(ev::event::Kind::Outcome(outcome)).await;
+                relay::abandon(&rec, &e).await;
+                return status(StatusCode::BAD_GATEWAY, "InternalError", &e);
+            }
+            _ => {
+                relay::abandon(&rec, "the edge did not answer the request").await;
+                return status(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "Timeout",
+                    "the edge did not answer the request in time",
+                );
+            }
+        };
+        let code = StatusCode::from_u16(response.status as u16).unwrap_or(StatusCode::BAD_GATEWAY);
+        let content_type = response
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("content-type"))
+            .map(|h| String::from_utf8_lossy(&h.value).into_owned())
+            .unwrap_or_default();
+        if let Err(e) = rec
+            .record(ev::event::Kind::KubeResponse(ev::KubeResponse {
+                status: response.status,
+                content_type: content_type.clone(),
+            }))
+            .await
+        {
+            relay::abandon(&rec, &e.to_string()).await;
+            return status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                &e.to_string(),
+            );
+        }
+        // A secret that arrives as protobuf cannot be masked: withheld.
+        if secret && !content_type.is_empty() && !content_type.contains("json") {
+            relay::abandon(&rec, "a secret response that is not JSON was withheld").await;
+            return status(
+                StatusCode::NOT_ACCEPTABLE,
+                "NotAcceptable",
+                "custody masks secrets in JSON responses only; ask for application/json",
+            );
+        }
+        tracing::info!(target: "audit", event = "session_opened", session = %session_id, subject = %identity.subject, %resource, edge = %routed.edge.name, verb = kreq.verb.as_str(), status = response.status);
+        let (in_tx, in_rx) = mpsc::channel(1);
+        drop(in_tx);
+        let (out_tx, out_rx) = mpsc::channel::<Bytes>(crate::tunnel::session::CHANNEL_FRAMES);
+        let session = ByteSession {
+            rec,
+            live,
+            channel,
+            grant_until,
+            output_cap: OUTPUT_CAP,
+            recording: Recording {
+                input: None,
+                output: Some("response"),
+                tap: None,
+                masker: filter,
+            },
+        };
+        tokio::spawn(async move {
+            let finish = relay::run(session, in_rx, out_tx, |o| match o {
+                relay::Output::Stdout(b) | relay::Output::Stderr(b) => b,
+            })
+            .await;
+            if !matches!(finish, Finish::Exited { .. }) {
+                tracing::info!(target: "audit", event = "session_closed", session = %session_id, finish = ?finish);
+            }
+        });
+        let stream = futures::stream::unfold(out_rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        });
+        let mut r = Response::new(StreamBody::new(stream).boxed());
+        *r.status_mut() = code;
+        for h in &response.headers {
+            if dropped(&h.name) || h.name.eq_ignore_ascii_case("content-length") {
+                continue;
+            }
+            if let (Ok(n), Ok(v)) = (
+                hyper::http::HeaderName::from_bytes(h.name.as_bytes()),
+                HeaderValue::from_bytes(&h.value),
+            ) {
+                r.headers_mut().append(n, v);
+            }
+        }
+        r
+    }
+
+    /// Judges the request; one that needs an approval is answered 403 with
+    /// the request to approve, and runs once when retried after approval.
+    async fn clear(
+        &self,
+        identity: &crate::auth::Identity,
+        resource: &str,
+        kreq: &KubeRequest,
+        text: &str,
+    ) -> Result<crate::gateway::authorize::Cleared, Response<Body>> {
+        use crate::state::approvals::{self, approval_get, effective_status};
+        let node = &self.tunnels.node;
+        let action = Action::Kube(kreq.verb);
+        let ask = |request_id| Ask {
+            identity,
+            resource,
+            kind: Kind::Kubernetes,
+            action,
+            command: Some(text),
+            request_id,
+        };
+        let (c, doc) = match authorize(node, &self.guard, ask(0)).await {
+            Ok(Verdict::Cleared(c)) => return Ok(c),
+            Ok(Verdict::NeedsApproval(c, doc)) => (c, doc),
+            Err(e) => {
+                tracing::warn!(target: "audit", event = "kube_denied", subject = %identity.subject, %resource, verb = kreq.verb.as_str(), reason = %e);
+                return Err(refused(&e));
+            }
+        };
+        let request = crate::gateway::session::command_request(
+            node,
+            &self.notifier,
+            crate::gateway::session::HeldCommand {
+                identity,
+                resource,
+                action,
+                shown: text.to_owned(),
+                digest: crate::gateway::session::command_digest(text),
+                rule: c.decision().by.label(),
+                doc: &doc,
+                via: "kube",
+            },
+        )
+        .await
+        .map_err(|e| status(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &e))?;
+        let approved = approval_get(node.store(), request)
+            .ok()
+            .flatten()
+            .is_some_and(|r| {
+                effective_status(&r, crate::consensus::node::now_ms()) == approvals::APPROVED
+            });
+        if approved {
+            match authorize(node, &self.guard, ask(request)).await {
+                Ok(Verdict::Cleared(c)) => return Ok(c),
+                Ok(Verdict::NeedsApproval(..)) => {}
+                Err(e) => return Err(refused(&e)),
+            }
+        }
+        Err(status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &format!(
+                "approval required: request {request} ({}); once approved (custody approvals approve {request}), run the same command again",
+                c.decision().reason
+            ),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_values_are_masked_in_objects_lists_and_watch_events() {
+        let m = SecretMask;
+        let obj = br#"{"kind":"Secret","data":{"password":"c2VjcmV0"},"stringData":{"k":"v"}}"#;
+        let out = String::from_utf8(m.filter(obj).to_vec()).unwrap();
+        assert!(!out.contains("c2VjcmV0") && !out.contains("\"v\""), "{out}");
+        assert!(out.contains("****"), "{out}");
+        let list =
+            br#"{"kind":"SecretList","items":[{"data":{"a":"eA=="}},{"data":{"b":"eQ=="}}]}"#;
+        let out = String::from_utf8(m.filter(list).to_vec()).unwrap();
+        assert!(!out.contains("eA==") && !out.contains("eQ=="), "{out}");
+        let events = b"{\"type\":\"ADDED\",\"object\":{\"data\":{\"a\":\"eA==\"}}}\n{\"type\":\"MODIFIED\",\"object\":{\"data\":{\"a\":\"eQ==\"}}}\n";
+        let out = String::from_utf8(m.filter(events).to_vec()).unwrap();
+        assert_eq!(out.lines().count(), 2);
+        assert!(!out.contains("eA==") && !out.contains("eQ=="), "{out}");
+        // What is not JSON is withheld.
+        let out = String::from_utf8(m.filter(b"not json c2VjcmV0\n").to_vec()).unwrap();
+        assert!(
+            !out.contains("c2VjcmV0") && out.contains("withheld"),
+            "{out}"
+        );
+    }
+}
