@@ -97,6 +97,25 @@ async fn kubectl_works_against_the_test_api_server() {
         && s.headers.iter().any(|(k, _)| k == "kubectl-command")));
 }
 
+/// Reads `out` on a thread; the receiver gets `()` once `needle` appeared.
+fn read_until(
+    out: impl std::io::Read + Send + 'static,
+    needle: &'static str,
+) -> std::sync::mpsc::Receiver<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { return };
+            if line.contains(needle) {
+                let _ = tx.send(());
+                return;
+            }
+        }
+    });
+    rx
+}
+
 const POLICY: &str = r#"
 roles:
   admin: { groups: [custody-admins] }
@@ -114,7 +133,7 @@ rules:
   - name: engineers-kube
     identity: { groups: [engineers] }
     resource: { names: [local-kube] }
-    actions: [connect, "kube:get", "kube:list", "kube:watch", "kube:create", "kube:update", "kube:patch", "kube:delete"]
+    actions: [connect, "kube:get", "kube:list", "kube:watch", "kube:create", "kube:update", "kube:patch", "kube:delete", "kube:logs"]
     decision: allow
     guardrails: [no-secret-reads, prod-deletes-need-review]
   - name: engineers-kube-ops
@@ -273,6 +292,79 @@ async fn kubectl_goes_through_the_gateway_with_evidence_and_guardrails() {
         .iter()
         .any(|e| e["type"] == "command"
             && e["event"]["text"] == "delete configmaps/settings -n default"));
+
+    // Streams: a watch sees a pod created meanwhile; logs, and logs -f as
+    // the server produces them.
+    let mut watch = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(t.kubeconfig())
+        .args(["--context", "local-kube", "get", "pods", "-w", "-o", "name"])
+        .env("CUSTODY_COORDINATOR", c.api_urls(&[]))
+        .env("CUSTODY_CA", c.ca_path())
+        .env("CUSTODY_TOKEN", &alice)
+        .env_remove("CUSTODY_TOKEN_FILE")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let watched = read_until(watch.stdout.take().unwrap(), "pod/web-2");
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let web2 = t.dir.path().join("web-2.yaml");
+    std::fs::write(
+        &web2,
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-2\nspec:\n  containers: [{name: app, image: busybox}]\n",
+    )
+    .unwrap();
+    let out = t.kubectl(
+        &alice,
+        "local-kube",
+        &[
+            "create",
+            "--validate=false",
+            "-f",
+            &web2.display().to_string(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let seen = tokio::task::spawn_blocking(move || {
+        watched.recv_timeout(std::time::Duration::from_secs(20))
+    })
+    .await
+    .unwrap();
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(seen.is_ok(), "the watch did not show the new pod");
+    let out = t.kubectl(&alice, "local-kube", &["logs", "web-1"]);
+    assert_eq!(
+        text(&out.stdout),
+        "line 1\nline 2\nline 3\n",
+        "{}",
+        text(&out.stderr)
+    );
+    let mut follow = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(t.kubeconfig())
+        .args(["--context", "local-kube", "logs", "-f", "web-1"])
+        .env("CUSTODY_COORDINATOR", c.api_urls(&[]))
+        .env("CUSTODY_CA", c.ca_path())
+        .env("CUSTODY_TOKEN", &alice)
+        .env_remove("CUSTODY_TOKEN_FILE")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let followed = read_until(follow.stdout.take().unwrap(), "line 6");
+    let streamed = tokio::task::spawn_blocking(move || {
+        followed.recv_timeout(std::time::Duration::from_secs(20))
+    })
+    .await
+    .unwrap();
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(streamed.is_ok(), "logs -f did not stream");
+    assert!(session_events(c, &admin, "local-kube")
+        .iter()
+        .any(|e| e["type"] == "kube_request" && e["event"]["verb"] == "watch"));
 
     // A guardrail denies secret reads with a Status naming it.
     let out = t.kubectl(&alice, "local-kube", &["get", "secrets"]);

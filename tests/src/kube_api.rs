@@ -7,8 +7,12 @@
 //! SelfSubjectAccessReview. Every request's method, path and headers are
 //! logged, so tests can check what the gateway sent on.
 //!
-//! Not served yet: watch, logs, exec, protobuf bodies, openapi (kubectl
-//! needs `--validate=false` for writes).
+//! Watches stream an event per line as objects change (`kubectl get -w`);
+//! a pod's log is `line 1`, `line 2`, … and with `follow=true` a new line
+//! comes every 200 ms until the client goes away.
+//!
+//! Not served yet: exec, protobuf bodies, openapi (kubectl needs
+//! `--validate=false` for writes).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -39,6 +43,8 @@ struct Store {
 struct Api {
     store: Arc<Mutex<Store>>,
     token: String,
+    /// (resource, namespace, watch event) for every change.
+    events: tokio::sync::broadcast::Sender<(String, String, Value)>,
 }
 
 /// A running test API server (HTTPS: kubectl sends bearer tokens over TLS
@@ -189,6 +195,7 @@ impl KubeApi {
         let api = Api {
             store: store.clone(),
             token: token.clone(),
+            events: tokio::sync::broadcast::channel(1024).0,
         };
         for ns in ["default", "prod"] {
             api.insert("namespaces", "", json!({"metadata": {"name": ns}}));
@@ -292,7 +299,16 @@ impl Api {
         }
         s.objects
             .insert((resource.into(), namespace.into(), name), obj.clone());
+        self.changed(resource, namespace, "ADDED", &obj);
         obj
+    }
+
+    fn changed(&self, resource: &str, namespace: &str, kind: &str, obj: &Value) {
+        let _ = self.events.send((
+            resource.into(),
+            namespace.into(),
+            json!({"type": kind, "object": obj}),
+        ));
     }
 }
 
@@ -342,11 +358,32 @@ async fn handle(State(api): State<Api>, req: Request) -> Response {
     route(&api, &method, &path, &query, &headers, body)
 }
 
+/// A streamed response: one line per item, as it comes.
+fn streamed(
+    lines: impl futures::Stream<Item = String> + Send + 'static,
+    content_type: &str,
+) -> Response {
+    use futures::StreamExt as _;
+    let body = axum::body::Body::from_stream(lines.map(Ok::<_, std::convert::Infallible>));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", content_type)
+        .body(body)
+        .unwrap()
+}
+
+/// Whether the query sets `key` to true.
+fn flag(query: &str, key: &str) -> bool {
+    query
+        .split('&')
+        .any(|p| p == format!("{key}=true") || p == format!("{key}=1"))
+}
+
 fn route(
     api: &Api,
     method: &Method,
     path: &str,
-    _query: &str,
+    query: &str,
     headers: &HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -381,7 +418,66 @@ fn route(
                 json!({"allowed": true, "reason": "the test server allows everything"});
             (StatusCode::CREATED, axum::Json(review)).into_response()
         }
+        ["api", "v1", "namespaces", ns, "pods", name, "log"] if method == Method::GET => {
+            if api.object_exists("pods", ns, name).is_none() {
+                return status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("pods {name:?} not found"),
+                );
+            }
+            let first = futures::stream::iter((1..=3).map(|i| format!("line {i}\n")));
+            if !flag(query, "follow") {
+                return streamed(first, "text/plain");
+            }
+            let more = futures::stream::unfold(4u64, |i| async move {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                Some((format!("line {i}\n"), i + 1))
+            });
+            use futures::StreamExt as _;
+            streamed(first.chain(more), "text/plain")
+        }
+        _ if method == Method::GET && flag(query, "watch") => watch(api, &parts),
         _ => objects(api, method, &parts, headers, body),
+    }
+}
+
+/// A watch on a collection: each change after it began, a JSON line each.
+fn watch(api: &Api, parts: &[&str]) -> Response {
+    let (resource, namespace) = match parts {
+        ["api", "v1", "namespaces", ns, r] | ["apis", _, "v1", "namespaces", ns, r] => (*r, *ns),
+        ["api", "v1", r] | ["apis", _, "v1", r] => (*r, ""),
+        _ => return status(StatusCode::NOT_FOUND, "NotFound", "not a collection".into()),
+    };
+    let (resource, namespace) = (resource.to_owned(), namespace.to_owned());
+    let rx = api.events.subscribe();
+    let lines = futures::stream::unfold(rx, move |mut rx| {
+        let (resource, namespace) = (resource.clone(), namespace.clone());
+        async move {
+            loop {
+                match rx.recv().await {
+                    Ok((r, ns, ev))
+                        if r == resource && (namespace.is_empty() || ns == namespace) =>
+                    {
+                        return Some((format!("{ev}\n"), rx))
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return None,
+                }
+            }
+        }
+    });
+    streamed(lines, "application/json")
+}
+
+impl Api {
+    fn object_exists(&self, resource: &str, namespace: &str, name: &str) -> Option<()> {
+        self.store
+            .lock()
+            .unwrap()
+            .objects
+            .contains_key(&(resource.into(), namespace.into(), name.into()))
+            .then_some(())
     }
 }
 
@@ -515,12 +611,20 @@ fn objects(
             s.version += 1;
             current["metadata"]["resourceVersion"] = s.version.to_string().into();
             s.objects.insert(key, current.clone());
+            drop(s);
+            api.changed(resource, namespace, "MODIFIED", &current);
             json_ok(StatusCode::OK, current)
         }
-        (Method::DELETE, false) => match api.store.lock().unwrap().objects.remove(&key) {
-            Some(v) => json_ok(StatusCode::OK, v),
-            None => not_found(),
-        },
+        (Method::DELETE, false) => {
+            let removed = api.store.lock().unwrap().objects.remove(&key);
+            match removed {
+                Some(v) => {
+                    api.changed(resource, namespace, "DELETED", &v);
+                    json_ok(StatusCode::OK, v)
+                }
+                None => not_found(),
+            }
+        }
         _ => status(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
