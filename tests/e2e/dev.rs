@@ -183,6 +183,44 @@ fn dev_up_detach_writes_dev_json_and_dev_down_stops_everything() {
     let pg_data = std::path::PathBuf::from(pg["data_dir"].as_str().unwrap());
     assert!(pg_data.join("postmaster.pid").exists());
 
+    // The demo Kubernetes API (the tests' server): kubectl through the
+    // gateway with the context `custody kube login` writes.
+    let kube = &dev["kube"];
+    assert_eq!(kube["resource"], "local-kube", "{dev}");
+    let kube_pid = kube["pid"].as_u64().unwrap();
+    assert!(alive(kube_pid));
+    pids.push(kube_pid);
+    let kubeconfig = tmp.path().join("kubeconfig");
+    let kc = kubeconfig.display().to_string();
+    let out = custody(
+        &bins,
+        &["kube", "login", "local-kube", "--kubeconfig", &kc],
+        &alice,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("kubectl")
+        .args([
+            "--kubeconfig",
+            &kc,
+            "--context",
+            "local-kube",
+            "get",
+            "pods",
+        ])
+        .envs(alice.iter().copied())
+        .env_remove("CUSTODY_TOKEN_FILE")
+        .output()
+        .expect("run kubectl");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("web-1"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let out = custody(&bins, &["kv", "put", "greeting", "hello"], &env);
     assert!(
         out.status.success(),

@@ -17,6 +17,8 @@ const DEV_RESOURCE: &str = "local-shell";
 /// The demo PostgreSQL resource (when PostgreSQL server binaries are installed).
 const DEV_PG_RESOURCE: &str = "local-postgres";
 const DEV_SSH_RESOURCE: &str = "local-ssh";
+/// The demo Kubernetes resource (when the tests' API server is built).
+const DEV_KUBE_RESOURCE: &str = "local-kube";
 
 /// The demo schema: customers with PII that the demo policy masks.
 const DEMO_SCHEMA: &str = "
@@ -64,11 +66,59 @@ pub struct DevJson {
     pub postgres: Option<DevPostgres>,
     /// The demo SSH host, when the OpenSSH server is installed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ssh: Option<DevSsh>,
+    pub ssh: Option<DevService>,
+    /// The demo Kubernetes API (the tests' API server), when it is built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kube: Option<DevService>,
+}
+
+/// Starts the tests' Kubernetes API server (`custody-kube-test-server`,
+/// next to the custody binary) in `dir/kube`; its TOML resource and pid.
+fn dev_kube(dir: &Path, custody: &Path) -> Option<(String, u32)> {
+    let bin = custody.with_file_name("custody-kube-test-server");
+    if !bin.exists() {
+        eprintln!(
+            "skipping the {DEV_KUBE_RESOURCE} resource: {} is not built",
+            bin.display()
+        );
+        return None;
+    }
+    let kdir = dir.join("kube");
+    let _ = std::fs::remove_file(kdir.join("kube.json"));
+    let log = std::fs::File::create(dir.join("kube-api.log")).ok()?;
+    let child = std::process::Command::new(&bin)
+        .arg("--dir")
+        .arg(&kdir)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().ok()?)
+        .stderr(log)
+        .spawn()
+        .inspect_err(|e| eprintln!("skipping the {DEV_KUBE_RESOURCE} resource: {e}"))
+        .ok()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let info: serde_json::Value = loop {
+        if let Ok(text) = std::fs::read_to_string(kdir.join("kube.json")) {
+            if let Ok(v) = serde_json::from_str(&text) {
+                break v;
+            }
+        }
+        if Instant::now() > deadline {
+            eprintln!("skipping the {DEV_KUBE_RESOURCE} resource: the API server did not start");
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let toml = format!(
+        "[[resources]]\nname = \"{DEV_KUBE_RESOURCE}\"\nkind = \"kubernetes\"\nlabels = {{ env = \"dev\" }}\n[resources.kubernetes]\nserver = \"{}\"\nca_file = \"{}\"\ntoken_file = \"{}\"\n",
+        info["url"].as_str().unwrap_or_default(),
+        kdir.join("kube-ca.pem").display(),
+        kdir.join("kube-token").display(),
+    );
+    Some((toml, child.id()))
 }
 
 #[derive(Serialize, Deserialize)]
-pub struct DevSsh {
+pub struct DevService {
     pub resource: String,
     pub hint: String,
     /// The private sshd (stopped by `dev down`).
@@ -202,6 +252,10 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
         spec.resources_toml
             .push_str(&s.resource_toml(DEV_SSH_RESOURCE, "env = \"dev\""));
     }
+    let kube = dev_kube(&dir, &cluster.bins.custody);
+    if let Some((toml, _)) = &kube {
+        spec.resources_toml.push_str(toml);
+    }
     cluster.add_edge(&spec)?;
     if dir
         .join(format!("edge-{DEV_EDGE}"))
@@ -271,10 +325,17 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
             ),
             data_dir: pg.dir.join("data").display().to_string(),
         }),
-        ssh: sshd.as_ref().map(|s| DevSsh {
+        ssh: sshd.as_ref().map(|s| DevService {
             resource: DEV_SSH_RESOURCE.into(),
             hint: format!("custody ssh {DEV_SSH_RESOURCE} -- uname -a"),
             pid: s.pid().unwrap_or(0),
+        }),
+        kube: kube.as_ref().map(|(_, pid)| DevService {
+            resource: DEV_KUBE_RESOURCE.into(),
+            hint: format!(
+                "custody kube login {DEV_KUBE_RESOURCE} && kubectl --context {DEV_KUBE_RESOURCE} get pods"
+            ),
+            pid: *pid,
         }),
     };
     let path = dir.join("dev.json");
@@ -315,6 +376,9 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
             s.hint, s.resource
         );
     }
+    if let Some(k) = &dev.kube {
+        println!("  {}   # the tests' API server, not a real cluster", k.hint);
+    }
     println!("  custody cluster status");
     println!("  custody policy show");
     if detach {
@@ -337,6 +401,9 @@ async fn up(dir: &Path, nodes: u64, regions: &[String], detach: bool) -> anyhow:
     }
     if let Some(s) = sshd.as_mut() {
         s.stop();
+    }
+    if let Some((_, pid)) = &kube {
+        signal(*pid, "TERM");
     }
     let _ = std::fs::remove_file(&path);
     Ok(())
@@ -361,6 +428,7 @@ fn down(dir: &Path) -> anyhow::Result<()> {
         .map(|c| c.pid)
         .chain(dev.edges.iter().map(|e| e.pid))
         .chain(dev.ssh.iter().map(|s| s.pid))
+        .chain(dev.kube.iter().map(|k| k.pid))
         .filter(|p| *p != 0)
         .collect();
     for p in &pids {
