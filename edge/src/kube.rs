@@ -20,6 +20,8 @@ use custody_proto::tunnel::v1 as t;
 use crate::config::KubeConfig;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the API server may take to answer with a response's head.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The largest request body taken (bodies are objects, not streams).
 const MAX_BODY: usize = 16 << 20;
 /// Response bytes per data frame.
@@ -106,9 +108,9 @@ async fn send_request(
     let request = b
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
-    sender
-        .send_request(request)
+    tokio::time::timeout(RESPONSE_TIMEOUT, sender.send_request(request))
         .await
+        .map_err(|_| "the API server did not answer in time".to_string())?
         .map_err(|e| format!("the API server did not answer: {e}"))
 }
 

@@ -216,18 +216,27 @@ impl KubeRequest {
 pub fn classify(method: &str, path: &str, query: &str) -> Result<KubeRequest, KubeError> {
     let bad = || KubeError::Path(path.chars().take(200).collect());
     let pairs = query_pairs(query);
+    // As the API server reads a boolean parameter: its first value, true
+    // unless `0` or `false` (a bare `?watch` is true).
     let flag = |k: &str| {
         pairs
             .iter()
-            .any(|(n, v)| n == k && (v == "true" || v == "1"))
+            .find(|(n, _)| n == k)
+            .is_some_and(|(_, v)| !(v == "0" || v.eq_ignore_ascii_case("false")))
     };
-    let parts: Vec<String> = path
-        .trim_start_matches('/')
-        .split('/')
-        .filter(|p| !p.is_empty())
-        .map(|p| unescape(p, false))
-        .collect();
-    if parts.iter().any(|p| p == "." || p == "..") {
+    let trimmed = path.trim_start_matches('/').trim_end_matches('/');
+    let parts: Vec<String> = if trimmed.is_empty() {
+        vec![]
+    } else {
+        trimmed.split('/').map(|p| unescape(p, false)).collect()
+    };
+    // What the API server would read differently (it decodes before it
+    // splits): an empty segment, a dot segment, or one that decodes to a
+    // separator is refused, never judged as something else.
+    if parts
+        .iter()
+        .any(|p| p.is_empty() || p == "." || p == ".." || p.contains(['/', '\\']))
+    {
         return Err(bad());
     }
     let method = method.to_ascii_uppercase();
@@ -267,7 +276,10 @@ pub fn classify(method: &str, path: &str, query: &str) -> Result<KubeRequest, Ku
     let mut namespace = String::new();
     // namespaces/{ns}/{resource}…, but `namespaces/{name}` alone (and its
     // status or finalize) is the namespace object itself.
-    if rest.len() >= 3 && rest[0] == "namespaces" {
+    if rest.len() >= 3
+        && rest[0] == "namespaces"
+        && !(rest.len() == 3 && matches!(rest[2].as_str(), "status" | "finalize"))
+    {
         namespace = rest[1].clone();
         rest.drain(..2);
     }
@@ -457,6 +469,33 @@ mod tests {
         assert!(classify("GET", "/api/v1/namespaces/a/pods/b/c/d", "").is_err());
         assert!(classify("GET", "/api/v1/namespaces/a/pods/..", "").is_err());
         assert!(classify("GET", "/api/v1/namespaces/a/pods/%2e%2e", "").is_err());
+        // Segments the API server would read differently are refused.
+        assert!(classify("GET", "/api/v1/namespaces/prod/secrets%2Fdb", "").is_err());
+        assert!(classify("GET", "/api/v1/namespaces%2Fprod%2Fsecrets", "").is_err());
+        assert!(classify("GET", "/api/v1/namespaces//pods", "").is_err());
+        assert!(classify("GET", "/api/v1/namespaces/a/pods%5Cx", "").is_err());
+        // Namespace status and finalize are the namespace itself.
+        assert_eq!(
+            classify("PUT", "/api/v1/namespaces/prod/finalize", "")
+                .unwrap()
+                .command_text(),
+            "update namespaces/prod/finalize"
+        );
+        // Watch is any value but 0 and false, as the API server reads it.
+        for q in ["watch", "watch=True", "watch=yes", "watch=1"] {
+            assert_eq!(
+                classify("GET", "/api/v1/pods", q).unwrap().verb,
+                Verb::Watch,
+                "{q}"
+            );
+        }
+        for q in ["watch=0", "watch=false", "watch=FALSE", ""] {
+            assert_eq!(
+                classify("GET", "/api/v1/pods", q).unwrap().verb,
+                Verb::List,
+                "{q}"
+            );
+        }
         assert!(classify("TRACE", "/api/v1/pods", "").is_err());
         assert_eq!(
             Verb::parse("deletecollection"),

@@ -484,6 +484,18 @@ async fn kubectl_goes_through_the_gateway_with_evidence_and_guardrails() {
     assert!([403, 404].contains(&r.status().as_u16()), "{}", r.status());
     let r = get("/elsewhere", &alice).await.unwrap();
     assert_eq!(r.status().as_u16(), 404);
+    // A path the API server would read differently is refused, not judged
+    // as something else (`secrets%2Fdb` is the secret db to the server).
+    let r = get(
+        "/k8s/ops-kube/api/v1/namespaces/default/secrets%2Fdb",
+        &alice,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    // The resource's root alone is still a path.
+    let r = get("/k8s/local-kube", &alice).await.unwrap();
+    assert_ne!(r.status().as_u16(), 502);
 
     // What reached the API server: the edge's token, never the caller's,
     // and no impersonation.

@@ -97,6 +97,9 @@ pub async fn run(cmd: KubeCmd) -> anyhow::Result<()> {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::json!({}),
                 Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
             };
+            if !cfg.is_object() {
+                bail!("{} is not a kubeconfig (not a mapping)", path.display());
+            }
             cfg["apiVersion"] = "v1".into();
             cfg["kind"] = "Config".into();
             let cluster = format!("custody-{name}");
@@ -129,13 +132,25 @@ pub async fn run(cmd: KubeCmd) -> anyhow::Result<()> {
                 std::fs::create_dir_all(dir)?;
             }
             let text = serde_norway::to_string(&cfg)?;
-            let tmp = path.with_extension("custody-tmp");
-            std::fs::write(&tmp, text)?;
+            // Written whole, owner-only from the start (it holds every
+            // context's credentials), then renamed over the old one (or
+            // over the file a symlinked kubeconfig points to).
+            let target = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+            let tmp = target.with_extension("custody-tmp");
             {
-                use std::os::unix::fs::PermissionsExt as _;
-                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+                use std::io::Write as _;
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .with_context(|| format!("write {}", tmp.display()))?;
+                f.write_all(text.as_bytes())?;
+                f.sync_all()?;
             }
-            std::fs::rename(&tmp, &path)?;
+            std::fs::rename(&tmp, &target)?;
             println!(
                 "wrote context {name:?} to {} (kubectl --context {name} get pods)",
                 path.display()

@@ -230,6 +230,7 @@ impl<E: Engine> Sessions for SessionsService<E> {
                 action: Action::Exec,
                 command: Some(&command),
                 request_id: start.request_id,
+                approved_as: None,
             },
         )
         .await?;

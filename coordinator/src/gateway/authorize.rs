@@ -26,6 +26,10 @@ pub struct Ask<'a> {
     pub command: Option<&'a str>,
     /// An approved command approval the caller spends (0: none).
     pub request_id: u64,
+    /// What an approval must have approved, when that is more than the
+    /// command (a Kubernetes request's command and body); `None`: the
+    /// command.
+    pub approved_as: Option<&'a str>,
 }
 
 /// A caller the policy lets through, or would with an approval. Only
@@ -143,8 +147,10 @@ pub async fn authorize<E: Engine>(
         }
         Effect::RequireApproval if ask.request_id != 0 => Some(ApprovalUse::Spend {
             request: ask.request_id,
-            command_sha256: super::session::command_digest(ask.command.unwrap_or_default())
-                .to_vec(),
+            command_sha256: super::session::command_digest(
+                ask.approved_as.or(ask.command).unwrap_or_default(),
+            )
+            .to_vec(),
         }),
         Effect::RequireApproval => {
             // Access grants cover policy rules; guardrails always need a

@@ -139,7 +139,9 @@ impl LineMask {
         let cut = if self.held.len() >= m.max_line() {
             self.held.len()
         } else {
-            self.held.iter().rposition(|&b| b == b'\n')? + 1
+            // Only the new bytes can end a line: what was held had none.
+            let start = self.held.len() - data.len();
+            start + data.iter().rposition(|&b| b == b'\n')? + 1
         };
         let lines: Vec<u8> = self.held.drain(..cut).collect();
         Some(m.filter(&lines))

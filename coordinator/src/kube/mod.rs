@@ -43,6 +43,8 @@ const MAX_HEAD: usize = 64 << 10;
 const MAX_BODY: usize = 16 << 20;
 /// How long the edge may take to answer with the response's head.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a request's body may take to arrive.
+const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Response bytes recorded per request.
 const OUTPUT_CAP: u64 = 16 << 20;
 /// The longest JSON document (one line) masked whole; a secret response
@@ -81,33 +83,62 @@ fn refused(e: &GatewayError) -> Response<Body> {
     }
 }
 
-/// Masks the values of a Secret's `data` and `stringData` in one JSON
-/// document (an object, a list's items, or a watch event's object).
+/// kubectl's record of an applied manifest: for a Secret, its values.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Masks secret values anywhere in one JSON document of a secrets request
+/// or response: every `data` and `stringData` map (objects, list items,
+/// watch events, Table rows with their objects), the last-applied
+/// annotation, and the values of a JSON Patch.
 fn mask_secret_doc(v: &mut serde_json::Value) {
-    fn secret(o: &mut serde_json::Value) {
-        for field in ["data", "stringData"] {
-            if let Some(map) = o.get_mut(field).and_then(|d| d.as_object_mut()) {
-                for val in map.values_mut() {
-                    *val = serde_json::Value::String(crate::policy::mask::MASKED.into());
+    use serde_json::Value;
+    let masked = || Value::String(crate::policy::mask::MASKED.into());
+    match v {
+        Value::Object(map) => {
+            for (k, val) in map.iter_mut() {
+                match (k.as_str(), &mut *val) {
+                    ("data" | "stringData", Value::Object(m)) => {
+                        m.values_mut().for_each(|x| *x = masked())
+                    }
+                    (LAST_APPLIED, Value::String(_)) => *val = masked(),
+                    _ => mask_secret_doc(val),
                 }
             }
         }
-    }
-    secret(v);
-    if let Some(items) = v.get_mut("items").and_then(|i| i.as_array_mut()) {
-        items.iter_mut().for_each(secret);
-    }
-    if let Some(obj) = v.get_mut("object") {
-        secret(obj);
+        Value::Array(items) => {
+            for item in items.iter_mut() {
+                // A JSON Patch operation carries its value bare.
+                let is_op = item.get("op").is_some() && item.get("path").is_some();
+                if is_op {
+                    if let Some(x) = item.get_mut("value") {
+                        *x = masked();
+                    }
+                } else {
+                    mask_secret_doc(item);
+                }
+            }
+        }
+        _ => {}
     }
 }
 
-/// Secret values masked, line by line (a response or a watch event per
-/// line). What does not read as JSON is withheld, never passed unmasked.
-struct SecretMask;
+/// What a Kubernetes response or request body passes through, line by line
+/// (a JSON document or a watch event per line; 16 MiB at most): secret
+/// values masked for secrets requests (what does not read as JSON is
+/// withheld, never passed unmasked), then the rule's masking profiles.
+struct KubeFilter {
+    secrets: bool,
+    masker: Option<crate::policy::mask::Masker>,
+}
 
-impl LineFilter for SecretMask {
-    fn filter(&self, text: &[u8]) -> Bytes {
+const WITHHELD: &[u8] = b"{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"status\":\"Failure\",\"message\":\"custody: a secret response that cannot be read as JSON is withheld\",\"code\":502}\n";
+
+impl KubeFilter {
+    fn any(&self) -> bool {
+        self.secrets || self.masker.is_some()
+    }
+
+    fn secret_lines(text: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(text.len());
         for line in text.split_inclusive(|&b| b == b'\n') {
             let body = line.strip_suffix(b"\n").unwrap_or(line);
@@ -123,10 +154,24 @@ impl LineFilter for SecretMask {
                         out.push(b'\n');
                     }
                 }
-                Err(_) => out.extend_from_slice(b"{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"status\":\"Failure\",\"message\":\"custody: a secret response that cannot be read as JSON is withheld\",\"code\":502}\n"),
+                Err(_) => out.extend_from_slice(WITHHELD),
             }
         }
-        Bytes::from(out)
+        out
+    }
+}
+
+impl LineFilter for KubeFilter {
+    fn filter(&self, text: &[u8]) -> Bytes {
+        let text = if self.secrets {
+            Bytes::from(Self::secret_lines(text))
+        } else {
+            Bytes::copy_from_slice(text)
+        };
+        match &self.masker {
+            Some(m) => relay::mask_lines(m, &text),
+            None => text,
+        }
     }
 
     fn max_line(&self) -> usize {
@@ -135,7 +180,7 @@ impl LineFilter for SecretMask {
 }
 
 /// The header's value, as text.
-fn header<'a>(req: &'a Request<Incoming>, name: &str) -> &'a str {
+fn header<'a, B>(req: &'a Request<B>, name: &str) -> &'a str {
     req.headers()
         .get(name)
         .and_then(|v| v.to_str().ok())
@@ -262,7 +307,42 @@ impl<E: Engine> KubeGateway<E> {
             );
         }
         let text = kreq.command_text();
-        let cleared = match self.clear(&identity, &resource, &kreq, &text).await {
+        let (head_parts, body) = req.into_parts();
+        let body = match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect())
+            .await
+        {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) => {
+                return status(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "RequestEntityTooLarge",
+                    &format!("the request body could not be read (at most {MAX_BODY} bytes): {e}"),
+                )
+            }
+            Err(_) => {
+                return status(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "Timeout",
+                    "the request body did not arrive in time",
+                )
+            }
+        };
+        let req = Request::from_parts(head_parts, ());
+        // An approval covers this exact request: its command and its body.
+        let approved_as = if body.is_empty() {
+            text.clone()
+        } else {
+            format!(
+                "{text}\n{}",
+                custody_proto::export::hex(
+                    ring::digest::digest(&ring::digest::SHA256, &body).as_ref()
+                )
+            )
+        };
+        let cleared = match self
+            .clear(&identity, &resource, &kreq, &text, &approved_as)
+            .await
+        {
             Ok(c) => c,
             Err(r) => return r,
         };
@@ -271,7 +351,14 @@ impl<E: Engine> KubeGateway<E> {
             path_and_query: req
                 .uri()
                 .path_and_query()
-                .map(|p| p.as_str()[("/k8s/".len() + resource.len())..].to_owned())
+                .map(|p| {
+                    let rest = &p.as_str()[("/k8s/".len() + resource.len())..];
+                    if rest.starts_with('/') {
+                        rest.to_owned()
+                    } else {
+                        format!("/{rest}")
+                    }
+                })
                 .unwrap_or_default(),
             headers: req
                 .headers()
@@ -297,23 +384,14 @@ impl<E: Engine> KubeGateway<E> {
             kubectl_session: header(&req, "kubectl-session").into(),
             content_type: header(&req, "content-type").into(),
         };
-        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                return status(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "RequestEntityTooLarge",
-                    &format!("the request body could not be read (at most {MAX_BODY} bytes): {e}"),
-                )
-            }
-        };
         let secret = kreq.resource == "secrets" && kreq.group.is_empty();
-        let masker = cleared.output_masker();
-        let filter: Option<Arc<dyn LineFilter>> = if secret {
-            Some(Arc::new(SecretMask))
-        } else {
-            masker.clone().map(|m| Arc::new(m) as Arc<dyn LineFilter>)
+        let kube_filter = KubeFilter {
+            secrets: secret,
+            masker: cleared.output_masker(),
         };
+        let filtered = kube_filter.any();
+        let filter: Option<Arc<dyn LineFilter>> =
+            filtered.then(|| Arc::new(kube_filter) as Arc<dyn LineFilter>);
         let mut first_events = vec![
             ev::event::Kind::KubeRequest(event),
             ev::event::Kind::Command(ev::CommandEvent {
@@ -427,13 +505,14 @@ impl<E: Engine> KubeGateway<E> {
                 &e.to_string(),
             );
         }
-        // A secret that arrives as protobuf cannot be masked: withheld.
-        if secret && !content_type.is_empty() && !content_type.contains("json") {
-            relay::abandon(&rec, "a secret response that is not JSON was withheld").await;
+        // What must be masked but arrives as something else (protobuf)
+        // cannot be: withheld.
+        if filtered && !content_type.is_empty() && !content_type.contains("json") {
+            relay::abandon(&rec, "a response that must be masked is not JSON; withheld").await;
             return status(
                 StatusCode::NOT_ACCEPTABLE,
                 "NotAcceptable",
-                "custody masks secrets in JSON responses only; ask for application/json",
+                "custody masks JSON responses only here (secrets, or a rule with masking); ask for application/json",
             );
         }
         tracing::info!(target: "audit", event = "session_opened", session = %session_id, subject = %identity.subject, %resource, edge = %routed.edge.name, verb = kreq.verb.as_str(), status = response.status);
@@ -491,6 +570,7 @@ impl<E: Engine> KubeGateway<E> {
         resource: &str,
         kreq: &KubeRequest,
         text: &str,
+        approved_as: &str,
     ) -> Result<crate::gateway::authorize::Cleared, Response<Body>> {
         use crate::state::approvals::{self, approval_get, effective_status};
         let node = &self.tunnels.node;
@@ -502,6 +582,7 @@ impl<E: Engine> KubeGateway<E> {
             action,
             command: Some(text),
             request_id,
+            approved_as: Some(approved_as),
         };
         let (c, doc) = match authorize(node, &self.guard, ask(0)).await {
             Ok(Verdict::Cleared(c)) => return Ok(c),
@@ -519,7 +600,7 @@ impl<E: Engine> KubeGateway<E> {
                 resource,
                 action,
                 shown: text.to_owned(),
-                digest: crate::gateway::session::command_digest(text),
+                digest: crate::gateway::session::command_digest(approved_as),
                 rule: c.decision().by.label(),
                 doc: &doc,
                 via: "kube",
@@ -557,7 +638,10 @@ mod tests {
 
     #[test]
     fn secret_values_are_masked_in_objects_lists_and_watch_events() {
-        let m = SecretMask;
+        let m = KubeFilter {
+            secrets: true,
+            masker: None,
+        };
         let obj = br#"{"kind":"Secret","data":{"password":"c2VjcmV0"},"stringData":{"k":"v"}}"#;
         let out = String::from_utf8(m.filter(obj).to_vec()).unwrap();
         assert!(!out.contains("c2VjcmV0") && !out.contains("\"v\""), "{out}");
@@ -570,6 +654,14 @@ mod tests {
         let out = String::from_utf8(m.filter(events).to_vec()).unwrap();
         assert_eq!(out.lines().count(), 2);
         assert!(!out.contains("eA==") && !out.contains("eQ=="), "{out}");
+        // Table rows with their objects, and the last-applied annotation.
+        let table = br#"{"kind":"Table","rows":[{"cells":["db"],"object":{"kind":"Secret","metadata":{"annotations":{"kubectl.kubernetes.io/last-applied-configuration":"{\"data\":{\"p\":\"c2VjcmV0\"}}"}},"data":{"p":"c2VjcmV0"}}}]}"#;
+        let out = String::from_utf8(m.filter(table).to_vec()).unwrap();
+        assert!(!out.contains("c2VjcmV0"), "{out}");
+        // A JSON Patch's values.
+        let patch = br#"[{"op":"add","path":"/data/k","value":"c2VjcmV0"}]"#;
+        let out = String::from_utf8(m.filter(patch).to_vec()).unwrap();
+        assert!(!out.contains("c2VjcmV0"), "{out}");
         // What is not JSON is withheld.
         let out = String::from_utf8(m.filter(b"not json c2VjcmV0\n").to_vec()).unwrap();
         assert!(

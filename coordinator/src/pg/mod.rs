@@ -321,6 +321,7 @@ impl<E: Engine> PgGateway<E> {
                 action: Action::Connect,
                 command: None,
                 request_id: 0,
+                approved_as: None,
             },
         )
         .await

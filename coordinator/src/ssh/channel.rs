@@ -300,6 +300,7 @@ async fn clear<E: Engine>(
                 action: start.action(),
                 command: Some(&text),
                 request_id,
+                approved_as: None,
             },
         )
         .await

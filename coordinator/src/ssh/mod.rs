@@ -223,6 +223,7 @@ impl<E: Engine> SshGateway<E> {
                 action: Action::Connect,
                 command: None,
                 request_id: 0,
+                approved_as: None,
             },
         )
         .await
