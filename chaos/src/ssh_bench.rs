@@ -276,6 +276,6 @@ pub async fn ssh(mb: u64, scp_mb: u64, connects: usize, rounds: usize) -> anyhow
     let (d, s) = (median(direct), median(custody_runs));
     println!("`true` over a new connection ({} runs):", connects.max(1));
     println!("  direct                 {d:>8.1} ms");
-    println!("  custody (async)        {s:>8.1} ms   +{:.1} ms", s - d);
+    println!("  custody (async)        {s:>8.1} ms   {:+.1} ms", s - d);
     Ok(())
 }
