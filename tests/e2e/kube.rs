@@ -155,18 +155,39 @@ impl Through {
     }
 
     /// kubectl with the context `custody kube login` wrote, as `token`.
-    fn kubectl(&self, token: &str, context: &str, args: &[&str]) -> Output {
-        Command::new("kubectl")
-            .arg("--kubeconfig")
+    fn kubectl_cmd(&self, token: &str, context: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new("kubectl");
+        cmd.arg("--kubeconfig")
             .arg(self.kubeconfig())
             .args(["--context", context])
             .args(args)
             .env("CUSTODY_COORDINATOR", self.c.api_urls(&[]))
             .env("CUSTODY_CA", self.c.ca_path())
             .env("CUSTODY_TOKEN", token)
-            .env_remove("CUSTODY_TOKEN_FILE")
+            .env_remove("CUSTODY_TOKEN_FILE");
+        cmd
+    }
+
+    fn kubectl(&self, token: &str, context: &str, args: &[&str]) -> Output {
+        self.kubectl_cmd(token, context, args)
             .output()
             .expect("run kubectl")
+    }
+
+    /// Makes an object from `manifest` directly on the API server.
+    fn create_direct(&self, name: &str, manifest: &str) {
+        let file = self.dir.path().join(name);
+        std::fs::write(&file, manifest).unwrap();
+        let out = kubectl(
+            &self.api,
+            &[
+                "create",
+                "--validate=false",
+                "-f",
+                &file.display().to_string(),
+            ],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
     }
 }
 
@@ -295,14 +316,8 @@ async fn kubectl_goes_through_the_gateway_with_evidence_and_guardrails() {
 
     // Streams: a watch sees a pod created meanwhile; logs, and logs -f as
     // the server produces them.
-    let mut watch = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(t.kubeconfig())
-        .args(["--context", "local-kube", "get", "pods", "-w", "-o", "name"])
-        .env("CUSTODY_COORDINATOR", c.api_urls(&[]))
-        .env("CUSTODY_CA", c.ca_path())
-        .env("CUSTODY_TOKEN", &alice)
-        .env_remove("CUSTODY_TOKEN_FILE")
+    let mut watch = t
+        .kubectl_cmd(&alice, "local-kube", &["get", "pods", "-w", "-o", "name"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -341,14 +356,8 @@ async fn kubectl_goes_through_the_gateway_with_evidence_and_guardrails() {
         "{}",
         text(&out.stderr)
     );
-    let mut follow = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(t.kubeconfig())
-        .args(["--context", "local-kube", "logs", "-f", "web-1"])
-        .env("CUSTODY_COORDINATOR", c.api_urls(&[]))
-        .env("CUSTODY_CA", c.ca_path())
-        .env("CUSTODY_TOKEN", &alice)
-        .env_remove("CUSTODY_TOKEN_FILE")
+    let mut follow = t
+        .kubectl_cmd(&alice, "local-kube", &["logs", "-f", "web-1"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -376,22 +385,7 @@ async fn kubectl_goes_through_the_gateway_with_evidence_and_guardrails() {
     );
     // Where secrets may be read, their values are masked for the client
     // and in the evidence. (Objects are made directly on the API server.)
-    let secret = t.dir.path().join("secret.yaml");
-    std::fs::write(
-        &secret,
-        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: db\ndata:\n  password: c3VwZXItc2VjcmV0LXZhbHVl\n",
-    )
-    .unwrap();
-    let out = kubectl(
-        &t.api,
-        &[
-            "create",
-            "--validate=false",
-            "-f",
-            &secret.display().to_string(),
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    t.create_direct("secret.yaml", "apiVersion: v1\nkind: Secret\nmetadata:\n  name: db\ndata:\n  password: c3VwZXItc2VjcmV0LXZhbHVl\n");
     let out = t.kubectl(&alice, "ops-kube", &["get", "secret", "db", "-o", "yaml"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
@@ -404,9 +398,17 @@ async fn kubectl_goes_through_the_gateway_with_evidence_and_guardrails() {
         "{}",
         text(&out.stdout)
     );
-    assert!(session_events(c, &admin, "ops-kube")
+    let recorded = session_events(c, &admin, "ops-kube");
+    assert!(recorded
         .iter()
         .any(|e| e["type"] == "kube_request" && e["event"]["resource"] == "secrets"));
+    assert!(recorded.iter().any(|e| e["event"]["stream"] == "response"));
+    assert!(
+        !serde_json::to_string(&recorded)
+            .unwrap()
+            .contains("c3VwZXItc2VjcmV0LXZhbHVl"),
+        "the secret's value is in the evidence"
+    );
 
     // A client's impersonation is refused.
     let out = t.kubectl(&alice, "local-kube", &["get", "pods", "--as=admin"]);
@@ -418,23 +420,7 @@ async fn kubectl_goes_through_the_gateway_with_evidence_and_guardrails() {
     );
 
     // A delete in prod is held for approval, then runs once.
-    t.api.object("pods", "default", "web-1").unwrap();
-    let pod = t.dir.path().join("pod.yaml");
-    std::fs::write(
-        &pod,
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: api-1\n  namespace: prod\nspec:\n  containers: [{name: app, image: busybox}]\n",
-    )
-    .unwrap();
-    let out = kubectl(
-        &t.api,
-        &[
-            "create",
-            "--validate=false",
-            "-f",
-            &pod.display().to_string(),
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    t.create_direct("pod.yaml", "apiVersion: v1\nkind: Pod\nmetadata:\n  name: api-1\n  namespace: prod\nspec:\n  containers: [{name: app, image: busybox}]\n");
     let out = t.kubectl(
         &alice,
         "local-kube",
