@@ -7,7 +7,7 @@
 //! one in use, without a restart.
 //!
 //! On disk the pair changes in three steps (both new files written as
-//! `*.renew`, then the key renamed, then the certificate), and
+//! `*.renew`, the key first, then the key renamed, then the certificate), and
 //! [`recover_renewal`] completes or discards a renewal a crash cut short, so
 //! a node never starts with a key that does not match its certificate.
 
@@ -78,8 +78,10 @@ fn write_synced(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> 
 /// Puts the new pair on disk (see the module docs for the order).
 fn store_pair(paths: &TlsPaths, cert_pem: &[u8], key_pem: &[u8]) -> std::io::Result<()> {
     let (cert, key) = (renew_path(&paths.cert), renew_path(&paths.key));
-    write_synced(&cert, cert_pem, 0o644)?;
+    // The key's file first: a certificate's `*.renew` without the key's
+    // means the key has already moved (see `recover_renewal`).
     write_synced(&key, key_pem, 0o600)?;
+    write_synced(&cert, cert_pem, 0o644)?;
     std::fs::rename(&key, &paths.key)?;
     std::fs::rename(&cert, &paths.cert)?;
     if let Some(dir) = paths.cert.parent() {
@@ -223,6 +225,13 @@ mod tests {
         let read = |p: &Path| std::fs::read_to_string(p).unwrap();
         write(&paths.cert, "old cert");
         write(&paths.key, "old key");
+        // Stopped before the certificate's file was written: the old pair.
+        write(&renew_path(&paths.key), "new key");
+        recover_renewal(&paths).unwrap();
+        assert_eq!(
+            (read(&paths.cert), read(&paths.key)),
+            ("old cert".into(), "old key".into())
+        );
         // Stopped before the key moved: the old pair stays.
         write(&renew_path(&paths.cert), "new cert");
         write(&renew_path(&paths.key), "new key");

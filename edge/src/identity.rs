@@ -2,7 +2,12 @@
 //! anywhere), the certificate the cluster CA signed for it, and its id.
 //!
 //! Stored in the data dir, owner-only: `edge-key.pem`, `edge-cert.pem` and
-//! `edge.json`. Files are replaced atomically (write, fsync, rename).
+//! `edge.json`. Files are replaced atomically (write, fsync, rename). A
+//! renewal changes the key and certificate together: both new files are
+//! written as `*.renew` (the key first), then the key is renamed into
+//! place, then the certificate, and [`Store::load`] completes or discards a renewal that a
+//! crash cut short, so an edge never starts with a key that does not match
+//! its certificate.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -148,19 +153,20 @@ impl Store {
 
     /// The stored identity, if this edge enrolled before.
     pub fn load(&self) -> Result<Option<Identity>, IdentityError> {
-        let info_path = self.path("edge.json");
+        let info_path = self.path(INFO);
         if !info_path.exists() {
             return Ok(None);
         }
+        self.recover()?;
         let read = |p: &Path| std::fs::read_to_string(p).map_err(io(p));
         let info: EdgeInfo =
             serde_json::from_str(&read(&info_path)?).map_err(|e| IdentityError::Invalid {
                 path: info_path.clone(),
                 detail: e.to_string(),
             })?;
-        let cert_path = self.path("edge-cert.pem");
+        let cert_path = self.path(CERT);
         let cert = read(&cert_path)?;
-        let key = read(&self.path("edge-key.pem"))?;
+        let key = read(&self.path(KEY))?;
         Identity::new(info, cert, key)
             .map(Some)
             .map_err(|detail| IdentityError::Invalid {
@@ -169,15 +175,60 @@ impl Store {
             })
     }
 
-    /// Saves an identity: key and certificate first, the id file last, so a
-    /// crash never leaves an id without its key.
+    /// Saves an identity: the new key, then the new certificate, as
+    /// `*.renew` files; then the key renamed into place, then the
+    /// certificate; the id file last, so a crash never leaves an id without
+    /// its key. A certificate's `*.renew` without the key's therefore means
+    /// the key has moved.
     pub fn save(&self, id: &Identity) -> Result<(), IdentityError> {
         create_private_dir(&self.dir)?;
-        write_private(&self.path("edge-key.pem"), id.key_pem.as_bytes())?;
-        write_private(&self.path("edge-cert.pem"), id.cert_pem.as_bytes())?;
+        let (cert, key) = (self.path(CERT), self.path(KEY));
+        let (new_cert, new_key) = (renew_path(&cert), renew_path(&key));
+        write_private(&new_key, id.key_pem.as_bytes())?;
+        write_private(&new_cert, id.cert_pem.as_bytes())?;
+        std::fs::rename(&new_key, &key).map_err(io(&key))?;
+        std::fs::rename(&new_cert, &cert).map_err(io(&cert))?;
+        sync_dir(&self.dir);
         let info = serde_json::to_vec_pretty(&id.info).expect("edge info serializes");
-        write_private(&self.path("edge.json"), &info)?;
+        write_private(&self.path(INFO), &info)?;
         Ok(())
+    }
+
+    /// Completes or discards a renewal that a crash cut short: with both
+    /// `*.renew` files present the key had not moved, so the old pair is
+    /// whole; with only the certificate's, the key had moved, so the
+    /// certificate follows it.
+    fn recover(&self) -> Result<(), IdentityError> {
+        let (cert, key) = (self.path(CERT), self.path(KEY));
+        let (new_cert, new_key) = (renew_path(&cert), renew_path(&key));
+        if !new_cert.exists() {
+            let _ = std::fs::remove_file(&new_key);
+            return Ok(());
+        }
+        if new_key.exists() {
+            std::fs::remove_file(&new_key).map_err(io(&new_key))?;
+            std::fs::remove_file(&new_cert).map_err(io(&new_cert))?;
+        } else {
+            std::fs::rename(&new_cert, &cert).map_err(io(&cert))?;
+        }
+        sync_dir(&self.dir);
+        Ok(())
+    }
+}
+
+const INFO: &str = "edge.json";
+const CERT: &str = "edge-cert.pem";
+const KEY: &str = "edge-key.pem";
+
+fn renew_path(p: &Path) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(".renew");
+    PathBuf::from(s)
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
     }
 }
 
@@ -205,9 +256,7 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<(), IdentityError> {
     f.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))?;
     if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+        sync_dir(dir);
     }
     Ok(())
 }
@@ -296,4 +345,67 @@ pub async fn enroll(
         }
     }
     Err(EnrollError::Unreachable(last))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(info: &EdgeInfo) -> Identity {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["edge".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        Identity::new(info.clone(), cert.pem(), key.serialize_pem()).unwrap()
+    }
+
+    /// Whether the stored key goes with the stored certificate (rustls
+    /// refuses a client configuration otherwise).
+    fn loads_whole(store: &Store) -> Identity {
+        let id = store.load().unwrap().unwrap();
+        tls::quic_client_config(id.cert_pem.as_bytes(), Some(&id)).unwrap();
+        id
+    }
+
+    #[test]
+    fn a_renewal_cut_short_at_any_step_leaves_a_matching_pair() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let info = EdgeInfo {
+            edge_id: 7,
+            name: "e1".into(),
+            region: "eu".into(),
+        };
+        let old = identity(&info);
+        store.save(&old).unwrap();
+        assert_eq!(loads_whole(&store).cert_pem, old.cert_pem);
+        let (cert, key) = (store.path(CERT), store.path(KEY));
+        let new = identity(&info);
+        let renew = |p: &Path, s: &str| write_private(&renew_path(p), s.as_bytes()).unwrap();
+        let no_leftovers = || {
+            assert!(!renew_path(&cert).exists() && !renew_path(&key).exists());
+        };
+
+        // Only the new key written: the old pair.
+        renew(&key, &new.key_pem);
+        assert_eq!(loads_whole(&store).cert_pem, old.cert_pem);
+        no_leftovers();
+        // Both written, neither moved: the old pair.
+        renew(&cert, &new.cert_pem);
+        renew(&key, &new.key_pem);
+        assert_eq!(loads_whole(&store).cert_pem, old.cert_pem);
+        no_leftovers();
+        // The key moved, the certificate did not: the new pair.
+        renew(&cert, &new.cert_pem);
+        write_private(&key, new.key_pem.as_bytes()).unwrap();
+        assert_eq!(loads_whole(&store).cert_pem, new.cert_pem);
+        no_leftovers();
+        // A whole save.
+        let third = identity(&info);
+        store.save(&third).unwrap();
+        assert_eq!(loads_whole(&store).cert_pem, third.cert_pem);
+        no_leftovers();
+    }
 }

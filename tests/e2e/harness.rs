@@ -33,7 +33,7 @@ impl Drop for TestCluster {
         for id in self.cluster.nodes.keys() {
             let log = std::fs::read_to_string(self.cluster.log_path(*id)).unwrap_or_default();
             // A node that exited with an error says why first; backtraces follow.
-            for l in log.lines().filter(|l| l.starts_with("Error:")) {
+            for l in error_chain(&log) {
                 eprintln!("node {id}: {l}");
             }
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
@@ -44,7 +44,7 @@ impl Drop for TestCluster {
         }
         for e in self.cluster.edges.values() {
             let log = std::fs::read_to_string(&e.log).unwrap_or_default();
-            for l in log.lines().filter(|l| l.starts_with("Error:")) {
+            for l in error_chain(&log) {
                 eprintln!("edge {}: {l}", e.name);
             }
             let tail: Vec<&str> = log.lines().rev().take(30).collect();
@@ -58,6 +58,24 @@ impl Drop for TestCluster {
             }
         }
     }
+}
+
+/// The lines of each `Error:` report in a process log with their causes,
+/// without the backtrace that follows.
+fn error_chain(log: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut inside = false;
+    for l in log.lines() {
+        if l.starts_with("Error:") {
+            inside = true;
+        } else if inside && (l.starts_with("Stack backtrace:") || l.trim().starts_with("0:")) {
+            inside = false;
+        }
+        if inside {
+            out.push(l);
+        }
+    }
+    out
 }
 
 pub fn init() {
