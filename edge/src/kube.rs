@@ -21,13 +21,13 @@ use crate::config::KubeConfig;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the API server may take to answer with a response's head.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The largest request body taken (bodies are objects, not streams).
 const MAX_BODY: usize = 16 << 20;
 /// Response bytes per data frame.
-const CHUNK: usize = 64 << 10;
+pub(crate) const CHUNK: usize = 64 << 10;
 
-fn frame(kind: t::session_frame::Kind) -> t::SessionFrame {
+pub(crate) fn frame(kind: t::session_frame::Kind) -> t::SessionFrame {
     t::SessionFrame { kind: Some(kind) }
 }
 
@@ -52,19 +52,24 @@ fn tls_config(cfg: &KubeConfig) -> Result<Arc<rustls::ClientConfig>, String> {
     Ok(Arc::new(c))
 }
 
-async fn send_request(
-    cfg: &KubeConfig,
-    identity: &str,
-    req: &t::KubeRequest,
-    body: Vec<u8>,
-) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+/// A TLS connection to the API server, with what a request needs to go
+/// with it.
+pub(crate) struct Upstream {
+    pub tls: tokio_rustls::client::TlsStream<TcpStream>,
+    /// `host:port`, and the server URL's path (a prefix for every request).
+    pub authority: String,
+    pub base: String,
+    pub token: String,
+}
+
+pub(crate) async fn connect(cfg: &KubeConfig) -> Result<Upstream, String> {
     let url: hyper::Uri = cfg
         .server
         .parse()
         .map_err(|e| format!("server {:?}: {e}", cfg.server))?;
     let host = url.host().ok_or("the server URL has no host")?.to_owned();
     let port = url.port_u16().unwrap_or(443);
-    let base = url.path().trim_end_matches('/');
+    let base = url.path().trim_end_matches('/').to_owned();
     let token = cfg.token()?;
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host.as_str(), port)))
         .await
@@ -77,8 +82,54 @@ async fn send_request(
         .connect(name, tcp)
         .await
         .map_err(|e| format!("TLS to the API server {host}:{port}: {e}"))?;
+    Ok(Upstream {
+        tls,
+        authority: format!("{host}:{port}"),
+        base,
+        token,
+    })
+}
+
+/// The client's headers that go on, with the edge's credentials (and the
+/// verified caller as the user to impersonate, when configured).
+pub(crate) fn upstream_headers(
+    cfg: &KubeConfig,
+    identity: &str,
+    token: &str,
+    req: &t::KubeRequest,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = Vec::new();
+    if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {
+        out.push((hyper::header::AUTHORIZATION, v));
+    }
+    for h in &req.headers {
+        if dropped_header(&h.name) {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(&h.value),
+        ) {
+            out.push((n, v));
+        }
+    }
+    if cfg.impersonate {
+        if let Ok(v) = HeaderValue::from_str(identity) {
+            out.push((HeaderName::from_static("impersonate-user"), v));
+        }
+    }
+    out
+}
+
+async fn send_request(
+    cfg: &KubeConfig,
+    identity: &str,
+    req: &t::KubeRequest,
+    body: Vec<u8>,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let up = connect(cfg).await?;
     let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(up.tls))
             .await
             .map_err(|e| format!("HTTP to the API server: {e}"))?;
     tokio::spawn(async move {
@@ -87,23 +138,10 @@ async fn send_request(
     let method = Method::from_bytes(req.method.as_bytes()).map_err(|e| e.to_string())?;
     let mut b = Request::builder()
         .method(method)
-        .uri(format!("{base}{}", req.path_and_query))
-        .header("host", format!("{host}:{port}"))
-        .header("authorization", format!("Bearer {token}"));
-    for h in &req.headers {
-        if dropped_header(&h.name) {
-            continue;
-        }
-        let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_bytes(&h.value),
-        ) else {
-            continue;
-        };
+        .uri(format!("{}{}", up.base, req.path_and_query))
+        .header("host", &up.authority);
+    for (n, v) in upstream_headers(cfg, identity, &up.token, req) {
         b = b.header(n, v);
-    }
-    if cfg.impersonate {
-        b = b.header("impersonate-user", identity);
     }
     let request = b
         .body(Full::new(Bytes::from(body)))
@@ -123,6 +161,9 @@ pub async fn run(
     mut recv: quinn::RecvStream,
 ) {
     let session = open.session_id.as_str();
+    if !req.websocket_protocol.is_empty() {
+        return crate::kube_exec::run(cfg, open, req, send, recv).await;
+    }
     // The body, up to Eof.
     let mut body = Vec::new();
     let read = loop {

@@ -13,6 +13,7 @@ pub mod config;
 pub mod dbtls;
 pub mod identity;
 pub mod kube;
+pub mod kube_exec;
 pub mod postgres;
 pub mod shell;
 pub mod ssh;

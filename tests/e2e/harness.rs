@@ -117,3 +117,96 @@ where
     }
     panic!("timed out after {timeout:?} waiting for: {what}");
 }
+
+/// A tmux server on its own socket, for driving a real terminal; killed on
+/// drop.
+pub struct Tmux {
+    sock: std::path::PathBuf,
+}
+
+impl Tmux {
+    pub fn new(dir: &std::path::Path) -> Self {
+        Self {
+            sock: dir.join("tmux.sock"),
+        }
+    }
+
+    /// Runs a tmux command; its standard output.
+    pub fn run(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("tmux")
+            .arg("-S")
+            .arg(&self.sock)
+            .args(args)
+            .output()
+            .expect("run tmux");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A detached session `name`, `cols`×`rows`, running `command`.
+    pub fn start(&self, name: &str, cols: u16, rows: u16, command: &str) {
+        let (cols, rows) = (cols.to_string(), rows.to_string());
+        self.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            name,
+            "-x",
+            &cols,
+            "-y",
+            &rows,
+            command,
+        ]);
+    }
+
+    /// What the session's pane shows.
+    pub fn pane(&self, name: &str) -> String {
+        self.run(&["capture-pane", "-p", "-t", name])
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        self.run(&["kill-server"]);
+    }
+}
+
+/// A session as the asciicast lines `custody sessions replay --asciicast`
+/// writes (into `path`), read by `token`.
+pub fn asciicast(
+    c: &TestCluster,
+    token: &str,
+    session_id: &str,
+    path: &std::path::Path,
+) -> Vec<serde_json::Value> {
+    let out = crate::edge::custody(
+        c,
+        &[],
+        token,
+        &[
+            "sessions",
+            "replay",
+            session_id,
+            "--asciicast",
+            &path.display().to_string(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The text an asciicast shows as output.
+pub fn cast_output(lines: &[serde_json::Value]) -> String {
+    lines[1..]
+        .iter()
+        .filter(|l| l[1] == "o")
+        .map(|l| l[2].as_str().unwrap_or_default())
+        .collect()
+}

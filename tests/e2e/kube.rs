@@ -25,6 +25,22 @@ fn kubectl(api: &KubeApi, args: &[&str]) -> Output {
     kubectl_as(api, &api.token, args)
 }
 
+/// An exec that writes to both streams and exits 7.
+const EXIT_7: [&str; 6] = [
+    "exec",
+    "web-1",
+    "--",
+    "sh",
+    "-c",
+    "echo out; echo err >&2; exit 7",
+];
+
+fn exits_7_with_both_streams(out: Output) {
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "out\n");
+    assert!(text(&out.stderr).contains("err"), "{}", text(&out.stderr));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_works_against_the_test_api_server() {
     let api = KubeApi::start().await.unwrap();
@@ -90,6 +106,9 @@ async fn kubectl_works_against_the_test_api_server() {
         text(&out.stderr)
     );
 
+    // Exec over the v5 WebSocket: stdout, stderr and the exit code.
+    exits_7_with_both_streams(kubectl(&api, &EXIT_7));
+
     // What kubectl sent is logged, with kubectl's own headers.
     let seen = api.seen();
     assert!(seen.iter().any(|s| s.method == "DELETE"
@@ -125,6 +144,9 @@ guardrails:
   - name: no-secret-reads
     pattern: '^(get|list|watch) secrets'
     decision: deny
+  - name: no-remote-rm
+    pattern: '^exec .* -- .*rm -rf'
+    decision: deny
   - name: prod-deletes-need-review
     pattern: '^delete .* -n prod$'
     decision: require_approval
@@ -133,9 +155,9 @@ rules:
   - name: engineers-kube
     identity: { groups: [engineers] }
     resource: { names: [local-kube] }
-    actions: [connect, "kube:get", "kube:list", "kube:watch", "kube:create", "kube:update", "kube:patch", "kube:delete", "kube:logs"]
+    actions: [connect, "kube:get", "kube:list", "kube:watch", "kube:create", "kube:update", "kube:patch", "kube:delete", "kube:logs", "kube:exec", "kube:attach", "kube:portforward"]
     decision: allow
-    guardrails: [no-secret-reads, prod-deletes-need-review]
+    guardrails: [no-secret-reads, prod-deletes-need-review, no-remote-rm]
   - name: engineers-kube-ops
     identity: { groups: [engineers] }
     resource: { names: [ops-kube] }
@@ -496,4 +518,221 @@ async fn kubectl_goes_through_the_gateway_with_evidence_and_guardrails() {
     // The cluster token appears nowhere on the coordinators.
     let hits = grep_dir(&c.dir, t.api.token.as_bytes());
     assert!(hits.is_empty(), "cluster token found in {hits:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_exec_goes_through_the_gateway_recorded_and_judged() {
+    use crate::edge::custody;
+    use crate::harness::eventually;
+    use crate::postgres::session_events;
+    use std::time::Duration;
+    let t = through().await;
+    let c = &t.c;
+    let alice = c.mint_token("alice").await.unwrap().token;
+    let admin = c.mint_token("admin").await.unwrap().token;
+    let kubeconfig = t.kubeconfig().display().to_string();
+    let out = custody(
+        c,
+        &[],
+        &alice,
+        &["kube", "login", "local-kube", "--kubeconfig", &kubeconfig],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // Both streams and the exit code come through, and are recorded.
+    exits_7_with_both_streams(t.kubectl(&alice, "local-kube", &EXIT_7));
+    let events = session_events(c, &admin, "local-kube");
+    let exec = |e: &serde_json::Value| e["type"] == "kube_request" && e["event"]["verb"] == "exec";
+    assert!(events.iter().any(exec), "no exec request recorded");
+    assert!(events.iter().any(|e| e["type"] == "command"
+        && e["event"]["text"]
+            == "exec pods/web-1 -n default -- sh -c 'echo out; echo err >&2; exit 7'"));
+    let stream_has = |events: &[serde_json::Value], stream: &str, needle: &str| {
+        events.iter().any(|e| {
+            e["type"] == "output"
+                && e["event"]["stream"] == stream
+                && e["event"]["text"].as_str().unwrap_or("").contains(needle)
+        })
+    };
+    assert!(stream_has(&events, "stdout", "out"), "stdout not recorded");
+    assert!(stream_has(&events, "stderr", "err"), "stderr not recorded");
+    assert!(events
+        .iter()
+        .any(|e| e["type"] == "outcome" && e["event"]["exit_code"] == 7));
+
+    // stdin from a file, recorded as the caller's input.
+    let input = t.dir.path().join("input.txt");
+    std::fs::write(&input, "from-a-file\nsecond line\n").unwrap();
+    let out = t
+        .kubectl_cmd(&alice, "local-kube", &["exec", "-i", "web-1", "--", "cat"])
+        .stdin(std::fs::File::open(&input).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "from-a-file\nsecond line\n");
+    let events = session_events(c, &admin, "local-kube");
+    assert!(
+        stream_has(&events, "stdin", "from-a-file"),
+        "stdin not recorded"
+    );
+
+    // A guardrail denies, on the WebSocket attempt and kubectl's SPDY retry.
+    let out = t.kubectl(
+        &alice,
+        "local-kube",
+        &[
+            "exec",
+            "web-1",
+            "--",
+            "sh",
+            "-c",
+            "rm -rf /tmp/custody-nothing",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no-remote-rm"),
+        "{}",
+        text(&out.stderr)
+    );
+    // SPDY alone (kubectl's fallback forced): the same denial.
+    let out = t
+        .kubectl_cmd(
+            &alice,
+            "local-kube",
+            &[
+                "exec",
+                "web-1",
+                "--",
+                "sh",
+                "-c",
+                "rm -rf /tmp/custody-nothing",
+            ],
+        )
+        .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("no-remote-rm"),
+        "{}",
+        text(&out.stderr)
+    );
+    // An allowed exec over SPDY only is refused, saying why.
+    let out = t
+        .kubectl_cmd(&alice, "local-kube", &["exec", "web-1", "--", "true"])
+        .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("WebSocket only"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A missing pod: the API server's answer, not the SPDY refusal.
+    let out = t.kubectl(&alice, "local-kube", &["exec", "nope", "--", "true"]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("not found"),
+        "{}",
+        text(&out.stderr)
+    );
+    // port-forward is refused, saying so.
+    let out = t.kubectl(
+        &alice,
+        "local-kube",
+        &["port-forward", "pod/web-1", "18080:80"],
+    );
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("port-forward"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A terminal (tmux): typed commands, a resize the process sees, exit;
+    // the replay has the terminal's size and the resize.
+    let tmux = crate::harness::Tmux::new(t.dir.path());
+    let shell = format!(
+        "env CUSTODY_COORDINATOR='{}' CUSTODY_CA='{}' CUSTODY_TOKEN='{}' kubectl --kubeconfig '{}' --context local-kube exec -it web-1 -- sh; sleep 30",
+        c.api_urls(&[]),
+        c.ca_path().display(),
+        alice,
+        kubeconfig,
+    );
+    tmux.start("k", 100, 30, &shell);
+    let pane = || tmux.pane("k");
+    eventually(Duration::from_secs(20), "a shell prompt", || {
+        let p = pane();
+        let ok = p.contains('$') || p.contains('#');
+        async move { ok }
+    })
+    .await;
+    tmux.run(&[
+        "send-keys",
+        "-t",
+        "k",
+        "echo typed-$((6*7)); stty size",
+        "Enter",
+    ]);
+    eventually(
+        Duration::from_secs(20),
+        "the typed command's output",
+        || {
+            let ok = pane().contains("typed-42");
+            async move { ok }
+        },
+    )
+    .await;
+    tmux.run(&["resize-window", "-t", "k", "-x", "80", "-y", "24"]);
+    eventually(Duration::from_secs(20), "the resize at the server", || {
+        let ok = t
+            .api
+            .resizes()
+            .iter()
+            .any(|s| (s.width, s.height) == (80, 24));
+        async move { ok }
+    })
+    .await;
+    tmux.run(&["send-keys", "-t", "k", "stty size", "Enter"]);
+    eventually(Duration::from_secs(20), "the new size inside", || {
+        let ok = pane().contains("24 80");
+        async move { ok }
+    })
+    .await;
+    tmux.run(&["send-keys", "-t", "k", "exit", "Enter"]);
+    let mut shell_id = String::new();
+    eventually(
+        Duration::from_secs(20),
+        "the terminal session's end",
+        || {
+            let out = custody(
+                c,
+                &[],
+                &admin,
+                &["sessions", "list", "--resource", "local-kube", "--json"],
+            );
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if let Some(found) =
+                v.as_array().into_iter().flatten().find(|x| {
+                    x["command"] == "exec pods/web-1 -n default -- sh" && x["closed"] == true
+                })
+            {
+                shell_id = found["session_id"].as_str().unwrap_or_default().to_owned();
+            }
+            let ok = !shell_id.is_empty();
+            async move { ok }
+        },
+    )
+    .await;
+    drop(tmux);
+    let lines = crate::harness::asciicast(c, &admin, &shell_id, &t.dir.path().join("exec.cast"));
+    assert_eq!(
+        (lines[0]["width"].as_u64(), lines[0]["height"].as_u64()),
+        (Some(100), Some(30)),
+        "{lines:?}"
+    );
+    let output = crate::harness::cast_output(&lines);
+    assert!(output.contains("typed-42"), "{output}");
+    assert!(
+        lines.iter().any(|l| l[1] == "r" && l[2] == "80x24"),
+        "no resize in {lines:?}"
+    );
 }

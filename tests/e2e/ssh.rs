@@ -919,16 +919,7 @@ async fn openssh_runs_commands_through_the_gateway_with_evidence_and_guardrails(
 
     // An interactive shell in a real terminal (tmux): a typed command, a
     // resize, exit; the replay shows the output and the resize.
-    let sock = s.config_dir.join("tmux.sock");
-    let tmux = |args: &[&str]| {
-        let out = Command::new("tmux")
-            .arg("-S")
-            .arg(&sock)
-            .args(args)
-            .output()
-            .expect("run tmux");
-        text(&out.stdout)
-    };
+    let tmux = crate::harness::Tmux::new(&s.config_dir);
     let q = |p: &Path| format!("'{}'", p.display());
     let shell = format!(
         "env CUSTODY_COORDINATOR='{}' CUSTODY_CA={} CUSTODY_TOKEN='{}' CUSTODY_CONFIG_DIR={} HOME={} {} ssh strict-ssh; sleep 30",
@@ -939,25 +930,15 @@ async fn openssh_runs_commands_through_the_gateway_with_evidence_and_guardrails(
         q(&s.config_dir),
         q(&c.bins.custody),
     );
-    tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        "t",
-        "-x",
-        "100",
-        "-y",
-        "30",
-        &shell,
-    ]);
-    let pane = || tmux(&["capture-pane", "-p", "-t", "t"]);
+    tmux.start("t", 100, 30, &shell);
+    let pane = || tmux.pane("t");
     eventually(Duration::from_secs(20), "a shell prompt", || {
         let p = pane();
         let ok = p.contains('$') || p.contains('#');
         async move { ok }
     })
     .await;
-    tmux(&["send-keys", "-t", "t", "echo typed-$((6*7))", "Enter"]);
+    tmux.run(&["send-keys", "-t", "t", "echo typed-$((6*7))", "Enter"]);
     eventually(
         Duration::from_secs(20),
         "the typed command's output",
@@ -967,9 +948,9 @@ async fn openssh_runs_commands_through_the_gateway_with_evidence_and_guardrails(
         },
     )
     .await;
-    tmux(&["resize-window", "-t", "t", "-x", "80", "-y", "24"]);
+    tmux.run(&["resize-window", "-t", "t", "-x", "80", "-y", "24"]);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    tmux(&["send-keys", "-t", "t", "exit", "Enter"]);
+    tmux.run(&["send-keys", "-t", "t", "exit", "Enter"]);
     let mut shell_id = String::new();
     eventually(Duration::from_secs(20), "the shell session's end", || {
         let out = custody(
@@ -991,37 +972,15 @@ async fn openssh_runs_commands_through_the_gateway_with_evidence_and_guardrails(
         async move { ok }
     })
     .await;
-    tmux(&["kill-server"]);
-    let cast = s.config_dir.join("shell.cast");
-    let out = custody(
-        c,
-        &[],
-        &admin,
-        &[
-            "sessions",
-            "replay",
-            &shell_id,
-            "--asciicast",
-            &cast.display().to_string(),
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&cast)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    drop(tmux);
+    let lines = crate::harness::asciicast(c, &admin, &shell_id, &s.config_dir.join("shell.cast"));
     assert_eq!(
         (lines[0]["width"].as_u64(), lines[0]["height"].as_u64()),
         (Some(100), Some(30)),
         "{:?}",
         lines[0]
     );
-    let output: String = lines[1..]
-        .iter()
-        .filter(|l| l[1] == "o")
-        .map(|l| l[2].as_str().unwrap_or_default())
-        .collect();
+    let output = crate::harness::cast_output(&lines);
     assert!(output.contains("typed-42"), "{output}");
     assert!(
         lines.iter().any(|l| l[1] == "r" && l[2] == "80x24"),

@@ -11,8 +11,9 @@
 //! a pod's log is `line 1`, `line 2`, … and with `follow=true` a new line
 //! comes every 200 ms until the client goes away.
 //!
-//! Not served yet: exec, protobuf bodies, openapi (kubectl needs
-//! `--validate=false` for writes).
+//! Exec and attach speak the WebSocket channel protocol (`kube_exec`) and
+//! run real local processes. Not served yet: protobuf bodies, openapi
+//! (kubectl needs `--validate=false` for writes).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -37,6 +38,8 @@ struct Store {
     objects: BTreeMap<(String, String, String), Value>,
     version: u64,
     seen: Vec<Seen>,
+    /// Terminal sizes exec sessions were resized to.
+    resizes: Vec<crate::kube_exec::Size>,
 }
 
 #[derive(Clone)]
@@ -191,6 +194,7 @@ impl KubeApi {
             objects: BTreeMap::new(),
             version: 100,
             seen: Vec::new(),
+            resizes: Vec::new(),
         }));
         let api = Api {
             store: store.clone(),
@@ -262,6 +266,11 @@ impl KubeApi {
         self.store.lock().unwrap().seen.clone()
     }
 
+    /// The terminal sizes exec sessions were resized to, in order.
+    pub fn resizes(&self) -> Vec<crate::kube_exec::Size> {
+        self.store.lock().unwrap().resizes.clone()
+    }
+
     /// An object, if it exists.
     pub fn object(&self, resource: &str, namespace: &str, name: &str) -> Option<Value> {
         self.store
@@ -312,7 +321,7 @@ impl Api {
     }
 }
 
-async fn handle(State(api): State<Api>, req: Request) -> Response {
+async fn handle(State(api): State<Api>, mut req: Request) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or_default().to_owned();
@@ -330,15 +339,14 @@ async fn handle(State(api): State<Api>, req: Request) -> Response {
             })
             .collect(),
     });
+    if let Some(r) = exec(&api, &mut req, &path, &query, &headers) {
+        return r;
+    }
     let body = match axum::body::to_bytes(req.into_body(), 16 << 20).await {
         Ok(b) => b,
         Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
     };
-    let authorized = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == format!("Bearer {}", api.token));
-    if !authorized {
+    if !api.authorized(&headers) {
         return status(
             StatusCode::UNAUTHORIZED,
             "Unauthorized",
@@ -356,6 +364,63 @@ async fn handle(State(api): State<Api>, req: Request) -> Response {
         );
     }
     route(&api, &method, &path, &query, &headers, body)
+}
+
+impl Api {
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v == format!("Bearer {}", self.token))
+    }
+}
+
+/// `pods/<name>/exec` and `attach` (attach runs the pod's "main process": a
+/// shell here): upgraded to a WebSocket, unless refused. `None`: not an exec.
+fn exec(
+    api: &Api,
+    req: &mut Request,
+    path: &str,
+    query: &str,
+    headers: &HeaderMap,
+) -> Option<Response> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let ["api", "v1", "namespaces", ns, "pods", name, sub @ ("exec" | "attach")] = parts.as_slice()
+    else {
+        return None;
+    };
+    if !api.authorized(headers) {
+        return Some(status(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "Unauthorized".into(),
+        ));
+    }
+    if api.object_exists("pods", ns, name).is_none() {
+        return Some(status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("pods {name:?} not found"),
+        ));
+    }
+    let (response, protocol) = match crate::kube_exec::accept(headers) {
+        Ok(x) => x,
+        Err(why) => return Some(status(StatusCode::BAD_REQUEST, "BadRequest", why)),
+    };
+    let mut q = crate::kube_exec::ExecQuery::parse(query);
+    if *sub == "attach" {
+        q.command = vec!["sh".into()];
+    }
+    let upgrade = hyper::upgrade::on(req);
+    let store = api.store.clone();
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        crate::kube_exec::run(upgraded, protocol, q, move |size| {
+            store.lock().unwrap().resizes.push(size);
+        })
+        .await;
+    });
+    Some(response)
 }
 
 /// A streamed response: one line per item, as it comes.

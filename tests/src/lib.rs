@@ -2,3 +2,4 @@
 //! package provides live here.
 
 pub mod kube_api;
+pub mod kube_exec;

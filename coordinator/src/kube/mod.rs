@@ -12,6 +12,8 @@
 //! Secret values (`data`, `stringData`) are masked for the client and in
 //! the evidence; so is what the rule's masking profiles match.
 
+mod exec;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -192,6 +194,8 @@ pub struct KubeGateway<E: Engine> {
     guard: Arc<Guard>,
     notifier: crate::notify::Notifier,
     tls: tokio_rustls::TlsAcceptor,
+    /// Failed exec attempts' answers, for kubectl's SPDY retry.
+    retries: exec::RetryAnswers,
 }
 
 impl<E: Engine> KubeGateway<E> {
@@ -206,6 +210,7 @@ impl<E: Engine> KubeGateway<E> {
             guard,
             notifier,
             tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+            retries: exec::RetryAnswers::default(),
         }
     }
 
@@ -236,6 +241,7 @@ impl<E: Engine> KubeGateway<E> {
             .header_read_timeout(HANDSHAKE_TIMEOUT)
             .timer(hyper_util::rt::TokioTimer::new())
             .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+            .with_upgrades()
             .await;
         if let Err(e) = served {
             tracing::info!(%peer, error = %e, "kubernetes connection ended");
@@ -292,21 +298,40 @@ impl<E: Engine> KubeGateway<E> {
             Ok(k) => k,
             Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
         };
-        if matches!(
-            kreq.verb,
-            Verb::Exec | Verb::Attach | Verb::PortForward | Verb::Proxy
-        ) || !header(&req, "upgrade").is_empty()
-        {
+        let call = Call {
+            identity,
+            token_expires_at,
+            peer,
+            text: kreq.command_text(),
+            resource,
+            kreq,
+        };
+        if call.kreq.verb == Verb::Proxy {
             return status(
                 StatusCode::NOT_IMPLEMENTED,
                 "NotImplemented",
-                &format!(
-                    "custody does not carry {} yet (streams that upgrade the connection)",
-                    kreq.verb.as_str()
-                ),
+                "custody does not carry the API server's proxy subresource",
             );
         }
-        let text = kreq.command_text();
+        if matches!(
+            call.kreq.verb,
+            Verb::Exec | Verb::Attach | Verb::PortForward
+        ) {
+            return self.stream(req, call).await;
+        }
+        if !header(&req, "upgrade").is_empty() {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "only exec and attach upgrade the connection",
+            );
+        }
+        self.call(req, call).await
+    }
+
+    /// An ordinary API request: the body read whole, judged, sent on by the
+    /// edge, and the response streamed back.
+    async fn call(&self, req: Request<Incoming>, call: Call) -> Response<Body> {
         let (head_parts, body) = req.into_parts();
         let body = match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect())
             .await
@@ -328,6 +353,7 @@ impl<E: Engine> KubeGateway<E> {
             }
         };
         let req = Request::from_parts(head_parts, ());
+        let text = &call.text;
         // An approval covers this exact request: its command and its body.
         let approved_as = if body.is_empty() {
             text.clone()
@@ -339,107 +365,36 @@ impl<E: Engine> KubeGateway<E> {
                 )
             )
         };
-        let cleared = match self
-            .clear(&identity, &resource, &kreq, &text, &approved_as)
-            .await
-        {
+        let cleared = match self.clear(&call, &approved_as).await {
             Ok(c) => c,
             Err(r) => return r,
         };
-        let head = t::KubeRequest {
-            method: method.clone(),
-            path_and_query: req
-                .uri()
-                .path_and_query()
-                .map(|p| {
-                    let rest = &p.as_str()[("/k8s/".len() + resource.len())..];
-                    if rest.starts_with('/') {
-                        rest.to_owned()
-                    } else {
-                        format!("/{rest}")
-                    }
-                })
-                .unwrap_or_default(),
-            headers: req
-                .headers()
-                .iter()
-                .filter(|(n, _)| !dropped(n.as_str()))
-                .map(|(n, v)| t::HttpHeader {
-                    name: n.to_string(),
-                    value: v.as_bytes().to_vec().into(),
-                })
-                .collect(),
-        };
-        let event = ev::KubeRequest {
-            verb: kreq.verb.as_str().into(),
-            group: kreq.group.clone(),
-            version: kreq.version.clone(),
-            resource: kreq.resource.clone(),
-            subresource: kreq.subresource.clone(),
-            namespace: kreq.namespace.clone(),
-            name: kreq.name.clone(),
-            method,
-            path: head.path_and_query.clone(),
-            kubectl_command: header(&req, "kubectl-command").into(),
-            kubectl_session: header(&req, "kubectl-session").into(),
-            content_type: header(&req, "content-type").into(),
-        };
-        let secret = kreq.resource == "secrets" && kreq.group.is_empty();
+        let secret = call.kreq.resource == "secrets" && call.kreq.group.is_empty();
         let kube_filter = KubeFilter {
             secrets: secret,
             masker: cleared.output_masker(),
         };
-        let filtered = kube_filter.any();
-        let filter: Option<Arc<dyn LineFilter>> =
-            filtered.then(|| Arc::new(kube_filter) as Arc<dyn LineFilter>);
-        let mut first_events = vec![
-            ev::event::Kind::KubeRequest(event),
-            ev::event::Kind::Command(ev::CommandEvent {
-                text: text.clone(),
-                argv: vec![],
-                params: vec![],
-                verb: Action::Kube(kreq.verb).as_str().into(),
-            }),
-        ];
+        let filter: Option<Arc<dyn LineFilter>> = kube_filter
+            .any()
+            .then(|| Arc::new(kube_filter) as Arc<dyn LineFilter>);
+        let mut extra = vec![];
         if !body.is_empty() {
             let recorded = match &filter {
                 Some(f) => f.filter(&body),
                 None => body.clone(),
             };
-            first_events.push(ev::event::Kind::Output(ev::Output {
+            extra.push(ev::event::Kind::Output(ev::Output {
                 stream: "request".into(),
                 data: recorded.slice(..recorded.len().min(OUTPUT_CAP as usize)),
                 truncated: recorded.len() as u64 > OUTPUT_CAP,
                 continued: false,
             }));
         }
-        let opened = crate::gateway::open::open(
-            &self.tunnels,
-            cleared,
-            crate::gateway::open::Opening {
-                token_expires_at,
-                client_addr: Some(peer),
-                via: "kube",
-                command: text.clone(),
-                judged_command: Some(text.clone()),
-                first_events,
-            },
-        )
-        .await;
-        let opened = match opened {
-            Ok(o) => o,
-            Err(e) => return refused(&e),
+        let head = upstream_head(&req, &call.resource, String::new());
+        let mut s = match self.open(&call, cleared, &req, &head, extra).await {
+            Ok(s) => s,
+            Err(r) => return r,
         };
-        let grant_until = opened.grant_until();
-        let crate::gateway::open::Opened {
-            session_id,
-            routed,
-            rec,
-            live,
-            ..
-        } = opened;
-        let rec = Arc::new(rec);
-        let mut channel = routed.channel;
         let mut frames = vec![frame(t::session_frame::Kind::KubeRequest(head))];
         for chunk in body.chunks(64 << 10) {
             frames.push(frame(t::session_frame::Kind::Data(t::Data {
@@ -448,131 +403,97 @@ impl<E: Engine> KubeGateway<E> {
             })));
         }
         frames.push(frame(t::session_frame::Kind::Eof(t::Eof {})));
-        for f in frames {
-            if channel.tx.send(f).await.is_err() {
-                relay::abandon(&rec, "the edge stream closed before the request").await;
-                return status(
-                    StatusCode::BAD_GATEWAY,
-                    "InternalError",
-                    "the edge stream closed before the request",
-                );
-            }
-        }
-        let answer = tokio::time::timeout(RESPONSE_TIMEOUT, channel.rx.recv()).await;
-        let response = match answer {
-            Ok(Some(t::SessionFrame {
-                kind: Some(t::session_frame::Kind::KubeResponse(r)),
-            })) => r,
-            Ok(Some(t::SessionFrame {
-                kind: Some(t::session_frame::Kind::Error(e)),
-            })) => {
-                let outcome = ev::Outcome {
-                    exit_code: -1,
-                    error: e.clone(),
-                    ..Default::default()
-                };
-                let _ = rec.record(ev::event::Kind::Outcome(outcome)).await;
-                relay::abandon(&rec, &e).await;
-                return status(StatusCode::BAD_GATEWAY, "InternalError", &e);
-            }
-            _ => {
-                relay::abandon(&rec, "the edge did not answer the request").await;
-                return status(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "Timeout",
-                    "the edge did not answer the request in time",
-                );
-            }
+        let response = match s.exchange(frames).await {
+            Ok(r) => r,
+            Err(r) => return r,
         };
-        let code = StatusCode::from_u16(response.status as u16).unwrap_or(StatusCode::BAD_GATEWAY);
-        let content_type = response
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("content-type"))
-            .map(|h| String::from_utf8_lossy(&h.value).into_owned())
-            .unwrap_or_default();
-        if let Err(e) = rec
-            .record(ev::event::Kind::KubeResponse(ev::KubeResponse {
-                status: response.status,
-                content_type: content_type.clone(),
-            }))
-            .await
-        {
-            relay::abandon(&rec, &e.to_string()).await;
-            return status(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ServiceUnavailable",
-                &e.to_string(),
-            );
-        }
-        // What must be masked but arrives as something else (protobuf)
-        // cannot be: withheld.
-        if filtered && !content_type.is_empty() && !content_type.contains("json") {
-            relay::abandon(&rec, "a response that must be masked is not JSON; withheld").await;
-            return status(
-                StatusCode::NOT_ACCEPTABLE,
-                "NotAcceptable",
-                "custody masks JSON responses only here (secrets, or a rule with masking); ask for application/json",
-            );
-        }
-        tracing::info!(target: "audit", event = "session_opened", session = %session_id, subject = %identity.subject, %resource, edge = %routed.edge.name, verb = kreq.verb.as_str(), status = response.status);
-        let (in_tx, in_rx) = mpsc::channel(1);
-        drop(in_tx);
-        let (out_tx, out_rx) = mpsc::channel::<Bytes>(crate::tunnel::session::CHANNEL_FRAMES);
-        let session = ByteSession {
+        s.respond(&call, response, filter).await
+    }
+
+    /// Opens the request's session (its first events: the request, the
+    /// command, then `extra`).
+    async fn open(
+        &self,
+        call: &Call,
+        cleared: crate::gateway::authorize::Cleared,
+        req: &Request<()>,
+        head: &t::KubeRequest,
+        extra: Vec<ev::event::Kind>,
+    ) -> Result<Opening, Response<Body>> {
+        let kreq = &call.kreq;
+        let event = ev::KubeRequest {
+            verb: kreq.verb.as_str().into(),
+            group: kreq.group.clone(),
+            version: kreq.version.clone(),
+            resource: kreq.resource.clone(),
+            subresource: kreq.subresource.clone(),
+            namespace: kreq.namespace.clone(),
+            name: kreq.name.clone(),
+            method: head.method.clone(),
+            path: head.path_and_query.clone(),
+            kubectl_command: header(req, "kubectl-command").into(),
+            kubectl_session: header(req, "kubectl-session").into(),
+            content_type: header(req, "content-type").into(),
+        };
+        let mut first_events = vec![
+            ev::event::Kind::KubeRequest(event),
+            ev::event::Kind::Command(ev::CommandEvent {
+                text: call.text.clone(),
+                argv: vec![],
+                params: vec![],
+                verb: Action::Kube(kreq.verb).as_str().into(),
+            }),
+        ];
+        first_events.extend(extra);
+        let strict = crate::gateway::vocab::EvidenceMode::of(&cleared.resource().labels)
+            == crate::gateway::vocab::EvidenceMode::Strict;
+        let opened = crate::gateway::open::open(
+            &self.tunnels,
+            cleared,
+            crate::gateway::open::Opening {
+                token_expires_at: call.token_expires_at,
+                client_addr: Some(call.peer),
+                via: "kube",
+                command: call.text.clone(),
+                judged_command: Some(call.text.clone()),
+                first_events,
+            },
+        )
+        .await
+        .map_err(|e| refused(&e))?;
+        let grant_until = opened.grant_until();
+        let crate::gateway::open::Opened {
+            session_id,
+            routed,
             rec,
             live,
-            channel,
+            ..
+        } = opened;
+        Ok(Opening {
+            session_id,
+            edge: routed.edge.name.clone(),
+            rec: Arc::new(rec),
+            live,
+            channel: routed.channel,
             grant_until,
-            output_cap: OUTPUT_CAP,
-            recording: Recording {
-                input: None,
-                output: Some("response"),
-                tap: None,
-                masker: filter,
-            },
-        };
-        tokio::spawn(async move {
-            let finish = relay::run(session, in_rx, out_tx, |o| match o {
-                relay::Output::Stdout(b) | relay::Output::Stderr(b) => b,
-            })
-            .await;
-            if !matches!(finish, Finish::Exited { .. }) {
-                tracing::info!(target: "audit", event = "session_closed", session = %session_id, finish = ?finish);
-            }
-        });
-        let stream = futures::stream::unfold(out_rx, |mut rx| async move {
-            rx.recv()
-                .await
-                .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
-        });
-        let mut r = Response::new(StreamBody::new(stream).boxed());
-        *r.status_mut() = code;
-        for h in &response.headers {
-            if dropped(&h.name) || h.name.eq_ignore_ascii_case("content-length") {
-                continue;
-            }
-            if let (Ok(n), Ok(v)) = (
-                hyper::http::HeaderName::from_bytes(h.name.as_bytes()),
-                HeaderValue::from_bytes(&h.value),
-            ) {
-                r.headers_mut().append(n, v);
-            }
-        }
-        r
+            strict,
+        })
     }
 
     /// Judges the request; one that needs an approval is answered 403 with
     /// the request to approve, and runs once when retried after approval.
     async fn clear(
         &self,
-        identity: &crate::auth::Identity,
-        resource: &str,
-        kreq: &KubeRequest,
-        text: &str,
+        call: &Call,
         approved_as: &str,
     ) -> Result<crate::gateway::authorize::Cleared, Response<Body>> {
         use crate::state::approvals::{self, approval_get, effective_status};
+        let (identity, resource, kreq, text) = (
+            &call.identity,
+            call.resource.as_str(),
+            &call.kreq,
+            call.text.as_str(),
+        );
         let node = &self.tunnels.node;
         let action = Action::Kube(kreq.verb);
         let ask = |request_id| Ask {
@@ -629,6 +550,206 @@ impl<E: Engine> KubeGateway<E> {
                 c.decision().reason
             ),
         ))
+    }
+}
+
+/// A request as judged: who, what, and from where.
+pub(crate) struct Call {
+    identity: crate::auth::Identity,
+    token_expires_at: u64,
+    peer: SocketAddr,
+    resource: String,
+    kreq: KubeRequest,
+    /// The command text guardrails and the evidence see.
+    text: String,
+}
+
+/// A request's open session, before its response.
+pub(crate) struct Opening {
+    session_id: String,
+    edge: String,
+    rec: Arc<crate::evidence::SessionRecorder>,
+    live: crate::gateway::live::LiveSession,
+    channel: crate::tunnel::SessionChannel,
+    grant_until: Option<(u64, u64)>,
+    /// Whether the resource records in strict mode.
+    strict: bool,
+}
+
+/// The request head the edge sends on: the path below the resource's
+/// prefix, and the client's headers less those never passed on.
+fn upstream_head(req: &Request<()>, resource: &str, websocket_protocol: String) -> t::KubeRequest {
+    t::KubeRequest {
+        method: req.method().as_str().to_owned(),
+        path_and_query: req
+            .uri()
+            .path_and_query()
+            .map(|p| {
+                let rest = &p.as_str()[("/k8s/".len() + resource.len())..];
+                if rest.starts_with('/') {
+                    rest.to_owned()
+                } else {
+                    format!("/{rest}")
+                }
+            })
+            .unwrap_or_default(),
+        headers: req
+            .headers()
+            .iter()
+            .filter(|(n, _)| !dropped(n.as_str()) && !n.as_str().starts_with("sec-websocket-"))
+            .map(|(n, v)| t::HttpHeader {
+                name: n.to_string(),
+                value: v.as_bytes().to_vec().into(),
+            })
+            .collect(),
+        websocket_protocol,
+    }
+}
+
+impl Opening {
+    /// Sends the request's frames and waits for the edge's answer.
+    async fn exchange(
+        &mut self,
+        frames: Vec<t::SessionFrame>,
+    ) -> Result<t::KubeResponse, Response<Body>> {
+        for f in frames {
+            if self.channel.tx.send(f).await.is_err() {
+                relay::abandon(&self.rec, "the edge stream closed before the request").await;
+                return Err(status(
+                    StatusCode::BAD_GATEWAY,
+                    "InternalError",
+                    "the edge stream closed before the request",
+                ));
+            }
+        }
+        let answer = tokio::time::timeout(RESPONSE_TIMEOUT, self.channel.rx.recv()).await;
+        let response = match answer {
+            Ok(Some(t::SessionFrame {
+                kind: Some(t::session_frame::Kind::KubeResponse(r)),
+            })) => r,
+            Ok(Some(t::SessionFrame {
+                kind: Some(t::session_frame::Kind::Error(e)),
+            })) => {
+                let outcome = ev::Outcome {
+                    exit_code: -1,
+                    error: e.clone(),
+                    ..Default::default()
+                };
+                let _ = self.rec.record(ev::event::Kind::Outcome(outcome)).await;
+                relay::abandon(&self.rec, &e).await;
+                return Err(status(StatusCode::BAD_GATEWAY, "InternalError", &e));
+            }
+            _ => {
+                relay::abandon(&self.rec, "the edge did not answer the request").await;
+                return Err(status(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "Timeout",
+                    "the edge did not answer the request in time",
+                ));
+            }
+        };
+        if let Err(e) = self
+            .rec
+            .record(ev::event::Kind::KubeResponse(ev::KubeResponse {
+                status: response.status,
+                content_type: content_type(&response),
+            }))
+            .await
+        {
+            relay::abandon(&self.rec, &e.to_string()).await;
+            return Err(status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                &e.to_string(),
+            ));
+        }
+        Ok(response)
+    }
+
+    /// Streams the response's body to the client, recorded (and masked by
+    /// `filter`) on the way.
+    async fn respond(
+        self,
+        call: &Call,
+        response: t::KubeResponse,
+        filter: Option<Arc<dyn LineFilter>>,
+    ) -> Response<Body> {
+        let code = StatusCode::from_u16(response.status as u16).unwrap_or(StatusCode::BAD_GATEWAY);
+        let content_type = content_type(&response);
+        // What must be masked but arrives as something else (protobuf)
+        // cannot be: withheld.
+        if filter.is_some() && !content_type.is_empty() && !content_type.contains("json") {
+            relay::abandon(
+                &self.rec,
+                "a response that must be masked is not JSON; withheld",
+            )
+            .await;
+            return status(
+                StatusCode::NOT_ACCEPTABLE,
+                "NotAcceptable",
+                "custody masks JSON responses only here (secrets, or a rule with masking); ask for application/json",
+            );
+        }
+        let session_id = self.session_id;
+        tracing::info!(target: "audit", event = "session_opened", session = %session_id, subject = %call.identity.subject, resource = %call.resource, edge = %self.edge, verb = call.kreq.verb.as_str(), status = response.status);
+        let (in_tx, in_rx) = mpsc::channel(1);
+        drop(in_tx);
+        let (out_tx, out_rx) = mpsc::channel::<Bytes>(crate::tunnel::session::CHANNEL_FRAMES);
+        let session = ByteSession {
+            rec: self.rec,
+            live: self.live,
+            channel: self.channel,
+            grant_until: self.grant_until,
+            output_cap: OUTPUT_CAP,
+            recording: Recording {
+                input: None,
+                output: Some("response"),
+                tap: None,
+                masker: filter,
+            },
+        };
+        tokio::spawn(async move {
+            let finish = relay::run(session, in_rx, out_tx, |o| match o {
+                relay::Output::Stdout(b) | relay::Output::Stderr(b) => b,
+            })
+            .await;
+            if !matches!(finish, Finish::Exited { .. }) {
+                tracing::info!(target: "audit", event = "session_closed", session = %session_id, finish = ?finish);
+            }
+        });
+        let stream = futures::stream::unfold(out_rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        });
+        let mut r = Response::new(StreamBody::new(stream).boxed());
+        *r.status_mut() = code;
+        copy_headers(&response, &mut r);
+        r
+    }
+}
+
+fn content_type(r: &t::KubeResponse) -> String {
+    r.headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-type"))
+        .map(|h| String::from_utf8_lossy(&h.value).into_owned())
+        .unwrap_or_default()
+}
+
+/// The upstream response's headers onto the client's, less those never
+/// passed on.
+fn copy_headers(from: &t::KubeResponse, to: &mut Response<Body>) {
+    for h in &from.headers {
+        if dropped(&h.name) || h.name.eq_ignore_ascii_case("content-length") {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (
+            hyper::http::HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(&h.value),
+        ) {
+            to.headers_mut().append(n, v);
+        }
     }
 }
 
