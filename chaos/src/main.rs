@@ -78,6 +78,19 @@ enum BenchCmd {
         #[arg(long)]
         gateway: Option<String>,
     },
+    /// Kubernetes API requests direct and through Custody: `GET pods` rate
+    /// and latency, and a streamed pod log.
+    Kube {
+        /// Pods in the listed namespace.
+        #[arg(long, default_value_t = 100)]
+        pods: usize,
+        /// `GET pods` requests per path.
+        #[arg(long, default_value_t = 500)]
+        requests: usize,
+        /// MiB of pod log streamed per path.
+        #[arg(long, default_value_t = 100)]
+        log_mb: u64,
+    },
     /// OpenSSH direct and through Custody: bulk output, scp, new connections.
     Ssh {
         /// MiB of output per bulk run.
@@ -175,6 +188,11 @@ async fn main() -> anyhow::Result<()> {
         }) => {
             custody_chaos::ssh_bench::ssh(mb.max(1), scp_mb.max(1), connects, rounds.max(1)).await
         }
+        Cmd::Bench(BenchCmd::Kube {
+            pods,
+            requests,
+            log_mb,
+        }) => custody_chaos::kube_bench::kube(pods, requests.max(1), log_mb.max(1)).await,
         Cmd::Snapshot { gib, parallel, dir } => {
             custody_chaos::snapshot_soak::snapshot(gib.max(0.01), parallel, dir).await
         }

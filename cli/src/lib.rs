@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod dev;
+pub mod localkube;
 pub mod localpg;
 pub mod localssh;
 pub mod login;

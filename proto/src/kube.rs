@@ -155,6 +155,42 @@ pub fn query_pairs(query: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// What a command text (as [`KubeRequest::command_text`] writes it) asks
+/// for: the verb, the resource (plural) and its group, and the namespace
+/// (empty for a cluster-wide request or a path such as `/version`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target<'a> {
+    pub verb: &'a str,
+    pub resource: &'a str,
+    pub group: &'a str,
+    pub namespace: &'a str,
+}
+
+/// Reads a command text back into its [`Target`]; `None` when it is not
+/// one (the words after ` -- `, an exec's command, are never read).
+pub fn target(text: &str) -> Option<Target<'_>> {
+    let head = text.split(" -- ").next().unwrap_or(text);
+    let mut words = head.split(' ');
+    let verb = words.next().filter(|v| Verb::parse(v).is_some())?;
+    let what = words.next()?;
+    let (resource, group) = if what.starts_with('/') {
+        ("", "")
+    } else {
+        let kind = what.split('/').next().unwrap_or(what);
+        kind.split_once('.').unwrap_or((kind, ""))
+    };
+    let namespace = match (words.next(), words.next()) {
+        (Some("-n"), Some(ns)) => ns,
+        _ => "",
+    };
+    Some(Target {
+        verb,
+        resource,
+        group,
+        namespace,
+    })
+}
+
 /// Quotes a word for the command text when it needs it.
 fn shell_word(w: &str) -> String {
     if !w.is_empty()
@@ -503,5 +539,36 @@ mod tests {
         );
         assert_eq!(unescape("a%2", false), "a%2");
         assert_eq!(unescape("%zz", false), "%zz");
+    }
+
+    #[test]
+    fn command_texts_read_back_into_their_targets() {
+        for (method, path, query, want) in [
+            (
+                "DELETE",
+                "/api/v1/namespaces/prod/pods/web-1",
+                "",
+                ("delete", "pods", "", "prod"),
+            ),
+            (
+                "GET",
+                "/apis/apps/v1/namespaces/dev/deployments",
+                "",
+                ("list", "deployments", "apps", "dev"),
+            ),
+            ("GET", "/api/v1/secrets", "", ("list", "secrets", "", "")),
+            ("GET", "/version", "", ("get", "", "", "")),
+            (
+                "GET",
+                "/api/v1/namespaces/prod/pods/web-1/exec",
+                "command=sh&command=-c&command=kubectl%20get%20secrets%20-n%20x",
+                ("exec", "pods", "", "prod"),
+            ),
+        ] {
+            let text = classify(method, path, query).unwrap().command_text();
+            let t = target(&text).unwrap_or_else(|| panic!("{text}"));
+            assert_eq!((t.verb, t.resource, t.group, t.namespace), want, "{text}");
+        }
+        assert_eq!(target("SELECT 1"), None);
     }
 }

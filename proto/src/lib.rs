@@ -14,6 +14,7 @@ pub mod export;
 pub mod flow;
 pub mod frame;
 pub mod kube;
+pub mod kube_pb;
 pub mod ledger;
 pub mod pg;
 pub mod scp;

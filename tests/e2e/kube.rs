@@ -41,6 +41,68 @@ fn exits_7_with_both_streams(out: Output) {
     assert!(text(&out.stderr).contains("err"), "{}", text(&out.stderr));
 }
 
+/// Writes with protobuf bodies (`create configmap`, `create deployment`),
+/// client-side and server-side apply, `auth can-i` (protobuf) and `auth
+/// whoami`, through `run` (kubectl direct or through Custody); objects are
+/// checked on the server.
+fn writes_and_auth(api: &KubeApi, dir: &std::path::Path, run: impl Fn(&[&str]) -> Output) {
+    let ok = |args: &[&str]| {
+        let out = run(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    ok(&["create", "configmap", "pb-cm", "--from-literal=mode=slow"]);
+    assert_eq!(
+        api.object("configmaps", "default", "pb-cm").unwrap()["data"]["mode"],
+        "slow"
+    );
+    ok(&[
+        "create",
+        "deployment",
+        "pb-web",
+        "--image=nginx:1.27",
+        "--replicas=2",
+    ]);
+    let d = api.object("deployments", "default", "pb-web").unwrap();
+    assert_eq!(d["spec"]["replicas"], 2);
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["image"],
+        "nginx:1.27"
+    );
+    let manifest = dir.join(format!("applied-{}.yaml", api.addr.port()));
+    let write = |mode: &str| {
+        std::fs::write(
+            &manifest,
+            format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: applied\n  namespace: default\ndata:\n  mode: {mode}\n"),
+        )
+        .unwrap()
+    };
+    let file = manifest.display().to_string();
+    write("first");
+    ok(&["apply", "-f", &file, "--validate=false"]);
+    write("second");
+    ok(&["apply", "-f", &file, "--validate=false"]);
+    assert_eq!(
+        api.object("configmaps", "default", "applied").unwrap()["data"]["mode"],
+        "second"
+    );
+    write("third");
+    ok(&["apply", "--server-side", "-f", &file, "--validate=false"]);
+    assert_eq!(
+        api.object("configmaps", "default", "applied").unwrap()["data"]["mode"],
+        "third"
+    );
+    assert_eq!(ok(&["auth", "can-i", "create", "pods"]).trim(), "yes");
+    assert!(ok(&["auth", "whoami"]).contains("test-cluster-admin"));
+    for (r, n) in [
+        ("configmap", "pb-cm"),
+        ("deployment", "pb-web"),
+        ("configmap", "applied"),
+    ] {
+        ok(&["delete", r, n]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_works_against_the_test_api_server() {
     let api = KubeApi::start().await.unwrap();
@@ -54,8 +116,11 @@ async fn kubectl_works_against_the_test_api_server() {
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list["items"][0]["metadata"]["name"], "web-1");
 
-    // From a manifest (JSON on the wire; `kubectl create configmap` sends
-    // protobuf, which this server does not read yet).
+    writes_and_auth(&api, std::env::temp_dir().as_path(), |args| {
+        kubectl(&api, args)
+    });
+
+    // From a manifest (JSON on the wire).
     let manifest = std::env::temp_dir().join(format!("kube-cm-{}.yaml", api.addr.port()));
     std::fs::write(
         &manifest,
@@ -142,13 +207,13 @@ roles:
   approver: { groups: [approvers] }
 guardrails:
   - name: no-secret-reads
-    pattern: '^(get|list|watch) secrets'
+    kube: { verbs: [get, list, watch], resources: [secrets] }
     decision: deny
   - name: no-remote-rm
     pattern: '^exec .* -- .*rm -rf'
     decision: deny
   - name: prod-deletes-need-review
-    pattern: '^delete .* -n prod$'
+    kube: { verbs: [delete, deletecollection], namespaces: [prod] }
     decision: require_approval
     approval: { groups: [approvers], count: 1 }
 rules:
@@ -174,6 +239,14 @@ struct Through {
 impl Through {
     fn kubeconfig(&self) -> std::path::PathBuf {
         self.dir.path().join("kubeconfig")
+    }
+
+    /// `https://ADDR` of a coordinator's Kubernetes listener.
+    fn kube_url(&self) -> String {
+        let node = self.c.nodes.values().next().unwrap();
+        let cfg: toml::Table =
+            toml::from_str(&std::fs::read_to_string(&node.config).unwrap()).unwrap();
+        format!("https://{}", cfg["listen"]["kubernetes"].as_str().unwrap())
     }
 
     /// kubectl with the context `custody kube login` wrote, as `token`.
@@ -256,6 +329,7 @@ async fn kubectl_goes_through_the_gateway_with_evidence_and_guardrails() {
     let alice = c.mint_token("alice").await.unwrap().token;
     let admin = c.mint_token("admin").await.unwrap().token;
     let bob = c.mint_token("bob").await.unwrap().token;
+    let short = c.mint_token_for("alice", Some(1)).await.unwrap().token;
     let kubeconfig = t.kubeconfig().display().to_string();
     for r in ["local-kube", "ops-kube"] {
         let out = custody(
@@ -471,9 +545,8 @@ async fn kubectl_goes_through_the_gateway_with_evidence_and_guardrails() {
     assert!(t.api.object("pods", "prod", "api-1").is_none());
 
     // Bad tokens, an unknown resource: Status answers.
-    let node = c.nodes.values().next().unwrap();
-    let cfg: toml::Table = toml::from_str(&std::fs::read_to_string(&node.config).unwrap()).unwrap();
-    let addr = cfg["listen"]["kubernetes"].as_str().unwrap().to_owned();
+    let kube_url = t.kube_url();
+    let addr = kube_url.trim_start_matches("https://").to_owned();
     let ca = reqwest::Certificate::from_pem(&std::fs::read(c.ca_path()).unwrap()).unwrap();
     let http = reqwest::Client::builder()
         .add_root_certificate(ca)
@@ -488,6 +561,10 @@ async fn kubectl_goes_through_the_gateway_with_evidence_and_guardrails() {
     assert_eq!(r.status().as_u16(), 401);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["kind"], "Status");
+    garbage_closes_the_connection(&addr, &c.ca_path()).await;
+    // The port still serves.
+    let r = get("/k8s/local-kube/api/v1/pods", &alice).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
     let r = get("/k8s/no-such/api/v1/pods", &alice).await.unwrap();
     assert!([403, 404].contains(&r.status().as_u16()), "{}", r.status());
     let r = get("/elsewhere", &alice).await.unwrap();
@@ -518,6 +595,121 @@ async fn kubectl_goes_through_the_gateway_with_evidence_and_guardrails() {
     // The cluster token appears nowhere on the coordinators.
     let hits = grep_dir(&c.dir, t.api.token.as_bytes());
     assert!(hits.is_empty(), "cluster token found in {hits:?}");
+
+    // An expired token (minted at the start; verifiers allow 30 s of clock
+    // leeway): 401 with a Status saying so.
+    let mut last = String::new();
+    for _ in 0..90 {
+        let r = get("/k8s/local-kube/api/v1/pods", &short).await.unwrap();
+        if r.status().as_u16() == 401 {
+            last = r.text().await.unwrap();
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let body: serde_json::Value = serde_json::from_str(&last).unwrap_or_default();
+    assert_eq!(body["kind"], "Status", "{last}");
+    assert!(
+        body["message"].as_str().unwrap_or("").contains("expired"),
+        "{body}"
+    );
+}
+
+/// Garbage, and a header larger than the gateway reads, on the Kubernetes
+/// port: each connection is answered with an error or closed, and nothing
+/// else happens.
+async fn garbage_closes_the_connection(addr: &str, ca: &std::path::Path) {
+    use rustls::pki_types::pem::PemObject as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let tls = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let long = format!(
+        "GET /k8s/local-kube/api HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(200 << 10)
+    );
+    for junk in [
+        b"\x00\xffNOT HTTP AT ALL\r\n\r\n".to_vec(),
+        b"GET / HTTP/9.9 extra\r\n\r\n".to_vec(),
+        long.into_bytes(),
+    ] {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut s = tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        // The gateway may close before reading all of it.
+        let _ = s.write_all(&junk).await;
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            s.read_to_end(&mut answer),
+        )
+        .await;
+        assert!(read.is_ok(), "the connection stayed open after garbage");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 4"),
+            "{answer}"
+        );
+    }
+}
+
+/// A kube-rs client (typed `Pod`s) lists and watches through the gateway
+/// with a Custody token.
+async fn kube_rs_lists_and_watches(t: &Through, token: &str) {
+    use futures::TryStreamExt as _;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, ListParams, WatchEvent, WatchParams};
+    let ca = std::fs::read(t.c.ca_path()).unwrap();
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}/k8s/local-kube\n    certificate-authority-data: {}\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: x\n  context: {{cluster: c, user: u, namespace: default}}\ncurrent-context: x\n",
+        t.kube_url(),
+        {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(&ca)
+        },
+    );
+    let kc = kube::config::Kubeconfig::from_yaml(&kubeconfig).unwrap();
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    let client = kube::Client::try_from(cfg).unwrap();
+    let pods: Api<Pod> = Api::namespaced(client, "default");
+    let list = pods.list(&ListParams::default()).await.unwrap();
+    assert!(list
+        .items
+        .iter()
+        .any(|p| p.metadata.name.as_deref() == Some("web-1")));
+    let rv = list.metadata.resource_version.clone().unwrap_or_default();
+    let mut events = Box::pin(pods.watch(&WatchParams::default(), &rv).await.unwrap());
+    t.create_direct(
+        "kube-rs.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: seen-by-kube-rs\nspec:\n  containers: [{name: app, image: busybox}]\n",
+    );
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while let Some(e) = events.try_next().await.unwrap() {
+            if let WatchEvent::Added(p) = e {
+                if p.metadata.name.as_deref() == Some("seen-by-kube-rs") {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(seen, Ok(true), "the watch did not show the new pod");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -538,6 +730,41 @@ async fn kubectl_exec_goes_through_the_gateway_recorded_and_judged() {
         &["kube", "login", "local-kube", "--kubeconfig", &kubeconfig],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // Protobuf writes, apply, server-side apply and auth, through Custody;
+    // the protobuf body is recorded as its JSON form.
+    writes_and_auth(&t.api, t.dir.path(), |args| {
+        t.kubectl(&alice, "local-kube", args)
+    });
+    let events = session_events(c, &admin, "local-kube");
+    assert!(
+        events.iter().any(|e| e["event"]["stream"] == "request"
+            && e["event"]["text"]
+                .as_str()
+                .unwrap_or("")
+                .contains("\"image\":\"nginx:1.27\"")),
+        "the protobuf deployment is not recorded as JSON"
+    );
+    // A secret sent as protobuf: its value is masked in the evidence.
+    let out = t.kubectl(
+        &alice,
+        "local-kube",
+        &[
+            "create",
+            "secret",
+            "generic",
+            "pb-secret",
+            "--from-literal=password=pb-secret-value",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let recorded = serde_json::to_string(&session_events(c, &admin, "local-kube")).unwrap();
+    assert!(recorded.contains("pb-secret"));
+    assert!(
+        !recorded.contains("pb-secret-value") && !recorded.contains("cGItc2VjcmV0LXZhbHVl"),
+        "the protobuf secret's value is in the evidence"
+    );
+    kube_rs_lists_and_watches(&t, &alice).await;
 
     // Both streams and the exit code come through, and are recorded.
     exits_7_with_both_streams(t.kubectl(&alice, "local-kube", &EXIT_7));

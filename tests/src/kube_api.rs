@@ -12,8 +12,10 @@
 //! comes every 200 ms until the client goes away.
 //!
 //! Exec and attach speak the WebSocket channel protocol (`kube_exec`) and
-//! run real local processes. Not served yet: protobuf bodies, openapi
-//! (kubectl needs `--validate=false` for writes).
+//! run real local processes. Bodies are JSON or protobuf (ConfigMap,
+//! Secret, Deployment and the access reviews, through `proto::kube_pb`);
+//! server-side apply creates or merges; `auth whoami` names the token's
+//! user. Not served: openapi (kubectl needs `--validate=false` for writes).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -156,6 +158,12 @@ fn resource_list(group_version: &str, group: &str) -> Value {
         resources.push(
             json!({"name": "selfsubjectaccessreviews", "singularName": "selfsubjectaccessreview",
             "namespaced": false, "kind": "SelfSubjectAccessReview", "verbs": ["create"]}),
+        );
+    }
+    if group == "authentication.k8s.io" {
+        resources.push(
+            json!({"name": "selfsubjectreviews", "singularName": "selfsubjectreview",
+            "namespaced": false, "kind": "SelfSubjectReview", "verbs": ["create"]}),
         );
     }
     json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources})
@@ -423,6 +431,46 @@ fn exec(
     Some(response)
 }
 
+/// The token's user, as `auth whoami` reports it.
+const TOKEN_USER: &str = "test-cluster-admin";
+
+fn content_type(headers: &HeaderMap) -> &str {
+    headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+}
+
+/// A request's object: JSON (server-side apply's YAML arrives as JSON from
+/// kubectl), or protobuf for the kinds `kube_pb` decodes.
+fn read_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, Box<Response>> {
+    let ct = content_type(headers);
+    if custody_proto::kube_pb::is_protobuf(ct) {
+        let v = custody_proto::kube_pb::to_json(body)
+            .map_err(|e| Box::new(status(StatusCode::BAD_REQUEST, "BadRequest", e)))?;
+        if v.get("protobufBytes").is_some() {
+            return Err(Box::new(status(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedMediaType",
+                format!(
+                    "the test server does not decode {} from protobuf",
+                    v["kind"]
+                ),
+            )));
+        }
+        return Ok(v);
+    }
+    if ct.contains("json") || ct.contains("yaml") {
+        return serde_json::from_slice(body)
+            .map_err(|e| Box::new(status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string())));
+    }
+    Err(Box::new(status(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "UnsupportedMediaType",
+        format!("the test server takes JSON and protobuf bodies, not {ct:?}"),
+    )))
+}
+
 /// A streamed response: one line per item, as it comes.
 fn streamed(
     lines: impl futures::Stream<Item = String> + Send + 'static,
@@ -469,19 +517,29 @@ fn route(
                        "preferredVersion": {"groupVersion": format!("{name}/v1"), "version": "v1"}})
             };
             json_ok(json!({"kind": "APIGroupList", "apiVersion": "v1",
-                "groups": [group("apps"), group("authorization.k8s.io")]}))
+                "groups": [group("apps"), group("authorization.k8s.io"), group("authentication.k8s.io")]}))
         }
         ["api", "v1"] => json_ok(resource_list("v1", "")),
-        ["apis", g @ ("apps" | "authorization.k8s.io"), "v1"] => {
+        ["apis", g @ ("apps" | "authorization.k8s.io" | "authentication.k8s.io"), "v1"] => {
             json_ok(resource_list(&format!("{g}/v1"), g))
         }
         ["apis", "authorization.k8s.io", "v1", "selfsubjectaccessreviews"]
             if method == Method::POST =>
         {
-            let mut review: Value = serde_json::from_slice(&body).unwrap_or_else(|_| json!({}));
+            let mut review = match read_body(headers, &body) {
+                Ok(v) => v,
+                Err(r) => return *r,
+            };
             review["status"] =
                 json!({"allowed": true, "reason": "the test server allows everything"});
             (StatusCode::CREATED, axum::Json(review)).into_response()
+        }
+        ["apis", "authentication.k8s.io", "v1", "selfsubjectreviews"] if method == Method::POST => {
+            json_ok(
+                json!({"kind": "SelfSubjectReview", "apiVersion": "authentication.k8s.io/v1",
+                "metadata": {"creationTimestamp": null},
+                "status": {"userInfo": {"username": TOKEN_USER, "groups": ["system:masters", "system:authenticated"]}}}),
+            )
         }
         ["api", "v1", "namespaces", ns, "pods", name, "log"] if method == Method::GET => {
             if api.object_exists("pods", ns, name).is_none() {
@@ -490,6 +548,9 @@ fn route(
                     "NotFound",
                     format!("pods {name:?} not found"),
                 );
+            }
+            if let Some(total) = api.log_bytes(ns, name) {
+                return bulk_log(total);
             }
             let first = futures::stream::iter((1..=3).map(|i| format!("line {i}\n")));
             if !flag(query, "follow") {
@@ -535,7 +596,47 @@ fn watch(api: &Api, parts: &[&str]) -> Response {
     streamed(lines, "application/json")
 }
 
+/// The annotation that gives a pod a log of that many bytes, served as fast
+/// as it is read (for benchmarks).
+pub const LOG_BYTES_ANNOTATION: &str = "custody.test/log-bytes";
+
+/// `total` bytes of log lines, 64 KiB at a time.
+fn bulk_log(total: u64) -> Response {
+    const LINE: &[u8] =
+        b"2026-12-07T00:00:00Z level=info msg=\"a log line of a benchmark\" n=0123456789\n";
+    let block: Vec<u8> = LINE.iter().copied().cycle().take(64 << 10).collect();
+    let block = Bytes::from(block);
+    let chunks = futures::stream::unfold(total, move |left| {
+        let block = block.clone();
+        async move {
+            (left > 0).then(|| {
+                let n = left.min(block.len() as u64) as usize;
+                (
+                    Ok::<_, std::convert::Infallible>(block.slice(..n)),
+                    left - n as u64,
+                )
+            })
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/plain")
+        .body(axum::body::Body::from_stream(chunks))
+        .unwrap()
+}
+
 impl Api {
+    fn log_bytes(&self, namespace: &str, name: &str) -> Option<u64> {
+        let s = self.store.lock().unwrap();
+        let pod = s
+            .objects
+            .get(&("pods".into(), namespace.into(), name.into()))?;
+        pod["metadata"]["annotations"][LOG_BYTES_ANNOTATION]
+            .as_str()?
+            .parse()
+            .ok()
+    }
+
     fn object_exists(&self, resource: &str, namespace: &str, name: &str) -> Option<()> {
         self.store
             .lock()
@@ -621,19 +722,9 @@ fn objects(
             None => not_found(),
         },
         (Method::POST, true) => {
-            let is_json = headers
-                .get("content-type")
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|c| c.contains("json"));
-            let Some(obj) = is_json
-                .then(|| serde_json::from_slice::<Value>(&body).ok())
-                .flatten()
-            else {
-                return status(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "UnsupportedMediaType",
-                    "the test server takes JSON bodies".into(),
-                );
+            let obj = match read_body(headers, &body) {
+                Ok(v) => v,
+                Err(r) => return *r,
             };
             let Some(new_name) = obj["metadata"]["name"].as_str().map(str::to_owned) else {
                 return status(
@@ -657,8 +748,18 @@ fn objects(
             json_ok(StatusCode::CREATED, api.insert(resource, namespace, obj))
         }
         (Method::PUT | Method::PATCH, false) => {
-            let Some(mut current) = api.store.lock().unwrap().objects.get(&key).cloned() else {
-                return not_found();
+            let apply = content_type(headers).contains("apply-patch");
+            let existing = api.store.lock().unwrap().objects.get(&key).cloned();
+            let mut current = match existing {
+                Some(c) => c,
+                // Server-side apply creates what is not there.
+                None if apply => match read_body(headers, &body) {
+                    Ok(obj) => {
+                        return json_ok(StatusCode::CREATED, api.insert(resource, namespace, obj))
+                    }
+                    Err(r) => return *r,
+                },
+                None => return not_found(),
             };
             let Ok(change) = serde_json::from_slice::<Value>(&body) else {
                 return status(

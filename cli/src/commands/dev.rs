@@ -75,46 +75,21 @@ pub struct DevJson {
 /// Starts the tests' Kubernetes API server (`custody-kube-test-server`,
 /// next to the custody binary) in `dir/kube`; its TOML resource and pid.
 fn dev_kube(dir: &Path, custody: &Path) -> Option<(String, u32)> {
-    let bin = custody.with_file_name("custody-kube-test-server");
-    if !bin.exists() {
+    use custody_cli::localkube::LocalKube;
+    let Some(bin) = LocalKube::binary(custody) else {
         eprintln!(
-            "skipping the {DEV_KUBE_RESOURCE} resource: {} is not built",
-            bin.display()
+            "skipping the {DEV_KUBE_RESOURCE} resource: custody-kube-test-server is not built next to {}",
+            custody.display()
         );
         return None;
-    }
-    let kdir = dir.join("kube");
-    let _ = std::fs::remove_file(kdir.join("kube.json"));
-    let log = std::fs::File::create(dir.join("kube-api.log")).ok()?;
-    let child = std::process::Command::new(&bin)
-        .arg("--dir")
-        .arg(&kdir)
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().ok()?)
-        .stderr(log)
-        .spawn()
-        .inspect_err(|e| eprintln!("skipping the {DEV_KUBE_RESOURCE} resource: {e}"))
-        .ok()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let info: serde_json::Value = loop {
-        if let Ok(text) = std::fs::read_to_string(kdir.join("kube.json")) {
-            if let Ok(v) = serde_json::from_str(&text) {
-                break v;
-            }
-        }
-        if Instant::now() > deadline {
-            eprintln!("skipping the {DEV_KUBE_RESOURCE} resource: the API server did not start");
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
     };
-    let toml = format!(
-        "[[resources]]\nname = \"{DEV_KUBE_RESOURCE}\"\nkind = \"kubernetes\"\nlabels = {{ env = \"dev\" }}\n[resources.kubernetes]\nserver = \"{}\"\nca_file = \"{}\"\ntoken_file = \"{}\"\n",
-        info["url"].as_str().unwrap_or_default(),
-        kdir.join("kube-ca.pem").display(),
-        kdir.join("kube-token").display(),
-    );
-    Some((toml, child.id()))
+    let kube = LocalKube::start(&bin, &dir.join("kube"), &dir.join("kube-api.log"))
+        .inspect_err(|e| eprintln!("skipping the {DEV_KUBE_RESOURCE} resource: {e:#}"))
+        .ok()?;
+    Some((
+        kube.resource_toml(DEV_KUBE_RESOURCE, "env = \"dev\""),
+        kube.child.id(),
+    ))
 }
 
 #[derive(Serialize, Deserialize)]

@@ -349,8 +349,9 @@ fn is_input(stream: &str) -> bool {
 }
 
 /// A session as asciicast v2 lines: the header (the terminal's size when the
-/// session recorded one: an SSH pty request, or a resize before any output), then output ("o"), input ("i", a terminal's
-/// keystrokes, for those allowed to read them) and resize ("r") events.
+/// session recorded one: an SSH pty request, else its first resize), then
+/// output ("o"), input ("i", a terminal's keystrokes, for those allowed to
+/// read them) and resize ("r") events.
 pub fn asciicast_lines(events: &[ev::Event], info: &api::SessionInfo) -> Vec<serde_json::Value> {
     let start = events.first().map_or(0, |e| e.at_ms);
     let (mut width, mut height) = (120, 40);
@@ -359,18 +360,12 @@ pub fn asciicast_lines(events: &[ev::Event], info: &api::SessionInfo) -> Vec<ser
         _ => None,
     }) {
         (width, height) = (c.cols, c.rows);
-    } else if let Some(r) = events
-        .iter()
-        .take_while(
-            |e| !matches!(&e.kind, Some(ev::event::Kind::Output(o)) if !is_input(&o.stream)),
-        )
-        .find_map(|e| match &e.kind {
-            // A terminal that told its size before any output (kubectl
-            // exec -t does, on the resize channel).
-            Some(ev::event::Kind::Resize(r)) if r.cols > 0 && r.rows > 0 => Some(r),
-            _ => None,
-        })
-    {
+    } else if let Some(r) = events.iter().find_map(|e| match &e.kind {
+        // A terminal that tells its size once the stream is open (kubectl
+        // exec -t, on the resize channel; the process may print first).
+        Some(ev::event::Kind::Resize(r)) if r.cols > 0 && r.rows > 0 => Some(r),
+        _ => None,
+    }) {
         (width, height) = (r.cols, r.rows);
     }
     let mut lines = vec![serde_json::json!({
@@ -472,9 +467,11 @@ mod tests {
         assert_eq!(lines[1], serde_json::json!([0.5, "o", "h"]));
         assert_eq!(lines[2], serde_json::json!([0.6, "o", "éllo"]));
         assert_eq!(lines[3], serde_json::json!([1.0, "r", "80x24"]));
-        // Without a pty request, a resize before any output sizes the
-        // terminal (kubectl exec -t); one after output does not.
+        // Without a pty request, the first resize sizes the terminal
+        // (kubectl exec -t), and none leaves the default.
         let lines = asciicast_lines(&events[1..], &api::SessionInfo::default());
+        assert_eq!(lines[0]["width"].as_u64(), Some(80));
+        let lines = asciicast_lines(&events[1..3], &api::SessionInfo::default());
         assert_eq!(lines[0]["width"].as_u64(), Some(120));
         let mut sized = vec![ev(
             0,

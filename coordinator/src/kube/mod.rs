@@ -95,13 +95,18 @@ const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 fn mask_secret_doc(v: &mut serde_json::Value) {
     use serde_json::Value;
     let masked = || Value::String(crate::policy::mask::MASKED.into());
+    // `data` holds base64: the mask, encoded, so that clients decoding the
+    // object (kubectl create secret does) still can.
+    let masked_b64 = || {
+        use base64::Engine as _;
+        Value::String(base64::engine::general_purpose::STANDARD.encode(crate::policy::mask::MASKED))
+    };
     match v {
         Value::Object(map) => {
             for (k, val) in map.iter_mut() {
                 match (k.as_str(), &mut *val) {
-                    ("data" | "stringData", Value::Object(m)) => {
-                        m.values_mut().for_each(|x| *x = masked())
-                    }
+                    ("data", Value::Object(m)) => m.values_mut().for_each(|x| *x = masked_b64()),
+                    ("stringData", Value::Object(m)) => m.values_mut().for_each(|x| *x = masked()),
                     (LAST_APPLIED, Value::String(_)) => *val = masked(),
                     _ => mask_secret_doc(val),
                 }
@@ -179,6 +184,20 @@ impl LineFilter for KubeFilter {
     fn max_line(&self) -> usize {
         SECRET_LINE_MAX
     }
+}
+
+/// A request body as the evidence keeps it: protobuf decoded to JSON where
+/// its kind is known (else its type, metadata and size), so that it can be
+/// read and masked; other bodies as they are. What goes upstream is the
+/// body as sent.
+fn readable_body(content_type: &str, body: &Bytes) -> Bytes {
+    use custody_proto::kube_pb;
+    if !kube_pb::is_protobuf(content_type) {
+        return body.clone();
+    }
+    let v = kube_pb::to_json(body)
+        .unwrap_or_else(|e| serde_json::json!({"protobufBytes": body.len(), "unreadable": e}));
+    Bytes::from(v.to_string())
 }
 
 /// The header's value, as text.
@@ -379,9 +398,10 @@ impl<E: Engine> KubeGateway<E> {
             .then(|| Arc::new(kube_filter) as Arc<dyn LineFilter>);
         let mut extra = vec![];
         if !body.is_empty() {
+            let readable = readable_body(header(&req, "content-type"), &body);
             let recorded = match &filter {
-                Some(f) => f.filter(&body),
-                None => body.clone(),
+                Some(f) => f.filter(&readable),
+                None => readable,
             };
             extra.push(ev::event::Kind::Output(ev::Output {
                 stream: "request".into(),
@@ -766,7 +786,9 @@ mod tests {
         let obj = br#"{"kind":"Secret","data":{"password":"c2VjcmV0"},"stringData":{"k":"v"}}"#;
         let out = String::from_utf8(m.filter(obj).to_vec()).unwrap();
         assert!(!out.contains("c2VjcmV0") && !out.contains("\"v\""), "{out}");
-        assert!(out.contains("****"), "{out}");
+        assert!(out.contains("\"k\":\"****\""), "{out}");
+        // `data` stays base64 (of the mask), for clients that decode it.
+        assert!(out.contains("\"password\":\"KioqKg==\""), "{out}");
         let list =
             br#"{"kind":"SecretList","items":[{"data":{"a":"eA=="}},{"data":{"b":"eQ=="}}]}"#;
         let out = String::from_utf8(m.filter(list).to_vec()).unwrap();

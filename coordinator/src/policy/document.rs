@@ -235,10 +235,55 @@ pub struct GuardrailDoc {
     /// update_without_where, truncate, drop, multi_statement, unparsed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sql: Vec<super::sql::SqlClass>,
+    /// Kubernetes requests (for kubernetes resources), read from the
+    /// request: its verb, resource and namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kube: Option<KubeMatchDoc>,
     /// `deny` or `require_approval`.
     pub decision: EffectDoc,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<ApprovalDoc>,
+}
+
+/// Which Kubernetes requests a guardrail takes: every list given must
+/// match (one of its entries); an empty list matches anything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeMatchDoc {
+    /// `get`, `list`, `watch`, `create`, `update`, `patch`, `delete`,
+    /// `deletecollection`, `exec`, `attach`, `portforward`, `logs`, `proxy`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verbs: Vec<String>,
+    /// Resources by plural name (`pods`, `secrets`); `deployments.apps`
+    /// names the group as well.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+}
+
+impl KubeMatchDoc {
+    /// Why a request's command text (as the Kubernetes gateway writes it)
+    /// matches, if it does.
+    pub fn hits(&self, text: &str) -> Option<String> {
+        let t = custody_proto::kube::target(text)?;
+        let any = |list: &[String], f: &dyn Fn(&str) -> bool| {
+            list.is_empty() || list.iter().any(|x| f(x))
+        };
+        let verb = any(&self.verbs, &|v| v == t.verb);
+        let resource = any(&self.resources, &|r| match r.split_once('.') {
+            Some((res, group)) => res == t.resource && group == t.group,
+            None => r == t.resource,
+        });
+        let namespace = any(&self.namespaces, &|n| n == t.namespace);
+        (verb && resource && namespace).then(|| {
+            let mut why = format!("request is {} {}", t.verb, t.resource);
+            if !t.namespace.is_empty() {
+                why.push_str(&format!(" in {}", t.namespace));
+            }
+            why
+        })
+    }
 }
 
 /// Parses a document and checks it; the result is safe to compile.
@@ -347,10 +392,22 @@ pub(crate) fn validate(doc: &PolicyDocument) -> Result<(), PolicyError> {
             Some(p) => {
                 regex::Regex::new(p).map_err(|e| err(format!("bad pattern: {e}")))?;
             }
-            None if g.sql.is_empty() => {
-                return Err(err("needs a pattern or sql classes".into()));
+            None if g.sql.is_empty() && g.kube.is_none() => {
+                return Err(err("needs a pattern, sql classes or kube fields".into()));
             }
             None => {}
+        }
+        if let Some(k) = &g.kube {
+            if k.verbs.is_empty() && k.resources.is_empty() && k.namespaces.is_empty() {
+                return Err(err("kube needs verbs, resources or namespaces".into()));
+            }
+            if let Some(v) = k
+                .verbs
+                .iter()
+                .find(|v| custody_proto::kube::Verb::parse(v).is_none())
+            {
+                return Err(err(format!("kube: unknown verb {v:?}")));
+            }
         }
         match (g.decision, &g.approval) {
             (EffectDoc::Allow, _) => {

@@ -126,12 +126,22 @@ struct Guardrail {
 }
 
 impl Guardrail {
-    /// Why the guardrail applies to `cmd`, if it does.
-    fn hits(&self, cmd: &str, classes: Option<&BTreeSet<SqlClass>>) -> Option<String> {
+    /// Why the guardrail applies to `cmd`, if it does (`kube`: a request on
+    /// a kubernetes resource).
+    fn hits(&self, cmd: &str, classes: Option<&BTreeSet<SqlClass>>, kube: bool) -> Option<String> {
         if let (Some(re), Some(p)) = (&self.re, &self.doc.pattern) {
             if re.is_match(cmd) {
                 return Some(format!("command matches {p:?}"));
             }
+        }
+        if let Some(why) = self
+            .doc
+            .kube
+            .as_ref()
+            .filter(|_| kube)
+            .and_then(|k| k.hits(cmd))
+        {
+            return Some(why);
         }
         let classes = classes?;
         self.doc
@@ -393,7 +403,8 @@ impl Policy {
                     {
                         classes = Some(super::sql::facts(cmd, req.dialect).classes().clone());
                     }
-                    if let Some(why) = g.hits(cmd, classes.as_ref()) {
+                    let kube = Kind::parse(&req.resource.kind) == Some(Kind::Kubernetes);
+                    if let Some(why) = g.hits(cmd, classes.as_ref(), kube) {
                         trace.push(format!("guardrail {gname:?}: {why}"));
                         let effect = Effect::from(g.doc.decision);
                         let reason = match effect {
@@ -577,6 +588,76 @@ retention:
         );
         assert_eq!(d.effect, Effect::Allow);
         assert_eq!(d.by.name().as_deref(), Some("engineers-dev"));
+    }
+
+    #[test]
+    fn kube_guardrails_match_verbs_resources_and_namespaces() {
+        let doc = r#"
+guardrails:
+  - name: no-secret-reads
+    kube: { verbs: [get, list, watch], resources: [secrets] }
+    decision: deny
+  - name: prod-deletes
+    kube: { verbs: [delete, deletecollection], namespaces: [prod] }
+    decision: require_approval
+    approval: { groups: [approvers], count: 1 }
+  - name: no-app-deployments
+    kube: { resources: [deployments.apps], namespaces: [kube-system] }
+    decision: deny
+rules:
+  - name: kube
+    identity: { groups: [engineers] }
+    actions: ["*"]
+    decision: allow
+    guardrails: [no-secret-reads, prod-deletes, no-app-deployments]
+"#;
+        let p = Policy::compile(parse_document(doc, DocumentFormat::Yaml).unwrap()).unwrap();
+        let who = Identity::for_test("alice", &["engineers"]);
+        let k = res("cluster", "kubernetes", "dev");
+        let at = |verb: &str, text: &str| eval(&p, &who, &k, &format!("kube:{verb}"), Some(text));
+        assert_eq!(at("list", "list secrets -n dev").effect, Effect::Deny);
+        assert_eq!(at("get", "get secrets/db -n prod").effect, Effect::Deny);
+        assert_eq!(at("create", "create secrets -n dev").effect, Effect::Allow);
+        assert_eq!(at("list", "list pods -n dev").effect, Effect::Allow);
+        let d = at("delete", "delete pods/web-1 -n prod");
+        assert_eq!(d.effect, Effect::RequireApproval);
+        assert!(d.reason.contains("prod-deletes"), "{}", d.reason);
+        assert_eq!(
+            at("delete", "delete pods/web-1 -n dev").effect,
+            Effect::Allow
+        );
+        assert_eq!(
+            at("patch", "patch deployments.apps/dns -n kube-system").effect,
+            Effect::Deny
+        );
+        // An exec's own words are never read as the request.
+        assert_eq!(
+            at(
+                "exec",
+                "exec pods/web-1 -n dev -- kubectl get secrets -n prod"
+            )
+            .effect,
+            Effect::Allow
+        );
+        // Kube fields judge kubernetes resources only.
+        let shell = res("host", "shell", "dev");
+        assert_eq!(
+            eval(&p, &who, &shell, "exec", Some("get secrets -n dev")).effect,
+            Effect::Allow
+        );
+        for (bad, why) in [
+            (
+                "guardrails: [{ name: g, kube: {}, decision: deny }]",
+                "verbs, resources or namespaces",
+            ),
+            (
+                "guardrails: [{ name: g, kube: { verbs: [read] }, decision: deny }]",
+                "unknown verb",
+            ),
+        ] {
+            let e = parse_document(bad, DocumentFormat::Yaml).unwrap_err();
+            assert!(e.to_string().contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]
