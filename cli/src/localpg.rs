@@ -46,6 +46,51 @@ pub fn as_pg_user(bin: &Path) -> Command {
     }
 }
 
+/// Whether the `postgres` user can reach `dir` (every directory above it
+/// must let it pass; a checkout under `/root` or a `mktemp -d` does not).
+fn reachable_by_pg_user(dir: &Path) -> bool {
+    !is_root()
+        || Command::new("runuser")
+            .args(["-u", "postgres", "--", "test", "-x"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success())
+}
+
+/// Where a cluster asked for in `dir` really lives: `dir` itself, or, when
+/// the `postgres` user cannot reach it, a directory of its own under
+/// `/var/tmp` that `dir` links to (so `dir` still shows where it is).
+fn home_for(dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::hash::{Hash as _, Hasher as _};
+    if let Ok(target) = std::fs::read_link(dir) {
+        return Ok(target);
+    }
+    std::fs::create_dir_all(dir)?;
+    if reachable_by_pg_user(dir) {
+        return Ok(dir.to_owned());
+    }
+    let canonical = std::fs::canonicalize(dir)?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    canonical.hash(&mut h);
+    let home = PathBuf::from(format!("/var/tmp/custody-pg-{:016x}", h.finish()));
+    if home.exists() {
+        std::fs::remove_dir_all(&home)?;
+    }
+    std::fs::create_dir_all(&home)?;
+    std::fs::remove_dir(dir)
+        .with_context(|| format!("{} must be empty to hold a new cluster", dir.display()))?;
+    std::os::unix::fs::symlink(&home, dir)
+        .with_context(|| format!("link {} to {}", dir.display(), home.display()))?;
+    if !reachable_by_pg_user(&home) {
+        bail!(
+            "the postgres user cannot reach {} or {}: make one of them reachable (chmod o+x on each directory above it)",
+            dir.display(),
+            home.display()
+        );
+    }
+    Ok(home)
+}
+
 fn run(mut c: Command, what: &str) -> anyhow::Result<()> {
     let out = c.output().with_context(|| format!("run {what}"))?;
     if !out.status.success() {
@@ -59,13 +104,15 @@ fn run(mut c: Command, what: &str) -> anyhow::Result<()> {
 }
 
 impl LocalPostgres {
-    /// initdb + start in `dir` (created; must not hold a cluster yet).
+    /// initdb + start in `dir` (created; must not hold a cluster yet). As
+    /// root, when the `postgres` user cannot reach `dir`, the cluster lives
+    /// in a directory of its own that `dir` links to.
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
         use std::os::unix::fs::PermissionsExt as _;
         let initdb = pg_bin("initdb").context(
             "PostgreSQL server binaries are not installed (scripts/setup installs them)",
         )?;
-        std::fs::create_dir_all(dir)?;
+        let dir = &home_for(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
         let password_file = dir.join("pw");
         std::fs::write(&password_file, format!("{PASSWORD}\n"))?;
@@ -96,6 +143,7 @@ impl LocalPostgres {
 
     /// Starts an existing cluster in `dir` again (on a fresh port).
     pub fn restart(dir: &Path) -> anyhow::Result<Self> {
+        let dir = &std::fs::read_link(dir).unwrap_or_else(|_| dir.to_owned());
         stop_data_dir(&dir.join("data"));
         let pg = LocalPostgres {
             dir: dir.to_owned(),

@@ -30,6 +30,11 @@ struct DownOnDrop<'a> {
 impl Drop for DownOnDrop<'_> {
     fn drop(&mut self) {
         let _ = custody(self.bins, &["dev", "down", "--dir", &self.dir], &[]);
+        // A cluster placed where the postgres user can reach it is not
+        // under the test's directory: remove it too.
+        if let Ok(home) = std::fs::read_link(Path::new(&self.dir).join("postgres")) {
+            let _ = std::fs::remove_dir_all(home);
+        }
     }
 }
 
@@ -38,6 +43,11 @@ fn dev_up_detach_writes_dev_json_and_dev_down_stops_everything() {
     crate::harness::init();
     let bins = Binaries::locate().unwrap();
     let tmp = tempfile::tempdir().unwrap();
+    // Under a directory only its owner may enter (a checkout under /root,
+    // `mktemp -d`): as root, the private PostgreSQL (run as `postgres`)
+    // must still start.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let dir = tmp.path().join("dev");
     let d = dir.to_str().unwrap();
     let _down = DownOnDrop {
@@ -89,7 +99,6 @@ fn dev_up_detach_writes_dev_json_and_dev_down_stops_everything() {
         );
         assert!(dev["identities"][who]["groups"].is_array(), "{who}");
     }
-    use std::os::unix::fs::PermissionsExt as _;
     let mode = std::fs::metadata(dir.join("dev.json"))
         .unwrap()
         .permissions()

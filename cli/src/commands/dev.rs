@@ -126,7 +126,12 @@ fn dev_postgres(dir: &Path) -> anyhow::Result<Option<custody_cli::localpg::Local
     let mut pg = if pg_dir.join("data").join("PG_VERSION").exists() {
         LocalPostgres::restart(&pg_dir)?
     } else {
-        if pg_dir.exists() {
+        // A link (to where the postgres user can reach) goes with what it
+        // points at.
+        if let Ok(target) = std::fs::read_link(&pg_dir) {
+            let _ = std::fs::remove_dir_all(target);
+            std::fs::remove_file(&pg_dir)?;
+        } else if pg_dir.exists() {
             std::fs::remove_dir_all(&pg_dir)?;
         }
         LocalPostgres::start(&pg_dir)?
