@@ -187,6 +187,10 @@ pub struct RawListen {
     /// it through `custody kube login`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<String>,
+    /// Health and metrics, plain HTTP (`/healthz`, `/readyz`, `/metrics`);
+    /// bind it to loopback or a monitoring network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
     /// Raft address other nodes dial, when it differs from `raft` (NAT, proxies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertise_raft: Option<String>,
@@ -247,6 +251,8 @@ pub struct Config {
     pub ssh_addr: Option<SocketAddr>,
     pub ssh_host_key: Option<PathBuf>,
     pub kube_addr: Option<SocketAddr>,
+    /// Health and metrics (`listen.metrics`).
+    pub metrics_addr: Option<SocketAddr>,
     pub tls: TlsPaths,
     /// Every initial member, this node included.
     pub members: Vec<Member>,
@@ -343,6 +349,12 @@ impl Config {
             .kubernetes
             .as_deref()
             .map(|a| addr("listen.kubernetes", a))
+            .transpose()?;
+        let metrics_addr = raw
+            .listen
+            .metrics
+            .as_deref()
+            .map(|a| addr("listen.metrics", a))
             .transpose()?;
         if ssh_addr.is_some() && raw.listen.ssh_host_key.is_none() {
             return Err("listen.ssh needs listen.ssh_host_key (the cluster's SSH host key)".into());
@@ -506,6 +518,7 @@ impl Config {
             ssh_addr,
             ssh_host_key: raw.listen.ssh_host_key.as_deref().map(resolve),
             kube_addr,
+            metrics_addr,
             tls: TlsPaths {
                 ca: resolve(&raw.tls.ca),
                 cert: resolve(&raw.tls.cert),

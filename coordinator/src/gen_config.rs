@@ -137,6 +137,7 @@ struct Slot {
     postgres: String,
     ssh: String,
     kube: String,
+    metrics: String,
     dev_issuer: String,
 }
 
@@ -157,6 +158,7 @@ fn slot(id: u64, region: &str, host: &str) -> anyhow::Result<Slot> {
         postgres: addr(free_port(host)?),
         ssh: addr(free_port(host)?),
         kube: addr(free_port(host)?),
+        metrics: addr(free_port(host)?),
         dev_issuer: addr(free_port(host)?),
     })
 }
@@ -248,6 +250,7 @@ fn node_config(
             ssh: Some(s.ssh.clone()),
             ssh_host_key: Some("ssh-host-key".into()),
             kubernetes: Some(s.kube.clone()),
+            metrics: Some(s.metrics.clone()),
             advertise_raft: None,
         },
         tls: RawTls {
@@ -412,6 +415,7 @@ pub fn generate_joiner(
                 postgres: raw.listen.postgres.unwrap_or_default(),
                 ssh: raw.listen.ssh.unwrap_or_default(),
                 kube: raw.listen.kubernetes.unwrap_or_default(),
+                metrics: raw.listen.metrics.unwrap_or_default(),
                 dev_issuer: String::new(),
             });
         }

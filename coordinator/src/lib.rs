@@ -18,6 +18,7 @@ pub mod consensus;
 pub mod evidence;
 pub mod gateway;
 pub mod gen_config;
+pub mod health;
 pub mod kube;
 pub mod node_cert;
 pub mod notify;

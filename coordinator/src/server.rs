@@ -247,6 +247,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         None => None,
     };
 
+    // Health and metrics.
+    let metrics_task = match cfg.metrics_addr {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("bind metrics address {addr}"))?;
+            Some(tokio::spawn(crate::health::serve(
+                listener,
+                tunnels.clone(),
+            )))
+        }
+        None => None,
+    };
+
     let is_member = crate::consensus::transport::member_check(
         node.store().clone(),
         cfg.members.iter().map(|m| m.id).collect(),
@@ -406,6 +420,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         t.abort();
     }
     if let Some(t) = kube_task {
+        t.abort();
+    }
+    if let Some(t) = metrics_task {
         t.abort();
     }
     ticker.abort();

@@ -1183,3 +1183,102 @@ async fn live_exec_sessions_end_with_their_authority() {
     sessions_end_with_their_authority(&mut c, POLICY, start, |n| format!("sleep 6{n}"), "sleep")
         .await;
 }
+
+/// A sample's value in a Prometheus text exposition.
+fn metric(text: &str, name: &str) -> Option<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics_tell_readiness_raft_edges_and_sessions() {
+    let mut c = system(GenOptions::default()).await;
+    let url = |c: &TestCluster, id: u64, path: &str| {
+        let cfg: toml::Table =
+            toml::from_str(&std::fs::read_to_string(&c.nodes[&id].config).unwrap()).unwrap();
+        format!(
+            "http://{}{path}",
+            cfg["listen"]["metrics"].as_str().expect("listen.metrics")
+        )
+    };
+    let http = reqwest::Client::new();
+    let get = |u: String| {
+        let http = http.clone();
+        async move {
+            let r = http.get(u).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    for id in [1, 2, 3] {
+        assert_eq!(get(url(&c, id, "/healthz")).await, (200, "ok\n".into()));
+        let (code, body) = get(url(&c, id, "/readyz")).await;
+        assert_eq!(code, 200, "node {id}: {body}");
+        let (code, m) = get(url(&c, id, "/metrics")).await;
+        assert_eq!(code, 200);
+        assert!(
+            metric(&m, "custody_raft_term").is_some_and(|t| t != "0"),
+            "{m}"
+        );
+        assert!(metric(&m, "custody_raft_applied_index").is_some(), "{m}");
+        for (name, want) in [
+            ("custody_raft_voters", "3"),
+            ("custody_ready", "1"),
+            // The edge keeps a tunnel to every node.
+            ("custody_edges_connected", "1"),
+            ("custody_sessions_live{via=\"exec\"}", "0"),
+        ] {
+            assert_eq!(
+                metric(&m, name).as_deref(),
+                Some(want),
+                "node {id}: {name} in\n{m}"
+            );
+        }
+    }
+    let mut leaders = 0;
+    for id in [1, 2, 3] {
+        let m = get(url(&c, id, "/metrics")).await.1;
+        leaders += usize::from(metric(&m, "custody_raft_is_leader").as_deref() == Some("1"));
+    }
+    assert_eq!(leaders, 1);
+    // A live exec session shows on the node that serves it.
+    let alice = token(&c, "alice").await;
+    let mut s = custody_cmd(
+        &c,
+        &[1],
+        &alice,
+        &["exec", "local-shell", "--", "sleep", "30"],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    harness::eventually(
+        Duration::from_secs(20),
+        "a live exec session in the metrics",
+        || {
+            let u = url(&c, 1, "/metrics");
+            let get = get(u);
+            async move {
+                metric(&get.await.1, "custody_sessions_live{via=\"exec\"}").as_deref() == Some("1")
+            }
+        },
+    )
+    .await;
+    let _ = s.kill();
+    let _ = s.wait();
+    // Alone, a node is live but not ready.
+    c.kill(2).unwrap();
+    c.kill(3).unwrap();
+    harness::eventually(Duration::from_secs(30), "node 1 not ready", || {
+        let get = get(url(&c, 1, "/readyz"));
+        async move {
+            let (code, body) = get.await;
+            code == 503 && body.contains("no leader")
+        }
+    })
+    .await;
+    assert_eq!(get(url(&c, 1, "/healthz")).await.0, 200);
+}
