@@ -567,6 +567,8 @@ pub struct EdgeProc {
     pub config: PathBuf,
     pub data_dir: PathBuf,
     pub log: PathBuf,
+    /// Its health and metrics address (`http://` + this).
+    pub metrics: String,
     child: Option<Child>,
 }
 
@@ -615,10 +617,16 @@ impl LocalCluster {
             .collect();
         let config = self.dir.join(format!("edge-{}.toml", spec.name));
         let data_dir = self.dir.join(format!("edge-{}", spec.name));
+        let metrics = format!(
+            "127.0.0.1:{}",
+            std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port()
+        );
         let text = format!(
             "# custody-edge config written by the local cluster harness\n\
              data_dir = \"edge-{name}\"\nca = \"ca.pem\"\ncoordinators = [{seeds}]\n\
-             follow_membership = {follow}\n\n{res}",
+             follow_membership = {follow}\nmetrics = \"{metrics}\"\n\n{res}",
             name = spec.name,
             follow = !spec.seeds_only,
             seeds = seeds.join(", "),
@@ -633,6 +641,7 @@ impl LocalCluster {
                 config,
                 data_dir,
                 log,
+                metrics,
                 child: None,
             },
         );

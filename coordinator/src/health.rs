@@ -16,7 +16,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use prometheus_client::encoding::text::encode;
+use custody_proto::metrics::{exposition, gauge, CONTENT_TYPE};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -68,12 +68,6 @@ async fn readyz<E: Engine>(State(h): State<Arc<Health<E>>>) -> Response {
         },
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
     }
-}
-
-fn gauge(reg: &mut Registry, name: &str, help: &str, value: i64) {
-    let g = Gauge::<i64>::default();
-    g.set(value);
-    reg.register(name, help, g);
 }
 
 async fn metrics<E: Engine>(State(h): State<Arc<Health<E>>>) -> Response {
@@ -138,18 +132,10 @@ async fn metrics<E: Engine>(State(h): State<Arc<Health<E>>>) -> Response {
         "Sessions open on this node, by front door",
         sessions,
     );
-    let mut out = String::new();
-    if let Err(e) = encode(&mut out, &reg) {
-        return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    match exposition(&reg) {
+        Ok(text) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        out,
-    )
-        .into_response()
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -71,6 +72,9 @@ pub struct Agent {
     identity: RwLock<Identity>,
     loops: Mutex<HashMap<SocketAddr, JoinHandle<()>>>,
     renewing: Mutex<Option<(String, Instant)>>,
+    /// Tunnels up now, and sessions being served (for `/metrics`).
+    pub tunnels_up: AtomicUsize,
+    pub sessions_active: Arc<AtomicUsize>,
     fatal: watch::Sender<Option<String>>,
 }
 
@@ -124,6 +128,8 @@ impl Agent {
             identity: RwLock::new(identity),
             loops: Mutex::new(HashMap::new()),
             renewing: Mutex::new(None),
+            tunnels_up: AtomicUsize::new(0),
+            sessions_active: Arc::new(AtomicUsize::new(0)),
             fatal,
         });
         for addr in agent.cfg.coordinators.clone() {
@@ -283,13 +289,21 @@ impl Agent {
             };
         tracing::info!(coordinator = %addr, node = welcome.node_id, region = %welcome.node_region, "tunnel up");
         self.learn(&welcome.coordinators);
+        self.tunnels_up.fetch_add(1, Ordering::Relaxed);
+        let _up = Counted(&self.tunnels_up);
 
         let sessions = {
             let conn = conn.clone();
             let cfg = self.cfg.clone();
+            let active = self.sessions_active.clone();
             tokio::spawn(async move {
                 while let Ok((s, r)) = conn.accept_bi().await {
-                    tokio::spawn(handle_session(cfg.clone(), s, r));
+                    let (cfg, active) = (cfg.clone(), active.clone());
+                    tokio::spawn(async move {
+                        active.fetch_add(1, Ordering::Relaxed);
+                        let _served = Counted(&active);
+                        handle_session(cfg, s, r).await;
+                    });
                 }
             })
         };
@@ -385,6 +399,15 @@ impl Agent {
         }
         tracing::info!(not_after = id.not_after, "edge certificate renewed");
         *self.identity.write().unwrap_or_else(|e| e.into_inner()) = id;
+    }
+}
+
+/// Takes one off a count when dropped.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

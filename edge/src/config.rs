@@ -6,6 +6,7 @@
 //! coordinators = ["10.0.0.5:7003"] # tunnel addresses to start from
 //! # enroll_token = "cet1_..."     # used once; or --enroll-token / CUSTODY_ENROLL_TOKEN
 //! # follow_membership = false     # dial only the coordinators listed above
+//! # metrics = "127.0.0.1:9464"    # /healthz, /readyz, /metrics (plain HTTP)
 //!
 //! [[resources]]
 //! name = "local-shell"
@@ -71,6 +72,8 @@ struct RawConfig {
     enroll_token: Option<String>,
     #[serde(default = "yes")]
     follow_membership: bool,
+    #[serde(default)]
+    metrics: Option<String>,
     #[serde(default)]
     resources: Vec<RawResource>,
 }
@@ -352,6 +355,8 @@ pub struct EdgeConfig {
     /// configured coordinators are dialed: for networks that can reach just
     /// some of them; the others relay sessions through those.
     pub follow_membership: bool,
+    /// Health and metrics, plain HTTP (`/healthz`, `/readyz`, `/metrics`).
+    pub metrics: Option<SocketAddr>,
     pub resources: Vec<Resource>,
 }
 
@@ -522,6 +527,14 @@ impl EdgeConfig {
             coordinators,
             enroll_token: raw.enroll_token,
             follow_membership: raw.follow_membership,
+            metrics: raw
+                .metrics
+                .as_deref()
+                .map(|a| {
+                    a.parse()
+                        .map_err(|e| format!("metrics: {a:?} is not an address (host:port): {e}"))
+                })
+                .transpose()?,
             resources,
         })
     }

@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod config;
 pub mod dbtls;
+pub mod health;
 pub mod identity;
 pub mod kube;
 pub mod kube_exec;

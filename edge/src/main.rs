@@ -43,9 +43,16 @@ async fn main() -> anyhow::Result<()> {
             enroll_token,
         } => {
             let cfg = EdgeConfig::load(&config)?;
+            let metrics = cfg.metrics;
             let agent = Agent::start(cfg, enroll_token)
                 .await
                 .context("start the edge")?;
+            if let Some(addr) = metrics {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("bind the metrics address {addr}"))?;
+                tokio::spawn(custody_edge::health::serve(listener, agent.clone()));
+            }
             let id = agent.identity();
             tracing::info!(edge = id.info.edge_id, name = %id.info.name, "edge running");
             let mut term =

@@ -16,6 +16,7 @@ pub mod frame;
 pub mod kube;
 pub mod kube_pb;
 pub mod ledger;
+pub mod metrics;
 pub mod pg;
 pub mod scp;
 pub mod sftp;

@@ -1267,6 +1267,26 @@ async fn health_and_metrics_tell_readiness_raft_edges_and_sessions() {
         },
     )
     .await;
+    // The edge's own: three tunnels, the session, its certificate.
+    let edge = |path: &str| format!("http://{}{path}", c.edges["e1"].metrics);
+    assert_eq!(get(edge("/healthz")).await, (200, "ok\n".into()));
+    assert_eq!(get(edge("/readyz")).await.0, 200);
+    let m = get(edge("/metrics")).await.1;
+    assert_eq!(
+        metric(&m, "custody_edge_tunnels_up").as_deref(),
+        Some("3"),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "custody_edge_sessions_active").as_deref(),
+        Some("1"),
+        "{m}"
+    );
+    let expiry: i64 = metric(&m, "custody_edge_certificate_expiry_seconds")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(expiry > custody_edge::identity::now_secs(), "{m}");
     let _ = s.kill();
     let _ = s.wait();
     // Alone, a node is live but not ready.
