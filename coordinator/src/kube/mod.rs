@@ -465,8 +465,6 @@ impl<E: Engine> KubeGateway<E> {
             }),
         ];
         first_events.extend(extra);
-        let strict = crate::gateway::vocab::EvidenceMode::of(&cleared.resource().labels)
-            == crate::gateway::vocab::EvidenceMode::Strict;
         let opened = crate::gateway::open::open(
             &self.tunnels,
             cleared,
@@ -487,6 +485,7 @@ impl<E: Engine> KubeGateway<E> {
             routed,
             rec,
             live,
+            mode,
             ..
         } = opened;
         Ok(Opening {
@@ -496,7 +495,7 @@ impl<E: Engine> KubeGateway<E> {
             live,
             channel: routed.channel,
             grant_until,
-            strict,
+            strict: mode == crate::gateway::vocab::EvidenceMode::Strict,
         })
     }
 
