@@ -22,6 +22,7 @@ use custody_proto::v1::kv_client::KvClient;
 use custody_proto::v1::policy_client::PolicyClient;
 use custody_proto::v1::resources_client::ResourcesClient;
 use custody_proto::v1::sessions_client::SessionsClient;
+use custody_proto::v1::tools_client::ToolsClient;
 
 /// Metadata key on redirects (see the coordinator's `api` module).
 const LEADER_API_METADATA: &str = "x-custody-leader-api";
@@ -429,6 +430,24 @@ impl Client {
 }
 
 impl Client {
+    /// One MCP tool call, run by the cluster as this client's identity.
+    pub async fn tool_call(
+        &self,
+        req: api::ToolCallRequest,
+    ) -> Result<api::ToolCallResponse, ClientError> {
+        self.call(|ch| {
+            let tok = self.cfg.token.clone();
+            let req = req.clone();
+            async move {
+                Ok(ToolsClient::new(ch)
+                    .call(authed(&tok, req))
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
     pub async fn whoami(&self) -> Result<api::WhoAmIResponse, ClientError> {
         self.call(|ch| {
             let tok = self.cfg.token.clone();

@@ -477,6 +477,49 @@ impl LocalCluster {
         if let Some(secs) = secs {
             form.push(("expires_in", secs.to_string()));
         }
+        let token = self
+            .post_token(&form)
+            .await
+            .with_context(|| format!("mint a token for {account}"))?;
+        Ok(DevToken { token, groups })
+    }
+
+    /// RFC 8693 token exchange at the dev issuer: the demo client `client`
+    /// trades `subject_token` (a user's) for a token that says the client
+    /// acts for that user (`act`), with the client's groups.
+    pub async fn exchange_token(
+        &self,
+        client: &str,
+        subject_token: &str,
+    ) -> anyhow::Result<String> {
+        let path = self.dir.join("dev-accounts.toml");
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        let accounts: AccountsToml =
+            toml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        let c = accounts
+            .clients
+            .iter()
+            .find(|c| c.client_id == client)
+            .with_context(|| format!("no demo client {client:?} in {}", path.display()))?;
+        let form = vec![
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange".to_string(),
+            ),
+            ("client_id", c.client_id.clone()),
+            ("client_secret", c.secret.clone()),
+            ("subject_token", subject_token.to_owned()),
+            (
+                "subject_token_type",
+                "urn:ietf:params:oauth:token-type:access_token".into(),
+            ),
+        ];
+        self.post_token(&form).await.context("exchange a token")
+    }
+
+    /// Posts a token request to any running node's dev issuer.
+    async fn post_token(&self, form: &[(&str, String)]) -> anyhow::Result<String> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()?;
@@ -487,23 +530,28 @@ impl LocalCluster {
             };
             match http
                 .post(format!("http://{issuer}/token"))
-                .form(&form)
+                .form(form)
                 .send()
                 .await
             {
                 Ok(r) if r.status().is_success() => {
                     let v: serde_json::Value = r.json().await?;
-                    let token = v["access_token"]
+                    return Ok(v["access_token"]
                         .as_str()
                         .context("token response without access_token")?
-                        .to_owned();
-                    return Ok(DevToken { token, groups });
+                        .to_owned());
                 }
-                Ok(r) => last = format!("{issuer}: HTTP {}", r.status()),
+                Ok(r) => {
+                    let status = r.status();
+                    last = format!(
+                        "{issuer}: HTTP {status}: {}",
+                        r.text().await.unwrap_or_default()
+                    );
+                }
                 Err(e) => last = format!("{issuer}: {e}"),
             }
         }
-        bail!("could not mint a token for {account}: {last}")
+        bail!("{last}")
     }
 
     /// Waits until a node among `ids` (all when empty) reports a leader that

@@ -82,6 +82,8 @@ enum Cmd {
     /// Run a local development system.
     #[command(subcommand)]
     Dev(commands::dev::DevCmd),
+    /// Serve the governed tools to an AI agent over MCP (stdio).
+    Mcp(commands::mcp::McpArgs),
 }
 
 fn main() {
@@ -120,6 +122,7 @@ fn main() {
             Cmd::Exec(_) | Cmd::Ssh(_) => unreachable!("handled above"),
             Cmd::SshProxy(a) => commands::ssh::proxy(a).await,
             Cmd::Kube(c) => commands::kube::run(c).await,
+            Cmd::Mcp(a) => commands::mcp::run(a).await,
             Cmd::EdgeToken(c) => commands::edge::token(c).await,
             Cmd::Edge(c) => commands::edge::run(c).await,
             Cmd::Resources { json, cmd: None } => commands::edge::resources(json).await,

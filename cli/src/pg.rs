@@ -13,7 +13,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use custody_proto::pg::{self, btag, Frame, Limits};
+use custody_proto::pg::{self, btag, Frame};
+use custody_proto::pg_client;
 
 /// Why the gateway could not be reached or refused the session.
 #[derive(Debug, thiserror::Error)]
@@ -132,9 +133,13 @@ pub async fn start_session(
 }
 
 fn refusal(f: &Frame) -> GatewayError {
-    match pg::decode_notice(&f.body) {
-        Ok(n) => GatewayError::Refused(n.get(b'M').unwrap_or("").to_owned()),
-        Err(e) => GatewayError::Protocol(e.to_string()),
+    from_client(pg_client::refusal(f))
+}
+
+fn from_client(e: pg_client::ClientError) -> GatewayError {
+    match e {
+        pg_client::ClientError::Refused(m) => GatewayError::Refused(m),
+        pg_client::ClientError::Protocol(m) => GatewayError::Protocol(m),
     }
 }
 
@@ -143,46 +148,17 @@ pub async fn read_frame<S: tokio::io::AsyncRead + Unpin>(
     s: &mut S,
     buf: &mut BytesMut,
 ) -> Result<Frame, GatewayError> {
-    loop {
-        if let Some(f) = pg::split_frame(buf, Limits::default())
-            .map_err(|e| GatewayError::Protocol(e.to_string()))?
-        {
-            return Ok(f);
-        }
-        if s.read_buf(buf)
-            .await
-            .map_err(|e| GatewayError::Protocol(e.to_string()))?
-            == 0
-        {
-            return Err(GatewayError::Protocol(
-                "the gateway closed the connection".into(),
-            ));
-        }
-    }
+    pg_client::read_frame(s, buf).await.map_err(from_client)
 }
 
-/// The result of one simple query.
-#[derive(Debug, Default)]
-pub struct QueryResult {
-    pub columns: Vec<String>,
-    /// Text values; `None` is NULL.
-    pub rows: Vec<Vec<Option<String>>>,
-    pub tags: Vec<String>,
-    pub notices: Vec<String>,
-    pub error: Option<String>,
-}
+pub use custody_proto::pg_client::QueryResult;
 
 /// Writes and flushes (TLS may hold the tail of a write until flushed).
 async fn write_flush<S: tokio::io::AsyncWrite + Unpin>(
     s: &mut S,
     b: &[u8],
 ) -> Result<(), GatewayError> {
-    s.write_all(b)
-        .await
-        .map_err(|e| GatewayError::Protocol(e.to_string()))?;
-    s.flush()
-        .await
-        .map_err(|e| GatewayError::Protocol(e.to_string()))
+    pg_client::write_flush(s, b).await.map_err(from_client)
 }
 
 /// Runs `sql` with the simple query protocol on a fresh session; `params`
@@ -196,64 +172,12 @@ pub async fn query(
     params: &[(String, String)],
 ) -> Result<QueryResult, GatewayError> {
     let (mut s, mut buf) = start_session(addr, tls, resource, token, params).await?;
-    // Until the first ReadyForQuery: authentication result and greeting.
-    loop {
-        let f = read_frame(&mut s, &mut buf).await?;
-        match f.tag {
-            btag::ERROR_RESPONSE => return Err(refusal(&f)),
-            btag::READY_FOR_QUERY => break,
-            _ => {}
-        }
-    }
-    let mut out = BytesMut::new();
-    let mut body = sql.as_bytes().to_vec();
-    body.push(0);
-    pg::encode_frame(pg::ftag::QUERY, &body, &mut out);
-    write_flush(&mut s, &out).await?;
-    let mut r = QueryResult::default();
-    loop {
-        let f = read_frame(&mut s, &mut buf).await?;
-        match f.tag {
-            btag::ROW_DESCRIPTION => {
-                r.columns = pg::decode_row_description(&f.body)
-                    .map_err(|e| GatewayError::Protocol(e.to_string()))?
-                    .into_iter()
-                    .map(|c| c.name)
-                    .collect();
-            }
-            btag::DATA_ROW => r.rows.push(
-                pg::decode_data_row(&f.body)
-                    .map_err(|e| GatewayError::Protocol(e.to_string()))?
-                    .into_iter()
-                    .map(|v| v.map(|b| String::from_utf8_lossy(&b).into_owned()))
-                    .collect(),
-            ),
-            btag::COMMAND_COMPLETE => r
-                .tags
-                .push(pg::decode_cstring(&f.body, "CommandComplete").unwrap_or_default()),
-            btag::NOTICE_RESPONSE => {
-                if let Ok(n) = pg::decode_notice(&f.body) {
-                    r.notices.push(n.get(b'M').unwrap_or("").to_owned());
-                }
-            }
-            btag::ERROR_RESPONSE => {
-                let n = pg::decode_notice(&f.body)
-                    .map_err(|e| GatewayError::Protocol(e.to_string()))?;
-                r.error = Some(format!(
-                    "{} ({})",
-                    n.get(b'M').unwrap_or(""),
-                    n.get(b'C').unwrap_or("")
-                ));
-            }
-            btag::READY_FOR_QUERY => break,
-            _ => {}
-        }
-    }
-    out.clear();
-    pg::encode_frame(pg::ftag::TERMINATE, &[], &mut out);
-    let _ = s.write_all(&out).await;
-    let _ = s.shutdown().await;
-    Ok(r)
+    pg_client::greeting(&mut s, &mut buf)
+        .await
+        .map_err(from_client)?;
+    pg_client::simple_query(&mut s, &mut buf, sql, pg_client::Cap::default())
+        .await
+        .map_err(from_client)
 }
 
 /// The uid owning the loopback TCP connection whose near end is `peer` and

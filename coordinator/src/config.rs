@@ -187,6 +187,17 @@ pub struct RawListen {
     /// it through `custody kube login`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<String>,
+    /// The MCP endpoint for AI agents (HTTPS, Streamable HTTP at `/mcp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<String>,
+    /// `Host` values the MCP endpoint accepts (DNS-rebinding protection);
+    /// empty: loopback names only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mcp_allowed_hosts: Vec<String>,
+    /// Browser `Origin`s the MCP endpoint accepts (`scheme://host:port`);
+    /// empty: requests carrying an `Origin` are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mcp_allowed_origins: Vec<String>,
     /// Health and metrics, plain HTTP (`/healthz`, `/readyz`, `/metrics`);
     /// bind it to loopback or a monitoring network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -253,6 +264,10 @@ pub struct Config {
     pub kube_addr: Option<SocketAddr>,
     /// Health and metrics (`listen.metrics`).
     pub metrics_addr: Option<SocketAddr>,
+    /// The MCP endpoint (`listen.mcp`) and its `Host`/`Origin` allowlists.
+    pub mcp_addr: Option<SocketAddr>,
+    pub mcp_allowed_hosts: Vec<String>,
+    pub mcp_allowed_origins: Vec<String>,
     pub tls: TlsPaths,
     /// Every initial member, this node included.
     pub members: Vec<Member>,
@@ -349,6 +364,12 @@ impl Config {
             .kubernetes
             .as_deref()
             .map(|a| addr("listen.kubernetes", a))
+            .transpose()?;
+        let mcp_addr = raw
+            .listen
+            .mcp
+            .as_deref()
+            .map(|a| addr("listen.mcp", a))
             .transpose()?;
         let metrics_addr = raw
             .listen
@@ -519,6 +540,9 @@ impl Config {
             ssh_host_key: raw.listen.ssh_host_key.as_deref().map(resolve),
             kube_addr,
             metrics_addr,
+            mcp_addr,
+            mcp_allowed_hosts: raw.listen.mcp_allowed_hosts.clone(),
+            mcp_allowed_origins: raw.listen.mcp_allowed_origins.clone(),
             tls: TlsPaths {
                 ca: resolve(&raw.tls.ca),
                 cert: resolve(&raw.tls.cert),

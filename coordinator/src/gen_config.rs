@@ -138,6 +138,7 @@ struct Slot {
     ssh: String,
     kube: String,
     metrics: String,
+    mcp: String,
     dev_issuer: String,
 }
 
@@ -159,6 +160,7 @@ fn slot(id: u64, region: &str, host: &str) -> anyhow::Result<Slot> {
         ssh: addr(free_port(host)?),
         kube: addr(free_port(host)?),
         metrics: addr(free_port(host)?),
+        mcp: addr(free_port(host)?),
         dev_issuer: addr(free_port(host)?),
     })
 }
@@ -251,6 +253,9 @@ fn node_config(
             ssh_host_key: Some("ssh-host-key".into()),
             kubernetes: Some(s.kube.clone()),
             metrics: Some(s.metrics.clone()),
+            mcp: Some(s.mcp.clone()),
+            mcp_allowed_hosts: Vec::new(),
+            mcp_allowed_origins: Vec::new(),
             advertise_raft: None,
         },
         tls: RawTls {
@@ -416,6 +421,7 @@ pub fn generate_joiner(
                 ssh: raw.listen.ssh.unwrap_or_default(),
                 kube: raw.listen.kubernetes.unwrap_or_default(),
                 metrics: raw.listen.metrics.unwrap_or_default(),
+                mcp: raw.listen.mcp.unwrap_or_default(),
                 dev_issuer: String::new(),
             });
         }

@@ -20,6 +20,7 @@ pub mod gateway;
 pub mod gen_config;
 pub mod health;
 pub mod kube;
+pub mod mcp;
 pub mod node_cert;
 pub mod notify;
 pub mod pg;

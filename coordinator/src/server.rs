@@ -17,6 +17,7 @@ use custody_proto::v1::kv_server::KvServer;
 use custody_proto::v1::policy_server::PolicyServer;
 use custody_proto::v1::resources_server::ResourcesServer;
 use custody_proto::v1::sessions_server::SessionsServer;
+use custody_proto::v1::tools_server::ToolsServer;
 
 use crate::api::{
     ApiService, ApprovalsService, EdgesService, EvidenceService, Guard, PolicyService,
@@ -190,19 +191,48 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         None => None,
     };
     let notifier = crate::notify::Notifier::new(webhook_secret);
+    // The PostgreSQL gateway: its listener when configured; MCP tools open
+    // their database sessions through it either way.
+    let pg = std::sync::Arc::new(crate::pg::PgGateway::new(
+        tunnels.clone(),
+        guard.clone(),
+        tls.pg_server_config().context("postgres TLS config")?,
+        cfg.postgres_allow_plaintext,
+        notifier.clone(),
+    ));
     let pg_task = match cfg.postgres_addr {
         Some(addr) => {
             let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("bind postgres address {addr}"))?;
-            let gw = std::sync::Arc::new(crate::pg::PgGateway::new(
-                tunnels.clone(),
-                guard.clone(),
-                tls.pg_server_config().context("postgres TLS config")?,
-                cfg.postgres_allow_plaintext,
-                notifier.clone(),
-            ));
-            Some(tokio::spawn(gw.serve(listener)))
+            Some(tokio::spawn(pg.clone().serve(listener)))
+        }
+        None => None,
+    };
+    // The MCP tools: the `Tools` API, and `/mcp` when configured.
+    let tools = std::sync::Arc::new(crate::mcp::Tools::new(
+        tunnels.clone(),
+        guard.clone(),
+        notifier.clone(),
+        pg,
+    ));
+    let mcp_task = match cfg.mcp_addr {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("bind mcp address {addr}"))?;
+            let app = crate::mcp::http::router(
+                tools.clone(),
+                crate::mcp::http::Endpoint {
+                    issuers: cfg.issuers.iter().map(|i| i.issuer.clone()).collect(),
+                    allowed_hosts: cfg.mcp_allowed_hosts.clone(),
+                    allowed_origins: cfg.mcp_allowed_origins.clone(),
+                },
+            );
+            let tls_cfg = tls.kube_server_config().context("mcp TLS config")?;
+            Some(tokio::spawn(crate::mcp::http::serve(
+                listener, tls_cfg, app,
+            )))
         }
         None => None,
     };
@@ -286,7 +316,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             .with_cluster_info(cluster_id.clone(), public_key.clone())
             .with_postgres_addr(cfg.postgres_addr)
             .with_ssh(cfg.ssh_addr, ssh_public)
-            .with_kube(cfg.kube_addr),
+            .with_kube(cfg.kube_addr)
+            .with_mcp(cfg.mcp_addr),
     );
     let auth_svc = AuthServer::new(PolicyService::new(node.clone(), guard.clone()));
     let policy_svc = PolicyServer::new(PolicyService::new(node.clone(), guard.clone()))
@@ -339,6 +370,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             guard.clone(),
             notifier.clone(),
         )))
+        .add_service(
+            ToolsServer::new(crate::api::tools::ToolsService::new(tools))
+                .max_decoding_message_size(API_MAX_MESSAGE),
+        )
         .add_service(ApprovalsServer::new(ApprovalsService::new(
             node.clone(),
             guard.clone(),
@@ -420,6 +455,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         t.abort();
     }
     if let Some(t) = kube_task {
+        t.abort();
+    }
+    if let Some(t) = mcp_task {
         t.abort();
     }
     if let Some(t) = metrics_task {

@@ -56,6 +56,7 @@ pub fn event_json(e: &ev::Event) -> serde_json::Value {
                 "identity": o.identity.as_ref().map(|i| serde_json::json!({
                     "issuer": i.issuer, "subject": i.subject, "email": i.email, "name": i.name,
                     "groups": i.groups, "client_kind": i.client_kind, "client_id": i.client_id,
+                    "actor": i.actor,
                 })),
                 "client_addr": o.client_addr, "resource": o.resource,
                 "resource_kind": o.resource_kind, "labels": o.labels, "edge": o.edge,
@@ -143,6 +144,22 @@ pub fn event_json(e: &ev::Event) -> serde_json::Value {
         Some(Kind::KubeResponse(k)) => (
             "kube_response",
             serde_json::json!({"status": k.status, "content_type": k.content_type}),
+        ),
+        Some(Kind::ToolCall(t)) => (
+            "tool_call",
+            serde_json::json!({
+                "tool": t.tool,
+                "arguments": serde_json::from_str::<serde_json::Value>(&t.arguments_json)
+                    .unwrap_or_else(|_| serde_json::Value::String(t.arguments_json.clone())),
+                "reason": t.reason, "reason_source": t.reason_source,
+                "client": {"name": t.client_name, "version": t.client_version},
+                "protocol_version": t.protocol_version, "traceparent": t.traceparent,
+                "transport": t.transport,
+            }),
+        ),
+        Some(Kind::ToolResult(t)) => (
+            "tool_result",
+            serde_json::json!({"content": t.content, "is_error": t.is_error, "truncated": t.truncated}),
         ),
         None => ("unknown", serde_json::json!({})),
     };

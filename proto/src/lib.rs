@@ -18,6 +18,7 @@ pub mod kube_pb;
 pub mod ledger;
 pub mod metrics;
 pub mod pg;
+pub mod pg_client;
 pub mod scp;
 pub mod sftp;
 pub mod ssh;

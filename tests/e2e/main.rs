@@ -12,6 +12,7 @@ mod evidence;
 mod harness;
 mod integrity;
 mod kube;
+mod mcp;
 mod oidc;
 mod postgres;
 mod ssh;

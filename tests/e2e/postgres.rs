@@ -1013,7 +1013,7 @@ impl RawPg {
 }
 
 /// psql straight to the real server (seeding data the gateway must mask).
-fn psql_direct(pg: &Postgres, sql: &str) -> Output {
+pub(crate) fn psql_direct(pg: &Postgres, sql: &str) -> Output {
     psql(&pg.inner.direct_env(), sql)
 }
 

@@ -9,6 +9,7 @@ pub mod export;
 pub mod kube;
 pub mod kv;
 pub mod login;
+pub mod mcp;
 pub mod policy;
 pub mod sessions;
 pub mod ssh;

@@ -109,6 +109,7 @@ fn info_json(s: &api::SessionInfo) -> serde_json::Value {
         "chunks": s.chunks, "raw_bytes": s.raw_bytes, "stored_bytes": s.stored_bytes,
         "head_sha256": s.head_sha256,
         "purged_at_ms": s.purged_at_ms, "purge_rule": s.purge_rule,
+        "via": s.via, "actor": s.actor,
     })
 }
 
@@ -230,6 +231,18 @@ pub async fn run(cmd: SessionsCmd) -> anyhow::Result<()> {
             println!(
                 "session {}  ({} events, {} chunks, chain head {})",
                 info.session_id, info.events, info.chunks, info.head_sha256
+            );
+            let who = if info.actor.is_empty() {
+                info.subject.clone()
+            } else {
+                format!("{} acting for {}", info.actor, info.subject)
+            };
+            println!(
+                "by {who} ({}) via {} on {}: {}",
+                info.client_kind,
+                if info.via.is_empty() { "?" } else { &info.via },
+                info.resource,
+                info.command
             );
             if info.purged_at_ms != 0 {
                 println!(

@@ -10,7 +10,7 @@ pub async fn run(json: bool) -> anyhow::Result<()> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "issuer": r.issuer, "subject": r.subject, "email": r.email, "name": r.name,
                 "groups": r.groups, "client_kind": r.client_kind, "client_id": r.client_id,
-                "roles": r.roles,
+                "actor": r.actor, "roles": r.roles,
             }))?
         );
     } else {
@@ -20,6 +20,9 @@ pub async fn run(json: bool) -> anyhow::Result<()> {
             println!("email:       {}", r.email);
         }
         println!("client kind: {}", r.client_kind);
+        if !r.actor.is_empty() {
+            println!("acting:      {} (for {})", r.actor, r.subject);
+        }
         println!("groups:      {}", r.groups.join(", "));
         println!("roles:       {}", r.roles.join(", "));
     }

@@ -20,6 +20,7 @@ mod export;
 mod guard;
 mod policy;
 pub mod sessions;
+pub mod tools;
 
 pub use crate::gateway::Guard;
 pub use approvals::ApprovalsService;
@@ -107,6 +108,7 @@ pub struct ApiService<E: Engine> {
     /// The SSH gateway address and the cluster's host key line.
     ssh: (String, String),
     kube_addr: String,
+    mcp_addr: String,
 }
 
 impl<E: Engine> ApiService<E> {
@@ -118,12 +120,19 @@ impl<E: Engine> ApiService<E> {
             postgres_addr: String::new(),
             ssh: Default::default(),
             kube_addr: String::new(),
+            mcp_addr: String::new(),
         }
     }
 
     /// The node's Kubernetes gateway address, reported in `Cluster.Status`.
     pub fn with_kube(mut self, addr: Option<std::net::SocketAddr>) -> Self {
         self.kube_addr = addr.map(|a| a.to_string()).unwrap_or_default();
+        self
+    }
+
+    /// The node's MCP endpoint address, reported in `Cluster.Status`.
+    pub fn with_mcp(mut self, addr: Option<std::net::SocketAddr>) -> Self {
+        self.mcp_addr = addr.map(|a| a.to_string()).unwrap_or_default();
         self
     }
 
@@ -410,6 +419,7 @@ impl<E: Engine> Cluster for ApiService<E> {
         out.ssh_addr = self.ssh.0.clone();
         out.ssh_host_key = self.ssh.1.clone();
         out.kube_addr = self.kube_addr.clone();
+        out.mcp_addr = self.mcp_addr.clone();
         Ok(Response::new(out))
     }
 

@@ -47,6 +47,7 @@ impl<E: Engine> Auth for PolicyService<E> {
             groups: id.groups,
             client_kind: id.client_kind.as_str().into(),
             client_id: id.client_id.unwrap_or_default(),
+            actor: id.actor.unwrap_or_default(),
             roles: roles.into_iter().map(|r| role_name(r).to_owned()).collect(),
         }))
     }
@@ -185,6 +186,7 @@ impl<E: Engine> PolicyApi for PolicyService<E> {
                 groups: r.groups.clone(),
                 client_kind,
                 client_id: None,
+                actor: None,
             }
         } else {
             let found = state::identities_named(self.node.store(), &r.r#as)
@@ -198,6 +200,7 @@ impl<E: Engine> PolicyApi for PolicyService<E> {
                     groups: r.groups.clone(),
                     client_kind,
                     client_id: None,
+                    actor: None,
                 },
                 [] => {
                     return Err(Status::not_found(format!(

@@ -14,7 +14,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use custody_proto::tunnel::v1 as t;
 use custody_proto::v1 as api;
 use custody_proto::v1::sessions_server::Sessions;
 
@@ -22,13 +21,11 @@ use custody_proto::cluster::v1 as pb;
 use custody_proto::evidence::v1 as ev;
 
 use super::{storage_status, Guard};
-use crate::evidence::DEFAULT_OUTPUT_CAP;
 use crate::gateway::session::{command_digest, create_request};
-use crate::gateway::{relay, Action, EvidenceMode, Kind};
+use crate::gateway::{relay, Action, Kind};
 use crate::notify::Notifier;
 use crate::policy::Role;
 use crate::storage::Engine;
-use crate::tunnel::session::frame;
 use crate::tunnel::Tunnels;
 use custody_proto::export::hex;
 
@@ -271,55 +268,26 @@ impl<E: Engine> Sessions for SessionsService<E> {
         };
         let rule = cleared.decision().by.label();
         let resource = cleared.resource().clone();
-        let recording = relay::Recording {
-            masker: relay::masked_by(cleared.output_masker()),
-            ..relay::Recording::bytes()
-        };
-        let cmd_event = ev::CommandEvent {
-            text: command.clone(),
-            argv: start.argv.clone(),
-            params: vec![],
-            verb: "exec".into(),
-        };
-        // Opening the stream runs nothing yet: the edge waits for the command.
-        let opened = crate::gateway::open::open(
+        let started = crate::gateway::exec::start(
             &self.tunnels,
             cleared,
-            crate::gateway::open::Opening {
+            crate::gateway::exec::ExecStart {
+                argv: start.argv.clone(),
+                command: command.clone(),
                 token_expires_at,
                 client_addr,
                 via: "exec",
-                command: command.clone(),
-                judged_command: Some(command.clone()),
-                first_events: vec![ev::event::Kind::Command(cmd_event)],
+                first_events: Vec::new(),
             },
         )
         .await?;
-        let grant_until = opened.grant_until();
-        let crate::gateway::open::Opened {
+        let crate::gateway::exec::Started {
             session_id,
-            routed,
-            rec,
-            live,
-            mode,
-            ..
-        } = opened;
-        let rec = Arc::new(rec);
-        let strict = mode == EvidenceMode::Strict;
-        let channel = routed.channel;
-        if channel
-            .tx
-            .send(frame(t::session_frame::Kind::Exec(t::ExecCommand {
-                argv: start.argv.clone(),
-            })))
-            .await
-            .is_err()
-        {
-            relay::abandon(&rec, "the edge stream closed before the command").await;
-            return Err(Status::unavailable(
-                "the edge stream closed before the command",
-            ));
-        }
+            edge,
+            via_node,
+            strict,
+            session,
+        } = started;
         tracing::info!(
             target: "audit",
             event = "session_opened",
@@ -329,8 +297,8 @@ impl<E: Engine> Sessions for SessionsService<E> {
             client_kind = id.client_kind.as_str(),
             client = ?client_addr,
             resource = %resource.name,
-            edge = %routed.edge.name,
-            via_node = routed.via_node,
+            edge = %edge,
+            via_node,
             %rule,
             command_bytes = command.len(),
             strict,
@@ -354,21 +322,13 @@ impl<E: Engine> Sessions for SessionsService<E> {
         let (out_tx, out_rx) = mpsc::channel(crate::tunnel::session::CHANNEL_FRAMES);
         let started = api::ExecStarted {
             session_id: session_id.clone(),
-            edge: routed.edge.name.clone(),
-            via_node: routed.via_node,
+            edge,
+            via_node,
         };
         tokio::spawn(async move {
             let _ = out_tx
                 .send(out(api::exec_output::Kind::Started(started)))
                 .await;
-            let session = relay::ByteSession {
-                rec,
-                live,
-                channel,
-                grant_until,
-                output_cap: DEFAULT_OUTPUT_CAP,
-                recording,
-            };
             let finish = relay::run(session, in_rx, out_tx.clone(), |o| {
                 out(match o {
                     relay::Output::Stdout(b) => api::exec_output::Kind::Stdout(b),
@@ -426,6 +386,8 @@ pub fn session_info(r: &pb::SessionRecord) -> api::SessionInfo {
         head_sha256: hex(&r.head_sha256),
         purged_at_ms: r.purged_at_ms,
         purge_rule: r.purge_rule.clone(),
+        via: s.via,
+        actor: s.actor,
     }
 }
 

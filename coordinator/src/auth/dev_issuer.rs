@@ -156,7 +156,7 @@ async fn discovery(State(st): State<Arc<Issuer>>) -> Json<serde_json::Value> {
         "issuer": st.issuer,
         "jwks_uri": format!("{}/jwks", st.base),
         "token_endpoint": format!("{}/token", st.base),
-        "grant_types_supported": ["password", "client_credentials"],
+        "grant_types_supported": ["password", "client_credentials", TOKEN_EXCHANGE],
         "response_types_supported": ["token"],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": ["ES256"],
@@ -177,6 +177,55 @@ struct TokenForm {
     client_secret: Option<String>,
     /// A shorter lifetime, in seconds (tests of what a token's expiry ends).
     expires_in: Option<u64>,
+    /// Token exchange: the user's access token.
+    subject_token: Option<String>,
+}
+
+/// The RFC 8693 token exchange grant.
+const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+
+/// The client a request authenticates as (HTTP Basic or form fields).
+#[allow(clippy::result_large_err)]
+fn client<'a>(
+    st: &'a Issuer,
+    headers: &HeaderMap,
+    f: &TokenForm,
+) -> Result<&'a DevClient, Response> {
+    let (id, secret) = match basic_auth(headers) {
+        Some(x) => x,
+        None => match (f.client_id.clone(), f.client_secret.clone()) {
+            (Some(i), Some(s)) => (i, s),
+            _ => {
+                return Err(oauth_error(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_client",
+                    "client authentication is required",
+                ))
+            }
+        },
+    };
+    st.clients
+        .get(&id)
+        .filter(|c| constant_eq(&c.secret, &secret))
+        .ok_or_else(|| {
+            tracing::warn!(target: "audit", event = "dev_issuer_client_failed", client_id = %id, "dev issuer: bad client credentials");
+            oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "bad client credentials",
+            )
+        })
+}
+
+/// The claims of a token this issuer minted, checked.
+fn subject_claims(st: &Issuer, token: &str) -> Result<serde_json::Value, String> {
+    let key = jsonwebtoken::DecodingKey::from_jwk(&st.jwk).map_err(|e| e.to_string())?;
+    let mut v = jsonwebtoken::Validation::new(Algorithm::ES256);
+    v.set_audience(&[&st.audience]);
+    v.set_issuer(&[&st.issuer]);
+    jsonwebtoken::decode::<serde_json::Value>(token, &key, &v)
+        .map(|d| d.claims)
+        .map_err(|e| format!("the subject token is not valid: {e}"))
 }
 
 fn oauth_error(status: StatusCode, code: &str, desc: &str) -> Response {
@@ -251,34 +300,43 @@ async fn token(
             claims["client_id"] = json!(f.client_id.as_deref().unwrap_or("custody-cli"));
         }
         "client_credentials" => {
-            let (id, secret) = match basic_auth(&headers) {
-                Some(x) => x,
-                None => match (f.client_id, f.client_secret) {
-                    (Some(i), Some(s)) => (i, s),
-                    _ => {
-                        return oauth_error(
-                            StatusCode::UNAUTHORIZED,
-                            "invalid_client",
-                            "client authentication is required",
-                        )
-                    }
-                },
-            };
-            let Some(c) = st
-                .clients
-                .get(&id)
-                .filter(|c| constant_eq(&c.secret, &secret))
-            else {
-                tracing::warn!(target: "audit", event = "dev_issuer_client_failed", client_id = %id, "dev issuer: bad client credentials");
-                return oauth_error(
-                    StatusCode::UNAUTHORIZED,
-                    "invalid_client",
-                    "bad client credentials",
-                );
+            let c = match client(&st, &headers, &f) {
+                Ok(c) => c,
+                Err(r) => return r,
             };
             claims["sub"] = json!(c.client_id);
             claims["client_id"] = json!(c.client_id);
             claims["groups"] = json!(c.groups);
+        }
+        // RFC 8693 delegation: a client (an AI agent) trades a user's token
+        // for one that says it acts for that user (`act`), with the
+        // client's own groups, never the user's.
+        TOKEN_EXCHANGE => {
+            let c = match client(&st, &headers, &f) {
+                Ok(c) => c,
+                Err(r) => return r,
+            };
+            let Some(subject_token) = f.subject_token.as_deref() else {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "subject_token is required",
+                );
+            };
+            let user = match subject_claims(&st, subject_token) {
+                Ok(u) => u,
+                Err(e) => {
+                    return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", &e);
+                }
+            };
+            for k in ["sub", "email", "name"] {
+                if let Some(v) = user.get(k) {
+                    claims[k] = v.clone();
+                }
+            }
+            claims["client_id"] = json!(c.client_id);
+            claims["groups"] = json!(c.groups);
+            claims["act"] = json!({ "sub": c.client_id });
         }
         other => {
             return oauth_error(

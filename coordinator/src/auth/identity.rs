@@ -30,6 +30,10 @@ pub struct Identity {
     pub groups: Vec<String>,
     pub client_kind: ClientKind,
     pub client_id: Option<String>,
+    /// RFC 8693 delegation: the party acting for the subject (the token's
+    /// `act.sub`), such as an AI agent acting for a human.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
 }
 
 impl Identity {
@@ -56,6 +60,7 @@ impl Identity {
             groups: groups.iter().map(|g| g.to_string()).collect(),
             client_kind: ClientKind::Human,
             client_id: None,
+            actor: None,
         }
     }
 }

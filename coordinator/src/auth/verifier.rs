@@ -458,7 +458,16 @@ impl Verifier {
         // put in it: the subject is the client (the OAuth convention, Okta),
         // Auth0's `gty: client-credentials`, Entra ID's `idtyp: app`,
         // Keycloak's `service-account-…` user.
-        let machine = client_id.as_deref() == Some(subject.as_str())
+        // RFC 8693 delegation: `act.sub` acts for `sub`. The call is the
+        // actor's (a client), so the identity is a machine's.
+        let actor = c
+            .get("act")
+            .and_then(|a| a.get("sub"))
+            .and_then(|v| v.as_str())
+            .filter(|x| !x.is_empty())
+            .map(str::to_owned);
+        let machine = actor.is_some()
+            || client_id.as_deref() == Some(subject.as_str())
             || s("gty").as_deref() == Some("client-credentials")
             || s("idtyp").as_deref() == Some("app")
             || s("preferred_username").is_some_and(|u| u.starts_with("service-account-"));
@@ -484,6 +493,7 @@ impl Verifier {
             groups,
             client_kind,
             client_id,
+            actor,
         };
         Ok((id, exp))
     }

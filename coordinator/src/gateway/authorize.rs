@@ -16,6 +16,7 @@ use crate::state::{approvals, edges};
 use crate::storage::Engine;
 
 /// What a front door asks, in neutral terms.
+#[derive(Clone, Copy)]
 pub struct Ask<'a> {
     pub identity: &'a Identity,
     pub resource: &'a str,
@@ -196,4 +197,67 @@ pub async fn authorize<E: Engine>(
         decision,
         approval,
     }))
+}
+
+/// A command that needs approval, for a front door that does not wait.
+pub enum Hold {
+    /// It may open (allowed, or approved and now spent on this session).
+    Cleared(Box<Cleared>),
+    /// It waits for request `request`.
+    Held { request: u64, reason: String },
+}
+
+/// Authorizes a command; when policy holds it for approval, finds the
+/// caller's own request for this exact command (or makes one, with
+/// `justification`): an approved one is spent on this session, a pending
+/// one is answered at once.
+pub async fn clear_or_hold<E: Engine>(
+    node: &NodeHandle<E>,
+    guard: &Guard,
+    notifier: &crate::notify::Notifier,
+    ask: Ask<'_>,
+    shown: String,
+    via: &'static str,
+    justification: &str,
+) -> Result<Hold, GatewayError> {
+    let (c, doc) = match authorize(node, guard, ask).await? {
+        Verdict::Cleared(c) => return Ok(Hold::Cleared(Box::new(c))),
+        Verdict::NeedsApproval(c, doc) => (c, doc),
+    };
+    doc.check_justification(justification)
+        .map_err(GatewayError::Invalid)?;
+    let request = super::session::command_request(
+        node,
+        notifier,
+        super::session::HeldCommand {
+            identity: ask.identity,
+            resource: ask.resource,
+            action: ask.action,
+            shown,
+            digest: super::session::command_digest(
+                ask.approved_as.or(ask.command).unwrap_or_default(),
+            ),
+            rule: c.decision().by.label(),
+            doc: &doc,
+            via,
+            justification: justification.to_owned(),
+        },
+    )
+    .await
+    .map_err(GatewayError::Unavailable)?;
+    let approved = approvals::approval_get(node.store(), request)?
+        .is_some_and(|r| approvals::effective_status(&r, now_ms()) == approvals::APPROVED);
+    if approved {
+        let spend = Ask {
+            request_id: request,
+            ..ask
+        };
+        if let Verdict::Cleared(c) = authorize(node, guard, spend).await? {
+            return Ok(Hold::Cleared(Box::new(c)));
+        }
+    }
+    Ok(Hold::Held {
+        request,
+        reason: c.decision().reason.clone(),
+    })
 }

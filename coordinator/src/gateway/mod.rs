@@ -8,6 +8,7 @@
 
 pub mod authorize;
 mod error;
+pub mod exec;
 pub mod guard;
 pub mod judge;
 pub mod listen;

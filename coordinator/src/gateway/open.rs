@@ -134,6 +134,8 @@ pub async fn open<E: Engine>(
         node_id: node.id(),
         command: how.command.clone(),
         mode: mode.as_str().into(),
+        via: how.via.into(),
+        actor: identity.actor.clone().unwrap_or_default(),
     };
     let rec = SessionRecorder::start(node.clone(), summary);
     let live = tunnels.live.register(LiveInfo {

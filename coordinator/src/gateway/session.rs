@@ -41,6 +41,7 @@ pub fn opened_event(
             groups: id.groups.clone(),
             client_kind: id.client_kind.as_str().into(),
             client_id: id.client_id.clone().unwrap_or_default(),
+            actor: id.actor.clone().unwrap_or_default(),
         }),
         client_addr: client_addr.map(|a| a.to_string()).unwrap_or_default(),
         resource: resource.name.clone(),
@@ -120,6 +121,8 @@ pub struct HeldCommand<'a> {
     pub doc: &'a crate::policy::ApprovalDoc,
     /// The front door, for the audit log.
     pub via: &'static str,
+    /// Why the caller asks (recorded on a new request).
+    pub justification: String,
 }
 
 /// The request that approves this exact command: one the caller already
@@ -157,6 +160,7 @@ pub async fn command_request<E: Engine>(
         action: held.action.as_str().into(),
         command: held.shown,
         command_sha256: held.digest.to_vec().into(),
+        justification: held.justification,
         approver_groups: doc.groups.clone(),
         required: doc.count,
         require_reason: doc.require_reason,

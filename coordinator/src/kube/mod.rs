@@ -544,6 +544,7 @@ impl<E: Engine> KubeGateway<E> {
                 rule: c.decision().by.label(),
                 doc: &doc,
                 via: "kube",
+                justification: String::new(),
             },
         )
         .await

@@ -41,6 +41,19 @@ impl<E: Engine> PgGateway<E> {
         let dialect = Dialect {
             legacy_strings: !strings_conform,
         };
+        if a.read_only {
+            use crate::policy::sql::{self, SqlClass};
+            let classes = sql::facts(sql, dialect).classes().clone();
+            if classes.iter().any(|c| *c != SqlClass::Read) || classes.is_empty() {
+                let named: Vec<&str> = classes.iter().map(|c| c.as_str()).collect();
+                tracing::warn!(target: "audit", event = "statement_denied", subject = %a.id.subject, resource = %a.resource.name, "statement refused: not a read on a read-only session");
+                return Err(format!(
+                    "only reads run here (this statement is {}); writes go through the execute_sql tool, under the policy",
+                    named.join(", ")
+                )
+                .into());
+            }
+        }
         if a.masker.has_column_rules() {
             use crate::policy::sql;
             let facts = sql::facts(sql, dialect);
@@ -243,6 +256,7 @@ impl<E: Engine> PgGateway<E> {
                 rule: d.by.name().unwrap_or_default(),
                 doc: &doc,
                 via: "postgres",
+                justification: String::new(),
             },
         )
         .await?;

@@ -250,7 +250,7 @@ impl<E: Engine> PgGateway<E> {
                 return;
             }
         };
-        self.relay(s, buf, startup, ready, peer).await;
+        self.relay(s, buf, startup, ready, Some(peer)).await;
     }
 
     async fn authorize<S: AsyncRead + AsyncWrite + Unpin + Send>(
@@ -311,6 +311,26 @@ impl<E: Engine> PgGateway<E> {
                     format!("the password must be a valid Custody access token: {e}"),
                 )
             })?;
+        self.clear(
+            id,
+            token_expires_at,
+            resource,
+            minor,
+            wants_no_wait(startup),
+        )
+        .await
+    }
+
+    /// Clears an authenticated caller to connect to `resource`.
+    async fn clear(
+        &self,
+        id: Identity,
+        token_expires_at: u64,
+        resource: String,
+        minor: u16,
+        no_wait: bool,
+    ) -> Result<Authorized, Fatal> {
+        let node = &self.tunnels.node;
         let verdict = crate::gateway::authorize::authorize(
             node,
             &self.guard,
@@ -361,7 +381,7 @@ impl<E: Engine> PgGateway<E> {
             judged,
             minor,
             caps,
-            no_wait: wants_no_wait(startup),
+            no_wait,
             masker,
             mask: d.mask.clone(),
             policy: policy.clone(),
@@ -371,7 +391,45 @@ impl<E: Engine> PgGateway<E> {
             grant,
             token_expires_at,
             cleared: Some(cleared),
+            read_only: false,
+            via: "postgres",
+            command: "postgres session".into(),
+            first_events: Vec::new(),
+            trailer: None,
         })
+    }
+
+    /// Opens a session for a caller the coordinator already authenticated
+    /// (an MCP tool call), over an in-memory stream: the same authorization,
+    /// opening, judging, masking and recording as a client's connection.
+    /// Returns the client's end, at the gateway's AuthenticationOk.
+    pub async fn open_in_process(
+        self: &Arc<Self>,
+        call: InProcess,
+    ) -> Result<tokio::io::DuplexStream, String> {
+        let mut a = self
+            .clear(call.identity, call.token_expires_at, call.resource, 0, true)
+            .await
+            .map_err(|f| f.message)?;
+        // Read-only calls are judged statement by statement, whatever the
+        // rule says; the server is asked to refuse writes as well.
+        a.judged |= call.read_only;
+        a.read_only = call.read_only;
+        a.via = call.via;
+        a.command = call.command;
+        a.first_events = (call.first_events)(&a.masker);
+        a.trailer = call.trailer;
+        let mut params = vec![("application_name".to_string(), call.application_name)];
+        if call.read_only {
+            params.push(("default_transaction_read_only".into(), "on".into()));
+        }
+        let (client, server) = tokio::io::duplex(64 << 10);
+        let gw = self.clone();
+        tokio::spawn(async move {
+            let startup = Startup::Startup { minor: 0, params };
+            gw.relay(server, BytesMut::new(), startup, a, None).await
+        });
+        Ok(client)
     }
 
     async fn relay<S: AsyncRead + AsyncWrite + Unpin + Send>(
@@ -380,7 +438,7 @@ impl<E: Engine> PgGateway<E> {
         mut cbuf: BytesMut,
         startup: Startup,
         mut a: Authorized,
-        peer: SocketAddr,
+        peer: Option<SocketAddr>,
     ) {
         let Some(cleared) = a.cleared.take() else {
             return send_fatal(&mut s, &fatal("XX000", "the session was opened twice")).await;
@@ -390,11 +448,11 @@ impl<E: Engine> PgGateway<E> {
             cleared,
             crate::gateway::open::Opening {
                 token_expires_at: a.token_expires_at,
-                client_addr: Some(peer),
-                via: "postgres",
-                command: "postgres session".into(),
+                client_addr: peer,
+                via: a.via,
+                command: a.command.clone(),
                 judged_command: None,
-                first_events: Vec::new(),
+                first_events: std::mem::take(&mut a.first_events),
             },
         )
         .await;
@@ -488,6 +546,11 @@ impl<E: Engine> PgGateway<E> {
         if let Err(f) = &reason {
             send_fatal(&mut s, f).await;
         }
+        if let Some(trailer) = a.trailer.take() {
+            if let Ok(events) = trailer.await {
+                let _ = rec.record_all(events).await;
+            }
+        }
         let _ = rec.close(end(&closing)).await;
         let _ = s.shutdown().await;
         tracing::info!(target: "audit", event = "session_closed", session = %session_id, reason = %closing);
@@ -577,6 +640,34 @@ struct Authorized {
     judged: bool,
     /// What the gateway cleared; `open` takes it.
     cleared: Option<crate::gateway::authorize::Cleared>,
+    /// Only reads run (the MCP `query` tool): any other statement is
+    /// refused, whatever the policy allows.
+    read_only: bool,
+    /// The front door, and the session's command as its summary shows it.
+    via: &'static str,
+    command: String,
+    /// Recorded with the opening (an MCP tool call).
+    first_events: Vec<ev::event::Kind>,
+    /// Recorded just before the session closes (an MCP tool's result).
+    trailer: Option<tokio::sync::oneshot::Receiver<Vec<ev::event::Kind>>>,
+}
+
+/// Builds a session's first events from its masking.
+pub type FirstEvents = Box<dyn FnOnce(&crate::policy::mask::Masker) -> Vec<ev::event::Kind> + Send>;
+
+/// A session the coordinator opens itself for an authenticated caller
+/// ([`PgGateway::open_in_process`]).
+pub struct InProcess {
+    pub identity: Identity,
+    pub token_expires_at: u64,
+    pub resource: String,
+    pub read_only: bool,
+    pub via: &'static str,
+    pub command: String,
+    pub application_name: String,
+    /// The first events, given the masking the session runs with.
+    pub first_events: FirstEvents,
+    pub trailer: Option<tokio::sync::oneshot::Receiver<Vec<ev::event::Kind>>>,
 }
 
 #[cfg(test)]

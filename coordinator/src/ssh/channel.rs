@@ -370,6 +370,7 @@ async fn hold<E: Engine>(
             rule: c.decision().by.label(),
             doc,
             via: "ssh",
+            justification: String::new(),
         },
     )
     .await?;
