@@ -16,6 +16,7 @@ pub mod bench;
 pub mod evidence_bench;
 pub mod history;
 pub mod kube_bench;
+pub mod mcp_bench;
 pub mod partition;
 pub mod pg_bench;
 pub mod proxy;

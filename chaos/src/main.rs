@@ -91,6 +91,13 @@ enum BenchCmd {
         #[arg(long, default_value_t = 100)]
         log_mb: u64,
     },
+    /// MCP `query` tool calls over stdio and HTTP against `custody exec
+    /// --sql` and a library client of the same statement.
+    Mcp {
+        /// Calls per path (after a warm-up).
+        #[arg(long, default_value_t = 200)]
+        calls: usize,
+    },
     /// OpenSSH direct and through Custody: bulk output, scp, new connections.
     Ssh {
         /// MiB of output per bulk run.
@@ -188,6 +195,7 @@ async fn main() -> anyhow::Result<()> {
         }) => {
             custody_chaos::ssh_bench::ssh(mb.max(1), scp_mb.max(1), connects, rounds.max(1)).await
         }
+        Cmd::Bench(BenchCmd::Mcp { calls }) => custody_chaos::mcp_bench::mcp(calls.max(1)).await,
         Cmd::Bench(BenchCmd::Kube {
             pods,
             requests,

@@ -8,15 +8,16 @@
 //!   commit index; 503 with the reason otherwise.
 //! - `/metrics`: the Prometheus text format (`prometheus-client`), read
 //!   from the node at each scrape: Raft term, commit and applied index,
-//!   leader, membership; edges connected to this node; live sessions by
-//!   front door.
+//!   leader, membership, leader changes, snapshots sent, proposal latency;
+//!   edges connected to this node; live sessions by front door; sessions
+//!   opened by front door and evidence mode; tokens refused by reason.
 
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use custody_proto::metrics::{exposition, gauge, CONTENT_TYPE};
+use custody_proto::metrics::{counter, exposition, gauge, CONTENT_TYPE};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -112,6 +113,35 @@ async fn metrics<E: Engine>(State(h): State<Arc<Health<E>>>) -> Response {
             i64::from(not_ready(&st).is_none()),
         );
     }
+    let node = h.tunnels.node.stats();
+    counter(
+        &mut reg,
+        "raft_leader_changes",
+        "Times this node saw a new leader",
+        node.leader_changes(),
+    );
+    counter(
+        &mut reg,
+        "raft_snapshots_sent",
+        "Snapshots this node sent to followers",
+        node.snapshots(),
+    );
+    reg.register(
+        "raft_proposal_seconds",
+        "Seconds from proposing on this node to the applied outcome",
+        node.proposal_seconds.clone(),
+    );
+    let gw = &h.tunnels.stats;
+    reg.register(
+        "sessions",
+        "Sessions opened on this node, by front door and evidence mode",
+        gw.sessions.clone(),
+    );
+    reg.register(
+        "auth_failures",
+        "Tokens refused on this node, by reason",
+        gw.auth_failures.clone(),
+    );
     gauge(
         &mut reg,
         "edges_connected",
@@ -119,7 +149,7 @@ async fn metrics<E: Engine>(State(h): State<Arc<Health<E>>>) -> Response {
         h.tunnels.registry.live_ids().len() as i64,
     );
     let sessions = Family::<Vec<(String, String)>, Gauge>::default();
-    for via in ["exec", "postgres", "ssh", "kube"] {
+    for via in ["exec", "postgres", "ssh", "kube", "mcp"] {
         let _ = sessions.get_or_create(&vec![("via".to_string(), via.to_string())]);
     }
     for s in h.tunnels.live.list() {

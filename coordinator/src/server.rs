@@ -154,6 +154,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         region: cfg.region.clone(),
         enroll_limiter: Default::default(),
         live: crate::gateway::live::LiveSessions::new(),
+        stats: guard.stats().clone(),
     });
     let authority = tokio::spawn(crate::gateway::live::watch_authority(
         tunnels.live.clone(),
@@ -209,12 +210,30 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         }
         None => None,
     };
+    // The Kubernetes gateway: its listener when configured; MCP tools make
+    // their Kubernetes requests through it either way.
+    let kube = std::sync::Arc::new(crate::kube::KubeGateway::new(
+        tunnels.clone(),
+        guard.clone(),
+        notifier.clone(),
+        tls.kube_server_config().context("kubernetes TLS config")?,
+    ));
+    let kube_task = match cfg.kube_addr {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("bind kubernetes address {addr}"))?;
+            Some(tokio::spawn(kube.clone().serve(listener)))
+        }
+        None => None,
+    };
     // The MCP tools: the `Tools` API, and `/mcp` when configured.
     let tools = std::sync::Arc::new(crate::mcp::Tools::new(
         tunnels.clone(),
         guard.clone(),
         notifier.clone(),
         pg,
+        kube,
     ));
     let mcp_task = match cfg.mcp_addr {
         Some(addr) => {
@@ -258,23 +277,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             (Some(tokio::spawn(gw.serve(listener))), public)
         }
         _ => (None, String::new()),
-    };
-
-    // The Kubernetes gateway.
-    let kube_task = match cfg.kube_addr {
-        Some(addr) => {
-            let listener = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("bind kubernetes address {addr}"))?;
-            let gw = std::sync::Arc::new(crate::kube::KubeGateway::new(
-                tunnels.clone(),
-                guard.clone(),
-                notifier.clone(),
-                tls.kube_server_config().context("kubernetes TLS config")?,
-            ));
-            Some(tokio::spawn(gw.serve(listener)))
-        }
-        None => None,
     };
 
     // Health and metrics.

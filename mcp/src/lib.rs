@@ -161,6 +161,51 @@ pub fn tools() -> Vec<Tool> {
         )
         .annotate(ToolAnnotations::new().read_only(false).destructive(true).open_world(false)),
         Tool::new(
+            "kube_get",
+            "Reads from a Kubernetes resource: one API path (`/api/v1/namespaces/default/pods`, `/apis/apps/v1/namespaces/prod/deployments/web`); the JSON answer, secrets masked. No watch.",
+            schema(json!({
+                "type": "object",
+                "properties": {
+                    "resource": resource,
+                    "path": {"type": "string", "pattern": "^/", "description": "The API path, with a query if needed."},
+                    "reason": reason_prop(),
+                },
+                "required": ["resource", "path", "reason"],
+            })),
+        )
+        .annotate(ToolAnnotations::new().read_only(true).idempotent(true).open_world(false)),
+        Tool::new(
+            "kube_logs",
+            "A pod's log on a Kubernetes resource (the last `tail_lines`, default 200).",
+            schema(json!({
+                "type": "object",
+                "properties": {
+                    "resource": resource,
+                    "namespace": {"type": "string", "minLength": 1},
+                    "pod": {"type": "string", "minLength": 1},
+                    "container": {"type": "string"},
+                    "tail_lines": {"type": "integer", "minimum": 1, "maximum": 10000},
+                    "reason": reason_prop(),
+                },
+                "required": ["resource", "namespace", "pod", "reason"],
+            })),
+        )
+        .annotate(ToolAnnotations::new().read_only(true).open_world(false)),
+        Tool::new(
+            "kube_apply",
+            "Server-side apply of one object (its JSON manifest) on a Kubernetes resource, under the policy (it may need an approval).",
+            schema(json!({
+                "type": "object",
+                "properties": {
+                    "resource": resource,
+                    "manifest": {"type": "object", "description": "apiVersion, kind, metadata (name, namespace) and the rest."},
+                    "reason": reason_prop(),
+                },
+                "required": ["resource", "manifest", "reason"],
+            })),
+        )
+        .annotate(ToolAnnotations::new().read_only(false).destructive(true).open_world(false)),
+        Tool::new(
             "approval_status",
             "The state of an approval request this identity made.",
             schema(json!({

@@ -53,11 +53,17 @@ pub fn event_json(e: &ev::Event) -> serde_json::Value {
         Some(Kind::Opened(o)) => (
             "session_opened",
             serde_json::json!({
-                "identity": o.identity.as_ref().map(|i| serde_json::json!({
-                    "issuer": i.issuer, "subject": i.subject, "email": i.email, "name": i.name,
-                    "groups": i.groups, "client_kind": i.client_kind, "client_id": i.client_id,
-                    "actor": i.actor,
-                })),
+                "identity": o.identity.as_ref().map(|i| {
+                    let mut v = serde_json::json!({
+                        "issuer": i.issuer, "subject": i.subject, "email": i.email, "name": i.name,
+                        "groups": i.groups, "client_kind": i.client_kind, "client_id": i.client_id,
+                    });
+                    // Only when set, so identities without it read as older exports wrote them.
+                    if !i.actor.is_empty() {
+                        v["actor"] = i.actor.clone().into();
+                    }
+                    v
+                }),
                 "client_addr": o.client_addr, "resource": o.resource,
                 "resource_kind": o.resource_kind, "labels": o.labels, "edge": o.edge,
                 "edge_id": o.edge_id, "edge_region": o.edge_region,

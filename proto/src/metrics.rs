@@ -16,6 +16,13 @@ pub fn gauge(reg: &mut Registry, name: &str, help: &str, value: i64) {
     reg.register(name, help, g);
 }
 
+/// Registers a counter holding `value` (exposed as `NAME_total`).
+pub fn counter(reg: &mut Registry, name: &str, help: &str, value: u64) {
+    let c = prometheus_client::metrics::counter::Counter::<u64>::default();
+    c.inc_by(value);
+    reg.register(name, help, c);
+}
+
 /// The registry in the text format.
 pub fn exposition(reg: &Registry) -> Result<String, std::fmt::Error> {
     let mut out = String::new();

@@ -1289,16 +1289,53 @@ async fn health_and_metrics_tell_readiness_raft_edges_and_sessions() {
     assert!(expiry > custody_edge::identity::now_secs(), "{m}");
     let _ = s.kill();
     let _ = s.wait();
-    // Alone, a node is live but not ready.
-    c.kill(2).unwrap();
-    c.kill(3).unwrap();
-    harness::eventually(Duration::from_secs(30), "node 1 not ready", || {
-        let get = get(url(&c, 1, "/readyz"));
+    // Counters: the session was counted, a refused token is, and so are
+    // proposals and leader changes.
+    let sum = |m: &str, prefix: &str| -> f64 {
+        m.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let m = get(url(&c, 1, "/metrics")).await.1;
+    assert!(
+        sum(&m, "custody_sessions_total{via=\"exec\",") >= 1.0,
+        "{m}"
+    );
+    assert!(sum(&m, "custody_raft_proposal_seconds_count") >= 1.0, "{m}");
+    let refused = sum(&m, "custody_auth_failures_total{");
+    let out = custody(&c, &[1], "not-a-token", &["whoami"]);
+    assert!(!out.status.success());
+    let m = get(url(&c, 1, "/metrics")).await.1;
+    assert!(sum(&m, "custody_auth_failures_total{") > refused, "{m}");
+    let leader = c
+        .wait_for_leader(&[], Duration::from_secs(20))
+        .await
+        .unwrap();
+    let survivor = [1, 2, 3].into_iter().find(|i| *i != leader).unwrap();
+    let other = [1, 2, 3]
+        .into_iter()
+        .find(|i| *i != leader && *i != survivor)
+        .unwrap();
+    let changes = sum(
+        &get(url(&c, survivor, "/metrics")).await.1,
+        "custody_raft_leader_changes_total",
+    );
+    c.kill(leader).unwrap();
+    harness::eventually(Duration::from_secs(30), "a new leader counted", || {
+        let get = get(url(&c, survivor, "/metrics"));
+        async move { sum(&get.await.1, "custody_raft_leader_changes_total") > changes }
+    })
+    .await;
+    // Cut off from the majority, a node is live but not ready.
+    c.kill(other).unwrap();
+    harness::eventually(Duration::from_secs(30), "a lone node not ready", || {
+        let get = get(url(&c, survivor, "/readyz"));
         async move {
             let (code, body) = get.await;
             code == 503 && body.contains("no leader")
         }
     })
     .await;
-    assert_eq!(get(url(&c, 1, "/healthz")).await.0, 200);
+    assert_eq!(get(url(&c, survivor, "/healthz")).await.0, 200);
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use custody_cli::dev::{EdgeSpec, GenOptions};
+use custody_tests::kube_api::KubeApi;
 
 use crate::edge::{custody, text};
 use crate::harness::{self, TestCluster};
@@ -39,6 +40,11 @@ rules:
     actions: [exec]
     decision: allow
     guardrails: [held-commands]
+  - name: agents-kube
+    identity: { groups: [ai-agents], client_kinds: [machine] }
+    resource: { kinds: [kubernetes] }
+    actions: ["kube:get", "kube:list", "kube:logs", "kube:patch"]
+    decision: allow
 masking:
   - name: pii
     detectors: [email, credit_card]
@@ -64,7 +70,9 @@ fn python() -> PathBuf {
     p
 }
 
-async fn system(pg: &Postgres) -> TestCluster {
+/// The cluster, with an edge serving `local-shell`, `local-postgres` and
+/// `local-kube` (the tests' Kubernetes API server, when given).
+async fn system(pg: &Postgres, kube: Option<(&KubeApi, &Path)>) -> TestCluster {
     let (mut c, _) = harness::started(GenOptions::default()).await;
     c.client(&[])
         .unwrap()
@@ -74,9 +82,22 @@ async fn system(pg: &Postgres) -> TestCluster {
     let mut spec = EdgeSpec::shell("e1", "local-shell");
     spec.resources_toml
         .push_str(&pg.resource_toml("local-postgres", "env = \"dev\""));
+    let mut resources = vec!["local-shell", "local-postgres"];
+    if let Some((api, dir)) = kube {
+        let (ca, token) = (dir.join("kube-ca.pem"), dir.join("kube-token"));
+        std::fs::write(&ca, &api.ca_pem).unwrap();
+        std::fs::write(&token, &api.token).unwrap();
+        spec.resources_toml.push_str(&format!(
+            "[[resources]]\nname = \"local-kube\"\nkind = \"kubernetes\"\nlabels = {{ env = \"dev\" }}\n[resources.kubernetes]\nserver = \"{}\"\nca_file = \"{}\"\ntoken_file = \"{}\"\n",
+            api.url(),
+            ca.display(),
+            token.display()
+        ));
+        resources.push("local-kube");
+    }
     c.add_edge(&spec).unwrap();
     c.enroll_edge("e1").await.unwrap();
-    for r in ["local-shell", "local-postgres"] {
+    for r in resources {
         c.wait_for_resource(r, 3, Duration::from_secs(20))
             .await
             .unwrap();
@@ -242,7 +263,9 @@ async fn agents_call_governed_tools_through_the_python_and_npm_sdks() {
         ),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let c = system(&pg).await;
+    let api = KubeApi::start().await.unwrap();
+    let kube_dir = tempfile::tempdir().unwrap();
+    let c = system(&pg, Some((&api, kube_dir.path()))).await;
     let agent = c.mint_token("agent").await.unwrap().token;
     let bob = c.mint_token("bob").await.unwrap().token;
     let admin = c.mint_token("admin").await.unwrap().token;
@@ -253,6 +276,9 @@ async fn agents_call_governed_tools_through_the_python_and_npm_sdks() {
         "query",
         "execute_sql",
         "exec",
+        "kube_get",
+        "kube_logs",
+        "kube_apply",
         "approval_status",
     ];
 
@@ -339,7 +365,11 @@ async fn agents_call_governed_tools_through_the_python_and_npm_sdks() {
         .iter()
         .map(|r| r["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["local-postgres", "local-shell"], "{v}");
+    assert_eq!(
+        names,
+        ["local-kube", "local-postgres", "local-shell"],
+        "{v}"
+    );
     let tables = &v["results"][1]["structured"]["tables"];
     let customers = tables
         .as_array()
@@ -492,6 +522,69 @@ async fn agents_call_governed_tools_through_the_python_and_npm_sdks() {
     );
     assert_ne!(again["structured"]["request"].as_u64().unwrap(), request);
 
+    // Kubernetes: apply, read back (a secret masked), a pod's log; no watch.
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "agent-cm", "namespace": "default"}, "data": {"mode": "fast"}});
+    let secret = json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "agent-secret", "namespace": "default"}, "data": {"password": "aHVudGVyMg=="}});
+    let v = py(
+        &c,
+        &agent,
+        Via::Http(&url),
+        "auto",
+        &json!([
+            call(
+                "kube_apply",
+                json!({"resource": "local-kube", "manifest": cm, "reason": "tune"})
+            ),
+            call(
+                "kube_get",
+                json!({"resource": "local-kube", "path": "/api/v1/namespaces/default/configmaps/agent-cm", "reason": "check"})
+            ),
+            call(
+                "kube_apply",
+                json!({"resource": "local-kube", "manifest": secret, "reason": "store"})
+            ),
+            call(
+                "kube_get",
+                json!({"resource": "local-kube", "path": "/api/v1/namespaces/default/secrets/agent-secret", "reason": "check"})
+            ),
+            call(
+                "kube_logs",
+                json!({"resource": "local-kube", "namespace": "default", "pod": "web-1", "reason": "debug"})
+            ),
+            call(
+                "kube_get",
+                json!({"resource": "local-kube", "path": "/api/v1/namespaces/default/pods?watch=true", "reason": "watch"})
+            ),
+        ]),
+        None,
+    );
+    let r = &v["results"];
+    assert_eq!(r[0]["is_error"], json!(false), "{v}");
+    assert_eq!(
+        api.object("configmaps", "default", "agent-cm").unwrap()["data"]["mode"],
+        "fast"
+    );
+    assert_eq!(
+        r[1]["structured"]["body"]["data"]["mode"],
+        json!("fast"),
+        "{v}"
+    );
+    assert_eq!(r[2]["is_error"], json!(false), "{v}");
+    assert_eq!(
+        r[3]["structured"]["body"]["data"]["password"],
+        json!("KioqKg=="),
+        "{v}"
+    );
+    assert!(
+        !r[3]["text"].as_str().unwrap().contains("aHVudGVyMg=="),
+        "{v}"
+    );
+    assert_eq!(r[4]["structured"]["status"], json!(200), "{v}");
+    assert_eq!(r[5]["is_error"], json!(true), "{v}");
+    assert!(r[5]["text"].as_str().unwrap().contains("no watch"), "{v}");
+
     // npm's SDK over stdio.
     let out = Command::new("node")
         .arg(mcp_dir().join("client.mjs"))
@@ -636,7 +729,7 @@ async fn post(url: &str, ca: &Path, token: Option<&str>, body: Vec<u8>) -> reqwe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mcp_endpoint_refuses_bad_tokens_and_bad_input() {
     let pg = Postgres::start();
-    let c = system(&pg).await;
+    let c = system(&pg, None).await;
     let agent = c.mint_token("agent").await.unwrap().token;
     let url = mcp_url(&c, 1);
     let ca = c.ca_path();
@@ -733,8 +826,65 @@ async fn the_mcp_endpoint_refuses_bad_tokens_and_bad_input() {
         assert!(e.contains(why), "call {i}: {e}");
     }
     assert_eq!(v["results"][3]["structured"]["rows"], json!([["1"]]), "{v}");
-    // A tool result for what policy refuses (no identity may use the shell
-    // as alice here).
+    // The limits the policy states: a call's timeout ends its session, and
+    // an identity past its calls per minute is refused.
+    let client = c.client(&[]).unwrap();
+    client
+        .policy_apply(&format!("{POLICY}mcp: {{ call_timeout: 2s }}\n"), "yaml")
+        .await
+        .unwrap();
+    let slow = call(
+        "exec",
+        json!({"resource": "local-shell", "argv": ["sleep", "30"], "reason": "slow"}),
+    );
+    let t0 = std::time::Instant::now();
+    let v = py(&c, &agent, Via::Stdio, "auto", &json!([slow]), None);
+    assert!(
+        t0.elapsed() < Duration::from_secs(25),
+        "the call was not cut"
+    );
+    assert_eq!(v["results"][0]["is_error"], json!(true), "{v}");
+    assert!(
+        v["results"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("timeout"),
+        "{v}"
+    );
+    client
+        .policy_apply(&format!("{POLICY}mcp: {{ calls_per_minute: 3 }}\n"), "yaml")
+        .await
+        .unwrap();
+    let admin = c.mint_token("admin").await.unwrap().token;
+    let status = call("approval_status", json!({"request": 999, "reason": "poll"}));
+    let v = py(
+        &c,
+        &admin,
+        Via::Stdio,
+        "auto",
+        &json!([status.clone(), status.clone(), status.clone(), status]),
+        None,
+    );
+    for i in 0..3 {
+        assert!(
+            v["results"][i]["text"]
+                .as_str()
+                .unwrap()
+                .contains("no approval request 999"),
+            "{v}"
+        );
+    }
+    assert!(
+        v["results"][3]["text"]
+            .as_str()
+            .unwrap()
+            .contains("rate limited"),
+        "{v}"
+    );
+    client.policy_apply(POLICY, "yaml").await.unwrap();
+
+    // A tool result for what policy refuses (no rule lets alice use the
+    // shell here).
     let alice = c.mint_token("alice").await.unwrap().token;
     let v = py(&c, &alice, Via::Stdio, "auto", &json!([echo("nope")]), None);
     assert_eq!(v["results"][0]["is_error"], json!(true), "{v}");

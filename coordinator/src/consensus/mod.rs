@@ -3,6 +3,7 @@
 mod logger;
 pub mod node;
 pub mod snapshot;
+pub mod stats;
 pub mod transport;
 
 pub use node::{

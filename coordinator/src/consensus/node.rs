@@ -167,6 +167,7 @@ pub struct NodeHandle<E: Engine> {
     store: RaftStore<E>,
     timeout: Duration,
     events: broadcast::Sender<StateEvent>,
+    stats: std::sync::Arc<super::stats::NodeStats>,
 }
 
 impl<E: Engine> Clone for NodeHandle<E> {
@@ -178,6 +179,7 @@ impl<E: Engine> Clone for NodeHandle<E> {
             store: self.store.clone(),
             timeout: self.timeout,
             events: self.events.clone(),
+            stats: self.stats.clone(),
         }
     }
 }
@@ -239,13 +241,26 @@ impl<E: Engine> NodeHandle<E> {
         idempotency_key: Option<String>,
         version: u32,
     ) -> Result<ApplyOutcome, NodeError> {
-        self.call(|reply| Input::Propose {
-            command,
-            idempotency_key,
-            version,
-            reply,
-        })
-        .await
+        let t0 = std::time::Instant::now();
+        let out = self
+            .call(|reply| Input::Propose {
+                command,
+                idempotency_key,
+                version,
+                reply,
+            })
+            .await;
+        if out.is_ok() {
+            self.stats
+                .proposal_seconds
+                .observe(t0.elapsed().as_secs_f64());
+        }
+        out
+    }
+
+    /// What this node counted (leader changes, proposal latency).
+    pub fn stats(&self) -> &std::sync::Arc<super::stats::NodeStats> {
+        &self.stats
     }
 
     /// Records the state version this node's binary supports, once per
@@ -360,6 +375,7 @@ fn gate<E: Engine>(store: &RaftStore<E>, needs: u32) -> Result<(), NodeError> {
 
 /// The loop's state.
 struct Driver<E: Engine, T: Transport> {
+    stats: std::sync::Arc<super::stats::NodeStats>,
     cfg: NodeConfig,
     raw: RawNode<RaftStore<E>>,
     store: RaftStore<E>,
@@ -436,7 +452,9 @@ pub fn start<E: Engine, T: Transport>(
         transport.set_members(&members.values().cloned().collect::<Vec<_>>());
     }
     let (events, _) = broadcast::channel(1024);
+    let stats = std::sync::Arc::new(super::stats::NodeStats::default());
     let handle = NodeHandle {
+        stats: stats.clone(),
         id: cfg.id,
         state_version: cfg.state_version,
         tx: tx.clone(),
@@ -445,6 +463,7 @@ pub fn start<E: Engine, T: Transport>(
         events: events.clone(),
     };
     let mut driver = Driver {
+        stats,
         next_request: rand::random::<u64>() >> 1,
         cfg,
         raw,
@@ -736,6 +755,9 @@ impl<E: Engine, T: Transport> Driver<E, T> {
     }
 
     fn on_leader_change(&mut self, new_leader: u64) {
+        if new_leader != 0 {
+            self.stats.leader_changed();
+        }
         tracing::info!(
             node = self.cfg.id,
             leader = new_leader,
@@ -767,7 +789,10 @@ impl<E: Engine, T: Transport> Driver<E, T> {
             }
         }
         // Messages from a leader may go out before its own append is durable.
-        self.transport.send(rd.take_messages());
+        let msgs = rd.take_messages();
+        self.stats
+            .snapshots_sent(msgs.iter().filter(|m| is_snapshot(m)).count() as u64);
+        self.transport.send(msgs);
 
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();

@@ -28,6 +28,7 @@ pub struct Guard {
     policy: Mutex<(u64, Arc<Policy>)>,
     /// Identities this node has recorded in replicated state (issuer, subject) → groups.
     recorded: Arc<Mutex<Seen>>,
+    stats: Arc<super::stats::GatewayStats>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -49,7 +50,13 @@ impl Guard {
             admin_groups,
             policy: Mutex::new((0, Arc::new(Policy::empty()))),
             recorded: Arc::new(Mutex::new(HashMap::new())),
+            stats: Arc::new(super::stats::GatewayStats::default()),
         }
+    }
+
+    /// What the front doors count (shared with [`crate::tunnel::Tunnels`]).
+    pub fn stats(&self) -> &Arc<super::stats::GatewayStats> {
+        &self.stats
     }
 
     /// Verifies a bearer token presented outside gRPC (the PostgreSQL
@@ -84,6 +91,7 @@ impl Guard {
                 Ok((id, exp))
             }
             Err(e) => {
+                self.stats.auth_failed(e.code());
                 tracing::warn!(
                     target: "audit",
                     event = "auth_rejected",

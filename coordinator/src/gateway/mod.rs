@@ -17,6 +17,7 @@ pub mod open;
 pub mod relay;
 mod route;
 pub mod session;
+pub mod stats;
 pub mod vocab;
 
 pub use error::GatewayError;

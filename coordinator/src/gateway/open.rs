@@ -138,6 +138,7 @@ pub async fn open<E: Engine>(
         actor: identity.actor.clone().unwrap_or_default(),
     };
     let rec = SessionRecorder::start(node.clone(), summary);
+    tunnels.stats.session_opened(how.via, mode.as_str());
     let live = tunnels.live.register(LiveInfo {
         session_id: session_id.clone(),
         identity: identity.clone(),

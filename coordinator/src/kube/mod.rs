@@ -320,7 +320,9 @@ impl<E: Engine> KubeGateway<E> {
         let call = Call {
             identity,
             token_expires_at,
-            peer,
+            peer: Some(peer),
+            via: "kube",
+            tool_call: None,
             text: kreq.command_text(),
             resource,
             kreq,
@@ -371,7 +373,12 @@ impl<E: Engine> KubeGateway<E> {
                 )
             }
         };
-        let req = Request::from_parts(head_parts, ());
+        self.call_with(Request::from_parts(head_parts, ()), body, call)
+            .await
+    }
+
+    /// An ordinary API request, its body read.
+    async fn call_with(&self, req: Request<()>, body: Bytes, call: Call) -> Response<Body> {
         let text = &call.text;
         // An approval covers this exact request: its command and its body.
         let approved_as = if body.is_empty() {
@@ -455,7 +462,13 @@ impl<E: Engine> KubeGateway<E> {
             kubectl_session: header(req, "kubectl-session").into(),
             content_type: header(req, "content-type").into(),
         };
-        let mut first_events = vec![
+        let mut first_events: Vec<ev::event::Kind> = call
+            .tool_call
+            .clone()
+            .map(ev::event::Kind::ToolCall)
+            .into_iter()
+            .collect();
+        first_events.extend([
             ev::event::Kind::KubeRequest(event),
             ev::event::Kind::Command(ev::CommandEvent {
                 text: call.text.clone(),
@@ -463,15 +476,15 @@ impl<E: Engine> KubeGateway<E> {
                 params: vec![],
                 verb: Action::Kube(kreq.verb).as_str().into(),
             }),
-        ];
+        ]);
         first_events.extend(extra);
         let opened = crate::gateway::open::open(
             &self.tunnels,
             cleared,
             crate::gateway::open::Opening {
                 token_expires_at: call.token_expires_at,
-                client_addr: Some(call.peer),
-                via: "kube",
+                client_addr: call.peer,
+                via: call.via,
                 command: call.text.clone(),
                 judged_command: Some(call.text.clone()),
                 first_events,
@@ -573,11 +586,90 @@ impl<E: Engine> KubeGateway<E> {
     }
 }
 
+/// A request the coordinator makes itself for an authenticated caller (an
+/// MCP tool call): the same judging, masking and recording as kubectl's.
+pub struct InProcess {
+    pub identity: crate::auth::Identity,
+    pub token_expires_at: u64,
+    pub client_addr: Option<SocketAddr>,
+    pub resource: String,
+    pub method: hyper::Method,
+    /// Path and query at the API server (`/api/v1/namespaces/default/pods`).
+    pub path_and_query: String,
+    pub content_type: Option<&'static str>,
+    pub body: Bytes,
+    pub tool_call: ev::ToolCall,
+}
+
+impl<E: Engine> KubeGateway<E> {
+    /// Runs an ordinary (not streaming) request for `p.identity`; watches,
+    /// exec, attach and port-forward are refused.
+    pub async fn request_in_process(&self, p: InProcess) -> Response<Body> {
+        let (path, query) = p
+            .path_and_query
+            .split_once('?')
+            .unwrap_or((p.path_and_query.as_str(), ""));
+        if !path.starts_with('/') {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "the path must start with /",
+            );
+        }
+        let kreq = match classify(p.method.as_str(), path, query) {
+            Ok(k) => k,
+            Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+        };
+        let follows = query
+            .split('&')
+            .any(|kv| matches!(kv, "watch=true" | "watch=1" | "follow=true" | "follow=1"));
+        if follows
+            || matches!(
+                kreq.verb,
+                Verb::Watch | Verb::Exec | Verb::Attach | Verb::PortForward | Verb::Proxy
+            )
+        {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "tool calls make one request with one answer: no watch, follow, exec, attach, port-forward or proxy",
+            );
+        }
+        let mut req = Request::new(());
+        *req.method_mut() = p.method;
+        *req.uri_mut() = match format!("/k8s/{}{}", p.resource, p.path_and_query).parse() {
+            Ok(u) => u,
+            Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+        };
+        req.headers_mut()
+            .insert("accept", HeaderValue::from_static("application/json"));
+        if let Some(ct) = p.content_type {
+            req.headers_mut()
+                .insert("content-type", HeaderValue::from_static(ct));
+        }
+        let call = Call {
+            identity: p.identity,
+            token_expires_at: p.token_expires_at,
+            peer: p.client_addr,
+            via: "mcp",
+            tool_call: Some(p.tool_call),
+            text: kreq.command_text(),
+            resource: p.resource,
+            kreq,
+        };
+        self.call_with(req, p.body, call).await
+    }
+}
+
 /// A request as judged: who, what, and from where.
 pub(crate) struct Call {
     identity: crate::auth::Identity,
     token_expires_at: u64,
-    peer: SocketAddr,
+    peer: Option<SocketAddr>,
+    /// The front door (`kube`, or `mcp` for an agent's tool call, recorded
+    /// first).
+    via: &'static str,
+    tool_call: Option<ev::ToolCall>,
     resource: String,
     kreq: KubeRequest,
     /// The command text guardrails and the evidence see.

@@ -33,6 +33,7 @@ use custody_proto::pg_client::{self, Cap};
 use crate::auth::Identity;
 use crate::gateway::authorize::{clear_or_hold, Ask, Hold};
 use crate::gateway::{relay, Action, Guard, Kind};
+use crate::kube::KubeGateway;
 use crate::notify::Notifier;
 use crate::pg::{InProcess, PgGateway};
 use crate::policy::mask::Masker;
@@ -48,10 +49,6 @@ const MAX_ROWS: usize = 10_000;
 const MAX_RESULT_BYTES: usize = 256 << 10;
 /// Bytes of each of stdout and stderr an `exec` returns to the agent.
 const MAX_OUTPUT_BYTES: usize = 256 << 10;
-/// The longest a tool call runs; then its session is ended.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
-/// Calls one identity may make per minute (on this node).
-pub const CALLS_PER_MINUTE: u32 = 120;
 
 /// Who is calling, authenticated by the front door.
 pub struct Caller {
@@ -66,6 +63,7 @@ pub struct Tools<E: Engine> {
     guard: Arc<Guard>,
     notifier: Notifier,
     pg: Arc<PgGateway<E>>,
+    kube: Arc<KubeGateway<E>>,
     /// Calls per identity in the current minute.
     rate: Mutex<HashMap<String, (Instant, u32)>>,
 }
@@ -76,12 +74,14 @@ impl<E: Engine> Tools<E> {
         guard: Arc<Guard>,
         notifier: Notifier,
         pg: Arc<PgGateway<E>>,
+        kube: Arc<KubeGateway<E>>,
     ) -> Self {
         Tools {
             tunnels,
             guard,
             notifier,
             pg,
+            kube,
             rate: Mutex::new(HashMap::new()),
         }
     }
@@ -94,14 +94,14 @@ impl<E: Engine> Tools<E> {
         &self.tunnels
     }
 
-    /// Counts a call against the identity's budget.
-    fn admit(&self, who: &str) -> bool {
+    /// Counts a call against the identity's budget of `per_minute`.
+    fn admit(&self, who: &str, per_minute: u32) -> bool {
         let mut m = self.rate.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         m.retain(|_, (t, _)| now.duration_since(*t) < Duration::from_secs(60));
         let e = m.entry(who.to_owned()).or_insert((now, 0));
         e.1 += 1;
-        e.1 <= CALLS_PER_MINUTE
+        e.1 <= per_minute
     }
 
     /// Runs one tool call for `caller`.
@@ -117,10 +117,15 @@ impl<E: Engine> Tools<E> {
         let Some(reason) = str_arg(args, "reason").filter(|r| !r.trim().is_empty()) else {
             return Reply::error("a non-empty `reason` is required");
         };
-        if !self.admit(&id.principal()) {
+        // The limits the policy states (`mcp:`), or their defaults.
+        let (per_minute, timeout) = match self.guard.local_policy(&self.tunnels.node) {
+            Ok(p) => p.mcp_limits(),
+            Err(e) => return Reply::error(e.to_string()),
+        };
+        if !self.admit(&id.principal(), per_minute) {
             tracing::warn!(target: "audit", event = "mcp_rate_limited", subject = %id.subject, tool);
             return Reply::error(format!(
-                "rate limited: at most {CALLS_PER_MINUTE} tool calls a minute per identity"
+                "rate limited: the policy allows {per_minute} tool calls a minute per identity"
             ));
         }
         tracing::info!(target: "audit", event = "mcp_call", subject = %id.subject, tool, client = %meta.client_name, transport = meta.transport);
@@ -141,16 +146,19 @@ impl<E: Engine> Tools<E> {
                 "describe_resource" => self.describe(caller, args, call).await,
                 "query" => self.sql(caller, args, call, true).await,
                 "execute_sql" => self.sql(caller, args, call, false).await,
-                "exec" => self.exec(caller, args, call, reason).await,
+                "exec" => self.exec(caller, args, call, reason, timeout).await,
+                "kube_get" | "kube_logs" | "kube_apply" => {
+                    self.kube(caller, tool, args, call).await
+                }
                 "approval_status" => self.approval_status(id, args),
                 other => Reply::error(format!("unknown tool {other:?}")),
             }
         };
-        match tokio::time::timeout(CALL_TIMEOUT + Duration::from_secs(5), run).await {
+        match tokio::time::timeout(timeout + Duration::from_secs(5), run).await {
             Ok(r) => r,
             Err(_) => Reply::error(format!(
                 "the call did not finish within {}s",
-                CALL_TIMEOUT.as_secs()
+                timeout.as_secs()
             )),
         }
     }
@@ -208,6 +216,7 @@ impl<E: Engine> Tools<E> {
             let tools: Vec<&str> = match kind {
                 Kind::Postgres => vec!["describe_resource", "query", "execute_sql"],
                 Kind::Shell => vec!["exec"],
+                Kind::Kubernetes => vec!["kube_get", "kube_logs", "kube_apply"],
                 _ => vec![],
             };
             out.push(json!({
@@ -413,6 +422,7 @@ impl<E: Engine> Tools<E> {
         args: &Map<String, Value>,
         call: ev::ToolCall,
         reason: &str,
+        timeout: Duration,
     ) -> Reply {
         let Some(resource) = str_arg(args, "resource") else {
             return Reply::error("`resource` is required");
@@ -497,10 +507,10 @@ impl<E: Engine> Tools<E> {
         tokio::pin!(run);
         let finish = tokio::select! {
             f = &mut run => f,
-            _ = tokio::time::sleep(CALL_TIMEOUT) => {
+            _ = tokio::time::sleep(timeout) => {
                 self.tunnels.live.end(&session_id, crate::gateway::live::EndReason {
                     by: "mcp".into(),
-                    reason: format!("the tool call's {}s timeout", CALL_TIMEOUT.as_secs()),
+                    reason: format!("the tool call's {}s timeout (policy mcp.call_timeout)", timeout.as_secs()),
                 });
                 run.await
             }
@@ -532,6 +542,122 @@ impl<E: Engine> Tools<E> {
                 }
             }
         }
+    }
+
+    /// One Kubernetes API request through the Kubernetes gateway.
+    async fn kube(
+        &self,
+        caller: &Caller,
+        tool: &str,
+        args: &Map<String, Value>,
+        call: ev::ToolCall,
+    ) -> Reply {
+        let Some(resource) = str_arg(args, "resource") else {
+            return Reply::error("`resource` is required");
+        };
+        let seg = |k: &str| -> Result<String, Reply> {
+            let v = str_arg(args, k).unwrap_or_default();
+            if v.is_empty()
+                || !v
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+            {
+                return Err(Reply::error(format!("`{k}` must be a Kubernetes name")));
+            }
+            Ok(v.to_owned())
+        };
+        let (method, path, content_type, body) = match tool {
+            "kube_get" => match str_arg(args, "path") {
+                Some(p) if p.starts_with('/') => {
+                    (hyper::Method::GET, p.to_owned(), None, bytes::Bytes::new())
+                }
+                _ => return Reply::error("`path` must be an API path starting with /"),
+            },
+            "kube_logs" => {
+                let (ns, pod) = match (seg("namespace"), seg("pod")) {
+                    (Ok(n), Ok(p)) => (n, p),
+                    (Err(r), _) | (_, Err(r)) => return r,
+                };
+                let tail = args
+                    .get("tail_lines")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(200)
+                    .clamp(1, 10_000);
+                let mut path = format!("/api/v1/namespaces/{ns}/pods/{pod}/log?tailLines={tail}");
+                if args.get("container").is_some() {
+                    match seg("container") {
+                        Ok(c) => path.push_str(&format!("&container={c}")),
+                        Err(r) => return r,
+                    }
+                }
+                (hyper::Method::GET, path, None, bytes::Bytes::new())
+            }
+            _ => {
+                let Some(m) = args.get("manifest").and_then(Value::as_object) else {
+                    return Reply::error("`manifest` must be an object");
+                };
+                let path = match apply_path(m) {
+                    Ok(p) => p,
+                    Err(e) => return Reply::error(e),
+                };
+                (
+                    hyper::Method::PATCH,
+                    path,
+                    Some("application/apply-patch+yaml"),
+                    bytes::Bytes::from(Value::Object(m.clone()).to_string()),
+                )
+            }
+        };
+        let r = self
+            .kube
+            .request_in_process(crate::kube::InProcess {
+                identity: caller.identity.clone(),
+                token_expires_at: caller.token_expires_at,
+                client_addr: caller.client_addr,
+                resource: resource.to_owned(),
+                method,
+                path_and_query: path,
+                content_type,
+                body,
+                tool_call: call,
+            })
+            .await;
+        let code = r.status().as_u16();
+        use http_body_util::BodyExt as _;
+        let body = match http_body_util::Limited::new(r.into_body(), MAX_OUTPUT_BYTES * 4)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return Reply::error(format!("the answer could not be read: {e}")),
+        };
+        let cut = body.len() > MAX_OUTPUT_BYTES;
+        let shown = String::from_utf8_lossy(&body[..body.len().min(MAX_OUTPUT_BYTES)]).into_owned();
+        let parsed = serde_json::from_str::<Value>(&shown).ok();
+        let approval = parsed
+            .as_ref()
+            .and_then(|v| v["message"].as_str())
+            .filter(|m| code == 403 && m.starts_with("approval required: request"))
+            .map(str::to_owned);
+        if let Some(m) = approval {
+            return Reply::ok(
+                format!("{m}\nCheck it with approval_status; once approved, make the same call again: it runs once."),
+                Some(json!({"approval_required": true, "message": m})),
+            );
+        }
+        let v = json!({"status": code, "body": parsed.clone().unwrap_or(Value::String(shown.clone())), "truncated": cut});
+        let mut reply = Reply::ok(
+            match &parsed {
+                Some(p) => format!(
+                    "HTTP {code}\n{}",
+                    serde_json::to_string_pretty(p).unwrap_or_default()
+                ),
+                None => format!("HTTP {code}\n{shown}"),
+            },
+            Some(v),
+        );
+        reply.is_error = code >= 400;
+        reply
     }
 
     /// The state of a request this identity made.
@@ -590,4 +716,62 @@ fn result_event(r: &Reply, truncated: bool) -> ev::event::Kind {
         is_error: r.is_error,
         truncated,
     })
+}
+
+/// The server-side-apply path of a manifest: its kind's plural from the
+/// common kinds, its namespace (default `default` for namespaced kinds).
+fn apply_path(m: &Map<String, Value>) -> Result<String, String> {
+    let s = |k: &str| m.get(k).and_then(Value::as_str).unwrap_or_default();
+    let api_version = s("apiVersion");
+    let kind = s("kind");
+    let meta = m.get("metadata").and_then(Value::as_object);
+    let name = meta
+        .and_then(|x| x.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let ok = |v: &str| {
+        !v.is_empty()
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+    };
+    if api_version.is_empty() || !ok(name) {
+        return Err("the manifest needs apiVersion, kind and metadata.name".into());
+    }
+    let (plural, namespaced) = match kind {
+        "ConfigMap" => ("configmaps", true),
+        "Secret" => ("secrets", true),
+        "Pod" => ("pods", true),
+        "Service" => ("services", true),
+        "ServiceAccount" => ("serviceaccounts", true),
+        "Deployment" => ("deployments", true),
+        "StatefulSet" => ("statefulsets", true),
+        "DaemonSet" => ("daemonsets", true),
+        "Job" => ("jobs", true),
+        "CronJob" => ("cronjobs", true),
+        "Ingress" => ("ingresses", true),
+        "Role" => ("roles", true),
+        "RoleBinding" => ("rolebindings", true),
+        "Namespace" => ("namespaces", false),
+        "ClusterRole" => ("clusterroles", false),
+        "ClusterRoleBinding" => ("clusterrolebindings", false),
+        other => return Err(format!("kind {other:?} is not one kube_apply knows")),
+    };
+    let base = if api_version.contains('/') {
+        format!("/apis/{api_version}")
+    } else {
+        format!("/api/{api_version}")
+    };
+    let ns = meta
+        .and_then(|x| x.get("namespace"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    if namespaced && !ok(ns) {
+        return Err("metadata.namespace must be a Kubernetes name".into());
+    }
+    let at = if namespaced {
+        format!("{base}/namespaces/{ns}/{plural}/{name}")
+    } else {
+        format!("{base}/{plural}/{name}")
+    };
+    Ok(format!("{at}?fieldManager=custody-mcp"))
 }

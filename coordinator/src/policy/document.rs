@@ -47,6 +47,41 @@ pub struct PolicyDocument {
     /// Masking profiles that rules name in `mask`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub masking: Vec<super::mask::MaskingDoc>,
+    /// Limits on AI agents' MCP tool calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<McpDoc>,
+}
+
+/// Limits on MCP tool calls (`mcp:` in a policy).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpDoc {
+    /// Tool calls one identity may make per minute, on each coordinator.
+    #[serde(default = "McpDoc::default_calls")]
+    pub calls_per_minute: u32,
+    /// The longest one call runs (a duration: `120s`, `5m`); then its
+    /// session is ended.
+    #[serde(default = "McpDoc::default_timeout")]
+    pub call_timeout: String,
+}
+
+impl McpDoc {
+    fn default_calls() -> u32 {
+        120
+    }
+
+    fn default_timeout() -> String {
+        "120s".into()
+    }
+}
+
+impl Default for McpDoc {
+    fn default() -> Self {
+        McpDoc {
+            calls_per_minute: Self::default_calls(),
+            call_timeout: Self::default_timeout(),
+        }
+    }
 }
 
 /// A retention rule: evidence of matching sessions is deleted once the session
@@ -438,6 +473,20 @@ pub(crate) fn validate(doc: &PolicyDocument) -> Result<(), PolicyError> {
             ));
         }
         parse_duration_ms(&r.retain).map_err(err)?;
+    }
+    if let Some(m) = &doc.mcp {
+        if m.calls_per_minute == 0 {
+            return Err(PolicyError::Invalid(
+                "mcp.calls_per_minute must be at least 1".into(),
+            ));
+        }
+        let ms = parse_duration_ms(&m.call_timeout)
+            .map_err(|e| PolicyError::Invalid(format!("mcp.call_timeout: {e}")))?;
+        if ms > 3_600_000 {
+            return Err(PolicyError::Invalid(
+                "mcp.call_timeout must be at most 1h".into(),
+            ));
+        }
     }
     let mut profiles = BTreeSet::new();
     for m in &doc.masking {

@@ -308,6 +308,14 @@ impl Policy {
         super::mask::Masker::new(&self.masking_docs(names)).unwrap_or_default()
     }
 
+    /// The MCP limits: calls per identity per minute, and the longest a
+    /// call runs.
+    pub fn mcp_limits(&self) -> (u32, std::time::Duration) {
+        let m = self.doc.mcp.clone().unwrap_or_default();
+        let ms = parse_duration_ms(&m.call_timeout).unwrap_or(120_000);
+        (m.calls_per_minute, std::time::Duration::from_millis(ms))
+    }
+
     /// The retention rule for sessions on a resource: its name and how long
     /// to keep them (ms). `None`: kept forever.
     pub fn retention(&self, resource: &str, kind: &str) -> Option<(&str, u64)> {

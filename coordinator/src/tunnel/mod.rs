@@ -33,6 +33,8 @@ pub struct Tunnels<E: Engine> {
     pub enroll_limiter: server::EnrollLimiter,
     /// The sessions open on this node.
     pub live: Arc<crate::gateway::live::LiveSessions>,
+    /// What the front doors count (the guard's).
+    pub stats: Arc<crate::gateway::stats::GatewayStats>,
 }
 
 /// Where a session was opened.
