@@ -26,6 +26,8 @@ rules:
     resource: { kinds: [postgres] }
     actions: [connect]
     decision: allow
+# Every call of the run within one minute.
+mcp: { calls_per_minute: 100000 }
 "#;
 
 const SQL: &str = "select 1 as one";

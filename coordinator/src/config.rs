@@ -51,6 +51,41 @@ pub struct RawConfig {
     pub api: RawApi,
     #[serde(default, skip_serializing_if = "RawSessions::is_default")]
     pub sessions: RawSessions,
+    /// Where the audit events also go (`[[siem]]`, each a sink).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub siem: Vec<RawSiem>,
+}
+
+/// `[[siem]]`: one SIEM sink.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawSiem {
+    /// `file`, `syslog` or `http`.
+    pub kind: String,
+    /// `ocsf` (default) or `native`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// file: the path (relative to the config file's directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// file: rotate past this many bytes (default 100 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    /// file: rotated files kept (default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<u32>,
+    /// syslog: `host:port` of an RFC 5424 receiver over TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// syslog: TLS to the receiver, trusting `ca_file`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
+    /// syslog with TLS, or https: the receiver's CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// http: the endpoint events are POSTed to (JSON arrays).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 /// `[sessions]`: how live sessions end.
@@ -264,6 +299,8 @@ pub struct Config {
     pub kube_addr: Option<SocketAddr>,
     /// Health and metrics (`listen.metrics`).
     pub metrics_addr: Option<SocketAddr>,
+    /// The SIEM sinks (`[[siem]]`).
+    pub siem: Vec<crate::siem::SinkConfig>,
     /// The MCP endpoint (`listen.mcp`) and its `Host`/`Origin` allowlists.
     pub mcp_addr: Option<SocketAddr>,
     pub mcp_allowed_hosts: Vec<String>,
@@ -515,7 +552,12 @@ impl Config {
                 7 * 86400
             ));
         }
+        let mut siem = Vec::new();
+        for (n, s) in raw.siem.iter().enumerate() {
+            siem.push(siem_sink(s, &resolve).map_err(|e| format!("siem[{n}]: {e}"))?);
+        }
         Ok(Config {
+            siem,
             token_grace: Duration::from_secs(token_grace),
             node_cert_ttl: Duration::from_secs(node_cert_ttl),
             api_request_timeout: Duration::from_secs(request_timeout),
@@ -558,6 +600,53 @@ impl Config {
     }
 }
 
+/// A `[[siem]]` table, checked.
+fn siem_sink(
+    s: &RawSiem,
+    resolve: &dyn Fn(&std::path::Path) -> PathBuf,
+) -> Result<crate::siem::SinkConfig, String> {
+    use crate::siem::{Format, SinkConfig, SinkKind};
+    let format = match s.format.as_deref() {
+        None | Some("ocsf") => Format::Ocsf,
+        Some("native") => Format::Native,
+        Some(other) => return Err(format!("format {other:?} is not ocsf or native")),
+    };
+    let kind = match s.kind.as_str() {
+        "file" => SinkKind::File {
+            path: resolve(s.path.as_deref().ok_or("a file sink needs path")?),
+            max_bytes: s.max_bytes.unwrap_or(100 << 20).max(4096),
+            keep: s.keep.unwrap_or(5),
+        },
+        "syslog" => {
+            let address = s
+                .address
+                .clone()
+                .ok_or("a syslog sink needs address (host:port)")?;
+            if !address.contains(':') {
+                return Err(format!("address {address:?} must be host:port"));
+            }
+            let tls = match (s.tls, &s.ca_file) {
+                (false, _) => None,
+                (true, Some(ca)) => Some(resolve(ca)),
+                (true, None) => return Err("syslog over TLS needs ca_file".into()),
+            };
+            SinkKind::Syslog { address, tls }
+        }
+        "http" => {
+            let url = s.url.clone().ok_or("an http sink needs url")?;
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!("url {url:?} must be http:// or https://"));
+            }
+            SinkKind::Http {
+                url,
+                ca_file: s.ca_file.as_deref().map(resolve),
+            }
+        }
+        other => return Err(format!("kind {other:?} is not file, syslog or http")),
+    };
+    Ok(SinkConfig { kind, format })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -597,6 +686,35 @@ audience = "urn:custody"
         assert_eq!(c.data_dir, Path::new("/etc/custody/node-1"));
         assert_eq!(c.members.len(), 2);
         assert_eq!(c.tick, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn siem_sinks_are_checked() {
+        let c = parse(&format!(
+            "{GOOD}[[siem]]\nkind = \"file\"\npath = \"audit.jsonl\"\n[[siem]]\nkind = \"syslog\"\naddress = \"127.0.0.1:6514\"\nformat = \"native\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.siem.len(), 2);
+        assert_eq!(c.siem[1].format, crate::siem::Format::Native);
+        for (bad, why) in [
+            ("kind = \"syslog\"\n", "needs address"),
+            (
+                "kind = \"syslog\"\naddress = \"h:1\"\ntls = true\n",
+                "needs ca_file",
+            ),
+            (
+                "kind = \"http\"\nurl = \"ftp://x\"\n",
+                "http:// or https://",
+            ),
+            ("kind = \"kafka\"\n", "not file, syslog or http"),
+            (
+                "kind = \"file\"\npath = \"a\"\nformat = \"cef\"\n",
+                "not ocsf or native",
+            ),
+        ] {
+            let e = parse(&format!("{GOOD}[[siem]]\n{bad}")).unwrap_err();
+            assert!(e.contains("siem[0]") && e.contains(why), "{e}");
+        }
     }
 
     #[test]

@@ -286,6 +286,7 @@ fn node_config(
         },
         api: Default::default(),
         sessions: Default::default(),
+        siem: Vec::new(),
         raft: RawRaft {
             compact_threshold: compact,
             compact_bytes: None,

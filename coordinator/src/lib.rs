@@ -27,6 +27,7 @@ pub mod pg;
 pub mod pki;
 pub mod policy;
 pub mod server;
+pub mod siem;
 pub mod ssh;
 pub mod state;
 pub mod storage;

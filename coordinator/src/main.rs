@@ -61,18 +61,27 @@ enum Cmd {
     },
 }
 
+/// The log on stderr (filtered by `CUSTODY_LOG`), and the SIEM stream's
+/// layer, which sees every audit event whatever the log's filter.
 fn init_tracing(json: bool) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("CUSTODY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let log = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if json {
-        b.json().init();
+        .with_ansi(ansi);
+    let log = if json {
+        log.json().with_filter(filter).boxed()
     } else {
-        b.init();
-    }
+        log.with_filter(filter).boxed()
+    };
+    tracing_subscriber::registry()
+        .with(log)
+        .with(custody_coordinator::siem::Layer)
+        .init();
 }
 
 async fn shutdown_signal() {

@@ -140,6 +140,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         }
     };
     let cluster_id = crate::evidence::export::cluster_id(&tls.ca_pem);
+    // The audit events' SIEM stream (best-effort; the evidence is the record).
+    let siem_tasks = crate::siem::start(cfg.siem.clone(), cfg.id, cluster_id.clone());
     let public_key = evidence_key
         .as_ref()
         .map(|k| k.public_b64())
@@ -467,6 +469,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     }
     ticker.abort();
     version_report.abort();
+    for t in siem_tasks {
+        t.abort();
+    }
     if let Some(d) = dev_issuer {
         d.abort();
     }

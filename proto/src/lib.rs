@@ -17,6 +17,7 @@ pub mod kube;
 pub mod kube_pb;
 pub mod ledger;
 pub mod metrics;
+pub mod ocsf;
 pub mod pg;
 pub mod pg_client;
 pub mod scp;

@@ -15,7 +15,7 @@ const POLICY: &str = include_str!("../../examples/policy.yaml");
 
 /// A started cluster with the example policy and edge `e1` serving
 /// `local-shell`, live on every node.
-async fn system(opts: GenOptions) -> TestCluster {
+pub(crate) async fn system(opts: GenOptions) -> TestCluster {
     let (mut c, _) = harness::started(opts).await;
     c.client(&[])
         .unwrap()

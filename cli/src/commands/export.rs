@@ -41,7 +41,10 @@ pub struct ExportArgs {
     #[arg(long)]
     identity: Option<String>,
     /// Files to keep besides the chunks and manifest: jsonl (events.jsonl), csv
-    /// (sessions.csv). The manifest always covers all of them.
+    /// (sessions.csv), ocsf (ocsf.jsonl: the sessions' openings, commands,
+    /// tool calls, approvals, outcomes and closings as OCSF API Activity,
+    /// derived from events.jsonl after it verified; not under the signature).
+    /// The manifest always covers jsonl and csv.
     #[arg(long, value_delimiter = ',', default_value = "jsonl,csv")]
     format: Vec<String>,
     /// Continue from a previous export: the evidence ledger range starts
@@ -52,8 +55,8 @@ pub struct ExportArgs {
 
 pub async fn export(a: ExportArgs) -> anyhow::Result<()> {
     for f in &a.format {
-        if f != "jsonl" && f != "csv" {
-            bail!("unknown format {f:?} (use jsonl, csv)");
+        if !matches!(f.as_str(), "jsonl" | "csv" | "ocsf") {
+            bail!("unknown format {f:?} (use jsonl, csv, ocsf)");
         }
     }
     if a.out.exists() && std::fs::read_dir(&a.out)?.next().is_some() {
@@ -126,6 +129,17 @@ pub async fn export(a: ExportArgs) -> anyhow::Result<()> {
     }
     // Check what was written before declaring success.
     let report = verify_dir(&a.out, None)?;
+    if a.format.iter().any(|f| f == "ocsf") {
+        let events = std::fs::File::open(a.out.join("events.jsonl"))?;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(a.out.join("ocsf.jsonl"))?);
+        for line in std::io::BufReader::new(events).lines() {
+            let v: serde_json::Value = serde_json::from_str(&line?)?;
+            if let Some(o) = custody_proto::ocsf::from_evidence(&v) {
+                writeln!(out, "{o}")?;
+            }
+        }
+        out.flush()?;
+    }
     for (keep, name) in [("jsonl", "events.jsonl"), ("csv", "sessions.csv")] {
         if !a.format.iter().any(|f| f == keep) {
             std::fs::remove_file(a.out.join(name))?;

@@ -116,6 +116,7 @@ impl Guard {
             }
             seen.insert(key.clone(), id.groups.clone());
         }
+        tracing::info!(target: "audit", event = "auth_accepted", subject = %id.subject, issuer = %id.issuer, client_kind = id.client_kind.as_str(), "an identity signed in on this node");
         let node = node.clone();
         let recorded = self.recorded.clone();
         let Ok(json) = serde_json::to_vec(id) else {
