@@ -148,7 +148,7 @@ pub fn tools() -> Vec<Tool> {
         .annotate(ToolAnnotations::new().read_only(false).destructive(true).open_world(false)),
         Tool::new(
             "exec",
-            "Runs a command (argv, no shell) on a shell resource; returns its exit code, stdout and stderr (masked as policy says). A command that needs approval returns the request to wait for.",
+            "Runs a command on a shell resource (argv, no shell) or an SSH host (the words joined into one command line, quoted, run by the login's shell); returns its exit code, stdout and stderr (masked as policy says). A command that needs approval returns the request to wait for.",
             schema(json!({
                 "type": "object",
                 "properties": {

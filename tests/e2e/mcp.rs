@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use custody_cli::dev::{EdgeSpec, GenOptions};
+use custody_cli::localssh::LocalSshd;
 use custody_tests::kube_api::KubeApi;
 
 use crate::edge::{custody, text};
@@ -40,6 +41,11 @@ rules:
     actions: [exec]
     decision: allow
     guardrails: [held-commands]
+  - name: agents-ssh
+    identity: { groups: [ai-agents], client_kinds: [machine] }
+    resource: { kinds: [ssh] }
+    actions: [connect, exec]
+    decision: allow
   - name: agents-kube
     identity: { groups: [ai-agents], client_kinds: [machine] }
     resource: { kinds: [kubernetes] }
@@ -70,9 +76,14 @@ fn python() -> PathBuf {
     p
 }
 
-/// The cluster, with an edge serving `local-shell`, `local-postgres` and
-/// `local-kube` (the tests' Kubernetes API server, when given).
-async fn system(pg: &Postgres, kube: Option<(&KubeApi, &Path)>) -> TestCluster {
+/// The cluster, with an edge serving `local-shell`, `local-postgres`, and
+/// when given `local-kube` (the tests' Kubernetes API server) and
+/// `local-ssh` (a private sshd).
+async fn system(
+    pg: &Postgres,
+    kube: Option<(&KubeApi, &Path)>,
+    ssh: Option<&LocalSshd>,
+) -> TestCluster {
     let (mut c, _) = harness::started(GenOptions::default()).await;
     c.client(&[])
         .unwrap()
@@ -94,6 +105,11 @@ async fn system(pg: &Postgres, kube: Option<(&KubeApi, &Path)>) -> TestCluster {
             token.display()
         ));
         resources.push("local-kube");
+    }
+    if let Some(sshd) = ssh {
+        spec.resources_toml
+            .push_str(&sshd.resource_toml("local-ssh", "env = \"dev\""));
+        resources.push("local-ssh");
     }
     c.add_edge(&spec).unwrap();
     c.enroll_edge("e1").await.unwrap();
@@ -265,7 +281,8 @@ async fn agents_call_governed_tools_through_the_python_and_npm_sdks() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let api = KubeApi::start().await.unwrap();
     let kube_dir = tempfile::tempdir().unwrap();
-    let c = system(&pg, Some((&api, kube_dir.path()))).await;
+    let sshd = LocalSshd::start(&kube_dir.path().join("sshd")).expect("start sshd");
+    let c = system(&pg, Some((&api, kube_dir.path())), Some(&sshd)).await;
     let agent = c.mint_token("agent").await.unwrap().token;
     let bob = c.mint_token("bob").await.unwrap().token;
     let admin = c.mint_token("admin").await.unwrap().token;
@@ -367,7 +384,7 @@ async fn agents_call_governed_tools_through_the_python_and_npm_sdks() {
         .collect();
     assert_eq!(
         names,
-        ["local-kube", "local-postgres", "local-shell"],
+        ["local-kube", "local-postgres", "local-shell", "local-ssh"],
         "{v}"
     );
     let tables = &v["results"][1]["structured"]["tables"];
@@ -521,6 +538,28 @@ async fn agents_call_governed_tools_through_the_python_and_npm_sdks() {
         "an approval runs once: {again}"
     );
     assert_ne!(again["structured"]["request"].as_u64().unwrap(), request);
+
+    // An SSH host: the command line through the target's sshd, its host
+    // key recorded.
+    let v = py(
+        &c,
+        &agent,
+        Via::Stdio,
+        "auto",
+        &json!([call(
+            "exec",
+            json!({"resource": "local-ssh", "argv": ["sh", "-c", "echo via-ssh; exit 3"], "reason": "check the host"})
+        )]),
+        None,
+    );
+    let r = &v["results"][0];
+    assert_eq!(r["structured"]["stdout"], json!("via-ssh\n"), "{v}");
+    assert_eq!(r["structured"]["exit_code"], json!(3), "{v}");
+    assert_eq!(
+        r["is_error"],
+        json!(true),
+        "a failed command is an error result: {v}"
+    );
 
     // Kubernetes: apply, read back (a secret masked), a pod's log; no watch.
     let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
@@ -729,7 +768,7 @@ async fn post(url: &str, ca: &Path, token: Option<&str>, body: Vec<u8>) -> reqwe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mcp_endpoint_refuses_bad_tokens_and_bad_input() {
     let pg = Postgres::start();
-    let c = system(&pg, None).await;
+    let c = system(&pg, None, None).await;
     let agent = c.mint_token("agent").await.unwrap().token;
     let url = mcp_url(&c, 1);
     let ca = c.ca_path();

@@ -272,6 +272,7 @@ impl<E: Engine> Sessions for SessionsService<E> {
             &self.tunnels,
             cleared,
             crate::gateway::exec::ExecStart {
+                target: crate::gateway::exec::Target::Shell,
                 argv: start.argv.clone(),
                 command: command.clone(),
                 token_expires_at,

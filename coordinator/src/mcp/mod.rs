@@ -215,9 +215,8 @@ impl<E: Engine> Tools<E> {
             }
             let tools: Vec<&str> = match kind {
                 Kind::Postgres => vec!["describe_resource", "query", "execute_sql"],
-                Kind::Shell => vec!["exec"],
+                Kind::Shell | Kind::Ssh => vec!["exec"],
                 Kind::Kubernetes => vec!["kube_get", "kube_logs", "kube_apply"],
-                _ => vec![],
             };
             out.push(json!({
                 "name": info.name, "kind": info.kind, "labels": info.labels,
@@ -437,10 +436,40 @@ impl<E: Engine> Tools<E> {
         };
         let command = crate::api::sessions::shell_join(&argv);
         let node = &self.tunnels.node;
+        // A shell resource runs argv; an SSH host runs the command line,
+        // after the same `connect` an SSH client's connection needs.
+        let kind = match edges::edges_serving(node.store(), resource) {
+            Ok(s) => s.first().and_then(|(_, d)| Kind::parse(&d.kind)),
+            Err(e) => return Reply::error(e.to_string()),
+        };
+        let (kind, target) = match kind {
+            Some(Kind::Ssh) => (Kind::Ssh, crate::gateway::exec::Target::Ssh),
+            _ => (Kind::Shell, crate::gateway::exec::Target::Shell),
+        };
+        if kind == Kind::Ssh {
+            let connect = Ask {
+                identity: &caller.identity,
+                resource,
+                kind,
+                action: Action::Connect,
+                command: None,
+                request_id: 0,
+                approved_as: None,
+            };
+            match crate::gateway::authorize::authorize(node, &self.guard, connect).await {
+                Ok(crate::gateway::authorize::Verdict::Cleared(_)) => {}
+                Ok(crate::gateway::authorize::Verdict::NeedsApproval(..)) => {
+                    return Reply::error(format!(
+                        "connecting to {resource} needs an access approval (custody access request {resource})"
+                    ))
+                }
+                Err(e) => return Reply::error(e.to_string()),
+            }
+        }
         let ask = Ask {
             identity: &caller.identity,
             resource,
-            kind: Kind::Shell,
+            kind,
             action: Action::Exec,
             command: Some(&command),
             request_id: 0,
@@ -473,6 +502,7 @@ impl<E: Engine> Tools<E> {
             &self.tunnels,
             cleared,
             crate::gateway::exec::ExecStart {
+                target,
                 argv,
                 command,
                 token_expires_at: caller.token_expires_at,
